@@ -1,0 +1,1 @@
+"""HF <-> Megatron checkpoint mappings, conversion, upscaling, averaging and merging."""

@@ -1,0 +1,114 @@
+"""Build megatron-core GPTModels from presets.
+
+The layer spec is chosen once, here: Transformer Engine's spec when TE imports and CUDA is present,
+otherwise megatron-core's local spec with its core attention swapped for :class:`SDPAttention`
+(a ModuleSpec substitution, so the model class is megatron-core's own).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
+from megatron_apriel.models.sdpa_attention import SDPAttention
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def check_fp8(fp8: Optional[str], device: str) -> None:
+    """Fail at start, with the reason, when FP8 is asked for but cannot run."""
+    if not fp8:
+        return
+    if fp8 not in ("hybrid", "e4m3"):
+        raise ValueError(f"fp8 must be 'hybrid' or 'e4m3', got {fp8!r}")
+    if device != "cuda":
+        raise RuntimeError("FP8 training needs a CUDA GPU; this run is on the CPU")
+    if not te_available():
+        raise RuntimeError(
+            "FP8 training needs Transformer Engine: pip install -e '.[gpu]' (transformer-engine[pytorch])"
+        )
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise RuntimeError(
+            f"FP8 needs compute capability >= 8.9 (Ada/Hopper or newer); this GPU is {major}.{minor}"
+        )
+
+
+def layer_spec(use_te: bool):
+    """The transformer layer ModuleSpec: TE's, or local with SDPA core attention."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
+def should_use_te(device: str, requested: Optional[bool] = None) -> bool:
+    """TE when on CUDA and importable, unless the caller says otherwise."""
+    available = device == "cuda" and te_available()
+    if requested is None:
+        return available
+    if requested and not available:
+        raise RuntimeError("use_te=True but Transformer Engine or CUDA is not available")
+    return requested
+
+
+def build_gpt_model(
+    preset: ModelPreset,
+    config,
+    use_te: bool = False,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    max_sequence_length: int = 4096,
+):
+    """One GPTModel chunk for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size),
+        max_sequence_length=max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not preset.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(preset.rope_theta),
+        vp_stage=vp_stage,
+    )
+
+
+def build_model_chunks(preset: ModelPreset, config, use_te: bool = False, max_sequence_length: int = 4096):
+    """All model chunks of this rank: one, or one per virtual pipeline stage."""
+    from megatron.core import parallel_state
+
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None or vpp == 1:
+        return [build_gpt_model(preset, config, use_te, max_sequence_length=max_sequence_length)]
+    return [
+        build_gpt_model(preset, config, use_te, vp_stage=i, max_sequence_length=max_sequence_length)
+        for i in range(vpp)
+    ]

@@ -1,0 +1,315 @@
+"""Model presets: the architectures of RECIPE.md as data, plus tiny ones for tests and demos.
+
+A preset is one dataclass that knows how to become a megatron-core ``TransformerConfig`` and a
+Hugging Face config. Everything that builds or converts a model goes through a preset, so a
+checkpoint's architecture is always named, printed and saved beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
+    """Vocabulary rounded up the Megatron way, but independent of TP for TP <= divisible_by.
+
+    Megatron-LM pads to a multiple of ``divisible_by * tp``, which makes the embedding shape (and so
+    the checkpoint) depend on the TP size that saved it. Padding to ``lcm(divisible_by, tp)`` keeps
+    every power-of-two TP up to 128 on the same shape, so dist checkpoints reshard freely.
+    """
+    import math
+
+    multiple = math.lcm(divisible_by, tp)
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+@dataclass
+class VisionPreset:
+    """The Pixtral vision encoder and LLaVA projector (used by the multimodal presets)."""
+
+    num_layers: int = 24
+    hidden_size: int = 1024
+    num_attention_heads: int = 16
+    head_dim: int = 64
+    ffn_hidden_size: int = 4096
+    patch_size: int = 16
+    image_size: int = 1024
+    rope_theta: float = 10000.0
+    num_channels: int = 3
+    norm_epsilon: float = 1e-5
+    image_token_id: int = 10
+    image_break_token_id: int = 12
+    image_end_token_id: int = 13
+    projector_hidden_act: str = "gelu"
+
+
+@dataclass
+class ModelPreset:
+    """A Mistral-family decoder (RMSNorm, SwiGLU, rope, GQA, untied embeddings)."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int  # head_dim; 128 for Nemo although 5120 / 32 = 160
+    ffn_hidden_size: int
+    vocab_size: int
+    rope_theta: float
+    norm_epsilon: float = 1e-5
+    max_position_embeddings: int = 1024000
+    untie_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    hf_architecture: str = "MistralForCausalLM"
+    vision: Optional[VisionPreset] = None
+    description: str = ""
+
+    def replace(self, **changes) -> "ModelPreset":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ megatron-core
+    def transformer_config(
+        self,
+        tp: int = 1,
+        pp: int = 1,
+        vpp: Optional[int] = None,
+        cp: int = 1,
+        sequence_parallel: bool = False,
+        params_dtype: torch.dtype = torch.float32,
+        bf16: bool = False,
+        fp8: Optional[str] = None,
+        fp8_recipe: str = "delayed",
+        recompute: str = "none",
+        recompute_num_layers: int = 1,
+        device: str = "cpu",
+        use_te: bool = False,
+        **overrides: Any,
+    ):
+        """The megatron-core ``TransformerConfig`` of this preset at a parallel layout.
+
+        ``recompute``: ``none``, ``selective`` (core attention) or ``full`` (every layer, uniform).
+        Fusions that need CUDA kernels are enabled only on the GPU with Transformer Engine.
+        ``calculate_per_token_loss`` is on: the loss is averaged over tokens, not micro-batches.
+        """
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        if recompute not in ("none", "selective", "full"):
+            raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
+        gpu_te = device == "cuda" and use_te
+        kwargs = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            ffn_hidden_size=self.ffn_hidden_size,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_epsilon,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=0.02,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
+            context_parallel_size=cp,
+            sequence_parallel=sequence_parallel and tp > 1,
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            bf16=bf16,
+            use_cpu_initialization=device == "cpu",
+            gradient_accumulation_fusion=False,
+            bias_activation_fusion=gpu_te,
+            bias_dropout_fusion=gpu_te,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=gpu_te,
+            cross_entropy_loss_fusion=device == "cuda",
+            cross_entropy_fusion_impl="native",
+            deallocate_pipeline_outputs=True,
+            # gloo runs a "batched" isend/irecv as separate messages; with PP=2 both directions go to
+            # the same peer and get mixed up (wrong activations under interleaving). Batch on NCCL only.
+            batch_p2p_comm=device == "cuda",
+            # The loss of a step is the mean over every loss-bearing token of the global batch, so
+            # TP/PP/DP layouts and micro-batch splits all give the same gradient.
+            calculate_per_token_loss=True,
+        )
+        if fp8:
+            kwargs.update(fp8=fp8, fp8_recipe=fp8_recipe, fp8_amax_history_len=1024 if fp8_recipe == "delayed" else 1,
+                          fp8_amax_compute_algo="max" if fp8_recipe == "delayed" else "most_recent")
+        if recompute == "selective":
+            kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+        elif recompute == "full":
+            kwargs.update(
+                recompute_granularity="full",
+                recompute_method="uniform",
+                recompute_num_layers=recompute_num_layers,
+            )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+    # ------------------------------------------------------------------ Hugging Face
+    def hf_config(self, **overrides):
+        """The transformers config (MistralConfig) of this decoder."""
+        from transformers import MistralConfig
+
+        kwargs = dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.ffn_hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_query_groups,
+            head_dim=self.kv_channels,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.norm_epsilon,
+            rope_theta=self.rope_theta,
+            tie_word_embeddings=not self.untie_embeddings,
+            sliding_window=None,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            attention_dropout=0.0,
+        )
+        kwargs.update(overrides)
+        cfg = MistralConfig(**kwargs)
+        cfg.architectures = ["MistralForCausalLM"]
+        return cfg
+
+    @classmethod
+    def from_hf_config(cls, cfg, name: str = "from-hf") -> "ModelPreset":
+        """A preset from a transformers MistralConfig (or the text_config of a Llava config)."""
+        text = getattr(cfg, "text_config", None) or cfg
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        rope_theta = getattr(text, "rope_theta", None)
+        if rope_theta is None:
+            rope_params = getattr(text, "rope_parameters", None) or {}
+            rope_theta = rope_params.get("rope_theta", 10000.0)
+        return cls(
+            name=name,
+            num_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            num_attention_heads=text.num_attention_heads,
+            num_query_groups=text.num_key_value_heads,
+            kv_channels=head_dim,
+            ffn_hidden_size=text.intermediate_size,
+            vocab_size=text.vocab_size,
+            rope_theta=float(rope_theta),
+            norm_epsilon=text.rms_norm_eps,
+            max_position_embeddings=text.max_position_embeddings,
+            untie_embeddings=not getattr(cfg, "tie_word_embeddings", False),
+            bos_token_id=getattr(text, "bos_token_id", 1) or 1,
+            eos_token_id=getattr(text, "eos_token_id", 2) or 2,
+            hf_architecture=(getattr(cfg, "architectures", None) or ["MistralForCausalLM"])[0],
+        )
+
+    # ------------------------------------------------------------------ counting
+    def param_counts(self) -> dict[str, int]:
+        """Exact parameter counts of the decoder, computed from the shapes (no allocation)."""
+        h, d = self.hidden_size, self.kv_channels
+        q = self.num_attention_heads * d
+        kv = self.num_query_groups * d
+        attn = h * (q + 2 * kv) + q * h
+        mlp = 3 * h * self.ffn_hidden_size
+        norms = 2 * h
+        per_layer = attn + mlp + norms
+        embedding = self.vocab_size * h
+        output = self.vocab_size * h if self.untie_embeddings else 0
+        total = embedding + output + self.num_layers * per_layer + h
+        return {
+            "total": total,
+            "embedding": embedding,
+            "output_layer": output,
+            "per_layer": per_layer,
+            "per_layer_attention": attn,
+            "per_layer_mlp": mlp,
+            "final_norm": h,
+        }
+
+
+_NEMO = dict(
+    hidden_size=5120,
+    num_attention_heads=32,
+    num_query_groups=8,
+    kv_channels=128,
+    ffn_hidden_size=14336,
+    vocab_size=131072,
+    norm_epsilon=1e-5,
+    max_position_embeddings=1024000,
+)
+
+# Tiny decoders keep the properties the real ones have and that layout bugs hide behind:
+# head_dim * heads != hidden, GQA, untied embeddings, TP=2-divisible heads and groups.
+_TINY = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    kv_channels=32,
+    ffn_hidden_size=192,
+    vocab_size=512,
+    norm_epsilon=1e-5,
+    max_position_embeddings=4096,
+)
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in [
+        ModelPreset(
+            name="mistral-nemo-12b",
+            num_layers=40,
+            rope_theta=1e6,
+            description="Mistral-Nemo-Base-2407, the base of Apriel-Nemotron",
+            **_NEMO,
+        ),
+        ModelPreset(
+            name="apriel-nemotron-15b",
+            num_layers=50,
+            rope_theta=1e6,
+            description="Mistral-Nemo depth-upscaled 40 -> 50 layers",
+            **_NEMO,
+        ),
+        ModelPreset(
+            name="pixtral-12b-text",
+            num_layers=40,
+            rope_theta=1e9,
+            hf_architecture="LlavaForConditionalGeneration",
+            vision=VisionPreset(),
+            description="decoder of Pixtral-12B-Base-2409",
+            **_NEMO,
+        ),
+        ModelPreset(
+            name="apriel-1.5-15b-text",
+            num_layers=48,
+            rope_theta=1e9,
+            hf_architecture="LlavaForConditionalGeneration",
+            vision=VisionPreset(),
+            description="Pixtral decoder depth-upscaled 40 -> 48 layers",
+            **_NEMO,
+        ),
+        ModelPreset(name="tiny", num_layers=4, rope_theta=1e6, description="4-layer test model", **_TINY),
+        ModelPreset(
+            name="tiny-upscaled",
+            num_layers=5,
+            rope_theta=1e6,
+            description="tiny upscaled 4 -> 5 (the 40 -> 50 plan scaled down)",
+            **_TINY,
+        ),
+    ]
+}
+
+
+def get_preset(name: str, **changes) -> ModelPreset:
+    """A preset by name, optionally with fields replaced (``get_preset("tiny", num_layers=2)``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    preset = PRESETS[name]
+    return preset.replace(**changes) if changes else preset

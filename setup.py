@@ -1,0 +1,43 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-apriel",
+    version="0.1.0",
+    description="The Apriel training recipe (depth upscaling, CPT, SFT, GRPO, merging) on megatron-core",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_apriel", "megatron_apriel.*"]),
+    include_package_data=True,
+    install_requires=[
+        # The CPU wheel of torch is installed first by .ci/run; this range never asks for a newer one.
+        "torch>=2.6",
+        # 0.16.x is the newest release for Python 3.11 (0.17 needs Python 3.12); tested on 0.16.1.
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "transformers>=5.0,<6",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "mistral-common>=1.5",
+        "tiktoken",
+        "huggingface-hub",
+        "pyyaml",
+        "tqdm",
+        "psutil",
+        "zstandard",
+        "pyarrow",
+        "tensorboard",
+        "matplotlib",
+        "pillow",
+        "sympy",
+        "jsonschema",
+    ],
+    extras_require={
+        "gpu": ["transformer-engine[pytorch]"],
+        "wandb": ["wandb"],
+        "rl": ["trl>=0.20", "accelerate", "datasets"],
+        "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets"],
+    },
+    entry_points={"console_scripts": ["apriel=megatron_apriel.cli:main"]},
+)

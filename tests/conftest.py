@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny HF models written to disk, an in-process world of one, torchrun launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script: str | os.PathLike, args: list[str], nproc: int = 2, timeout: int = 600,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` under torchrun with ``nproc`` processes on this machine (gloo, CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", str(script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun {script} {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def run_python(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"python {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def make_tiny_hf(path: Path, seed: int = 0, **changes) -> Path:
+    """A random tiny MistralForCausalLM saved with save_pretrained.
+
+    initializer_range 0.1 (not 0.02) makes every layer change the logits materially, so a wrong
+    tensor layout shows up far above the 1e-5 parity tolerance.
+    """
+    from transformers import MistralForCausalLM
+
+    from megatron_apriel.models import get_preset
+
+    preset = get_preset("tiny", **({"vocab_size": 500} | changes))
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(preset.hf_config(initializer_range=0.1))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny_hf") / "model")
+
+
+@pytest.fixture(scope="session")
+def dist_world_of_one():
+    """torch.distributed and megatron-core parallel state for this pytest process (TP=PP=1, CPU)."""
+    from megatron_apriel.runtime import init_distributed
+
+    return init_distributed(device="cpu", seed=1234)
