@@ -1,0 +1,1 @@
+"""Tokenizers, indexed-dataset writing, blends, SFT formatting and packing."""

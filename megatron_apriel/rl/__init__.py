@@ -1,0 +1,1 @@
+"""GRPO and the rule-based reward functions."""
