@@ -1,0 +1,226 @@
+"""One tokenizer interface over HF ``tokenizers``, sentencepiece and Mistral's Tekken (mistral-common).
+
+The libraries do the tokenizing; this module only gives them the common shape the data tools need
+(``encode`` without BOS/EOS, a batch path that uses each library's native threads, ``eod``/``bos``
+ids, and a numpy fast path that skips building Python int lists, which is where most of the time
+of a per-document ``encode`` loop goes). The ``--tokenizer-type`` names and flags are Megatron-LM's.
+
+Tekken goes through ``mistral_common.tokens.tokenizers.tekken.Tekkenizer`` so ids are exactly
+mistral-common's; the numpy path calls the same tiktoken core that ``Tekkenizer.encode`` calls and
+adds the same special-token offset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "TikTokenizer")
+TOKENIZER_ALIASES = {"Tekken": "TikTokenizer", "TekkenTokenizer": "TikTokenizer", "HFTokenizer": "HuggingFaceTokenizer"}
+TEKKEN_ALIASES = {"mistral-nemo": "tekken_240718.json", "pixtral": "tekken_240911.json"}
+
+
+class Tokenizer:
+    """Base: ``encode_batch`` and ``encode_batch_numpy`` fall back to per-text ``encode``."""
+
+    name: str
+    vocab_size: int
+    eod: int
+    bos: int | None
+    threads: int = 1
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def encode_batch_numpy(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids concatenated (int64) and the per-text lengths (int64)."""
+        ids = self.encode_batch(texts)
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter((t for x in ids for t in x), dtype=np.int64, count=int(lengths.sum()))
+        return flat, lengths
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, eod={self.eod}, bos={self.bos})"
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A ``tokenizer.json`` (or a directory holding one) via transformers' AutoTokenizer."""
+
+    def __init__(self, model: str, threads: int = 1, **_):
+        from transformers import AutoTokenizer
+
+        path = Path(model)
+        if path.is_file() and path.name.endswith(".json"):
+            from transformers import PreTrainedTokenizerFast
+
+            self.hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+        else:
+            self.hf = AutoTokenizer.from_pretrained(model)
+        self.backend = self.hf.backend_tokenizer
+        self.name = str(model)
+        self.threads = threads
+        self.vocab_size = len(self.hf)
+        eod = self.hf.eos_token_id
+        if eod is None:
+            raise ValueError(f"tokenizer {model} defines no eos token: it is needed as end-of-document id")
+        self.eod = int(eod)
+        self.bos = None if self.hf.bos_token_id is None else int(self.hf.bos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch_fast skips offsets; it parallelises with rayon (RAYON_NUM_THREADS).
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model: str, threads: int = 1, **_):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+        self.name = str(model)
+        self.threads = threads
+        self.vocab_size = int(self.sp.get_piece_size())
+        self.eod = int(self.sp.eos_id())
+        if self.eod < 0:
+            raise ValueError(f"sentencepiece model {model} has no eos piece: it is needed as end-of-document id")
+        self.bos = int(self.sp.bos_id()) if self.sp.bos_id() >= 0 else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=self.threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+def resolve_tekken(model: str) -> Path:
+    """``mistral-nemo`` / ``pixtral`` -> the Tekken JSON shipped in mistral_common/data/; else a path."""
+    if model in TEKKEN_ALIASES:
+        import mistral_common
+
+        return Path(mistral_common.__file__).parent / "data" / TEKKEN_ALIASES[model]
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"Tekken tokenizer {model!r}: not a file and not one of {sorted(TEKKEN_ALIASES)}")
+    return path
+
+
+class TekkenTokenizer(Tokenizer):
+    """Mistral's Tekken JSON (Megatron-LM's ``TikTokenizer``) through mistral-common.
+
+    ``pattern`` (``v1``/``v2`` as Megatron-LM names them, or a regex) and ``vocab_size`` override
+    the file's config, as Megatron-LM's ``--tiktoken-pattern`` / ``--vocab-size`` do; by default
+    the file's own pattern and ``default_vocab_size`` are used.
+    """
+
+    def __init__(self, model: str, threads: int = 1, vocab_size: int | None = None,
+                 pattern: str | None = None, **_):
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        path = resolve_tekken(model)
+        if pattern is not None or vocab_size is not None:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if pattern is not None:
+                from megatron.core.tokenizers.text.libraries import tiktoken_tokenizer as mt
+
+                data["config"]["pattern"] = {"v1": mt._PATTERN_TIKTOKEN_V1, "v2": mt._PATTERN_TIKTOKEN_V2}.get(pattern, pattern)
+            if vocab_size is not None:
+                data["config"]["default_vocab_size"] = int(vocab_size)
+            with tempfile.TemporaryDirectory() as tmp:
+                patched = Path(tmp) / path.name
+                patched.write_text(json.dumps(data), encoding="utf-8")
+                self.tk = Tekkenizer.from_file(patched)
+        else:
+            self.tk = Tekkenizer.from_file(path)
+        self.name = str(model)
+        self.threads = threads
+        self.vocab_size = int(self.tk.n_words)
+        self.eod = int(self.tk.eos_id)
+        self.bos = int(self.tk.bos_id)
+        self._offset = int(self.tk.num_special_tokens)
+        self._core = self.tk._model._core_bpe  # the tiktoken core Tekkenizer.encode uses
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, bos=False, eos=False)
+
+    def _encode_np(self, text: str) -> np.ndarray:
+        return np.frombuffer(self._core.encode_to_tiktoken_buffer(text, set()), dtype=np.uint32)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [(a.astype(np.int64) + self._offset).tolist() for a in self._encode_all(texts)]
+
+    def _encode_all(self, texts: Sequence[str]) -> list[np.ndarray]:
+        if self.threads > 1 and len(texts) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # tiktoken's core releases the GIL, so threads really run in parallel.
+            with ThreadPoolExecutor(self.threads) as ex:
+                return list(ex.map(self._encode_np, texts))
+        return [self._encode_np(t) for t in texts]
+
+    def encode_batch_numpy(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self._encode_all(texts)
+        lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+        flat = np.concatenate(arrays).astype(np.int64) if arrays else np.zeros(0, np.int64)
+        flat += self._offset
+        return flat, lengths
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tk.decode(list(ids))
+
+
+_CLASSES = {"HuggingFaceTokenizer": HuggingFaceTokenizer, "SentencePieceTokenizer": SentencePieceTokenizer,
+            "TikTokenizer": TekkenTokenizer}
+
+
+def load_tokenizer(tokenizer_type: str, tokenizer_model: str, **kw) -> Tokenizer:
+    """Build a tokenizer; ``kw``: ``threads``, and for TikTokenizer ``vocab_size``, ``pattern``."""
+    kind = TOKENIZER_ALIASES.get(tokenizer_type, tokenizer_type)
+    if kind not in _CLASSES:
+        raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
+    if tokenizer_model is None:
+        raise ValueError("--tokenizer-model is required")
+    if kind != "TikTokenizer" and not os.path.exists(tokenizer_model):
+        raise FileNotFoundError(f"--tokenizer-model {tokenizer_model}: no such file or directory")
+    if kind != "TikTokenizer":
+        kw.pop("vocab_size", None)
+        kw.pop("pattern", None)
+    return _CLASSES[kind](tokenizer_model, **kw)
+
+
+def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    g = parser.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=list(TOKENIZER_TYPES) + list(TOKENIZER_ALIASES),
+                   help="HuggingFaceTokenizer (tokenizer.json or HF directory), SentencePieceTokenizer "
+                        "(.model), TikTokenizer (Mistral Tekken JSON via mistral-common)")
+    g.add_argument("--tokenizer-model", required=True,
+                   help="path; for TikTokenizer also 'mistral-nemo' or 'pixtral' (files shipped with mistral-common)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="TikTokenizer: vocabulary size (default: the file's default_vocab_size, 131072 for Nemo)")
+    g.add_argument("--tiktoken-pattern", default=None,
+                   help="TikTokenizer: v1, v2 or a regex (default: the pattern stored in the Tekken file)")
+    return parser
+
+
+def tokenizer_from_args(args: argparse.Namespace, **kw) -> Tokenizer:
+    return load_tokenizer(args.tokenizer_type, args.tokenizer_model, vocab_size=getattr(args, "vocab_size", None),
+                          pattern=getattr(args, "tiktoken_pattern", None), **kw)
