@@ -1,0 +1,178 @@
+"""``apriel mix-report SPEC``: what a blend will draw from each source before a run spends GPUs on it.
+
+It builds the stage's indices exactly as training does (``blends.build_datasets``, so the cache is
+shared with the run) and reads the realised mix from megatron-core's blending index
+(``BlendedDataset.dataset_index``): per source and prefix, tokens available in the train split,
+tokens drawn, epochs, realised share over the first N samples and over the whole stage. A source
+drawn more than ``repeat_warning`` times is flagged. A PNG bar chart shows target vs realised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+import numpy
+
+from megatron_apriel.config import ConfigError, apply_overrides, atomic_write_text, from_dict, load_yaml
+from megatron_apriel.data.blends import BlendSpec, blend_weights, build_datasets, resolve_stage, train_samples_for
+
+
+@dataclass
+class Row:
+    source: str
+    prefix: str  # "" on source rows
+    target: float
+    tokens_available: int  # documents of the train split
+    tokens_drawn: int
+    epochs: float
+    share_first: float
+    share_stage: float
+
+
+@dataclass
+class Report:
+    stage: str | None
+    seq_length: int
+    train_samples: int
+    first: int
+    sources: list[Row]
+    prefixes: list[Row]
+    warnings: list[str]
+
+
+def load_spec(path: str, overrides=()) -> BlendSpec:
+    """A bare blend spec, or a training config whose ``data:`` section is one."""
+    raw = load_yaml(path)
+    raw = apply_overrides(raw, overrides)
+    section = raw["data"] if "sources" not in raw and isinstance(raw.get("data"), dict) else raw
+    try:
+        return from_dict(BlendSpec, section)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, stage: str | None = None) -> Report:
+    spec = resolve_stage(spec, stage)
+    n_stage = train_samples_for(spec, global_batch_size)
+    infos = blend_weights(spec)
+    train, _ = build_datasets(spec, global_batch_size, train_samples=n_stage)
+    index = numpy.asarray(train.dataset_index[:n_stage])
+    first = min(first, n_stage)
+    count_first = numpy.bincount(index[:first], minlength=len(infos))
+    count_stage = numpy.bincount(index, minlength=len(infos))
+
+    prefixes = []
+    for k, (info, ds) in enumerate(zip(infos, train.datasets)):
+        available = int(ds.dataset.sequence_lengths[ds.indices].sum(dtype=numpy.int64))
+        drawn = int(count_stage[k]) * spec.seq_length
+        prefixes.append(
+            Row(info.source, info.prefix, info.weight, available, drawn,
+                drawn / available if available else float("inf"),
+                count_first[k] / first, count_stage[k] / n_stage)
+        )
+    sources, warnings = [], []
+    for s in spec.sources:
+        rows = [r for r in prefixes if r.source == s.name]
+        available = sum(r.tokens_available for r in rows)
+        drawn = sum(r.tokens_drawn for r in rows)
+        row = Row(s.name, "", sum(r.target for r in rows), available, drawn,
+                  drawn / available if available else float("inf"),
+                  sum(r.share_first for r in rows), sum(r.share_stage for r in rows))
+        sources.append(row)
+        if row.epochs > spec.repeat_warning:
+            warnings.append(
+                f"source {s.name!r} is seen {row.epochs:.2f} times (more than repeat_warning="
+                f"{spec.repeat_warning:g}): {available:,} tokens available for {drawn:,} drawn"
+            )
+    return Report(spec.stage, spec.seq_length, n_stage, first, sources, prefixes, warnings)
+
+
+def format_report(r: Report) -> str:
+    head = f"{'source / prefix':<44} {'target':>7} {'first':>7} {'stage':>7} {'available':>16} {'drawn':>16} {'epochs':>7}"
+    lines = [
+        f"stage {r.stage or '(single)'}: {r.train_samples:,} samples x {r.seq_length} tokens = "
+        f"{r.train_samples * r.seq_length:,} tokens; 'first' = realised share over the first {r.first:,} samples",
+        head,
+        "-" * len(head),
+    ]
+    for s in r.sources:
+        lines.append(_row_line(s.source, s))
+        for p in r.prefixes:
+            if p.source == s.source:
+                name = "  " + (p.prefix if len(p.prefix) <= 40 else "..." + p.prefix[-37:])
+                lines.append(_row_line(name, p))
+    lines += [f"WARNING: {w}" for w in r.warnings]
+    return "\n".join(lines)
+
+
+def _row_line(name: str, row: Row) -> str:
+    return (f"{name:<44} {100 * row.target:6.2f}% {100 * row.share_first:6.2f}% {100 * row.share_stage:6.2f}% "
+            f"{row.tokens_available:>16,} {row.tokens_drawn:>16,} {row.epochs:7.2f}")
+
+
+def write_png(r: Report, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [s.source for s in r.sources]
+    x = numpy.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 4))
+    bars = [("target", [s.target for s in r.sources]),
+            (f"first {r.first:,} samples", [s.share_first for s in r.sources]),
+            ("whole stage", [s.share_stage for s in r.sources])]
+    width = 0.8 / len(bars)
+    for i, (label, values) in enumerate(bars):
+        ax.bar(x + (i - 1) * width, [100 * v for v in values], width, label=label)
+    ax.set_xticks(x, names)
+    ax.set_ylabel("share of tokens (%)")
+    ax.set_title(f"blend {r.stage or ''}: target vs realised".replace("  ", " "))
+    ax.legend()
+    fig.tight_layout()
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="apriel mix-report", description=__doc__.splitlines()[0])
+    ap.add_argument("spec", help="blend spec YAML, or a training config with a data: section")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seed=7 (data.seed=7 for a training config)")
+    ap.add_argument("--stage", default=None, help="stage of a staged curriculum (default: the spec's)")
+    ap.add_argument("--global-batch-size", type=int, default=1, help="rounds a token budget up to whole steps")
+    ap.add_argument("--first", type=int, default=1000, help="samples of the early-share column")
+    ap.add_argument("--png", default=None, help="bar chart path (default: SPEC with .mix.png)")
+    ap.add_argument("--json", default=None, help="also write the numbers as JSON")
+    args = ap.parse_args(argv)
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        report = mix_report(spec, args.global_batch_size, args.first, args.stage)
+    except ConfigError as e:
+        print(f"mix-report: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    png = args.png or os.path.splitext(args.spec)[0] + ".mix.png"
+    write_png(report, png)
+    print(f"wrote {png}")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(asdict(report), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
