@@ -1,0 +1,8 @@
+"""Chat JSONL -> tokens + assistant loss masks (megatron-core indexed datasets); see megatron_apriel.data.sft."""
+
+import sys
+
+from megatron_apriel.data.sft import main
+
+if __name__ == "__main__":
+    sys.exit(main())
