@@ -1,0 +1,475 @@
+"""Corpora (JSONL, .jsonl.gz, .jsonl.zst, parquet) -> megatron-core indexed datasets.
+
+A drop-in for Megatron-LM's ``tools/preprocess_data.py`` (same flags, same output names and the
+same ``IndexedDatasetBuilder`` format), written here rather than imported because Megatron-LM's
+tool is not part of the megatron-core package, and because its design caps its speed: one
+tokenizer call and one pickled Python list per document, and an unbounded ``Pool.imap`` that
+reads ahead of the workers. Here the main process only moves raw bytes: it reads the input in
+blocks of whole lines, workers parse and tokenize a block at a time (the tokenizer's batch/numpy
+path) and return one token buffer already in the output dtype, and the main process appends the
+buffers to the ``.bin`` in input order. At most ``2 * workers + 2`` blocks are in flight, so memory
+does not grow with the input. Blocks are cut independently of ``--workers``, so the output is
+byte-identical for any worker count.
+
+Every record is either written or counted as skipped with a reason; ``--strict`` turns the first
+skip into an error naming file and line. Outputs are written under temporary names and renamed
+only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import collections
+import glob
+import gzip
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from megatron_apriel.data.tokenizers import Tokenizer, add_tokenizer_args, tokenizer_from_args
+
+try:  # orjson parses about 3x faster; the stdlib parser is the fallback and the reference
+    import orjson
+
+    def _loads(line: bytes):
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return json.loads(line)  # e.g. lone surrogates, which only the stdlib accepts
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+
+SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet")
+BLOCK_BYTES = 1 << 20  # 1 MiB of lines per task: large enough to amortise IPC, small enough to stream
+REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "empty_text", "blank_line")
+
+
+class PreprocessError(RuntimeError):
+    """A fatal input problem; the message names the file and line."""
+
+
+# ---------------------------------------------------------------- input
+
+
+def expand_inputs(spec: str) -> list[Path]:
+    """A file, a glob, or a directory (its supported files, recursively), sorted for a stable order."""
+    paths: list[Path] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        p = Path(part)
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.is_file() and q.name.endswith(SUFFIXES))
+        elif p.is_file():
+            paths.append(p)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(part, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise PreprocessError(f"--input {part}: no such file, directory or matching glob")
+            paths += matches
+    if not paths:
+        raise PreprocessError(f"--input {spec}: no input files ({', '.join(SUFFIXES)})")
+    for p in paths:
+        if not p.name.endswith(SUFFIXES):
+            raise PreprocessError(f"{p}: unsupported input type (expected one of {', '.join(SUFFIXES)})")
+    return paths
+
+
+class _Counting(io.RawIOBase):
+    """Counts compressed bytes read, so progress and ETA work on .gz/.zst too."""
+
+    def __init__(self, f):
+        self.f, self.pos = f, 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = self.f.readinto(b)
+        self.pos += n or 0
+        return n
+
+
+def _open_binary(path: Path, counter: list):
+    raw = open(path, "rb")
+    counting = _Counting(raw)
+    counter.append(counting)
+    if path.name.endswith(".gz"):
+        return gzip.GzipFile(fileobj=io.BufferedReader(counting, 1 << 20))
+    if path.name.endswith(".zst"):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(counting, 1 << 20), read_size=1 << 20)
+    return io.BufferedReader(counting, 1 << 20)
+
+
+@dataclass
+class Block:
+    file_index: int
+    first_line: int  # 1-based line (JSONL) or row (parquet) of the first record
+    lines: bytes | None = None  # JSONL: whole lines joined by b"\n"
+    columns: dict | None = None  # parquet: key -> list of values
+
+
+def read_blocks(paths: list[Path], keys: list[str], progress) -> Iterator[Block]:
+    for fi, path in enumerate(paths):
+        if path.name.endswith(".parquet"):
+            yield from _parquet_blocks(fi, path, keys, progress)
+            continue
+        counters: list = []
+        line_no = 1
+        rest = b""
+        with _open_binary(path, counters) as f:
+            done = 0
+            while True:
+                chunk = f.read(BLOCK_BYTES)
+                progress(counters[0].pos - done)
+                done = counters[0].pos
+                if not chunk:
+                    break
+                data = rest + chunk
+                cut = data.rfind(b"\n")
+                if cut < 0:
+                    rest = data
+                    continue
+                lines, rest = data[:cut], data[cut + 1:]
+                yield Block(fi, line_no, lines=lines)
+                line_no += lines.count(b"\n") + 1
+        if rest:
+            yield Block(fi, line_no, lines=rest)
+
+
+def _parquet_blocks(fi: int, path: Path, keys: list[str], progress) -> Iterator[Block]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = set(pf.schema_arrow.names)
+    present = [k for k in keys if k in names]
+    row = 1
+    size = path.stat().st_size
+    n_rows = max(pf.metadata.num_rows, 1)
+    for batch in pf.iter_batches(batch_size=4096, columns=present or None):
+        cols = {k: batch.column(k).to_pylist() for k in present}
+        n = batch.num_rows
+        yield Block(fi, row, columns={k: cols.get(k, [_MISSING] * n) for k in keys})
+        progress(size * n / n_rows)
+        row += n
+
+
+class _Missing:
+    def __reduce__(self):
+        return (_get_missing, ())
+
+
+def _get_missing():
+    return _MISSING
+
+
+_MISSING = _Missing()
+
+
+# ---------------------------------------------------------------- workers
+
+_TOKENIZER: Tokenizer | None = None
+_CFG: dict = {}
+
+
+def _records(block: Block, keys: list[str]):
+    """Yields (line_no, texts | None, reason)."""
+    if block.columns is not None:
+        n = len(next(iter(block.columns.values())))
+        for i in range(n):
+            texts, reason = [], None
+            for k in keys:
+                v = block.columns[k][i]
+                if v is _MISSING or v is None:
+                    reason = "missing_key"
+                    break
+                if not isinstance(v, str):
+                    reason = "not_a_string"
+                    break
+                texts.append(v)
+            yield block.first_line + i, (None if reason else texts), reason
+        return
+    for i, line in enumerate(block.lines.split(b"\n")):
+        no = block.first_line + i
+        if not line.strip():
+            yield no, None, "blank_line"
+            continue
+        try:
+            obj = _loads(line)
+        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            yield no, None, "bad_json"
+            continue
+        if not isinstance(obj, dict):
+            yield no, None, "not_an_object"
+            continue
+        texts, reason = [], None
+        for k in keys:
+            if k not in obj:
+                reason = "missing_key"
+                break
+            v = obj[k]
+            if not isinstance(v, str):
+                reason = "not_a_string"
+                break
+            texts.append(v)
+        yield no, (None if reason else texts), reason
+
+
+def encode_block(block: Block) -> tuple:
+    """Parse and tokenize one block; returns per-key (token bytes, int32 lengths), counts and skips."""
+    tok, keys, eod, dtype = _TOKENIZER, _CFG["keys"], _CFG["append_eod"], _CFG["dtype"]
+    nbytes = len(block.lines) + 1 if block.lines is not None else 0
+    per_key_texts: list[list[str]] = [[] for _ in keys]
+    skips: list[tuple[int, str]] = []
+    kept_lines: list[int] = []
+    for no, texts, reason in _records(block, keys):
+        if texts is None:
+            skips.append((no, reason))
+            continue
+        if any(not t for t in texts):
+            skips.append((no, "empty_text"))
+            continue
+        kept_lines.append(no)
+        for j, t in enumerate(texts):
+            per_key_texts[j].append(t)
+    outs = [tok.encode_batch_numpy(texts) for texts in per_key_texts]
+    # a record whose text tokenizes to nothing is skipped in every key, so keys stay aligned
+    empty = np.zeros(len(kept_lines), dtype=bool)
+    for _, lengths in outs:
+        empty |= lengths == 0
+    results = []
+    for flat, lengths in outs:
+        if empty.any():
+            keep = np.repeat(~empty, lengths)
+            flat, lengths = flat[keep], lengths[~empty]
+        if eod:
+            ends = np.cumsum(lengths)
+            flat = np.insert(flat, ends, tok.eod)
+            lengths = lengths + 1
+        results.append((flat.astype(dtype).tobytes(), lengths.astype(np.int32)))
+    if empty.any():
+        skips += [(kept_lines[i], "empty_text") for i in np.flatnonzero(empty)]
+        skips.sort()
+    return block.file_index, results, skips, nbytes
+
+
+def _init_worker(tokenizer, cfg):
+    global _TOKENIZER, _CFG
+    _TOKENIZER, _CFG = tokenizer, cfg
+
+
+# ---------------------------------------------------------------- output
+
+
+class _Output:
+    """One ``<prefix>_<key>_document`` dataset written with megatron-core's builder under temporary names."""
+
+    def __init__(self, prefix: str, dtype):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.prefix = prefix
+        self.tmp_bin, self.tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
+        self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=dtype)
+        # compact arrays instead of lists of Python ints: 8 bytes per document, not ~36
+        self.builder.sequence_lengths = array.array("q")
+        self.builder.document_indices = array.array("q", [0])
+        self.n_docs = 0
+
+    def write(self, data: bytes, lengths: np.ndarray) -> None:
+        self.builder.data_file.write(data)
+        self.builder.sequence_lengths.extend(lengths.astype(np.int64).tolist())
+        self.builder.document_indices.extend(range(self.n_docs + 1, self.n_docs + 1 + len(lengths)))
+        self.n_docs += len(lengths)
+
+    def finish(self) -> None:
+        self.builder.finalize(self.tmp_idx)
+        os.replace(self.tmp_bin, self.prefix + ".bin")
+        os.replace(self.tmp_idx, self.prefix + ".idx")
+
+    def abort(self) -> None:
+        try:
+            self.builder.data_file.close()
+        finally:
+            for p in (self.tmp_bin, self.tmp_idx):
+                if os.path.exists(p):
+                    os.remove(p)
+
+
+@dataclass
+class Stats:
+    documents: int = 0
+    tokens: dict = field(default_factory=dict)
+    records: int = 0
+    input_bytes: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    skipped_examples: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg) -> Iterator[tuple]:
+    """Results in input order with at most ``2 * workers + 2`` blocks in flight."""
+    if workers <= 0:
+        _init_worker(tokenizer, cfg)
+        for b in blocks:
+            yield encode_block(b)
+        return
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, cfg)) as pool:
+        pending: collections.deque = collections.deque()
+        for b in blocks:
+            pending.append(pool.apply_async(encode_block, (b,)))
+            if len(pending) >= 2 * workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def output_prefix(prefix: str, key: str, level: str = "document") -> str:
+    return f"{prefix}_{key}_{level}"
+
+
+def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("text",), append_eod=False,
+               workers=1, strict=False, log_interval=100_000, quiet=False) -> Stats:
+    from megatron.core.datasets.indexed_dataset import DType
+
+    paths = expand_inputs(inputs)
+    keys = list(json_keys)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    total_bytes = sum(p.stat().st_size for p in paths)
+    Path(out_prefix).parent.mkdir(parents=True, exist_ok=True)
+    outs = [_Output(output_prefix(out_prefix, k), dtype) for k in keys]
+    stats = Stats(tokens={k: 0 for k in keys})
+    t0 = time.perf_counter()
+    bar = None
+    if not quiet and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr)
+    read = [0.0]
+
+    def progress(n):
+        read[0] += n
+        if bar is not None:
+            bar.update(n)
+
+    next_log = log_interval
+    try:
+        cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype}
+        for fi, results, skips, nbytes in _pool_blocks(read_blocks(paths, keys, progress), workers, tokenizer, cfg):
+            if skips:
+                if strict:
+                    no, reason = skips[0]
+                    raise PreprocessError(f"{paths[fi]}:{no}: {reason.replace('_', ' ')} (--strict)")
+                for no, reason in skips:
+                    stats.skipped[reason] += 1
+                    ex = stats.skipped_examples.setdefault(reason, [])
+                    if len(ex) < 10:
+                        ex.append(f"{paths[fi]}:{no}")
+            n = 0
+            for out, key, (data, lengths) in zip(outs, keys, results):
+                out.write(data, lengths)
+                stats.tokens[key] += int(lengths.sum())
+                n = len(lengths)
+            stats.documents += n
+            stats.records += n + len(skips)
+            stats.input_bytes += nbytes
+            dt = time.perf_counter() - t0
+            if bar is not None:
+                tok = sum(stats.tokens.values())
+                bar.set_postfix_str(f"{stats.documents / dt:,.0f} docs/s, {tok / dt:,.0f} tok/s", refresh=False)
+            elif not quiet and stats.documents >= next_log:
+                next_log = (stats.documents // log_interval + 1) * log_interval
+                frac = read[0] / max(total_bytes, 1)
+                eta = dt * (1 - frac) / frac if frac > 0 else float("nan")
+                print(f"[preprocess] {stats.documents:,} docs, {stats.documents / dt:,.0f} docs/s, "
+                      f"{sum(stats.tokens.values()) / dt:,.0f} tokens/s, {read[0] / dt / 1e6:.1f} MB/s, "
+                      f"{100 * frac:.1f}%, ETA {eta:,.0f}s", file=sys.stderr, flush=True)
+        for out in outs:
+            out.finish()
+    except BaseException:
+        for out in outs:
+            out.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def stats_dict(stats: Stats, args_like: dict) -> dict:
+    tokens = sum(stats.tokens.values())
+    return {
+        **args_like,
+        "records": stats.records,
+        "documents": stats.documents,
+        "tokens": tokens,
+        "tokens_per_key": stats.tokens,
+        "skipped": sum(stats.skipped.values()),
+        "skipped_by_reason": dict(sorted(stats.skipped.items())),
+        "skipped_examples": stats.skipped_examples,
+        "input_bytes": stats.input_bytes,
+        "seconds": round(stats.seconds, 3),
+        "documents_per_second": round(stats.documents / max(stats.seconds, 1e-9), 1),
+        "tokens_per_second": round(tokens / max(stats.seconds, 1e-9), 1),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__.split("\n")[0])
+    g = p.add_argument_group("input data")
+    g.add_argument("--input", required=True, help="a file, a glob or a directory (comma-separated for several): "
+                                                  ".jsonl, .jsonl.gz, .jsonl.zst, .parquet")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="keys (columns) to tokenize, one dataset each")
+    g.add_argument("--split-sentences", action="store_true", help="not supported (documents only)")
+    add_tokenizer_args(p)
+    g = p.add_argument_group("output data")
+    g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx and <prefix>.stats.json")
+    g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
+    g.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="accepted for compatibility")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (0: in the main process)")
+    g.add_argument("--log-interval", type=int, default=100_000, help="documents between log lines (no TTY)")
+    g.add_argument("--strict", action="store_true", help="any skipped record is an error naming file and line")
+    g.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.split_sentences:
+        print("error: --split-sentences is not supported; documents are tokenized whole", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = tokenizer_from_args(args)
+        stats = preprocess(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
+                           args.workers, args.strict, args.log_interval, args.quiet)
+    except (PreprocessError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    summary = stats_dict(stats, {"input": args.input, "output_prefix": args.output_prefix,
+                                 "tokenizer": tokenizer.name, "workers": args.workers})
+    from megatron_apriel.config import atomic_write_text
+
+    atomic_write_text(Path(args.output_prefix + ".stats.json"), json.dumps(summary, indent=2) + "\n")
+    skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
+    print(f"[preprocess] {summary['documents']:,} documents, {summary['tokens']:,} tokens, skipped {summary['skipped']:,} "
+          f"({skipped}) in {summary['seconds']:.1f}s: {summary['documents_per_second']:,.0f} docs/s, "
+          f"{summary['tokens_per_second']:,.0f} tokens/s -> {', '.join(output_prefix(args.output_prefix, k) for k in args.json_keys)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
