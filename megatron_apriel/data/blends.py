@@ -231,6 +231,8 @@ def _prefix_stats(prefix: str, key: str) -> tuple[int, int]:
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
             raise ConfigError(f"{key}: missing file {prefix + ext}")
+    if os.path.getsize(prefix + ".bin") == 0:  # no documents (and megatron-core cannot mmap it)
+        return 0, 0
     try:
         ds = IndexedDataset(prefix, multimodal=False, mmap=True)
     except Exception as e:  # a truncated or foreign .idx
@@ -258,7 +260,7 @@ def blend_weights(spec: BlendSpec) -> list[PrefixInfo]:
         inner = s.prefix_weights if s.prefix_weights is not None else [t for t, _ in per]
         inner_total = float(sum(inner))
         for p, (t, d), w in zip(s.prefixes, per, inner):
-            if w == 0:  # an empty prefix weighted by its (zero) tokens: nothing to draw from it
+            if w == 0 or t == 0:  # an empty prefix weighted by its (zero) tokens: nothing to draw
                 logger.warning("prefix %s of source %s has no tokens; it is left out", p, s.name)
                 continue
             out.append(PrefixInfo(s.name, p, t, d, sw / total_w * w / inner_total))

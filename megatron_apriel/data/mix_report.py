@@ -132,7 +132,7 @@ def write_png(r: Report, path: str) -> None:
         ax.bar(x + (i - 1) * width, [100 * v for v in values], width, label=label)
     ax.set_xticks(x, names)
     ax.set_ylabel("share of tokens (%)")
-    ax.set_title(f"blend {r.stage or ''}: target vs realised".replace("  ", " "))
+    ax.set_title(f"blend{' stage ' + r.stage if r.stage else ''}: target vs realised token shares")
     ax.legend()
     fig.tight_layout()
     folder = os.path.dirname(os.path.abspath(path))
