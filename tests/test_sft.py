@@ -296,3 +296,41 @@ def test_decontaminate(tmp_path):
     assert rep["dropped"] == 1 and rep["kept"] == 2
     assert rep["per_eval_set"]["gsm"]["dropped"] == 1 and rep["per_eval_set"]["gsm"]["ids"] == ["a"]
     assert rep["per_eval_set"]["gsm"]["eval_records_shorter_than_n"] == 1
+
+
+def test_stratified_subset(hf_tokenizer, tmp_path):
+    from megatron_apriel.data.sft import main
+
+    tok_path, _ = hf_tokenizer
+    records = [{"messages": CONVERSATIONS[2], "source": src, "id": i}
+               for i, src in enumerate(["math"] * 8 + ["code"] * 4)]
+    _write_jsonl(tmp_path / "c.jsonl", records)
+    assert main(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "s"), "--tokenizer-model",
+                 str(tok_path), "--subset-fraction", "0.25", "--stratify-key", "source"]) == 0
+    report = json.loads((tmp_path / "s_report.json").read_text())
+    assert report["kept"] == 3 and report["not_in_subset"] == 9  # 2 of 8 math + 1 of 4 code
+
+
+SFT_CONFIGS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("examples/*/sft*.yaml"), *REPO.glob("examples/*/merge_c.yaml")])
+
+
+@pytest.mark.parametrize("path", SFT_CONFIGS)
+def test_sft_configs_load(path):
+    import inspect
+
+    from megatron_apriel.config import load_config
+    from megatron_apriel.data.sft import SFTDataset
+    from megatron_apriel.models import get_preset
+    from megatron_apriel.training.config import TrainConfig
+
+    if "merge_method" in (REPO / path).read_text():
+        from megatron_apriel.checkpoint.average import load_merge_yaml
+
+        spec = load_merge_yaml(str(REPO / path))
+        assert spec["weights"] == [0.5, 0.5] and len(spec["inputs"]) == 2
+        return
+    cfg = load_config(TrainConfig, str(REPO / path), [])
+    assert cfg.data.factory == "megatron_apriel.data.sft:SFTDataset"
+    accepted = set(inspect.signature(SFTDataset).parameters)
+    assert set(cfg.data.factory_args) <= accepted and "prefix" in cfg.data.factory_args
+    get_preset(cfg.model.preset)

@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip (and count) malformed records instead of stopping at the first one")
+    p.add_argument("--subset-fraction", type=float, default=None,
+                   help="keep this fraction of the records, stratified by --stratify-key (Apriel-1.5's 25%% run)")
+    p.add_argument("--stratify-key", default="source",
+                   help="record field whose values are the strata of --subset-fraction (missing = one stratum)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stratified subset")
     p.add_argument("--log-interval", type=int, default=10000)
     return p
 
@@ -71,6 +76,30 @@ def _load_tokenizer(path: str):
     if not getattr(tok, "is_fast", False):
         raise SystemExit(f"preprocess-sft: {path}: a fast (tokenizers-backed) tokenizer is needed for token offsets")
     return tok
+
+
+def stratified_subset(paths: list[str], key: str, fraction: float, seed: int) -> set[tuple[int, int]]:
+    """(file index, line number) of exactly round(fraction * n) records of every stratum."""
+    if not 0.0 < fraction <= 1.0:
+        raise SystemExit(f"preprocess-sft: --subset-fraction must be in (0, 1], got {fraction}")
+    strata: dict[str, list[tuple[int, int]]] = {}
+    for fi, path in enumerate(paths):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line).get(key)
+                except (ValueError, AttributeError):
+                    value = None  # malformed records are reported by the main pass
+                strata.setdefault(json.dumps(value), []).append((fi, lineno))
+    rng = np.random.default_rng(seed)
+    keep: set[tuple[int, int]] = set()
+    for name in sorted(strata):
+        items = strata[name]
+        k = int(round(fraction * len(items)))
+        keep.update(items[i] for i in rng.choice(len(items), size=k, replace=False))
+    return keep
 
 
 def preprocess(args) -> dict:
@@ -89,19 +118,25 @@ def preprocess(args) -> dict:
         TOKENS_KEY: IndexedDatasetBuilder(tmp[TOKENS_KEY] + ".bin", dtype=tok_dtype),
         MASK_KEY: IndexedDatasetBuilder(tmp[MASK_KEY] + ".bin", dtype=np.uint8),
     }
-    counts = {"read": 0, "kept": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_loss_tokens": 0,
+    subset = None
+    if args.subset_fraction is not None:
+        subset = stratified_subset(args.input, args.stratify_key, args.subset_fraction, args.seed)
+    counts = {"not_in_subset": 0, "read": 0, "kept": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_loss_tokens": 0,
               "skipped_bad": 0}
     skipped: list[str] = []
     n_tokens = n_loss = 0
     start = time.time()
     try:
-        for path in args.input:
+        for fi, path in enumerate(args.input):
             with open(path, encoding="utf-8") as f:
                 for lineno, line in enumerate(tqdm(f, desc=os.path.basename(path), unit=" conv",
                                                    mininterval=2.0, disable=None), start=1):
                     if not line.strip():
                         continue
                     counts["read"] += 1
+                    if subset is not None and (fi, lineno) not in subset:
+                        counts["not_in_subset"] += 1
+                        continue
                     try:
                         record = json.loads(line)
                         if not isinstance(record, dict):
@@ -152,6 +187,8 @@ def preprocess(args) -> dict:
         "chat_template": args.chat_template,
         "seq_length": args.seq_length,
         "overlong": args.overlong,
+        "subset_fraction": args.subset_fraction,
+        "stratify_key": args.stratify_key if args.subset_fraction is not None else None,
         "skipped_records": skipped[:1000],
         "outputs": list(final.values()),
         "seconds": round(time.time() - start, 2),
@@ -182,7 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"preprocess-sft: read {report['read']}, kept {report['kept']} ({report['truncated']} truncated), "
         f"dropped {report['dropped_overlong']} overlong + {report['dropped_no_loss_tokens']} without "
         f"assistant tokens, skipped {report['skipped_bad']} malformed; {report['tokens']} tokens, "
-        f"{100 * report['loss_token_fraction']:.1f}% trained on -> {args.output_prefix}_*_document.bin/.idx"
+        + (f"{report['not_in_subset']} left out of the stratified subset; " if args.subset_fraction else "")
+        + f"{100 * report['loss_token_fraction']:.1f}% trained on -> {args.output_prefix}_*_document.bin/.idx"
     )
     return 0
 
