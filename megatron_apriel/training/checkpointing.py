@@ -1,0 +1,297 @@
+"""Training checkpoints with megatron-core ``dist_checkpointing``, in Megatron-LM's folder layout.
+
+``<save>/iter_0000100/`` holds one distributed checkpoint (model, optimizer, scheduler, RNG,
+iteration, consumed samples) plus ``run_config.yaml``; ``<save>/latest_checkpointed_iteration.txt``
+names the newest *complete* one. The marker is written (atomically) only after every rank has
+finished writing, so a save interrupted by a crash or a kill is never picked up by a resume.
+Retention keeps the last K checkpoints plus every M-th, so equispaced ones survive for averaging.
+
+What is hand-written here is only the bookkeeping around megatron-core's save/load: the marker,
+retention, and the choice between a full resume and a weights-only start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Callable, Optional
+
+import torch
+
+from megatron_apriel.config import atomic_write_text
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONFIG_NAME = "run_config.yaml"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def iter_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_latest(root: Optional[str]) -> Optional[int]:
+    """The iteration named by the marker, or None (no marker, or it names a missing folder)."""
+    if not root:
+        return None
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{path}: expected an iteration number, got {text!r}")
+    it = int(text)
+    if not os.path.isdir(iter_dir(root, it)):
+        raise ValueError(f"{path} names iteration {it} but {iter_dir(root, it)} does not exist")
+    return it
+
+
+def list_iterations(root: str) -> list[int]:
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(root)) if m)
+
+
+def resolve_load_dir(path: str) -> tuple[str, Optional[int]]:
+    """``path`` is a save root (use its marker) or one ``iter_*`` folder / bare dist checkpoint."""
+    if os.path.isfile(os.path.join(path, TRACKER)):
+        it = read_latest(path)
+        return iter_dir(path, it), it
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        m = _ITER_RE.match(os.path.basename(os.path.normpath(path)))
+        return path, int(m.group(1)) if m else None
+    raise FileNotFoundError(f"{path}: neither a checkpoint folder with {TRACKER} nor a distributed checkpoint")
+
+
+def retained(iterations: list[int], keep_last: Optional[int], keep_every: Optional[int]) -> set[int]:
+    """The iterations kept: the last ``keep_last`` plus every multiple of ``keep_every``."""
+    if keep_last is None:
+        return set(iterations)
+    keep = set(sorted(iterations)[-keep_last:]) if keep_last > 0 else set()
+    if keep_every:
+        keep |= {i for i in iterations if i % keep_every == 0}
+    return keep
+
+
+def _unwrap(chunk):
+    return chunk.module if hasattr(chunk, "module") else chunk
+
+
+def _model_keys(n: int) -> list[str]:
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def _rng_object():
+    """This rank's RNG states as a ShardedObject (one per TP/PP rank, replicated over DP)."""
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", [state], (pp_size, tp_size), (pp_rank, tp_rank),
+                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _restore_rng(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a fresh torch AdamW placeholder state (with ``step``) before building its load template.
+
+    Without Apex/TE, megatron-core's DistributedOptimizer.state_dict() reads ``step`` from every
+    param state, but its init_state_fn creates only exp_avg/exp_avg_sq, so loading into an optimizer
+    that has not stepped fails. The placeholders are overwritten by the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if len(inner.state[p]) == 0:
+                    inner.state[p]["step"] = torch.tensor(0.0)
+                    inner.state[p]["exp_avg"] = torch.zeros_like(p.data)
+                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def _optimizer_sharded(optimizer, model_sd, is_loading: bool, distributed: bool):
+    if is_loading:
+        _ensure_optimizer_state(optimizer)
+    if distributed:
+        return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, 
+                                           # Megatron-LM default; resumes need the same TP/PP
+                                           metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+    return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def _layout() -> dict:
+    from megatron.core import parallel_state as ps
+
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _is_rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+class Checkpointer:
+    """Saves (sync or async) and loads training checkpoints under one ``save`` root."""
+
+    def __init__(self, save: Optional[str], keep_last: Optional[int] = None, keep_every: Optional[int] = None,
+                 async_save: bool = False, distributed_optimizer: bool = False,
+                 write_config: Optional[Callable[[str], None]] = None, log=print):
+        self.save_root = save
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self.distributed_optimizer = distributed_optimizer
+        self.write_config = write_config
+        self.log = log
+        self._queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue(persistent=False)
+
+    # ------------------------------------------------------------------ save
+    def save(self, iteration: int, chunks, optimizer, scheduler, consumed_samples: int, extra: Optional[dict] = None):
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+        if not self.save_root:
+            return
+        self.finalize(blocking=True)  # one save in flight at a time
+        path = iter_dir(self.save_root, iteration)
+        if _is_rank0():
+            # A folder left by an interrupted save of the same iteration: start it afresh.
+            if os.path.exists(path):
+                shutil.rmtree(path)
+            os.makedirs(path)
+        _barrier()
+        state = self._state(chunks, optimizer, scheduler, is_loading=False)
+        state.update(iteration=iteration, consumed_samples=consumed_samples, layout=_layout(),
+                     checkpoint_version=3.0, **(extra or {}))
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        request = dist_checkpointing.save(state, path, strategy, async_sharded_save=self.async_save)
+
+        def finalize_fn():
+            # Runs after every rank's shards are written (the async queue all-reduces completion).
+            _barrier()
+            if _is_rank0():
+                if self.write_config is not None:
+                    self.write_config(os.path.join(path, CONFIG_NAME))
+                atomic_write_text(os.path.join(self.save_root, TRACKER), f"{iteration}\n")
+                self._prune(iteration)
+            _barrier()
+            self.log(f"saved checkpoint {path}")
+
+        if self.async_save:
+            request.add_finalize_fn(finalize_fn)
+            self._queue.schedule_async_request(request)
+        else:
+            finalize_fn()
+
+    def finalize(self, blocking: bool = False) -> None:
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=blocking)
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.maybe_finalize_async_calls(blocking=True)
+            self._queue.close()
+            self._queue = None
+
+    def _prune(self, newest: int) -> None:
+        its = list_iterations(self.save_root)
+        keep = retained(its, self.keep_last, self.keep_every) | {newest}
+        for it in its:
+            if it not in keep and it < newest:
+                shutil.rmtree(iter_dir(self.save_root, it), ignore_errors=True)
+
+    def _state(self, chunks, optimizer, scheduler, is_loading: bool, weights_only: bool = False,
+               with_rng: bool = True) -> dict:
+        state = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(len(chunks)), chunks)}
+        if weights_only:
+            return state
+        if optimizer is not None:
+            merged = state["model"] if len(chunks) == 1 else _merge(state, len(chunks))
+            state["optimizer"] = _optimizer_sharded(optimizer, merged, is_loading, self.distributed_optimizer)
+        if scheduler is not None:
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if with_rng:
+            state["rng_state"] = _rng_object()
+        return state
+
+    # ------------------------------------------------------------------ load
+    def load(self, path: str, chunks, optimizer, scheduler, mode: str = "full") -> tuple[int, int]:
+        """Load ``path`` into the chunks (and optimizer/scheduler/RNG for ``mode='full'``).
+
+        Returns (iteration, consumed_samples): (0, 0) for a weights-only start. The model is
+        resharded by megatron-core when the saving run had another TP/PP; the RNG state is skipped
+        then (it is per TP/PP rank), the optimizer state is resharded.
+        """
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
+
+        ckpt, _ = resolve_load_dir(path)
+        common = load_common_state_dict(ckpt)
+        saved_layout = common.get("layout", {})
+        now = _layout()
+        full = mode == "full"
+        if full and "iteration" not in common:
+            raise ValueError(f"{ckpt}: not a training checkpoint (no iteration); load it with checkpoint.load_mode=weights")
+        same_mp = saved_layout.get("tp") == now["tp"] and saved_layout.get("pp") == now["pp"]
+        state = self._state(chunks, optimizer, scheduler, is_loading=True, weights_only=not full,
+                            with_rng=full and same_mp)
+        loaded = dist_checkpointing.load(state, ckpt)
+        for key, chunk in zip(_model_keys(len(chunks)), chunks):
+            _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        if not full:
+            self.log(f"loaded weights from {ckpt} (saved at tp={saved_layout.get('tp')} pp={saved_layout.get('pp')})")
+            return 0, 0
+        if optimizer is not None:
+            with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
+                optimizer.load_state_dict(loaded["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(loaded["opt_param_scheduler"])
+        if "rng_state" in loaded:
+            _restore_rng(loaded["rng_state"][0])
+        it, consumed = int(loaded["iteration"]), int(loaded["consumed_samples"])
+        self.log(f"resumed from {ckpt}: iteration {it}, consumed samples {consumed}")
+        return it, consumed
+
+
+def _merge(state: dict, n: int) -> dict:
+    out = {}
+    for key in _model_keys(n):
+        out.update({f"{key}.{k}": v for k, v in state[key].items()})
+    return out

@@ -1,0 +1,129 @@
+"""The training config: one dataclass tree for every stage (upscale-training, CPT, SFT).
+
+Loaded with :func:`megatron_apriel.config.load_config` from ``examples/<model>/<stage>.yaml`` plus
+dotted overrides; printed in full at start and saved beside every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megatron_apriel.config import ConfigError
+from megatron_apriel.training.optimizer import OptimConfig
+
+FREEZE_GROUPS = ("embeddings", "decoder", "output_layer", "vision_encoder", "projector")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    changes: dict[str, Any] = field(default_factory=dict)  # preset fields replaced (num_layers: 5)
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    cp: int = 1
+    sequence_parallel: bool = False
+    bf16: bool = False
+    fp8: Optional[str] = None  # hybrid | e4m3 (needs TE and a GPU)
+    fp8_recipe: str = "delayed"
+    recompute: str = "none"  # none | selective | full
+    recompute_num_layers: int = 1
+    use_te: Optional[bool] = None  # None: TE when on CUDA and importable
+    device: str = "auto"  # auto | cuda | cpu
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from.
+
+    ``kind: blend``: ``blend`` is a :class:`megatron_apriel.data.blends.BlendSpec` (loss on every
+    token; ``seq_length`` and ``steps`` default to the ``train`` section's). ``kind: dataset``:
+    ``factory`` (``module:callable``, e.g. ``megatron_apriel.data.sft:SFTDataset``) is called with
+    ``factory_args`` plus ``seq_length`` and returns a torch Dataset (or ``(train, valid)``) of
+    loss-masked GPTDataset-like items, optionally packed with ``cu_seqlens`` (SFT, CPT stage 2);
+    ``valid_factory_args`` builds the validation set the same way.
+    """
+
+    kind: str = "blend"  # blend | dataset
+    blend: dict[str, Any] = field(default_factory=dict)
+    factory: Optional[str] = None
+    factory_args: dict[str, Any] = field(default_factory=dict)
+    valid_factory_args: dict[str, Any] = field(default_factory=dict)
+    eod_token: int = 2
+    num_workers: int = 0
+
+    def validate(self):
+        if self.kind not in ("blend", "dataset"):
+            raise ConfigError(f"data.kind: {self.kind!r} is not one of blend, dataset")
+        if self.kind == "dataset" and not self.factory:
+            raise ConfigError("data.factory: needed when data.kind is dataset (module:callable)")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_iters: int = 0
+    decay_style: str = "cosine"  # cosine | linear | constant | WSD | inverse-square-root
+    decay_iters: Optional[int] = None  # default: train_iters
+    wsd_decay_iters: Optional[int] = None
+    wsd_decay_style: str = "linear"
+    init_lr: float = 0.0
+
+    def validate(self):
+        if self.decay_style not in ("cosine", "linear", "constant", "WSD", "inverse-square-root"):
+            raise ConfigError(f"train.schedule.decay_style: {self.decay_style!r} is not one of "
+                              "cosine, linear, constant, WSD, inverse-square-root")
+
+
+@dataclass
+class TrainSection:
+    seq_length: int = 128
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_iters: int = 10
+    seed: int = 1234
+    freeze: list[str] = field(default_factory=list)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    exit_interval: Optional[int] = None  # checkpoint and exit (code 3) after this many iterations
+
+    def validate(self):
+        bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
+        if bad:
+            raise ConfigError(f"train.freeze: unknown group {bad[0]!r} (known: {', '.join(FREEZE_GROUPS)})")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None  # default: save (resume); a different folder = starting point
+    load_mode: str = "auto"  # auto | full | weights
+    save_interval: Optional[int] = None
+    keep_last: Optional[int] = None  # None keeps all
+    keep_every: Optional[int] = None  # also keep every iteration divisible by this
+    async_save: bool = False
+
+    def validate(self):
+        if self.load_mode not in ("auto", "full", "weights"):
+            raise ConfigError(f"checkpoint.load_mode: {self.load_mode!r} is not one of auto, full, weights")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: int = 2
+    log_dir: Optional[str] = None  # TensorBoard + metrics.jsonl; default <save>/logs
+    peak_tflops: Optional[float] = None  # per GPU, for MFU; default 989 (H100 bf16 dense) on CUDA
+    wandb_project: Optional[str] = None
+    wandb_run_name: Optional[str] = None
+    wandb_mode: str = "online"  # online | offline | disabled
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

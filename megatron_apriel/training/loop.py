@@ -1,0 +1,333 @@
+"""The training loop for every stage (upscale-training, CPT, SFT) on megatron-core.
+
+``python -m megatron_apriel.train --config examples/<model>/<stage>.yaml [key=value ...]``
+
+megatron-core does the work: GPTModel chunks (TP/PP/VPP/CP), DistributedDataParallel, the
+(distributed) AdamW optimizer, OptimizerParamScheduler, the pipeline schedules and
+dist_checkpointing. This module wires them together and adds what Megatron-LM's ``training.py``
+adds: the data sampler, resume, signals, retention and logging.
+
+Exit codes: 0 = finished; 3 = checkpointed after SIGTERM/SIGUSR1 or ``train.exit_interval``
+(requeue the job, it resumes from the checkpoint); 2 = bad config; 1 = error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from megatron_apriel.config import ConfigError, dump_config, from_dict, load_config, to_dict
+from megatron_apriel.training.config import TrainConfig
+
+EXIT_REQUEUE = 3
+
+
+class PretrainingSampler:
+    """Megatron-LM's MegatronPretrainingSampler (megatron/training, not in megatron-core).
+
+    Yields this DP rank's indices of each micro-batch, in dataset order from ``consumed_samples``:
+    a resumed run reads exactly the samples an uninterrupted run would have read next.
+    """
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.total = total_samples
+        self.consumed = consumed_samples
+        self.mbs = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    def __len__(self):
+        return self.total
+
+    def __iter__(self):
+        group = self.mbs * self.dp_size
+        start = self.dp_rank * self.mbs
+        for first in range(self.consumed, self.total - group + 1, group):
+            yield list(range(first + start, first + start + self.mbs))
+
+
+class SyntheticDataset(torch.utils.data.Dataset):
+    """A learnable corpus without files, for the tiny example configs and smoke tests.
+
+    Sample i is an arithmetic progression modulo ``vocab`` (start and stride drawn from ``seed`` and
+    i): the next token follows from the previous two, so a tiny model's loss falls within steps.
+    """
+
+    def __init__(self, seq_length: int, num_samples: int = 4096, vocab: int = 500, seed: int = 0,
+                 max_stride: int = 7, masked_fraction: float = 0.0):
+        self.s, self.n, self.vocab, self.seed = seq_length, num_samples, vocab, seed
+        self.max_stride, self.masked_fraction = max_stride, masked_fraction
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        start = int(torch.randint(0, self.vocab, (1,), generator=g))
+        stride = int(torch.randint(1, self.max_stride + 1, (1,), generator=g))
+        seq = (start + stride * torch.arange(self.s + 1)) % self.vocab
+        mask = torch.ones(self.s)
+        if self.masked_fraction:  # a prompt-like prefix without loss, as in SFT
+            mask[: int(self.s * self.masked_fraction)] = 0
+        return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": mask, "position_ids": torch.arange(self.s)}
+
+
+def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_samples: int):
+    """(train, valid or None) datasets of GPTDataset-like dict items; the one place data is made."""
+    data = cfg.data
+    if data.kind == "blend":
+        from megatron_apriel.data.blends import BlendSpec, build_datasets
+
+        blend = dict(data.blend)
+        blend.setdefault("seq_length", cfg.train.seq_length)
+        blend.setdefault("steps", cfg.train.train_iters)
+        spec = from_dict(BlendSpec, blend, "data.blend")
+        if spec.seq_length != cfg.train.seq_length:
+            raise ConfigError(f"data.blend.seq_length {spec.seq_length} != train.seq_length {cfg.train.seq_length}")
+        return build_datasets(spec, cfg.train.global_batch_size, train_samples=train_samples,
+                              valid_samples=valid_samples, eod_token=data.eod_token)
+    import importlib
+
+    module, _, name = data.factory.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"data.factory: cannot import {data.factory!r}: {e}") from None
+    common = dict(seq_length=cfg.train.seq_length)
+    train = factory(**data.factory_args, **common)
+    valid = factory(**data.valid_factory_args, **common) if data.valid_factory_args else None
+    if isinstance(train, tuple):
+        train, valid = train
+    return train, valid
+
+
+def _device_of(env) -> str:
+    return "cuda" if env.device == "cuda" else "cpu"
+
+
+class _Batches:
+    """Micro-batches of one global batch from a DataLoader, moved to the device (packed ones flattened)."""
+
+    def __init__(self, loader, device: str):
+        self.it = iter(loader)
+        self.device = device
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            batch = next(self.it)
+            if "cu_seqlens" in batch:
+                from megatron_apriel.data.packing import flatten_packed_batch
+
+                batch = flatten_packed_batch(batch)
+            item = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
+                    for k, v in batch.items() if k in ("tokens", "labels", "loss_mask", "position_ids")}
+            if batch.get("packed_seq_params") is not None:
+                p = batch["packed_seq_params"]
+                for f in ("cu_seqlens_q", "cu_seqlens_kv"):
+                    setattr(p, f, getattr(p, f).to(self.device))
+                item["packed_seq_params"] = p
+            out.append(item)
+        return out
+
+
+def _loader(dataset, consumed: int, mbs: int, num_workers: int):
+    from megatron.core import parallel_state as ps
+
+    sampler = PretrainingSampler(len(dataset), consumed, mbs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False)
+
+
+def build_scheduler(optimizer, cfg: TrainConfig):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t, s, o = cfg.train, cfg.train.schedule, cfg.train.optim
+    decay = max(s.decay_iters or t.train_iters, s.warmup_iters + 1)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=s.init_lr, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=s.warmup_iters,
+        lr_decay_steps=decay, lr_decay_style=s.decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=max(t.train_iters, 1), wd_incr_style="constant",
+        wsd_decay_steps=s.wsd_decay_iters, lr_wsd_decay_style=s.wsd_decay_style,
+    )
+
+
+class _StopFlag:
+    """SIGTERM/SIGUSR1 set a flag; the loop acts on it at the next step boundary on every rank."""
+
+    def __init__(self):
+        self.signalled = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signalled = signum
+
+    def any_rank(self, device: str) -> bool:
+        flag = torch.tensor([1 if self.signalled else 0], dtype=torch.int32, device=device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _log0(msg: str) -> None:
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def train(cfg: TrainConfig) -> int:
+    from megatron.core import parallel_state as ps
+
+    from megatron_apriel.models import get_preset
+    from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
+    from megatron_apriel.runtime import init_distributed
+    from megatron_apriel.training.checkpointing import Checkpointer, read_latest
+    from megatron_apriel.training.freeze import freeze_groups
+    from megatron_apriel.training.metrics import MetricsWriter, Throughput, flops_per_token, format_duration
+    from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
+    from megatron_apriel.training.step import eval_step, train_step
+
+    m, t, ck, lg = cfg.model, cfg.train, cfg.checkpoint, cfg.logging
+    env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=m.device, seed=t.seed)
+    device = _device_of(env)
+    stop = _StopFlag()
+    check_fp8(m.fp8, env.device)
+    dp = ps.get_data_parallel_world_size()
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
+                          f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
+    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+    _log0("config:\n" + __import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+
+    preset = get_preset(m.preset, **m.changes)
+    use_te = should_use_te(env.device, m.use_te)
+    tcfg = preset.transformer_config(
+        tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
+        params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
+        fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
+        device=env.device, use_te=use_te)
+    chunks = build_model_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
+    frozen = freeze_groups(chunks, t.freeze)
+    if frozen:
+        _log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
+    ddp = wrap_ddp(chunks, tcfg, t.optim)
+    optimizer = build_optimizer(ddp, tcfg, t.optim)
+    scheduler = build_scheduler(optimizer, cfg)
+
+    checkpointer = Checkpointer(ck.save, ck.keep_last, ck.keep_every, ck.async_save,
+                                distributed_optimizer=t.optim.use_distributed_optimizer,
+                                write_config=lambda p: dump_config(cfg, p), log=_log0)
+    iteration, consumed = 0, 0
+    resume_root = ck.save if (ck.save and read_latest(ck.save) is not None) else None
+    if resume_root and ck.load_mode != "weights":
+        iteration, consumed = checkpointer.load(resume_root, ddp, optimizer, scheduler, mode="full")
+    elif ck.load:
+        mode = "full" if ck.load_mode == "full" else "weights"
+        iteration, consumed = checkpointer.load(ck.load, ddp, optimizer, scheduler, mode=mode)
+        if mode == "weights":
+            optimizer.reload_model_params()
+
+    train_samples = t.train_iters * t.global_batch_size
+    eval_runs = (t.train_iters // lg.eval_interval + 1) if lg.eval_interval else 0
+    valid_samples = lg.eval_iters * t.global_batch_size if eval_runs else 0
+    train_ds, valid_ds = build_datasets_from_config(cfg, train_samples, valid_samples)
+    if len(train_ds) < train_samples:
+        raise ConfigError(f"the training data has {len(train_ds)} samples < train.train_iters x "
+                          f"global_batch_size = {train_samples}")
+    batches = _Batches(_loader(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers), device)
+
+    log_dir = lg.log_dir or (os.path.join(ck.save, "logs") if ck.save else None)
+    writer = MetricsWriter(log_dir, to_dict(cfg), lg.wandb_project, lg.wandb_run_name, lg.wandb_mode)
+    peak = lg.peak_tflops if lg.peak_tflops is not None else (989.0 if env.device == "cuda" else None)
+    tokens_per_step = t.global_batch_size * t.seq_length
+    meter = Throughput(flops_per_token(preset, t.seq_length), tokens_per_step, env.world_size, peak)
+
+    packed = "cu_seqlens" in train_ds[0]
+    seq, mbs = (t.seq_length * t.micro_batch_size, 1) if packed else (t.seq_length, t.micro_batch_size)
+
+    def run_eval(step: int) -> None:
+        if valid_ds is None:
+            return
+        vb = _Batches(_loader(valid_ds, 0, t.micro_batch_size, 0), device)
+        total, n = 0.0, 0
+        for _ in range(lg.eval_iters):
+            mb = vb.take(n_mb)
+            r = eval_step(ddp, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, seq, mbs)
+            total += r.loss * r.num_tokens
+            n += r.num_tokens
+        loss = total / max(n, 1)
+        _log0(f"validation at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
+        writer.scalars(step, {"valid/loss": loss})
+        writer.record({"iteration": step, "valid_loss": loss})
+
+    exit_code = 0
+    last_saved = None
+    _log0(f"training from iteration {iteration} to {t.train_iters}: {n_mb} micro-batches x {t.micro_batch_size} "
+          f"per DP rank, DP={dp} TP={m.tp} PP={m.pp} CP={m.cp}")
+    while iteration < t.train_iters:
+        mb = batches.take(n_mb)
+        result = train_step(ddp, optimizer, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, seq, mbs)
+        scheduler.step(increment=1)
+        iteration += 1
+        consumed += t.global_batch_size
+        meter.tick()
+        lr = optimizer.param_groups[0]["lr"]
+        writer.record({"iteration": iteration, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                       "tokens": result.num_tokens, "consumed_samples": consumed})
+        if iteration % lg.log_interval == 0 or iteration == t.train_iters:
+            r = meter.read(t.train_iters - iteration)
+            gn = f"{result.grad_norm:.4f}" if result.grad_norm is not None else "n/a"
+            mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
+            _log0(f"step {iteration}/{t.train_iters} | consumed tokens {consumed * t.seq_length} | loss {result.loss:.6f} "
+                  f"| lr {lr:.3e} | grad norm {gn} | step {r['step_time'] * 1000:.0f} ms "
+                  f"| {r['tokens_per_s_per_gpu']:.0f} tok/s/GPU{mfu} | ETA {format_duration(r['eta_s'])}")
+            writer.scalars(iteration, {"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
+                                       "perf/tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "perf/mfu": r["mfu"],
+                                       "train/consumed_tokens": consumed * t.seq_length})
+        if lg.eval_interval and iteration % lg.eval_interval == 0:
+            run_eval(iteration)
+        checkpointer.finalize(blocking=False)
+        stopping = stop.any_rank(device) or (t.exit_interval is not None and iteration % t.exit_interval == 0
+                                             and iteration < t.train_iters)
+        if stopping or (ck.save_interval and iteration % ck.save_interval == 0):
+            checkpointer.save(iteration, ddp, optimizer, scheduler, consumed)
+            last_saved = iteration
+        if stopping:
+            _log0(f"stopping at iteration {iteration} ({'signal' if stop.signalled else 'exit_interval'}): "
+                  f"checkpointed, exit code {EXIT_REQUEUE}")
+            exit_code = EXIT_REQUEUE
+            break
+    if exit_code == 0 and ck.save and last_saved != iteration:
+        checkpointer.save(iteration, ddp, optimizer, scheduler, consumed)
+    checkpointer.close()
+    writer.close()
+    _log0(f"done: iteration {iteration}, consumed samples {consumed}, exit code {exit_code}")
+    return exit_code
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="apriel train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="YAML config (examples/<model>/<stage>.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=1e-5")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        code = train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megatron_apriel.runtime import destroy_distributed
+
+    destroy_distributed()
+    return code
