@@ -45,13 +45,25 @@ class Report:
     warnings: list[str]
 
 
-def load_spec(path: str, overrides=()) -> BlendSpec:
-    """A bare blend spec, or a training config whose ``data:`` section is one."""
-    raw = load_yaml(path)
-    raw = apply_overrides(raw, overrides)
-    section = raw["data"] if "sources" not in raw and isinstance(raw.get("data"), dict) else raw
+def load_spec(path: str, overrides=()) -> tuple[BlendSpec, int | None]:
+    """A bare blend spec, or a training config with a ``data.blend`` (or ``data``) section.
+
+    Returns the spec and the training config's global batch size (None for a bare spec). As in
+    the training loop, a training config's ``train.seq_length`` / ``train.train_iters`` fill a
+    blend that gives no sequence length / budget of its own.
+    """
+    raw = apply_overrides(load_yaml(path), overrides)
+    section, gbs = raw, None
+    if "sources" not in raw and isinstance(raw.get("data"), dict):
+        data, train = raw["data"], raw.get("train") or {}
+        section = dict(data["blend"]) if isinstance(data.get("blend"), dict) else data
+        if "seq_length" in train:
+            section.setdefault("seq_length", train["seq_length"])
+        if "tokens" not in section and "train_iters" in train:
+            section.setdefault("steps", train["train_iters"])
+        gbs = train.get("global_batch_size")
     try:
-        return from_dict(BlendSpec, section)
+        return from_dict(BlendSpec, section), gbs
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -153,14 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("spec", help="blend spec YAML, or a training config with a data: section")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seed=7 (data.seed=7 for a training config)")
     ap.add_argument("--stage", default=None, help="stage of a staged curriculum (default: the spec's)")
-    ap.add_argument("--global-batch-size", type=int, default=1, help="rounds a token budget up to whole steps")
+    ap.add_argument("--global-batch-size", type=int, default=None,
+                    help="rounds a token budget up to whole steps (default: the training config's, or 1)")
     ap.add_argument("--first", type=int, default=1000, help="samples of the early-share column")
     ap.add_argument("--png", default=None, help="bar chart path (default: SPEC with .mix.png)")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
     try:
-        spec = load_spec(args.spec, args.overrides)
-        report = mix_report(spec, args.global_batch_size, args.first, args.stage)
+        spec, config_gbs = load_spec(args.spec, args.overrides)
+        gbs = args.global_batch_size or config_gbs or 1
+        report = mix_report(spec, gbs, args.first, args.stage)
     except ConfigError as e:
         print(f"mix-report: {e}", file=sys.stderr)
         return 2
