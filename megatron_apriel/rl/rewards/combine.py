@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from megatron_apriel.config import ConfigError
+
 from .base import Reward, completion_text
 from .code import code_reward
 from .format import format_reward
@@ -50,11 +52,11 @@ class RewardsConfig:
         for domain, weights in self.domains.items():
             for name, w in weights.items():
                 if name not in REWARDS:
-                    raise ValueError(f"rewards.domains.{domain}.{name}: unknown reward (known: {', '.join(REWARDS)})")
+                    raise ConfigError(f"rewards.domains.{domain}.{name}: unknown reward (known: {', '.join(REWARDS)})")
                 if w < 0:
-                    raise ValueError(f"rewards.domains.{domain}.{name}: weight must be >= 0, got {w}")
+                    raise ConfigError(f"rewards.domains.{domain}.{name}: weight must be >= 0, got {w}")
             if sum(weights.values()) <= 0:
-                raise ValueError(f"rewards.domains.{domain}: weights sum to zero")
+                raise ConfigError(f"rewards.domains.{domain}: weights sum to zero")
 
 
 def _decode(sample: dict) -> dict:

@@ -1,7 +1,8 @@
 """Tool-call reward: the call parses, names an available tool, its arguments validate against that
 tool's JSON schema (jsonschema), and, when the sample gives one, it matches the expected call.
 
-Calls are read from ``<tool_call>{...}</tool_call>`` in the final response, or from the final
+Calls are read from ``<tool_calls>[...]</tool_calls>`` (the Apriel chat template's form) or
+``<tool_call>{...}</tool_call>`` in the final response, or from the final
 response itself when it is one JSON object ``{"name": ..., "arguments": {...}}``. Tools are given
 in the OpenAI form (``{"type": "function", "function": {...}}``) or as the bare function object.
 """
@@ -15,7 +16,7 @@ import jsonschema
 
 from .base import Reward, answer_region, completion_text
 
-_TAG = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_TAG = re.compile(r"<tool_calls?>\s*(.*?)\s*</tool_calls?>", re.S)
 
 
 def parse_tool_calls(completion) -> list[dict] | None:
@@ -29,7 +30,11 @@ def parse_tool_calls(completion) -> list[dict] | None:
         except (json.JSONDecodeError, RecursionError):
             return None
         for call in obj if isinstance(obj, list) else [obj]:
-            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            if not isinstance(call, dict):
+                return None
+            if isinstance(call.get("function"), dict):  # OpenAI message form
+                call = call["function"]
+            if not isinstance(call.get("name"), str):
                 return None
             args = call.get("arguments", call.get("parameters", {}))
             if isinstance(args, str):

@@ -1,0 +1,324 @@
+"""GRPO on an HF checkpoint with rule-based rewards: ``apriel grpo --config X.yaml [key=value ...]``.
+
+TRL's ``GRPOTrainer`` does the algorithm (group sampling, advantages, clipped objective, KL,
+vLLM generation, checkpoints); this module adds what the Apriel recipe needs around it: the prompt
+file with per-domain verification data, the rule-based rewards of ``megatron_apriel.rl.rewards``
+combined per domain, and prompt filtering by pass rate (keep a prompt when at least
+``min_correct`` of ``num_rollouts`` rollouts succeed and at least ``min_incorrect`` fail: prompts
+that are always or never solved give GRPO a zero advantage and only cost rollouts).
+
+Prompt file (JSONL), one record per line::
+
+    {"prompt": "..." | [{"role": "user", "content": "..."}], "domain": "math", "answer": "1/2"}
+    {"prompt": [...], "domain": "code", "tests": [{"input": "1 2", "output": "3"}]}
+    {"prompt": [...], "domain": "tools", "tools": [...], "expected_call": {...}}
+    {"prompt": [...], "domain": "instructions", "checks": [{"type": "max_words", "value": 50}]}
+
+Checkpoints are HF model directories (``out_dir/checkpoint-N``) taken every ``grpo.save_steps``
+and all kept, for the recipe's merges (``apriel average``); the final model is ``out_dir/final``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
+from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
+from megatron_apriel.rl.rewards.combine import JSON_FIELDS
+
+
+@dataclasses.dataclass
+class ModelSection:
+    path: str = ""  # HF checkpoint directory (e.g. the output of `apriel convert mcore-to-hf`)
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
+    chat_template: str = "apriel"  # apriel | tokenizer
+
+
+@dataclasses.dataclass
+class DataSection:
+    train_file: str = ""
+    system_prompt: str = ""  # prepended as a system turn to conversational prompts without one
+
+
+@dataclasses.dataclass
+class FilterSection:
+    enabled: bool = False
+    num_rollouts: int = 8
+    min_correct: int = 1
+    min_incorrect: int = 3
+    success_threshold: float = 1.0  # a rollout succeeds when its combined reward is at least this
+    batch_prompts: int = 4
+    output: str = ""  # kept prompts (JSONL); default out_dir/filtered_prompts.jsonl
+
+
+@dataclasses.dataclass
+class GRPOSection:
+    num_generations: int = 8
+    beta: float = 0.0  # KL coefficient
+    epsilon: float = 0.2  # clipping
+    epsilon_high: float | None = None
+    max_completion_length: int = 32768
+    temperature: float = 1.0
+    top_p: float = 1.0
+    learning_rate: float = 1e-6
+    lr_scheduler_type: str = "constant"
+    warmup_steps: float = 0  # steps, or a fraction of the run when < 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_iterations: int = 1
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    max_steps: int = -1
+    num_train_epochs: float = 1.0
+    save_steps: int = 100
+    save_only_model: bool = False
+    logging_steps: int = 1
+    use_vllm: str = "auto"  # auto: when vllm is installed and a GPU is present
+    vllm_mode: str = "colocate"
+    vllm_gpu_memory_utilization: float = 0.3
+    vllm_tensor_parallel_size: int = 1
+    gradient_checkpointing: bool = True
+    report_to: str = "tensorboard"
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class GRPORunConfig:
+    out_dir: str = ""
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    filter: FilterSection = dataclasses.field(default_factory=FilterSection)
+    grpo: GRPOSection = dataclasses.field(default_factory=GRPOSection)
+    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)
+
+    def validate(self):
+        for key in ("out_dir", "model.path", "data.train_file"):
+            obj = self
+            for part in key.split("."):
+                obj = getattr(obj, part)
+            if not obj:
+                raise ConfigError(f"{key} is required")
+        f = self.filter
+        if f.min_correct + f.min_incorrect > f.num_rollouts:
+            raise ConfigError(f"filter: min_correct + min_incorrect ({f.min_correct} + {f.min_incorrect}) "
+                              f"exceeds num_rollouts ({f.num_rollouts})")
+        if self.grpo.use_vllm not in ("auto", "true", "false"):
+            raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
+        if self.model.chat_template not in ("apriel", "tokenizer"):
+            raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not apriel/tokenizer")
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+def load_prompts(path: str, rewards: RewardsConfig, system_prompt: str = "") -> list[dict]:
+    """Read and check the prompt file; JSON-valued fields are kept as JSON strings (one schema)."""
+    records = []
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"prompt file not found: {path}") from None
+    with f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{where}: a record must be a JSON object")
+            prompt = rec.get("prompt")
+            if isinstance(prompt, list):
+                if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+                    raise ConfigError(f"{where}: 'prompt' must be a list of {{role, content}} messages")
+                if system_prompt and prompt[0]["role"] != "system":
+                    prompt = [{"role": "system", "content": system_prompt}, *prompt]
+                prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+            elif not isinstance(prompt, str) or not prompt:
+                raise ConfigError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+            domain = rec.get("domain")
+            if domain not in rewards.domains:
+                raise ConfigError(f"{where}: domain {domain!r} has no reward weights "
+                                  f"(configured: {', '.join(rewards.domains)})")
+            out = {"prompt": prompt, "domain": domain, "answer": str(rec.get("answer", "") or "")}
+            for key in JSON_FIELDS:
+                value = rec.get(key)
+                out[key] = value if isinstance(value, str) else json.dumps(value) if value is not None else ""
+            records.append(out)
+    if not records:
+        raise ConfigError(f"{path}: no prompts")
+    return records
+
+
+def keep_by_pass_rate(successes: list[int], num_rollouts: int, min_correct: int, min_incorrect: int) -> list[bool]:
+    return [s >= min_correct and num_rollouts - s >= min_incorrect for s in successes]
+
+
+def rollout_successes(model, tokenizer, records: list[dict], cfg: GRPORunConfig) -> list[int]:
+    """Sample ``num_rollouts`` completions per prompt (transformers generate) and count successes."""
+    import torch
+    from tqdm import tqdm
+
+    f, g = cfg.filter, cfg.grpo
+    successes = []
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    bar = tqdm(total=len(records), desc="pass-rate rollouts", unit="prompt")
+    for i in range(0, len(records), f.batch_prompts):
+        batch = records[i:i + f.batch_prompts]
+        texts = [r["prompt"] if isinstance(r["prompt"], str) else
+                 tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+                 for r in batch]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p,
+                                 max_new_tokens=g.max_completion_length, num_return_sequences=f.num_rollouts,
+                                 pad_token_id=tokenizer.pad_token_id)
+        completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for j, rec in enumerate(batch):
+            scores = [combined_reward(c, rec, cfg.rewards)[0].score
+                      for c in completions[j * f.num_rollouts:(j + 1) * f.num_rollouts]]
+            successes.append(sum(s >= f.success_threshold for s in scores))
+        bar.update(len(batch))
+    bar.close()
+    return successes
+
+
+def filter_prompts(model, tokenizer, records: list[dict], cfg: GRPORunConfig) -> list[dict]:
+    f = cfg.filter
+    successes = rollout_successes(model, tokenizer, records, cfg)
+    keep = keep_by_pass_rate(successes, f.num_rollouts, f.min_correct, f.min_incorrect)
+    kept = [r for r, k in zip(records, keep) if k]
+    too_hard = sum(s < f.min_correct for s in successes)
+    too_easy = sum(f.num_rollouts - s < f.min_incorrect for s in successes)
+    print(f"pass-rate filter: kept {len(kept)}/{len(records)} prompts; dropped {too_hard} never/rarely "
+          f"solved (< {f.min_correct} of {f.num_rollouts}) and {too_easy} too easy "
+          f"(< {f.min_incorrect} failures)", flush=True)
+    output = f.output or os.path.join(cfg.out_dir, "filtered_prompts.jsonl")
+    atomic_write_text(output, "".join(json.dumps(r) + "\n" for r in kept))
+    print(f"pass-rate filter: wrote {output}", flush=True)
+    return kept
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def _vllm_wanted(setting: str) -> bool:
+    import importlib.util
+
+    import torch
+
+    available = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+    if setting == "true" and not available:
+        raise ConfigError("grpo.use_vllm=true but vllm or a CUDA GPU is not available")
+    return available if setting == "auto" else setting == "true"
+
+
+def build_grpo_config(cfg: GRPORunConfig):
+    import torch
+    from trl import GRPOConfig
+
+    g = cfg.grpo
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.model.dtype == "bfloat16" or (cfg.model.dtype == "auto" and on_gpu and torch.cuda.is_bf16_supported())
+    use_vllm = _vllm_wanted(g.use_vllm)
+    kwargs = dict(
+        output_dir=cfg.out_dir, num_generations=g.num_generations, beta=g.beta, epsilon=g.epsilon,
+        epsilon_high=g.epsilon_high, max_completion_length=g.max_completion_length,
+        temperature=g.temperature, top_p=g.top_p, learning_rate=g.learning_rate,
+        lr_scheduler_type=g.lr_scheduler_type, warmup_steps=g.warmup_steps, weight_decay=g.weight_decay,
+        max_grad_norm=g.max_grad_norm, per_device_train_batch_size=g.per_device_train_batch_size,
+        gradient_accumulation_steps=g.gradient_accumulation_steps, num_iterations=g.num_iterations,
+        loss_type=g.loss_type, scale_rewards=g.scale_rewards, max_steps=g.max_steps,
+        num_train_epochs=g.num_train_epochs, save_strategy="steps", save_steps=g.save_steps,
+        save_total_limit=None, save_only_model=g.save_only_model, logging_steps=g.logging_steps,
+        bf16=bf16, fp16=False, use_cpu=not on_gpu, gradient_checkpointing=g.gradient_checkpointing,
+        report_to=[] if g.report_to in ("", "none") else [g.report_to], seed=g.seed, use_vllm=use_vllm,
+        remove_unused_columns=False,
+    )
+    if use_vllm:
+        kwargs.update(vllm_mode=g.vllm_mode, vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                      vllm_tensor_parallel_size=g.vllm_tensor_parallel_size)
+    return GRPOConfig(**kwargs)
+
+
+def load_model_and_tokenizer(cfg: GRPORunConfig):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    if cfg.model.chat_template == "apriel":
+        tokenizer.chat_template = APRIEL_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.model.dtype)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+    return model, tokenizer
+
+
+def train(cfg: GRPORunConfig) -> dict:
+    """Filter (optionally) and train; returns the per-step mean rewards and the final model path."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    dump_config(cfg, os.path.join(cfg.out_dir, "grpo_config.yaml"))
+    records = load_prompts(cfg.data.train_file, cfg.rewards, cfg.data.system_prompt)
+    print(f"grpo: {len(records)} prompts from {cfg.data.train_file}", flush=True)
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    if cfg.filter.enabled:
+        records = filter_prompts(model, tokenizer, records, cfg)
+        if not records:
+            raise ConfigError("pass-rate filter kept no prompts: nothing to train on")
+    tokenizer.padding_side = "left"
+    trainer = GRPOTrainer(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=build_grpo_config(cfg),
+                          train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    start = time.time()
+    trainer.train()
+    final = os.path.join(cfg.out_dir, "final")
+    trainer.save_model(final)
+    tokenizer.save_pretrained(final)
+    rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    summary = {"steps": trainer.state.global_step, "rewards": rewards, "final": final,
+               "seconds": time.time() - start}
+    if rewards:
+        k = max(1, min(5, len(rewards) // 4))
+        first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
+        print(f"grpo: {summary['steps']} steps in {summary['seconds']:.0f}s; mean reward "
+              f"{first:.3f} (first {k} logs) -> {last:.3f} (last {k}); final model {final}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="apriel grpo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config (examples/*/grpo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.01")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(GRPORunConfig, args.config, args.overrides)
+    except (ConfigError, ValueError) as e:
+        print(f"apriel grpo: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
+    try:
+        train(cfg)
+    except ConfigError as e:
+        print(f"apriel grpo: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

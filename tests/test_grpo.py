@@ -1,0 +1,116 @@
+"""GRPO end to end on CPU: a tiny random model learns a verifiable toy task through TRL's
+GRPOTrainer driven by `apriel grpo`'s config and rule-based rewards; plus config, prompt-file and
+pass-rate filter checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_apriel.config import ConfigError, load_config
+from megatron_apriel.rl.grpo import GRPORunConfig, keep_by_pass_rate, load_prompts, main, train
+from megatron_apriel.rl.rewards import RewardsConfig
+
+REPO = Path(__file__).resolve().parents[1]
+LETTERS = "abcdefghijkl"
+# Partial credit: one check per count of the letter 'a' in the completion (1..4).
+TOY_CHECKS = [{"type": "keyword_frequency", "keyword": "a", "value": n} for n in (1, 2, 3, 4)]
+
+
+def make_char_model(path: Path, seed: int = 0) -> Path:
+    """A random tiny Mistral over a 16-token character vocabulary, with its fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MistralForCausalLM, PreTrainedTokenizerFast
+
+    from megatron_apriel.models import get_preset
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, " ": 3} | {c: i + 4 for i, c in enumerate(LETTERS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
+    torch.manual_seed(seed)
+    preset = get_preset("tiny", vocab_size=len(vocab), num_layers=2)
+    cfg = preset.hf_config(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    MistralForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def write_toy_prompts(path: Path, n: int = 16) -> Path:
+    lines = []
+    for i in range(n):
+        prompt = "".join(LETTERS[(i * 7 + j) % len(LETTERS)] for j in range(4)) + " "
+        lines.append(json.dumps({"prompt": prompt, "domain": "toy", "checks": TOY_CHECKS}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def toy_config(tmp_path: Path, extra=()) -> GRPORunConfig:
+    model = make_char_model(tmp_path / "model")
+    prompts = write_toy_prompts(tmp_path / "prompts.jsonl")
+    return load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml",
+                       [f"out_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_file={prompts}", *extra])
+
+
+def test_grpo_raises_mean_reward(tmp_path):
+    cfg = toy_config(tmp_path)
+    summary = train(cfg)
+    rewards = summary["rewards"]
+    assert len(rewards) == cfg.grpo.max_steps
+    start, end = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"mean reward {start:.3f} -> {end:.3f} over {len(rewards)} steps")
+    assert end > start + 0.3, rewards
+    assert end > 0.6, rewards
+    # Periodic checkpoints for merges, and the final HF model.
+    assert (tmp_path / "run" / f"checkpoint-{cfg.grpo.save_steps}" / "model.safetensors").exists()
+    assert (Path(summary["final"]) / "model.safetensors").exists()
+    assert (tmp_path / "run" / "grpo_config.yaml").exists()
+
+
+def test_keep_by_pass_rate_rule():
+    # 8 rollouts: keep when >= 1 succeed and >= 3 fail.
+    assert keep_by_pass_rate([0, 1, 5, 6, 8], 8, 1, 3) == [False, True, True, False, False]
+
+
+def test_pass_rate_filter_writes_kept_prompts(tmp_path):
+    # Prompts whose check always holds (too easy) or never holds (too hard) are dropped.
+    cfg = toy_config(tmp_path, ["filter.enabled=true", "filter.num_rollouts=8"])
+    from megatron_apriel.rl.grpo import filter_prompts, load_model_and_tokenizer
+
+    records = [{"prompt": "abcd ", "domain": "toy", "answer": "", "tests": "", "tools": "", "expected_call": "",
+                "required_tags": "", "checks": json.dumps([{"type": kind, "keywords": kw}])}
+               for kind, kw in (("exclude_keywords", ["zzz"]), ("include_keywords", ["zzz"]))]
+    model, tok = load_model_and_tokenizer(cfg)
+    kept = filter_prompts(model, tok, records, cfg)
+    assert kept == []
+    out = Path(cfg.out_dir) / "filtered_prompts.jsonl"
+    assert out.exists() and out.read_text() == ""
+
+
+def test_bad_prompt_file_names_the_line(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "x", "domain": "math", "answer": "1"}\n{"prompt": "y", "domain": "poetry"}\n')
+    with pytest.raises(ConfigError, match=r"p.jsonl:2: domain 'poetry'"):
+        load_prompts(str(bad), RewardsConfig())
+    bad.write_text('{"prompt": "x", "domain": "math"\n')
+    with pytest.raises(ConfigError, match=r"p.jsonl:1: invalid JSON"):
+        load_prompts(str(bad), RewardsConfig())
+
+
+def test_cli_rejects_bad_config(tmp_path, capsys):
+    assert main(["--config", str(REPO / "examples/tiny/grpo.yaml"), "grpo.num_generationz=4"]) == 2
+    assert "num_generationz" in capsys.readouterr().err
+    assert main(["--config", str(REPO / "examples/tiny/grpo.yaml"), "rewards.domains.math.maths=1"]) == 2
+    assert "rewards.domains.math.maths" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["tiny", "apriel_nemotron_15b"])
+def test_example_configs_load(name):
+    cfg = load_config(GRPORunConfig, REPO / f"examples/{name}/grpo.yaml",
+                      ["out_dir=x", "model.path=x", "data.train_file=x"])
+    if name == "apriel_nemotron_15b":
+        assert cfg.grpo.num_generations == 8 and cfg.grpo.max_completion_length == 32768
+        assert (cfg.filter.num_rollouts, cfg.filter.min_correct, cfg.filter.min_incorrect) == (8, 1, 3)
