@@ -334,3 +334,20 @@ def test_sft_configs_load(path):
     accepted = set(inspect.signature(SFTDataset).parameters)
     assert set(cfg.data.factory_args) <= accepted and "prefix" in cfg.data.factory_args
     get_preset(cfg.model.preset)
+
+
+def test_tiny_sft_config_trains(sft_prefix, dist_world_of_one, capsys):
+    """examples/tiny/sft.yaml runs through the training loop on packed rows (THD)."""
+    from megatron_apriel.config import load_config
+    from megatron_apriel.training.config import TrainConfig
+    from megatron_apriel.training.loop import train
+
+    prefix, _ = sft_prefix
+    # train(), not main(): main() tears down the process group the other in-process tests share.
+    cfg = load_config(TrainConfig, str(REPO / "examples/tiny/sft.yaml"),
+                      [f"data.factory_args.prefix={prefix}", "data.factory_args.epochs=4", "model.device=cpu",
+                       "train.train_iters=2"])
+    rc = train(cfg)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "step 2/2" in out
