@@ -121,7 +121,7 @@ class Block:
     columns: dict | None = None  # parquet: key -> list of values
 
 
-def read_blocks(paths: list[Path], keys: list[str], progress) -> Iterator[Block]:
+def read_blocks(paths: list[Path], keys: list[str], progress, block_bytes: int = BLOCK_BYTES) -> Iterator[Block]:
     for fi, path in enumerate(paths):
         if path.name.endswith(".parquet"):
             yield from _parquet_blocks(fi, path, keys, progress)
@@ -132,7 +132,7 @@ def read_blocks(paths: list[Path], keys: list[str], progress) -> Iterator[Block]
         with _open_binary(path, counters) as f:
             done = 0
             while True:
-                chunk = f.read(BLOCK_BYTES)
+                chunk = f.read(block_bytes)
                 progress(counters[0].pos - done)
                 done = counters[0].pos
                 if not chunk:
@@ -341,7 +341,7 @@ def output_prefix(prefix: str, key: str, level: str = "document") -> str:
 
 
 def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("text",), append_eod=False,
-               workers=1, strict=False, log_interval=100_000, quiet=False) -> Stats:
+               workers=1, strict=False, log_interval=100_000, quiet=False, block_bytes=BLOCK_BYTES) -> Stats:
     from megatron.core.datasets.indexed_dataset import DType
 
     paths = expand_inputs(inputs)
@@ -367,7 +367,7 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
     next_log = log_interval
     try:
         cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype}
-        for fi, results, skips, nbytes in _pool_blocks(read_blocks(paths, keys, progress), workers, tokenizer, cfg):
+        for fi, results, skips, nbytes in _pool_blocks(read_blocks(paths, keys, progress, block_bytes), workers, tokenizer, cfg):
             if skips:
                 if strict:
                     no, reason = skips[0]
@@ -444,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=100_000, help="documents between log lines (no TTY)")
     g.add_argument("--strict", action="store_true", help="any skipped record is an error naming file and line")
     g.add_argument("--quiet", action="store_true", help="no progress output")
+    g.add_argument("--block-bytes", type=int, default=BLOCK_BYTES, help="bytes of whole lines per worker task")
     return p
 
 
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = tokenizer_from_args(args)
         stats = preprocess(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
-                           args.workers, args.strict, args.log_interval, args.quiet)
+                           args.workers, args.strict, args.log_interval, args.quiet, args.block_bytes)
     except (PreprocessError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
