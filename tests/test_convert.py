@@ -1,0 +1,188 @@
+"""HF <-> megatron-core dist checkpoint conversion against transformers and megatron-core's loader."""
+
+import json
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import REPO, make_tiny_hf, run_torchrun
+from megatron_apriel.checkpoint.convert import (
+    ConversionError,
+    hf_to_mcore_checkpoint,
+    load_mcore_canonical,
+    main,
+    mcore_to_hf_checkpoint,
+)
+from megatron_apriel.checkpoint.hf_io import SafetensorsReader
+
+
+def make_tokenizer(folder, vocab_size=500):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def hf_tensors(folder):
+    with SafetensorsReader(folder) as r:
+        return {k: r.get(k) for k in r.keys()}
+
+
+def assert_same_tensors(a_dir, b_dir):
+    a, b = hf_tensors(a_dir), hf_tensors(b_dir)
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = make_tiny_hf(tmp_path_factory.mktemp("convert") / "hf", seed=3)
+    make_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tp1(hf_dir, tmp_path_factory, dist_world_of_one):
+    """HF -> mcore (TP=1) -> HF with the Apriel chat template."""
+    root = tmp_path_factory.mktemp("tp1")
+    summary = hf_to_mcore_checkpoint(hf_dir, root / "mcore")
+    assert summary["tensors"] == 3 + 4 * 6  # embedding, final norm, output + 6 per layer
+    mcore_to_hf_checkpoint(root / "mcore", root / "hf", chat_template="apriel")
+    return root
+
+
+def test_round_trip_tp1_is_bit_identical(hf_dir, tp1):
+    assert_same_tensors(hf_dir, tp1 / "hf")
+    assert json.loads((hf_dir / "config.json").read_text()) == json.loads((tp1 / "hf" / "config.json").read_text())
+    assert (tp1 / "hf" / "generation_config.json").is_file()
+
+
+def test_canonical_reader_matches_mapping(hf_dir, tp1):
+    from megatron_apriel.checkpoint.mistral import hf_to_mcore
+    from megatron_apriel.models.presets import padded_vocab_size
+    from megatron_apriel.checkpoint.convert import preset_from_hf_dir
+
+    preset = preset_from_hf_dir(hf_dir)
+    expected = dict(hf_to_mcore(hf_tensors(hf_dir).__getitem__, preset))
+    got = dict(load_mcore_canonical(tp1 / "mcore"))
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        g = got[k]
+        if k in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            assert g.shape[0] == padded_vocab_size(preset.vocab_size)
+            assert not g[preset.vocab_size:].any()
+            g = g[: preset.vocab_size]
+        assert torch.equal(g, v), k
+    only = dict(load_mcore_canonical(tp1 / "mcore", names=["decoder.layers.2.mlp.linear_fc1.weight"]))
+    assert list(only) == ["decoder.layers.2.mlp.linear_fc1.weight"]
+
+
+def test_export_loads_with_transformers_and_generates_the_same(hf_dir, tp1):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+
+    out = tp1 / "hf"
+    ref = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == APRIEL_CHAT_TEMPLATE
+    text = tok.apply_chat_template([{"role": "user", "content": "w5 w6"}], tokenize=False, add_generation_prompt=False)
+    assert "<|user|>\nw5 w6\n<|end|>" in text
+    ids = tok("w5 w17 w300 w42", return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    a = ref.generate(ids, **kw)
+    b = ours.generate(ids, **kw)
+    assert a.shape[1] == ids.shape[1] + 12
+    assert torch.equal(a, b)
+
+
+def test_tp2_import_logits_and_export(hf_dir, tp1, tmp_path):
+    """Written at TP=2 and loaded at TP=2 (and the TP=1 checkpoint resharded to TP=2): logits
+    match transformers; the TP=2 checkpoint exported to HF is the original, bit for bit."""
+    from transformers import MistralForCausalLM
+
+    ckpt = tmp_path / "tp2"
+    run_torchrun(REPO / "tests/dist/convert_check.py",
+                 ["--hf", hf_dir, "--ckpt", ckpt, "--out", tmp_path / "r.pt", "--tp", 2, "--load", tp1 / "mcore"])
+    res = torch.load(tmp_path / "r.pt")
+    ref = MistralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(res["tokens"]).logits
+    assert len(res["logits"]) == 2
+    for logits in res["logits"].values():
+        assert logits.shape == expected.shape
+        assert rel(logits, expected) < 1e-5
+    # small shards: the export is a sharded folder with an index, as for the real models
+    mcore_to_hf_checkpoint(ckpt, tmp_path / "hf", max_shard_bytes=200_000)
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert_same_tensors(hf_dir, tmp_path / "hf")
+    assert MistralForCausalLM.from_pretrained(tmp_path / "hf").config.num_hidden_layers == 4
+
+
+def test_pp2_import_logits(hf_dir, tmp_path):
+    from transformers import MistralForCausalLM
+
+    run_torchrun(REPO / "tests/dist/convert_check.py",
+                 ["--hf", hf_dir, "--ckpt", tmp_path / "pp2", "--out", tmp_path / "r.pt", "--pp", 2])
+    res = torch.load(tmp_path / "r.pt")
+    ref = MistralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(res["tokens"]).logits
+    (logits,) = res["logits"].values()
+    assert rel(logits, expected) < 1e-5
+
+
+def test_bf16_import_export(hf_dir, tmp_path, dist_world_of_one):
+    hf_to_mcore_checkpoint(hf_dir, tmp_path / "m", dtype="bf16")
+    mcore_to_hf_checkpoint(tmp_path / "m", tmp_path / "h")
+    with safe_open(tmp_path / "h" / "model.safetensors", "pt") as f:
+        t = f.get_tensor("model.layers.1.self_attn.k_proj.weight")
+    orig = hf_tensors(hf_dir)["model.layers.1.self_attn.k_proj.weight"]
+    assert t.dtype == torch.bfloat16 and torch.equal(t, orig.to(torch.bfloat16))
+    assert json.loads((tmp_path / "h" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_bad_inputs_are_refused_and_nothing_is_written(hf_dir, tmp_path, dist_world_of_one, capsys):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    tensors = hf_tensors(hf_dir)
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2)
+    del tensors["model.layers.3.mlp.up_proj.weight"]
+    for name in ("config.json",):
+        (bad / name).write_bytes((hf_dir / name).read_bytes())
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"missing.*model\.layers\.3\.mlp\.up_proj\.weight"):
+        hf_to_mcore_checkpoint(bad, tmp_path / "out")
+    del tensors["model.layers.0.mlp.extra_proj.weight"]
+    tensors["model.layers.3.mlp.up_proj.weight"] = hf_tensors(hf_dir)["model.layers.3.mlp.up_proj.weight"]
+    tensors["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2)
+    save_file(tensors, str(bad / "model.safetensors"))
+    assert main(["hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "model.layers.0.mlp.extra_proj.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    assert main(["hf-to-mcore", "--hf", str(hf_dir), "--out", str(busy)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    assert main(["mcore-to-hf", "--ckpt", str(hf_dir), "--out", str(tmp_path / "x")]) == 2
+    assert "distributed checkpoint" in capsys.readouterr().err
