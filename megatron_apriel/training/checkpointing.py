@@ -119,11 +119,12 @@ def _restore_rng(state: dict) -> None:
 
 
 def _ensure_optimizer_state(optimizer) -> None:
-    """Give a fresh torch AdamW placeholder state (with ``step``) before building its load template.
+    """Give an optimizer that has not stepped torch AdamW's initial state (``step`` 0, zero moments).
 
     Without Apex/TE, megatron-core's DistributedOptimizer.state_dict() reads ``step`` from every
-    param state, but its init_state_fn creates only exp_avg/exp_avg_sq, so loading into an optimizer
-    that has not stepped fails. The placeholders are overwritten by the load.
+    param state, but its init_state_fn creates only exp_avg/exp_avg_sq, so saving before the first
+    step, or loading into a fresh optimizer, fails. The values are exactly what AdamW's lazy
+    initialisation would create, and a load overwrites them.
     """
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
@@ -138,8 +139,7 @@ def _ensure_optimizer_state(optimizer) -> None:
 
 
 def _optimizer_sharded(optimizer, model_sd, is_loading: bool, distributed: bool):
-    if is_loading:
-        _ensure_optimizer_state(optimizer)
+    _ensure_optimizer_state(optimizer)
     if distributed:
         return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, 
                                            # Megatron-LM default; resumes need the same TP/PP

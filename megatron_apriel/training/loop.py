@@ -233,13 +233,14 @@ def train(cfg: TrainConfig) -> int:
             optimizer.reload_model_params()
 
     train_samples = t.train_iters * t.global_batch_size
-    eval_runs = (t.train_iters // lg.eval_interval + 1) if lg.eval_interval else 0
-    valid_samples = lg.eval_iters * t.global_batch_size if eval_runs else 0
-    train_ds, valid_ds = build_datasets_from_config(cfg, train_samples, valid_samples)
-    if len(train_ds) < train_samples:
-        raise ConfigError(f"the training data has {len(train_ds)} samples < train.train_iters x "
-                          f"global_batch_size = {train_samples}")
-    batches = _Batches(_loader(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers), device)
+    valid_samples = lg.eval_iters * t.global_batch_size if lg.eval_interval else 0
+    train_ds = valid_ds = batches = None
+    if iteration < t.train_iters:  # (train_iters 0: only convert/save the starting point)
+        train_ds, valid_ds = build_datasets_from_config(cfg, train_samples, valid_samples)
+        if len(train_ds) < train_samples:
+            raise ConfigError(f"the training data has {len(train_ds)} samples < train.train_iters x "
+                              f"global_batch_size = {train_samples}")
+        batches = _Batches(_loader(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers), device)
 
     log_dir = lg.log_dir or (os.path.join(ck.save, "logs") if ck.save else None)
     writer = MetricsWriter(log_dir, to_dict(cfg), lg.wandb_project, lg.wandb_run_name, lg.wandb_mode)
@@ -247,7 +248,7 @@ def train(cfg: TrainConfig) -> int:
     tokens_per_step = t.global_batch_size * t.seq_length
     meter = Throughput(flops_per_token(preset, t.seq_length), tokens_per_step, env.world_size, peak)
 
-    packed = "cu_seqlens" in train_ds[0]
+    packed = train_ds is not None and "cu_seqlens" in train_ds[0]
     seq, mbs = (t.seq_length * t.micro_batch_size, 1) if packed else (t.seq_length, t.micro_batch_size)
 
     def run_eval(step: int) -> None:
