@@ -210,3 +210,65 @@ def test_equispaced_and_yaml(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.yaml").write_text("models:\n  - model: E\n    parameters: {wieght: 1}\n")
     assert avg.main(["--config", "bad.yaml", "--out", "x"]) == 1
     assert "models[0].parameters: unknown key 'wieght'" in capsys.readouterr().err
+
+
+def test_example_configs_parse():
+    from conftest import REPO
+
+    merges = [p for p in REPO.glob("examples/*/*.yaml") if "merge_method:" in p.read_text()]
+    assert {"merge_final.yaml", "merge_e.yaml"} <= {p.name for p in merges}
+    for p in merges:
+        spec = avg.load_merge_yaml(str(p))
+        avg.check_weights(spec["weights"], len(spec["inputs"]), spec["allow_unnormalised"])
+    final = avg.load_merge_yaml(str(REPO / "examples/apriel_nemotron_15b/merge_final.yaml"))
+    assert final["weights"] == [0.3, 0.3, 0.4]
+    plan = up.load_plan_yaml(str(REPO / "examples/apriel_nemotron_15b/upscale_plan.yaml"))
+    assert len(up.build_plan(40, plan.get("layers"), plan.get("duplicate_middle"), plan.get("expand_every"))) == 50
+
+
+MCORE_SCRIPT = '''
+import sys, torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron_apriel.checkpoint.average import main as average
+from megatron_apriel.models import get_preset
+from megatron_apriel.models.builder import build_model_chunks
+from megatron_apriel.runtime import init_distributed
+
+if __name__ == "__main__":
+    root = sys.argv[1]
+    init_distributed(device="cpu", seed=0)
+    preset = get_preset("tiny", num_layers=2)
+    def model(seed):
+        torch.manual_seed(seed)
+        return build_model_chunks(preset, preset.transformer_config(device="cpu"))[0]
+    models = [model(s) for s in (1, 2)]
+    import os
+    for i, m in enumerate(models):
+        os.makedirs(f"{root}/iter_000000{i + 1}")
+        dist_checkpointing.save({"model": m.sharded_state_dict()}, f"{root}/iter_000000{i + 1}",
+                                get_default_save_sharded_strategy("torch_dist"))
+    assert average([f"{root}/iter_0000001", f"{root}/iter_0000002", "--weights", "0.25", "0.75", "--out", f"{root}/avg"]) == 0
+    target = model(3)
+    for p in target.parameters():
+        p.data.fill_(float("nan"))
+    loaded = dist_checkpointing.load({"model": target.sharded_state_dict()}, f"{root}/avg")
+    target.load_state_dict(loaded["model"])
+    n = 0
+    for (name, p), p1, p2 in zip(target.named_parameters(), models[0].parameters(), models[1].parameters()):
+        ref = 0.25 * p1.detach().double() + 0.75 * p2.detach().double()
+        assert ((p.detach().double() - ref).abs() <= ref.abs() * 2e-7 + 1e-12).all(), name
+        n += 1
+    assert n == len(list(models[0].parameters())) >= 9, n
+    print("checked", n, "parameters")
+'''
+
+
+def test_average_mcore_dist_checkpoints(tmp_path):
+    """Two megatron-core dist checkpoints -> their weighted average, loaded back by dist_checkpointing."""
+    from conftest import run_python
+
+    script = tmp_path / "mcore_avg.py"
+    script.write_text(MCORE_SCRIPT)
+    proc = run_python([script, tmp_path], timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert "parameters" in proc.stdout.splitlines()[-1], proc.stdout

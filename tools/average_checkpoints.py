@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Command-line entry point; see megatron_apriel.checkpoint.average (also `apriel average`)."""
 
 import sys

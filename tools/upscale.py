@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Command-line entry point; see megatron_apriel.checkpoint.upscale (also `apriel upscale`)."""
 
 import sys

@@ -277,28 +277,39 @@ def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bo
 
     torch.distributed.checkpoint writes a checkpoint in one ``save`` call, so the output state dict
     is held in memory (one model in the input dtype); inputs are still read one tensor at a time.
-    ``metadata.json`` and ``common.pt`` are copied from the first input so megatron-core's
-    ``dist_checkpointing.load`` recognises the folder; load it without optimizer state.
+    Non-tensor model entries (``_extra_state`` objects) and the side files (``metadata.json``,
+    ``common.pt``, the saved run config) come from the first input, so megatron-core's
+    ``dist_checkpointing.load`` reads the result like any checkpoint; it has no optimizer state,
+    so load it as weights only.
     """
+    import io
     import shutil
 
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    state = {}
+    state: dict = {}
     for name in tqdm(ckpts[0].names, desc="average (mcore)", unit="tensor", file=sys.stderr, mininterval=2.0):
         state[name] = weighted_tensor(ckpts, weights, name)
+    first = ckpts[0].path
+    meta = dcp.FileSystemReader(str(first)).read_metadata()
+    objects = {k: io.BytesIO() for k, md in meta.state_dict_metadata.items()
+               if isinstance(md, BytesStorageMetadata) and not k.startswith(("optimizer.", "rng_state", "rerun_state"))}
+    if objects:
+        dcp.load(objects, storage_reader=dcp.FileSystemReader(str(first)), no_dist=True)
+        state.update(objects)
     with atomic_output_dir(out, force=force) as tmp:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
-        for side in ("metadata.json", "common.pt"):
-            if (ckpts[0].path / side).exists():
-                shutil.copy2(ckpts[0].path / side, tmp / side)
+        for side in first.iterdir():
+            if side.is_file() and side.suffix != ".distcp" and side.name != ".metadata":
+                shutil.copy2(side, tmp / side.name)
         record = {"method": "linear", "inputs": [str(c.path.resolve()) for c in ckpts], "weights": weights}
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
     seconds = time.perf_counter() - t0
-    log(f"wrote {out}: {len(state)} tensors (megatron-core dist checkpoint, model only) in {seconds:.1f} s")
-    return dict(tensors=len(state), seconds=seconds)
+    log(f"wrote {out}: {len(state) - len(objects)} tensors (megatron-core dist checkpoint, model only) in {seconds:.1f} s")
+    return dict(tensors=len(state) - len(objects), seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------- YAML
