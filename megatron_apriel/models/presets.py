@@ -94,7 +94,7 @@ class ModelPreset:
         """The megatron-core ``TransformerConfig`` of this preset at a parallel layout.
 
         ``recompute``: ``none``, ``selective`` (core attention) or ``full`` (every layer, uniform).
-        Fusions that need CUDA kernels are enabled only on the GPU with Transformer Engine.
+        CUDA fusions are enabled on the GPU only (rope fusion only with Transformer Engine).
         ``calculate_per_token_loss`` is on: the loss is averaged over tokens, not micro-batches.
         """
         from megatron.core.transformer.transformer_config import TransformerConfig
@@ -128,8 +128,10 @@ class ModelPreset:
             bf16=bf16,
             use_cpu_initialization=device == "cpu",
             gradient_accumulation_fusion=False,
-            bias_activation_fusion=gpu_te,
-            bias_dropout_fusion=gpu_te,
+            # SwiGLU and bias-dropout-add fusions are megatron-core's torch.compile kernels: they
+            # need CUDA, not Transformer Engine (rope fusion does need TE).
+            bias_activation_fusion=device == "cuda",
+            bias_dropout_fusion=device == "cuda",
             masked_softmax_fusion=False,
             persist_layer_norm=False,
             apply_rope_fusion=gpu_te,

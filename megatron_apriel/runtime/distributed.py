@@ -103,9 +103,6 @@ def _setup_rendezvous(launcher: str, environ=None) -> None:
         if "MASTER_PORT" not in env:
             job_id = int(env.get("SLURM_JOB_ID", "0"))
             env["MASTER_PORT"] = str(20000 + job_id % 20000)
-    elif launcher == "single":
-        env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -159,13 +156,17 @@ def init_distributed(
 
     if not torch.distributed.is_initialized():
         _setup_rendezvous(launcher)
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world))
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        if launcher == "single":
+            # A private TCP rendezvous, not MASTER_ADDR/PORT in os.environ: exported variables would
+            # leak into child processes (benchmarks, torchrun launched from here) and collide.
+            init_method = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            init_method = "env://"
         if device == "cuda":
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(
             backend="nccl" if device == "cuda" else "gloo",
+            init_method=init_method,
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(minutes=timeout_minutes),

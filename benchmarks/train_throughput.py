@@ -1,0 +1,183 @@
+"""Training throughput and MFU of the megatron-core training step at Mistral-Nemo width.
+
+Runs N steps of a decoder with the Nemo shapes (hidden 5120, 32/8 heads, head_dim 128, FFN 14336,
+vocab 131072) and as many layers as fit one GPU, for each available path: the local spec with
+torch SDPA attention in bf16; Transformer Engine bf16 and FP8 when TE is installed; with and
+without activation recomputation. Prints a table and writes JSON.
+
+    python benchmarks/train_throughput.py --layers 8 --seq 4096 --steps 10 --json perf.json
+    python benchmarks/train_throughput.py --tiny --device cpu        # CPU smoke run
+
+Each configuration runs in its own process so peak memory and allocator state do not leak
+between rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def run_one(args) -> dict:
+    import torch
+
+    from megatron_apriel.models import get_preset
+    from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
+    from megatron_apriel.models.flops import flops_per_token, mfu, peak_flops
+    from megatron_apriel.runtime import init_distributed
+    from megatron_apriel.training.optimizer import OptimConfig, build_optimizer, wrap_ddp
+    from megatron_apriel.training.step import train_step
+
+    env = init_distributed(device=args.device, seed=0)
+    device = env.device
+    if args.tiny:
+        preset = get_preset("tiny")
+    else:
+        preset = get_preset("mistral-nemo-12b", num_layers=args.layers)
+    use_te = args.path.startswith("te")
+    fp8 = "hybrid" if args.path == "te-fp8" else None
+    if use_te:
+        should_use_te(device, True)
+    check_fp8(fp8, device)
+    bf16 = device == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    config = preset.transformer_config(
+        params_dtype=dtype, bf16=bf16, device=device, use_te=use_te, fp8=fp8, recompute=args.recompute,
+    )
+    chunks = build_model_chunks(preset, config, use_te=use_te, max_sequence_length=args.seq)
+    optim = OptimConfig(lr=1e-5, use_distributed_optimizer=True)
+    ddp = wrap_ddp(chunks, config, optim)
+    optimizer = build_optimizer(ddp, config, optim)
+
+    mbs, s = args.micro_batch, args.seq
+    dev = "cuda" if device == "cuda" else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    tokens = torch.randint(0, preset.vocab_size, (mbs, s + 1), device=dev, generator=g)
+    batch = {
+        "tokens": tokens[:, :-1].contiguous(),
+        "labels": tokens[:, 1:].contiguous(),
+        "loss_mask": torch.ones(mbs, s, device=dev),
+        "position_ids": torch.arange(s, device=dev).unsqueeze(0).expand(mbs, -1).contiguous(),
+    }
+
+    class Repeat:
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            return batch
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times, losses = [], []
+    for step in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        res = train_step(ddp, optimizer, Repeat(), args.grad_accum, s, mbs)
+        sync()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(res.loss)
+    step_time = sorted(times)[len(times) // 2]
+    tokens_per_step = mbs * s * args.grad_accum
+    tps = tokens_per_step / step_time
+    out = {
+        "path": args.path,
+        "recompute": args.recompute,
+        "layers": preset.num_layers,
+        "seq": s,
+        "micro_batch": mbs,
+        "grad_accum": args.grad_accum,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "params": preset.param_counts()["total"],
+        "step_time_s": step_time,
+        "tokens_per_s_per_gpu": tps,
+        "flops_per_token": flops_per_token(preset, s),
+        "tflops_per_gpu": tps * flops_per_token(preset, s) / 1e12,
+        "mfu": mfu(tps, preset, s),
+        "peak_flops": peak_flops(),
+        "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "losses": losses,
+    }
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=8, help="decoder layers at Nemo width")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per step")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU smoke run)")
+    ap.add_argument("--paths", default="sdpa-bf16,te-bf16,te-fp8")
+    ap.add_argument("--recomputes", default="none,selective,full")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--path", default="sdpa-bf16", help=argparse.SUPPRESS)
+    ap.add_argument("--recompute", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.one:
+        res = run_one(args)
+        with open(args.result, "w") as f:
+            json.dump(res, f)
+        return 0
+
+    from megatron_apriel.models.builder import te_available
+
+    rows = []
+    raw = list(argv if argv is not None else sys.argv[1:])
+    base = []
+    while raw:  # the per-row runs get every flag but --json
+        a = raw.pop(0)
+        if a == "--json":
+            raw.pop(0)
+        elif not a.startswith("--json="):
+            base.append(a)
+    for path in args.paths.split(","):
+        for rc in args.recomputes.split(","):
+            if path.startswith("te") and not te_available():
+                rows.append({"path": path, "recompute": rc, "error": "Transformer Engine is not installed"})
+                continue
+            result = f"/tmp/throughput-{os.getpid()}-{path}-{rc}.json"
+            cmd = [sys.executable, os.path.abspath(__file__), *base, "--one", "--path", path,
+                   "--recompute", rc, "--result", result]
+            print(f"== {path} recompute={rc}", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                lines = [l for l in proc.stderr.splitlines() if "Error" in l or "error:" in l]
+                last = lines[-1:] or ["failed (exit %d)" % proc.returncode]
+                rows.append({"path": path, "recompute": rc, "error": last[0][-160:]})
+                continue
+            with open(result) as f:
+                rows.append(json.load(f))
+            os.unlink(result)
+
+    header = f"{'path':<10} {'recompute':<10} {'layers':>6} {'seq':>6} {'step s':>8} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['path']:<10} {r['recompute']:<10} unavailable: {r['error']}")
+            continue
+        m = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        mem = f"{r['peak_mem_GiB']:.1f}" if r["peak_mem_GiB"] is not None else "-"
+        print(f"{r['path']:<10} {r['recompute']:<10} {r['layers']:>6} {r['seq']:>6} {r['step_time_s']:>8.3f} "
+              f"{r['tokens_per_s_per_gpu']:>10.0f} {r['tflops_per_gpu']:>8.1f} {m:>6} {mem:>9}")
+    if rows and "device" in next((r for r in rows if "device" in r), {}):
+        print(f"device: {next(r for r in rows if 'device' in r)['device']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0 if any("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
