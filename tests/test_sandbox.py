@@ -139,3 +139,25 @@ def test_huge_print_is_capped():
     r = code_reward(answer("print('5' * 10**7)"), tests=ADD_TESTS[:1], limits=LIMITS)
     assert r.score == 0.0
     assert_nothing_left()
+
+
+def test_fallback_mode_without_namespaces(monkeypatch, tmp_path):
+    """Where namespaces are unavailable (not root), rlimits, the audit hook and the process-group kill
+    still contain the same programs (the fork bomb is left out: as root RLIMIT_NPROC would not hold)."""
+    from megatron_apriel.rl.rewards import sandbox
+
+    monkeypatch.setattr(sandbox, "_ISOLATION_CHECKED", False)
+    assert run_python("print(sum(map(int, input().split())))", "2 3", LIMITS).stdout.strip() == "5"
+    assert run_python("while True:\n    pass", limits=LIMITS).returncode != 0
+    res = run_python("import socket\nsocket.socket()", limits=LIMITS)
+    assert res.returncode != 0 and "network access is disabled" in res.stderr
+    target = tmp_path / "escaped.txt"
+    assert run_python(f"open({str(target)!r}, 'w').write('x')", limits=LIMITS).returncode != 0
+    assert not target.exists()
+    assert "MemoryError" in run_python("x = bytearray(4 << 30)", limits=LIMITS).stderr
+    assert run_python("import os\nos.kill(os.getppid(), 9)", limits=LIMITS).returncode != 0
+    res = run_python("while True:\n    print('x' * 10000)", limits=LIMITS)
+    assert res.returncode != 0 and len(res.stdout) <= LIMITS.max_output_bytes + 100
+    prog = "import subprocess\nsubprocess.Popen(['sleep', '987.655'])\nprint(1)"
+    assert run_python(prog, limits=LIMITS).stdout.strip() == "1"
+    assert_nothing_left("987.655")

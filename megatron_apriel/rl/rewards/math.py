@@ -4,7 +4,8 @@ Comparison goes from cheap to expensive: normalised strings, exact rationals (in
 fractions, ``\\frac``, percentages), then sympy equivalence (``simplify(a - b) == 0``). sympy runs in
 a separate worker process with a timeout, because an adversarial answer such as ``9^{9^{9^9}}``
 spends its time inside C big-integer code that no signal can interrupt; on timeout the worker is
-killed and restarted and the answer scores zero.
+killed and restarted and the answer scores zero. ``parse_expr`` evaluates Python, so only answers
+made of arithmetic, single-letter symbols and a few named functions are handed to it.
 """
 
 from __future__ import annotations
@@ -101,11 +102,27 @@ def latex_to_sympy_text(s: str) -> str:
     return s
 
 
+_SAFE_CHARS = re.compile(r"[0-9a-zA-Z+\-*/^().,=<>! ]*")
+_SAFE_NAMES = {"sqrt", "pi", "sin", "cos", "tan", "log", "ln", "exp", "oo", "E", "I"}
+
+
+def safe_for_parse_expr(text: str) -> bool:
+    """sympy's ``parse_expr`` ends in ``eval``: only arithmetic on single-letter symbols and a few
+    known functions may reach it, never attribute access, strings, dunder names or calls of
+    arbitrary names (``__import__('os').system(...)``)."""
+    if not _SAFE_CHARS.fullmatch(text):
+        return False
+    return all(len(name) == 1 or name in _SAFE_NAMES for name in re.findall(r"[A-Za-z]+", text))
+
+
 # ---- sympy worker -------------------------------------------------------------------------------
 
 def _worker_loop() -> None:  # runs in the worker process
     import sympy
-    from sympy.parsing.sympy_parser import parse_expr, standard_transformations
+    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication, parse_expr,
+                                            standard_transformations)
+
+    transformations = standard_transformations + (implicit_multiplication, convert_xor)
 
     def parse(text):
         if "\\" in text:
@@ -114,7 +131,10 @@ def _worker_loop() -> None:  # runs in the worker process
                 return parse_latex(text)
             except Exception:
                 pass
-        return parse_expr(latex_to_sympy_text(text), transformations=standard_transformations, evaluate=True)
+        plain = latex_to_sympy_text(text)
+        if not safe_for_parse_expr(plain):
+            raise ValueError("not a plain arithmetic expression")
+        return parse_expr(plain, transformations=transformations, evaluate=True)
 
     for line in sys.stdin:
         a, b = json.loads(line)

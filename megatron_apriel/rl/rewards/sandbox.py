@@ -15,8 +15,9 @@ layered so that one failing layer does not let a program out:
 - otherwise (not root): the child gets its own session and the whole process group is killed;
   the network is then blocked only by the audit hook below;
 - in every mode an audit hook (PEP 578) installed before the program runs refuses socket creation
-  and any write, rename, removal or directory creation outside the scratch directory. It is a
-  second line for world-writable places (``/tmp``) that ``nobody`` can still write to;
+  and any write, rename, removal or directory creation outside the scratch directory, and signals
+  to other processes. It is a second line for world-writable places (``/tmp``) that ``nobody`` can
+  still write to, and the only guard of the grader's own process in the non-root mode;
 - a wall-clock timeout, a fresh scratch directory as cwd (deleted afterwards), stdout/stderr
   written to files the parent reads back truncated to ``max_output_bytes``.
 """
@@ -55,6 +56,8 @@ def _inside(p):
 def _hook(event, args):
     if event.startswith("socket.") or event in ("_socket.__new__",):
         raise PermissionError("network access is disabled in the sandbox")
+    if event in ("os.kill", "os.killpg") and args[0] not in (0, os.getpid(), os.getpgid(0)):
+        raise PermissionError("signalling other processes is disabled in the sandbox")
     if event == "open":
         path, mode, flags = args
         writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
@@ -186,6 +189,13 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None) 
             for name in ("program.py", "bootstrap.py", "stdin"):
                 os.chmod(paths[name], 0o644)
 
+        nproc = limits.max_processes
+        if not isolated:
+            import psutil
+
+            uid = os.getuid()
+            nproc += sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid)
+
         def preexec():
             os.setsid()
             for lim, value in ((resource.RLIMIT_CPU, limits.cpu_seconds),
@@ -193,8 +203,9 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None) 
                                (resource.RLIMIT_FSIZE, limits.max_file_bytes),
                                (resource.RLIMIT_CORE, 0)):
                 resource.setrlimit(lim, (value, value))
-            # Applied to the unprivileged user after setpriv; as root only the audit hook stands.
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+            # Counts every process of the user: nobody's when isolated; in the non-root fallback the
+            # user's existing processes plus the allowance (root ignores it).
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
         cmd = [python, "-I", "-S", "-B", paths["bootstrap.py"], paths["program.py"]]
         if isolated:
