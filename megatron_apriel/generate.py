@@ -1,0 +1,79 @@
+"""``apriel generate``: a quick look at an HF checkpoint (e.g. a converted one) with transformers.
+
+Greedy by default; ``--temperature``/``--top-p`` sample. ``--chat`` renders each prompt as a user
+turn through the tokenizer's chat template (``--chat-template apriel`` to use the Apriel one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="apriel generate", description=__doc__.split("\n")[0])
+    ap.add_argument("--hf", required=True, help="HF model folder")
+    ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
+    ap.add_argument("--chat-template", default=None, help="'apriel' or a .jinja file (default: the tokenizer's)")
+    ap.add_argument("--system", default=None, help="system message with --chat")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    try:
+        tok = AutoTokenizer.from_pretrained(args.hf)
+        model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as e:
+        print(f"error: {args.hf}: {e}", file=sys.stderr)
+        return 2
+    template = None
+    if args.chat_template == "apriel":
+        from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+
+        template = APRIEL_CHAT_TEMPLATE
+    elif args.chat_template:
+        template = open(args.chat_template, encoding="utf-8").read()
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=sample,
+              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    if sample:
+        kw.update(temperature=args.temperature, top_p=args.top_p)
+    for prompt in args.prompt:
+        if args.chat:
+            messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+                {"role": "user", "content": prompt}]
+            ids = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt").input_ids
+        ids = ids.to(device)
+        start = time.time()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+        new = out[0, ids.shape[1]:]
+        secs = time.time() - start
+        print(f"### prompt: {prompt}")
+        print(tok.decode(new, skip_special_tokens=False))
+        print(f"### {len(new)} tokens, {len(new) / max(secs, 1e-9):.1f} tokens/s ({'sampled' if sample else 'greedy'})",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
