@@ -1,0 +1,200 @@
+"""tools/preprocess_data.py and tools/merge_datasets.py, read back through megatron-core's IndexedDataset.
+
+The references are the tokenizer libraries called directly (mistral-common's Tekkenizer,
+transformers' AutoTokenizer, sentencepiece), one document at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from conftest import REPO, run_python
+from megatron_apriel.data import merge as merge_mod
+from megatron_apriel.data import preprocess as pp
+from megatron_apriel.data.tokenizers import load_tokenizer, resolve_tekken
+
+TEXTS = [
+    "Hello world.",
+    "Unicode: déjà vu, 東京, emoji 🙂 and a tab\there.",
+    "def f(x):\n    return x ** 2  # code\n\n\n",
+    "  leading and trailing spaces  ",
+    "special-looking strings stay text: <s> </s> [INST]",
+    "A longer document. " * 50,
+    "\u00a0non-breaking space and lone surrogate-free text",
+    "numbers 1234567890 and 3.14159",
+]
+
+
+def write_jsonl(path: Path, texts, extra_lines=()):
+    with open(path, "w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({"text": t, "id": len(t)}) + "\n")
+        for line in extra_lines:
+            f.write(line + "\n")
+    return path
+
+
+def read_docs(prefix: str) -> list[list[int]]:
+    ds = IndexedDataset(prefix)
+    assert len(ds.document_indices) == len(ds) + 1  # one sequence per document
+    return [ds[i].tolist() for i in range(len(ds))]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXTS * 3, trainer)
+    path = tmp_path_factory.mktemp("hf")
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXTS * 20), model_writer=buf, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   minloglevel=2)
+    path = tmp_path_factory.mktemp("sp") / "sp.model"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@functools.lru_cache
+def _library_tokenizer(kind: str, model: str):
+    if kind == "TikTokenizer":
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+        return Tekkenizer.from_file(resolve_tekken(model))
+    if kind == "HuggingFaceTokenizer":
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model)
+    import sentencepiece as spm
+
+    return spm.SentencePieceProcessor(model_file=model)
+
+
+def reference(kind: str, model: str, text: str) -> list[int]:
+    tk = _library_tokenizer(kind, model)
+    if kind == "TikTokenizer":
+        return tk.encode(text, bos=False, eos=False) + [tk.eos_id]
+    if kind == "HuggingFaceTokenizer":
+        return tk.encode(text, add_special_tokens=False) + [tk.eos_token_id]
+    return tk.encode(text) + [tk.eos_id()]
+
+
+@pytest.mark.parametrize("kind", ["TikTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer"])
+def test_tokens_match_direct_tokenization(kind, tmp_path, hf_dir, sp_model):
+    model = {"TikTokenizer": "mistral-nemo", "HuggingFaceTokenizer": str(hf_dir),
+             "SentencePieceTokenizer": str(sp_model)}[kind]
+    src = write_jsonl(tmp_path / "in.jsonl", TEXTS)
+    prefix = str(tmp_path / "out" / "c")
+    rc = pp.main(["--input", str(src), "--output-prefix", prefix, "--tokenizer-type", kind, "--tokenizer-model", model,
+                  "--append-eod", "--workers", "2", "--block-bytes", "64", "--quiet"])
+    assert rc == 0
+    docs = read_docs(prefix + "_text_document")
+    assert docs == [reference(kind, model, t) for t in TEXTS]
+    ds = IndexedDataset(prefix + "_text_document")
+    tok = load_tokenizer(kind, model)
+    assert ds.index.dtype == (np.uint16 if tok.vocab_size < 65500 else np.int32)
+    stats = json.loads(Path(prefix + ".stats.json").read_text())
+    assert stats["documents"] == len(TEXTS) and stats["skipped"] == 0
+    assert stats["tokens"] == sum(len(d) for d in docs)
+
+
+def test_malformed_lines_counted_and_strict_fails(tmp_path):
+    bad = ["{not json", "", '["a list"]', '{"id": 1}', '{"text": 7}', '{"text": ""}', b"\xff\xfe".decode("latin-1")]
+    src = tmp_path / "in.jsonl"
+    with open(src, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"text": TEXTS[0]}) + "\n")
+        for line in bad:
+            f.write(line + "\n")
+        f.write(json.dumps({"text": TEXTS[1]}))  # no trailing newline
+    prefix = str(tmp_path / "o")
+    args = ["--input", str(src), "--output-prefix", prefix, "--tokenizer-type", "TikTokenizer",
+            "--tokenizer-model", "mistral-nemo", "--quiet"]
+    assert pp.main(args) == 0
+    docs = read_docs(prefix + "_text_document")
+    tk = load_tokenizer("TikTokenizer", "mistral-nemo")
+    assert docs == [tk.encode(TEXTS[0]), tk.encode(TEXTS[1])]  # no --append-eod: no EOD
+    stats = json.loads(Path(prefix + ".stats.json").read_text())
+    assert stats["records"] == 2 + len(bad)
+    assert stats["skipped_by_reason"] == {"bad_json": 2, "blank_line": 1, "not_an_object": 1, "missing_key": 1,
+                                          "not_a_string": 1, "empty_text": 1}
+    assert stats["skipped_examples"]["missing_key"] == [f"{src}:5"]
+
+    strict = tmp_path / "s"
+    proc = run_python(["tools/preprocess_data.py", *args[:3], str(strict), *args[4:], "--strict"], check=False)
+    assert proc.returncode != 0
+    assert f"{src}:2: bad json" in proc.stderr
+    assert not list(tmp_path.glob("s*"))  # nothing half-written
+
+
+def test_workers_byte_identical_and_compressed_inputs(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    texts = [f"{t} #{i}" for i in range(40) for t in TEXTS]
+    plain = write_jsonl(tmp_path / "in.jsonl", texts)
+    data = plain.read_bytes()
+    (tmp_path / "gz").mkdir()
+    with gzip.open(tmp_path / "gz" / "in.jsonl.gz", "wb") as f:
+        f.write(data)
+    (tmp_path / "zst").mkdir()
+    (tmp_path / "zst" / "in.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(data))
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), tmp_path / "pq" / "in.parquet")
+
+    def run(inp, name, workers):
+        prefix = str(tmp_path / "out" / name)
+        assert pp.main(["--input", str(inp), "--output-prefix", prefix, "--tokenizer-type", "TikTokenizer",
+                        "--tokenizer-model", "mistral-nemo", "--append-eod", "--workers", str(workers),
+                        "--block-bytes", "2000", "--quiet"]) == 0
+        p = Path(prefix + "_text_document")
+        return p.with_suffix(".bin").read_bytes(), p.with_suffix(".idx").read_bytes()
+
+    one = run(plain, "w1", 1)
+    assert run(plain, "w2", 2) == one
+    assert run(plain, "w0", 0) == one
+    for sub in ("gz", "zst", "pq"):
+        assert run(tmp_path / sub, sub, 2) == one, sub  # a directory as --input
+    tk = load_tokenizer("TikTokenizer", "mistral-nemo")
+    assert read_docs(str(tmp_path / "out" / "w2_text_document")) == [tk.encode(t) + [tk.eod] for t in texts]
+
+
+def test_several_json_keys_and_merge(tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"text": t, "title": t[:5]} for t in TEXTS]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tk = load_tokenizer("TikTokenizer", "mistral-nemo")
+    for name, part in (("a", rows[:3]), ("b", rows[3:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        assert pp.main(["--input", str(tmp_path / f"{name}.jsonl"), "--output-prefix", str(tmp_path / "parts" / name),
+                        "--json-keys", "text", "title", "--tokenizer-type", "TikTokenizer",
+                        "--tokenizer-model", "mistral-nemo", "--quiet"]) == 0
+    assert read_docs(str(tmp_path / "parts" / "a_title_document")) == [tk.encode(r["title"]) for r in rows[:3]]
+    out = str(tmp_path / "merged" / "all")
+    rc = merge_mod.main(["--input", str(tmp_path / "parts" / "a_text_document"), str(tmp_path / "parts" / "b_text_document"),
+                         "--output-prefix", out])
+    assert rc == 0
+    assert read_docs(out) == [tk.encode(r["text"]) for r in rows]
+    proc = run_python(["tools/merge_datasets.py", "--input", str(tmp_path / "nothing"), "--output-prefix", out], check=False)
+    assert proc.returncode == 1 and "nothing" in proc.stderr
