@@ -107,6 +107,9 @@ def build_phase(root: str, cache: str, gbs: int) -> None:
     from megatron_apriel.data.blends import build_datasets, train_samples_for
     import dataclasses
 
+    # megatron-core's import (torch.compile'd fusions) takes seconds and is not index work
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: F401
+
     spec, _ = load_spec(SPEC)
     spec = dataclasses.replace(
         spec,
