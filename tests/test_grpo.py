@@ -114,3 +114,14 @@ def test_example_configs_load(name):
     if name == "apriel_nemotron_15b":
         assert cfg.grpo.num_generations == 8 and cfg.grpo.max_completion_length == 32768
         assert (cfg.filter.num_rollouts, cfg.filter.min_correct, cfg.filter.min_incorrect) == (8, 1, 3)
+
+
+def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
+    prompts = write_toy_prompts(tmp_path / "p.jsonl")
+    out = tmp_path / "run"
+    args = ["--config", str(REPO / "examples/tiny/grpo.yaml"), f"out_dir={out}"]
+    assert main(args + ["model.path=x", "data.train_file=/nonexistent.jsonl"]) == 2
+    assert "prompt file not found: /nonexistent.jsonl" in capsys.readouterr().err
+    assert main(args + [f"model.path={tmp_path}", f"data.train_file={prompts}"]) == 2
+    assert "is not an HF checkpoint directory" in capsys.readouterr().err
+    assert not out.exists()

@@ -273,10 +273,12 @@ def train(cfg: GRPORunConfig) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    dump_config(cfg, os.path.join(cfg.out_dir, "grpo_config.yaml"))
     records = load_prompts(cfg.data.train_file, cfg.rewards, cfg.data.system_prompt)
     print(f"grpo: {len(records)} prompts from {cfg.data.train_file}", flush=True)
+    if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        raise ConfigError(f"model.path: {cfg.model.path!r} is not an HF checkpoint directory (no config.json)")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    dump_config(cfg, os.path.join(cfg.out_dir, "grpo_config.yaml"))
     model, tokenizer = load_model_and_tokenizer(cfg)
     if cfg.filter.enabled:
         records = filter_prompts(model, tokenizer, records, cfg)
