@@ -138,6 +138,28 @@ def _ensure_optimizer_state(optimizer) -> None:
                     inner.state[p]["exp_avg_sq"] = torch.zeros_like(p.data)
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """Restore torch AdamW's per-parameter ``step`` after a load.
+
+    Without Apex/TE, megatron-core 0.16 keeps the step of a DistributedOptimizer in its param
+    groups, but the per-parameter state it loads ends up with step 0 (and one tensor shared by all
+    parameters, which AdamW increments in place once per parameter). The bias correction after a
+    resume would then differ from the uninterrupted run; this puts the saved step back, one tensor
+    per parameter.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            step = group.get("step")
+            for p in group["params"]:
+                state = inner.state.get(p)
+                if state and torch.is_tensor(state.get("step")):
+                    value = float(step) if step is not None else float(state["step"])
+                    state["step"] = torch.tensor(value, dtype=state["step"].dtype)
+
+
 def _optimizer_sharded(optimizer, model_sd, is_loading: bool, distributed: bool):
     _ensure_optimizer_state(optimizer)
     if distributed:
@@ -281,6 +303,7 @@ class Checkpointer:
         if optimizer is not None:
             with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
                 optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if "rng_state" in loaded:
