@@ -103,8 +103,7 @@ def test_realised_shares_match_targets(corpus, tmp_path):
     item = train[5]
     assert set(item) >= {"tokens", "labels", "loss_mask", "position_ids"}
     assert item["tokens"].shape == (SEQ,) and torch.equal(item["tokens"][1:], item["labels"][:-1])
-    # valid samples come from the held-out documents, never from the train documents
-    assert set(valid[0]) >= {"tokens", "labels"}
+    assert set(valid[0]) >= {"tokens", "labels"} and valid[0]["tokens"].shape == (SEQ,)
 
 
 def test_same_seed_same_order_and_resume(corpus, tmp_path):
@@ -188,19 +187,19 @@ def test_stages(corpus):
 @pytest.mark.parametrize(
     "change, key",
     [
-        (lambda d: d["sources"][1].update(weight=0), "data.sources[1].weight"),
-        (lambda d: d["sources"][1].update(weight=-2), "data.sources[1].weight"),
-        (lambda d: d["sources"][2].pop("weight"), "data.sources[2].weight"),
-        (lambda d: d["sources"][0].update(prefixes=[]), "data.sources[0].prefixes"),
-        (lambda d: d["sources"][2].update(prefix_weights=[1]), "data.sources[2].prefix_weights"),
-        (lambda d: d["sources"][2].update(prefix_weights=[1, 0]), "data.sources[2].prefix_weights[1]"),
-        (lambda d: d["sources"][1].update(name="reasoning"), "data.sources[1].name"),
-        (lambda d: d["sources"][1].update(prefixes=[d["sources"][0]["prefixes"][0]]), "data.sources[1].prefixes[0]"),
-        (lambda d: d.update(steps=10), "data.tokens / data.steps"),
-        (lambda d: d.update(split="1,2,x"), "data.split"),
-        (lambda d: d.update(seq_length=0), "data.seq_length"),
-        (lambda d: d.update(stages=[{"name": "s", "weights": {"code": 1}}]), "data.stages[0].weights.code"),
-        (lambda d: d.update(stage="nope"), "data.stage"),
+        (lambda d: d["sources"][1].update(weight=0), "data.blend.sources[1].weight"),
+        (lambda d: d["sources"][1].update(weight=-2), "data.blend.sources[1].weight"),
+        (lambda d: d["sources"][2].pop("weight"), "data.blend.sources[2].weight"),
+        (lambda d: d["sources"][0].update(prefixes=[]), "data.blend.sources[0].prefixes"),
+        (lambda d: d["sources"][2].update(prefix_weights=[1]), "data.blend.sources[2].prefix_weights"),
+        (lambda d: d["sources"][2].update(prefix_weights=[1, 0]), "data.blend.sources[2].prefix_weights[1]"),
+        (lambda d: d["sources"][1].update(name="reasoning"), "data.blend.sources[1].name"),
+        (lambda d: d["sources"][1].update(prefixes=[d["sources"][0]["prefixes"][0]]), "data.blend.sources[1].prefixes[0]"),
+        (lambda d: d.update(steps=10), "data.blend.tokens / data.blend.steps"),
+        (lambda d: d.update(split="1,2,x"), "data.blend.split"),
+        (lambda d: d.update(seq_length=0), "data.blend.seq_length"),
+        (lambda d: d.update(stages=[{"name": "s", "weights": {"code": 1}}]), "data.blend.stages[0].weights.code"),
+        (lambda d: d.update(stage="nope"), "data.blend.stage"),
         (lambda d: d.update(seqlen=4), "seqlen"),
     ],
 )
@@ -217,14 +216,14 @@ def test_bad_data_names_the_key(corpus, tmp_path):
     root, _ = corpus
     d = spec_dict(root)
     d["sources"][0]["prefixes"][1] = str(tmp_path / "missing")
-    with pytest.raises(ConfigError, match=r"data.sources\[0\].prefixes\[1\]: missing file .*missing.bin"):
+    with pytest.raises(ConfigError, match=r"data.blend.sources\[0\].prefixes\[1\]: missing file .*missing.bin"):
         build_datasets(from_dict(BlendSpec, d), 8)
 
     empty = str(tmp_path / "empty")
     IndexedDatasetBuilder(empty + ".bin", dtype=numpy.int32).finalize(empty + ".idx")
     d = spec_dict(root)
     d["sources"][1]["prefixes"] = [empty]
-    with pytest.raises(ConfigError, match=r"data.sources\[1\]: source 'cot' has no tokens"):
+    with pytest.raises(ConfigError, match=r"data.blend.sources\[1\]: source 'cot' has no tokens"):
         build_datasets(from_dict(BlendSpec, d), 8)
 
 
@@ -234,9 +233,11 @@ def test_mix_report_cli(corpus, tmp_path, capsys):
 
     root, sizes = corpus
     d = spec_dict(root, cache_dir=str(tmp_path / "cache"), repeat_warning=3.0)
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"data": d, "train": {"lr": 1e-5}}))
+    d.pop("seq_length")  # filled from train.seq_length, as the training loop does
+    config = {"data": {"kind": "blend", "blend": d}, "train": {"seq_length": SEQ, "global_batch_size": 16}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(config))
     png, js = tmp_path / "mix.png", tmp_path / "mix.json"
-    rc = mix_report.main([str(tmp_path / "spec.yaml"), "--global-batch-size", "16", "--png", str(png), "--json", str(js)])
+    rc = mix_report.main([str(tmp_path / "spec.yaml"), "--png", str(png), "--json", str(js)])
     out = capsys.readouterr().out
     assert rc == 0
     assert Image.open(png).size[0] > 100
@@ -251,6 +252,13 @@ def test_mix_report_cli(corpus, tmp_path, capsys):
     # 0.25 * 640k tokens from ~12k available: far more than 3 epochs
     assert "WARNING: source 'cot' is seen" in out
 
-    rc = mix_report.main([str(tmp_path / "spec.yaml"), "data.seq_length=0"])
+    rc = mix_report.main([str(tmp_path / "spec.yaml"), "data.blend.seq_length=0"])
     err = capsys.readouterr().err
-    assert rc == 2 and "spec.yaml: data.seq_length: must be positive" in err
+    assert rc == 2 and "spec.yaml: data.blend.seq_length: must be positive" in err
+
+    # a blend file of its own: keys are named from its top level
+    bare = spec_dict(root)
+    bare["sources"][2]["weight"] = 0
+    (tmp_path / "blend.yaml").write_text(yaml.safe_dump(bare))
+    assert mix_report.main([str(tmp_path / "blend.yaml")]) == 2
+    assert "blend.yaml: sources[2].weight: a weight must be a positive number" in capsys.readouterr().err

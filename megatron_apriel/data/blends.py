@@ -65,7 +65,11 @@ class StageSpec:
 
 @dataclass
 class BlendSpec:
-    """The ``data:`` section of a training YAML."""
+    """The ``data.blend`` section of a training YAML (or a blend file of its own).
+
+    Errors name keys as ``data.blend.<key>``; ``mix_report.load_spec`` strips that prefix for a
+    bare blend file.
+    """
 
     sources: list[SourceSpec]
     seq_length: int
@@ -85,12 +89,12 @@ class BlendSpec:
 
     def validate(self) -> None:
         if not self.sources:
-            raise ConfigError("data.sources: give at least one source")
+            raise ConfigError("data.blend.sources: give at least one source")
         names: set[str] = set()
         seen_prefixes: dict[str, str] = {}
         given = [s.weight is not None for s in self.sources]
         for i, s in enumerate(self.sources):
-            key = f"data.sources[{i}]"
+            key = f"data.blend.sources[{i}]"
             if not s.name:
                 raise ConfigError(f"{key}.name: empty source name")
             if s.name in names:
@@ -119,14 +123,14 @@ class BlendSpec:
                 for j, w in enumerate(s.prefix_weights):
                     _check_positive(w, f"{key}.prefix_weights[{j}]")
         if self.seq_length <= 0:
-            raise ConfigError(f"data.seq_length: must be positive, got {self.seq_length}")
+            raise ConfigError(f"data.blend.seq_length: must be positive, got {self.seq_length}")
         parse_split(self.split)
-        _check_budget(self.tokens, self.steps, "data")
+        _check_budget(self.tokens, self.steps, "data.blend")
         if self.repeat_warning <= 0:
-            raise ConfigError(f"data.repeat_warning: must be positive, got {self.repeat_warning}")
+            raise ConfigError(f"data.blend.repeat_warning: must be positive, got {self.repeat_warning}")
         stage_names: set[str] = set()
         for i, st in enumerate(self.stages):
-            key = f"data.stages[{i}]"
+            key = f"data.blend.stages[{i}]"
             if not st.name or st.name in stage_names:
                 raise ConfigError(f"{key}.name: missing or duplicate stage name {st.name!r}")
             stage_names.add(st.name)
@@ -138,7 +142,7 @@ class BlendSpec:
                 raise ConfigError(f"{key}.weights: sources have no weights, so give all of them here")
             _check_budget(st.tokens, st.steps, key)
         if self.stage is not None and self.stage not in stage_names:
-            raise ConfigError(f"data.stage: no stage named {self.stage!r} (stages: {sorted(stage_names)})")
+            raise ConfigError(f"data.blend.stage: no stage named {self.stage!r} (stages: {sorted(stage_names)})")
 
 
 def _check_positive(value: float, key: str) -> None:
@@ -161,9 +165,9 @@ def parse_split(split: str) -> list[float]:
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"data.split: expected numbers like '99,1,0', got {split!r}") from None
+        raise ConfigError(f"data.blend.split: expected numbers like '99,1,0', got {split!r}") from None
     if len(values) > 3 or any(v < 0 for v in values) or not values or values[0] <= 0:
-        raise ConfigError(f"data.split: expected up to 3 non-negative numbers with train > 0, got {split!r}")
+        raise ConfigError(f"data.blend.split: expected up to 3 non-negative numbers with train > 0, got {split!r}")
     values += [0.0] * (3 - len(values))
     total = sum(values)
     return [v / total for v in values]
@@ -176,7 +180,7 @@ def resolve_stage(spec: BlendSpec, stage: str | None = None) -> BlendSpec:
         return spec
     matches = [st for st in spec.stages if st.name == stage]
     if not matches:
-        raise ConfigError(f"data.stage: no stage named {stage!r} (stages: {[s.name for s in spec.stages]})")
+        raise ConfigError(f"data.blend.stage: no stage named {stage!r} (stages: {[s.name for s in spec.stages]})")
     st = matches[0]
     sources = [
         dataclasses.replace(s, weight=st.weights.get(s.name, s.weight)) for s in spec.sources
@@ -207,7 +211,7 @@ def train_samples_for(spec: BlendSpec, global_batch_size: int) -> int:
     if spec.steps is not None:
         return int(spec.steps) * global_batch_size
     if spec.tokens is None:
-        raise ConfigError("data.tokens / data.steps: give the budget of the stage")
+        raise ConfigError("data.blend.tokens / data.blend.steps: give the budget of the stage")
     samples = math.ceil(spec.tokens / spec.seq_length)
     return math.ceil(samples / global_batch_size) * global_batch_size
 
@@ -246,12 +250,12 @@ def blend_weights(spec: BlendSpec) -> list[PrefixInfo]:
     spec = resolve_stage(spec)
     stats = []
     for i, s in enumerate(spec.sources):
-        per = [_prefix_stats(p, f"data.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
+        per = [_prefix_stats(p, f"data.blend.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
         if sum(t for t, _ in per) == 0:
-            raise ConfigError(f"data.sources[{i}]: source {s.name!r} has no tokens in {s.prefixes}")
+            raise ConfigError(f"data.blend.sources[{i}]: source {s.name!r} has no tokens in {s.prefixes}")
         for j, (t, _) in enumerate(per):
             if t == 0 and (s.prefix_weights is not None):
-                raise ConfigError(f"data.sources[{i}].prefixes[{j}]: {s.prefixes[j]} has no tokens")
+                raise ConfigError(f"data.blend.sources[{i}].prefixes[{j}]: {s.prefixes[j]} has no tokens")
         stats.append(per)
     source_w = [s.weight if s.weight is not None else sum(t for t, _ in per) for s, per in zip(spec.sources, stats)]
     total_w = float(sum(source_w))
@@ -351,7 +355,7 @@ def build_datasets(
         train_samples = train_samples_for(spec, global_batch_size)
     fractions = parse_split(spec.split)
     if valid_samples > 0 and fractions[1] == 0:
-        raise ConfigError(f"data.split: {spec.split!r} leaves no validation documents for {valid_samples} valid samples")
+        raise ConfigError(f"data.blend.split: {spec.split!r} leaves no validation documents for {valid_samples} valid samples")
     infos = blend_weights(spec)
     config = gpt_dataset_config(spec, infos, eod_token)
     builder = BlendedMegatronDatasetBuilder(

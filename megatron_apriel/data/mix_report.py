@@ -53,19 +53,24 @@ def load_spec(path: str, overrides=()) -> tuple[BlendSpec, int | None]:
     blend that gives no sequence length / budget of its own.
     """
     raw = apply_overrides(load_yaml(path), overrides)
-    section, gbs = raw, None
+    section, gbs, where = raw, None, ""
     if "sources" not in raw and isinstance(raw.get("data"), dict):
         data, train = raw["data"], raw.get("train") or {}
-        section = dict(data["blend"]) if isinstance(data.get("blend"), dict) else data
+        if isinstance(data.get("blend"), dict):
+            section, where = dict(data["blend"]), "data.blend"
+        else:
+            section, where = dict(data), "data"
         if "seq_length" in train:
             section.setdefault("seq_length", train["seq_length"])
         if "tokens" not in section and "train_iters" in train:
             section.setdefault("steps", train["train_iters"])
         gbs = train.get("global_batch_size")
+        section.pop("kind", None), section.pop("eod_token", None)
     try:
-        return from_dict(BlendSpec, section), gbs
+        return from_dict(BlendSpec, section, "data.blend"), gbs
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        msg = str(e).replace("data.blend.", f"{where}." if where else "")
+        raise ConfigError(f"{path}: {msg}") from None
 
 
 def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, stage: str | None = None) -> Report:
