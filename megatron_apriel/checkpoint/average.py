@@ -129,7 +129,7 @@ class Checkpoint:
             self.names = self._reader.keys()
             self.shapes = {n: self._reader.shape(n) for n in self.names}
             self.dtypes = {n: _st_dtype(self._reader.dtype(n)) for n in self.names}
-            self.get = self._reader.get
+            self.get = self._get_hf
         elif is_mcore_folder(self.path):
             self.kind = "mcore"
             tensors, self.get = mcore_tensors(self.path)
@@ -138,6 +138,14 @@ class Checkpoint:
             self.dtypes = {n: d for n, (_, d) in tensors.items()}
         else:
             raise AverageError(f"{self.path}: neither an HF safetensors folder nor a megatron-core distributed checkpoint")
+
+    def _get_hf(self, name: str) -> torch.Tensor:
+        # Closing the file handles after each read unmaps the file once the tensor is freed, so
+        # pages of tensors already merged do not accumulate in the resident set (RSS would otherwise
+        # grow to the sum of the input sizes, reclaimable but alarming on a shared node).
+        t = self._reader.get(name)
+        self._reader.close()
+        return t
 
     def config(self) -> dict | None:
         p = self.path / "config.json"
@@ -227,7 +235,8 @@ def weighted_tensor(ckpts: list[Checkpoint], weights: list[float], name: str) ->
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     acc = None
     for c, w in zip(ckpts, weights):
-        t = c.get(name).to(acc_dtype)
+        # copy=True: never scale a tensor in place that may still view the input file's mapping
+        t = c.get(name).to(acc_dtype, copy=True)
         if acc is None:
             acc = t.mul_(w)
         else:

@@ -250,6 +250,7 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
             seen: set[str] = set()
             for new, src, zero in tqdm(todo, desc="upscale", unit="tensor", file=sys.stderr, mininterval=2.0):
                 t = reader.get(src)
+                reader.close()  # unmap the file once its tensors are written out: RSS stays near one shard
                 if zero:
                     t = torch.zeros_like(t)
                 elif src in seen:
