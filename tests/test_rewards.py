@@ -207,9 +207,13 @@ def test_combined_weights_per_domain():
 def test_trl_reward_reads_json_columns():
     fn = TRLReward(RewardsConfig())
     completions = [[{"role": "assistant", "content": call(city="Oslo")}], [{"role": "assistant", "content": apriel("no")}]]
+    metrics, extra = {}, {}
     scores = fn(prompts=["p", "p"], completions=completions, domain=["tools", "tools"],
-                tools=[json.dumps(TOOLS)] * 2, expected_call=["", ""])
+                tools=[json.dumps(TOOLS)] * 2, expected_call=["", ""],
+                log_metric=metrics.__setitem__, log_extra=extra.__setitem__)
     assert scores == [1.0, pytest.approx(0.2)]
+    assert metrics == {"rewards/tools/format": 1.0, "rewards/tools/tool_calls": 0.5}
+    assert "no parsable tool call" in extra["reward_reason"][1]
 
 
 def test_rewards_config_rejects_unknown_reward():

@@ -94,10 +94,20 @@ class TRLReward:
         self.cfg = cfg
         self.__name__ = "apriel_rules"
 
-    def __call__(self, prompts, completions, **columns):
+    def __call__(self, prompts, completions, log_metric=None, log_extra=None, **columns):
         columns = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
-        scores = []
+        scores, reasons, per_part = [], [], {}
         for i, completion in enumerate(completions):
             sample = {k: v[i] for k, v in columns.items()}
-            scores.append(combined_reward(completion, sample, self.cfg)[0].score)
+            total, parts = combined_reward(completion, sample, self.cfg)
+            scores.append(total.score)
+            reasons.append(total.reason)
+            for name, r in parts.items():
+                per_part.setdefault(f"rewards/{sample.get('domain')}/{name}", []).append(r.score)
+        # Per-domain, per-rule means and the reasons show *which* rule moves during training.
+        if log_metric is not None:
+            for name, values in per_part.items():
+                log_metric(name, sum(values) / len(values))
+        if log_extra is not None:
+            log_extra("reward_reason", reasons)
         return scores
