@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 
 import numpy
@@ -77,7 +78,11 @@ def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, s
     spec = resolve_stage(spec, stage)
     n_stage = train_samples_for(spec, global_batch_size)
     infos = blend_weights(spec)
+    print(f"building the indices of {len(infos)} prefixes for {n_stage:,} samples "
+          f"(cache: {spec.cache_dir or 'beside the data'}) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
     train, _ = build_datasets(spec, global_batch_size, train_samples=n_stage)
+    print(f"indices ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     index = numpy.asarray(train.dataset_index[:n_stage])
     first = min(first, n_stage)
     count_first = numpy.bincount(index[:first], minlength=len(infos))
