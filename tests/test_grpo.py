@@ -75,9 +75,9 @@ def test_keep_by_pass_rate_rule():
     assert keep_by_pass_rate([0, 1, 5, 6, 8], 8, 1, 3) == [False, True, True, False, False]
 
 
-def test_pass_rate_filter_writes_kept_prompts(tmp_path):
+def test_pass_rate_filter_drops_always_and_never_solved(tmp_path):
     # Prompts whose check always holds (too easy) or never holds (too hard) are dropped.
-    cfg = toy_config(tmp_path, ["filter.enabled=true", "filter.num_rollouts=8"])
+    cfg = toy_config(tmp_path, ["filter.enabled=true", "filter.num_rollouts=8", "filter.only=true"])
     from megatron_apriel.rl.grpo import filter_prompts, load_model_and_tokenizer
 
     records = [{"prompt": "abcd ", "domain": "toy", "answer": "", "tests": "", "tools": "", "expected_call": "",
@@ -88,6 +88,11 @@ def test_pass_rate_filter_writes_kept_prompts(tmp_path):
     assert kept == []
     out = Path(cfg.out_dir) / "filtered_prompts.jsonl"
     assert out.exists() and out.read_text() == ""
+    # filter.only stops after writing the kept prompts of the prompt file.
+    summary = train(cfg)
+    assert summary["steps"] == 0
+    assert len(out.read_text().splitlines()) == summary["kept"] < 16
+    assert not (Path(cfg.out_dir) / "final").exists()
 
 
 def test_bad_prompt_file_names_the_line(tmp_path):

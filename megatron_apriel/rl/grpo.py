@@ -55,6 +55,9 @@ class FilterSection:
     success_threshold: float = 1.0  # a rollout succeeds when its combined reward is at least this
     batch_prompts: int = 4
     output: str = ""  # kept prompts (JSONL); default out_dir/filtered_prompts.jsonl
+    # Stop after filtering: run it once (one process, or vLLM-free single GPU), then train on the
+    # written file with data.train_file=... under `accelerate launch` without repeating it per rank.
+    only: bool = False
 
 
 @dataclasses.dataclass
@@ -282,6 +285,8 @@ def train(cfg: GRPORunConfig) -> dict:
     model, tokenizer = load_model_and_tokenizer(cfg)
     if cfg.filter.enabled:
         records = filter_prompts(model, tokenizer, records, cfg)
+        if cfg.filter.only:
+            return {"steps": 0, "rewards": [], "final": None, "kept": len(records), "seconds": 0.0}
         if not records:
             raise ConfigError("pass-rate filter kept no prompts: nothing to train on")
     tokenizer.padding_side = "left"
