@@ -159,24 +159,24 @@ def test_interrupted_checkpoint_is_never_resumed(corpus, init_ckpt, tmp_path):
     save = tmp_path / "ckpt"
     cfg = make_config(tmp_path / "c.yaml", corpus, train={"train_iters": 4},
                       checkpoint={"load": str(init_ckpt), "save": str(save), "save_interval": 2,
-                                  "keep_last": 1, "keep_every": None})
+                                  "keep_last": 1, "keep_every": 4})
     train(cfg)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert sorted(os.listdir(save)) == ["iter_0000004", "latest_checkpointed_iteration.txt", "logs"]  # keep_last 1
-    assert (save / "iter_0000004" / "run_config.yaml").is_file()
+    assert sorted(os.listdir(save)) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert yaml.safe_load((save / "iter_0000004" / "run_config.yaml").read_text())["checkpoint"]["keep_every"] == 4
     # A later save cut short: files written, some truncated, the marker never updated.
     partial = save / "iter_0000006"
     shutil.copytree(save / "iter_0000004", partial)
     for f in partial.glob("*.distcp"):
         f.write_bytes(f.read_bytes()[:100])
     (partial / "metadata.json").unlink()
-    result = train(cfg, "train.train_iters=6")
+    result = train(cfg, "train.train_iters=10")
     assert f"resumed from {save}/iter_0000004: iteration 4" in result.stdout
-    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
-    # the interrupted folder was replaced by a complete save of the same iteration
-    assert (save / "iter_0000006" / "metadata.json").is_file()
-    full = metrics(save / "logs")
-    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
+    # keep the last one plus every 4th; the interrupted iter_0000006 was redone, then retired
+    assert sorted(os.listdir(save)) == ["iter_0000004", "iter_0000008", "iter_0000010",
+                                        "latest_checkpointed_iteration.txt"]
+    assert sorted(metrics(tmp_path / "logs")) == list(range(1, 11))
 
 
 def _dcp_tensors(ckpt_dir: Path, tmp: Path) -> dict:
