@@ -233,15 +233,11 @@ def weighted_tensor(ckpts: list[Checkpoint], weights: list[float], name: str) ->
                 raise AverageError(f"non-float tensor {name} differs between {ckpts[0].path} and {c.path}")
         return first
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    acc = None
-    for c, w in zip(ckpts, weights):
-        # copy=True: never scale a tensor in place that may still view the input file's mapping
-        t = c.get(name).to(acc_dtype, copy=True)
-        if acc is None:
-            acc = t.mul_(w)
-        else:
-            acc.add_(t, alpha=w)
-        del t
+    # copy=True: never scale in place a tensor that may still view the input file's mapping
+    acc = ckpts[0].get(name).to(acc_dtype, copy=True).mul_(weights[0])
+    for c, w in zip(ckpts[1:], weights[1:]):
+        # add_ upcasts element by element: no full-size fp32 copy of the input
+        acc.add_(c.get(name), alpha=w)
     return acc.to(dtype)
 
 
