@@ -86,7 +86,8 @@ def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_sampl
 
         blend = dict(data.blend)
         blend.setdefault("seq_length", cfg.train.seq_length)
-        blend.setdefault("steps", cfg.train.train_iters)
+        if blend.get("tokens") is None:  # a token budget, when given, is the stage's length
+            blend.setdefault("steps", cfg.train.train_iters)
         spec = from_dict(BlendSpec, blend, "data.blend")
         if spec.seq_length != cfg.train.seq_length:
             raise ConfigError(f"data.blend.seq_length {spec.seq_length} != train.seq_length {cfg.train.seq_length}")
