@@ -6,7 +6,9 @@ folder). Both tools run with the Mistral-Nemo Tekken tokenizer and ``--append-eo
 baseline is Megatron-LM's ``tools/preprocess_data.py`` loop: ``Pool.imap(encode, lines, 32)``, one
 ``json.loads`` and one megatron-core ``TikTokenTokenizer`` call per document, and
 ``builder.add_item(torch.IntTensor(ids))`` in the main process. Peak RSS is the sum over the tool's
-process tree, sampled every 50 ms.
+process tree, sampled every 50 ms (forked workers share pages, so it over-counts); CPU s is the
+user + system time of the tree, which other load on the machine does not inflate. The last row is
+the tiktoken core alone over the corpus: the floor for any tool using this tokenizer.
 
     python benchmarks/preprocess.py [--mb 200] [--workers 1 2]
 """
@@ -106,9 +108,31 @@ def naive(argv: list[str]) -> int:
     return 0
 
 
-def measure(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MB summed over the process tree)."""
+def tokenizer_alone(corpus: Path) -> tuple[int, float]:
+    """(tokens, CPU seconds) of the tiktoken core alone over the corpus, in this process.
+
+    A floor for any tool that uses this tokenizer: what is left above it is overhead.
+    """
+    from megatron_apriel.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("TikTokenizer", "mistral-nemo")
+    tokens, cpu = 0, 0.0
+    with open(corpus, "rb") as f:
+        for line in f:
+            text = json.loads(line)["text"]
+            t0 = time.process_time()
+            tokens += len(tok._core.encode_ordinary(text)) + 1
+            cpu += time.process_time() - t0
+    return tokens, cpu
+
+
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """(seconds, peak RSS MB summed over the process tree, CPU seconds of the tree)."""
+    import resource
+
     import psutil
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
@@ -123,9 +147,11 @@ def measure(cmd: list[str]) -> tuple[float, float]:
             pass
         time.sleep(0.05)
     seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # includes the pool workers, once reaped
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-3000:]}")
-    return seconds, peak / 2**20
+    return seconds, peak / 2**20, cpu
 
 
 def main() -> int:
@@ -159,21 +185,24 @@ def main() -> int:
             else:
                 cmd = [sys.executable, __file__, "--naive-run", str(corpus), prefix, str(w)]
                 bin_path = prefix + ".bin"
-            seconds, rss = measure(cmd)
+            seconds, rss, cpu = measure(cmd)
             from megatron.core.datasets.indexed_dataset import IndexedDataset
 
             ds = IndexedDataset(bin_path[:-4])
             tokens = int(ds.sequence_lengths.sum())
-            rows.append((name, w, len(ds), tokens, seconds, rss))
+            rows.append((name, w, len(ds), tokens, seconds, rss, cpu))
             print(f"  {name} workers={w}: {seconds:.1f}s", flush=True)
 
-    print(f"\n| tool | workers | documents | tokens | seconds | docs/s | tokens/s | MB/s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    base = {w: tok / s for name, w, _, tok, s, _ in rows if name == "naive"}
-    for name, w, docs, tok, s, rss in rows:
+    tok_alone, cpu_alone = tokenizer_alone(corpus)
+    print(f"\n| tool | workers | documents | tokens | seconds | docs/s | tokens/s | MB/s | CPU s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = {w: tok / s for name, w, _, tok, s, _, _ in rows if name == "naive"}
+    for name, w, docs, tok, s, rss, cpu in rows:
         speed = f" ({tok / s / base[w]:.2f}x naive)" if name == "ours" and w in base else ""
         print(f"| {name} | {w} | {docs:,} | {tok:,} | {s:.1f} | {docs / s:,.0f} | {tok / s:,.0f}{speed} | "
-              f"{size / 1e6 / s:.1f} | {rss:,.0f} |")
+              f"{size / 1e6 / s:.1f} | {cpu:.1f} | {rss:,.0f} |")
+    print(f"| tiktoken core alone (CPU time) | 1 | {n_docs:,} | {tok_alone:,} | {cpu_alone:.1f} | "
+          f"{n_docs / cpu_alone:,.0f} | {tok_alone / cpu_alone:,.0f} | {size / 1e6 / cpu_alone:.1f} | {cpu_alone:.1f} | - |")
     return 0
 
 

@@ -120,7 +120,8 @@ def test_tokens_match_direct_tokenization(kind, tmp_path, hf_dir, sp_model):
 
 
 def test_malformed_lines_counted_and_strict_fails(tmp_path):
-    bad = ["{not json", "", '["a list"]', '{"id": 1}', '{"text": 7}', '{"text": ""}', b"\xff\xfe".decode("latin-1")]
+    bad = ["{not json", "", '["a list"]', '{"id": 1}', '{"text": 7}', '{"text": ""}', b"\xff\xfe".decode("latin-1"),
+           '{"text": "lone surrogate \\ud800"}']
     src = tmp_path / "in.jsonl"
     with open(src, "w", encoding="utf-8") as f:
         f.write(json.dumps({"text": TEXTS[0]}) + "\n")
@@ -137,7 +138,7 @@ def test_malformed_lines_counted_and_strict_fails(tmp_path):
     stats = json.loads(Path(prefix + ".stats.json").read_text())
     assert stats["records"] == 2 + len(bad)
     assert stats["skipped_by_reason"] == {"bad_json": 2, "blank_line": 1, "not_an_object": 1, "missing_key": 1,
-                                          "not_a_string": 1, "empty_text": 1}
+                                          "not_a_string": 1, "empty_text": 1, "invalid_unicode": 1}
     assert stats["skipped_examples"]["missing_key"] == [f"{src}:5"]
 
     strict = tmp_path / "s"

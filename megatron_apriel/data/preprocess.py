@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet")
 BLOCK_BYTES = 1 << 20  # 1 MiB of lines per task: large enough to amortise IPC, small enough to stream
-REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "empty_text", "blank_line")
+REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "invalid_unicode", "empty_text", "blank_line")
 
 
 class PreprocessError(RuntimeError):
@@ -223,6 +223,12 @@ def _records(block: Block, keys: list[str]):
             if not isinstance(v, str):
                 reason = "not_a_string"
                 break
+            if not v.isascii():
+                try:  # lone surrogates (a JSON "\ud800" escape) parse but cannot be tokenized
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    reason = "invalid_unicode"
+                    break
             texts.append(v)
         yield no, (None if reason else texts), reason
 
