@@ -102,7 +102,7 @@ def test_layouts_agree_over_10_steps(corpus, init_ckpt, tmp_path):
     train(ref_cfg)
     ref = metrics(tmp_path / "ref" / "logs")
     assert sorted(ref) == list(range(1, 11))
-    assert ref[10]["loss"] < ref[1]["loss"] - 0.1  # the run is learning, so the comparison means something
+    assert ref[10]["loss"] < ref[1]["loss"] - 0.05  # the run is learning, so the comparison means something
     for name, overrides in LAYOUTS.items():
         (tmp_path / name).mkdir()
         cfg = make_config(tmp_path / name / "c.yaml", corpus, checkpoint={"load": str(init_ckpt)})
@@ -263,3 +263,28 @@ def test_loss_mask_and_frozen_optimizer_state(dist_world_of_one):
     assert g1.keys() == g2.keys() and all(torch.equal(g1[k], g2[k]) for k in g1)
     assert any(g.abs().sum() > 0 for g in g1.values())
     assert torch.equal(chunks[0].embedding.word_embeddings.weight, state["embedding.word_embeddings.weight"])
+
+
+TRAIN_EXAMPLES = ["tiny/upscale.yaml", "tiny/cpt.yaml", "tiny/sft.yaml", "apriel_nemotron_15b/upscale.yaml",
+                  "apriel_nemotron_15b/cpt.yaml", "apriel_nemotron_15b/sft_a.yaml"]
+
+
+@pytest.mark.parametrize("name", TRAIN_EXAMPLES)
+def test_example_configs_load(name):
+    from megatron_apriel.config import load_config
+    from megatron_apriel.training.config import TrainConfig
+    from megatron_apriel.training.loop import _blend_spec
+
+    cfg = load_config(TrainConfig, REPO / "examples" / name)
+    if cfg.data.kind == "blend":
+        assert _blend_spec(cfg).seq_length == cfg.train.seq_length
+
+
+def test_bad_config_is_one_line_error(tmp_path, capsys):
+    from megatron_apriel.training.loop import main
+
+    assert main(["--config", str(REPO / "examples/tiny/cpt.yaml"), "train.freez=[embeddings]"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.freez" in err
+    assert main(["--config", str(REPO / "examples/tiny/cpt.yaml"), "train.freeze=[lm_head]"]) == 2
+    assert "train.freeze: unknown group 'lm_head'" in capsys.readouterr().err

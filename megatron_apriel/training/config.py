@@ -46,7 +46,7 @@ class DataConfig:
     """
 
     kind: str = "blend"  # blend | dataset
-    blend: dict[str, Any] = field(default_factory=dict)
+    blend: Any = field(default_factory=dict)  # a BlendSpec mapping, or the path of its YAML
     factory: Optional[str] = None
     factory_args: dict[str, Any] = field(default_factory=dict)
     valid_factory_args: dict[str, Any] = field(default_factory=dict)
@@ -95,8 +95,16 @@ class TrainSection:
 
 @dataclass
 class CheckpointConfig:
+    """Starting point and saving.
+
+    A ``save`` folder holding a complete checkpoint is always resumed in full (optimizer,
+    scheduler, RNG, data position), so a requeued job continues where it stopped. Otherwise the run
+    starts from ``load`` (or the blend stage's ``load``): ``weights`` (also ``auto``) loads the
+    model only, at any TP/PP; ``full`` continues that run's whole state (same TP/PP).
+    """
+
     save: Optional[str] = None
-    load: Optional[str] = None  # default: save (resume); a different folder = starting point
+    load: Optional[str] = None  # save root with a marker, or one iter_* / dist checkpoint folder
     load_mode: str = "auto"  # auto | full | weights
     save_interval: Optional[int] = None
     keep_last: Optional[int] = None  # None keeps all

@@ -82,15 +82,9 @@ def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_sampl
     """(train, valid or None) datasets of GPTDataset-like dict items; the one place data is made."""
     data = cfg.data
     if data.kind == "blend":
-        from megatron_apriel.data.blends import BlendSpec, build_datasets
+        from megatron_apriel.data.blends import build_datasets
 
-        blend = dict(data.blend)
-        blend.setdefault("seq_length", cfg.train.seq_length)
-        if blend.get("tokens") is None:  # a token budget, when given, is the stage's length
-            blend.setdefault("steps", cfg.train.train_iters)
-        spec = from_dict(BlendSpec, blend, "data.blend")
-        if spec.seq_length != cfg.train.seq_length:
-            raise ConfigError(f"data.blend.seq_length {spec.seq_length} != train.seq_length {cfg.train.seq_length}")
+        spec = _blend_spec(cfg)
         return build_datasets(spec, cfg.train.global_batch_size, train_samples=train_samples,
                               valid_samples=valid_samples, eod_token=data.eod_token)
     import importlib
@@ -106,6 +100,39 @@ def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_sampl
     if isinstance(train, tuple):
         train, valid = train
     return train, valid
+
+
+def _blend_dict(blend) -> dict:
+    """``data.blend`` inline, or the path of a blend YAML (examples/<model>/cpt_blend.yaml)."""
+    if isinstance(blend, str):
+        from megatron_apriel.config import load_yaml
+
+        return load_yaml(blend)
+    if not isinstance(blend, dict):
+        raise ConfigError(f"data.blend: expected a mapping or a YAML path, got {blend!r}")
+    return dict(blend)
+
+
+def _stage_load(cfg: TrainConfig) -> Optional[str]:
+    """The starting checkpoint a blend stage names (``stages[].load``), when checkpoint.load is unset."""
+    if cfg.data.kind != "blend":
+        return None
+    from megatron_apriel.data.blends import stage_checkpoint
+
+    return stage_checkpoint(_blend_spec(cfg))
+
+
+def _blend_spec(cfg: TrainConfig):
+    from megatron_apriel.data.blends import BlendSpec
+
+    blend = _blend_dict(cfg.data.blend)
+    blend.setdefault("seq_length", cfg.train.seq_length)
+    if blend.get("tokens") is None and blend.get("steps") is None:
+        blend["steps"] = max(cfg.train.train_iters, 1)  # no budget given: train.train_iters
+    spec = from_dict(BlendSpec, blend, "data.blend")
+    if spec.seq_length != cfg.train.seq_length:
+        raise ConfigError(f"data.blend.seq_length {spec.seq_length} != train.seq_length {cfg.train.seq_length}")
+    return spec
 
 
 def _device_of(env) -> str:
@@ -224,14 +251,15 @@ def train(cfg: TrainConfig) -> int:
                                 distributed_optimizer=t.optim.use_distributed_optimizer,
                                 write_config=lambda p: dump_config(cfg, p), log=_log0)
     iteration, consumed = 0, 0
-    resume_root = ck.save if (ck.save and read_latest(ck.save) is not None) else None
-    if resume_root and ck.load_mode != "weights":
-        iteration, consumed = checkpointer.load(resume_root, ddp, optimizer, scheduler, mode="full")
-    elif ck.load:
+    load = ck.load or _stage_load(cfg)
+    if ck.save and read_latest(ck.save) is not None:
+        # A complete checkpoint of this run (requeue, crash): always a full resume.
+        iteration, consumed = checkpointer.load(ck.save, ddp, optimizer, scheduler, mode="full")
+    elif load:
         mode = "full" if ck.load_mode == "full" else "weights"
-        iteration, consumed = checkpointer.load(ck.load, ddp, optimizer, scheduler, mode=mode)
+        iteration, consumed = checkpointer.load(load, ddp, optimizer, scheduler, mode=mode)
         if mode == "weights":
-            optimizer.reload_model_params()
+            optimizer.reload_model_params()  # the optimizer's main params are copies made at build time
 
     train_samples = t.train_iters * t.global_batch_size
     valid_samples = lg.eval_iters * t.global_batch_size if lg.eval_interval else 0
