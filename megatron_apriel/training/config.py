@@ -122,7 +122,7 @@ class LoggingConfig:
     eval_interval: Optional[int] = None
     eval_iters: int = 2
     log_dir: Optional[str] = None  # TensorBoard + metrics.jsonl; default <save>/logs
-    peak_tflops: Optional[float] = None  # per GPU, for MFU; default 989 (H100 bf16 dense) on CUDA
+    peak_tflops: Optional[float] = None  # per GPU, for MFU; default: the GPU's dense bf16 peak (models.flops)
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None
     wandb_mode: str = "online"  # online | offline | disabled

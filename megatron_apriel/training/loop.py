@@ -216,7 +216,8 @@ def train(cfg: TrainConfig) -> int:
     from megatron_apriel.runtime import init_distributed
     from megatron_apriel.training.checkpointing import Checkpointer, read_latest
     from megatron_apriel.training.freeze import freeze_groups
-    from megatron_apriel.training.metrics import MetricsWriter, Throughput, flops_per_token, format_duration
+    from megatron_apriel.models.flops import flops_per_token, peak_flops
+    from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
     from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
     from megatron_apriel.training.step import eval_step, train_step
 
@@ -273,7 +274,7 @@ def train(cfg: TrainConfig) -> int:
 
     log_dir = lg.log_dir or (os.path.join(ck.save, "logs") if ck.save else None)
     writer = MetricsWriter(log_dir, to_dict(cfg), lg.wandb_project, lg.wandb_run_name, lg.wandb_mode)
-    peak = lg.peak_tflops if lg.peak_tflops is not None else (989.0 if env.device == "cuda" else None)
+    peak = lg.peak_tflops * 1e12 if lg.peak_tflops is not None else (peak_flops() if env.device == "cuda" else None)
     tokens_per_step = t.global_batch_size * t.seq_length
     meter = Throughput(flops_per_token(preset, t.seq_length), tokens_per_step, env.world_size, peak)
 

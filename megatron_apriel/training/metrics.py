@@ -15,16 +15,6 @@ from typing import Optional
 import torch
 
 
-def flops_per_token(preset, seq_length: int) -> float:
-    """Training FLOPs per token: 6N (N = parameters in matmuls) + 12 L H Q T attention (PaLM, App. B)."""
-    counts = preset.param_counts()
-    n = counts["total"] - counts["embedding"]  # the embedding lookup does no matmul
-    if not preset.untie_embeddings:
-        n += counts["embedding"]  # ... but a tied output layer does
-    attn = 12 * preset.num_layers * preset.num_attention_heads * preset.kv_channels * seq_length
-    return 6.0 * n + attn
-
-
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -85,11 +75,11 @@ class MetricsWriter:
 class Throughput:
     """Step timing, tokens/s per GPU, MFU and ETA over the last log interval."""
 
-    def __init__(self, flops_per_token: float, tokens_per_step: int, world_size: int, peak_tflops: Optional[float]):
+    def __init__(self, flops_per_token: float, tokens_per_step: int, world_size: int, peak_flops: Optional[float]):
         self.fpt = flops_per_token
         self.tokens_per_step = tokens_per_step
         self.world = world_size
-        self.peak = peak_tflops
+        self.peak = peak_flops
         self.t0 = time.perf_counter()
         self.steps = 0
 
@@ -101,5 +91,5 @@ class Throughput:
         dt = (now - self.t0) / max(self.steps, 1)
         self.t0, self.steps = now, 0
         tps = self.tokens_per_step / dt / self.world
-        mfu = tps * self.fpt / (self.peak * 1e12) if self.peak else None
+        mfu = tps * self.fpt / self.peak if self.peak else None
         return {"step_time": dt, "tokens_per_s_per_gpu": tps, "mfu": mfu, "eta_s": dt * remaining_steps}
