@@ -142,9 +142,10 @@ def _device_of(env) -> str:
 class _Batches:
     """Micro-batches of one global batch from a DataLoader, moved to the device (packed ones flattened)."""
 
-    def __init__(self, loader, device: str):
+    def __init__(self, loader, device: str, cp: int = 1):
         self.it = iter(loader)
         self.device = device
+        self.cp = cp
 
     def take(self, n: int) -> list[dict]:
         out = []
@@ -161,6 +162,10 @@ class _Batches:
                 for f in ("cu_seqlens_q", "cu_seqlens_kv"):
                     setattr(p, f, getattr(p, f).to(self.device))
                 item["packed_seq_params"] = p
+            elif self.cp > 1:  # this CP rank's two sequence chunks (load-balanced causal split)
+                from megatron.core.utils import get_batch_on_this_cp_rank
+
+                item = get_batch_on_this_cp_rank(item)
             out.append(item)
         return out
 
@@ -226,6 +231,8 @@ def train(cfg: TrainConfig) -> int:
     device = _device_of(env)
     stop = _StopFlag()
     check_fp8(m.fp8, env.device)
+    if m.cp > 1 and not should_use_te(env.device, m.use_te):
+        raise ConfigError("model.cp > 1 needs Transformer Engine's attention on a GPU (the local SDPA spec has no CP)")
     dp = ps.get_data_parallel_world_size()
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
@@ -270,7 +277,10 @@ def train(cfg: TrainConfig) -> int:
         if len(train_ds) < train_samples:
             raise ConfigError(f"the training data has {len(train_ds)} samples < train.train_iters x "
                               f"global_batch_size = {train_samples}")
-        batches = _Batches(_loader(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers), device)
+        if valid_ds is not None and lg.eval_interval and len(valid_ds) < valid_samples:
+            raise ConfigError(f"the validation data has {len(valid_ds)} samples < logging.eval_iters x "
+                              f"global_batch_size = {valid_samples}")
+        batches = _Batches(_loader(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers), device, m.cp)
 
     log_dir = lg.log_dir or (os.path.join(ck.save, "logs") if ck.save else None)
     writer = MetricsWriter(log_dir, to_dict(cfg), lg.wandb_project, lg.wandb_run_name, lg.wandb_mode)
@@ -284,7 +294,7 @@ def train(cfg: TrainConfig) -> int:
     def run_eval(step: int) -> None:
         if valid_ds is None:
             return
-        vb = _Batches(_loader(valid_ds, 0, t.micro_batch_size, 0), device)
+        vb = _Batches(_loader(valid_ds, 0, t.micro_batch_size, 0), device, m.cp)
         total, n = 0.0, 0
         for _ in range(lg.eval_iters):
             mb = vb.take(n_mb)
