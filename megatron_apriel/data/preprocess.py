@@ -371,9 +371,12 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
             bar.update(n)
 
     next_log = log_interval
+    cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype}
+    # closed explicitly in ``finally``: an error (``--strict``, a bad file) must terminate the worker
+    # pool now, not leave it to interpreter shutdown, where a live Pool can hang the exit
+    results_iter = _pool_blocks(read_blocks(paths, keys, progress, block_bytes), workers, tokenizer, cfg)
     try:
-        cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype}
-        for fi, results, skips, nbytes in _pool_blocks(read_blocks(paths, keys, progress, block_bytes), workers, tokenizer, cfg):
+        for fi, results, skips, nbytes in results_iter:
             if skips:
                 if strict:
                     no, reason = skips[0]
@@ -409,6 +412,7 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
             out.abort()
         raise
     finally:
+        results_iter.close()
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - t0
