@@ -46,6 +46,7 @@ class VisionPreset:
     image_break_token_id: int = 12
     image_end_token_id: int = 13
     projector_hidden_act: str = "gelu"
+    hidden_act: str = "silu"  # the encoder's gated MLP (Pixtral-12B: silu)
 
 
 @dataclass
@@ -262,6 +263,10 @@ _TINY = dict(
     max_position_embeddings=4096,
 )
 
+# Head dim 16 (hidden / heads, as Pixtral ties them) keeps the 2-D rope's four frequency bands distinct.
+_TINY_VISION = VisionPreset(num_layers=2, hidden_size=32, num_attention_heads=2, head_dim=16, ffn_hidden_size=64,
+                            patch_size=4, image_size=64)
+
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
@@ -296,6 +301,42 @@ PRESETS: dict[str, ModelPreset] = {
             vision=VisionPreset(),
             description="Pixtral decoder depth-upscaled 40 -> 48 layers",
             **_NEMO,
+        ),
+        ModelPreset(
+            name="pixtral-12b",
+            num_layers=40,
+            rope_theta=1e9,
+            hf_architecture="LlavaForConditionalGeneration",
+            vision=VisionPreset(),
+            description="Pixtral-12B-Base-2409: vision encoder, projector and decoder",
+            **_NEMO,
+        ),
+        ModelPreset(
+            name="apriel-1.5-15b",
+            num_layers=48,
+            rope_theta=1e9,
+            hf_architecture="LlavaForConditionalGeneration",
+            vision=VisionPreset(),
+            description="Apriel-1.5-15B: Pixtral with the decoder depth-upscaled 40 -> 48",
+            **_NEMO,
+        ),
+        ModelPreset(
+            name="tiny-llava",
+            num_layers=4,
+            rope_theta=1e6,
+            hf_architecture="LlavaForConditionalGeneration",
+            vision=_TINY_VISION,
+            description="tiny decoder + 2-layer Pixtral encoder (patch 4)",
+            **_TINY,
+        ),
+        ModelPreset(
+            name="tiny-llava-upscaled",
+            num_layers=5,
+            rope_theta=1e6,
+            hf_architecture="LlavaForConditionalGeneration",
+            vision=_TINY_VISION,
+            description="tiny-llava with the decoder upscaled 4 -> 5 (the 40 -> 48 plan scaled down)",
+            **_TINY,
         ),
         ModelPreset(name="tiny", num_layers=4, rope_theta=1e6, description="4-layer test model", **_TINY),
         ModelPreset(

@@ -1,0 +1,114 @@
+"""Multimodal Apriel-1.5 (Pixtral/LLaVA): parity with transformers, conversion, frozen realignment."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_apriel.models.presets import get_preset
+
+PRESET = "tiny-llava"
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def make_tiny_llava_hf(path: Path, seed: int = 0, preset_name: str = PRESET) -> Path:
+    """A random tiny LlavaForConditionalGeneration (Pixtral vision) saved in the hub layout.
+
+    Norm weights and projector biases are drawn at random too, so a norm or bias mapped to the
+    wrong place changes the logits.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    from megatron_apriel.checkpoint.llava import hf_config
+
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(hf_config(get_preset(preset_name), torch.float32)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "ln_pre" in name or name.endswith(".bias"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+def image_batch(preset, sizes_per_sample, seq_len: int, seed: int = 0):
+    """tokens [b, s] with PixtralProcessor's placeholder layout, and padded pixel_values / image_sizes."""
+    v = preset.vision
+    g = torch.Generator().manual_seed(seed)
+    rows, sizes = [], []
+    for sample in sizes_per_sample:
+        toks = [1]
+        for h, w in sample:
+            sizes.append((h, w))
+            for r in range(h // v.patch_size):
+                toks += [v.image_token_id] * (w // v.patch_size)
+                toks.append(v.image_end_token_id if r == h // v.patch_size - 1 else v.image_break_token_id)
+            toks += torch.randint(20, preset.vocab_size, (3,), generator=g).tolist()
+        toks += torch.randint(20, preset.vocab_size, (seq_len - len(toks),), generator=g).tolist()
+        rows.append(toks)
+    hmax, wmax = max(h for h, _ in sizes), max(w for _, w in sizes)
+    pixels = torch.zeros(len(sizes), 3, hmax, wmax)
+    for i, (h, w) in enumerate(sizes):
+        pixels[i, :, :h, :w] = torch.randn(3, h, w, generator=g)
+    return torch.tensor(rows), pixels, torch.tensor(sizes, dtype=torch.int64)
+
+
+@pytest.fixture(scope="module")
+def tiny_llava_dir(tmp_path_factory):
+    return make_tiny_llava_hf(tmp_path_factory.mktemp("llava") / "hf")
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tiny_llava_dir, dist_world_of_one):
+    from transformers import LlavaForConditionalGeneration
+
+    from megatron_apriel.checkpoint.llava import V5_LAYOUT, hf_to_mcore, load_canonical_into_llava, preset_from_hf_config
+    from megatron_apriel.models.llava import LlavaModel
+
+    hf = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, dtype=torch.float32).eval()
+    preset = preset_from_hf_config(hf.config)
+    assert preset.vision == get_preset(PRESET).vision
+    model = LlavaModel(preset, preset.transformer_config()).eval()
+    load_canonical_into_llava([model], dict(hf_to_mcore(hf.state_dict().__getitem__, preset, V5_LAYOUT)), preset)
+    return hf, model, preset
+
+
+# Two samples, three images of two different sizes (2x3 and 4x2 patches); the first sample holds two.
+SIZES = [[(8, 12), (16, 8)], [(16, 8)]]
+
+
+def test_logits_match_transformers(hf_and_ours):
+    hf, model, preset = hf_and_ours
+    tokens, pixels, sizes = image_batch(preset, SIZES, seq_len=40)
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, pixel_values=pixels, image_sizes=sizes).logits
+        ours = model(tokens, pos, None, pixel_values=pixels, image_sizes=sizes)
+        text_only = model(tokens.clamp(min=20), pos, None)
+    ours = ours[..., : preset.vocab_size] if ours.shape[-1] != ref.shape[-1] else ours
+    assert ours.shape == ref.shape
+    assert rel(ours, ref) < 1e-5
+    # The images matter: the same tokens without them are far off (guards against a no-op merge).
+    assert rel(text_only[..., : preset.vocab_size], ref) > 1e-2
+
+
+def test_single_image_and_block_mask(hf_and_ours):
+    """Each image attends only to itself: an image's features do not depend on its neighbours."""
+    _, model, preset = hf_and_ours
+    _, pixels, sizes = image_batch(preset, SIZES, seq_len=40)
+    with torch.no_grad():
+        both = model.vision_model(pixels, sizes)
+        first = model.vision_model(pixels[:1, :, :8, :12], sizes[:1])
+    assert torch.allclose(both[: first.shape[0]], first, rtol=1e-5, atol=1e-6)
+
+
+def test_patch_count_mismatch_is_an_error(hf_and_ours):
+    _, model, preset = hf_and_ours
+    tokens, pixels, sizes = image_batch(preset, SIZES, seq_len=40)
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    with pytest.raises(ValueError, match="image tokens"):
+        model(tokens, pos, None, pixel_values=pixels[:2], image_sizes=sizes[:2])
