@@ -7,10 +7,10 @@ HF tensors into it one at a time from memory-mapped safetensors through the expl
 reshards it to any TP/PP. Beside it go ``apriel_model.yaml`` (the preset) and ``hf/`` (the source
 config, generation config and tokenizer files) so the way back needs nothing else.
 
-``mcore-to-hf`` never builds a model: :class:`McoreCheckpointReader` asks ``dist_checkpointing``
-for one layer's slice of each stacked tensor at a time (hand-built ShardedTensors over the stored
-global shapes), and the HF tensors stream into :class:`ShardedSafetensorsWriter`. Peak memory is
-one layer plus one output shard. The stored global tensors are already in canonical layout (TP
+``mcore-to-hf`` never builds a model: :class:`McoreCheckpointReader` asks torch DCP for one
+layer's slice of each stacked tensor at a time, and each HF tensor is written at its place in a
+shard laid out up front (:class:`ShardedSafetensorsWriter` with a layout). Peak memory is one layer
+plus the tensor being written, not a shard. The stored global tensors are already in canonical layout (TP
 shards of qkv and of the gate/up halves of fc1 are placed by their global offsets), so reading is
 independent of the TP/PP that saved the checkpoint.
 """
@@ -168,6 +168,9 @@ class HFCanonical:
 
     def _get(self, name: str) -> torch.Tensor:
         t = self.reader.get(name)
+        # Closing the file unmaps it once this tensor is freed: pages of tensors already copied
+        # into the model would otherwise stay resident and count a second model in RSS.
+        self.reader.close()
         self.hf_bytes += t.numel() * t.element_size()
         return t
 
@@ -319,34 +322,109 @@ def _copy_tokenizer(src: str | os.PathLike, dst: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- reading dist checkpoints
-class McoreCheckpointReader:
-    """Canonical full tensors of a megatron-core GPT dist checkpoint, one layer in memory at a time.
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """Global shape and dtype of one tensor of a dist checkpoint."""
 
-    Works on any checkpoint saved from ``GPTModel.sharded_state_dict()`` (this converter's, or a
-    training checkpoint ``iter_*`` folder / save root), whatever TP/PP saved it, without building a
-    model. Names are canonical (:mod:`mistral`): ``decoder.layers.{i}.<suffix>`` with global layer
-    indices, full TP-unsharded tensors. Embedding and output rows are the padded vocabulary as
-    stored (``mistral.mcore_to_hf`` drops the padding). Needs torch.distributed initialised
-    (``init_distributed(device="cpu")`` in one process is enough).
+    global_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+# Entries of a training checkpoint that are not model weights.
+NON_MODEL_PREFIXES = ("optimizer.", "rng_state", "rerun_state")
+
+
+class McoreCheckpointReader:
+    """Model tensors of a megatron-core dist checkpoint, read a slice at a time without a model.
+
+    The one reader of dist checkpoints for conversion and averaging. ``meta`` lists every stored
+    model tensor (optimizer, RNG and rerun state left out) by its checkpoint key with its global
+    shape; :meth:`read` returns any row range of one of them, whatever TP/PP saved it, reading only
+    the stored chunks that overlap it. Non-tensor model entries (``_extra_state``) are listed in
+    ``objects``.
+
+    For GPT checkpoints (``gpt=True``, this converter's or a training ``iter_*`` folder / save
+    root) it also speaks canonical names (:mod:`mistral`): ``decoder.layers.{i}.<suffix>`` with
+    global layer indices, full TP-unsharded tensors, one layer in memory at a time (:meth:`get`).
+    Embedding and output rows are the padded vocabulary as stored (``mistral.mcore_to_hf`` drops
+    the padding). No process group is needed.
     """
 
-    def __init__(self, ckpt_dir: str | os.PathLike):
-        from megatron.core import dist_checkpointing
+    def __init__(self, ckpt_dir: str | os.PathLike, gpt: bool = True):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
         from megatron_apriel.training.checkpointing import resolve_load_dir
 
-        self.path = resolve_load_dir(str(ckpt_dir))[0]
         try:
-            meta = dist_checkpointing.load_tensors_metadata(self.path)
+            self.path = resolve_load_dir(str(ckpt_dir))[0]
+        except FileNotFoundError:
+            if not Path(ckpt_dir, ".metadata").is_file():  # a bare torch.distributed.checkpoint folder
+                raise
+            self.path = str(ckpt_dir)
+        try:
+            stored = dcp.FileSystemReader(self.path).read_metadata().state_dict_metadata
         except Exception as e:  # unreadable or not a dist checkpoint
             raise ConversionError(f"{self.path}: cannot read dist checkpoint metadata ({e})") from None
-        self.meta = {k: v for k, v in meta.items()}
-        layer_keys = [k for k in self.meta if k.startswith("decoder.layers.")]
-        if "embedding.word_embeddings.weight" not in self.meta or not layer_keys:
-            raise ConversionError(f"{self.path}: no GPT model tensors (found {_limited(self.meta, 8)})")
-        self.num_layers = self.meta[layer_keys[0]].global_shape[0]
+        model = {k: v for k, v in stored.items() if not k.startswith(NON_MODEL_PREFIXES)}
+        self.meta = {k: StoredTensor(tuple(v.size), v.properties.dtype) for k, v in model.items()
+                     if isinstance(v, TensorStorageMetadata)}
+        self.objects = [k for k, v in model.items() if isinstance(v, BytesStorageMetadata)]
+        self.num_layers: Optional[int] = None
+        if gpt:
+            layer_keys = [k for k in self.meta if k.startswith("decoder.layers.")]
+            if "embedding.word_embeddings.weight" not in self.meta or not layer_keys:
+                raise ConversionError(f"{self.path}: no GPT model tensors (found {_limited(self.meta, 8)})")
+            self.num_layers = self.meta[layer_keys[0]].global_shape[0]
         self._cache: tuple[Optional[int], dict[str, torch.Tensor]] = (None, {})
 
+    # ------------------------------------------------------------------ checkpoint keys
+    def read(self, key: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
+        """Rows ``start:stop`` (first axis) of stored tensor ``key``; the whole tensor by default."""
+        return self._load({key: (key, start, stop)})[key]
+
+    def read_objects(self) -> dict[str, "io.BytesIO"]:
+        """The non-tensor model entries, as the serialized bytes torch DCP stored."""
+        import io
+
+        import torch.distributed.checkpoint as dcp
+
+        objects = {k: io.BytesIO() for k in self.objects}
+        if objects:
+            dcp.load(objects, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
+        return objects
+
+    def _load(self, requests: dict[str, tuple[str, Optional[int], Optional[int]]]) -> dict[str, torch.Tensor]:
+        """Read row ranges of stored tensors straight through torch DCP (out name -> (key, start, stop)).
+
+        megatron-core's load (and a torch ShardedTensor) must describe a tensor's full coverage,
+        which in one process means allocating every layer; :class:`_SlicePlanner` instead asks DCP
+        for the stored chunks that overlap the one slice wanted.
+        """
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+        state, chunks = {}, {}
+        for name, (key, start, stop) in requests.items():
+            if key not in self.meta:
+                raise ConversionError(f"{self.path}: tensor {key!r} (for {name}) not in the checkpoint")
+            m = self.meta[key]
+            shape = tuple(m.global_shape)
+            rows = shape[0] if shape else 0
+            start, stop = (0 if start is None else start), (rows if stop is None else stop)
+            if not shape or (start, stop) == (0, rows):
+                state[name] = torch.empty(shape, dtype=m.dtype)
+                chunks[name] = (key, None)
+                continue
+            if not 0 <= start < stop <= rows:
+                raise ConversionError(f"{self.path}: rows {start}:{stop} of {key!r} outside its {rows} rows")
+            state[name] = torch.empty((stop - start,) + shape[1:], dtype=m.dtype)
+            chunks[name] = (key, ChunkStorageMetadata(offsets=torch.Size([start] + [0] * (len(shape) - 1)),
+                                                      sizes=state[name].shape))
+        dcp.load(state, storage_reader=dcp.FileSystemReader(self.path), planner=_SlicePlanner(chunks), no_dist=True)
+        return state
+
+    # ------------------------------------------------------------------ canonical GPT names
     @staticmethod
     def stored_key(name: str) -> tuple[str, Optional[int]]:
         """(key in the checkpoint, layer index into its stacked first axis or None)."""
@@ -364,41 +442,23 @@ class McoreCheckpointReader:
             names.append("output_layer.weight")
         return names
 
-    def _load(self, requests: dict[str, tuple[str, Optional[int]]]) -> dict[str, torch.Tensor]:
-        """Read full tensors, or one layer's slice of stacked ones, straight through torch DCP.
-
-        megatron-core's load (and a torch ShardedTensor) must describe a tensor's full coverage,
-        which in one process means allocating every layer; :class:`_SlicePlanner` instead asks DCP
-        for the stored chunks that overlap the one slice wanted.
-        """
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-
-        state, chunks, out = {}, {}, {}
-        for name, (key, layer) in requests.items():
-            if key not in self.meta:
-                raise ConversionError(f"{self.path}: tensor {key!r} (for {name}) not in the checkpoint")
-            m = self.meta[key]
-            shape = tuple(m.global_shape)
-            if layer is None:
-                state[key] = out[name] = torch.empty(shape, dtype=m.dtype)
-                continue
-            state[key] = torch.empty((1,) + shape[1:], dtype=m.dtype)
-            out[name] = state[key][0]
-            chunks[key] = ChunkStorageMetadata(offsets=torch.Size([layer] + [0] * (len(shape) - 1)),
-                                               sizes=state[key].shape)
-        dcp.load(state, storage_reader=dcp.FileSystemReader(self.path), planner=_SlicePlanner(chunks), no_dist=True)
-        return out
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of a canonical tensor, from the metadata alone."""
+        key, layer = self.stored_key(name)
+        if key not in self.meta:
+            raise ConversionError(f"{self.path}: tensor {key!r} (for {name}) not in the checkpoint")
+        m = self.meta[key]
+        return (tuple(m.global_shape[1:]) if layer is not None else tuple(m.global_shape)), m.dtype
 
     def get(self, name: str) -> torch.Tensor:
         key, layer = self.stored_key(name)
         if layer is None:
-            return self._load({name: (key, None)})[name]
+            return self.read(key)
         if self._cache[0] != layer:
             self._cache = (None, {})  # drop the previous layer before reading the next
             names = {f"decoder.layers.{layer}.{s}" for s in LAYER_SUFFIXES}
-            names = {n: self.stored_key(n) for n in names if self.stored_key(n)[0] in self.meta}
-            self._cache = (layer, self._load(names))
+            requests = {n: (k, i, i + 1) for n in names for k, i in [self.stored_key(n)] if k in self.meta}
+            self._cache = (layer, {n: t[0] for n, t in self._load(requests).items()})
         if name not in self._cache[1]:
             raise ConversionError(f"{self.path}: tensor {key!r} (for {name}) not in the checkpoint")
         return self._cache[1][name]
@@ -417,7 +477,11 @@ def _slice_planner_class():
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
     class SlicePlanner(DefaultLoadPlanner):
-        """Plans reads of given chunks (global offsets) of stored tensors into small local tensors."""
+        """Plans reads of given chunks (global offsets) of stored tensors into small local tensors.
+
+        ``chunks`` maps each local name to (stored key, chunk or None for the whole tensor), so
+        several slices of one stored tensor can be read in one call.
+        """
 
         def __init__(self, chunks):
             super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
@@ -425,14 +489,16 @@ def _slice_planner_class():
 
         def create_local_plan(self) -> LoadPlan:
             items = []
-            for fqn, tensor in self.state_dict.items():
-                chunk = self.chunks.get(fqn) or ChunkStorageMetadata(
-                    offsets=torch.Size([0] * tensor.dim()), sizes=tensor.shape)
-                items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+            for name, tensor in self.state_dict.items():
+                key, chunk = self.chunks[name]
+                chunk = chunk or ChunkStorageMetadata(offsets=torch.Size([0] * tensor.dim()), sizes=tensor.shape)
+                for item in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]):
+                    # read the stored key into the local tensor registered under ``name``
+                    items.append(dataclasses.replace(item, dest_index=dataclasses.replace(item.dest_index, fqn=name)))
             return LoadPlan(items)
 
         def lookup_tensor(self, index):
-            # Each fqn maps to one local tensor: the chunk it holds was fixed in create_local_plan.
+            # Each local name maps to one tensor: the chunk it holds was fixed in create_local_plan.
             return self.state_dict[index.fqn]
 
     return SlicePlanner
@@ -516,13 +582,21 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     elif chat_template:
         template = Path(chat_template).read_text(encoding="utf-8")
 
-    expected = 2 + (1 if preset.untie_embeddings else 0) + preset.num_layers * 9
+    # The HF names and shapes, from the stored metadata alone (the mapping run on meta tensors),
+    # let the writer lay out every shard up front and write each tensor as soon as it is read.
+    layout = [(name, tuple(t.shape), dtype) for name, t in mistral.mcore_to_hf(
+        lambda n: torch.empty(reader.shape_dtype(n)[0], dtype=reader.shape_dtype(n)[1], device="meta"), preset)]
     with atomic_output_dir(out_dir, force=force) as tmp:
-        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-        bar = _progress(expected, "mcore-to-hf")
-        for name, t in mistral.mcore_to_hf(reader.get, preset):
-            writer.add(name, t.to(dtype).contiguous())
-            bar.update(1)
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
+        bar = _progress(len(layout), "mcore-to-hf")
+        try:
+            for name, t in mistral.mcore_to_hf(reader.get, preset):
+                writer.add(name, t.to(dtype))
+                del t
+                bar.update(1)
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         bar.close()
         _hf_config(preset, side, dtype).save_pretrained(tmp)

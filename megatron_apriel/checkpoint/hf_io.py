@@ -1,9 +1,12 @@
 """Streaming reads and writes of Hugging Face safetensors checkpoints, with atomic output folders.
 
 Every checkpoint tool (conversion, upscaling, averaging, merging) reads tensors one at a time from
-memory-mapped safetensors and writes them into size-bounded shards, so peak memory stays near one
-shard plus the tensors in flight rather than the model size. safetensors has no writer that appends
-tensor by tensor to a sharded folder, hence :class:`ShardedSafetensorsWriter`.
+memory-mapped safetensors and writes them straight into size-bounded shards, so peak memory stays
+near the tensors in flight rather than the model or a shard. safetensors can only serialise a whole
+dict of tensors held in memory (``save_file``), hence :class:`ShardedSafetensorsWriter`: given the
+names, shapes and dtypes up front, it writes each shard's header first and then every tensor's
+bytes at its final offset as the tensor is produced, in exactly the byte layout ``save_file``
+would write (tensors ordered by dtype, then name; header padded with spaces to 8 bytes).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -76,6 +80,12 @@ class SafetensorsReader:
 
     __getitem__ = get
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor, copied out of the mapping (only those pages are read)."""
+        if name not in self.weight_map:
+            raise KeyError(f"{self.folder}: tensor {name!r} not in checkpoint")
+        return self._handle(self.weight_map[name]).get_slice(name)[start:stop]
+
     def shape(self, name: str) -> list[int]:
         return list(self._handle(self.weight_map[name]).get_slice(name).get_shape())
 
@@ -94,14 +104,62 @@ class SafetensorsReader:
         return False
 
 
+# safetensors orders tensors by dtype (its Rust enum order, largest first) then name.
+_ST_NAME = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+            torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+            torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+            torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+_ST_RANK = {name: i for i, name in enumerate(
+    ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
+
+
+def _nbytes(shape, dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict) -> tuple[bytes, dict[str, int]]:
+    """The bytes ``save_file`` writes before the data, and each tensor's offset in the file."""
+    ordered = sorted(entries, key=lambda e: (-_ST_RANK[_ST_NAME[e[2]]], e[0]))
+    body, offsets, pos = {"__metadata__": metadata} if metadata else {}, {}, 0
+    for name, shape, dtype in ordered:
+        size = _nbytes(shape, dtype)
+        body[name] = {"dtype": _ST_NAME[dtype], "shape": [int(s) for s in shape], "data_offsets": [pos, pos + size]}
+        offsets[name] = pos
+        pos += size
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    header = struct.pack("<Q", len(text)) + text
+    return header, {name: len(header) + off for name, off in offsets.items()}
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 class ShardedSafetensorsWriter:
     """Write tensors one by one into shards of at most ``max_shard_bytes`` plus the HF index.
 
-    Shards are named ``model-00001-of-0000N.safetensors`` once N is known (renamed in ``close``),
-    as ``save_pretrained`` does. A single shard is written as ``model.safetensors`` without index.
+    With ``layout`` (every ``(name, shape, dtype)`` in the order they will be added) shard
+    boundaries and offsets are known before any data: a shard's file is created with its header on
+    its first tensor and each tensor is written at its place as it arrives (:meth:`add`, or
+    :meth:`add_parts` for a tensor produced in row blocks), so nothing is held back. Without a
+    layout, tensors are held until their shard is full and written with ``save_file``. Both give
+    the same bytes. Shards are named ``model-00001-of-0000N.safetensors`` once N is known (renamed
+    in ``close``), as ``save_pretrained`` does; a single shard is written as ``model.safetensors``
+    without index.
     """
 
-    def __init__(self, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3, metadata: dict | None = None):
+    def __init__(self, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3, metadata: dict | None = None,
+                 layout: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
@@ -111,8 +169,86 @@ class ShardedSafetensorsWriter:
         self._shards: list[list[str]] = []
         self.total_bytes = 0
         self.num_tensors = 0
+        self._layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]] | None = None
+        if layout is not None:
+            self._plan(layout)
 
+    # ----------------------------------------------------------------- streaming (layout given)
+    def _plan(self, layout) -> None:
+        self._layout, shard, size = {}, [], 0
+        for name, shape, dtype in layout:
+            if name in self._layout:
+                raise ValueError(f"tensor {name!r} listed twice in the layout")
+            if dtype not in _ST_NAME:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
+            nbytes = _nbytes(shape, dtype)
+            if shard and size + nbytes > self.max_shard_bytes:
+                self._shards.append(shard)
+                shard, size = [], 0
+            self._layout[name] = (len(self._shards), tuple(int(s) for s in shape), dtype)
+            shard.append(name)
+            size += nbytes
+        if shard:
+            self._shards.append(shard)
+        self._fds: dict[int, int] = {}
+        self._left = [len(names) for names in self._shards]
+        self._offsets: dict[str, int] = {}
+        self._written: set[str] = set()
+
+    def _open_shard(self, idx: int) -> int:
+        if idx not in self._fds:
+            names = self._shards[idx]
+            header, offsets = safetensors_header([(n, *self._layout[n][1:]) for n in names], self.metadata)
+            self._offsets.update(offsets)
+            path = self.folder / f".shard-{idx:05d}.safetensors"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds[idx] = fd
+            _pwrite_all(fd, memoryview(header), 0)
+            os.ftruncate(fd, len(header) + sum(_nbytes(*self._layout[n][1:]) for n in names))
+        return self._fds[idx]
+
+    def _stream(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        if name not in self._layout:
+            raise ValueError(f"tensor {name!r} is not in the writer's layout")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} written twice")
+        idx, shape, dtype = self._layout[name]
+        fd = self._open_shard(idx)
+        pos, end = self._offsets[name], self._offsets[name] + _nbytes(shape, dtype)
+        rows = 0
+        for part in parts:
+            if part.dtype != dtype or tuple(part.shape[1:]) != shape[1:]:
+                raise ValueError(f"tensor {name!r}: got a {part.dtype} block of shape {tuple(part.shape)} "
+                                 f"for a {dtype} tensor of shape {shape}")
+            data = _tensor_bytes(part)
+            if pos + len(data) > end:
+                raise ValueError(f"tensor {name!r}: more data than its shape {shape}")
+            _pwrite_all(fd, data, pos)
+            pos += len(data)
+            rows += part.shape[0] if part.dim() else 1
+            del data, part
+        if pos != end:
+            raise ValueError(f"tensor {name!r}: {end - pos} bytes short of its shape {shape}")
+        self._written.add(name)
+        self.total_bytes += _nbytes(shape, dtype)
+        self.num_tensors += 1
+        self._left[idx] -= 1
+        if self._left[idx] == 0:
+            os.close(self._fds.pop(idx))
+
+    def add_parts(self, name: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write one tensor given as consecutive row blocks (dim 0) of its full shape; needs a layout."""
+        if self._layout is None:
+            raise ValueError("add_parts needs a writer built with a layout")
+        self._stream(name, parts)
+
+    # ----------------------------------------------------------------------------------- common
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._layout is not None:
+            if name in self._layout and tuple(tensor.shape) != self._layout[name][1]:
+                raise ValueError(f"tensor {name!r}: shape {tuple(tensor.shape)} but the layout says {self._layout[name][1]}")
+            self._stream(name, [tensor.reshape(-1)] if tensor.dim() == 0 else [tensor])
+            return
         if name in self._pending or any(name in s for s in self._shards):
             raise ValueError(f"tensor {name!r} written twice")
         nbytes = tensor.numel() * tensor.element_size()
@@ -132,8 +268,22 @@ class ShardedSafetensorsWriter:
         self._pending = {}
         self._pending_bytes = 0
 
+    def abort(self) -> None:
+        """Close any open shard file (the caller removes the folder)."""
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+        if self._layout is not None:
+            self._fds = {}
+
     def close(self) -> None:
-        self._flush()
+        if self._layout is not None:
+            missing = [n for n in self._layout if n not in self._written]
+            if missing:
+                self.abort()
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                raise ValueError(f"{len(missing)} tensors of the layout were never written: {', '.join(missing[:5])}{more}")
+        else:
+            self._flush()
         n = len(self._shards)
         if n == 1:
             os.replace(self.folder / ".shard-00000.safetensors", self.folder / SINGLE_FILE)
