@@ -1,0 +1,500 @@
+"""Image-text samples: JSONL + image files -> megatron-core indexed datasets, and the Dataset the
+training loop reads for the Pixtral / LLaVA model.
+
+``apriel preprocess-multimodal`` (``tools/preprocess_multimodal.py``) writes, for ``--output-prefix P``:
+
+* ``P_tokens_document.bin/.idx``     one document per sample: token ids, every image placeholder
+  expanded exactly as HF ``PixtralProcessor`` writes it (per patch row ``[IMG]`` x width/patch then
+  ``[IMG_BREAK]``, the last row ending in ``[IMG_END]``);
+* ``P_loss_mask_document.bin/.idx``  one uint8 per token: 1 = trained on (the response and its end
+  token; every text token for ``text`` records), never on image tokens or the prompt;
+* ``P_images_document.bin/.idx``     uint8, one document per distinct image: its PNG bytes after
+  ``PixtralImageProcessor``'s resize (longest edge <= ``image_size``, sides multiples of the patch);
+* ``P_image_refs_document.bin/.idx`` int32, one document per sample: the sample's rows of
+  ``P_images`` in placeholder order (empty for text-only samples);
+* ``P_multimodal.json``              the processor settings (patch, image size, mean/std, token
+  ids) and the counts of kept and skipped records with reasons.
+
+Why the images are stored resized: the number of image tokens is fixed when the sample is written,
+so the pixels must be the ones it was counted for whatever image backend runs at training time.
+Resizing an already patch-aligned image is the identity in ``PixtralImageProcessor``, so the reader
+only rescales and normalises. PNG keeps it lossless at a fraction of raw size. Why references
+instead of one block per sample: synthetic tasks reuse a source image in many samples, and a file
+named by several records is stored once. All files are written under temporary names and renamed
+when complete, the JSON last.
+
+Input records (one JSON object a line; image paths relative to the JSONL file or absolute):
+``{"images": ["a.png"], "prompt": "<image>\\nHow many circles?", "response": "3"}`` (loss on the
+response) or ``{"images": [...], "text": "<image> A caption."}`` (loss on every text token, the
+captioning / interleaved form). The number of placeholders must equal the number of images; a
+record without any placeholder gets its images at the start of the prompt (LLaVA convention).
+
+:class:`MultimodalDataset` returns SFTDataset-like items plus the sample's images and
+:meth:`MultimodalDataset.collate` builds the micro-batch: ``tokens``, ``labels``, ``loss_mask``,
+``position_ids`` [b, s]; ``pixel_values`` float32 [N, 3, H, W] (images in placeholder order, row 0
+first, zero-padded to the batch's largest H, W, as ``PixtralImageProcessor`` pads) and
+``image_sizes`` int64 [N, 2].
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from megatron_apriel.data.packing import cu_seqlens_from_lengths, plan_bins
+
+logger = logging.getLogger(__name__)
+
+TOKENS_KEY = "tokens"
+MASK_KEY = "loss_mask"
+IMAGES_KEY = "images"
+REFS_KEY = "image_refs"
+KEYS = (TOKENS_KEY, MASK_KEY, IMAGES_KEY, REFS_KEY)
+PLACEHOLDER = "<image>"
+
+
+def dataset_path(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+def meta_path(prefix: str) -> str:
+    return f"{prefix}_multimodal.json"
+
+
+@dataclass
+class ImageLayout:
+    """How images become pixels and tokens (Pixtral-12B's values by default)."""
+
+    patch_size: int = 16
+    image_size: int = 1024  # longest edge after resize
+    image_token_id: int = 10
+    image_break_token_id: int = 12
+    image_end_token_id: int = 13
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+    @property
+    def token_ids(self) -> set[int]:
+        return {self.image_token_id, self.image_break_token_id, self.image_end_token_id}
+
+    def image_tokens(self, height: int, width: int) -> np.ndarray:
+        """The tokens of one resized image (PixtralProcessor.replace_image_token, as ids)."""
+        rows, cols = height // self.patch_size, width // self.patch_size
+        grid = np.full((rows, cols + 1), self.image_token_id, dtype=np.int64)
+        grid[:, -1] = self.image_break_token_id
+        out = grid.reshape(-1)
+        out[-1] = self.image_end_token_id
+        return out
+
+    def processor(self):
+        """transformers' PixtralImageProcessor with these settings (PIL backend when torchvision is absent)."""
+        try:
+            from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil as cls
+        except ImportError:  # older transformers: the slow processor is the PIL one
+            from transformers import PixtralImageProcessor as cls
+        return cls(size={"longest_edge": self.image_size}, patch_size=self.patch_size,
+                   image_mean=list(self.image_mean), image_std=list(self.image_std))
+
+
+class RecordError(ValueError):
+    """A record that cannot be written; ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_apriel.data.tokenizers import add_tokenizer_args
+
+    p = argparse.ArgumentParser(
+        prog="apriel preprocess-multimodal",
+        description="Image-text JSONL + image files -> tokens, loss masks and images (megatron-core indexed datasets).",
+    )
+    p.add_argument("--input", nargs="+", required=True, help="JSONL files (image paths relative to each file)")
+    p.add_argument("--output-prefix", required=True)
+    add_tokenizer_args(p)
+    p.add_argument("--image-placeholder", default=PLACEHOLDER, help="placeholder of an image in text/prompt")
+    p.add_argument("--patch-size", type=int, default=16)
+    p.add_argument("--image-size", type=int, default=1024, help="longest edge after resize (Pixtral: 1024)")
+    p.add_argument("--image-token-id", type=int, default=10)
+    p.add_argument("--image-break-token-id", type=int, default=12)
+    p.add_argument("--image-end-token-id", type=int, default=13)
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="training length: longer samples are skipped (an image cannot be cut)")
+    p.add_argument("--no-bos", action="store_true", help="do not start samples with the tokenizer's BOS")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--log-interval", type=int, default=10000)
+    return p
+
+
+class _ImageStore:
+    """Resizes each distinct image file once and appends its PNG to the images dataset."""
+
+    def __init__(self, builder, layout: ImageLayout):
+        self.builder = builder
+        self.layout = layout
+        self.proc = layout.processor()
+        self.index: dict[str, tuple[int, int, int]] = {}  # realpath -> (row, height, width)
+        self.bytes = 0
+
+    def add(self, path: str) -> tuple[int, int, int]:
+        from PIL import Image
+
+        key = os.path.realpath(path)
+        if key in self.index:
+            return self.index[key]
+        if not os.path.isfile(path):
+            raise RecordError("image_missing", f"image {path}: no such file")
+        try:
+            with Image.open(path) as im:
+                im.load()
+                out = self.proc(im, do_rescale=False, do_normalize=False, do_pad=False)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated/unknown files
+            raise RecordError("image_unreadable", f"image {path}: {e}") from None
+        pixels = np.asarray(out["pixel_values"][0], dtype=np.uint8).transpose(1, 2, 0)  # CHW -> HWC
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="PNG")
+        data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+        self.builder.add_document(data, [len(data)])
+        self.bytes += len(data)
+        entry = (len(self.index), pixels.shape[0], pixels.shape[1])
+        self.index[key] = entry
+        return entry
+
+
+def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, images: _ImageStore,
+                  placeholder: str = PLACEHOLDER, bos: bool = True) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """(tokens, loss mask, image rows) of one record; RecordError names what is wrong."""
+    if not isinstance(record, dict):
+        raise RecordError("not_an_object", "record is not a JSON object")
+    paths = record.get("images", [])
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise RecordError("bad_images_field", "'images' must be a list of file paths")
+    if "text" in record:
+        prompt, response = record["text"], None
+        if not isinstance(prompt, str):
+            raise RecordError("not_a_string", "'text' is not a string")
+    elif "prompt" in record and "response" in record:
+        prompt, response = record["prompt"], record["response"]
+        if not isinstance(prompt, str) or not isinstance(response, str):
+            raise RecordError("not_a_string", "'prompt' and 'response' must be strings")
+        if placeholder in response:
+            raise RecordError("placeholder_in_response", f"{placeholder!r} in 'response': images belong to the prompt")
+    else:
+        raise RecordError("missing_key", "needs 'text', or 'prompt' and 'response'")
+    pieces = prompt.split(placeholder)
+    if len(pieces) == 1 and paths:
+        pieces = [""] * len(paths) + pieces
+    if len(pieces) - 1 != len(paths):
+        raise RecordError("placeholder_mismatch", f"{len(pieces) - 1} {placeholder!r} placeholders for {len(paths)} images")
+    rows = []
+    for p in paths:
+        rows.append(images.add(p if os.path.isabs(p) else os.path.join(base_dir, p)))
+    text_loss = 1 if response is None else 0
+    toks: list[np.ndarray] = []
+    mask: list[np.ndarray] = []
+
+    def put(ids, m):
+        ids = np.asarray(ids, dtype=np.int64)
+        toks.append(ids)
+        mask.append(np.full(len(ids), m, dtype=np.uint8))
+
+    if bos and tokenizer.bos is not None:
+        put([tokenizer.bos], 0)
+    for i, piece in enumerate(pieces):
+        ids = tokenizer.encode(piece) if piece else []
+        if layout.token_ids.intersection(ids):
+            raise RecordError("image_token_in_text", "text encodes to an image token id (a literal special token?)")
+        put(ids, text_loss)
+        if i < len(rows):
+            _, h, w = rows[i]
+            put(layout.image_tokens(h, w), 0)
+    if response is not None:
+        ids = tokenizer.encode(response)
+        if layout.token_ids.intersection(ids):
+            raise RecordError("image_token_in_text", "response encodes to an image token id")
+        put(ids, 1)
+    put([tokenizer.eod], 1)
+    return np.concatenate(toks), np.concatenate(mask), [r[0] for r in rows]
+
+
+def preprocess(args) -> dict:
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from tqdm import tqdm
+
+    from megatron_apriel.config import atomic_write_text
+    from megatron_apriel.data.tokenizers import tokenizer_from_args
+
+    tokenizer = tokenizer_from_args(args)
+    layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size, image_token_id=args.image_token_id,
+                         image_break_token_id=args.image_break_token_id, image_end_token_id=args.image_end_token_id)
+    if args.image_size % args.patch_size:
+        raise SystemExit(f"preprocess-multimodal: --image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    final = {k: dataset_path(args.output_prefix, k) for k in KEYS}
+    tmp = {k: v + f".tmp{os.getpid()}" for k, v in final.items()}
+    tok_dtype = DType.optimal_dtype(max(tokenizer.vocab_size, max(layout.token_ids) + 1))
+    builders = {
+        TOKENS_KEY: IndexedDatasetBuilder(tmp[TOKENS_KEY] + ".bin", dtype=tok_dtype),
+        MASK_KEY: IndexedDatasetBuilder(tmp[MASK_KEY] + ".bin", dtype=np.uint8),
+        IMAGES_KEY: IndexedDatasetBuilder(tmp[IMAGES_KEY] + ".bin", dtype=np.uint8),
+        REFS_KEY: IndexedDatasetBuilder(tmp[REFS_KEY] + ".bin", dtype=np.int32),
+    }
+    store = _ImageStore(builders[IMAGES_KEY], layout)
+    counts = {"read": 0, "kept": 0}
+    skipped: dict[str, int] = {}
+    examples: list[str] = []
+    n_tokens = n_loss = n_image_tokens = n_image_refs = 0
+    start = time.time()
+    try:
+        for path in args.input:
+            base = os.path.dirname(os.path.abspath(path))
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(tqdm(f, desc=os.path.basename(path), unit=" rec",
+                                                   mininterval=2.0, disable=None), start=1):
+                    if not line.strip():
+                        continue
+                    counts["read"] += 1
+                    try:
+                        try:
+                            record = json.loads(line)
+                        except ValueError as e:
+                            raise RecordError("bad_json", f"bad JSON ({e})") from None
+                        tokens, mask, refs = encode_record(record, base, tokenizer, layout, store,
+                                                           args.image_placeholder, bos=not args.no_bos)
+                        if args.seq_length is not None and len(tokens) > args.seq_length + 1:
+                            raise RecordError("overlong", f"{len(tokens)} tokens > --seq-length {args.seq_length} + 1")
+                        if not mask[1:].any():
+                            raise RecordError("no_loss_tokens", "no token to train on")
+                    except RecordError as e:
+                        where = f"{path}:{lineno}"
+                        if args.strict:
+                            raise SystemExit(f"preprocess-multimodal: {where}: {e}") from None
+                        skipped[e.reason] = skipped.get(e.reason, 0) + 1
+                        if len(examples) < 1000:
+                            examples.append(f"{where}: {e}")
+                        continue
+                    builders[TOKENS_KEY].add_document(tokens, [len(tokens)])
+                    builders[MASK_KEY].add_document(mask, [len(mask)])
+                    builders[REFS_KEY].add_document(np.asarray(refs, dtype=np.int32), [len(refs)])
+                    counts["kept"] += 1
+                    n_tokens += len(tokens)
+                    n_loss += int(mask.sum())
+                    n_image_tokens += int(np.isin(tokens, list(layout.token_ids)).sum())
+                    n_image_refs += len(refs)
+                    if args.log_interval and counts["read"] % args.log_interval == 0:
+                        rate = counts["read"] / max(time.time() - start, 1e-9)
+                        print(f"[preprocess-multimodal] {counts['read']} records, {rate:.0f}/s, "
+                              f"{len(store.index)} images", file=sys.stderr)
+        for key in KEYS:
+            builders[key].finalize(tmp[key] + ".idx")
+        for key in KEYS:
+            for ext in (".bin", ".idx"):
+                os.replace(tmp[key] + ext, final[key] + ext)
+    except BaseException:
+        for key in KEYS:
+            for ext in (".bin", ".idx"):
+                if os.path.exists(tmp[key] + ext):
+                    os.remove(tmp[key] + ext)
+        raise
+    report = {
+        **counts,
+        "skipped": sum(skipped.values()),
+        "skipped_by_reason": dict(sorted(skipped.items())),
+        "skipped_records": examples,
+        "images": len(store.index),
+        "image_refs": n_image_refs,
+        "image_png_bytes": store.bytes,
+        "tokens": n_tokens,
+        "image_tokens": n_image_tokens,
+        "loss_tokens": n_loss,
+        "seq_length": args.seq_length,
+        "tokenizer": {"type": args.tokenizer_type, "model": args.tokenizer_model},
+        "layout": asdict(layout),
+        "outputs": list(final.values()),
+        "seconds": round(time.time() - start, 2),
+    }
+    atomic_write_text(meta_path(args.output_prefix), json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    for path in args.input:
+        if not os.path.isfile(path):
+            print(f"preprocess-multimodal: {path}: no such file", file=sys.stderr)
+            return 2
+    try:
+        report = preprocess(args)
+    except (ValueError, FileNotFoundError) as e:  # tokenizer flags
+        print(f"preprocess-multimodal: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            return 2
+        raise
+    reasons = ", ".join(f"{v} {k}" for k, v in report["skipped_by_reason"].items()) or "none"
+    print(f"preprocess-multimodal: read {report['read']}, kept {report['kept']}, skipped {report['skipped']} "
+          f"({reasons}); {report['images']} images, {report['tokens']} tokens of which {report['image_tokens']} "
+          f"image and {report['loss_tokens']} trained on; {report['seconds']} s -> {args.output_prefix}_*_document.bin/.idx")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Training-time dataset
+
+
+def _indexed(prefix: str, key: str):
+    """The indexed dataset, or None when it holds no bytes (megatron-core cannot mmap an empty .bin)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    path = dataset_path(prefix, key)
+    if not os.path.isfile(path + ".bin") or not os.path.isfile(path + ".idx"):
+        raise FileNotFoundError(f"{path}.bin/.idx: missing (run apriel preprocess-multimodal)")
+    if os.path.getsize(path + ".bin") == 0:
+        return None
+    return IndexedDataset(path)
+
+
+class MultimodalDataset(torch.utils.data.Dataset):
+    """Image-text samples from ``preprocess-multimodal`` output, one or several per row of ``seq_length``.
+
+    Items: ``tokens``, ``labels``, ``loss_mask`` (1 where ``labels[i]`` is a trained-on token),
+    ``position_ids`` (restarting per sample), ``pixel_values`` (a list of normalised float32
+    [3, h, w] tensors in placeholder order) and ``image_sizes`` (int64 [n, 2]); with ``pack=True``
+    also ``cu_seqlens`` as in SFTDataset. Use :meth:`collate` as the DataLoader's collate_fn.
+    Samples longer than ``seq_length + 1`` tokens are left out (an image cannot be cut) and counted
+    in ``dropped_overlong``; preprocess with ``--seq-length`` to drop them earlier.
+    """
+
+    def __init__(self, prefix: str, seq_length: int, epochs: int = 1, seed: int = 0, pack: bool = False,
+                 window: int = 20000, pad_token_id: int = 0, max_docs: Optional[int] = None):
+        meta = meta_path(prefix)
+        if not os.path.isfile(meta):
+            raise FileNotFoundError(f"{meta}: missing (run apriel preprocess-multimodal; it is written last)")
+        with open(meta, encoding="utf-8") as f:
+            self.layout = ImageLayout(**json.load(f)["layout"])
+        self.tokens = _indexed(prefix, TOKENS_KEY)
+        self.masks = _indexed(prefix, MASK_KEY)
+        self.images = _indexed(prefix, IMAGES_KEY)
+        self.refs = _indexed(prefix, REFS_KEY)
+        if self.tokens is None:
+            raise ValueError(f"{prefix}: no samples")
+        n = len(self.tokens)
+        if len(self.masks) != n or (self.refs is not None and len(self.refs) != n):
+            raise ValueError(f"{prefix}: tokens, loss masks and image references have different sample counts")
+        self.prefix = prefix
+        self.seq_length = seq_length
+        self.pad_token_id = pad_token_id
+        self.pack = pack
+        self._processor = None
+        slots = self.tokens.sequence_lengths.astype(np.int64) - 1
+        keep = np.flatnonzero(slots <= seq_length)
+        self.dropped_overlong = n - len(keep)
+        if self.dropped_overlong:
+            logger.warning("%s: %d of %d samples are longer than seq_length %d + 1 and left out",
+                           prefix, self.dropped_overlong, n, seq_length)
+        self.slots = slots
+        self.bins: list[list[int]] = []
+        for epoch in range(epochs):
+            if pack:
+                self.bins += [[int(keep[i]) for i in b] for b in plan_bins(slots[keep], seq_length, seed=seed + epoch, window=window)]
+            else:
+                self.bins += [[int(keep[i])] for i in np.random.default_rng(seed + epoch).permutation(len(keep))]
+        needed = max((len(b) for b in self.bins), default=1)
+        self.max_docs = needed if max_docs is None else max_docs
+        if needed > self.max_docs:
+            raise ValueError(f"a packed sample holds {needed} documents > max_docs {self.max_docs}")
+
+    def __len__(self) -> int:
+        return len(self.bins)
+
+    def image_rows(self, doc: int) -> list[int]:
+        if self.refs is None:
+            return []
+        return [int(r) for r in self.refs[doc]]
+
+    def load_image(self, row: int) -> np.ndarray:
+        """The stored (resized) image as uint8 HWC."""
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.images[row].tobytes())) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def _normalise(self, images: list[np.ndarray]) -> list[torch.Tensor]:
+        if not images:
+            return []
+        if self._processor is None:
+            self._processor = self.layout.processor()
+        out = self._processor(images, do_resize=False, do_pad=False, input_data_format="channels_last")
+        return [torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in out["pixel_values"]]
+
+    def __getitem__(self, idx: int) -> dict:
+        s = self.seq_length
+        tokens = np.full(s, self.pad_token_id, dtype=np.int64)
+        labels = np.full(s, self.pad_token_id, dtype=np.int64)
+        loss_mask = np.zeros(s, dtype=np.float32)
+        position_ids = np.zeros(s, dtype=np.int64)
+        lengths, images = [], []
+        pos = 0
+        for doc in self.bins[idx]:
+            n = int(self.slots[doc])
+            toks = np.asarray(self.tokens[doc], dtype=np.int64)
+            mask = np.asarray(self.masks[doc], dtype=np.float32)
+            tokens[pos : pos + n] = toks[:-1]
+            labels[pos : pos + n] = toks[1:]
+            loss_mask[pos : pos + n] = mask[1:]
+            position_ids[pos : pos + n] = np.arange(n)
+            images += [self.load_image(r) for r in self.image_rows(doc)]
+            lengths.append(n)
+            pos += n
+        position_ids[pos:] = np.arange(s - pos)
+        item = {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.from_numpy(position_ids),
+            "pixel_values": self._normalise(images),
+            "image_sizes": torch.tensor([im.shape[:2] for im in images], dtype=torch.int64).reshape(-1, 2),
+        }
+        if self.pack:
+            item["cu_seqlens"] = torch.from_numpy(cu_seqlens_from_lengths(lengths, s, self.max_docs))
+        return item
+
+    @staticmethod
+    def collate(items: Sequence[dict]) -> dict:
+        """Stack the [s] tensors to [b, s]; the images of all rows, in order, padded to one [N, 3, H, W]."""
+        batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("pixel_values", "image_sizes")}
+        images = [im for it in items for im in it.get("pixel_values", [])]
+        sizes = [it["image_sizes"] for it in items if "image_sizes" in it]
+        batch["image_sizes"] = torch.cat(sizes) if sizes else torch.zeros(0, 2, dtype=torch.int64)
+        if not images:
+            batch["pixel_values"] = torch.zeros(0, 3, 0, 0, dtype=torch.float32)
+            return batch
+        h = max(im.shape[1] for im in images)
+        w = max(im.shape[2] for im in images)
+        pixels = torch.zeros(len(images), 3, h, w, dtype=torch.float32)
+        for i, im in enumerate(images):
+            pixels[i, :, : im.shape[1], : im.shape[2]] = im
+        batch["pixel_values"] = pixels
+        return batch
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Image-text sample format: token layout against transformers' PixtralProcessor, loss masks, images,
+bad-input accounting and the collated micro-batch."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from megatron_apriel.data import multimodal as mm
+
+SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<sp{i}>" for i in range(3, 10)] + ["[IMG]", "<sp11>", "[IMG_BREAK]", "[IMG_END]",
+                                                                          "<sp14>", "<sp15>"]
+
+
+def make_tokenizer(path: Path) -> Path:
+    """A byte-level BPE with Pixtral's image tokens at ids 10/12/13, small enough for tiny presets."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["How many circles are in the image? Answer with a number.", "A red square and a blue circle.",
+              "Which candidate crop (A, B, C, D) is taken from the image?"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    assert hf.convert_tokens_to_ids(["[IMG]", "[IMG_BREAK]", "[IMG_END]"]) == [10, 12, 13]
+    hf.save_pretrained(path)
+    return path
+
+
+def draw(path: Path, size: tuple[int, int], shapes: list[tuple[str, tuple[int, int, int, int], str]]) -> Path:
+    """An RGB image (width, height) with the given shapes ("rect"/"ellipse", box, colour)."""
+    im = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(im)
+    for kind, box, colour in shapes:
+        (d.rectangle if kind == "rect" else d.ellipse)(box, fill=colour)
+    im.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mm")
+    tok = make_tokenizer(root / "tok")
+    (root / "img").mkdir()
+    a = draw(root / "img/a.png", (70, 40), [("rect", (5, 5, 20, 20), "red"), ("ellipse", (30, 10, 60, 35), "blue")])
+    b = draw(root / "img/b.png", (30, 100), [("ellipse", (2, 2, 28, 28), "green")])
+    c = draw(root / "img/c.jpg", (200, 120), [("rect", (50, 20, 150, 100), "yellow")])  # resized: longest edge 64
+    records = [
+        {"images": ["img/a.png", "img/b.png"], "prompt": "Look <image> and <image> here.", "response": "A red square and a blue circle."},
+        {"images": ["img/c.jpg"], "text": "<image>A yellow square."},
+        {"images": ["img/a.png"], "prompt": "How many circles are in the image?", "response": "1"},  # no placeholder
+        {"prompt": "No image at all?", "response": "Yes."},
+    ]
+    good = root / "good.jsonl"
+    good.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root, tok, good, records
+
+
+def run_preprocess(root, tok, inputs, prefix, *extra):
+    argv = ["--input", *map(str, inputs), "--output-prefix", str(root / prefix), "--tokenizer-type",
+            "HuggingFaceTokenizer", "--tokenizer-model", str(tok), "--image-size", "64", "--patch-size", "16", *extra]
+    return mm.main(argv)
+
+
+def pixtral_processor_class(monkeypatch):
+    """transformers' PixtralProcessor. Its module imports one size helper from the torchvision image
+    processor; without torchvision the PIL image processor module, which defines the same helper,
+    stands in for that import (the processor is then used with the PIL image processor anyway)."""
+    try:
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    except ImportError:
+        import transformers.models.pixtral.image_processing_pil_pixtral as pil
+
+        monkeypatch.setitem(sys.modules, "transformers.models.pixtral.image_processing_pixtral", pil)
+        monkeypatch.delitem(sys.modules, "transformers.models.pixtral.processing_pixtral", raising=False)
+        from transformers.models.pixtral.processing_pixtral import PixtralProcessor
+    return PixtralProcessor
+
+
+def test_tokens_and_pixels_match_pixtral_processor(corpus, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    PixtralProcessor = pixtral_processor_class(monkeypatch)
+
+    root, tok, good, records = corpus
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(tok)
+    proc = PixtralProcessor(image_processor=PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=16),
+                            tokenizer=hf_tok, patch_size=16)
+    assert run_preprocess(root, tok, [good], "out/a") == 0
+    ds = mm.MultimodalDataset(str(root / "out/a"), seq_length=256)
+    layout = ds.layout
+    for doc, rec in enumerate(records):
+        toks = np.asarray(ds.tokens[doc], dtype=np.int64)
+        images = [Image.open(root / p) for p in rec.get("images", [])]
+        prompt = rec.get("prompt", rec.get("text"))
+        hf_prompt = prompt.replace("<image>", "[IMG]") if "<image>" in prompt else "[IMG]" * len(images) + prompt
+        ref = proc(text=hf_prompt, images=images or None, return_tensors="pt")
+        ids = ref["input_ids"][0].numpy()
+        assert toks[0] == hf_tok.bos_token_id
+        np.testing.assert_array_equal(toks[1 : 1 + len(ids)], ids)  # prompt with expanded images, token for token
+        rest = toks[1 + len(ids) :]
+        expected_rest = (hf_tok(rec["response"], add_special_tokens=False)["input_ids"] if "response" in rec else []) + [hf_tok.eos_token_id]
+        np.testing.assert_array_equal(rest, expected_rest)
+        # pixels: the stored image, rescaled and normalised, is exactly what the processor gives
+        item_images = [ds._normalise([ds.load_image(r)])[0] for r in ds.image_rows(doc)]
+        assert len(item_images) == len(images)
+        for got, want, size in zip(item_images, ref.get("pixel_values", []), ref.get("image_sizes", [])):
+            h, w = size.tolist()
+            assert got.shape == (3, h, w) and h % layout.patch_size == 0 and w % layout.patch_size == 0
+            torch.testing.assert_close(got, want[:, :h, :w], rtol=0, atol=0)
+    # an image named by two records is stored once
+    meta = json.loads((root / "out/a_multimodal.json").read_text())
+    assert meta["kept"] == 4 and meta["skipped"] == 0 and meta["images"] == 3 and meta["image_refs"] == 4
+
+
+def test_loss_mask_covers_exactly_the_response(corpus):
+    root, tok, good, records = corpus
+    assert run_preprocess(root, tok, [good], "out/m") == 0
+    from transformers import PreTrainedTokenizerFast
+
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(tok)
+    ds = mm.MultimodalDataset(str(root / "out/m"), seq_length=256)
+    image_ids = list(ds.layout.token_ids)
+    for doc, rec in enumerate(records):
+        toks = np.asarray(ds.tokens[doc], dtype=np.int64)
+        mask = np.asarray(ds.masks[doc]).astype(bool)
+        assert not mask[np.isin(toks, image_ids)].any()
+        if "response" in rec:
+            want = hf_tok(rec["response"], add_special_tokens=False)["input_ids"] + [hf_tok.eos_token_id]
+            assert toks[mask].tolist() == want
+            assert mask[len(toks) - len(want) :].all() and not mask[: len(toks) - len(want)].any()
+        else:  # text record: every text token but BOS
+            assert (mask == ~np.isin(toks, image_ids + [hf_tok.bos_token_id])).all()
+    # the training item shifts by one: loss_mask[i] says whether labels[i] is trained on
+    item = ds[0]
+    n = len(ds.tokens[ds.bins[0][0]]) - 1
+    doc_mask = np.asarray(ds.masks[ds.bins[0][0]], dtype=np.float32)[1:]
+    np.testing.assert_array_equal(item["loss_mask"][:n].numpy(), doc_mask)
+    assert item["loss_mask"][n:].sum() == 0
+    assert not torch.isin(item["labels"][item["loss_mask"] > 0], torch.tensor(image_ids)).any()
+
+
+def test_collate_batch_contract(corpus):
+    root, tok, good, records = corpus
+    assert run_preprocess(root, tok, [good], "out/c") == 0
+    for pack in (False, True):
+        ds = mm.MultimodalDataset(str(root / "out/c"), seq_length=128, pack=pack, seed=3)
+        items = [ds[i] for i in range(len(ds))]
+        batch = mm.MultimodalDataset.collate(items)
+        b = len(items)
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert batch[key].shape == (b, 128), key
+        assert batch["tokens"].dtype == torch.int64 and batch["loss_mask"].dtype == torch.float32
+        assert ("cu_seqlens" in batch) == pack
+        # images in placeholder order, row 0 first: the [IMG] runs of the tokens match image_sizes
+        sizes = batch["image_sizes"]
+        assert batch["pixel_values"].dtype == torch.float32 and batch["image_sizes"].dtype == torch.int64
+        n_img = int((batch["tokens"] == ds.layout.image_end_token_id).sum())
+        assert n_img == 4 and batch["pixel_values"].shape[0] == sizes.shape[0] == 4
+        flat = batch["tokens"].reshape(-1)
+        ends = torch.nonzero(flat == ds.layout.image_end_token_id).flatten().tolist()
+        start = 0
+        for (h, w), end in zip(sizes.tolist(), ends):
+            run = flat[start : end + 1]
+            first = int(torch.nonzero(torch.isin(run, torch.tensor([10, 12, 13]))).flatten()[0])
+            np.testing.assert_array_equal(run[first:].numpy(), ds.layout.image_tokens(h, w))
+            start = end + 1
+        H, W = batch["pixel_values"].shape[2:]
+        assert H == max(h for h, _ in sizes.tolist()) and W == max(w for _, w in sizes.tolist())
+        for img, (h, w) in zip(batch["pixel_values"], sizes.tolist()):
+            assert img[:, h:, :].abs().sum() == 0 and img[:, :, w:].abs().sum() == 0  # zero padding
+            assert img[:, :h, :w].abs().sum() > 0
+    # a micro-batch of text-only samples has no images
+    ds = mm.MultimodalDataset(str(root / "out/c"), seq_length=128)
+    text_only = [it for it in (ds[i] for i in range(len(ds))) if it["image_sizes"].shape[0] == 0]
+    assert len(text_only) == 1
+    batch = mm.MultimodalDataset.collate(text_only)
+    assert batch["pixel_values"].shape == (0, 3, 0, 0) and batch["image_sizes"].shape == (0, 2)
+
+
+def test_bad_records_are_counted_and_strict_stops(corpus, capsys):
+    root, tok, good, _ = corpus
+    Path(root / "img/broken.png").write_bytes(b"not a png")
+    bad = root / "bad.jsonl"
+    lines = [
+        '{"images": ["img/a.png"], "prompt": "<image> ok", "response": "fine"}',
+        '{"images": ["img/a.png"], "prompt": "<image> broken json"',
+        '{"images": ["img/missing.png"], "prompt": "<image>", "response": "x"}',
+        '{"images": ["img/broken.png"], "prompt": "<image>", "response": "x"}',
+        '{"images": ["img/a.png"], "prompt": "<image><image>", "response": "x"}',
+        '{"images": [], "prompt": "p"}',
+        '{"images": ["img/c.jpg"], "prompt": "<image>", "response": "' + "long " * 200 + '"}',
+        '{"images": ["img/a.png"], "prompt": "<image>", "response": "see <image>"}',
+        '["a list"]',
+        "",
+    ]
+    bad.write_text("\n".join(lines) + "\n")
+    assert run_preprocess(root, tok, [bad], "out/bad", "--seq-length", "128") == 0
+    meta = json.loads((root / "out/bad_multimodal.json").read_text())
+    assert meta["read"] == 9 and meta["kept"] == 1 and meta["skipped"] == 8
+    assert meta["skipped_by_reason"] == {"bad_json": 1, "image_missing": 1, "image_unreadable": 1, "placeholder_mismatch": 1,
+                                         "missing_key": 1, "overlong": 1, "placeholder_in_response": 1, "not_an_object": 1}
+    assert any(f"bad.jsonl:2:" in e for e in meta["skipped_records"])
+    out = capsys.readouterr().out
+    assert "kept 1, skipped 8" in out
+    # --strict: one line naming file:line, exit 2, nothing written
+    assert run_preprocess(root, tok, [bad], "out/strict", "--strict") == 2
+    assert "bad.jsonl:2:" in capsys.readouterr().err
+    assert not list((root / "out").glob("strict*"))
