@@ -41,6 +41,16 @@ SIDE_FILES = (
 )
 
 
+# safetensors orders tensors by dtype (its Rust enum order, largest first) then name.
+_ST_NAME = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+            torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+            torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+            torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
+ST_TORCH_DTYPES = {v: k for k, v in _ST_NAME.items()}
+_ST_RANK = {name: i for i, name in enumerate(
+    ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
+
+
 class SafetensorsReader:
     """Lazy access to every tensor of an HF checkpoint folder (single file or sharded with index)."""
 
@@ -92,6 +102,12 @@ class SafetensorsReader:
     def dtype(self, name: str) -> str:
         return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
 
+    def torch_dtype(self, name: str) -> torch.dtype:
+        st = self.dtype(name)
+        if st not in ST_TORCH_DTYPES:
+            raise ValueError(f"{self.folder}: tensor {name!r} has dtype {st}, which torch cannot hold")
+        return ST_TORCH_DTYPES[st]
+
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
@@ -102,15 +118,6 @@ class SafetensorsReader:
     def __exit__(self, *exc):
         self.close()
         return False
-
-
-# safetensors orders tensors by dtype (its Rust enum order, largest first) then name.
-_ST_NAME = {torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
-            torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
-            torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
-            torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64"}
-_ST_RANK = {name: i for i, name in enumerate(
-    ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
 
 
 def _nbytes(shape, dtype: torch.dtype) -> int:

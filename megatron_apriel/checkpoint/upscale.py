@@ -7,8 +7,8 @@ result is an ordinary HF checkpoint (convertible, servable, loadable by transfor
 
 Written by hand rather than with mergekit: mergekit's passthrough slices do not zero the copies
 (``--init identity``) and pull in a dependency tree much larger than this file; the streaming part is
-the shared :mod:`megatron_apriel.checkpoint.hf_io` reader/writer, so peak memory is one tensor plus
-one output shard, whatever the model size.
+the shared :mod:`megatron_apriel.checkpoint.hf_io` reader/writer, which writes each tensor into its
+shard as soon as it is read, so peak memory is about one tensor, whatever the model size.
 
 A *plan* is a list of :class:`NewLayer` (new index -> source index, and whether it is a repeated
 copy). "Repeated" means any occurrence of a source layer after its first: those are the layers that
@@ -245,20 +245,19 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
             raise UpscaleError(f"{hf}: config.json says {num_layers} layers, the weights have layers {format_sources(sorted(on_disk))}")
         todo = output_names(names, plan, prefix, identity=init == "identity")
         new_config, changed = upscale_config(config, plan)
+        layout = [(new, tuple(reader.shape(src)), reader.torch_dtype(src)) for new, src, _ in todo]
         with atomic_output_dir(out, force=force) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-            seen: set[str] = set()
-            for new, src, zero in tqdm(todo, desc="upscale", unit="tensor", file=sys.stderr, mininterval=2.0):
-                t = reader.get(src)
-                reader.close()  # unmap the file once its tensors are written out: RSS stays near one shard
-                if zero:
-                    t = torch.zeros_like(t)
-                elif src in seen:
-                    # tensors read from one mmapped file share its storage; safetensors refuses to
-                    # save two names over the same bytes, so a repeated layer gets its own copy
-                    t = t.clone()
-                seen.add(src)
-                writer.add(new, t)
+            # every shard is laid out up front, so each tensor goes to disk as soon as it is read
+            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
+            try:
+                for new, src, zero in tqdm(todo, desc="upscale", unit="tensor", file=sys.stderr, mininterval=2.0):
+                    t = reader.get(src)
+                    reader.close()  # unmap the file once the tensor is written: RSS stays near one tensor
+                    writer.add(new, torch.zeros_like(t) if zero else t)
+                    del t
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
             copied = copy_side_files(hf, tmp, skip=("config.json",))
             (tmp / "config.json").write_text(json.dumps(new_config, indent=2) + "\n")
