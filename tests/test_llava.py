@@ -112,3 +112,80 @@ def test_patch_count_mismatch_is_an_error(hf_and_ours):
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
     with pytest.raises(ValueError, match="image tokens"):
         model(tokens, pos, None, pixel_values=pixels[:2], image_sizes=sizes[:2])
+
+
+def hf_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_llava_dir, tmp_path_factory, dist_world_of_one):
+    """HF -> mcore (TP=1) -> HF through the `apriel convert` entry points."""
+    from megatron_apriel.checkpoint.convert import main
+
+    root = tmp_path_factory.mktemp("llava_convert")
+    assert main(["hf-to-mcore", "--hf", str(tiny_llava_dir), "--out", str(root / "mcore")]) == 0
+    assert main(["mcore-to-hf", "--ckpt", str(root / "mcore"), "--out", str(root / "hf")]) == 0
+    return root
+
+
+def test_round_trip_is_bit_identical(tiny_llava_dir, converted):
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    a, b = hf_tensors(tiny_llava_dir), hf_tensors(converted / "hf")
+    assert set(a) == set(b) and any(k.startswith("vision_tower.transformer.") for k in a)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    src, out = AutoConfig.from_pretrained(tiny_llava_dir), AutoConfig.from_pretrained(converted / "hf")
+    assert out.vision_config.to_dict() == src.vision_config.to_dict()
+    assert out.text_config.num_hidden_layers == src.text_config.num_hidden_layers
+    LlavaForConditionalGeneration.from_pretrained(converted / "hf")  # loads with no missing/unexpected keys
+
+
+def test_checkpoint_keys_and_reader(tiny_llava_dir, converted):
+    """Decoder keys are a text GPTModel's (text tools read them); vision keys are prefixed."""
+    from megatron_apriel.checkpoint.convert import McoreCheckpointReader
+    from megatron_apriel.checkpoint.llava import HUB_LAYOUT, hf_to_mcore
+
+    reader = McoreCheckpointReader(converted / "mcore")
+    assert reader.num_layers == get_preset(PRESET).num_layers
+    assert "vision_model.transformer.layers.self_attention.linear_qkv.weight" in reader.meta
+    assert not any(k.startswith("language_model.") for k in reader.meta)
+    preset = get_preset(PRESET)
+    expected = dict(hf_to_mcore(hf_tensors(tiny_llava_dir).__getitem__, preset, HUB_LAYOUT))
+    for name in ("decoder.layers.1.self_attention.linear_qkv.weight", "vision_model.patch_conv.weight",
+                 "vision_projection.encoder.linear_fc1.bias"):
+        assert torch.equal(reader.get(name)[: expected[name].shape[0]], expected[name]), name
+
+
+def test_bad_llava_inputs(tiny_llava_dir, tmp_path, dist_world_of_one, capsys):
+    """An unknown tensor or an unsupported feature layer is refused with the file named; nothing written."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from megatron_apriel.checkpoint.convert import main
+
+    bad = tmp_path / "extra"
+    shutil.copytree(tiny_llava_dir, bad)
+    tensors = hf_tensors(bad)
+    tensors["vision_tower.transformer.layers.0.attention.extra.weight"] = torch.zeros(2)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    assert main(["hf-to-mcore", "--hf", str(bad), "--out", str(tmp_path / "o1")]) == 2
+    assert "attention.extra.weight" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists()
+
+    cfg_dir = tmp_path / "layer"
+    shutil.copytree(tiny_llava_dir, cfg_dir)
+    cfg = json.loads((cfg_dir / "config.json").read_text())
+    cfg["vision_feature_layer"] = -2
+    (cfg_dir / "config.json").write_text(json.dumps(cfg))
+    assert main(["hf-to-mcore", "--hf", str(cfg_dir), "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "vision_feature_layer" in err
+    assert not (tmp_path / "o2").exists()

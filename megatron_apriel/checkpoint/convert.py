@@ -229,6 +229,10 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     from megatron_apriel.models.builder import build_model_chunks
     from megatron_apriel.runtime import init_distributed
 
+    from megatron_apriel.checkpoint import llava
+
+    if llava.is_llava_hf_dir(hf_dir):  # Pixtral/LLaVA: the multimodal model and table
+        return llava.hf_to_mcore_checkpoint(hf_dir, out_dir, tp=tp, pp=pp, dtype=dtype, tokenizer=tokenizer, force=force)
     start = time.time()
     preset = preset_from_hf_dir(hf_dir)
     reader = SafetensorsReader(hf_dir)
@@ -568,6 +572,11 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
         preset, stored_dtype = read_model_meta(reader.path)
     if preset.num_layers != reader.num_layers:
         raise ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} has {preset.num_layers}")
+    if preset.vision is not None and "vision_model.patch_conv.weight" in reader.meta:
+        from megatron_apriel.checkpoint import llava
+
+        return llava.mcore_to_hf_checkpoint(ckpt_dir, out_dir, preset, tokenizer=tokenizer, dtype=dtype,
+                                            max_shard_bytes=max_shard_bytes, force=force)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or reader.meta["embedding.word_embeddings.weight"].dtype

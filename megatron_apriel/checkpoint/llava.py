@@ -367,21 +367,6 @@ def gather_llava_canonical(chunks, preset: ModelPreset) -> dict[str, torch.Tenso
     return out
 
 
-# --------------------------------------------------------------------------- reading dist checkpoints
-def vision_getter(reader) -> Callable[[str], torch.Tensor]:
-    """``get(canonical)`` over a :class:`McoreCheckpointReader`, reading vision layers one slice at a time."""
-    from megatron_apriel.checkpoint.convert import _STORED_LAYER_KEY
-
-    def get(name: str) -> torch.Tensor:
-        if not name.startswith(VISION_LAYER_PREFIX):
-            return reader.get(name)
-        i, suffix = name[len(VISION_LAYER_PREFIX):].split(".", 1)
-        key = VISION_LAYER_PREFIX + _STORED_LAYER_KEY.get(suffix, suffix)
-        return reader._load({name: (key, int(i))})[name]
-
-    return get
-
-
 def is_llava_hf_dir(hf_dir: str | os.PathLike) -> bool:
     import json
 
@@ -391,3 +376,175 @@ def is_llava_hf_dir(hf_dir: str | os.PathLike) -> bool:
     except (OSError, ValueError):
         return False
     return "vision_config" in cfg
+
+
+def _read_stacked(reader, key: str, layer: int) -> torch.Tensor:
+    if hasattr(reader, "read"):  # row-range reader
+        return reader.read(key, layer, layer + 1)[0]
+    return reader._load({key: (key, layer)})[key]
+
+
+# --------------------------------------------------------------------------- conversion
+# The text converter (:mod:`convert`) hands Llava folders and multimodal checkpoints to the two
+# functions below; they reuse its reader, writer, metadata and atomic-output helpers and differ in
+# the model built (LlavaModel), the table (decoder + vision) and the HF config (LlavaConfig).
+def hf_to_mcore_checkpoint(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, tokenizer: Optional[str] = None,
+                           force: bool = False) -> dict:
+    """HF LlavaForConditionalGeneration folder -> LlavaModel dist checkpoint (decoder at any TP/PP)."""
+    import sys
+    import time
+
+    from megatron.core import dist_checkpointing
+    from transformers import AutoConfig
+
+    from megatron_apriel.checkpoint import convert as cv
+    from megatron_apriel.checkpoint.hf_io import SafetensorsReader, atomic_output_dir, copy_side_files
+    from megatron_apriel.models.llava import build_llava_chunks
+    from megatron_apriel.runtime import init_distributed
+
+    start = time.time()
+    try:
+        preset = preset_from_hf_config(AutoConfig.from_pretrained(hf_dir), name=Path(hf_dir).name)
+    except ValueError as e:
+        raise cv.ConversionError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
+    reader = SafetensorsReader(hf_dir)
+    try:
+        canonical = HFLlavaCanonical(reader, preset)
+    except ValueError as e:
+        raise cv.ConversionError(str(e)) from None
+    if isinstance(dtype, str):
+        dtype = cv.parse_dtype(dtype)
+    dtype = dtype or cv._safetensors_dtype(reader, canonical.prefix)
+    v = preset.vision
+    for what, n in (("heads", preset.num_attention_heads), ("query groups", preset.num_query_groups),
+                    ("ffn", preset.ffn_hidden_size), ("vision heads", v.num_attention_heads),
+                    ("vision ffn", v.ffn_hidden_size), ("hidden (projector)", preset.hidden_size)):
+        if n % tp:
+            raise cv.ConversionError(f"tp={tp} does not divide the {what} ({n}) of {hf_dir}")
+    if preset.num_layers % pp:
+        raise cv.ConversionError(f"pp={pp} does not divide num_layers={preset.num_layers}")
+    out = Path(out_dir)
+    if cv._is_rank0() and out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+
+    init_distributed(tp=tp, pp=pp, device="cpu", seed=None)
+    config = preset.transformer_config(tp=tp, pp=pp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+                                       fp16=dtype == torch.float16, device="cpu", perform_initialization=False)
+    chunks = build_llava_chunks(preset, config)
+    n_params = sum(1 for c in chunks for _ in c.parameters())
+    bar = cv._progress(n_params, "hf-to-mcore (llava)")
+
+    class _Tracked:  # counts each parameter's read for the progress bar
+        def __contains__(self, name):
+            return name in canonical
+
+        def __getitem__(self, name):
+            t = canonical[name]
+            bar.update(1)
+            return t
+
+    load_canonical_into_llava(chunks, _Tracked(), preset)
+    bar.close()
+    reader.close()
+    state = {"model": chunks[0].sharded_state_dict(), "checkpoint_version": 3.0}
+
+    def write(tmp: Path) -> None:
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+
+        dist_checkpointing.save(state, str(tmp), get_default_save_sharded_strategy("torch_dist"))
+        if cv._is_rank0():
+            cv.write_model_meta(tmp, preset, dtype, source=str(Path(hf_dir).resolve()), saved_tp=tp, saved_pp=pp)
+            side = tmp / cv.HF_SIDE
+            side.mkdir()
+            copy_side_files(hf_dir, side)
+            if tokenizer:
+                cv._copy_tokenizer(tokenizer, side)
+
+    if torch.distributed.get_world_size() == 1:
+        with atomic_output_dir(out, force=force) as tmp:
+            write(tmp)
+    else:  # every rank writes into rank 0's temporary folder; rank 0 renames it once all are done
+        box = [None]
+        ctx = atomic_output_dir(out, force=force) if cv._is_rank0() else None
+        if ctx is not None:
+            box[0] = str(ctx.__enter__())
+        torch.distributed.broadcast_object_list(box, src=0)
+        try:
+            write(Path(box[0]))
+            torch.distributed.barrier()
+        except BaseException:
+            if ctx is not None:
+                ctx.__exit__(*sys.exc_info())
+            raise
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+        torch.distributed.barrier()
+    summary = {"tensors": n_params, "bytes": canonical.hf_bytes, "dtype": cv._dtype_name(dtype), "tp": tp, "pp": pp,
+               "seconds": round(time.time() - start, 2)}
+    cv._log(f"hf-to-mcore (llava): {n_params} tensors per rank, {canonical.hf_bytes / 1e9:.3f} GB read, "
+            f"{summary['dtype']}, tp={tp} pp={pp}, {summary['seconds']:.1f} s -> {out}")
+    return summary
+
+
+def mcore_to_hf_checkpoint(ckpt_dir, out_dir, preset: ModelPreset, tokenizer: Optional[str] = None,
+                           dtype=None, max_shard_bytes: int = 5 * 1024**3, force: bool = False) -> dict:
+    """LlavaModel dist checkpoint -> HF LlavaForConditionalGeneration folder (hub layout), streamed."""
+    import sys
+    import time
+
+    from transformers import GenerationConfig
+
+    from megatron_apriel.checkpoint import convert as cv
+    from megatron_apriel.checkpoint.hf_io import ShardedSafetensorsWriter, atomic_output_dir
+
+    start = time.time()
+    reader = cv.McoreCheckpointReader(ckpt_dir)
+    if preset.num_layers != reader.num_layers:
+        raise cv.ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} "
+                                 f"has {preset.num_layers}")
+    if "vision_model.patch_conv.weight" not in reader.meta:
+        raise cv.ConversionError(f"{reader.path}: no vision_model tensors; not a multimodal checkpoint")
+    if isinstance(dtype, str):
+        dtype = cv.parse_dtype(dtype)
+    dtype = dtype or reader.meta["embedding.word_embeddings.weight"].dtype
+    side = Path(reader.path) / cv.HF_SIDE
+    side = side if side.is_dir() else None
+    tok_src = Path(tokenizer) if tokenizer else side
+
+    def get(name: str) -> torch.Tensor:
+        if name.startswith(VISION_LAYER_PREFIX):
+            i, suffix = name[len(VISION_LAYER_PREFIX):].split(".", 1)
+            return _read_stacked(reader, VISION_LAYER_PREFIX + cv._STORED_LAYER_KEY.get(suffix, suffix), int(i))
+        return reader.get(name)
+
+    total = num_hf_tensors(preset)
+    with atomic_output_dir(out_dir, force=force) as tmp:
+        writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
+        bar = cv._progress(total, "mcore-to-hf (llava)")
+        for name, t in mcore_to_hf(get, preset):
+            writer.add(name, t.to(dtype).contiguous())
+            bar.update(1)
+        writer.close()
+        bar.close()
+        hf_config(preset, dtype).save_pretrained(tmp)
+        if side is not None and (side / "generation_config.json").is_file():
+            GenerationConfig.from_pretrained(side).save_pretrained(tmp)
+        else:
+            GenerationConfig(bos_token_id=preset.bos_token_id, eos_token_id=preset.eos_token_id).save_pretrained(tmp)
+        copied = []
+        if tok_src is not None:
+            for f in ("preprocessor_config.json", "processor_config.json"):  # the image processor travels too
+                if (tok_src / f).is_file():
+                    (tmp / f).write_bytes((tok_src / f).read_bytes())
+            try:
+                copied = cv._copy_tokenizer(tok_src, tmp)
+            except cv.ConversionError:
+                if tokenizer:
+                    raise
+        if not copied:
+            print(f"warning: no tokenizer files written to {out_dir}; pass --tokenizer DIR", file=sys.stderr)
+    summary = {"tensors": writer.num_tensors, "bytes": writer.total_bytes, "dtype": cv._dtype_name(dtype),
+               "seconds": round(time.time() - start, 2), "tokenizer_files": copied}
+    cv._log(f"mcore-to-hf (llava): {writer.num_tensors} tensors, {writer.total_bytes / 1e9:.3f} GB, "
+            f"{summary['dtype']}, {summary['seconds']:.1f} s -> {out_dir}")
+    return summary
