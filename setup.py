@@ -37,7 +37,7 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
         "rl": ["trl>=0.20", "accelerate", "datasets"],
-        "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets"],
+        "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets", "wandb"],
     },
     entry_points={"console_scripts": ["apriel=megatron_apriel.cli:main"]},
 )

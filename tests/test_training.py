@@ -74,14 +74,25 @@ def train(config: Path, *overrides, check=True):
 
 
 def test_loss_falls(corpus, tmp_path):
+    """Learning, logged to TensorBoard and to an offline wandb run (no network needed)."""
     cfg = make_config(tmp_path / "c.yaml", corpus, train={"train_iters": 40, "global_batch_size": 8,
-                                                          "seq_length": 32, "micro_batch_size": 4})
+                                                          "seq_length": 32, "micro_batch_size": 4},
+                      logging={"log_interval": 1, "log_dir": str(tmp_path / "logs"),
+                               "wandb_project": "apriel-test", "wandb_mode": "offline"})
     train(cfg)
     losses = [r["loss"] for _, r in sorted(metrics(tmp_path / "logs").items())]
     assert len(losses) == 40
     # from the uniform-guess level ln(500) = 6.21 down by a margin noise cannot explain
     assert np.mean(losses[:5]) > 6.1
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.4, losses
+    assert list((tmp_path / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    # the offline run file holds every logged loss (history values are stored as JSON text)
+    runs = list((tmp_path / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1, runs
+    data = runs[0].read_bytes()
+    assert b"train/loss" in data
+    missing = [x for x in losses if json.dumps(x).encode() not in data]
+    assert not missing, missing
 
 
 @pytest.fixture(scope="module")
@@ -155,11 +166,50 @@ def test_sigterm_then_resume_is_bit_identical(corpus, init_ckpt, tmp_path):
         assert cut[it]["lr"] == full[it]["lr"]
 
 
+def test_full_resume_at_another_layout(corpus, init_ckpt, tmp_path):
+    """A run saved at TP=1 continues at PP=2 with its optimizer, scheduler and data position.
+
+    Needs ``checkpoint.optimizer_format: fully_reshardable``; the default format refuses with a
+    message saying so. The continued losses track the uninterrupted TP=1 run.
+    """
+    n = 8
+    (tmp_path / "full").mkdir()
+    train(make_config(tmp_path / "full" / "c.yaml", corpus, train={"train_iters": n},
+                      checkpoint={"load": str(init_ckpt)}))
+    full = metrics(tmp_path / "full" / "logs")
+
+    for fmt in ("dp_reshardable", "fully_reshardable"):
+        d = tmp_path / fmt
+        d.mkdir()
+        save = d / "ckpt"
+        train(make_config(d / "c.yaml", corpus, train={"train_iters": n, "exit_interval": 4},
+                          checkpoint={"load": str(init_ckpt), "save": str(save), "optimizer_format": fmt}),
+              check=False)
+        assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+        (d / "pp2").mkdir()
+        cfg = make_config(d / "pp2" / "c.yaml", corpus, train={"train_iters": n},
+                          checkpoint={"load": str(save), "load_mode": "full", "save": str(d / "pp2" / "ckpt"),
+                                      "optimizer_format": fmt})
+        proc = run_torchrun(SCRIPT, ["--config", cfg, "model.pp=2"], check=False)
+        if fmt == "dp_reshardable":
+            assert proc.returncode != 0
+            assert "needs a checkpoint saved with checkpoint.optimizer_format=fully_reshardable" in proc.stdout + proc.stderr
+            continue
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        assert "resumed from" in proc.stdout and "iteration 4" in proc.stdout
+        got = metrics(d / "pp2" / "logs")
+        assert sorted(got) == list(range(5, n + 1))
+        for it in got:
+            assert abs(got[it]["loss"] - full[it]["loss"]) < 1e-4, (it, got[it]["loss"], full[it]["loss"])
+            assert got[it]["lr"] == pytest.approx(full[it]["lr"], rel=1e-12)
+
+
 def test_interrupted_checkpoint_is_never_resumed(corpus, init_ckpt, tmp_path):
     save = tmp_path / "ckpt"
+    # asynchronous saves: the marker and retention run in the finalize step of each save
     cfg = make_config(tmp_path / "c.yaml", corpus, train={"train_iters": 4},
                       checkpoint={"load": str(init_ckpt), "save": str(save), "save_interval": 2,
-                                  "keep_last": 1, "keep_every": 4})
+                                  "keep_last": 1, "keep_every": 4, "async_save": True})
     train(cfg)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert sorted(os.listdir(save)) == ["iter_0000004", "latest_checkpointed_iteration.txt"]

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megatron_apriel.config import atomic_write_text
+from megatron_apriel.config import ConfigError, atomic_write_text
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_NAME = "run_config.yaml"
@@ -160,13 +160,50 @@ def _unshare_adam_steps(optimizer) -> None:
                     state["step"] = torch.tensor(value, dtype=state["step"].dtype)
 
 
-def _optimizer_sharded(optimizer, model_sd, is_loading: bool, distributed: bool):
+OPTIMIZER_FORMATS = ("dp_reshardable", "fully_reshardable")
+
+
+def _optimizer_sharded(optimizer, model_sd, is_loading: bool, distributed: bool, fmt: str = "dp_reshardable"):
+    """The optimizer's sharded state dict in megatron-core's format ``fmt``.
+
+    ``dp_reshardable`` (Megatron-LM's default) stores each rank's flat buffer shard: cheap, but a
+    full resume needs the same TP/PP. ``fully_reshardable`` gathers every parameter's state in model
+    space on DP rank 0 when saving, so a resume may change TP, PP and DP.
+    """
     _ensure_optimizer_state(optimizer)
     if distributed:
-        return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, 
-                                           # Megatron-LM default; resumes need the same TP/PP
-                                           metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+        return optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                           metadata={"distrib_optim_sharding_type": fmt})
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def _load_optimizer(optimizer, state_dict) -> None:
+    """``optimizer.load_state_dict`` that also works for ``fully_reshardable`` without Apex/TE.
+
+    megatron-core 0.16's fully-reshardable load copies every key of the live per-parameter state
+    into place, but the saved state has no torch-AdamW ``step`` (it is kept in the param groups),
+    so it fails with KeyError 'step'. The common part is loaded first, then the parameter state
+    with ``step`` set aside for the duration of the copy; :func:`_unshare_adam_steps` restores it.
+    """
+    opts = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    parts = [state_dict] if len(opts) == 1 else [v for _, v in sorted(state_dict.items())]
+    for opt, sd in zip(opts, parts):
+        if sd.get("param_state_sharding_type") != "fully_reshardable" or not hasattr(opt, "optimizer"):
+            opt.load_state_dict(sd)
+            continue
+        sd = dict(sd)
+        param_state = sd.pop("param_state")
+        sd.pop("param_state_sharding_type")
+        opt.load_state_dict(sd)
+        inner = opt.optimizer.state
+        steps = {p: st.pop("step") for p, st in inner.items() if "step" in st}
+        try:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for p, step in steps.items():
+                inner[p]["step"] = step
+    if len(opts) > 1:
+        optimizer._synchronize_steps()
 
 
 def _layout() -> dict:
@@ -190,12 +227,16 @@ class Checkpointer:
 
     def __init__(self, save: Optional[str], keep_last: Optional[int] = None, keep_every: Optional[int] = None,
                  async_save: bool = False, distributed_optimizer: bool = False,
+                 optimizer_format: str = "dp_reshardable",
                  write_config: Optional[Callable[[str], None]] = None, log=print):
         self.save_root = save
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
         self.distributed_optimizer = distributed_optimizer
+        if optimizer_format not in OPTIMIZER_FORMATS:
+            raise ValueError(f"checkpoint.optimizer_format: {optimizer_format!r} is not one of {', '.join(OPTIMIZER_FORMATS)}")
+        self.optimizer_format = optimizer_format
         self.write_config = write_config
         self.log = log
         self._queue = None
@@ -221,7 +262,7 @@ class Checkpointer:
         _barrier()
         state = self._state(chunks, optimizer, scheduler, is_loading=False)
         state.update(iteration=iteration, consumed_samples=consumed_samples, layout=_layout(),
-                     checkpoint_version=3.0, **(extra or {}))
+                     checkpoint_version=3.0, optimizer_format=self.optimizer_format, **(extra or {}))
         strategy = get_default_save_sharded_strategy("torch_dist")
         request = dist_checkpointing.save(state, path, strategy, async_sharded_save=self.async_save)
 
@@ -260,13 +301,14 @@ class Checkpointer:
                 shutil.rmtree(iter_dir(self.save_root, it), ignore_errors=True)
 
     def _state(self, chunks, optimizer, scheduler, is_loading: bool, weights_only: bool = False,
-               with_rng: bool = True) -> dict:
+               with_rng: bool = True, optimizer_format: Optional[str] = None) -> dict:
         state = {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(len(chunks)), chunks)}
         if weights_only:
             return state
         if optimizer is not None:
             merged = state["model"] if len(chunks) == 1 else _merge(state, len(chunks))
-            state["optimizer"] = _optimizer_sharded(optimizer, merged, is_loading, self.distributed_optimizer)
+            state["optimizer"] = _optimizer_sharded(optimizer, merged, is_loading, self.distributed_optimizer,
+                                                    optimizer_format or self.optimizer_format)
         if scheduler is not None:
             state["opt_param_scheduler"] = scheduler.state_dict()
         if with_rng:
@@ -292,8 +334,14 @@ class Checkpointer:
         if full and "iteration" not in common:
             raise ValueError(f"{ckpt}: not a training checkpoint (no iteration); load it with checkpoint.load_mode=weights")
         same_mp = saved_layout.get("tp") == now["tp"] and saved_layout.get("pp") == now["pp"]
+        saved_format = common.get("optimizer_format", "dp_reshardable")
+        if full and optimizer is not None and self.distributed_optimizer and not same_mp and saved_format != "fully_reshardable":
+            raise ConfigError(
+                f"{ckpt}: saved at tp={saved_layout.get('tp')} pp={saved_layout.get('pp')} with optimizer format "
+                f"{saved_format}; a full resume at tp={now['tp']} pp={now['pp']} needs a checkpoint saved with "
+                "checkpoint.optimizer_format=fully_reshardable (or load the weights only: checkpoint.load_mode=weights)")
         state = self._state(chunks, optimizer, scheduler, is_loading=True, weights_only=not full,
-                            with_rng=full and same_mp)
+                            with_rng=full and same_mp, optimizer_format=saved_format)
         loaded = dist_checkpointing.load(state, ckpt)
         for key, chunk in zip(_model_keys(len(chunks)), chunks):
             _unwrap(chunk).load_state_dict(loaded[key], strict=True)
@@ -302,7 +350,7 @@ class Checkpointer:
             return 0, 0
         if optimizer is not None:
             with torch.no_grad():  # fp32 main params are views of the model's leaf parameters
-                optimizer.load_state_dict(loaded["optimizer"])
+                _load_optimizer(optimizer, loaded["optimizer"])
             _unshare_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(loaded["opt_param_scheduler"])

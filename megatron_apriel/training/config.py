@@ -100,7 +100,8 @@ class CheckpointConfig:
     A ``save`` folder holding a complete checkpoint is always resumed in full (optimizer,
     scheduler, RNG, data position), so a requeued job continues where it stopped. Otherwise the run
     starts from ``load`` (or the blend stage's ``load``): ``weights`` (also ``auto``) loads the
-    model only, at any TP/PP; ``full`` continues that run's whole state (same TP/PP).
+    model only, at any TP/PP; ``full`` continues that run's whole state, at the same TP/PP, or at
+    any TP/PP when it was saved with ``optimizer_format: fully_reshardable``.
     """
 
     save: Optional[str] = None
@@ -110,10 +111,16 @@ class CheckpointConfig:
     keep_last: Optional[int] = None  # None keeps all
     keep_every: Optional[int] = None  # also keep every iteration divisible by this
     async_save: bool = False
+    # dp_reshardable: Megatron-LM's default, a full resume needs the same TP/PP;
+    # fully_reshardable: the optimizer state is saved in model space, resumable at any TP/PP/DP
+    optimizer_format: str = "dp_reshardable"
 
     def validate(self):
         if self.load_mode not in ("auto", "full", "weights"):
             raise ConfigError(f"checkpoint.load_mode: {self.load_mode!r} is not one of auto, full, weights")
+        if self.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
+            raise ConfigError(f"checkpoint.optimizer_format: {self.optimizer_format!r} is not one of "
+                              "dp_reshardable, fully_reshardable")
 
 
 @dataclass

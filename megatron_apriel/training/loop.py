@@ -139,6 +139,9 @@ def _device_of(env) -> str:
     return "cuda" if env.device == "cuda" else "cpu"
 
 
+IMAGE_KEYS = ("pixel_values", "image_sizes")  # the multimodal batch (models/llava.py)
+
+
 class _Batches:
     """Micro-batches of one global batch from a DataLoader, moved to the device (packed ones flattened)."""
 
@@ -154,9 +157,10 @@ class _Batches:
             if "cu_seqlens" in batch:
                 from megatron_apriel.data.packing import flatten_packed_batch
 
-                batch = flatten_packed_batch(batch)
+                # Flattening rows keeps the images' order (row 0 first), so they travel unchanged.
+                batch = {**flatten_packed_batch(batch), **{k: batch[k] for k in IMAGE_KEYS if k in batch}}
             item = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                    for k, v in batch.items() if k in ("tokens", "labels", "loss_mask", "position_ids")}
+                    for k, v in batch.items() if k in ("tokens", "labels", "loss_mask", "position_ids") + IMAGE_KEYS}
             if batch.get("packed_seq_params") is not None:
                 p = batch["packed_seq_params"]
                 for f in ("cu_seqlens_q", "cu_seqlens_kv"):
@@ -174,7 +178,8 @@ def _loader(dataset, consumed: int, mbs: int, num_workers: int):
     from megatron.core import parallel_state as ps
 
     sampler = PretrainingSampler(len(dataset), consumed, mbs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
+                                       collate_fn=getattr(dataset, "collate", None))
 
 
 def build_scheduler(optimizer, cfg: TrainConfig):
@@ -247,7 +252,10 @@ def train(cfg: TrainConfig) -> int:
         params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
         fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
         device=env.device, use_te=use_te)
-    chunks = build_model_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
+    build = build_model_chunks
+    if preset.vision is not None:  # Pixtral/LLaVA: vision encoder + projector + the decoder
+        from megatron_apriel.models.llava import build_llava_chunks as build
+    chunks = build(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
     frozen = freeze_groups(chunks, t.freeze)
     if frozen:
         _log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
@@ -257,6 +265,7 @@ def train(cfg: TrainConfig) -> int:
 
     checkpointer = Checkpointer(ck.save, ck.keep_last, ck.keep_every, ck.async_save,
                                 distributed_optimizer=t.optim.use_distributed_optimizer,
+                                optimizer_format=ck.optimizer_format,
                                 write_config=lambda p: dump_config(cfg, p), log=_log0)
     iteration, consumed = 0, 0
     load = ck.load or _stage_load(cfg)
