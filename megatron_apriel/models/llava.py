@@ -202,6 +202,7 @@ class LlavaModel(_megatron_module()):
                                               post_process=post_process, vp_stage=vp_stage,
                                               max_sequence_length=max_sequence_length)
         self.post_process = self.language_model.post_process
+        self.model_type = self.language_model.model_type  # read by megatron-core's schedules
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
         self.vision_model = self.vision_projection = None
         if pre_process:

@@ -1,8 +1,9 @@
 """One training (or evaluation) step over micro-batches, through megatron-core's pipeline schedules.
 
 A batch is a dict with ``tokens``, ``labels``, ``loss_mask`` and ``position_ids`` ([b, s] tensors),
-plus ``packed_seq_params`` for packed sequences. The loss is the mean cross-entropy over the tokens
-whose ``loss_mask`` is 1, taken over the whole global batch (``calculate_per_token_loss``), so the
+plus ``packed_seq_params`` for packed sequences and, for the multimodal model, ``pixel_values`` /
+``image_sizes`` (the batch contract of :mod:`megatron_apriel.models.llava`). The loss is the mean
+cross-entropy over the tokens whose ``loss_mask`` is 1, taken over the whole global batch (``calculate_per_token_loss``), so the
 same data gives the same loss and gradient at any TP/PP/DP layout and micro-batch split.
 """
 
@@ -26,12 +27,15 @@ class StepResult:
 def gpt_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
     """The forward_step_func handed to megatron-core's schedules."""
     batch = next(data_iterator)
+    # Images only for the multimodal model (models/llava.py); a text GPTModel takes no such argument.
+    images = {k: batch[k] for k in ("pixel_values", "image_sizes") if batch.get(k) is not None and batch[k].numel()}
     output = model(
         batch["tokens"],
         batch["position_ids"],
         None,
         labels=batch["labels"],
         packed_seq_params=batch.get("packed_seq_params"),
+        **images,
     )
     loss_mask = batch["loss_mask"]
 
