@@ -4,7 +4,8 @@ A batch is a dict with ``tokens``, ``labels``, ``loss_mask`` and ``position_ids`
 plus ``packed_seq_params`` for packed sequences and, for the multimodal model, ``pixel_values`` /
 ``image_sizes`` (the batch contract of :mod:`megatron_apriel.models.llava`). The loss is the mean
 cross-entropy over the tokens whose ``loss_mask`` is 1, taken over the whole global batch
-(``calculate_per_token_loss``), so the same data gives the same loss and gradient at any TP/PP/DP layout and micro-batch split.
+(``calculate_per_token_loss``), so the same data gives the same loss and gradient at any TP/PP/DP
+layout and micro-batch split.
 """
 
 from __future__ import annotations
