@@ -186,3 +186,56 @@ def test_bad_inputs_are_refused_and_nothing_is_written(hf_dir, tmp_path, dist_wo
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     assert main(["mcore-to-hf", "--ckpt", str(hf_dir), "--out", str(tmp_path / "x")]) == 2
     assert "distributed checkpoint" in capsys.readouterr().err
+
+
+def test_streamed_shards_are_the_bytes_save_file_writes(tmp_path):
+    """Shards laid out up front and written tensor by tensor (or in row blocks) equal save_file's."""
+    from safetensors.torch import save_file
+
+    from megatron_apriel.checkpoint.hf_io import ShardedSafetensorsWriter
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"z.w": torch.randn(7, 5, generator=g).bfloat16(), "a.b": torch.randn(3, generator=g),
+               "m": torch.tensor(3.0), "i": torch.arange(5), "h": torch.randn(4, 4, generator=g).half(),
+               "e": torch.zeros(0, 3), "k": torch.randint(0, 9, (6,), dtype=torch.int8), "t": torch.tensor([True, False])}
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    for shard in (10**9, 60):
+        held = ShardedSafetensorsWriter(tmp_path / f"held{shard}", max_shard_bytes=shard)
+        streamed = ShardedSafetensorsWriter(tmp_path / f"streamed{shard}", max_shard_bytes=shard,
+                                            layout=[(k, tuple(v.shape), v.dtype) for k, v in tensors.items()])
+        for k, v in tensors.items():
+            held.add(k, v)
+            if v.dim() and v.shape[0] > 2:
+                streamed.add_parts(k, [v[:2], v[2:]])
+            else:
+                streamed.add(k, v)
+        held.close()
+        streamed.close()
+        files = sorted(p.name for p in (tmp_path / f"held{shard}").iterdir())
+        assert files == sorted(p.name for p in (tmp_path / f"streamed{shard}").iterdir())
+        for name in files:
+            assert (tmp_path / f"held{shard}" / name).read_bytes() == (tmp_path / f"streamed{shard}" / name).read_bytes()
+    assert (tmp_path / "streamed1000000000" / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    assert len(files) == 4  # 3 shards + index at 60 bytes
+
+    bad = ShardedSafetensorsWriter(tmp_path / "bad", layout=[("a", (2, 3), torch.float32)])
+    with pytest.raises(ValueError, match="shape"):
+        bad.add("a", torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="short"):
+        bad.add_parts("a", [torch.zeros(1, 3)])
+    bad.abort()
+    with pytest.raises(ValueError, match="never written"):
+        ShardedSafetensorsWriter(tmp_path / "bad2", layout=[("a", (2,), torch.float32)]).close()
+
+
+def test_reader_reads_row_ranges(tp1):
+    from megatron_apriel.checkpoint.convert import McoreCheckpointReader
+
+    reader = McoreCheckpointReader(tp1 / "mcore")
+    key = "decoder.layers.mlp.linear_fc1.weight"
+    full = reader.read(key)
+    assert full.shape[0] == reader.num_layers == 4 and reader.row_starts(key) == [0, 1, 2, 3]
+    assert torch.equal(reader.read(key, 1, 3), full[1:3])
+    assert torch.equal(reader.get("decoder.layers.2.mlp.linear_fc1.weight"), full[2])
+    with pytest.raises(ConversionError, match="outside"):
+        reader.read(key, 3, 9)

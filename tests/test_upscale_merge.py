@@ -162,6 +162,25 @@ def test_weighted_average_matches_fp64(tmp_path, dtype):
         torch.testing.assert_close(tm[n].double(), (ta[n].double() + tb[n].double()) / 2, rtol=0, atol=1e-6)
 
 
+def test_blocks_give_the_same_bytes(tmp_path, monkeypatch):
+    """Averaging in row blocks written in place equals whole-tensor averaging, byte for byte."""
+    g = torch.Generator().manual_seed(1)
+    inputs = []
+    for i in range(3):
+        tensors = {"w": torch.randn(37, 29, generator=g).to(torch.bfloat16), "v": torch.randn(301, generator=g),
+                   "s": torch.tensor(float(i)), "h": torch.randn(5, 3, 7, generator=g).to(torch.float16)}
+        inputs.append(_write_fake(tmp_path / f"in{i}", tensors))
+    args = [*map(str, inputs), "--weights", "0.2", "0.3", "0.5", "--max-shard-gb", str(2000 / 1024**3)]
+    assert avg.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(avg, "BLOCK_ELEMENTS", 64)
+    assert len(avg.Checkpoint(inputs[0]).blocks("w")) == 19  # 2 rows of 29 per block
+    assert avg.main([*args, "--out", str(tmp_path / "blocks")]) == 0
+    files = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert len(files) > 1 and files == sorted(p.name for p in (tmp_path / "blocks").glob("*.safetensors"))
+    for name in files + ["model.safetensors.index.json"]:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "blocks" / name).read_bytes(), name
+
+
 def test_weights_must_sum_to_one(tmp_path, capsys):
     t = {"a": torch.ones(4)}
     ins = [str(_write_fake(tmp_path / f"in{i}", t)) for i in range(2)]
@@ -260,6 +279,20 @@ if __name__ == "__main__":
         assert ((p.detach().double() - ref).abs() <= ref.abs() * 2e-7 + 1e-12).all(), name
         n += 1
     assert n == len(list(models[0].parameters())) >= 9, n
+
+    # the same average written block by block (one layer of each stacked tensor per block) is
+    # stored in several chunks and loads to the same bits
+    import torch.distributed.checkpoint as dcp
+    from megatron_apriel.checkpoint import average as avg_mod
+    avg_mod.BLOCK_ELEMENTS = 1000
+    assert average([f"{root}/iter_0000001", f"{root}/iter_0000002", "--weights", "0.25", "0.75", "--out", f"{root}/avg_blocks"]) == 0
+    chunks = dcp.FileSystemReader(f"{root}/avg_blocks").read_metadata().state_dict_metadata["decoder.layers.mlp.linear_fc1.weight"].chunks
+    assert len(chunks) == 2, chunks
+    blocked = model(4)
+    loaded = dist_checkpointing.load({"model": blocked.sharded_state_dict()}, f"{root}/avg_blocks")
+    blocked.load_state_dict(loaded["model"])
+    for (name, p), q in zip(target.named_parameters(), blocked.parameters()):
+        assert torch.equal(p, q), name
     print("checked", n, "parameters")
 '''
 

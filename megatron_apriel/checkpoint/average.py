@@ -3,18 +3,21 @@
 Apriel averages equally spaced checkpoints at the end of every stage (3 after CPT, 6 after the
 Pixtral upscale-training) and merges specialists with weights (C = 0.5 A + 0.5 B, final =
 0.3 E + 0.3 F + 0.4 G). All of these are the linear merge, so one streaming function does them:
-for each tensor, inputs are read one at a time from memory-mapped safetensors and accumulated in
-fp32 (bf16 sums lose bits after a few adds), then cast back to the input dtype. Peak memory is the
-fp32 accumulator plus one input tensor, never the model.
+each tensor is processed in blocks of rows; for each block the inputs are read one at a time and
+accumulated in fp32 (bf16 sums lose bits after a few adds), cast back to the input dtype and
+written at its place in the output. Peak memory is a block's fp32 accumulator plus one input
+block (tens of MB), never a tensor, a shard or the model. The maths is elementwise, so blocks give
+the same bits as whole tensors.
 
 Written by hand rather than with mergekit: the linear merge is ten lines, and the checks that
 matter here (same architecture, same tokenizer, same names/shapes/dtypes, weights summing to 1,
 equispaced selection from a Megatron run directory) are not mergekit's. The YAML form follows
 mergekit's ``merge_method: linear`` schema so existing merge files read the same.
 
-Inputs are HF folders (``model.safetensors`` or sharded with an index). Megatron-core distributed
-checkpoints (``iter_0000100/``) are read with ``torch.distributed.checkpoint`` in
-:func:`mcore_tensors`; see its docstring for what is supported.
+Inputs are HF folders (``model.safetensors`` or sharded with an index; blocks are row slices read
+from the mapping) or megatron-core distributed checkpoints (``iter_0000100/``), read through
+:class:`~megatron_apriel.checkpoint.convert.McoreCheckpointReader` in blocks of the stored chunks
+(one layer of a stacked tensor) and written back as a model-only dist checkpoint block by block.
 """
 
 from __future__ import annotations
@@ -89,37 +92,12 @@ def is_mcore_folder(path: Path) -> bool:
     return (path / ".metadata").exists() or (path / "metadata.json").exists()
 
 
-def mcore_tensors(path: Path) -> tuple[dict[str, tuple[list[int], torch.dtype]], "callable"]:
-    """The model tensors of a megatron-core ``torch_dist`` checkpoint and a loader of one tensor.
-
-    Reads the torch.distributed.checkpoint metadata (global shapes) and loads one full tensor per
-    call with ``no_dist=True``, so no process group is needed. Optimizer, RNG and rerun state are
-    skipped: an average is a model, and averaging Adam moments is meaningless. Layer-stacked
-    tensors (``decoder.layers.*`` with the layer dimension first) are loaded whole, so peak memory
-    is one stacked tensor per input rather than one layer.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(path))
-    meta = reader.read_metadata()
-    tensors = {}
-    for key, md in meta.state_dict_metadata.items():
-        if key.startswith(("optimizer.", "rng_state", "rerun_state")) or not isinstance(md, TensorStorageMetadata):
-            continue
-        tensors[key] = (list(md.size), md.properties.dtype)
-
-    def load(key: str) -> torch.Tensor:
-        shape, dtype = tensors[key]
-        sd = {key: torch.empty(shape, dtype=dtype)}
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
-        return sd[key]
-
-    return tensors, load
+# Rows per block: at most this many elements, i.e. a 64 MiB fp32 accumulator.
+BLOCK_ELEMENTS = 16 * 2**20
 
 
 class Checkpoint:
-    """One input: names, shapes, dtypes and a one-tensor loader, whatever the on-disk format."""
+    """One input: names, shapes, dtypes and readers of a tensor or of its row blocks, whatever the format."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -128,24 +106,55 @@ class Checkpoint:
             self._reader = SafetensorsReader(self.path)
             self.names = self._reader.keys()
             self.shapes = {n: self._reader.shape(n) for n in self.names}
-            self.dtypes = {n: _st_dtype(self._reader.dtype(n)) for n in self.names}
-            self.get = self._get_hf
+            self.dtypes = {n: self._reader.torch_dtype(n) for n in self.names}
         elif is_mcore_folder(self.path):
+            from megatron_apriel.checkpoint.convert import ConversionError, McoreCheckpointReader
+
             self.kind = "mcore"
-            tensors, self.get = mcore_tensors(self.path)
-            self.names = list(tensors)
-            self.shapes = {n: s for n, (s, _) in tensors.items()}
-            self.dtypes = {n: d for n, (_, d) in tensors.items()}
+            try:
+                self._mcore = McoreCheckpointReader(self.path, gpt=False)
+            except (ConversionError, FileNotFoundError) as e:
+                raise AverageError(str(e)) from None
+            self.names = list(self._mcore.meta)
+            self.shapes = {n: list(m.global_shape) for n, m in self._mcore.meta.items()}
+            self.dtypes = {n: m.dtype for n, m in self._mcore.meta.items()}
         else:
             raise AverageError(f"{self.path}: neither an HF safetensors folder nor a megatron-core distributed checkpoint")
 
-    def _get_hf(self, name: str) -> torch.Tensor:
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or its rows ``rows[0]:rows[1]``."""
+        if self.kind == "mcore":
+            return self._mcore.read(name, *(rows or (None, None)))
+        t = self._reader.get(name) if rows is None else self._reader.get_rows(name, *rows)
         # Closing the file handles after each read unmaps the file once the tensor is freed, so
         # pages of tensors already merged do not accumulate in the resident set (RSS would otherwise
         # grow to the sum of the input sizes, reclaimable but alarming on a shared node).
-        t = self._reader.get(name)
         self._reader.close()
         return t
+
+    def blocks(self, name: str) -> list[tuple[int, int] | None]:
+        """Row ranges covering ``name``, each of at most :data:`BLOCK_ELEMENTS` elements where possible.
+
+        Dist checkpoints are cut only where stored chunks start (a layer of a stacked tensor, a TP
+        shard): DCP reads whole stored chunks, so a finer cut would re-read one for every block.
+        """
+        shape = self.shapes[name]
+        if not shape or shape[0] == 0 or not self.dtypes[name].is_floating_point:
+            return [None]
+        per_row = math.prod(shape[1:])
+        if self.kind == "mcore":
+            cuts = self._mcore.row_starts(name) + [shape[0]]
+        else:
+            cuts = list(range(0, shape[0], max(1, BLOCK_ELEMENTS // max(per_row, 1)))) + [shape[0]]
+        out, start, end = [], 0, 0
+        for cut in cuts[1:]:
+            # grow a block over whole ranges while it stays within the budget
+            if end > start and (cut - start) * per_row > BLOCK_ELEMENTS:
+                out.append((start, end))
+                start = end
+            end = cut
+        out.append((start, end))
+        return [None] if out == [(0, shape[0])] else out
 
     def config(self) -> dict | None:
         p = self.path / "config.json"
@@ -158,13 +167,6 @@ class Checkpoint:
     def close(self):
         if self.kind == "hf":
             self._reader.close()
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    table = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
-    return table[name]
 
 
 def _config_diff(a: dict, b: dict, where: str = "") -> list[str]:
@@ -222,22 +224,24 @@ def check_weights(weights: list[float], n: int, allow_unnormalised: bool) -> lis
 
 
 # ------------------------------------------------------------------------------------------ merge
-def weighted_tensor(ckpts: list[Checkpoint], weights: list[float], name: str) -> torch.Tensor:
-    """``sum_i w_i * t_i`` accumulated in fp32 (fp64 for fp64 inputs), in the inputs' dtype."""
+def weighted_tensor(ckpts: list[Checkpoint], weights: list[float], name: str,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``sum_i w_i * t_i`` (of rows ``rows`` only, if given) accumulated in fp32 (fp64 for fp64
+    inputs), in the inputs' dtype."""
     dtype = ckpts[0].dtypes[name]
     if not dtype.is_floating_point:
         # integer buffers (rare in LM checkpoints) cannot be averaged: they must agree
-        first = ckpts[0].get(name)
+        first = ckpts[0].get(name, rows)
         for c in ckpts[1:]:
-            if not torch.equal(first, c.get(name)):
+            if not torch.equal(first, c.get(name, rows)):
                 raise AverageError(f"non-float tensor {name} differs between {ckpts[0].path} and {c.path}")
         return first
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     # copy=True: never scale in place a tensor that may still view the input file's mapping
-    acc = ckpts[0].get(name).to(acc_dtype, copy=True).mul_(weights[0])
+    acc = ckpts[0].get(name, rows).to(acc_dtype, copy=True).mul_(weights[0])
     for c, w in zip(ckpts[1:], weights[1:]):
         # add_ upcasts element by element: no full-size fp32 copy of the input
-        acc.add_(c.get(name), alpha=w)
+        acc.add_(c.get(name, rows), alpha=w)
     return acc.to(dtype)
 
 
@@ -259,11 +263,21 @@ def average(inputs: list[str | Path], out: str | Path, weights: list[float] | No
         for c, w in zip(ckpts, weights):
             log(f"  {w:8.4f} x {c.path}")
         t0 = time.perf_counter()
-        names = ckpts[0].names
+        ref = ckpts[0]
+        layout = [(n, tuple(ref.shapes[n]), ref.dtypes[n]) for n in ref.names]
         with atomic_output_dir(out, force=force) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
-            for name in tqdm(names, desc="average", unit="tensor", file=sys.stderr, mininterval=2.0):
-                writer.add(name, weighted_tensor(ckpts, weights, name))
+            # shards laid out up front: each block goes to its place in the output as it is computed
+            writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
+            try:
+                for name in tqdm(ref.names, desc="average", unit="tensor", file=sys.stderr, mininterval=2.0):
+                    blocks = ref.blocks(name)
+                    if blocks == [None]:
+                        writer.add(name, weighted_tensor(ckpts, weights, name))
+                    else:
+                        writer.add_parts(name, (weighted_tensor(ckpts, weights, name, b) for b in blocks))
+            except BaseException:
+                writer.abort()
+                raise
             writer.close()
             copied = copy_side_files(ckpts[0].path, tmp)
             record = {"method": "linear", "inputs": [str(Path(p).resolve()) for p in inputs], "weights": weights}
@@ -278,43 +292,84 @@ def average(inputs: list[str | Path], out: str | Path, weights: list[float] | No
 
 
 def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bool, log) -> dict:
-    """Average megatron-core dist checkpoints into a model-only dist checkpoint.
+    """Average megatron-core dist checkpoints into a model-only dist checkpoint, block by block.
 
-    torch.distributed.checkpoint writes a checkpoint in one ``save`` call, so the output state dict
-    is held in memory (one model in the input dtype); inputs are still read one tensor at a time.
-    Non-tensor model entries (``_extra_state`` objects) and the side files (``metadata.json``,
-    ``common.pt``, the saved run config) come from the first input, so megatron-core's
-    ``dist_checkpointing.load`` reads the result like any checkpoint; it has no optimizer state,
-    so load it as weights only.
+    torch.distributed.checkpoint writes a checkpoint in one ``save`` call from a state dict; here
+    the plan lists every output block (a chunk of a tensor's global shape: one layer of a stacked
+    tensor, as megatron-core stores them) and :class:`_LazyAveragePlanner` computes each block only
+    when the writer asks for it. Non-tensor model entries (``_extra_state`` objects) and the side
+    files (``metadata.json``, ``common.pt``, the saved run config) come from the first input, so
+    megatron-core's ``dist_checkpointing.load`` reads the result like any checkpoint; it has no
+    optimizer state, so load it as weights only.
     """
-    import io
     import shutil
 
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
     from tqdm import tqdm
 
     t0 = time.perf_counter()
-    state: dict = {}
-    for name in tqdm(ckpts[0].names, desc="average (mcore)", unit="tensor", file=sys.stderr, mininterval=2.0):
-        state[name] = weighted_tensor(ckpts, weights, name)
-    first = ckpts[0].path
-    meta = dcp.FileSystemReader(str(first)).read_metadata()
-    objects = {k: io.BytesIO() for k, md in meta.state_dict_metadata.items()
-               if isinstance(md, BytesStorageMetadata) and not k.startswith(("optimizer.", "rng_state", "rerun_state"))}
-    if objects:
-        dcp.load(objects, storage_reader=dcp.FileSystemReader(str(first)), no_dist=True)
-        state.update(objects)
+    ref = ckpts[0]
+    blocks = [(name, b) for name in ref.names for b in ref.blocks(name)]
+    objects = ref._mcore.read_objects()
+    bar = tqdm(total=len(blocks), desc="average (mcore)", unit="block", file=sys.stderr, mininterval=2.0)
+    planner = _lazy_average_planner(blocks, ref, lambda name, rows: weighted_tensor(ckpts, weights, name, rows), bar)
+    first = ref.path
     with atomic_output_dir(out, force=force) as tmp:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp)), no_dist=True)
+        dcp.save(objects, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=planner, no_dist=True)
         for side in first.iterdir():
             if side.is_file() and side.suffix != ".distcp" and side.name != ".metadata":
                 shutil.copy2(side, tmp / side.name)
         record = {"method": "linear", "inputs": [str(c.path.resolve()) for c in ckpts], "weights": weights}
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+    bar.close()
     seconds = time.perf_counter() - t0
-    log(f"wrote {out}: {len(state) - len(objects)} tensors (megatron-core dist checkpoint, model only) in {seconds:.1f} s")
-    return dict(tensors=len(state) - len(objects), seconds=seconds)
+    log(f"wrote {out}: {len(ref.names)} tensors in {len(blocks)} blocks (megatron-core dist checkpoint, model only) "
+        f"in {seconds:.1f} s")
+    return dict(tensors=len(ref.names), seconds=seconds)
+
+
+def _lazy_average_planner(blocks, ref: Checkpoint, compute, bar):
+    """A DCP save planner whose tensor data is computed when written, one block alive at a time."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.default_planner import create_default_local_save_plan
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
+
+    class LazyAveragePlanner(DefaultSavePlanner):
+        def __init__(self):
+            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+            self._last = None
+
+        def create_local_plan(self) -> SavePlan:
+            items = list(create_default_local_save_plan(self.state_dict, self.is_coordinator).items)
+            for name, rows in blocks:
+                size = torch.Size(ref.shapes[name])
+                if rows is None:
+                    offsets, sizes, kind = torch.Size([0] * len(size)), size, WriteItemType.TENSOR
+                else:
+                    offsets = torch.Size([rows[0]] + [0] * (len(size) - 1))
+                    sizes, kind = torch.Size([rows[1] - rows[0], *size[1:]]), WriteItemType.SHARD
+                items.append(WriteItem(index=MetadataIndex(name, offsets), type=kind, tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
+                    properties=TensorProperties(dtype=ref.dtypes[name]), size=size)))
+            self.plan = SavePlan(items)
+            return self.plan
+
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            # The writer keeps a reference to every tensor it wrote (for its safetensors format),
+            # so free the previous block's memory by hand: it has been written once we are asked
+            # for the next one.
+            if self._last is not None:
+                self._last.untyped_storage().resize_(0)
+            offsets, sizes = write_item.tensor_data.chunk.offsets, write_item.tensor_data.chunk.sizes
+            rows = (offsets[0], offsets[0] + sizes[0]) if write_item.type == WriteItemType.SHARD else None
+            self._last = compute(write_item.index.fqn, rows).contiguous()
+            bar.update(1)
+            return self._last
+
+    return LazyAveragePlanner()
 
 
 # ------------------------------------------------------------------------------------------- YAML

@@ -332,6 +332,7 @@ class StoredTensor:
 
     global_shape: tuple[int, ...]
     dtype: torch.dtype
+    row_starts: tuple[int, ...] = (0,)  # first-axis offsets where stored chunks begin
 
 
 # Entries of a training checkpoint that are not model weights.
@@ -371,8 +372,9 @@ class McoreCheckpointReader:
         except Exception as e:  # unreadable or not a dist checkpoint
             raise ConversionError(f"{self.path}: cannot read dist checkpoint metadata ({e})") from None
         model = {k: v for k, v in stored.items() if not k.startswith(NON_MODEL_PREFIXES)}
-        self.meta = {k: StoredTensor(tuple(v.size), v.properties.dtype) for k, v in model.items()
-                     if isinstance(v, TensorStorageMetadata)}
+        self.meta = {k: StoredTensor(tuple(v.size), v.properties.dtype,
+                                     tuple(sorted({c.offsets[0] for c in v.chunks} | {0})) if len(v.size) else (0,))
+                     for k, v in model.items() if isinstance(v, TensorStorageMetadata)}
         self.objects = [k for k, v in model.items() if isinstance(v, BytesStorageMetadata)]
         self.num_layers: Optional[int] = None
         if gpt:
@@ -386,6 +388,11 @@ class McoreCheckpointReader:
     def read(self, key: str, start: Optional[int] = None, stop: Optional[int] = None) -> torch.Tensor:
         """Rows ``start:stop`` (first axis) of stored tensor ``key``; the whole tensor by default."""
         return self._load({key: (key, start, stop)})[key]
+
+    def row_starts(self, key: str) -> list[int]:
+        """First-axis offsets where stored chunks of ``key`` begin: reading between two of them
+        reads no stored byte twice."""
+        return list(self.meta[key].row_starts)
 
     def read_objects(self) -> dict[str, "io.BytesIO"]:
         """The non-tensor model entries, as the serialized bytes torch DCP stored."""
