@@ -16,7 +16,8 @@ Four task families, each with difficulty levels set in the config:
   ``box`` (yes + box of the largest instance) or ``all_boxes``; absent categories are drawn from
   the same COCO supercategory when ``similar_negatives`` is set.
 * ``counting`` (needs COCO boxes): how many instances of a category; the level is the count
-  range (``min_count`` .. ``max_count``) the true count falls in. Crowd annotations make a count
+  range (``min_count`` .. ``max_count``) the true count falls in, levels kept balanced where the
+  images allow. Crowd annotations make a count
   unknowable, so their categories are never asked about.
 
 Every answer is computed from the generation (the region that was painted, the crop that was cut,
@@ -365,7 +366,9 @@ def presence(img: Image.Image, objects, ann: Annotations, lv: dict, rng: np.rand
     return prompt, response, answer
 
 
-def counting(img: Image.Image, objects, ann: Annotations, levels: dict, prefer: str, rng: np.random.Generator) -> tuple:
+def counting(img: Image.Image, objects, ann: Annotations, levels: dict, tally: dict, rng: np.random.Generator) -> tuple:
+    """The level is set by the true count; among the levels this image can serve, the one with the
+    fewest samples so far (``tally``) is taken, which keeps the rare high counts from being crowded out."""
     present, crowd = _usable(objects)
     counts = {c: len(b) for c, b in present.items()}
     counts.update({c: 0 for c in ann.categories if c not in present and c not in crowd})
@@ -376,7 +379,7 @@ def counting(img: Image.Image, objects, ann: Annotations, levels: dict, prefer: 
                 by_level.setdefault(name, []).append(cat)
     if not by_level:
         raise Skip("no_count_in_levels")
-    level = prefer if prefer in by_level else sorted(by_level)[int(rng.integers(len(by_level)))]
+    level = min(sorted(by_level), key=lambda name: tally.get(name, 0))
     cats = by_level[level]
     cat = cats[int(rng.integers(len(cats)))]
     prompt = f"<image>\nHow many instances of {cat} are in the image? Answer with a number."
@@ -393,6 +396,7 @@ def generate(cfg: dict, image_paths: list[str], ann: Optional[Annotations], imag
     from tqdm import tqdm
 
     fam_index = {f: i for i, f in enumerate(FAMILIES)}
+    count_tally: dict = {}
     for idx, path in enumerate(tqdm(image_paths, desc="images", unit=" img", disable=not progress or None, mininterval=2.0)):
         try:
             with Image.open(path) as im:
@@ -424,7 +428,8 @@ def generate(cfg: dict, image_paths: list[str], ann: Optional[Annotations], imag
                         if fam == "presence":
                             prompt, response, answer = presence(img, objects, ann, lv, rng)
                         else:
-                            level, prompt, response, answer = counting(img, objects, ann, levels, level, rng)
+                            level, prompt, response, answer = counting(img, objects, ann, levels, count_tally, rng)
+                            count_tally[level] = count_tally.get(level, 0) + 1
                 except Skip as e:
                     key = f"{fam}:{e}"
                     skipped[key] = skipped.get(key, 0) + 1

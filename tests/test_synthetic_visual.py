@@ -1,0 +1,279 @@
+"""Synthetic visual tasks: every family and difficulty on images the test draws (solid blocks and shapes
+at known positions and counts), answers checked against the drawing; dry run; preprocessing of the
+output with loss on the responses only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageColor, ImageDraw
+
+from data_prep import synthetic_visual as sv
+
+BLOCK_COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "cyan", "pink", "brown", "gray"]
+BW, BH = 40, 30  # block size; block images are 4 x 3 blocks = 160 x 90
+
+
+def draw_blocks(path: Path, shift: int) -> list[list[str]]:
+    names = [[BLOCK_COLOURS[(shift + r * 4 + c) % len(BLOCK_COLOURS)] for c in range(4)] for r in range(3)]
+    im = Image.new("RGB", (4 * BW, 3 * BH))
+    d = ImageDraw.Draw(im)
+    for r in range(3):
+        for c in range(4):
+            d.rectangle((c * BW, r * BH, (c + 1) * BW - 1, (r + 1) * BH - 1), fill=ImageColor.getrgb(names[r][c]))
+    im.save(path)
+    return names
+
+
+# shapes images: (circles, squares, crowd of people?) with known boxes; "person" is a crowd region in shapes2
+SHAPES = {
+    "shapes0.png": {"circle": 0, "square": 1},
+    "shapes1.png": {"circle": 2, "square": 2},
+    "shapes2.png": {"circle": 5, "square": 1, "person": 1},
+    "shapes3.png": {"circle": 9, "square": 0},
+}
+CATEGORIES = [("circle", "shape"), ("square", "shape"), ("triangle", "shape"), ("dog", "animal"), ("person", "person")]
+
+
+def draw_shapes(folder: Path) -> dict:
+    """Images with shapes at known boxes and the COCO JSON that describes them; returns file -> boxes."""
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": i + 1, "name": n, "supercategory": s} for i, (n, s) in enumerate(CATEGORIES)]}
+    cat_id = {n: i + 1 for i, (n, _) in enumerate(CATEGORIES)}
+    truth = {}
+    for img_id, (name, counts) in enumerate(SHAPES.items()):
+        im = Image.new("RGB", (200, 160), "white")
+        d = ImageDraw.Draw(im)
+        boxes = {"circle": [], "square": []}
+        for k in range(counts["circle"]):
+            x, y = 8 + (k % 5) * 30, 8 + (k // 5) * 30
+            d.ellipse((x, y, x + 19, y + 19), fill="red")
+            boxes["circle"].append([x, y, 20, 20])
+        for k in range(counts["square"]):
+            x, y = 20 + k * 80, 100
+            d.rectangle((x, y, x + 39 + 10 * k, y + 39), fill="blue")
+            boxes["square"].append([x, y, 40 + 10 * k, 40])
+        anns = [(c, b, 0) for c in boxes for b in boxes[c]]
+        if counts.get("person"):
+            anns.append(("person", [150, 10, 40, 60], 1))  # a crowd region: never counted or asked about
+        for c, b, crowd in anns:
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": img_id, "category_id": cat_id[c],
+                                        "bbox": b, "iscrowd": crowd, "area": b[2] * b[3]})
+        coco["images"].append({"id": img_id, "file_name": name, "width": 200, "height": 160})
+        im.save(folder / name)
+        truth[name] = boxes
+    (folder.parent / "instances.json").write_text(json.dumps(coco))
+    return truth
+
+
+def xyxy(b, w=200, h=160):
+    x, y, bw, bh = b
+    return [round(1000 * x / w), round(1000 * y / h), round(1000 * (x + bw) / w), round(1000 * (y + bh) / h)]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sv")
+    raw = root / "raw"
+    raw.mkdir()
+    blocks = {f"blocks{i}.png": draw_blocks(raw / f"blocks{i}.png", i) for i in range(3)}
+    truth = draw_shapes(raw)
+    out = root / "out"
+    assert sv.main(["--images", str(raw), "--annotations", str(root / "instances.json"), "--out", str(out),
+                    "--config", "examples/apriel_1p5_15b/cpt_stage2_data.yaml", "--seed", "7"]) == 0
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    cfg = sv.load_config("examples/apriel_1p5_15b/cpt_stage2_data.yaml")
+    return root, raw, out, records, blocks, truth, cfg
+
+
+def load(out: Path, ref: str) -> np.ndarray:
+    return np.asarray(Image.open(out / ref).convert("RGB"))
+
+
+def test_every_family_and_difficulty_is_generated(generated):
+    _, _, out, records, _, _, cfg = generated
+    seen = {(r["task"], r["difficulty"]) for r in records}
+    for fam, spec in cfg["tasks"].items():
+        for level in spec["levels"]:
+            assert (fam, level) in seen, (fam, level)
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == len(records)
+    assert sum(report["counts"].values()) == len(records)
+    for r in records:
+        assert r["prompt"].count("<image>") == len(r["images"]) and r["response"]
+        assert all((out / p).is_file() for p in r["images"])
+    # block images have no annotations: presence/counting are skipped for them and counted
+    assert report["skipped"]["presence:no_annotations"] == 3 * cfg["per_image"]
+    assert (out / "contact_sheet.png").is_file()
+
+
+def test_reconstruction_answers(generated):
+    _, raw, out, records, blocks, _, cfg = generated
+    recs = [r for r in records if r["task"] == "reconstruction"]
+    assert recs
+    for r in recs:
+        lv = cfg["tasks"]["reconstruction"]["levels"][r["difficulty"]]
+        original = np.asarray(Image.open(raw / r["source"]).convert("RGB"))
+        masked = load(out, r["images"][0])
+        x0, y0, x1, y1 = r["answer"]["box_pixels"]
+        h, w = original.shape[:2]
+        assert (masked[y0:y1, x0:x1] == sv.MASK_FILL).all()
+        outside = np.ones((h, w), bool)
+        outside[y0:y1, x0:x1] = False
+        assert (masked[outside] == original[outside]).all()
+        assert abs((x1 - x0) * (y1 - y0) / (w * h) - lv["mask_ratio"]) < 0.03
+        assert r["answer"]["box"] == sv.norm_box((x0, y0, x1, y1), w, h)
+        cells = r["answer"]["cells"]
+        assert len(cells) == lv["grid"] and all(len(row) == lv["grid"] for row in cells)
+        assert r["response"] == "\n".join(", ".join(c["colour"] for c in row) for row in cells)
+        if r["source"] in blocks:
+            names = blocks[r["source"]]
+            for row in cells:
+                for cell in row:
+                    cx0, cy0, cx1, cy1 = cell["box"]
+                    touched = {names[br][bc] for br in range(cy0 // BH, (cy1 - 1) // BH + 1)
+                               for bc in range(cx0 // BW, (cx1 - 1) // BW + 1)}
+                    assert cell["colour"] in touched, (cell, touched)
+                    if len(touched) == 1:
+                        assert cell["colour"] == touched.pop()
+
+
+def iou(a, b):
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    return ix * iy / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy)
+
+
+def test_crop_matching_answers(generated):
+    _, raw, out, records, _, _, cfg = generated
+    recs = [r for r in records if r["task"] == "crop_matching"]
+    assert {r["difficulty"] for r in recs} == set(cfg["tasks"]["crop_matching"]["levels"])
+    for r in recs:
+        lv = cfg["tasks"]["crop_matching"]["levels"][r["difficulty"]]
+        k = lv["candidates"]
+        assert len(r["images"]) == k + 1 and r["answer"]["distractors"] == lv["distractors"]
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:k]
+        assert r["response"] == r["answer"]["letter"] and r["response"] in letters
+        original = Image.open(raw / r["source"]).convert("RGB")
+        assert load(out, r["images"][0]).tolist() == np.asarray(original).tolist()
+        box = r["answer"]["box_pixels"]
+        truth = np.asarray(original.crop(box))
+        side = int(lv["crop_size"] * min(original.size))
+        assert box[2] - box[0] == side and box[3] - box[1] == side
+        for i, (ref, cand) in enumerate(zip(r["images"][1:], r["answer"]["candidates"])):
+            pixels = load(out, ref)
+            if letters[i] == r["response"]:
+                assert (pixels == truth).all() and cand["source"] == r["source"] and cand["box_pixels"] == box
+            else:
+                assert pixels.shape == truth.shape and np.abs(pixels.astype(int) - truth).mean() >= 8
+                src = np.asarray(Image.open(raw / cand["source"]).convert("RGB").crop(cand["box_pixels"]))
+                assert (pixels == src).all()  # a distractor is what its record says it is
+                if lv["distractors"] == "other_image":
+                    assert cand["source"] != r["source"]
+                elif lv["distractors"] == "same_image":
+                    assert cand["source"] == r["source"] and iou(cand["box_pixels"], box) <= 0.2
+                else:
+                    assert cand["source"] == r["source"] and iou(cand["box_pixels"], box) > 0
+
+
+def test_presence_answers(generated):
+    _, _, _, records, _, truth, cfg = generated
+    recs = [r for r in records if r["task"] == "presence"]
+    assert {r["difficulty"] for r in recs} == set(cfg["tasks"]["presence"]["levels"])
+    sup = dict(CATEGORIES)
+    for r in recs:
+        lv = cfg["tasks"]["presence"]["levels"][r["difficulty"]]
+        boxes = truth[r["source"]]
+        cat = r["answer"]["category"]
+        assert cat != "person"  # crowd: never asked
+        drawn = boxes.get(cat, [])
+        assert r["answer"]["present"] == bool(drawn)
+        assert sorted(r["answer"]["boxes"]) == sorted(xyxy(b) for b in drawn)
+        if lv["answer"] == "presence":
+            assert r["response"] == ("yes" if drawn else "no")
+        elif lv["answer"] == "box":
+            largest = max(drawn, key=lambda b: b[2] * b[3]) if drawn else None
+            assert r["response"] == (f"yes {xyxy(largest)}" if drawn else "no")
+        else:
+            assert r["response"] == ("\n".join(str(xyxy(b)) for b in sorted(drawn, key=lambda b: (b[1], b[0]))) if drawn else "none")
+        if not drawn and lv.get("similar_negatives"):
+            present = {c for c, bs in boxes.items() if bs}
+            assert sup[cat] in {sup[c] for c in present} | {"person"} or not present
+
+
+def test_counting_answers(generated):
+    _, _, _, records, _, _, cfg = generated
+    recs = [r for r in records if r["task"] == "counting"]
+    levels = cfg["tasks"]["counting"]["levels"]
+    assert recs
+    for r in recs:
+        cat = r["answer"]["category"]
+        assert cat != "person"
+        n = SHAPES[r["source"]].get(cat, 0)
+        assert r["response"] == str(n) and r["answer"]["count"] == n
+        assert levels[r["difficulty"]]["min_count"] <= n <= levels[r["difficulty"]]["max_count"]
+    # with a count of 9 circles in one image, the hard level (8+) exists
+    assert any(r["difficulty"] == "hard" for r in recs)
+
+
+def test_dry_run_report_and_contact_sheet(generated, capsys, tmp_path):
+    root, raw, _, records, _, _, _ = generated
+    out = tmp_path / "dry"
+    sheet = tmp_path / "sheet.png"
+    assert sv.main(["--images", str(raw), "--annotations", str(root / "instances.json"), "--out", str(out),
+                    "--config", "examples/apriel_1p5_15b/cpt_stage2_data.yaml", "--seed", "7", "--dry-run",
+                    "--contact-sheet", str(sheet)]) == 0
+    assert not out.exists()
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line and line.split()[0] in sv.FAMILIES}
+    header = text.splitlines()[0].split()[1:-1]
+    for fam, values in lines.items():
+        for diff, v in zip(header, values):
+            assert int(v) == sum(1 for r in records if r["task"] == fam and r["difficulty"] == diff)
+        assert int(values[-1]) == sum(1 for r in records if r["task"] == fam)
+    with Image.open(sheet) as im:
+        assert im.format == "PNG" and im.width >= 3 * 300 and im.height >= 4 * 100
+
+
+def test_bad_input(tmp_path, generated, capsys):
+    _, raw, _, _, _, _, _ = generated
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("tasks:\n  crop_matching:\n    levels:\n      easy: {candidates: 1, crop_size: 0.3, distractors: same_image}\n")
+    assert sv.main(["--images", str(raw), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "tasks.crop_matching.levels.easy.candidates" in capsys.readouterr().err
+    cfg.write_text("tasks:\n  colouring: {}\n")
+    assert sv.main(["--images", str(raw), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
+    assert "tasks.colouring: unknown family" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full/x").write_text("x")
+    assert sv.main(["--images", str(raw), "--out", str(tmp_path / "full")]) == 2
+    assert "--force" in capsys.readouterr().err and (tmp_path / "full/x").exists()
+
+
+def test_preprocessed_loss_mask_is_the_response(generated, tmp_path):
+    """The generated JSONL goes through preprocess-multimodal; the loss covers exactly each response + EOS."""
+    from test_multimodal_data import make_tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from megatron_apriel.data import multimodal as mm
+
+    _, _, out, records, _, _, _ = generated
+    tok = make_tokenizer(tmp_path / "tok")
+    prefix = tmp_path / "mm/synthetic"
+    assert mm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(prefix), "--tokenizer-type",
+                    "HuggingFaceTokenizer", "--tokenizer-model", str(tok), "--image-size", "64"]) == 0
+    meta = json.loads(Path(f"{prefix}_multimodal.json").read_text())
+    assert meta["kept"] == len(records) and meta["skipped"] == 0
+    hf = PreTrainedTokenizerFast.from_pretrained(tok)
+    ds = mm.MultimodalDataset(str(prefix), seq_length=512)
+    n_images = 0
+    for doc, r in enumerate(records):
+        toks = np.asarray(ds.tokens[doc])
+        mask = np.asarray(ds.masks[doc]).astype(bool)
+        assert toks[mask].tolist() == hf(r["response"], add_special_tokens=False)["input_ids"] + [hf.eos_token_id]
+        assert (toks == 13).sum() == len(r["images"])  # one [IMG_END] per image
+        n_images += len(r["images"])
+    assert meta["image_refs"] == n_images and meta["images"] < n_images  # originals are stored once
