@@ -1,0 +1,130 @@
+# Sourced by slurm/*.sh after their #SBATCH lines: process layout, rendezvous, containers, signal
+# forwarding and requeue, shared by every stage.
+#
+# One srun task per GPU (Megatron-LM's layout): each task reads SLURM_PROCID / SLURM_NTASKS /
+# SLURM_LOCALID (megatron_apriel.runtime.init_distributed). Every task sees all GPUs of its node
+# and picks SLURM_LOCALID, so do not bind GPUs per task (--gpus-per-task).
+#
+# Knobs, all optional, from the environment (sbatch exports it):
+#   APRIEL_HOME      the repository checkout (default: the folder above the submitted script,
+#                    found by the batch script from the job's Command: sbatch runs a spooled copy)
+#   CONFIG           training config; the script's first argument wins, its other arguments are
+#   OVERRIDES        key=value overrides, appended after those in OVERRIDES (space-separated)
+#   DEVICE=cpu       train on CPUs with gloo (adds model.device=cpu), e.g. the tiny configs
+#   PYTHON           interpreter inside the allocation or the container (default: python)
+#   CONTAINER_IMAGE  run the tasks in this pyxis/enroot image (srun --container-image)
+#   CONTAINER_MOUNTS pyxis mounts (default: APRIEL_HOME and the submit folder at the same paths)
+#   SRUN_ARGS        extra srun flags
+#   MAX_REQUEUES     give up requeueing after this many restarts (default 50)
+#
+# Signals: the scripts ask for `--signal=B:USR1@N`: SLURM signals this batch shell N seconds
+# before the time limit and the trap below forwards the signal to srun, which forwards it to every
+# task. The training loop then checkpoints at the next step boundary and exits with code 3, and the
+# batch shell requeues the job (`scontrol requeue`); the next run resumes from checkpoint.save.
+# `--signal=USR1@N` (no B:, SLURM signals the tasks directly) also works, the exit code still drives
+# the requeue, but a signal that arrives before the tasks have started training is lost.
+
+set -euo pipefail
+
+EXIT_REQUEUE=3
+
+apriel_log() { echo "[apriel $(date '+%F %T')] $*"; }
+
+# MASTER_ADDR / MASTER_PORT from the allocation: the first node, and a port derived from the job id
+# so that every task agrees without talking and a requeued job keeps its address.
+apriel_rendezvous() {
+  if [ -z "${MASTER_ADDR:-}" ]; then
+    MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n1)
+    MASTER_ADDR=${MASTER_ADDR:-localhost}
+  fi
+  MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
+  export MASTER_ADDR MASTER_PORT
+}
+
+apriel_setup() {
+  export APRIEL_HOME
+  export PYTHONPATH="$APRIEL_HOME${PYTHONPATH:+:$PYTHONPATH}"
+  PYTHON=${PYTHON:-python}
+  apriel_rendezvous
+  if [ "${DEVICE:-}" = cpu ]; then
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  fi
+  apriel_log "job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}:" \
+    "${SLURM_JOB_NUM_NODES:-1} node(s) ${SLURM_JOB_NODELIST:-localhost}, ${SLURM_NTASKS:-1} task(s)," \
+    "master ${MASTER_ADDR}:${MASTER_PORT}, checkout ${APRIEL_HOME}"
+}
+
+# A path as given if it exists from the submit folder, else relative to the checkout, so that
+# `sbatch slurm/cpt.sh examples/tiny/cpt.yaml` works from any folder.
+apriel_resolve() {
+  if [ -e "$1" ] || [ "${1#/}" != "$1" ]; then echo "$1"
+  elif [ -e "$APRIEL_HOME/$1" ]; then echo "$APRIEL_HOME/$1"
+  else echo "$1"; fi
+}
+
+# USR1 reaches this shell only (B:): forward it once to srun, which signals every process of the
+# step. Once only: a second signal would also hit the helper processes megatron-core's checkpoint
+# writer spawns (default action: terminate) while the final save is running. The tasks start with
+# USR1 ignored until the loop installs its handler, so a signal during imports is dropped instead
+# of killing them. TERM (scancel, time limit) already reaches every task from SLURM: only log it.
+apriel_forward_usr1() {
+  apriel_log "received USR1: forwarding to the tasks (checkpoint at the next step, then requeue)"
+  kill -USR1 "$APRIEL_SRUN_PID" 2>/dev/null || true
+}
+
+# srun one task per allocated task slot, in the background so this shell can forward signals;
+# returns the step's exit code (the highest of its tasks').
+apriel_srun() {
+  local -a args=(--kill-on-bad-exit=1)
+  if [ -n "${CONTAINER_IMAGE:-}" ]; then
+    args+=(--container-image="$CONTAINER_IMAGE"
+           --container-mounts="${CONTAINER_MOUNTS:-$APRIEL_HOME:$APRIEL_HOME,$PWD:$PWD}"
+           --container-workdir="$PWD")
+  fi
+  # shellcheck disable=SC2206  # SRUN_ARGS is a list of flags on purpose
+  if [ -n "${SRUN_ARGS:-}" ]; then args+=(${SRUN_ARGS}); fi
+  apriel_log "srun ${args[*]} $*"
+  # shellcheck disable=SC2016  # $@ is expanded by the task's shell
+  srun "${args[@]}" bash -c 'trap "" USR1; exec "$@"' apriel-task "$@" &
+  APRIEL_SRUN_PID=$!
+  trap apriel_forward_usr1 USR1
+  trap 'apriel_log "received TERM: waiting for the tasks to checkpoint and exit"' TERM
+  # A trapped signal interrupts `wait` (status > 128) while srun runs on: wait again until it ends;
+  # the last `wait` returns srun's own status even when it had already been reaped.
+  while kill -0 "$APRIEL_SRUN_PID" 2>/dev/null; do wait "$APRIEL_SRUN_PID" || true; done
+  local rc=0
+  wait "$APRIEL_SRUN_PID" || rc=$?
+  trap - USR1 TERM
+  return "$rc"
+}
+
+# Run the training loop on every task and act on its exit code:
+# 0 done; 3 checkpointed (signal or train.exit_interval) -> requeue; anything else fails the job.
+# Usage: apriel_train DEFAULT_CONFIG [CONFIG] [key=value ...]
+apriel_train() {
+  local default_config=$1; shift
+  local config=${CONFIG:-$default_config}
+  if [ $# -gt 0 ] && [ "${1#*=}" = "$1" ]; then config=$1; shift; fi
+  apriel_setup
+  config=$(apriel_resolve "$config")
+  # shellcheck disable=SC2206  # OVERRIDES is a list of key=value words on purpose
+  local -a overrides=(${OVERRIDES:-} "$@")
+  if [ "${DEVICE:-}" = cpu ]; then overrides+=(model.device=cpu); fi
+  local rc=0
+  apriel_srun "$PYTHON" -m megatron_apriel.train --config "$config" "${overrides[@]}" || rc=$?
+  case "$rc" in
+    0) apriel_log "training finished (exit 0)" ;;
+    "$EXIT_REQUEUE")
+      local restarts=${SLURM_RESTART_COUNT:-0}
+      if [ -z "${SLURM_JOB_ID:-}" ]; then
+        apriel_log "checkpointed (exit 3); not under SLURM: run again to resume"
+      elif [ "$restarts" -ge "${MAX_REQUEUES:-50}" ]; then
+        apriel_log "checkpointed (exit 3) but restart $restarts >= MAX_REQUEUES=${MAX_REQUEUES:-50}: not requeueing"
+      else
+        apriel_log "checkpointed (exit 3): requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+        if scontrol requeue "$SLURM_JOB_ID"; then rc=0; else apriel_log "scontrol requeue failed"; fi
+      fi ;;
+    *) apriel_log "training failed (exit $rc)" ;;
+  esac
+  return "$rc"
+}
