@@ -239,3 +239,45 @@ def test_realignment_trains_only_the_projector(converted, tmp_path):
         assert torch.equal(before[k], after[k]), f"{k} changed although frozen"
     for k in proj:
         assert not torch.equal(before[k], after[k]), f"{k} did not train"
+
+
+def test_upscaled_llava_loads_in_transformers_and_ours(tiny_llava_dir, tmp_path, dist_world_of_one):
+    """The 40 -> 48 plan scaled down (4 -> 5, middle layer duplicated) through `apriel upscale`."""
+    from megatron.core import dist_checkpointing
+    from transformers import LlavaForConditionalGeneration
+
+    from megatron_apriel.checkpoint import upscale
+    from megatron_apriel.checkpoint.convert import main as convert
+    from megatron_apriel.models.llava import LlavaModel
+
+    out = tmp_path / "up"
+    assert upscale.main(["--hf", str(tiny_llava_dir), "--out", str(out), "--duplicate-middle", "1", "--init", "copy"]) == 0
+    hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.text_config.num_hidden_layers == 5
+    assert convert(["hf-to-mcore", "--hf", str(out), "--out", str(tmp_path / "mcore")]) == 0
+    preset = get_preset("tiny-llava-upscaled")
+    model = LlavaModel(preset, preset.transformer_config()).eval()
+    for p in model.parameters():  # a tensor the load misses cannot pass by accident
+        p.data.fill_(float("nan"))
+    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(tmp_path / "mcore"))
+    model.load_state_dict(state["model"])
+    tokens, pixels, sizes = image_batch(preset, SIZES, seq_len=40, seed=1)
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, pixel_values=pixels, image_sizes=sizes).logits
+        ours = model(tokens, pos, None, pixel_values=pixels, image_sizes=sizes)
+    assert rel(ours, ref) < 1e-5
+
+
+def test_example_configs_load():
+    from megatron_apriel.config import load_config
+    from megatron_apriel.training.config import TrainConfig
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "apriel_1p5_15b"
+    freezes = {}
+    for name in ("realign", "cpt_stage1", "cpt_stage2"):
+        cfg = load_config(TrainConfig, str(root / f"{name}.yaml"), [])
+        assert get_preset(cfg.model.preset).vision is not None
+        freezes[name] = set(cfg.train.freeze)
+    assert freezes == {"realign": {"vision_encoder", "embeddings", "decoder", "output_layer"},
+                       "cpt_stage1": set(), "cpt_stage2": {"vision_encoder"}}
