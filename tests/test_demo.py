@@ -1,0 +1,112 @@
+"""``apriel demo`` end to end at its shortest setting: every stage's output exists and loads.
+
+One run (module fixture) serves every assertion; it takes two to three minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_python
+
+STAGES = ["data", "preprocess", "pretrain", "upscale", "cpt", "average", "sft_a", "sft_b", "merge", "grpo",
+          "final", "generate"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = run_python(["-m", "megatron_apriel", "demo", "--out", out, "--minutes", "1"], timeout=900,
+                      env={"OMP_NUM_THREADS": "1"})
+    return out, proc.stdout
+
+
+def _indexed(prefix: Path):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return IndexedDataset(str(prefix))
+
+
+def test_every_stage_done_and_summarised(demo):
+    out, stdout = demo
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert list(summary["stages"]) == STAGES
+    for name in STAGES:
+        assert (out / name / "done.json").is_file(), name
+        assert summary["stages"][name]["seconds"] >= 0
+    for name in ("pretrain", "average", "sft_a", "sft_b", "merge", "grpo", "final"):
+        f = summary["stages"][name]
+        assert 0.0 <= f["accuracy"] <= 1.0 and 0.0 <= f["format_rate"] <= 1.0 and f["eval_n"] == 16, name
+    for name in ("pretrain", "cpt", "sft_a", "sft_b"):
+        curve = summary["stages"][name]["loss_curve"]
+        assert len(curve) == summary["stages"][name]["iterations"] > 0
+        assert all(l == l and l > 0 for _, l in curve), name  # finite, positive
+    png = (out / "loss_curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    for line in ("stage", "pretrain", "final", "held-out accuracy: base"):
+        assert line in stdout
+
+
+def test_data_and_indexed_datasets_load(demo):
+    out, _ = demo
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "data" / "tokenizer")
+    assert len(tok) == 1024 and tok.eos_token == "<|end|>"
+    for source in ("reasoning", "cot", "replay"):
+        ds = _indexed(out / "preprocess" / f"{source}_text_document")
+        stats = json.loads((out / "preprocess" / f"{source}.stats.json").read_text())
+        assert len(ds) == stats["documents"] > 0 and stats["skipped"] == 0
+        assert int(ds[0][-1]) == tok.eos_token_id  # --append-eod
+        assert int(ds.sequence_lengths.sum()) == stats["tokens"]
+    for spec in ("sft_a", "sft_b"):
+        toks, mask = _indexed(out / "preprocess" / f"{spec}_tokens_document"), _indexed(out / "preprocess" / f"{spec}_loss_mask_document")
+        assert len(toks) == len(mask) > 0
+        text = tok.decode(toks[0])
+        assert "<|assistant|>" in text and "[BEGIN FINAL RESPONSE]" in text
+    # no held-out question is in any training text
+    test = [json.loads(l)["question"] for l in (out / "data" / "test.jsonl").read_text().splitlines()]
+    train_text = "".join((out / "data" / f).read_text() for f in ("reasoning.jsonl", "cot.jsonl", "sft_a.jsonl", "sft_b.jsonl"))
+    assert test and not [q for q in test if q in train_text]
+
+
+def test_checkpoints_load(demo):
+    out, _ = demo
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    for run in ("pretrain", "cpt", "sft_a", "sft_b"):
+        latest = (out / run / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip()
+        assert (out / run / "ckpt" / f"iter_{int(latest):07d}").is_dir(), run
+    cpt_iters = sorted((out / "cpt" / "ckpt").glob("iter_*"))
+    assert len(cpt_iters) >= 3  # the average takes 3 equispaced ones
+    assert (out / "average" / "mcore" / "metadata.json").is_file()
+    layers = {}
+    for hf in ("pretrain/hf", "upscale/hf", "average/hf", "sft_a/hf", "sft_b/hf", "merge/hf", "final/hf"):
+        model = AutoModelForCausalLM.from_pretrained(out / hf)
+        layers[hf] = model.config.num_hidden_layers
+        logits = model(torch.tensor([[1, 5, 9]])).logits
+        assert logits.shape == (1, 3, 1024) and torch.isfinite(logits).all(), hf
+    assert layers["pretrain/hf"] == 4 and all(v == 5 for k, v in layers.items() if k != "pretrain/hf")
+    grpo = sorted((out / "grpo" / "run").glob("checkpoint-*"))
+    assert [p.name for p in grpo] == ["checkpoint-1", "checkpoint-2"]
+    merge = json.loads((out / "final" / "hf" / "merge.json").read_text())
+    assert merge["weights"] == [0.3, 0.3, 0.4]
+
+
+def test_rerun_skips_every_stage(demo):
+    out, _ = demo
+    before = {n: (out / n / "done.json").stat().st_mtime_ns for n in STAGES}
+    proc = run_python(["-m", "megatron_apriel", "demo", "--out", out, "--minutes", "1"], timeout=300)
+    assert proc.stdout.count("done before, skipped") == len(STAGES)
+    assert before == {n: (out / n / "done.json").stat().st_mtime_ns for n in STAGES}
+
+
+def test_other_sizes_in_same_out_is_refused(demo):
+    out, _ = demo
+    proc = run_python(["-m", "megatron_apriel", "demo", "--out", out, "--minutes", "2"], timeout=300, check=False)
+    assert proc.returncode == 2 and "--force" in proc.stderr
