@@ -264,3 +264,61 @@ def test_samples_train_the_tiny_multimodal_model(corpus, tmp_path):
         losses = [json.loads(line)["loss"] for line in (logs / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(line)]
         assert len(losses) == 2 and all(np.isfinite(losses)) and all(0 < l < 20 for l in losses)
+
+
+def write_text_prefix(path: Path, docs: int, seed: int, vocab: int = 300, eod: int = 2) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(str(path) + ".bin", dtype=np.uint16)
+    for _ in range(docs):
+        doc = np.concatenate([rng.integers(20, vocab, size=int(rng.integers(20, 200))), [eod]]).astype(np.uint16)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(str(path) + ".idx")
+    return str(path)
+
+
+def test_stage1_blend_of_text_and_image_text(corpus, tmp_path):
+    """50/30/20 over text indexed datasets and image-text datasets: shares held at every point, items
+    of the text part are megatron-core's, image-text items carry their images, one collate for both."""
+    import yaml
+
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    root, tok, good, _ = corpus
+    assert run_preprocess(root, tok, [good], tmp_path / "caption") == 0
+    assert run_preprocess(root, tok, [good], tmp_path / "replay_mm") == 0
+    spec = {
+        "sources": [
+            {"name": "text", "weight": 50, "prefixes": [write_text_prefix(tmp_path / "reasoning", 300, 0)]},
+            {"name": "multimodal", "weight": 30, "prefixes": [str(tmp_path / "caption")]},
+            {"name": "replay", "weight": 20, "prefixes": [write_text_prefix(tmp_path / "web", 300, 1), str(tmp_path / "replay_mm")]},
+        ],
+        "seq_length": 128, "seed": 5, "split": "100,0,0", "steps": 25, "cache_dir": str(tmp_path / "cache"),
+    }
+    (tmp_path / "blend.yaml").write_text(yaml.safe_dump(spec))
+    ds = mm.ImageTextBlend(str(tmp_path / "blend.yaml"), seq_length=128, global_batch_size=8, eod_token=2)
+    assert len(ds) == 200
+    for n in (20, 100, 200):
+        shares = ds.source_shares(n)
+        assert abs(shares["text"] - 0.5) <= 2 / n and abs(shares["multimodal"] - 0.3) <= 2 / n
+        assert abs(shares["replay"] - 0.2) <= 2 / n
+    # the text part is one megatron-core BlendedDataset of the text prefixes; its items come through as they are
+    assert isinstance(ds.children[0], BlendedDataset) and len(ds.children) == 3
+    kinds = {"text": 0, "image": 0}
+    for i in range(40):
+        item = ds[i]
+        child = ds.children[int(ds.dataset_index[i])]
+        if isinstance(child, mm.MultimodalDataset):
+            kinds["image"] += 1
+            assert torch.equal(item["tokens"], child[int(ds.dataset_sample_index[i])]["tokens"])
+        else:
+            kinds["text"] += 1
+            ref = child[int(ds.dataset_sample_index[i])]
+            assert torch.equal(item["tokens"], ref["tokens"]) and torch.equal(item["loss_mask"], ref["loss_mask"])
+            assert item["image_sizes"].shape == (0, 2) and item["pixel_values"] == []
+            assert item["cu_seqlens"][:2].tolist() == [0, 128]
+    assert kinds["text"] and kinds["image"]
+    batch = ds.collate([ds[i] for i in range(8)])
+    assert batch["tokens"].shape == (8, 128) and batch["cu_seqlens"].shape[0] == 8
+    assert batch["pixel_values"].shape[0] == batch["image_sizes"].shape[0] == int((batch["tokens"] == 13).sum())

@@ -496,5 +496,148 @@ class MultimodalDataset(torch.utils.data.Dataset):
         return batch
 
 
+# --------------------------------------------------------------------------------------------------
+# Text + image-text blend (CPT stage 1: 50% text / 30% multimodal / 20% replay)
+
+
+def _prefix_tokens(prefix: str, key: str) -> tuple[bool, int]:
+    """(is multimodal, tokens) of one blend prefix: a preprocess-multimodal prefix or an indexed dataset."""
+    from megatron_apriel.config import ConfigError
+
+    if os.path.isfile(meta_path(prefix)):
+        ds = _indexed(prefix, TOKENS_KEY)
+        return True, 0 if ds is None else int(ds.sequence_lengths.sum(dtype=np.int64))
+    from megatron_apriel.data.blends import _prefix_stats
+
+    if not os.path.isfile(prefix + ".bin"):
+        raise ConfigError(f"{key}: {prefix}: neither {meta_path(prefix)} (preprocess-multimodal) nor {prefix}.bin/.idx")
+    return False, _prefix_stats(prefix, key)[0]
+
+
+class ImageTextBlend(torch.utils.data.Dataset):
+    """A blend spec whose prefixes are text indexed datasets or ``preprocess-multimodal`` outputs.
+
+    ``data.kind: dataset`` with ``factory: megatron_apriel.data.multimodal:ImageTextBlend`` and
+    ``factory_args: {blend: <spec YAML or mapping>, global_batch_size: N}``. The spec is the one of
+    :mod:`megatron_apriel.data.blends` (sources, weights, stages, budget, seed, split); a prefix is
+    multimodal when ``<prefix>_multimodal.json`` exists. Weights flatten to one per prefix exactly as
+    in ``blends.blend_weights`` (source share x token share inside the source). Why two levels:
+    megatron-core's ``BlendedDataset`` blends ``GPTDataset`` children only, so all text prefixes form
+    one megatron-core BlendedDataset (its own shuffling, epochs, split and cache) and that and each
+    :class:`MultimodalDataset` are interleaved with megatron-core's ``build_blending_indices``, the
+    greedy minimum-error order BlendedDataset itself uses, so every source stays within a sample or
+    two of its share at any point. Items follow the multimodal batch contract (text rows carry no
+    images) and are packed (``cu_seqlens``) when ``pack`` is set; multimodal prefixes are read in full
+    (the spec's ``split`` applies to the text prefixes) and repeated in new shuffles as needed.
+    """
+
+    def __init__(self, blend, seq_length: int, global_batch_size: Optional[int] = None, num_samples: Optional[int] = None,
+                 eod_token: int = 2, pack: bool = True, pad_token_id: int = 0):
+        import dataclasses
+
+        from megatron.core.datasets import helpers
+
+        from megatron_apriel.config import ConfigError, from_dict, load_yaml
+        from megatron_apriel.data.blends import BlendSpec, SourceSpec, build_datasets, resolve_stage, train_samples_for
+
+        raw = load_yaml(blend) if isinstance(blend, (str, os.PathLike)) else dict(blend)
+        raw.setdefault("seq_length", seq_length)
+        spec = resolve_stage(from_dict(BlendSpec, raw, "data.factory_args.blend"))
+        if spec.seq_length != seq_length:
+            raise ConfigError(f"data.factory_args.blend.seq_length {spec.seq_length} != train.seq_length {seq_length}")
+        if num_samples is None:
+            if global_batch_size is None:
+                raise ConfigError("data.factory_args: give global_batch_size (or num_samples) to size the blend")
+            num_samples = train_samples_for(spec, global_batch_size)
+        # flatten the two-level weights, remembering which prefixes are multimodal
+        flat = []  # (source, prefix, is_mm, weight)
+        src_w = []
+        per_source = []
+        for i, s in enumerate(spec.sources):
+            stats = [_prefix_tokens(p, f"data.factory_args.blend.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
+            if sum(t for _, t in stats) == 0:
+                raise ConfigError(f"data.factory_args.blend.sources[{i}]: source {s.name!r} has no tokens")
+            per_source.append(stats)
+            src_w.append(s.weight if s.weight is not None else sum(t for _, t in stats))
+        for s, stats, sw in zip(spec.sources, per_source, src_w):
+            inner = s.prefix_weights if s.prefix_weights is not None else [t for _, t in stats]
+            for p, (is_mm, t), w in zip(s.prefixes, stats, inner):
+                if w > 0 and t > 0:
+                    flat.append((s.name, p, is_mm, sw / sum(src_w) * w / sum(inner)))
+        text = [f for f in flat if not f[2]]
+        mm = [f for f in flat if f[2]]
+        child_w = ([sum(f[3] for f in text)] if text else []) + [f[3] for f in mm]
+        self.child_sources = ([[f[0] for f in text]] if text else []) + [[f[0]] for f in mm]
+        self.child_names = (["text"] if text else []) + [f[1] for f in mm]
+        weights = np.asarray(child_w, dtype=np.float64) / sum(child_w)
+        self.dataset_index = np.zeros(num_samples, dtype=np.int16)
+        self.dataset_sample_index = np.zeros(num_samples, dtype=np.int64)
+        helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index, weights, len(weights), num_samples, False)
+        counts = np.bincount(self.dataset_index, minlength=len(weights))
+        self.children: list = []
+        if text:
+            by_source: dict = {}
+            for name, p, _, w in text:
+                by_source.setdefault(name, []).append((p, w))
+            text_spec = dataclasses.replace(spec, sources=[
+                SourceSpec(name, [p for p, _ in items], weight=sum(w for _, w in items), prefix_weights=[w for _, w in items])
+                for name, items in by_source.items()], stages=[], stage=None, tokens=None, steps=None)
+            train, _ = build_datasets(text_spec, global_batch_size or 1, train_samples=int(counts[0]), eod_token=eod_token)
+            self.children.append(train)
+        for k, (_, p, _, _) in enumerate(mm):
+            need = int(counts[len(self.children)])
+            ds = MultimodalDataset(p, seq_length, epochs=1, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
+            epochs = max(1, -(-need // max(len(ds), 1)))
+            if epochs > spec.repeat_warning:
+                logger.warning("%s is read %d times in this blend (repeat_warning %s)", p, epochs, spec.repeat_warning)
+            if epochs > 1:
+                ds = MultimodalDataset(p, seq_length, epochs=epochs, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
+            self.children.append(ds)
+        self.has_text = bool(text)
+        self.pack = pack
+        self.seq_length = seq_length
+        self.max_docs = max([c.max_docs for c in self.children if isinstance(c, MultimodalDataset)] + [1])
+        for c in self.children:
+            if isinstance(c, MultimodalDataset):
+                c.max_docs = self.max_docs  # one cu_seqlens length for every row of a batch
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.dataset_index)
+
+    def source_shares(self, n: Optional[int] = None) -> dict:
+        """Share of each source among the first ``n`` samples (text children split by their prefix draws)."""
+        idx = self.dataset_index[: n or len(self)]
+        out: dict = {}
+        for c, count in enumerate(np.bincount(idx, minlength=len(self.children))):
+            if self.has_text and c == 0:
+                text = self.children[0]
+                sample_ids = self.dataset_sample_index[: n or len(self)][idx == 0]
+                names = self.child_sources[0]
+                # one text prefix: megatron-core returns its GPTDataset itself, without blending indices
+                drawn = text.dataset_index[sample_ids] if hasattr(text, "dataset_index") else np.zeros(len(sample_ids), int)
+                for d, m in zip(*np.unique(drawn, return_counts=True)):
+                    out[names[d]] = out.get(names[d], 0) + int(m)
+            else:
+                out[self.child_sources[c][0]] = out.get(self.child_sources[c][0], 0) + int(count)
+        total = sum(out.values())
+        return {k: v / total for k, v in out.items()}
+
+    def __getitem__(self, idx: int) -> dict:
+        c, j = int(self.dataset_index[idx]), int(self.dataset_sample_index[idx])
+        item = self.children[c][j]
+        if isinstance(self.children[c], MultimodalDataset):
+            return item
+        s = self.seq_length
+        out = {k: item[k] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        out["pixel_values"] = []
+        out["image_sizes"] = torch.zeros(0, 2, dtype=torch.int64)
+        if self.pack:
+            out["cu_seqlens"] = torch.from_numpy(cu_seqlens_from_lengths([s], s, self.max_docs))
+        return out
+
+    collate = staticmethod(MultimodalDataset.collate)
+
+
 if __name__ == "__main__":
     sys.exit(main())
