@@ -91,8 +91,7 @@ def projector_config(vision: VisionPreset, preset: ModelPreset, config):
     """
     return dataclass_replace(
         vision_transformer_config(vision, config), num_layers=1, hidden_size=preset.hidden_size,
-        ffn_hidden_size=preset.hidden_size, num_attention_heads=1, num_query_groups=1, kv_channels=1,
-        gated_linear_unit=False, add_bias_linear=True, activation_func=_activation(vision.projector_hidden_act),
+        ffn_hidden_size=preset.hidden_size, gated_linear_unit=False, add_bias_linear=True, activation_func=_activation(vision.projector_hidden_act),
         bias_activation_fusion=False, tensor_model_parallel_size=config.tensor_model_parallel_size,
     )
 
@@ -165,11 +164,15 @@ class PixtralVisionEncoder(torch.nn.Module):
         return out[:, 0]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        from megatron.core import parallel_state
         from megatron.core.transformer.utils import sharded_state_dict_default
 
+        # patch_conv and ln_pre are plain torch modules replicated over TP: the TP group must be
+        # named, else every TP rank claims replica 0 of them.
+        tp_group = parallel_state.get_tensor_model_parallel_group()
         sd = {}
         for name, module in self.named_children():
-            sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+            sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group))
         return sd
 
 
