@@ -2,15 +2,19 @@
 
 The corpus is real text this project did not write: the Python standard library's sources, one
 JSONL document per module, repeated until the file reaches ``--mb`` megabytes (cached in the temp
-folder). Both tools run with the Mistral-Nemo Tekken tokenizer and ``--append-eod``; the naive
-baseline is Megatron-LM's ``tools/preprocess_data.py`` loop: ``Pool.imap(encode, lines, 32)``, one
-``json.loads`` and one megatron-core ``TikTokenTokenizer`` call per document, and
-``builder.add_item(torch.IntTensor(ids))`` in the main process. Peak RSS is the sum over the tool's
-process tree, sampled every 50 ms (forked workers share pages, so it over-counts); CPU s is the
-user + system time of the tree, which other load on the machine does not inflate. The last row is
-the tiktoken core alone over the corpus: the floor for any tool using this tokenizer.
+folder). Every tool runs with the Mistral-Nemo Tekken tokenizer and ``--append-eod``. The naive
+baselines are Megatron-LM's ``tools/preprocess_data.py`` loop: ``Pool.imap(encoder.encode, fin,
+32)``, one ``json.loads`` and one tokenizer call per document returning a list of ints, and
+``builder.add_document(ids, lengths)`` in the main process; ``naive`` calls megatron-core's
+``TikTokenTokenizer.text_to_ids`` (``encode(text, allowed_special="all")``, what the current tool
+uses), ``naive-legacy`` Megatron-LM's older ``CustomTikTokenizer.tokenize`` (``encode_ordinary``,
+the same ids as ours, so its output must be byte-identical to ours). Peak RSS is the sum over the
+tool's process tree, sampled every 50 ms (forked workers share pages, so it over-counts); CPU s is
+the user + system time of the tree, which other load on the machine does not inflate, so the CPU
+ratio is the one to trust on a shared machine. The last row is the tiktoken core alone over the
+corpus: the floor for any tool using this tokenizer.
 
-    python benchmarks/preprocess.py [--mb 200] [--workers 1 2]
+    python benchmarks/preprocess.py [--mb 200] [--workers 1 2] [--tools naive naive-legacy ours] [--verify]
 """
 
 from __future__ import annotations
@@ -55,14 +59,22 @@ def build_corpus(path: Path, megabytes: int) -> Path:
 
 
 _TOK = None
+_EOD = 2  # "</s>" in both Megatron tokenizers and in Tekken
 
 
 class _MegatronTikToken:
-    """megatron-core's TikTokenTokenizer as Megatron-LM builds it for a Tekken file (ranks shifted by
-    the 1000 special tokens, ``encode(text, allowed_special="all")``); rebuilt here because
-    megatron-core 0.16's loader only reads the older list-shaped Tekken files."""
+    """The tiktoken ``Encoding`` Megatron-LM builds for a Tekken file: ranks shifted by 1000
+    special-token ids, the file's split pattern (Megatron-LM's ``v2``).
 
-    def __init__(self):
+    ``call="core"`` is megatron-core's ``TikTokenTokenizer.text_to_ids`` (what the current
+    ``tools/preprocess_data.py`` calls through ``megatron.core.tokenizers``):
+    ``encode(text, allowed_special="all")`` with its special tokens ``<unk> <s> </s> <mask> <pad>
+    <cls> <sep>`` and ``<SPECIAL_i>`` fillers. ``call="legacy"`` is
+    ``megatron.training.tokenizer.CustomTikTokenizer.tokenize``: ``encode_ordinary(text)``.
+    Rebuilt here because megatron-core 0.16's loader only reads the older list-shaped Tekken files.
+    """
+
+    def __init__(self, call: str):
         import base64
 
         import tiktoken
@@ -72,38 +84,44 @@ class _MegatronTikToken:
         data = json.loads(resolve_tekken("mistral-nemo").read_text(encoding="utf-8"))
         n_special, vocab = 1000, 131072
         ranks = {base64.b64decode(x["token_bytes"]): x["rank"] + n_special for x in data["vocab"][: vocab - n_special]}
-        specials = {f"<SPECIAL_{i}>": i for i in range(n_special)}
+        names = ["<unk>", "<s>", "</s>", "<mask>", "<pad>", "<cls>", "<sep>"]
+        names += [f"<SPECIAL_{i}>" for i in range(len(names), n_special)]
         self.enc = tiktoken.Encoding("tekken", pat_str=data["config"]["pattern"], mergeable_ranks=ranks,
-                                     special_tokens=specials)
-        self.eod = 2
+                                     special_tokens={t: i for i, t in enumerate(names)})
+        self.tokenize = self._core if call == "core" else self.enc.encode_ordinary
+        self.eod = _EOD
 
-    def text_to_ids(self, text):
+    def _core(self, text):
         return self.enc.encode(text, allowed_special="all")
 
 
 def _encode(line):
-    ids = _TOK.text_to_ids(json.loads(line)["text"])
-    ids.append(_TOK.eod)
-    return ids, len(line)
+    """Megatron-LM's ``Encoder.encode`` for one document key, no sentence splitting."""
+    data = json.loads(line)
+    ids = _TOK.tokenize(data["text"])
+    lens = [len(ids)] if ids else []
+    if ids:
+        ids.append(_TOK.eod)
+        lens[-1] += 1
+    return {"text": ids}, {"text": lens}, len(line)
 
 
 def naive(argv: list[str]) -> int:
-    """Megatron-LM's preprocess_data.py loop (documents, no sentence splitting)."""
+    """Megatron-LM's ``tools/preprocess_data.py`` loop: ``Pool.imap(encoder.encode, fin, 32)`` and
+    ``builder.add_document(ids, lengths)`` per document in the main process."""
     import multiprocessing
 
-    import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    inp, prefix, workers = argv[0], argv[1], int(argv[2])
-    tok = _MegatronTikToken()
+    inp, prefix, workers, call = argv[0], argv[1], int(argv[2]), argv[3]
 
     global _TOK
-    _TOK = tok
+    _TOK = _MegatronTikToken(call)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(131072))
     with open(inp, encoding="utf-8") as fin, multiprocessing.get_context("fork").Pool(workers) as pool:
-        for ids, _ in pool.imap(_encode, fin, 32):
-            builder.add_item(torch.IntTensor(ids))
-            builder.end_document()
+        for doc, lens, _ in pool.imap(_encode, fin, 32):
+            for key in doc:
+                builder.add_document(doc[key], lens[key])
     builder.finalize(prefix + ".idx")
     return 0
 
@@ -154,12 +172,35 @@ def measure(cmd: list[str]) -> tuple[float, float, float]:
     return seconds, peak / 2**20, cpu
 
 
+def verify_against_mistral_common(corpus: Path, prefix: str) -> int:
+    """Documents of ``prefix`` that differ from mistral-common's ``Tekkenizer.encode`` + EOD."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    from megatron_apriel.data.tokenizers import resolve_tekken
+
+    tk = Tekkenizer.from_file(resolve_tekken("mistral-nemo"))
+    ds = IndexedDataset(prefix)
+    bad = 0
+    with open(corpus, "rb") as f:
+        for i, line in enumerate(f):
+            ref = tk.encode(json.loads(line)["text"], bos=False, eos=False) + [tk.eos_id]
+            bad += ds[i].tolist() != ref
+    return bad
+
+
+TOOLS = ("naive", "naive-legacy", "ours")
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--naive-run":
         return naive(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=int, default=200, help="corpus size in MB")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    ap.add_argument("--verify", action="store_true",
+                    help="also re-tokenize every document with mistral-common and compare with ours")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "megatron_apriel_bench"))
     args = ap.parse_args()
 
@@ -171,38 +212,58 @@ def main() -> int:
     with open(corpus, "rb") as f:
         n_docs = sum(1 for _ in f)
     print(f"corpus {corpus}: {size / 1e6:.0f} MB, {n_docs:,} documents ({time.perf_counter() - t0:.1f}s to build/check); "
-          f"{os.cpu_count()} CPUs", flush=True)
+          f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
 
-    rows = []
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    rows, bins = [], {}
     for w in args.workers:
-        for name in ("naive", "ours"):
+        for name in args.tools:
             prefix = str(cache / f"out_{name}_{w}")
             if name == "ours":
                 cmd = [sys.executable, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", prefix,
                        "--tokenizer-type", "TikTokenizer", "--tokenizer-model", "mistral-nemo", "--append-eod",
                        "--workers", str(w), "--quiet"]
-                bin_path = prefix + "_text_document.bin"
+                prefix += "_text_document"
             else:
-                cmd = [sys.executable, __file__, "--naive-run", str(corpus), prefix, str(w)]
-                bin_path = prefix + ".bin"
+                call = "core" if name == "naive" else "legacy"
+                cmd = [sys.executable, __file__, "--naive-run", str(corpus), prefix, str(w), call]
             seconds, rss, cpu = measure(cmd)
-            from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-            ds = IndexedDataset(bin_path[:-4])
+            ds = IndexedDataset(prefix)
             tokens = int(ds.sequence_lengths.sum())
             rows.append((name, w, len(ds), tokens, seconds, rss, cpu))
-            print(f"  {name} workers={w}: {seconds:.1f}s", flush=True)
+            bins[name, w] = prefix
+            print(f"  {name} workers={w}: {seconds:.1f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
 
     tok_alone, cpu_alone = tokenizer_alone(corpus)
-    print(f"\n| tool | workers | documents | tokens | seconds | docs/s | tokens/s | MB/s | CPU s | peak RSS MB |")
+    print("\n| tool | workers | documents | tokens | seconds | docs/s | tokens/s | MB/s | CPU s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    base = {w: tok / s for name, w, _, tok, s, _, _ in rows if name == "naive"}
+    base = {(name, w): (tok / s, tok / cpu) for name, w, _, tok, s, _, cpu in rows if name != "ours"}
     for name, w, docs, tok, s, rss, cpu in rows:
-        speed = f" ({tok / s / base[w]:.2f}x naive)" if name == "ours" and w in base else ""
+        speed = ""
+        if name == "ours":
+            speed = "".join(f" ({tok / s / base[b, w][0]:.2f}x {b}; CPU {tok / cpu / base[b, w][1]:.2f}x)"
+                            for b in ("naive", "naive-legacy") if (b, w) in base)
         print(f"| {name} | {w} | {docs:,} | {tok:,} | {s:.1f} | {docs / s:,.0f} | {tok / s:,.0f}{speed} | "
               f"{size / 1e6 / s:.1f} | {cpu:.1f} | {rss:,.0f} |")
     print(f"| tiktoken core alone (CPU time) | 1 | {n_docs:,} | {tok_alone:,} | {cpu_alone:.1f} | "
           f"{n_docs / cpu_alone:,.0f} | {tok_alone / cpu_alone:,.0f} | {size / 1e6 / cpu_alone:.1f} | {cpu_alone:.1f} | - |")
+
+    # exactness: every run of ours byte-identical (any --workers) and equal to a direct
+    # per-document encode_ordinary (the legacy baseline); --verify adds mistral-common's encode
+    def content(prefix):
+        return Path(prefix + ".bin").read_bytes(), IndexedDataset(prefix).sequence_lengths.tolist()
+
+    ours = [bins[k] for k in bins if k[0] == "ours"]
+    refs = [bins[k] for k in bins if k[0] == "naive-legacy"]
+    if ours:
+        first = content(ours[0])
+        same = all(content(p) == first for p in ours[1:] + refs)
+        print(f"\nours byte-identical across workers{' and to naive-legacy' if refs else ''}: {same}")
+        if args.verify:
+            print(f"documents differing from mistral-common Tekkenizer.encode: {verify_against_mistral_common(corpus, ours[0])}")
+        if not same:
+            return 1
     return 0
 
 
