@@ -214,8 +214,19 @@ def test_bad_records_are_counted_and_strict_stops(corpus, capsys):
     assert any(f"bad.jsonl:2:" in e for e in meta["skipped_records"])
     out = capsys.readouterr().out
     assert "kept 1, skipped 8" in out
+    # worker processes: the same bytes and the same report
+    assert run_preprocess(root, tok, [bad, good], "out/w1", "--seq-length", "128") == 0
+    assert run_preprocess(root, tok, [bad, good], "out/w2", "--seq-length", "128", "--workers", "2") == 0
+    for key in mm.KEYS:
+        for ext in (".bin", ".idx"):
+            one = Path(mm.dataset_path(str(root / "out/w1"), key) + ext).read_bytes()
+            assert one == Path(mm.dataset_path(str(root / "out/w2"), key) + ext).read_bytes(), key + ext
+    w1, w2 = (json.loads((root / f"out/{n}_multimodal.json").read_text()) for n in ("w1", "w2"))
+    assert {k: v for k, v in w1.items() if k not in ("seconds", "outputs")} == {k: v for k, v in w2.items() if k not in ("seconds", "outputs")}
+    assert w1["kept"] == 5 and w1["skipped"] == 8
+    capsys.readouterr()
     # --strict: one line naming file:line, exit 2, nothing written
-    assert run_preprocess(root, tok, [bad], "out/strict", "--strict") == 2
+    assert run_preprocess(root, tok, [bad], "out/strict", "--strict", "--workers", "2") == 2
     assert "bad.jsonl:2:" in capsys.readouterr().err
     assert not list((root / "out").glob("strict*"))
 

@@ -46,7 +46,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -113,6 +113,9 @@ class RecordError(ValueError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self):  # travels back from worker processes
+        return RecordError, (self.reason, str(self))
+
 
 # --------------------------------------------------------------------------------------------------
 # Preprocessing
@@ -138,26 +141,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training length: longer samples are skipped (an image cannot be cut)")
     p.add_argument("--no-bos", action="store_true", help="do not start samples with the tokenizer's BOS")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--workers", type=int, default=1, help="processes that decode, resize and encode images and "
+                   "tokenize (output identical for any number)")
     p.add_argument("--log-interval", type=int, default=10000)
     return p
 
 
-class _ImageStore:
-    """Resizes each distinct image file once and appends its PNG to the images dataset."""
+class _Encoder:
+    """Turns JSONL lines into (tokens, loss mask, images); one per worker process.
 
-    def __init__(self, builder, layout: ImageLayout):
-        self.builder = builder
-        self.layout = layout
-        self.proc = layout.processor()
-        self.index: dict[str, tuple[int, int, int]] = {}  # realpath -> (row, height, width)
-        self.bytes = 0
+    Images are resized and PNG-encoded here, so the work parallelises; the writer only assigns each
+    distinct file its row. A small cache skips re-encoding a file named by consecutive records.
+    """
 
-    def add(self, path: str) -> tuple[int, int, int]:
+    def __init__(self, args):
+        from megatron_apriel.data.tokenizers import tokenizer_from_args
+
+        self.tokenizer = tokenizer_from_args(args)
+        self.layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size,
+                                  image_token_id=args.image_token_id, image_break_token_id=args.image_break_token_id,
+                                  image_end_token_id=args.image_end_token_id)
+        self.proc = self.layout.processor()
+        self.placeholder = args.image_placeholder
+        self.bos = not args.no_bos
+        self.seq_length = args.seq_length
+        self.cache: dict[str, tuple] = {}
+
+    def image(self, path: str) -> tuple:
+        """(realpath, PNG bytes, height, width) of the resized image."""
         from PIL import Image
 
         key = os.path.realpath(path)
-        if key in self.index:
-            return self.index[key]
+        if key in self.cache:
+            return self.cache[key]
         if not os.path.isfile(path):
             raise RecordError("image_missing", f"image {path}: no such file")
         try:
@@ -169,17 +185,29 @@ class _ImageStore:
         pixels = np.asarray(out["pixel_values"][0], dtype=np.uint8).transpose(1, 2, 0)  # CHW -> HWC
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
-        data = np.frombuffer(buf.getvalue(), dtype=np.uint8)
-        self.builder.add_document(data, [len(data)])
-        self.bytes += len(data)
-        entry = (len(self.index), pixels.shape[0], pixels.shape[1])
-        self.index[key] = entry
-        return entry
+        if len(self.cache) >= 64:
+            self.cache.clear()
+        self.cache[key] = (key, buf.getvalue(), pixels.shape[0], pixels.shape[1])
+        return self.cache[key]
+
+    def line(self, line: str, base_dir: str) -> tuple:
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise RecordError("bad_json", f"bad JSON ({e})") from None
+        tokens, mask, images = encode_record(record, base_dir, self.tokenizer, self.layout, self.image,
+                                             self.placeholder, bos=self.bos)
+        if self.seq_length is not None and len(tokens) > self.seq_length + 1:
+            raise RecordError("overlong", f"{len(tokens)} tokens > --seq-length {self.seq_length} + 1")
+        if not mask[1:].any():
+            raise RecordError("no_loss_tokens", "no token to train on")
+        return tokens, mask, images
 
 
-def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, images: _ImageStore,
-                  placeholder: str = PLACEHOLDER, bos: bool = True) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """(tokens, loss mask, image rows) of one record; RecordError names what is wrong."""
+def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, load_image,
+                  placeholder: str = PLACEHOLDER, bos: bool = True) -> tuple[np.ndarray, np.ndarray, list]:
+    """(tokens, loss mask, images) of one record; ``load_image(path)`` returns ``(..., height, width)``
+    of the resized image and its result is passed through in ``images``. RecordError names what is wrong."""
     if not isinstance(record, dict):
         raise RecordError("not_an_object", "record is not a JSON object")
     paths = record.get("images", [])
@@ -202,9 +230,7 @@ def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, images:
         pieces = [""] * len(paths) + pieces
     if len(pieces) - 1 != len(paths):
         raise RecordError("placeholder_mismatch", f"{len(pieces) - 1} {placeholder!r} placeholders for {len(paths)} images")
-    rows = []
-    for p in paths:
-        rows.append(images.add(p if os.path.isabs(p) else os.path.join(base_dir, p)))
+    images = [load_image(p if os.path.isabs(p) else os.path.join(base_dir, p)) for p in paths]
     text_loss = 1 if response is None else 0
     toks: list[np.ndarray] = []
     mask: list[np.ndarray] = []
@@ -221,30 +247,87 @@ def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, images:
         if layout.token_ids.intersection(ids):
             raise RecordError("image_token_in_text", "text encodes to an image token id (a literal special token?)")
         put(ids, text_loss)
-        if i < len(rows):
-            _, h, w = rows[i]
-            put(layout.image_tokens(h, w), 0)
+        if i < len(images):
+            put(layout.image_tokens(*images[i][-2:]), 0)
     if response is not None:
         ids = tokenizer.encode(response)
         if layout.token_ids.intersection(ids):
             raise RecordError("image_token_in_text", "response encodes to an image token id")
         put(ids, 1)
     put([tokenizer.eod], 1)
-    return np.concatenate(toks), np.concatenate(mask), [r[0] for r in rows]
+    return np.concatenate(toks), np.concatenate(mask), images
+
+
+_WORKER: Optional[_Encoder] = None
+
+
+def _init_worker(args) -> None:
+    global _WORKER
+    _WORKER = _Encoder(args)
+
+
+def _encode_chunk(chunk: list[tuple[str, str, int, str]]) -> list[tuple]:
+    """[(where, result or RecordError)] for (path, base dir, line number, line) items."""
+    out = []
+    for path, base, lineno, line in chunk:
+        try:
+            out.append((f"{path}:{lineno}", _WORKER.line(line, base)))
+        except RecordError as e:
+            out.append((f"{path}:{lineno}", e))
+    return out
+
+
+def _chunks(paths: list[str], size: int, counter: dict) -> Iterator[list]:
+    from tqdm import tqdm
+
+    chunk = []
+    for path in paths:
+        base = os.path.dirname(os.path.abspath(path))
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(tqdm(f, desc=os.path.basename(path), unit=" rec", mininterval=2.0,
+                                               disable=None), start=1):
+                if not line.strip():
+                    continue
+                counter["read"] += 1
+                chunk.append((path, base, lineno, line))
+                if len(chunk) >= size:
+                    yield chunk
+                    chunk = []
+    if chunk:
+        yield chunk
+
+
+def _results(chunks: Iterator[list], args) -> Iterator[list]:
+    """Encoded chunks in input order, at most ``2 * workers + 2`` in flight."""
+    if args.workers <= 1:
+        _init_worker(args)
+        for c in chunks:
+            yield _encode_chunk(c)
+        return
+    import collections
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(args.workers, initializer=_init_worker, initargs=(args,)) as pool:
+        pending: collections.deque = collections.deque()
+        for c in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (c,)))
+            if len(pending) >= 2 * args.workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
 
 def preprocess(args) -> dict:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    from tqdm import tqdm
 
     from megatron_apriel.config import atomic_write_text
     from megatron_apriel.data.tokenizers import tokenizer_from_args
 
-    tokenizer = tokenizer_from_args(args)
-    layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size, image_token_id=args.image_token_id,
-                         image_break_token_id=args.image_break_token_id, image_end_token_id=args.image_end_token_id)
     if args.image_size % args.patch_size:
         raise SystemExit(f"preprocess-multimodal: --image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    tokenizer = tokenizer_from_args(args)  # flag errors here, before any worker starts
+    layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size, image_token_id=args.image_token_id,
+                         image_break_token_id=args.image_break_token_id, image_end_token_id=args.image_end_token_id)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     final = {k: dataset_path(args.output_prefix, k) for k in KEYS}
     tmp = {k: v + f".tmp{os.getpid()}" for k, v in final.items()}
@@ -255,58 +338,51 @@ def preprocess(args) -> dict:
         IMAGES_KEY: IndexedDatasetBuilder(tmp[IMAGES_KEY] + ".bin", dtype=np.uint8),
         REFS_KEY: IndexedDatasetBuilder(tmp[REFS_KEY] + ".bin", dtype=np.int32),
     }
-    store = _ImageStore(builders[IMAGES_KEY], layout)
+    rows: dict[str, int] = {}  # realpath of an image file -> its row in the images dataset
     counts = {"read": 0, "kept": 0}
     skipped: dict[str, int] = {}
     examples: list[str] = []
-    n_tokens = n_loss = n_image_tokens = n_image_refs = 0
+    n_tokens = n_loss = n_image_tokens = n_image_refs = png_bytes = done = 0
     start = time.time()
+    results = _results(_chunks(args.input, 16, counts), args)
     try:
-        for path in args.input:
-            base = os.path.dirname(os.path.abspath(path))
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(tqdm(f, desc=os.path.basename(path), unit=" rec",
-                                                   mininterval=2.0, disable=None), start=1):
-                    if not line.strip():
-                        continue
-                    counts["read"] += 1
-                    try:
-                        try:
-                            record = json.loads(line)
-                        except ValueError as e:
-                            raise RecordError("bad_json", f"bad JSON ({e})") from None
-                        tokens, mask, refs = encode_record(record, base, tokenizer, layout, store,
-                                                           args.image_placeholder, bos=not args.no_bos)
-                        if args.seq_length is not None and len(tokens) > args.seq_length + 1:
-                            raise RecordError("overlong", f"{len(tokens)} tokens > --seq-length {args.seq_length} + 1")
-                        if not mask[1:].any():
-                            raise RecordError("no_loss_tokens", "no token to train on")
-                    except RecordError as e:
-                        where = f"{path}:{lineno}"
-                        if args.strict:
-                            raise SystemExit(f"preprocess-multimodal: {where}: {e}") from None
-                        skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                        if len(examples) < 1000:
-                            examples.append(f"{where}: {e}")
-                        continue
-                    builders[TOKENS_KEY].add_document(tokens, [len(tokens)])
-                    builders[MASK_KEY].add_document(mask, [len(mask)])
-                    builders[REFS_KEY].add_document(np.asarray(refs, dtype=np.int32), [len(refs)])
-                    counts["kept"] += 1
-                    n_tokens += len(tokens)
-                    n_loss += int(mask.sum())
-                    n_image_tokens += int(np.isin(tokens, list(layout.token_ids)).sum())
-                    n_image_refs += len(refs)
-                    if args.log_interval and counts["read"] % args.log_interval == 0:
-                        rate = counts["read"] / max(time.time() - start, 1e-9)
-                        print(f"[preprocess-multimodal] {counts['read']} records, {rate:.0f}/s, "
-                              f"{len(store.index)} images", file=sys.stderr)
+        for chunk in results:
+            for where, res in chunk:
+                if isinstance(res, RecordError):
+                    if args.strict:
+                        raise SystemExit(f"preprocess-multimodal: {where}: {res}")
+                    skipped[res.reason] = skipped.get(res.reason, 0) + 1
+                    if len(examples) < 1000:
+                        examples.append(f"{where}: {res}")
+                    continue
+                tokens, mask, images = res
+                refs = []
+                for key, png, _, _ in images:
+                    if key not in rows:
+                        rows[key] = len(rows)
+                        data = np.frombuffer(png, dtype=np.uint8)
+                        builders[IMAGES_KEY].add_document(data, [len(data)])
+                        png_bytes += len(data)
+                    refs.append(rows[key])
+                builders[TOKENS_KEY].add_document(tokens, [len(tokens)])
+                builders[MASK_KEY].add_document(mask, [len(mask)])
+                builders[REFS_KEY].add_document(np.asarray(refs, dtype=np.int32), [len(refs)])
+                counts["kept"] += 1
+                n_tokens += len(tokens)
+                n_loss += int(mask.sum())
+                n_image_tokens += int(np.isin(tokens, list(layout.token_ids)).sum())
+                n_image_refs += len(refs)
+            done += len(chunk)
+            if args.log_interval and done // args.log_interval != (done - len(chunk)) // args.log_interval:
+                rate = done / max(time.time() - start, 1e-9)
+                print(f"[preprocess-multimodal] {done} records, {rate:.0f}/s, {len(rows)} images", file=sys.stderr)
         for key in KEYS:
             builders[key].finalize(tmp[key] + ".idx")
         for key in KEYS:
             for ext in (".bin", ".idx"):
                 os.replace(tmp[key] + ext, final[key] + ext)
     except BaseException:
+        results.close()  # stop the worker pool now, not at interpreter exit
         for key in KEYS:
             for ext in (".bin", ".idx"):
                 if os.path.exists(tmp[key] + ext):
@@ -317,9 +393,9 @@ def preprocess(args) -> dict:
         "skipped": sum(skipped.values()),
         "skipped_by_reason": dict(sorted(skipped.items())),
         "skipped_records": examples,
-        "images": len(store.index),
+        "images": len(rows),
         "image_refs": n_image_refs,
-        "image_png_bytes": store.bytes,
+        "image_png_bytes": png_bytes,
         "tokens": n_tokens,
         "image_tokens": n_image_tokens,
         "loss_tokens": n_loss,
