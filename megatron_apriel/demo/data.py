@@ -7,7 +7,8 @@ not write (the docstrings of the Python standard library, read with ``ast`` from
 
 Problems: two-digit addition with carries, subtraction with borrows and comparison of two numbers.
 Digits are single tokens (the tokenizer splits them), so a trace is a short sequence of one-digit
-facts the model can learn and reuse on pairs it never saw. A fixed hash of each problem sends a
+facts the model can learn and reuse on pairs it never saw; the answer is assembled from the digits
+of the lines just above it, because copying from far back is what a tiny model learns last. A fixed hash of each problem sends a
 tenth of all problems to the held-out test split: no test problem appears in any training text.
 """
 
@@ -65,7 +66,7 @@ class Problem:
             carry = s0 // 10
             lines = [f"Ones: {a0} + {b0} = {s0}." + (f" Write {s0 % 10}, carry 1." if carry else "")]
             lines.append(f"Tens: {a1} + {b1}" + (" + 1" if carry else "") + f" = {a1 + b1 + carry}.")
-            lines.append(f"So {a} + {b} = {a + b}.")
+            lines.append(f"So the answer is {a + b}.")
         elif self.kind == "sub":
             borrow = a0 < b0
             if borrow:
@@ -73,14 +74,14 @@ class Problem:
                 lines.append(f"Tens: {a1} - 1 - {b1} = {a1 - 1 - b1}.")
             else:
                 lines = [f"Ones: {a0} - {b0} = {a0 - b0}.", f"Tens: {a1} - {b1} = {a1 - b1}."]
-            lines.append(f"So {a} - {b} = {a - b}.")
+            lines.append(f"So the answer is {a - b}.")
         else:
             big, small = max(a, b), min(a, b)
             if a1 != b1:
                 lines = [f"Tens: {a1} and {b1}; {max(a1, b1)} is larger."]
             else:
                 lines = [f"Tens: both {a1}.", f"Ones: {a0} and {b0}; {max(a0, b0)} is larger."]
-            lines.append(f"So {big} > {small}.")
+            lines.append(f"So {big} is larger than {small}.")
         return "\n".join(lines)
 
     @property
