@@ -199,3 +199,26 @@ def test_several_json_keys_and_merge(tmp_path):
     assert read_docs(out) == [tk.encode(r["text"]) for r in rows]
     proc = run_python(["tools/merge_datasets.py", "--input", str(tmp_path / "nothing"), "--output-prefix", out], check=False)
     assert proc.returncode == 1 and "nothing" in proc.stderr
+
+
+EDGE_TEXTS = [
+    "", " ", "  ", "\n", "\r\n\r\n", "a  \n\n  b", "\t\tx", "x \t y", "end with spaces   ", "   lead",
+    "x\n/y", "):\n  /z", "a/\n/\n/b", "foo(bar) + 1234567 - 3.5e-7", "HTTPServer fooBAR bazQux ABC",
+    "<s> </s> <unk> [INST] [/INST] <SPECIAL_5> <pad>", "e\u0301 cafe\u0301 \u00e9", "日本語のテキスト 東京", "مرحبا بالعالم",
+    "emoji 🙂🙂 and 👩\u200d👩\u200d👧", "\u00a0nbsp\u00a0 \u2028sep\u2029 \u3000ideo", "ctl \x1c\x1d\x1e\x1f \x00 \x7f",
+    "    def f(self):\n        return {'a': [1, 2]}\n\n\n", "word\u0300\u0301 mark", "ǅungla ǈ title-case",
+]
+
+
+@pytest.mark.parametrize("model", ["mistral-nemo", "pixtral"])
+def test_tekken_batch_paths_match_mistral_common(model):
+    """The batch paths call tiktoken's encode_ordinary, not Tekkenizer.encode: same ids on
+    whitespace runs, newlines before '/', special-looking text, marks, scripts and control chars."""
+    tk = _library_tokenizer("TikTokenizer", model)
+    ref = [tk.encode(t, bos=False, eos=False) for t in EDGE_TEXTS]
+    for threads in (1, 2):
+        tok = load_tokenizer("TikTokenizer", model, threads=threads)
+        flat, lengths = tok.encode_batch_numpy(EDGE_TEXTS)
+        assert lengths.tolist() == [len(r) for r in ref]
+        assert flat.tolist() == [i for r in ref for i in r]
+        assert tok.encode_batch(EDGE_TEXTS) == ref
