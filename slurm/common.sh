@@ -18,11 +18,10 @@
 #   MAX_REQUEUES     give up requeueing after this many restarts (default 50)
 #
 # Signals: the scripts ask for `--signal=B:USR1@N`: SLURM signals this batch shell N seconds
-# before the time limit and the trap below forwards the signal to srun, which forwards it to every
-# task. The training loop then checkpoints at the next step boundary and exits with code 3, and the
-# batch shell requeues the job (`scontrol requeue`); the next run resumes from checkpoint.save.
-# `--signal=USR1@N` (no B:, SLURM signals the tasks directly) also works, the exit code still drives
-# the requeue, but a signal that arrives before the tasks have started training is lost.
+# before the time limit (up to 30 s earlier: its time-limit check runs every 30 s), the shell asks
+# every task to stop (see apriel_stop_tasks), the training loop checkpoints at the next step and
+# exits with code 3, and the shell requeues the job (`scontrol requeue`); the next run resumes from
+# checkpoint.save. Keep the B: (without it SLURM sends USR1 to every process of the tasks).
 
 set -euo pipefail
 
@@ -62,17 +61,32 @@ apriel_resolve() {
   else echo "$1"; fi
 }
 
-# USR1 reaches this shell only (B:): forward it once to srun, which signals every process of the
-# step. Once only: a second signal would also hit the helper processes megatron-core's checkpoint
-# writer spawns (default action: terminate) while the final save is running. The tasks start with
-# USR1 ignored until the loop installs its handler, so a signal during imports is dropped instead
-# of killing them. TERM (scancel, time limit) already reaches every task from SLURM: only log it.
-apriel_forward_usr1() {
-  apriel_log "received USR1: forwarding to the tasks (checkpoint at the next step, then requeue)"
-  kill -USR1 "$APRIEL_SRUN_PID" 2>/dev/null || true
+# How a stop request reaches the training processes, and only them. SLURM delivers a signal to a job
+# step by signalling every process of the step, helpers included (the process megatron-core's
+# checkpoint writer spawns dies of USR1, and with it the final save). So the batch shell turns its
+# USR1 (`--signal=B:USR1@N`) into SIGURG for the steps, which every process ignores by default, and
+# a small wrapper around each task turns SIGURG into USR1 for its own Python process alone. The
+# wrapper starts Python with USR1 ignored (a stop request during imports must not kill it) and
+# repeats the USR1 every 5 s until Python exits, so a request that lands before the loop's handler
+# is installed is not lost; the loop acts on the first one it sees at the next step boundary.
+APRIEL_TASK_WRAPPER='
+trap "" USR1
+"$@" &
+pid=$!
+repeater=""
+on_urg() { [ -n "$repeater" ] || { (while kill -USR1 "$pid" 2>/dev/null; do sleep 5; done) & repeater=$!; }; }
+trap on_urg URG
+while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
+rc=0; wait "$pid" || rc=$?
+[ -z "$repeater" ] || kill "$repeater" 2>/dev/null
+exit "$rc"'
+
+apriel_stop_tasks() {
+  apriel_log "received USR1: asking the tasks to checkpoint at the next step (then requeue)"
+  scancel --signal=URG "$SLURM_JOB_ID" 2>/dev/null || kill -URG "$APRIEL_SRUN_PID" 2>/dev/null || true
 }
 
-# srun one task per allocated task slot, in the background so this shell can forward signals;
+# srun one task per allocated task slot, in the background so this shell can take signals;
 # returns the step's exit code (the highest of its tasks').
 apriel_srun() {
   local -a args=(--kill-on-bad-exit=1)
@@ -84,11 +98,11 @@ apriel_srun() {
   # shellcheck disable=SC2206  # SRUN_ARGS is a list of flags on purpose
   if [ -n "${SRUN_ARGS:-}" ]; then args+=(${SRUN_ARGS}); fi
   apriel_log "srun ${args[*]} $*"
-  # shellcheck disable=SC2016  # $@ is expanded by the task's shell
-  srun "${args[@]}" bash -c 'trap "" USR1; exec "$@"' apriel-task "$@" &
+  srun "${args[@]}" bash -c "$APRIEL_TASK_WRAPPER" apriel-task "$@" &
   APRIEL_SRUN_PID=$!
-  trap apriel_forward_usr1 USR1
-  trap 'apriel_log "received TERM: waiting for the tasks to checkpoint and exit"' TERM
+  trap apriel_stop_tasks USR1
+  # TERM (scancel, the time limit itself) reaches every task from SLURM: just keep waiting.
+  trap 'apriel_log "received TERM: waiting for the tasks to exit"' TERM
   # A trapped signal interrupts `wait` (status > 128) while srun runs on: wait again until it ends;
   # the last `wait` returns srun's own status even when it had already been reaped.
   while kill -0 "$APRIEL_SRUN_PID" 2>/dev/null; do wait "$APRIEL_SRUN_PID" || true; done
