@@ -8,8 +8,8 @@
 # Knobs, all optional, from the environment (sbatch exports it):
 #   APRIEL_HOME      the repository checkout (default: the folder above the submitted script,
 #                    found by the batch script from the job's Command: sbatch runs a spooled copy)
-#   CONFIG           training config; the script's first argument wins, its other arguments are
-#   OVERRIDES        key=value overrides, appended after those in OVERRIDES (space-separated)
+#   CONFIG           training config (a first script argument without '=' takes precedence)
+#   OVERRIDES        space-separated key=value overrides; the script's key=value arguments follow
 #   DEVICE=cpu       train on CPUs with gloo (adds model.device=cpu), e.g. the tiny configs
 #   PYTHON           interpreter inside the allocation or the container (default: python)
 #   CONTAINER_IMAGE  run the tasks in this pyxis/enroot image (srun --container-image)
@@ -65,20 +65,29 @@ apriel_resolve() {
 # step by signalling every process of the step, helpers included (the process megatron-core's
 # checkpoint writer spawns dies of USR1, and with it the final save). So the batch shell turns its
 # USR1 (`--signal=B:USR1@N`) into SIGURG for the steps, which every process ignores by default, and
-# a small wrapper around each task turns SIGURG into USR1 for its own Python process alone. The
-# wrapper starts Python with USR1 ignored (a stop request during imports must not kill it) and
-# repeats the USR1 every 5 s until Python exits, so a request that lands before the loop's handler
-# is installed is not lost; the loop acts on the first one it sees at the next step boundary.
+# a small wrapper around each task turns SIGURG into one USR1 for its own Python process alone. The
+# wrapper starts Python with USR1 ignored (a stop request during imports must not kill it) and sends
+# the USR1 once Python catches it (SigCgt in /proc), so a request that lands before the loop's
+# handler is installed waits instead of being lost; exactly once, because an interpreter that is
+# shutting down has USR1 back at its default action (terminate).
 APRIEL_TASK_WRAPPER='
 trap "" USR1
 "$@" &
 pid=$!
-repeater=""
-on_urg() { [ -n "$repeater" ] || { (while kill -USR1 "$pid" 2>/dev/null; do sleep 5; done) & repeater=$!; }; }
+catches_usr1() {
+  local m; m=$(sed -n "s/^SigCgt:[[:space:]]*//p" "/proc/$pid/status" 2>/dev/null)
+  [ -n "$m" ] && (( (16#$m >> 9) & 1 ))
+}
+notifier=""
+on_urg() {
+  [ -z "$notifier" ] || return 0
+  (until catches_usr1; do kill -0 "$pid" 2>/dev/null || exit 0; sleep 1; done; kill -USR1 "$pid") &
+  notifier=$!
+}
 trap on_urg URG
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
 rc=0; wait "$pid" || rc=$?
-[ -z "$repeater" ] || kill "$repeater" 2>/dev/null
+[ -z "$notifier" ] || kill "$notifier" 2>/dev/null
 exit "$rc"'
 
 apriel_stop_tasks() {
