@@ -379,9 +379,8 @@ def is_llava_hf_dir(hf_dir: str | os.PathLike) -> bool:
 
 
 def _read_stacked(reader, key: str, layer: int) -> torch.Tensor:
-    if hasattr(reader, "read"):  # row-range reader
-        return reader.read(key, layer, layer + 1)[0]
-    return reader._load({key: (key, layer)})[key]
+    """One layer of a stacked vision tensor (the reader reads only the stored chunks it overlaps)."""
+    return reader.read(key, layer, layer + 1)[0]
 
 
 # --------------------------------------------------------------------------- conversion
