@@ -233,7 +233,9 @@ def main() -> int:
             tokens = int(ds.sequence_lengths.sum())
             rows.append((name, w, len(ds), tokens, seconds, rss, cpu))
             bins[name, w] = prefix
-            print(f"  {name} workers={w}: {seconds:.1f}s, load average {os.getloadavg()[0]:.1f}", flush=True)
+            print(f"  {name} workers={w}: {seconds:.1f}s, {tokens / seconds:,.0f} tokens/s, CPU {cpu:.1f}s "
+                  f"({tokens / cpu:,.0f} tokens per CPU s), peak RSS {rss:,.0f} MB, load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
 
     tok_alone, cpu_alone = tokenizer_alone(corpus)
     print("\n| tool | workers | documents | tokens | seconds | docs/s | tokens/s | MB/s | CPU s | peak RSS MB |")
