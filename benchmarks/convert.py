@@ -1,8 +1,10 @@
 """Time and peak memory of HF <-> megatron-core conversion on a random >= 1B-parameter model.
 
 The model has Mistral-Nemo's width (hidden 5120, 32/8 heads of 128, FFN 14336) with few layers, in
-bf16. Each direction runs in its own process so its peak RSS (ru_maxrss) is its own; RSS includes
-resident pages of memory-mapped safetensors files.
+bf16. Each direction runs in its own process; its peak memory is read from that process's
+``/proc/self/status``: VmHWM (peak resident set, including resident pages of memory-mapped
+safetensors files, which the kernel may drop at will) and the peak of RssAnon sampled every 20 ms
+(memory the process owns). ``ru_maxrss`` is not used: across ``exec`` it keeps the parent's peak.
 
     python benchmarks/convert.py --layers 2 --vocab 65536 --work /tmp/convert_bench
 """
@@ -12,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,21 +46,39 @@ def write_random_hf(folder: Path, preset, shard_bytes: int) -> int:
     return writer.total_bytes
 
 
-def run_step(args: list[str]) -> tuple[float, float]:
-    """Run one conversion in a child process; (seconds, peak RSS GiB) of that child."""
-    code = (
-        "import resource, sys, json, time; t = time.time();"
-        "from megatron_apriel.checkpoint.convert import main; rc = main(sys.argv[1:]);"
-        "print('BENCH ' + json.dumps([time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]));"
-        "sys.exit(rc)"
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+CHILD = r"""
+import json, sys, threading, time
+peak = {"anon": 0}
+def sample():
+    while True:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
+        time.sleep(0.02)
+if __name__ == "__main__":
+    threading.Thread(target=sample, daemon=True).start()
+    t = time.time()
+    from megatron_apriel.checkpoint.convert import main
+    rc = main(sys.argv[1:])
+    with open("/proc/self/status") as f:
+        hwm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    print("BENCH " + json.dumps([time.time() - t, hwm, peak["anon"]]))
+    sys.exit(rc)
+"""
+
+
+def run_step(args: list[str], work: Path) -> tuple[float, float, float]:
+    """Run one conversion in a child process; (seconds, peak RSS GiB, peak anonymous RSS GiB) of that child."""
+    script = work / "bench_child.py"  # a file, not -c: dist_checkpointing's writer re-imports __main__
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"conversion failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")][-1]
-    secs, maxrss_kb = json.loads(line[6:])
-    return secs, maxrss_kb / 2**20
+    secs, hwm, anon = json.loads(line[6:])
+    return secs, hwm / 2**30, anon / 2**30
 
 
 def main() -> int:
@@ -87,11 +106,9 @@ def main() -> int:
           f"({time.time() - t:.0f} s to write)", flush=True)
 
     rows = []
-    secs, rss = run_step(["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")])
-    rows.append(("hf-to-mcore (TP=1)", secs, rss))
-    secs, rss = run_step(["mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "back"),
-                          "--max-shard-size", f"{args.shard_gb}GB"])
-    rows.append(("mcore-to-hf", secs, rss))
+    rows.append(("hf-to-mcore (TP=1)", *run_step(["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")], work)))
+    rows.append(("mcore-to-hf", *run_step(["mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "back"),
+                                           "--max-shard-size", f"{args.shard_gb}GB"], work)))
 
     # the round trip must be exact, or the timings mean nothing
     import torch
@@ -105,10 +122,10 @@ def main() -> int:
         raise SystemExit(f"round trip differs on {bad[:5]}")
 
     gib = model_bytes / 2**30
-    print(f"\n| step | seconds | GiB/s | peak RSS GiB | RSS / model size |")
-    print("|---|---|---|---|---|")
-    for name, secs, rss in rows:
-        print(f"| {name} | {secs:.1f} | {gib / secs:.2f} | {rss:.2f} | {rss / gib:.2f} |")
+    print(f"\n| step | seconds | GiB/s | peak RSS (VmHWM) GiB | VmHWM / model size | peak anonymous RSS GiB |")
+    print("|---|---|---|---|---|---|")
+    for name, secs, rss, anon in rows:
+        print(f"| {name} | {secs:.1f} | {gib / secs:.2f} | {rss:.2f} | {rss / gib:.2f} | {anon:.2f} |")
     print(f"\nmodel {gib:.2f} GiB ({params / 1e9:.2f} B params, bf16), shard {args.shard_gb} GB; round trip bit-identical")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

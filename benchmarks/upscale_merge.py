@@ -7,7 +7,7 @@ with ``ShardedSafetensorsWriter``, then runs ``apriel upscale`` (middle layer du
 ``apriel average`` (3 inputs, 0.3/0.3/0.4) each in a fresh subprocess. Peak memory is that
 process's own: VmHWM (peak resident set, which counts the memory-mapped input pages the kernel may
 drop at will) and the peak of RssAnon sampled every 20 ms (memory the process really owns: tensors
-in flight, the fp32 accumulator, the pending output shard).
+in flight, the fp32 accumulator of a block; output shards are written in place, never held).
 """
 
 from __future__ import annotations

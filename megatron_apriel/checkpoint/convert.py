@@ -464,6 +464,7 @@ class McoreCheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         key, layer = self.stored_key(name)
         if layer is None:
+            self._cache = (None, {})  # the layers are done: do not hold one beside a vocabulary-sized tensor
             return self.read(key)
         if self._cache[0] != layer:
             self._cache = (None, {})  # drop the previous layer before reading the next

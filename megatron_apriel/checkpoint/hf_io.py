@@ -222,7 +222,6 @@ class ShardedSafetensorsWriter:
         idx, shape, dtype = self._layout[name]
         fd = self._open_shard(idx)
         pos, end = self._offsets[name], self._offsets[name] + _nbytes(shape, dtype)
-        rows = 0
         for part in parts:
             if part.dtype != dtype or tuple(part.shape[1:]) != shape[1:]:
                 raise ValueError(f"tensor {name!r}: got a {part.dtype} block of shape {tuple(part.shape)} "
@@ -232,8 +231,7 @@ class ShardedSafetensorsWriter:
                 raise ValueError(f"tensor {name!r}: more data than its shape {shape}")
             _pwrite_all(fd, data, pos)
             pos += len(data)
-            rows += part.shape[0] if part.dim() else 1
-            del data, part
+            del data, part  # the caller's generator can free this block before making the next
         if pos != end:
             raise ValueError(f"tensor {name!r}: {end - pos} bytes short of its shape {shape}")
         self._written.add(name)
