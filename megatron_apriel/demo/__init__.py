@@ -211,10 +211,10 @@ class Demo:
     def s_data(self) -> dict:
         p = self.plan
         d = self.d("data")
-        rows = p.sft_iters * p.sft_batch  # packed rows of seq_length; ~3 conversations per row
+        rows = p.sft_iters * p.sft_batch  # packed rows of seq_length; 3-4 conversations per row
         counts = make_sources(d, n_reasoning_docs=max(200, p.pretrain_iters * 8), n_cot_docs=max(100, p.pretrain_iters * 4),
                               replay_chars=max(200_000, p.pretrain_iters * 5_000),
-                              n_sft_a=math.ceil(rows * 3.6 / 3), n_sft_b=math.ceil(rows * 3.6 / 8),
+                              n_sft_a=math.ceil(rows * 4.5 / 3), n_sft_b=math.ceil(rows * 4.5 / 8),
                               n_grpo=p.grpo_prompts, n_test=p.n_test)
         for k, v in counts.items():
             print(f"  {k}: {v} records -> {d / (k + '.jsonl')}", flush=True)

@@ -21,10 +21,12 @@ def load_test(path: Path, n: int | None = None) -> list[dict]:
 def evaluate(hf_dir: Path, test: list[dict], max_new_tokens: int = 72, batch_size: int = 32) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
     from megatron_apriel.rl.rewards import final_response, format_reward, math_reward
 
+    hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
     tok = AutoTokenizer.from_pretrained(hf_dir)
     tok.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
