@@ -191,9 +191,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             restarts = info.get("Restarts", "0")
             if start_requeued_now and state == "PENDING" and info.get("Reason") == "BeginTime" and restarts not in released:
                 # slurmctld holds a requeued batch job for about two minutes (its credential lifetime)
-                # before it may start again. Production clusters live with that; the test asks for an
-                # immediate start so it fits its time budget. Nothing else is changed.
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env(),
+                # before it may start again. Production clusters live with that; the test asks for a
+                # start a few seconds later so it fits its time budget. Not "now": slurmd refuses a
+                # credential issued in the same second as the previous run's revocation ("Job
+                # credential revoked") and the job fails. Nothing else is changed.
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], env=self.env(),
                                capture_output=True, timeout=30)
                 released.add(restarts)
             time.sleep(1.0)
