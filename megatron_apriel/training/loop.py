@@ -296,9 +296,11 @@ def train(cfg: TrainConfig) -> int:
     from megatron_apriel.training.step import eval_step, train_step
 
     m, t, ck, lg = cfg.model, cfg.train, cfg.checkpoint, cfg.logging
+    # Before anything slow: a SLURM time-limit signal arriving during start-up (rendezvous, model
+    # build, checkpoint load) must not kill the job; it is acted on at the first step boundary.
+    stop = _StopFlag()
     env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=m.device, seed=t.seed)
     device = _device_of(env)
-    stop = _StopFlag()
     check_fp8(m.fp8, env.device)
     if m.cp > 1 and not should_use_te(env.device, m.use_te):
         raise ConfigError("model.cp > 1 needs Transformer Engine's attention on a GPU (the local SDPA spec has no CP)")
