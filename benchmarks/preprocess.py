@@ -254,7 +254,7 @@ def main() -> int:
     # exactness: every run of ours byte-identical (any --workers) and equal to a direct
     # per-document encode_ordinary (the legacy baseline); --verify adds mistral-common's encode
     def content(prefix):
-        return Path(prefix + ".bin").read_bytes(), IndexedDataset(prefix).sequence_lengths.tolist()
+        return Path(prefix + ".bin").read_bytes(), Path(prefix + ".idx").read_bytes()
 
     ours = [bins[k] for k in bins if k[0] == "ours"]
     refs = [bins[k] for k in bins if k[0] == "naive-legacy"]
