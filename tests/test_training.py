@@ -212,7 +212,12 @@ def test_interrupted_checkpoint_is_never_resumed(corpus, init_ckpt, tmp_path):
                                   "keep_last": 1, "keep_every": 4, "async_save": True})
     train(cfg)
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
-    assert sorted(os.listdir(save)) == ["iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(save)) == ["apriel_model.yaml", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    # the model description beside the checkpoints is what conversion reads (no --preset)
+    from megatron_apriel.checkpoint.convert import read_model_meta
+    from megatron_apriel.models import get_preset
+
+    assert read_model_meta(save / "iter_0000004") == (get_preset("tiny", vocab_size=500), "float32")
     assert yaml.safe_load((save / "iter_0000004" / "run_config.yaml").read_text())["checkpoint"]["keep_every"] == 4
     # A later save cut short: files written, some truncated, the marker never updated.
     partial = save / "iter_0000006"
@@ -224,7 +229,7 @@ def test_interrupted_checkpoint_is_never_resumed(corpus, init_ckpt, tmp_path):
     assert f"resumed from {save}/iter_0000004: iteration 4" in result.stdout
     assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == "10"
     # keep the last one plus every 4th; the interrupted iter_0000006 was redone, then retired
-    assert sorted(os.listdir(save)) == ["iter_0000004", "iter_0000008", "iter_0000010",
+    assert sorted(os.listdir(save)) == ["apriel_model.yaml", "iter_0000004", "iter_0000008", "iter_0000010",
                                         "latest_checkpointed_iteration.txt"]
     assert sorted(metrics(tmp_path / "logs")) == list(range(1, 11))
 

@@ -333,6 +333,13 @@ def train(cfg: TrainConfig) -> int:
                                 distributed_optimizer=t.optim.use_distributed_optimizer,
                                 optimizer_format=ck.optimizer_format,
                                 write_config=lambda p: dump_config(cfg, p), log=_log0)
+    if ck.save and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        from megatron_apriel.checkpoint.convert import write_model_meta
+
+        # the model description beside the iter_* folders: `apriel convert mcore-to-hf --ckpt <save>`
+        # and the averaging tool then need no --preset
+        os.makedirs(ck.save, exist_ok=True)
+        write_model_meta(ck.save, preset, torch.bfloat16 if m.bf16 else torch.float32)
     iteration, consumed = 0, 0
     load = ck.load or _stage_load(cfg)
     if ck.save and read_latest(ck.save) is not None:
