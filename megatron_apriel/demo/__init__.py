@@ -33,7 +33,8 @@ from megatron_apriel.demo.evaluate import evaluate, load_test
 DONE = "done.json"
 SOURCES = ("reasoning", "cot", "replay")
 CPT_WEIGHTS = {"reasoning": 60, "cot": 25, "replay": 15}
-BASE_WEIGHTS = {"reasoning": 40, "cot": 20, "replay": 40}  # a base model that has seen some arithmetic
+BASE_WEIGHTS = {"reasoning": 60, "cot": 20, "replay": 20}  # a base model that already knows the arithmetic
+SFT_LR = 1e-3
 
 
 class DemoError(RuntimeError):
@@ -275,7 +276,7 @@ class Demo:
             data = {"kind": "dataset", "factory": "megatron_apriel.data.sft:SFTDataset",
                     "factory_args": {"prefix": str(self.d("preprocess") / name), "epochs": epochs, "seed": 0,
                                      "pack": True, "pad_token_id": self.figures["data"]["tokenizer"]["pad_token_id"]}}
-            fig = self.train(name, self.train_cfg(d / "ckpt", data, p.sft_iters, lr=1e-3, layers=p.num_layers + 1,
+            fig = self.train(name, self.train_cfg(d / "ckpt", data, p.sft_iters, lr=SFT_LR, layers=p.num_layers + 1,
                                                   load=self.d("average") / "mcore", mbs=1, gbs=p.sft_batch,
                                                   seq=p.sft_seq_length))
             self.write_model_meta(d / "ckpt", p.num_layers + 1)

@@ -8,8 +8,10 @@ not write (the docstrings of the Python standard library, read with ``ast`` from
 Problems: two-digit addition with carries, subtraction with borrows and comparison of two numbers.
 Digits are single tokens (the tokenizer splits them), so a trace is a short sequence of one-digit
 facts the model can learn and reuse on pairs it never saw; the answer is assembled from the digits
-of the lines just above it, because copying from far back is what a tiny model learns last. A fixed hash of each problem sends a
-tenth of all problems to the held-out test split: no test problem appears in any training text.
+of the lines just above it, at the same distance in every trace (see ``Problem.trace``), because
+copying from far back or from a varying place is what a tiny model learns last. A fixed hash of each
+problem sends a tenth of all problems to the held-out test split: no test problem appears in any
+training text.
 """
 
 from __future__ import annotations
@@ -58,30 +60,30 @@ class Problem:
 
     @property
     def trace(self) -> str:
-        """Step-by-step reasoning, one digit fact per line."""
+        """Step-by-step reasoning, one digit fact per line, every line of a kind the same length.
+
+        Sums and borrowed digits are written with two digits ("06", "03") and the carry or borrow
+        always appears ("+ 0", "borrow 0"), so the digits the answer is assembled from sit at the
+        same distance before it in every trace: a fixed-offset copy, which a tiny model learns
+        long before a copy that must search for its source.
+        """
         a, b = self.a, self.b
         a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
         if self.kind == "add":
             s0 = a0 + b0
             carry = s0 // 10
-            lines = [f"Ones: {a0} + {b0} = {s0}." + (f" Write {s0 % 10}, carry 1." if carry else "")]
-            lines.append(f"Tens: {a1} + {b1}" + (" + 1" if carry else "") + f" = {a1 + b1 + carry}.")
-            lines.append(f"So the answer is {a + b}.")
+            lines = [f"Ones: {a0} + {b0} = {s0:02d}.", f"Tens: {a1} + {b1} + {carry} = {a1 + b1 + carry:02d}.",
+                     f"So the answer is {a + b}."]
         elif self.kind == "sub":
-            borrow = a0 < b0
-            if borrow:
-                lines = [f"Ones: {a0} < {b0}, borrow 1: {a0 + 10} - {b0} = {a0 + 10 - b0}."]
-                lines.append(f"Tens: {a1} - 1 - {b1} = {a1 - 1 - b1}.")
-            else:
-                lines = [f"Ones: {a0} - {b0} = {a0 - b0}.", f"Tens: {a1} - {b1} = {a1 - b1}."]
-            lines.append(f"So the answer is {a - b}.")
+            borrow = int(a0 < b0)
+            lines = [f"Ones: {a0} - {b0}, borrow {borrow}: {a0 + 10 * borrow:02d} - {b0} = {a0 + 10 * borrow - b0}.",
+                     f"Tens: {a1} - {b1} - {borrow} = {a1 - b1 - borrow}.", f"So the answer is {a - b}."]
         else:
-            big, small = max(a, b), min(a, b)
             if a1 != b1:
                 lines = [f"Tens: {a1} and {b1}; {max(a1, b1)} is larger."]
             else:
                 lines = [f"Tens: both {a1}.", f"Ones: {a0} and {b0}; {max(a0, b0)} is larger."]
-            lines.append(f"So {big} is larger than {small}.")
+            lines.append(f"So the answer is {max(a, b)}.")
         return "\n".join(lines)
 
     @property
@@ -170,11 +172,12 @@ def make_sources(out: Path, n_reasoning_docs: int, n_cot_docs: int, replay_chars
         "cot": write_jsonl(out / "cot.jsonl", (
             {"text": "\n".join(p.cot for p in problems(seed + 1 + i, 6))} for i in range(n_cot_docs))),
         "replay": write_jsonl(out / "replay.jsonl", ({"text": d} for d in stdlib_docstrings(replay_chars))),
-        # A: balanced over the three kinds; B: math-heavy (addition and subtraction only).
+        # A: balanced over the three kinds; B: math-heavy (addition and subtraction, some comparison:
+        # a specialist that forgets a kind entirely drags the merge down on it).
         "sft_a": write_jsonl(out / "sft_a.jsonl", ({"messages": p.messages(), "source": p.kind}
                                                     for p in problems(seed + 10_000, n_sft_a))),
         "sft_b": write_jsonl(out / "sft_b.jsonl", ({"messages": p.messages(), "source": p.kind}
-                                                    for p in problems(seed + 20_000, n_sft_b, kinds=("add", "sub")))),
+                                                    for p in problems(seed + 20_000, n_sft_b, kinds=("add", "sub", "add", "sub", "compare")))),
         "grpo_prompts": write_jsonl(out / "grpo_prompts.jsonl", (
             {"prompt": [{"role": "user", "content": p.question}], "domain": "math", "answer": p.answer}
             for p in problems(seed + 30_000, n_grpo))),
