@@ -66,7 +66,7 @@ class Plan:
     def for_minutes(cls, minutes: float) -> "Plan":
         s = minutes / 15.0
         return cls(minutes=minutes, pretrain_iters=max(12, round(400 * s)), cpt_iters=max(12, round(240 * s)),
-                   sft_iters=max(6, round(160 * s)), grpo_steps=max(2, 2 * round(5 * s)),
+                   sft_iters=max(6, round(240 * s)), grpo_steps=max(2, 2 * round(5 * s)),
                    grpo_prompts=max(4, round(64 * s)), n_test=max(16, min(128, round(128 * s))))
 
     def model_changes(self, vocab_size: int, eos_token_id: int, num_layers: Optional[int] = None) -> dict:
