@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="output folder, one subfolder per stage")
     ap.add_argument("--minutes", type=float, default=15.0,
-                    help="scales steps and data (15: about 15 minutes on 2 CPU cores)")
+                    help="scales steps and data (15, the default: about 10-15 minutes on 2 CPU cores)")
     ap.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     return ap
 

@@ -69,6 +69,10 @@ class Problem:
         """
         a, b = self.a, self.b
         a1, a0, b1, b0 = a // 10, a % 10, b // 10, b % 10
+        # the operands first, digit by digit and zero-padded: the only copy from the question is
+        # right after it, and every later line copies from this one at a fixed offset
+        op = {"add": "+", "sub": "-"}.get(self.kind, "and")
+        restate = f"Digits: {a1} {a0} {op} {b1} {b0}."
         if self.kind == "add":
             s0 = a0 + b0
             carry = s0 // 10
@@ -84,12 +88,12 @@ class Problem:
             else:
                 lines = [f"Tens: both {a1}.", f"Ones: {a0} and {b0}; {max(a0, b0)} is larger."]
             lines.append(f"So the answer is {max(a, b)}.")
-        return "\n".join(lines)
+        return "\n".join([restate, *lines])
 
     @property
     def cot(self) -> str:
         """The short chain-of-thought form: one line, the answer and its reason."""
-        first = self.trace.split("\n")[0]
+        first = self.trace.split("\n")[1]
         if self.kind == "compare":
             return f"{self.question} {self.answer}, because {first[0].lower()}{first[1:]}"
         return f"{self.question} {self.answer}. {first}"
