@@ -35,6 +35,7 @@ from megatron_apriel.checkpoint.hf_io import (
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_side_files,
+    write_output_dir,
 )
 from megatron_apriel.models.presets import ModelPreset, get_preset
 
@@ -286,27 +287,7 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
             if tokenizer:
                 _copy_tokenizer(tokenizer, side)
 
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        with atomic_output_dir(out, force=force) as tmp:
-            write(tmp)
-    else:
-        # Every rank writes into the same temporary folder; rank 0 renames it once all are done.
-        box = [None]
-        ctx = atomic_output_dir(out, force=force) if _is_rank0() else None
-        if ctx is not None:
-            box[0] = str(ctx.__enter__())
-        torch.distributed.broadcast_object_list(box, src=0)
-        try:
-            write(Path(box[0]))
-            torch.distributed.barrier()
-        except BaseException:
-            if ctx is not None:
-                ctx.__exit__(*sys.exc_info())
-            raise
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-        torch.distributed.barrier()
+    write_output_dir(out, write, force=force)
     summary["seconds"] = round(time.time() - start, 2)
     _log(f"hf-to-mcore: {n_params} tensors per rank, {canonical.hf_bytes / 1e9:.3f} GB read, "
          f"{_dtype_name(dtype)}, tp={tp} pp={pp}, {summary['seconds']:.1f} s -> {out}")

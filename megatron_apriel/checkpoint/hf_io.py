@@ -331,6 +331,37 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
         os.replace(tmp, out)
 
 
+def write_output_dir(out: str | os.PathLike, write, force: bool = False) -> None:
+    """``write(folder)`` on every rank into one temporary folder that becomes ``out`` when all are done.
+
+    One process: :func:`atomic_output_dir`. Under torch.distributed, rank 0 owns the temporary folder
+    (its name is broadcast), every rank writes its part, and rank 0 renames it after a barrier; an
+    error on rank 0 removes it and leaves ``out`` untouched.
+    """
+    import sys
+
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        with atomic_output_dir(out, force=force) as tmp:
+            write(tmp)
+        return
+    box = [None]
+    ctx = atomic_output_dir(out, force=force) if dist.get_rank() == 0 else None
+    if ctx is not None:
+        box[0] = str(ctx.__enter__())
+    dist.broadcast_object_list(box, src=0)
+    try:
+        write(Path(box[0]))
+        dist.barrier()
+    except BaseException:
+        if ctx is not None:
+            ctx.__exit__(*sys.exc_info())
+        raise
+    if ctx is not None:
+        ctx.__exit__(None, None, None)
+    dist.barrier()
+
+
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, skip: tuple[str, ...] = ()) -> list[str]:
     """Copy config/tokenizer/chat-template files of an HF folder (weights excluded)."""
     copied = []

@@ -390,14 +390,13 @@ def _read_stacked(reader, key: str, layer: int) -> torch.Tensor:
 def hf_to_mcore_checkpoint(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None, tokenizer: Optional[str] = None,
                            force: bool = False) -> dict:
     """HF LlavaForConditionalGeneration folder -> LlavaModel dist checkpoint (decoder at any TP/PP)."""
-    import sys
     import time
 
     from megatron.core import dist_checkpointing
     from transformers import AutoConfig
 
     from megatron_apriel.checkpoint import convert as cv
-    from megatron_apriel.checkpoint.hf_io import SafetensorsReader, atomic_output_dir, copy_side_files
+    from megatron_apriel.checkpoint.hf_io import SafetensorsReader, copy_side_files, write_output_dir
     from megatron_apriel.models.llava import build_llava_chunks
     from megatron_apriel.runtime import init_distributed
 
@@ -459,25 +458,7 @@ def hf_to_mcore_checkpoint(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None
             if tokenizer:
                 cv._copy_tokenizer(tokenizer, side)
 
-    if torch.distributed.get_world_size() == 1:
-        with atomic_output_dir(out, force=force) as tmp:
-            write(tmp)
-    else:  # every rank writes into rank 0's temporary folder; rank 0 renames it once all are done
-        box = [None]
-        ctx = atomic_output_dir(out, force=force) if cv._is_rank0() else None
-        if ctx is not None:
-            box[0] = str(ctx.__enter__())
-        torch.distributed.broadcast_object_list(box, src=0)
-        try:
-            write(Path(box[0]))
-            torch.distributed.barrier()
-        except BaseException:
-            if ctx is not None:
-                ctx.__exit__(*sys.exc_info())
-            raise
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-        torch.distributed.barrier()
+    write_output_dir(out, write, force=force)
     summary = {"tensors": n_params, "bytes": canonical.hf_bytes, "dtype": cv._dtype_name(dtype), "tp": tp, "pp": pp,
                "seconds": round(time.time() - start, 2)}
     cv._log(f"hf-to-mcore (llava): {n_params} tensors per rank, {canonical.hf_bytes / 1e9:.3f} GB read, "
