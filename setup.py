@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 
 setup(
     name="megatron-apriel",
@@ -9,6 +9,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_apriel", "megatron_apriel.*"]),
     include_package_data=True,
+    # The compiled Tekken fast path of tools/preprocess_data.py; optional: without a C compiler the
+    # install still succeeds and the tokenizer uses tiktoken alone (same ids, slower).
+    ext_modules=[Extension("megatron_apriel.data._tekken_fast", ["megatron_apriel/data/_tekken_fast.c"],
+                           extra_compile_args=["-O3"], optional=True)],
     install_requires=[
         # The CPU wheel of torch is installed first by .ci/run; this range never asks for a newer one.
         "torch>=2.6",

@@ -493,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     summary = stats_dict(stats, {"input": args.input, "output_prefix": args.output_prefix,
-                                 "tokenizer": tokenizer.name, "workers": args.workers})
+                                 "tokenizer": tokenizer.name, "workers": args.workers,
+                                 **({"tekken_path": tokenizer.tekken_path} if hasattr(tokenizer, "tekken_path") else {})})
     from megatron_apriel.config import atomic_write_text
 
     atomic_write_text(Path(args.output_prefix + ".stats.json"), json.dumps(summary, indent=2) + "\n")

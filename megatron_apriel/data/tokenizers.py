@@ -9,7 +9,9 @@ Megatron-LM's.
 Tekken goes through ``mistral_common.tokens.tokenizers.tekken.Tekkenizer`` so ids are exactly
 mistral-common's; the batch paths call the same tiktoken core that ``Tekkenizer.encode`` calls (its
 ``encode_ordinary`` entry when the file defines no in-text special tokens, see ``TekkenTokenizer``)
-and add the same special-token offset.
+and add the same special-token offset. With the file's own split pattern the batch paths use the
+compiled ``_tekken_fast`` extension instead when it is built (same ids: it implements that pattern on
+ASCII and hands every non-ASCII region to the same tiktoken core; see its source).
 """
 
 from __future__ import annotations
@@ -18,11 +20,24 @@ import argparse
 import array
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+# MEGATRON_APRIEL_TEKKEN_FAST=0 turns the compiled Tekken path off (tiktoken alone, same ids)
+FAST_ENV = "MEGATRON_APRIEL_TEKKEN_FAST"
+_warned_no_extension = False
+
+
+def _tekken_fast_module():
+    try:
+        from megatron_apriel.data import _tekken_fast
+    except ImportError:
+        return None
+    return _tekken_fast
 
 # array.array.fromlist is the cheapest list[int] -> C buffer copy (about 20 ns a token, against
 # 25-35 for np.array/np.fromiter per list); the typecode whose items are 4 bytes
@@ -145,10 +160,14 @@ class TekkenTokenizer(Tokenizer):
     ``pattern`` (``v1``/``v2`` as Megatron-LM names them, or a regex) and ``vocab_size`` override
     the file's config, as Megatron-LM's ``--tiktoken-pattern`` / ``--vocab-size`` do; by default
     the file's own pattern and ``default_vocab_size`` are used.
+
+    ``fast`` (default: on unless ``MEGATRON_APRIEL_TEKKEN_FAST=0``) lets the batch paths use the
+    compiled extension when it is built and the pattern is the one it implements; ``tekken_path``
+    says which one runs: ``"compiled"`` or ``"tiktoken"`` (``tekken_path_reason`` says why).
     """
 
     def __init__(self, model: str, threads: int = 1, vocab_size: int | None = None,
-                 pattern: str | None = None, **_):
+                 pattern: str | None = None, fast: bool | None = None, **_):
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
         path = resolve_tekken(model)
@@ -178,12 +197,38 @@ class TekkenTokenizer(Tokenizer):
         # same split and the same BPE as ``encode_ordinary``, which skips the special-token search
         # (measured 1.3-1.5x faster on source code; benchmarks/preprocess.py checks equality).
         self._ordinary = not self.tk._model.special_tokens_set
+        self._fast = None
+        self.tekken_path, self.tekken_path_reason = "tiktoken", self._setup_fast(fast)
+        if self._fast is not None:
+            self.tekken_path = "compiled"
+
+    def _setup_fast(self, fast: bool | None) -> str:
+        global _warned_no_extension
+        if fast is None:
+            fast = os.environ.get(FAST_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+        if not fast:
+            return f"disabled ({FAST_ENV}=0 or fast=False)"
+        if not self._ordinary:
+            return "the tiktoken encoding defines in-text special tokens"
+        module = _tekken_fast_module()
+        if module is None:
+            if not _warned_no_extension:
+                _warned_no_extension = True
+                print("warning: megatron_apriel.data._tekken_fast is not built (no C compiler at install?): "
+                      "Tekken tokenizing uses tiktoken alone, same ids, about 2-3x slower", file=sys.stderr)
+            return "extension not built"
+        if self.tk._model._pat_str != module.PATTERN:
+            return "split pattern differs from the Tekken pattern the extension implements"
+        self._fast = module.Encoder(self.tk._model._mergeable_ranks, self._core.encode_ordinary)
+        return "extension built, Tekken pattern"
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, bos=False, eos=False)
 
     def _encode_raw(self, text: str) -> list[int]:
         """Ids before the special-token offset."""
+        if self._fast is not None:
+            return self._fast.encode(text)
         if self._ordinary:
             return self._core.encode_ordinary(text)
         return self._core.encode(text, set())
@@ -202,7 +247,21 @@ class TekkenTokenizer(Tokenizer):
         return [self._encode_raw(t) for t in texts]
 
     def encode_batch_numpy(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return _concat_lists(self._encode_all(texts), self._offset)
+        if self._fast is None:
+            return _concat_lists(self._encode_all(texts), self._offset)
+        # one C call per batch (per thread): ids land in one int32 buffer, offset already added
+        if self.threads > 1 and len(texts) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            step = -(-len(texts) // self.threads)
+            chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
+            with ThreadPoolExecutor(self.threads) as ex:  # the extension releases the GIL on ASCII text
+                parts = list(ex.map(lambda c: self._fast.encode_batch(c, self._offset), chunks))
+        else:
+            parts = [self._fast.encode_batch(texts, self._offset)]
+        flat = np.concatenate([np.frombuffer(ids, dtype=np.int32) for ids, _ in parts])
+        lengths = np.concatenate([np.frombuffer(lens, dtype=np.int64) for _, lens in parts])
+        return flat, lengths
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tk.decode(list(ids))

@@ -1,0 +1,521 @@
+/* Compiled Tekken pre-tokenizer + BPE for the ASCII parts of a text, byte-identical to tiktoken.
+ *
+ * Why this exists: with the Tekken split pattern (Megatron-LM's "v2") tiktoken spends most of its
+ * time in fancy-regex, because the pattern's `\s+(?!\S)` lookahead forces the whole alternation into
+ * fancy-regex's backtracking VM. Python-level splitters (regex, pcre2) and PCRE2-JIT tokenizers were
+ * measured slower than tiktoken itself, so the split is written out here by hand for ASCII, where
+ * the pattern reduces to a few character classes (see split_ascii). Everything that is not ASCII is
+ * still tokenized by tiktoken: a text is cut at "safe" boundaries (a piece of the pattern never
+ * crosses them, whatever the surrounding characters) and the regions holding non-ASCII characters
+ * are handed to tiktoken's encode_ordinary, so the concatenation equals tiktoken on the whole text.
+ * The BPE is tiktoken's byte_pair_merge (lowest-rank adjacent pair first, leftmost on ties), over an
+ * open-addressing table built from tiktoken's own mergeable ranks.
+ *
+ * Only the exact pattern string below is implemented; the Python side uses tiktoken for any other.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char TEKKEN_PATTERN[] =
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+|"
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*|"
+    "\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+#define NO_RANK UINT32_MAX
+
+/* ASCII character classes of the pattern. \s is Unicode White_Space: 0x09-0x0D and 0x20 only
+ * (0x1C-0x1F are not, unlike Python's str.isspace). PUNCT is everything else that is neither a
+ * letter nor a digit, control characters included. */
+enum { C_UPPER = 1, C_LOWER = 2, C_DIGIT = 4, C_WS = 8, C_NL = 16, C_PUNCT = 32 };
+static unsigned char CLS[128];
+
+static void init_classes(void) {
+    for (int c = 0; c < 128; c++) {
+        unsigned char k;
+        if (c >= 'A' && c <= 'Z') k = C_UPPER;
+        else if (c >= 'a' && c <= 'z') k = C_LOWER;
+        else if (c >= '0' && c <= '9') k = C_DIGIT;
+        else if (c == ' ' || (c >= 0x09 && c <= 0x0D)) k = C_WS | ((c == '\r' || c == '\n') ? C_NL : 0);
+        else k = C_PUNCT;
+        CLS[c] = k;
+    }
+}
+
+#define IS_LETTER(c) (CLS[c] & (C_UPPER | C_LOWER))
+/* the optional one-character prefix of the letter alternatives: not \r, \n, letter or digit */
+#define IS_PREFIX(c) (CLS[c] & C_PUNCT || (CLS[c] & (C_WS | C_NL)) == C_WS)
+
+typedef struct {
+    uint32_t hash;
+    uint32_t off;
+    uint32_t len;
+    uint32_t rank; /* NO_RANK: empty slot */
+} Slot;
+
+typedef struct {
+    int32_t *data;
+    size_t len, cap;
+} OutBuf;
+
+typedef struct {
+    PyObject_HEAD
+    Slot *slots;
+    uint32_t mask;
+    unsigned char *arena;
+    PyObject *fallback; /* tiktoken's encode_ordinary, for the non-ASCII regions */
+    Py_ssize_t n_tokens;
+} EncoderObject;
+
+static inline uint64_t mix(uint64_t h) {
+    h ^= h >> 32;
+    h *= 0xd6e8feb86659fd93ULL;
+    h ^= h >> 32;
+    return h;
+}
+
+static inline uint32_t hash_bytes(const unsigned char *p, size_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ULL ^ ((uint64_t)n * 0xff51afd7ed558ccdULL);
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        h = mix(h ^ v);
+        p += 8;
+        n -= 8;
+    }
+    if (n) {
+        uint64_t v = 0;
+        memcpy(&v, p, n);
+        h = mix(h ^ v ^ 0xa5a5a5a5ULL);
+    }
+    return (uint32_t)mix(h);
+}
+
+static inline uint32_t lookup(const EncoderObject *e, const unsigned char *p, size_t n) {
+    uint32_t h = hash_bytes(p, n);
+    uint32_t i = h & e->mask;
+    for (;;) {
+        const Slot *s = &e->slots[i];
+        if (s->rank == NO_RANK) return NO_RANK;
+        if (s->hash == h && s->len == n && memcmp(e->arena + s->off, p, n) == 0) return s->rank;
+        i = (i + 1) & e->mask;
+    }
+}
+
+static int out_reserve(OutBuf *o, size_t extra) {
+    if (o->len + extra <= o->cap) return 0;
+    size_t cap = o->cap ? o->cap : 1024;
+    while (cap < o->len + extra) cap *= 2;
+    int32_t *d = realloc(o->data, cap * sizeof(int32_t));
+    if (!d) return -1;
+    o->data = d;
+    o->cap = cap;
+    return 0;
+}
+
+/* tiktoken's _byte_pair_merge + byte_pair_encode for a piece that is not itself a token. */
+static int bpe(const EncoderObject *e, const unsigned char *piece, size_t n, OutBuf *out, int32_t offset) {
+    size_t stack_start[129];
+    uint32_t stack_rank[129];
+    size_t *start = stack_start;
+    uint32_t *rank = stack_rank;
+    if (n + 1 > 129) {
+        start = malloc((n + 1) * sizeof(size_t));
+        rank = malloc((n + 1) * sizeof(uint32_t));
+        if (!start || !rank) {
+            free(start);
+            free(rank);
+            return -1;
+        }
+    }
+    uint32_t min_rank = NO_RANK;
+    size_t min_i = 0;
+    for (size_t i = 0; i + 1 < n; i++) {
+        uint32_t r = lookup(e, piece + i, 2);
+        if (r < min_rank) {
+            min_rank = r;
+            min_i = i;
+        }
+        start[i] = i;
+        rank[i] = r;
+    }
+    start[n - 1] = n - 1;
+    rank[n - 1] = NO_RANK;
+    start[n] = n;
+    rank[n] = NO_RANK;
+    size_t count = n + 1;
+#define GET_RANK(k) ((k) + 3 < count ? lookup(e, piece + start[k], start[(k) + 3] - start[k]) : NO_RANK)
+    while (min_rank != NO_RANK) {
+        size_t i = min_i;
+        if (i > 0) rank[i - 1] = GET_RANK(i - 1);
+        rank[i] = GET_RANK(i);
+        memmove(start + i + 1, start + i + 2, (count - i - 2) * sizeof(size_t));
+        memmove(rank + i + 1, rank + i + 2, (count - i - 2) * sizeof(uint32_t));
+        count--;
+        min_rank = NO_RANK;
+        for (size_t k = 0; k + 1 < count; k++) {
+            if (rank[k] < min_rank) {
+                min_rank = rank[k];
+                min_i = k;
+            }
+        }
+    }
+#undef GET_RANK
+    int rc = out_reserve(out, count - 1);
+    if (rc == 0) {
+        for (size_t k = 0; k + 1 < count; k++)
+            out->data[out->len++] = (int32_t)lookup(e, piece + start[k], start[k + 1] - start[k]) + offset;
+    }
+    if (start != stack_start) {
+        free(start);
+        free(rank);
+    }
+    return rc;
+}
+
+static inline int emit_piece(const EncoderObject *e, const unsigned char *p, size_t n, OutBuf *out, int32_t offset) {
+    uint32_t r = lookup(e, p, n);
+    if (r != NO_RANK) {
+        if (out_reserve(out, 1)) return -1;
+        out->data[out->len++] = (int32_t)r + offset;
+        return 0;
+    }
+    return bpe(e, p, n, out, offset);
+}
+
+/* The Tekken pattern on ASCII, leftmost-first alternation with backtracking, worked out per
+ * alternative (tests compare it with tiktoken on fuzzed and real text):
+ *   1|2  [^\r\n L N]? [Lu]* [Ll]+  |  [^\r\n L N]? [Lu]+ [Ll]*  -> prefix? + upper run + lower run
+ *   3    \p{N}                                                  -> one digit
+ *   4    ' '? [^\s L N]+ [\r\n/]*                               -> space? + punct run + [\r\n/] run
+ *   5    \s*[\r\n]+                 -> a whitespace run up to and including its last \r or \n
+ *   6|7  \s+(?!\S) | \s+            -> the run if it ends the text, else the run minus its last
+ *                                      character when that leaves one, else one character */
+static int split_ascii(const EncoderObject *e, const unsigned char *s, size_t n, OutBuf *out, int32_t offset) {
+    size_t p = 0;
+    while (p < n) {
+        unsigned char c = s[p];
+        size_t end;
+        if (IS_LETTER(c) || (IS_PREFIX(c) && p + 1 < n && IS_LETTER(s[p + 1]))) {
+            size_t q = IS_LETTER(c) ? p : p + 1;
+            while (q < n && CLS[s[q]] & C_UPPER) q++;
+            while (q < n && CLS[s[q]] & C_LOWER) q++;
+            end = q;
+        } else if (CLS[c] & C_DIGIT) {
+            end = p + 1;
+        } else if ((CLS[c] & C_PUNCT) || (c == ' ' && p + 1 < n && CLS[s[p + 1]] & C_PUNCT)) {
+            size_t q = (c == ' ') ? p + 1 : p;
+            while (q < n && CLS[s[q]] & C_PUNCT) q++;
+            while (q < n && (s[q] == '\r' || s[q] == '\n' || s[q] == '/')) q++;
+            end = q;
+        } else { /* whitespace */
+            size_t r = p, last_nl = SIZE_MAX;
+            while (r < n && CLS[s[r]] & C_WS) {
+                if (CLS[s[r]] & C_NL) last_nl = r;
+                r++;
+            }
+            if (last_nl != SIZE_MAX) end = last_nl + 1;
+            else if (r == n) end = n;
+            else if (r - p >= 2) end = r - 1;
+            else end = p + 1;
+        }
+        if (emit_piece(e, s + p, end - p, out, offset)) return -1;
+        p = end;
+    }
+    return 0;
+}
+
+/* A piece boundary at i whatever the rest of the text is: after a non-whitespace character before
+ * a space or tab (no alternative continues a non-whitespace character with a space or tab), or
+ * after '\n' before a character that is neither whitespace nor '/' (only [\r\n/]* and whitespace
+ * runs continue a '\n'). Both sides must be ASCII: only then is the class known here. */
+static inline int safe_boundary(Py_UCS4 a, Py_UCS4 b) {
+    if (a >= 128 || b >= 128) return 0;
+    if ((b == ' ' || b == '\t') && !(CLS[a] & C_WS)) return 1;
+    if (a == '\n' && !(CLS[b] & C_WS) && b != '/') return 1;
+    return 0;
+}
+
+static int encode_fallback(EncoderObject *e, PyObject *text, Py_ssize_t a, Py_ssize_t b, OutBuf *out, int32_t offset) {
+    PyObject *sub = PyUnicode_Substring(text, a, b);
+    if (!sub) return -1;
+    PyObject *ids = PyObject_CallOneArg(e->fallback, sub);
+    Py_DECREF(sub);
+    if (!ids) return -1;
+    PyObject *seq = PySequence_Fast(ids, "the fallback encoder must return a sequence of ints");
+    Py_DECREF(ids);
+    if (!seq) return -1;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    if (out_reserve(out, (size_t)m)) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t k = 0; k < m; k++) {
+        long v = PyLong_AsLong(items[k]);
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        out->data[out->len++] = (int32_t)v + offset;
+    }
+    Py_DECREF(seq);
+    return 0;
+}
+
+/* ASCII runs of a non-ASCII str through split_ascii, the rest through tiktoken (GIL held). */
+static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset) {
+    Py_ssize_t n = PyUnicode_GET_LENGTH(text);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    unsigned char *scratch = NULL;
+    size_t scratch_cap = 0;
+    Py_ssize_t run_start = 0, seg_start = 0;
+    int run_fb = -1; /* type of the pending run: -1 none, 0 ASCII, 1 tiktoken */
+    int seg_fb = 0;
+    int rc = 0;
+    for (Py_ssize_t i = 0; i <= n && rc == 0; i++) {
+        Py_UCS4 c = i < n ? PyUnicode_READ(kind, data, i) : 0;
+        int close = (i == n) || (i > 0 && safe_boundary(PyUnicode_READ(kind, data, i - 1), c));
+        if (close && i > seg_start) {
+            if (run_fb >= 0 && run_fb != seg_fb) { /* flush the pending run [run_start, seg_start) */
+                if (run_fb) {
+                    rc = encode_fallback(e, text, run_start, seg_start, out, offset);
+                } else {
+                    size_t len = (size_t)(seg_start - run_start);
+                    if (len > scratch_cap) {
+                        free(scratch);
+                        scratch_cap = len;
+                        scratch = malloc(len);
+                        if (!scratch) {
+                            PyErr_NoMemory();
+                            rc = -1;
+                            break;
+                        }
+                    }
+                    for (Py_ssize_t k = run_start; k < seg_start; k++)
+                        scratch[k - run_start] = (unsigned char)PyUnicode_READ(kind, data, k);
+                    if (split_ascii(e, scratch, len, out, offset)) {
+                        PyErr_NoMemory();
+                        rc = -1;
+                    }
+                }
+                run_fb = -1;
+            }
+            if (run_fb < 0) {
+                run_fb = seg_fb;
+                run_start = seg_start;
+            }
+            seg_start = i;
+            seg_fb = 0;
+        }
+        if (c >= 128) seg_fb = 1;
+    }
+    if (rc == 0 && run_fb >= 0) { /* the last run [run_start, n) */
+        if (run_fb) {
+            rc = encode_fallback(e, text, run_start, n, out, offset);
+        } else {
+            size_t len = (size_t)(n - run_start);
+            free(scratch);
+            scratch = malloc(len ? len : 1);
+            if (!scratch) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            for (Py_ssize_t k = run_start; k < n; k++) scratch[k - run_start] = (unsigned char)PyUnicode_READ(kind, data, k);
+            if (split_ascii(e, scratch, len, out, offset)) {
+                PyErr_NoMemory();
+                rc = -1;
+            }
+        }
+    }
+    free(scratch);
+    return rc;
+}
+
+static int encode_one(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset) {
+    if (!PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(text)->tp_name);
+        return -1;
+    }
+    if (PyUnicode_IS_ASCII(text)) {
+        const unsigned char *s = PyUnicode_DATA(text);
+        size_t n = (size_t)PyUnicode_GET_LENGTH(text);
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = split_ascii(e, s, n, out, offset);
+        Py_END_ALLOW_THREADS
+        if (rc) PyErr_NoMemory();
+        return rc;
+    }
+    return encode_mixed(e, text, out, offset);
+}
+
+/* ------------------------------------------------------------------ the Python type */
+
+static void Encoder_dealloc(EncoderObject *self) {
+    free(self->slots);
+    free(self->arena);
+    Py_XDECREF(self->fallback);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"ranks", "fallback", NULL};
+    PyObject *ranks, *fallback;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!O", kwlist, &PyDict_Type, &ranks, &fallback)) return -1;
+    if (!PyCallable_Check(fallback)) {
+        PyErr_SetString(PyExc_TypeError, "fallback must be callable (tiktoken's encode_ordinary)");
+        return -1;
+    }
+    Py_ssize_t n = PyDict_Size(ranks);
+    size_t total = 0;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(ranks, &pos, &key, &value)) {
+        if (!PyBytes_Check(key) || PyBytes_GET_SIZE(key) == 0) {
+            PyErr_SetString(PyExc_TypeError, "ranks must map non-empty bytes to int");
+            return -1;
+        }
+        total += (size_t)PyBytes_GET_SIZE(key);
+    }
+    uint32_t size = 1024;
+    while (size < 2 * (uint32_t)n + 1) size *= 2;
+    free(self->slots);
+    free(self->arena);
+    self->slots = malloc(size * sizeof(Slot));
+    self->arena = malloc(total ? total : 1);
+    if (!self->slots || !self->arena) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (uint32_t i = 0; i < size; i++) self->slots[i].rank = NO_RANK;
+    self->mask = size - 1;
+    size_t off = 0;
+    pos = 0;
+    while (PyDict_Next(ranks, &pos, &key, &value)) {
+        long r = PyLong_AsLong(value);
+        if ((r == -1 && PyErr_Occurred()) || r < 0 || r >= INT32_MAX) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "ranks must be in [0, 2**31-1)");
+            return -1;
+        }
+        const unsigned char *b = (const unsigned char *)PyBytes_AS_STRING(key);
+        size_t len = (size_t)PyBytes_GET_SIZE(key);
+        memcpy(self->arena + off, b, len);
+        uint32_t h = hash_bytes(b, len);
+        uint32_t i = h & self->mask;
+        while (self->slots[i].rank != NO_RANK) i = (i + 1) & self->mask;
+        self->slots[i] = (Slot){h, (uint32_t)off, (uint32_t)len, (uint32_t)r};
+        off += len;
+    }
+    for (int c = 0; c < 256; c++) {
+        unsigned char b = (unsigned char)c;
+        if (lookup(self, &b, 1) == NO_RANK) {
+            PyErr_Format(PyExc_ValueError, "ranks lack the single byte 0x%02x: not a byte-level BPE vocabulary", c);
+            return -1;
+        }
+    }
+    Py_INCREF(fallback);
+    Py_XSETREF(self->fallback, fallback);
+    self->n_tokens = n;
+    return 0;
+}
+
+static PyObject *Encoder_encode(EncoderObject *self, PyObject *args) {
+    PyObject *text;
+    if (!PyArg_ParseTuple(args, "O", &text)) return NULL;
+    OutBuf out = {0};
+    if (encode_one(self, text, &out, 0)) {
+        free(out.data);
+        return NULL;
+    }
+    PyObject *list = PyList_New((Py_ssize_t)out.len);
+    for (size_t k = 0; list && k < out.len; k++) {
+        PyObject *v = PyLong_FromLong(out.data[k]);
+        if (!v) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)k, v);
+    }
+    free(out.data);
+    return list;
+}
+
+static PyObject *Encoder_encode_batch(EncoderObject *self, PyObject *args) {
+    PyObject *texts;
+    int offset = 0;
+    if (!PyArg_ParseTuple(args, "O|i", &texts, &offset)) return NULL;
+    PyObject *seq = PySequence_Fast(texts, "texts must be a sequence of str");
+    if (!seq) return NULL;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    int64_t *lengths = malloc((m ? m : 1) * sizeof(int64_t));
+    OutBuf out = {0};
+    PyObject *result = NULL;
+    if (!lengths) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        size_t before = out.len;
+        if (encode_one(self, PySequence_Fast_GET_ITEM(seq, i), &out, offset)) goto done;
+        lengths[i] = (int64_t)(out.len - before);
+    }
+    PyObject *ids = PyByteArray_FromStringAndSize((const char *)out.data, (Py_ssize_t)(out.len * sizeof(int32_t)));
+    PyObject *lens = ids ? PyByteArray_FromStringAndSize((const char *)lengths, m * (Py_ssize_t)sizeof(int64_t)) : NULL;
+    if (ids && lens) result = PyTuple_Pack(2, ids, lens);
+    Py_XDECREF(ids);
+    Py_XDECREF(lens);
+done:
+    free(lengths);
+    free(out.data);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyMethodDef Encoder_methods[] = {
+    {"encode", (PyCFunction)Encoder_encode, METH_VARARGS, "encode(text) -> list of ranks (tiktoken's encode_ordinary)"},
+    {"encode_batch", (PyCFunction)Encoder_encode_batch, METH_VARARGS,
+     "encode_batch(texts, offset=0) -> (bytearray of int32 ids + offset, bytearray of int64 lengths)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyObject *Encoder_len(EncoderObject *self, void *closure) { return PyLong_FromSsize_t(self->n_tokens); }
+
+static PyGetSetDef Encoder_getset[] = {
+    {"n_tokens", (getter)Encoder_len, NULL, "number of ranks in the table", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EncoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "megatron_apriel.data._tekken_fast.Encoder",
+    .tp_basicsize = sizeof(EncoderObject),
+    .tp_dealloc = (destructor)Encoder_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Encoder(ranks: dict[bytes, int], fallback: str -> list[int]): the Tekken split + BPE",
+    .tp_methods = Encoder_methods,
+    .tp_getset = Encoder_getset,
+    .tp_init = (initproc)Encoder_init,
+    .tp_new = PyType_GenericNew,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_tekken_fast", NULL, -1, NULL};
+
+PyMODINIT_FUNC PyInit__tekken_fast(void) {
+    init_classes();
+    if (PyType_Ready(&EncoderType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    Py_INCREF(&EncoderType);
+    if (PyModule_AddObject(m, "Encoder", (PyObject *)&EncoderType) < 0 ||
+        PyModule_AddStringConstant(m, "PATTERN", TEKKEN_PATTERN) < 0) {
+        Py_DECREF(&EncoderType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
