@@ -1,0 +1,167 @@
+"""The compiled Tekken path (megatron_apriel/data/_tekken_fast.c) against tiktoken.
+
+The reference is tiktoken's ``encode_ordinary`` on the Tekken core mistral-common builds
+(``TekkenTokenizer._core``) and mistral-common's ``Tekkenizer.encode``; every comparison is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+
+from conftest import run_python
+from megatron_apriel.data.tokenizers import load_tokenizer
+
+# not importorskip: CI builds the extension (.ci/run installs gcc), so a missing build is a failure
+from megatron_apriel.data import _tekken_fast as fast_mod  # noqa: E402
+
+ASCII_EDGE = list(" \t\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x00\x7f/_'\"!.,:;-+=()[]{}#*\\") + list("AbCdEfGxyzQW") + list("0129")
+NON_ASCII = ["é", "ß", "İ", "中", "ǅ", "ʰ", "\u0301", "\u00a0", "\u0085", "\u2028", "\u3000", "😀", "Ω", "٣"]
+WORDS = ["the", "The", "HTTPServer", "x", "  ", "\n", "\r\n", "\t", " /", "//", "+=", "42", "é", "naïve", "中文",
+         "\u00a0", "\u3000", "ǅungla", "ʰa", "e\u0301", "😀!", "x/\n", "   \n  ", "\x1c", "''", "A1b2"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = load_tokenizer("TikTokenizer", "mistral-nemo", fast=True)
+    assert t.tekken_path == "compiled", t.tekken_path_reason
+    return t
+
+
+def fuzz_texts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    texts = ["", " ", "\n", "\t \t", "a ", "A\n", " " * 50, "x" + " " * 37, "\n" * 9 + "  ", "é", " é ", "\r\n\r\n"]
+    for k in range(n):
+        kind = k % 4
+        if kind == 0:  # ASCII characters only, dense in class changes
+            s = "".join(rng.choice(ASCII_EDGE) for _ in range(rng.randint(1, 60)))
+        elif kind == 1:  # the same with non-ASCII characters mixed in
+            s = "".join(rng.choice(ASCII_EDGE + NON_ASCII) for _ in range(rng.randint(1, 60)))
+        elif kind == 2:  # words and separators: long ASCII stretches around non-ASCII islands
+            s = "".join(rng.choice(WORDS) + rng.choice(["", " ", " ", "\n", "\t", "  "]) for _ in range(rng.randint(1, 40)))
+        else:  # long whitespace runs, possibly ending the text
+            parts = [rng.choice(WORDS), rng.choice(" \t\n\x0b\x0c\r") * rng.randint(1, 30), rng.choice(WORDS + [""])]
+            s = "".join(parts) + rng.choice(["", " ", "   ", "\n "])
+        texts.append(s)
+    return texts
+
+
+def stdlib_texts() -> list[str]:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    names = ["argparse.py", "json/decoder.py", "textwrap.py", "difflib.py", "unicodedata.py", "locale.py",
+             "shlex.py", "re/_casefix.py", "test/test_unicode.py"]
+    return [(lib / n).read_text(encoding="utf-8") for n in names if (lib / n).exists()]
+
+
+def test_fuzz_equals_tiktoken(tok):
+    texts = fuzz_texts(0, 6000)
+    assert any(not t.isascii() for t in texts) and any(t.isascii() for t in texts)
+    for t in texts:
+        assert tok._fast.encode(t) == tok._core.encode_ordinary(t), repr(t)
+
+
+def test_stdlib_sources_equal_tiktoken(tok):
+    texts = stdlib_texts()
+    assert len(texts) >= 6 and any(not t.isascii() for t in texts)  # shlex.py and re/_casefix.py are not ASCII
+    for t in texts:
+        assert tok._fast.encode(t) == tok._core.encode_ordinary(t)
+
+
+def test_non_ascii_regions_alone_go_to_tiktoken(tok):
+    """Only the regions between safe boundaries that hold non-ASCII reach tiktoken; the rest is compiled."""
+    seen: list[str] = []
+
+    def fallback(s):
+        seen.append(s)
+        return tok._core.encode_ordinary(s)
+
+    enc = fast_mod.Encoder(tok.tk._model._mergeable_ranks, fallback)
+    text = "def f(x):\n    return 'déjà vu' + x  # 東京\nprint(f('a'))\n" * 3
+    assert enc.encode(text) == tok._core.encode_ordinary(text)
+    assert seen and all(not s.isascii() for s in seen)
+    assert sum(map(len, seen)) < len(text) / 3
+    seen.clear()
+    ascii_text = "plain ASCII only\n\tand more  \n"
+    assert enc.encode(ascii_text) == tok._core.encode_ordinary(ascii_text) and seen == []
+
+
+def test_bpe_merges_on_a_small_vocabulary():
+    """With 256 bytes and a few merges most pieces are not whole tokens, so the merge order decides
+    the ids (ties between equal-rank pairs included: 'aaaa', 'abab')."""
+    pattern = fast_mod.PATTERN
+    ranks = {bytes([b]): b for b in range(256)}
+    for w in [b"aa", b"ab", b"ba", b"aaa", b"bab", b"  ", b" a", b"ab ", b"\n\n", b"xy", b"yx", b"xyx", b"in", b"the"]:
+        ranks.setdefault(w, len(ranks))
+    ref = tiktoken.Encoding("small", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    enc = fast_mod.Encoder(ranks, ref.encode_ordinary)
+    rng = random.Random(1)
+    alphabet = list("abxy ") + ["\n", "the", "in", "ab", "aa", "é"]
+    for _ in range(3000):
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        assert enc.encode(s) == ref.encode_ordinary(s), repr(s)
+
+
+def test_encoder_rejects_a_vocabulary_without_all_bytes():
+    with pytest.raises(ValueError, match="single byte 0x00"):
+        fast_mod.Encoder({b"a": 0}, lambda s: [])
+
+
+def test_batch_numpy_equals_per_document_encode(tok):
+    texts = fuzz_texts(2, 300)[:300] + stdlib_texts()[:2]
+    flat, lengths = tok.encode_batch_numpy(texts)
+    assert flat.dtype == np.int32 and lengths.dtype == np.int64 and lengths.shape == (len(texts),)
+    ref = [tok.encode(t) for t in texts]  # mistral-common's Tekkenizer.encode, special-token offset included
+    assert lengths.tolist() == [len(r) for r in ref]
+    assert flat.tolist() == [i for r in ref for i in r]
+    assert tok.encode_batch(texts) == ref
+    threaded = load_tokenizer("TikTokenizer", "mistral-nemo", threads=2)
+    f2, l2 = threaded.encode_batch_numpy(texts)
+    assert np.array_equal(f2, flat) and np.array_equal(l2, lengths)
+    empty = tok.encode_batch_numpy([])
+    assert empty[0].size == 0 and empty[1].size == 0
+
+
+def test_fallback_path_gives_the_same_ids(tok, monkeypatch):
+    texts = fuzz_texts(3, 200) + stdlib_texts()[:1]
+    off = load_tokenizer("TikTokenizer", "mistral-nemo", fast=False)
+    assert off.tekken_path == "tiktoken" and off._fast is None
+    monkeypatch.setenv("MEGATRON_APRIEL_TEKKEN_FAST", "0")
+    env_off = load_tokenizer("TikTokenizer", "mistral-nemo")
+    assert env_off.tekken_path == "tiktoken"
+    a, b, c = (t.encode_batch_numpy(texts) for t in (tok, off, env_off))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert np.array_equal(a[0], c[0]) and np.array_equal(a[1], c[1])
+
+
+def test_other_patterns_use_tiktoken():
+    v1 = load_tokenizer("TikTokenizer", "mistral-nemo", pattern="v1")
+    assert v1.tekken_path == "tiktoken" and "pattern" in v1.tekken_path_reason
+    v2 = load_tokenizer("TikTokenizer", "mistral-nemo", pattern="v2")  # Megatron-LM's v2 is the file's pattern
+    assert v2.tekken_path == "compiled"
+    text = "Hello  World\n\n  x=1;//y\u00a0z"
+    assert v1._encode_raw(text) == v1._core.encode_ordinary(text)
+
+
+def test_preprocess_records_the_path_and_output_is_identical(tmp_path):
+    src = tmp_path / "in.jsonl"
+    texts = fuzz_texts(4, 400)[12:] + stdlib_texts()[:3]
+    with open(src, "w", encoding="utf-8") as f:
+        for t in texts:
+            if t.strip():
+                f.write(json.dumps({"text": t}) + "\n")
+    outs = {}
+    for name, env in [("compiled", {}), ("tiktoken", {"MEGATRON_APRIEL_TEKKEN_FAST": "0"})]:
+        prefix = str(tmp_path / name)
+        run_python(["tools/preprocess_data.py", "--input", src, "--output-prefix", prefix, "--tokenizer-type",
+                    "TikTokenizer", "--tokenizer-model", "mistral-nemo", "--append-eod", "--workers", "2",
+                    "--quiet"], env={"OMP_NUM_THREADS": "1", **env})
+        stats = json.loads(Path(prefix + ".stats.json").read_text())
+        assert stats["tekken_path"] == name
+        outs[name] = [Path(prefix + "_text_document" + ext).read_bytes() for ext in (".bin", ".idx")]
+    assert outs["compiled"] == outs["tiktoken"]
