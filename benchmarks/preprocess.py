@@ -11,8 +11,10 @@ uses), ``naive-legacy`` Megatron-LM's older ``CustomTikTokenizer.tokenize`` (``e
 the same ids as ours, so its output must be byte-identical to ours). Peak RSS is the sum over the
 tool's process tree, sampled every 50 ms (forked workers share pages, so it over-counts); CPU s is
 the user + system time of the tree, which other load on the machine does not inflate, so the CPU
-ratio is the one to trust on a shared machine. The last row is the tiktoken core alone over the
-corpus: the floor for any tool using this tokenizer.
+ratio is the one to trust on a shared machine. Ours uses the compiled Tekken path
+(``megatron_apriel/data/_tekken_fast.c``) when it is built; ``MEGATRON_APRIEL_TEKKEN_FAST=0`` runs
+it on tiktoken alone. The last rows are the tokenizer cores alone over the corpus (CPU time, in
+this process): tiktoken's ``encode_ordinary``, the floor of the naive tools, and the compiled path.
 
     python benchmarks/preprocess.py [--mb 200] [--workers 1 2] [--tools naive naive-legacy ours] [--verify]
 """
@@ -126,22 +128,28 @@ def naive(argv: list[str]) -> int:
     return 0
 
 
-def tokenizer_alone(corpus: Path) -> tuple[int, float]:
-    """(tokens, CPU seconds) of the tiktoken core alone over the corpus, in this process.
+def tokenizer_alone(corpus: Path) -> list[tuple[str, int, float]]:
+    """(name, tokens, CPU seconds) of each tokenizer core alone over the corpus, in this process.
 
-    A floor for any tool that uses this tokenizer: what is left above it is overhead.
+    A floor for any tool that uses it: what is left above it is overhead.
     """
     from megatron_apriel.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer("TikTokenizer", "mistral-nemo")
-    tokens, cpu = 0, 0.0
-    with open(corpus, "rb") as f:
-        for line in f:
-            text = json.loads(line)["text"]
-            t0 = time.process_time()
-            tokens += len(tok._core.encode_ordinary(text)) + 1
-            cpu += time.process_time() - t0
-    return tokens, cpu
+    cores = [("tiktoken encode_ordinary", tok._core.encode_ordinary)]
+    if tok._fast is not None:
+        cores.append(("compiled _tekken_fast", tok._fast.encode))
+    rows = []
+    for name, encode in cores:
+        tokens, cpu = 0, 0.0
+        with open(corpus, "rb") as f:
+            for line in f:
+                text = json.loads(line)["text"]
+                t0 = time.process_time()
+                tokens += len(encode(text)) + 1
+                cpu += time.process_time() - t0
+        rows.append((name, tokens, cpu))
+    return rows
 
 
 def measure(cmd: list[str]) -> tuple[float, float, float]:
@@ -224,6 +232,7 @@ def main() -> int:
                 cmd = [sys.executable, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", prefix,
                        "--tokenizer-type", "TikTokenizer", "--tokenizer-model", "mistral-nemo", "--append-eod",
                        "--workers", str(w), "--quiet"]
+                stats_json = Path(prefix + ".stats.json")
                 prefix += "_text_document"
             else:
                 call = "core" if name == "naive" else "legacy"
@@ -233,11 +242,12 @@ def main() -> int:
             tokens = int(ds.sequence_lengths.sum())
             rows.append((name, w, len(ds), tokens, seconds, rss, cpu))
             bins[name, w] = prefix
-            print(f"  {name} workers={w}: {seconds:.1f}s, {tokens / seconds:,.0f} tokens/s, CPU {cpu:.1f}s "
+            path = f" [{json.loads(stats_json.read_text()).get('tekken_path')} Tekken path]" if name == "ours" else ""
+            print(f"  {name}{path} workers={w}: {seconds:.1f}s, {tokens / seconds:,.0f} tokens/s, CPU {cpu:.1f}s "
                   f"({tokens / cpu:,.0f} tokens per CPU s), peak RSS {rss:,.0f} MB, load average "
                   f"{os.getloadavg()[0]:.1f}", flush=True)
 
-    tok_alone, cpu_alone = tokenizer_alone(corpus)
+    alone = tokenizer_alone(corpus)
     print("\n| tool | workers | documents | tokens | seconds | docs/s | tokens/s | MB/s | CPU s | peak RSS MB |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     base = {(name, w): (tok / s, tok / cpu) for name, w, _, tok, s, _, cpu in rows if name != "ours"}
@@ -248,8 +258,9 @@ def main() -> int:
                             for b in ("naive", "naive-legacy") if (b, w) in base)
         print(f"| {name} | {w} | {docs:,} | {tok:,} | {s:.1f} | {docs / s:,.0f} | {tok / s:,.0f}{speed} | "
               f"{size / 1e6 / s:.1f} | {cpu:.1f} | {rss:,.0f} |")
-    print(f"| tiktoken core alone (CPU time) | 1 | {n_docs:,} | {tok_alone:,} | {cpu_alone:.1f} | "
-          f"{n_docs / cpu_alone:,.0f} | {tok_alone / cpu_alone:,.0f} | {size / 1e6 / cpu_alone:.1f} | {cpu_alone:.1f} | - |")
+    for core, tok_alone, cpu_alone in alone:
+        print(f"| {core} alone (CPU time) | 1 | {n_docs:,} | {tok_alone:,} | {cpu_alone:.1f} | "
+              f"{n_docs / cpu_alone:,.0f} | {tok_alone / cpu_alone:,.0f} | {size / 1e6 / cpu_alone:.1f} | {cpu_alone:.1f} | - |")
 
     # exactness: every run of ours byte-identical (any --workers) and equal to a direct
     # per-document encode_ordinary (the legacy baseline); --verify adds mistral-common's encode
