@@ -49,9 +49,10 @@ static void init_classes(void) {
 #define IS_PREFIX(c) (CLS[c] & C_PUNCT || (CLS[c] & (C_WS | C_NL)) == C_WS)
 
 typedef struct {
+    uint64_t head; /* the key's first 8 bytes, zero-padded: most keys compare without the arena */
     uint32_t hash;
-    uint32_t off;
     uint32_t len;
+    uint32_t off;
     uint32_t rank; /* NO_RANK: empty slot */
 } Slot;
 
@@ -65,6 +66,7 @@ typedef struct {
     Slot *slots;
     uint32_t mask;
     unsigned char *arena;
+    uint32_t *pair_rank; /* 65536 entries: two-byte keys, the first BPE pass, without hashing */
     PyObject *fallback; /* tiktoken's encode_ordinary, for the non-ASCII regions */
     Py_ssize_t n_tokens;
 } EncoderObject;
@@ -93,16 +95,41 @@ static inline uint32_t hash_bytes(const unsigned char *p, size_t n) {
     return (uint32_t)mix(h);
 }
 
-static inline uint32_t lookup(const EncoderObject *e, const unsigned char *p, size_t n) {
-    uint32_t h = hash_bytes(p, n);
+static inline uint64_t head_of(const unsigned char *p, size_t n) {
+    uint64_t v = 0;
+    memcpy(&v, p, n < 8 ? n : 8);
+    return v;
+}
+
+static inline uint32_t lookup_hashed(const EncoderObject *e, const unsigned char *p, size_t n, uint32_t h) {
+    uint64_t head = head_of(p, n);
     uint32_t i = h & e->mask;
     for (;;) {
         const Slot *s = &e->slots[i];
         if (s->rank == NO_RANK) return NO_RANK;
-        if (s->hash == h && s->len == n && memcmp(e->arena + s->off, p, n) == 0) return s->rank;
+        if (s->hash == h && s->len == n && s->head == head &&
+            (n <= 8 || memcmp(e->arena + s->off + 8, p + 8, n - 8) == 0))
+            return s->rank;
         i = (i + 1) & e->mask;
     }
 }
+
+static inline uint32_t lookup(const EncoderObject *e, const unsigned char *p, size_t n) {
+    return lookup_hashed(e, p, n, hash_bytes(p, n));
+}
+
+/* Pieces that are not tokens repeat (identifiers, words): their BPE result is kept in a small
+ * direct-mapped cache. One per call, not per encoder, because calls run without the GIL. */
+#define CACHE_SLOTS 4096
+#define CACHE_BYTES 24
+#define CACHE_IDS 12
+typedef struct {
+    uint32_t hash;
+    uint8_t len; /* 0: empty */
+    uint8_t n_ids;
+    unsigned char bytes[CACHE_BYTES];
+    int32_t ids[CACHE_IDS];
+} CacheEntry;
 
 static int out_reserve(OutBuf *o, size_t extra) {
     if (o->len + extra <= o->cap) return 0;
@@ -133,7 +160,7 @@ static int bpe(const EncoderObject *e, const unsigned char *piece, size_t n, Out
     uint32_t min_rank = NO_RANK;
     size_t min_i = 0;
     for (size_t i = 0; i + 1 < n; i++) {
-        uint32_t r = lookup(e, piece + i, 2);
+        uint32_t r = e->pair_rank[piece[i] | (uint32_t)piece[i + 1] << 8];
         if (r < min_rank) {
             min_rank = r;
             min_i = i;
@@ -175,14 +202,34 @@ static int bpe(const EncoderObject *e, const unsigned char *piece, size_t n, Out
     return rc;
 }
 
-static inline int emit_piece(const EncoderObject *e, const unsigned char *p, size_t n, OutBuf *out, int32_t offset) {
-    uint32_t r = lookup(e, p, n);
+static inline int emit_piece(const EncoderObject *e, const unsigned char *p, size_t n, OutBuf *out, int32_t offset,
+                             CacheEntry *cache) {
+    uint32_t h = hash_bytes(p, n);
+    uint32_t r = lookup_hashed(e, p, n, h);
     if (r != NO_RANK) {
         if (out_reserve(out, 1)) return -1;
         out->data[out->len++] = (int32_t)r + offset;
         return 0;
     }
-    return bpe(e, p, n, out, offset);
+    if (n > CACHE_BYTES) return bpe(e, p, n, out, offset);
+    CacheEntry *c = &cache[h & (CACHE_SLOTS - 1)];
+    if (c->len == n && c->hash == h && memcmp(c->bytes, p, n) == 0) {
+        if (out_reserve(out, c->n_ids)) return -1;
+        memcpy(out->data + out->len, c->ids, c->n_ids * sizeof(int32_t));
+        out->len += c->n_ids;
+        return 0;
+    }
+    size_t before = out->len;
+    if (bpe(e, p, n, out, offset)) return -1;
+    size_t n_ids = out->len - before;
+    if (n_ids <= CACHE_IDS) {
+        c->hash = h;
+        c->len = (uint8_t)n;
+        c->n_ids = (uint8_t)n_ids;
+        memcpy(c->bytes, p, n);
+        memcpy(c->ids, out->data + before, n_ids * sizeof(int32_t));
+    }
+    return 0;
 }
 
 /* The Tekken pattern on ASCII, leftmost-first alternation with backtracking, worked out per
@@ -193,7 +240,8 @@ static inline int emit_piece(const EncoderObject *e, const unsigned char *p, siz
  *   5    \s*[\r\n]+                 -> a whitespace run up to and including its last \r or \n
  *   6|7  \s+(?!\S) | \s+            -> the run if it ends the text, else the run minus its last
  *                                      character when that leaves one, else one character */
-static int split_ascii(const EncoderObject *e, const unsigned char *s, size_t n, OutBuf *out, int32_t offset) {
+static int split_ascii(const EncoderObject *e, const unsigned char *s, size_t n, OutBuf *out, int32_t offset,
+                       CacheEntry *cache) {
     size_t p = 0;
     while (p < n) {
         unsigned char c = s[p];
@@ -221,7 +269,7 @@ static int split_ascii(const EncoderObject *e, const unsigned char *s, size_t n,
             else if (r - p >= 2) end = r - 1;
             else end = p + 1;
         }
-        if (emit_piece(e, s + p, end - p, out, offset)) return -1;
+        if (emit_piece(e, s + p, end - p, out, offset, cache)) return -1;
         p = end;
     }
     return 0;
@@ -267,7 +315,7 @@ static int encode_fallback(EncoderObject *e, PyObject *text, Py_ssize_t a, Py_ss
 }
 
 /* ASCII runs of a non-ASCII str through split_ascii, the rest through tiktoken (GIL held). */
-static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset) {
+static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset, CacheEntry *cache) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
@@ -298,7 +346,7 @@ static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t o
                     }
                     for (Py_ssize_t k = run_start; k < seg_start; k++)
                         scratch[k - run_start] = (unsigned char)PyUnicode_READ(kind, data, k);
-                    if (split_ascii(e, scratch, len, out, offset)) {
+                    if (split_ascii(e, scratch, len, out, offset, cache)) {
                         PyErr_NoMemory();
                         rc = -1;
                     }
@@ -326,7 +374,7 @@ static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t o
                 return -1;
             }
             for (Py_ssize_t k = run_start; k < n; k++) scratch[k - run_start] = (unsigned char)PyUnicode_READ(kind, data, k);
-            if (split_ascii(e, scratch, len, out, offset)) {
+            if (split_ascii(e, scratch, len, out, offset, cache)) {
                 PyErr_NoMemory();
                 rc = -1;
             }
@@ -336,7 +384,7 @@ static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t o
     return rc;
 }
 
-static int encode_one(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset) {
+static int encode_one(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset, CacheEntry *cache) {
     if (!PyUnicode_Check(text)) {
         PyErr_Format(PyExc_TypeError, "expected str, got %.100s", Py_TYPE(text)->tp_name);
         return -1;
@@ -346,12 +394,12 @@ static int encode_one(EncoderObject *e, PyObject *text, OutBuf *out, int32_t off
         size_t n = (size_t)PyUnicode_GET_LENGTH(text);
         int rc;
         Py_BEGIN_ALLOW_THREADS
-        rc = split_ascii(e, s, n, out, offset);
+        rc = split_ascii(e, s, n, out, offset, cache);
         Py_END_ALLOW_THREADS
         if (rc) PyErr_NoMemory();
         return rc;
     }
-    return encode_mixed(e, text, out, offset);
+    return encode_mixed(e, text, out, offset, cache);
 }
 
 /* ------------------------------------------------------------------ the Python type */
@@ -359,6 +407,7 @@ static int encode_one(EncoderObject *e, PyObject *text, OutBuf *out, int32_t off
 static void Encoder_dealloc(EncoderObject *self) {
     free(self->slots);
     free(self->arena);
+    free(self->pair_rank);
     Py_XDECREF(self->fallback);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -386,9 +435,11 @@ static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds) {
     while (size < 2 * (uint32_t)n + 1) size *= 2;
     free(self->slots);
     free(self->arena);
+    free(self->pair_rank);
     self->slots = malloc(size * sizeof(Slot));
     self->arena = malloc(total ? total : 1);
-    if (!self->slots || !self->arena) {
+    self->pair_rank = malloc(65536 * sizeof(uint32_t));
+    if (!self->slots || !self->arena || !self->pair_rank) {
         PyErr_NoMemory();
         return -1;
     }
@@ -408,8 +459,12 @@ static int Encoder_init(EncoderObject *self, PyObject *args, PyObject *kwds) {
         uint32_t h = hash_bytes(b, len);
         uint32_t i = h & self->mask;
         while (self->slots[i].rank != NO_RANK) i = (i + 1) & self->mask;
-        self->slots[i] = (Slot){h, (uint32_t)off, (uint32_t)len, (uint32_t)r};
+        self->slots[i] = (Slot){head_of(b, len), h, (uint32_t)len, (uint32_t)off, (uint32_t)r};
         off += len;
+    }
+    for (uint32_t k = 0; k < 65536; k++) {
+        unsigned char pair[2] = {(unsigned char)(k & 0xff), (unsigned char)(k >> 8)};
+        self->pair_rank[k] = lookup(self, pair, 2);
     }
     for (int c = 0; c < 256; c++) {
         unsigned char b = (unsigned char)c;
@@ -428,7 +483,11 @@ static PyObject *Encoder_encode(EncoderObject *self, PyObject *args) {
     PyObject *text;
     if (!PyArg_ParseTuple(args, "O", &text)) return NULL;
     OutBuf out = {0};
-    if (encode_one(self, text, &out, 0)) {
+    CacheEntry *cache = calloc(CACHE_SLOTS, sizeof(CacheEntry));
+    if (!cache) return PyErr_NoMemory();
+    int rc = encode_one(self, text, &out, 0, cache);
+    free(cache);
+    if (rc) {
         free(out.data);
         return NULL;
     }
@@ -453,15 +512,16 @@ static PyObject *Encoder_encode_batch(EncoderObject *self, PyObject *args) {
     if (!seq) return NULL;
     Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
     int64_t *lengths = malloc((m ? m : 1) * sizeof(int64_t));
+    CacheEntry *cache = calloc(CACHE_SLOTS, sizeof(CacheEntry));
     OutBuf out = {0};
     PyObject *result = NULL;
-    if (!lengths) {
+    if (!lengths || !cache) {
         PyErr_NoMemory();
         goto done;
     }
     for (Py_ssize_t i = 0; i < m; i++) {
         size_t before = out.len;
-        if (encode_one(self, PySequence_Fast_GET_ITEM(seq, i), &out, offset)) goto done;
+        if (encode_one(self, PySequence_Fast_GET_ITEM(seq, i), &out, offset, cache)) goto done;
         lengths[i] = (int64_t)(out.len - before);
     }
     PyObject *ids = PyByteArray_FromStringAndSize((const char *)out.data, (Py_ssize_t)(out.len * sizeof(int32_t)));
@@ -471,6 +531,7 @@ static PyObject *Encoder_encode_batch(EncoderObject *self, PyObject *args) {
     Py_XDECREF(lens);
 done:
     free(lengths);
+    free(cache);
     free(out.data);
     Py_DECREF(seq);
     return result;
