@@ -314,74 +314,53 @@ static int encode_fallback(EncoderObject *e, PyObject *text, Py_ssize_t a, Py_ss
     return 0;
 }
 
-/* ASCII runs of a non-ASCII str through split_ascii, the rest through tiktoken (GIL held). */
+/* One region [a, b) of a non-ASCII str: tiktoken when it holds non-ASCII, else split_ascii on a
+ * one-byte copy of its characters. */
+static int encode_region(EncoderObject *e, PyObject *text, Py_ssize_t a, Py_ssize_t b, int fallback, OutBuf *out,
+                         int32_t offset, CacheEntry *cache) {
+    if (fallback) return encode_fallback(e, text, a, b, out, offset);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    size_t len = (size_t)(b - a);
+    unsigned char *ascii = malloc(len ? len : 1);
+    if (!ascii) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t k = a; k < b; k++) ascii[k - a] = (unsigned char)PyUnicode_READ(kind, data, k);
+    int rc = split_ascii(e, ascii, len, out, offset, cache);
+    free(ascii);
+    if (rc) PyErr_NoMemory();
+    return rc;
+}
+
+/* A non-ASCII str (GIL held): cut at safe boundaries into segments; consecutive segments of the same
+ * kind (all ASCII, or holding non-ASCII) form one region, encoded by encode_region. */
 static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset, CacheEntry *cache) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
-    unsigned char *scratch = NULL;
-    size_t scratch_cap = 0;
-    Py_ssize_t run_start = 0, seg_start = 0;
-    int run_fb = -1; /* type of the pending run: -1 none, 0 ASCII, 1 tiktoken */
+    Py_ssize_t region_start = 0, seg_start = 0;
+    int region_fb = -1; /* kind of the pending region: -1 none, 0 ASCII, 1 tiktoken */
     int seg_fb = 0;
-    int rc = 0;
-    for (Py_ssize_t i = 0; i <= n && rc == 0; i++) {
-        Py_UCS4 c = i < n ? PyUnicode_READ(kind, data, i) : 0;
-        int close = (i == n) || (i > 0 && safe_boundary(PyUnicode_READ(kind, data, i - 1), c));
-        if (close && i > seg_start) {
-            if (run_fb >= 0 && run_fb != seg_fb) { /* flush the pending run [run_start, seg_start) */
-                if (run_fb) {
-                    rc = encode_fallback(e, text, run_start, seg_start, out, offset);
-                } else {
-                    size_t len = (size_t)(seg_start - run_start);
-                    if (len > scratch_cap) {
-                        free(scratch);
-                        scratch_cap = len;
-                        scratch = malloc(len);
-                        if (!scratch) {
-                            PyErr_NoMemory();
-                            rc = -1;
-                            break;
-                        }
-                    }
-                    for (Py_ssize_t k = run_start; k < seg_start; k++)
-                        scratch[k - run_start] = (unsigned char)PyUnicode_READ(kind, data, k);
-                    if (split_ascii(e, scratch, len, out, offset, cache)) {
-                        PyErr_NoMemory();
-                        rc = -1;
-                    }
-                }
-                run_fb = -1;
-            }
-            if (run_fb < 0) {
-                run_fb = seg_fb;
-                run_start = seg_start;
-            }
-            seg_start = i;
-            seg_fb = 0;
+    for (Py_ssize_t i = 1; i <= n; i++) {
+        Py_UCS4 prev = PyUnicode_READ(kind, data, i - 1);
+        if (prev >= 128) seg_fb = 1;
+        if (i < n && !safe_boundary(prev, PyUnicode_READ(kind, data, i))) continue;
+        /* segment [seg_start, i) is complete */
+        if (region_fb >= 0 && region_fb != seg_fb) {
+            if (encode_region(e, text, region_start, seg_start, region_fb, out, offset, cache)) return -1;
+            region_fb = -1;
         }
-        if (c >= 128) seg_fb = 1;
-    }
-    if (rc == 0 && run_fb >= 0) { /* the last run [run_start, n) */
-        if (run_fb) {
-            rc = encode_fallback(e, text, run_start, n, out, offset);
-        } else {
-            size_t len = (size_t)(n - run_start);
-            free(scratch);
-            scratch = malloc(len ? len : 1);
-            if (!scratch) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            for (Py_ssize_t k = run_start; k < n; k++) scratch[k - run_start] = (unsigned char)PyUnicode_READ(kind, data, k);
-            if (split_ascii(e, scratch, len, out, offset, cache)) {
-                PyErr_NoMemory();
-                rc = -1;
-            }
+        if (region_fb < 0) {
+            region_fb = seg_fb;
+            region_start = seg_start;
         }
+        seg_start = i;
+        seg_fb = 0;
     }
-    free(scratch);
-    return rc;
+    if (region_fb >= 0) return encode_region(e, text, region_start, n, region_fb, out, offset, cache);
+    return 0;
 }
 
 static int encode_one(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset, CacheEntry *cache) {
