@@ -165,3 +165,18 @@ def test_preprocess_records_the_path_and_output_is_identical(tmp_path):
         assert stats["tekken_path"] == name
         outs[name] = [Path(prefix + "_text_document" + ext).read_bytes() for ext in (".bin", ".idx")]
     assert outs["compiled"] == outs["tiktoken"]
+
+
+def test_without_the_extension_tiktoken_runs_and_says_so_once(tok, monkeypatch, capsys):
+    import sys
+
+    from megatron_apriel.data import tokenizers
+
+    monkeypatch.setitem(sys.modules, "megatron_apriel.data._tekken_fast", None)  # as if never built
+    monkeypatch.setattr(tokenizers, "_warned_no_extension", False)
+    a = load_tokenizer("TikTokenizer", "mistral-nemo")
+    b = load_tokenizer("TikTokenizer", "mistral-nemo")
+    assert a.tekken_path == b.tekken_path == "tiktoken" and a.tekken_path_reason == "extension not built"
+    assert capsys.readouterr().err.count("_tekken_fast is not built") == 1
+    texts = fuzz_texts(5, 100)
+    assert np.array_equal(a.encode_batch_numpy(texts)[0], tok.encode_batch_numpy(texts)[0])
