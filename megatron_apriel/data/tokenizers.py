@@ -33,11 +33,12 @@ _warned_no_extension = False
 
 
 def _tekken_fast_module():
+    import importlib
+
     try:
-        from megatron_apriel.data import _tekken_fast
-    except ImportError:
+        return importlib.import_module("megatron_apriel.data._tekken_fast")
+    except ImportError:  # built without a C compiler (setup.py marks the extension optional)
         return None
-    return _tekken_fast
 
 # array.array.fromlist is the cheapest list[int] -> C buffer copy (about 20 ns a token, against
 # 25-35 for np.array/np.fromiter per list); the typecode whose items are 4 bytes
