@@ -222,3 +222,43 @@ def test_tekken_batch_paths_match_mistral_common(model):
         assert lengths.tolist() == [len(r) for r in ref]
         assert flat.tolist() == [i for r in ref for i in r]
         assert tok.encode_batch(EDGE_TEXTS) == ref
+
+
+@pytest.mark.parametrize("dtype,docs", [(np.uint16, [[5, 6, 7], [65000], [1, 2]]), (np.int32, [[131071] * 4, [0]]),
+                                        (np.uint16, [])])
+def test_index_is_byte_identical_to_megatron_builder(tmp_path, dtype, docs, monkeypatch):
+    """The tool's own index writer (it does not import megatron-core) against IndexedDatasetBuilder,
+    with the lengths spread over several finishing chunks."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    monkeypatch.setattr(pp, "_INDEX_CHUNK", 2)
+    ref = str(tmp_path / "ref")
+    builder = IndexedDatasetBuilder(ref + ".bin", dtype=dtype)
+    for d in docs:
+        builder.add_document(np.array(d, dtype=dtype), [len(d)])
+    builder.finalize(ref + ".idx")
+    ours = pp._Output(str(tmp_path / "ours"), dtype)
+    for batch in (docs[:1], docs[1:]):  # written as two blocks, like two worker results
+        ours.write(np.concatenate([np.array(d, dtype=dtype) for d in batch] or [np.array([], dtype)]).tobytes(),
+                   np.array([len(d) for d in batch], dtype=np.int64))
+    ours.finish()
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"ours{ext}").read_bytes() == Path(ref + ext).read_bytes(), ext
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.bin", "ours.idx", "ref.bin", "ref.idx"]
+    if docs:  # megatron-core cannot map an empty .bin, its own builder's included
+        assert read_docs(str(tmp_path / "ours")) == docs
+
+
+def test_dtype_rule_matches_megatron_and_tool_does_not_import_it(tmp_path):
+    from megatron.core.datasets.indexed_dataset import DType
+
+    for vocab in (256, 512, 65499, 65500, 65536, 131072, 2**31 - 1):
+        assert pp._optimal_dtype(vocab) == DType.optimal_dtype(vocab), vocab
+    inp = write_jsonl(tmp_path / "in.jsonl", TEXTS)
+    probe = ("import sys; from megatron_apriel.data import preprocess as pp; "
+             f"rc = pp.main(['--input', {str(inp)!r}, '--output-prefix', {str(tmp_path / 'out')!r}, "
+             "'--tokenizer-type', 'TikTokenizer', '--tokenizer-model', 'mistral-nemo', '--workers', '1', '--quiet']); "
+             "print(sorted(m for m in ('torch', 'megatron.core') if m in sys.modules)); sys.exit(rc)")
+    out = run_python(["-c", probe]).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert read_docs(str(tmp_path / "out_text_document"))

@@ -7,10 +7,9 @@ tokenizer call and one pickled Python list per document, and an unbounded ``Pool
 reads ahead of the workers. Here the main process only moves raw bytes: it reads the input in
 blocks of whole lines, workers parse and tokenize a block at a time (the tokenizer's batch/numpy
 path) and return one token buffer already in the output dtype, and the main process appends the
-buffers to the ``.bin`` in input order. The workers are forked and given their first 32 MiB (128 MiB
-on the compiled Tekken path) before the main process imports megatron-core, so that import overlaps
-tokenizing; after that at most ``2 * workers + 2`` blocks are in flight, so memory does not grow with
-the input. Blocks are cut independently of ``--workers``, so the output is byte-identical for any
+buffers to the ``.bin`` in input order, writing the index itself (``_Output``: megatron-core's
+exact bytes, without importing megatron-core). At most ``2 * workers + 2`` blocks are in flight, so
+memory does not grow with the input. Blocks are cut independently of ``--workers``, so the output is byte-identical for any
 worker count.
 
 Every record is either written or counted as skipped with a reason; ``--strict`` turns the first
@@ -21,7 +20,6 @@ only when complete.
 from __future__ import annotations
 
 import argparse
-import array
 import collections
 import glob
 import gzip
@@ -30,6 +28,8 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import shutil
+import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -53,10 +53,6 @@ except ImportError:  # pragma: no cover
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet")
 BLOCK_BYTES = 1 << 20  # 1 MiB of lines per task: large enough to amortise IPC, small enough to stream
-# submitted before megatron-core (torch) is imported, about 8 CPU-seconds the workers spend tokenizing;
-# the compiled Tekken path tokenizes 4-5x faster a worker, so it gets 4x the bytes for the same time
-STARTUP_BYTES = 32 << 20
-STARTUP_FACTOR = {"compiled": 4}
 REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "invalid_unicode", "empty_text", "blank_line")
 
 
@@ -286,38 +282,69 @@ def _init_worker(tokenizer, cfg):
 # ---------------------------------------------------------------- output
 
 
+# megatron-core's IndexedDataset index layout (megatron/core/datasets/indexed_dataset.py): header,
+# version 1, dtype code, sequence and document counts, int32 lengths, int64 byte pointers, int64
+# document indices
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
+                np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
+_INDEX_CHUNK = 1 << 20  # index entries per write while finishing
+
+
 class _Output:
-    """One ``<prefix>_<key>_document`` dataset written with megatron-core's builder under temporary names."""
+    """One ``<prefix>_<key>_document`` dataset under temporary names, in the exact bytes of
+    megatron-core's ``IndexedDatasetBuilder`` (one sequence per document).
+
+    Written here rather than through the builder for two reasons. Importing it imports the whole
+    ``megatron.core`` package (torch, the optimizer, FSDP, the TE fallbacks): about 10 CPU-seconds
+    on every run, which on the compiled Tekken path is as long as tokenizing 200 MB, and nothing of
+    it is needed to write two files. And the builder holds every document's length and index in
+    memory until ``finalize``; here the lengths stream to a side file and the index is assembled
+    from it in chunks, so memory does not grow with the number of documents.
+    ``tests/test_preprocess.py`` checks the ``.idx`` byte for byte against ``IndexedDatasetBuilder``
+    and every test reads outputs back through megatron-core's ``IndexedDataset``.
+    """
 
     def __init__(self, prefix: str, dtype):
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
         self.prefix = prefix
-        self.tmp_bin, self.tmp_idx = prefix + ".bin.tmp", prefix + ".idx.tmp"
-        self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=dtype)
-        # compact arrays instead of lists of Python ints: 8 bytes per document, not ~36
-        self.builder.sequence_lengths = array.array("q")
-        self.builder.document_indices = array.array("q", [0])
+        self.dtype = np.dtype(dtype)
+        self.tmp_bin, self.tmp_idx, self.tmp_len = prefix + ".bin.tmp", prefix + ".idx.tmp", prefix + ".len.tmp"
+        self.bin = open(self.tmp_bin, "wb")
+        self.lens = open(self.tmp_len, "wb")
         self.n_docs = 0
 
     def write(self, data: bytes, lengths: np.ndarray) -> None:
-        self.builder.data_file.write(data)
-        self.builder.sequence_lengths.extend(lengths.astype(np.int64).tolist())
-        self.builder.document_indices.extend(range(self.n_docs + 1, self.n_docs + 1 + len(lengths)))
+        self.bin.write(data)
+        self.lens.write(np.asarray(lengths, dtype=np.int32).tobytes())
         self.n_docs += len(lengths)
 
     def finish(self) -> None:
-        self.builder.finalize(self.tmp_idx)
+        self.bin.close()
+        self.lens.close()
+        n = self.n_docs
+        with open(self.tmp_len, "rb") as lens, open(self.tmp_idx, "wb") as idx:
+            idx.write(_INDEX_HEADER + struct.pack("<Q", 1) + struct.pack("<B", _DTYPE_CODES[self.dtype]))
+            idx.write(struct.pack("<Q", n) + struct.pack("<Q", n + 1))
+            shutil.copyfileobj(lens, idx, 16 << 20)
+            lens.seek(0)
+            pointer = 0  # byte offset of each document in the .bin: the exclusive prefix sum of lengths
+            while chunk := lens.read(4 * _INDEX_CHUNK):
+                nbytes = np.frombuffer(chunk, dtype=np.int32).astype(np.int64) * self.dtype.itemsize
+                ends = np.cumsum(nbytes) + pointer
+                idx.write((ends - nbytes).tobytes())
+                pointer = int(ends[-1])
+            for lo in range(0, n + 1, _INDEX_CHUNK):  # document indices 0..n: one sequence per document
+                idx.write(np.arange(lo, min(lo + _INDEX_CHUNK, n + 1), dtype=np.int64).tobytes())
+        os.remove(self.tmp_len)
         os.replace(self.tmp_bin, self.prefix + ".bin")
         os.replace(self.tmp_idx, self.prefix + ".idx")
 
     def abort(self) -> None:
-        try:
-            self.builder.data_file.close()
-        finally:
-            for p in (self.tmp_bin, self.tmp_idx):
-                if os.path.exists(p):
-                    os.remove(p)
+        for f in (self.bin, self.lens):
+            f.close()
+        for p in (self.tmp_bin, self.tmp_idx, self.tmp_len):
+            if os.path.exists(p):
+                os.remove(p)
 
 
 @dataclass
@@ -331,12 +358,10 @@ class Stats:
     seconds: float = 0.0
 
 
-def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg, prefetch: int = 0) -> Iterator[tuple]:
-    """Yields ``None`` once the first ``prefetch`` blocks are submitted, then results in input order
-    with at most ``2 * workers + 2`` blocks in flight after the start."""
+def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg) -> Iterator[tuple]:
+    """Results in input order, with at most ``2 * workers + 2`` blocks in flight."""
     if workers <= 0:
         _init_worker(tokenizer, cfg)
-        yield None
         for b in blocks:
             yield encode_block(b)
         return
@@ -345,8 +370,7 @@ def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg, prefetch
     ctx = mp.get_context("fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, cfg)) as pool:
         pending: collections.deque = collections.deque(
-            pool.apply_async(encode_block, (b,)) for b in itertools.islice(blocks, max(prefetch, cap)))
-        yield None
+            pool.apply_async(encode_block, (b,)) for b in itertools.islice(blocks, cap))
         for b in blocks:
             while len(pending) >= cap:
                 yield pending.popleft().get()
@@ -360,8 +384,8 @@ def output_prefix(prefix: str, key: str, level: str = "document") -> str:
 
 
 def _optimal_dtype(vocab_size: int):
-    """megatron-core's ``DType.optimal_dtype`` rule, known before megatron-core is imported (checked
-    against it once it is)."""
+    """megatron-core's ``DType.optimal_dtype`` rule (tests/test_preprocess.py checks it against
+    megatron-core's for the vocabulary sizes around the boundary)."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
 
 
@@ -391,15 +415,8 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
     cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype}
     # closed explicitly in ``finally``: an error (``--strict``, a bad file) must terminate the worker
     # pool now, not leave it to interpreter shutdown, where a live Pool can hang the exit
-    startup = STARTUP_BYTES * STARTUP_FACTOR.get(getattr(tokenizer, "tekken_path", None), 1)
-    prefetch = max(1, startup // max(block_bytes, 1))
-    results_iter = _pool_blocks(read_blocks(paths, keys, progress, block_bytes), workers, tokenizer, cfg, prefetch)
+    results_iter = _pool_blocks(read_blocks(paths, keys, progress, block_bytes), workers, tokenizer, cfg)
     try:
-        next(results_iter)  # workers forked and busy: megatron-core's import below overlaps their work
-        from megatron.core.datasets.indexed_dataset import DType
-
-        if DType.optimal_dtype(tokenizer.vocab_size) != dtype:
-            raise RuntimeError(f"token dtype {dtype} differs from megatron-core's {DType.optimal_dtype(tokenizer.vocab_size)}")
         for k in keys:
             outs.append(_Output(output_prefix(out_prefix, k), dtype))
         for fi, results, skips, nbytes in results_iter:
