@@ -130,7 +130,7 @@ def converted(tiny_llava_dir, tmp_path_factory, dist_world_of_one):
 
     root = tmp_path_factory.mktemp("llava_convert")
     assert main(["hf-to-mcore", "--hf", str(tiny_llava_dir), "--out", str(root / "mcore")]) == 0
-    assert main(["mcore-to-hf", "--ckpt", str(root / "mcore"), "--out", str(root / "hf")]) == 0
+    assert main(["mcore-to-hf", "--ckpt", str(root / "mcore"), "--out", str(root / "hf"), "--chat-template", "apriel"]) == 0
     return root
 
 
@@ -145,6 +145,9 @@ def test_round_trip_is_bit_identical(tiny_llava_dir, converted):
     assert out.vision_config.to_dict() == src.vision_config.to_dict()
     assert out.text_config.num_hidden_layers == src.text_config.num_hidden_layers
     LlavaForConditionalGeneration.from_pretrained(converted / "hf")  # loads with no missing/unexpected keys
+    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+
+    assert (converted / "hf" / "chat_template.jinja").read_text(encoding="utf-8") == APRIEL_CHAT_TEMPLATE
 
 
 def test_checkpoint_keys_and_reader(tiny_llava_dir, converted):

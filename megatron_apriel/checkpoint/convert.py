@@ -546,8 +546,6 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     ``tokenizer``: folder with tokenizer files; default: those stored at conversion time.
     ``chat_template``: ``apriel`` or a path to a .jinja file, written as ``chat_template.jinja``.
     """
-    from transformers import GenerationConfig
-
     start = time.time()
     if not torch.distributed.is_initialized():
         from megatron_apriel.runtime import init_distributed
@@ -564,21 +562,14 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     if preset.vision is not None and "vision_model.patch_conv.weight" in reader.meta:
         from megatron_apriel.checkpoint import llava
 
-        return llava.mcore_to_hf_checkpoint(ckpt_dir, out_dir, preset, tokenizer=tokenizer, dtype=dtype,
-                                            max_shard_bytes=max_shard_bytes, force=force)
+        return llava.mcore_to_hf_checkpoint(ckpt_dir, out_dir, preset, tokenizer=tokenizer, chat_template=chat_template,
+                                            dtype=dtype, max_shard_bytes=max_shard_bytes, force=force)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or reader.meta["embedding.word_embeddings.weight"].dtype
     side = Path(reader.path) / HF_SIDE
     side = side if side.is_dir() else None
-    tok_src = Path(tokenizer) if tokenizer else side
-    template = None
-    if chat_template == "apriel":
-        from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
-
-        template = APRIEL_CHAT_TEMPLATE
-    elif chat_template:
-        template = Path(chat_template).read_text(encoding="utf-8")
+    template = read_chat_template(chat_template)
 
     # The HF names and shapes, from the stored metadata alone (the mapping run on meta tensors),
     # let the writer lay out every shard up front and write each tensor as soon as it is read.
@@ -598,31 +589,56 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
         writer.close()
         bar.close()
         _hf_config(preset, side, dtype).save_pretrained(tmp)
-        if side is not None and (side / "generation_config.json").is_file():
-            GenerationConfig.from_pretrained(side).save_pretrained(tmp)
-        else:
-            GenerationConfig(bos_token_id=preset.bos_token_id, eos_token_id=preset.eos_token_id).save_pretrained(tmp)
-        copied = []
-        if tok_src is not None:
-            try:
-                copied = _copy_tokenizer(tok_src, tmp)
-            except ConversionError:
-                if tokenizer:
-                    raise
-        if not copied:
-            print(f"warning: no tokenizer files written to {out_dir}; pass --tokenizer DIR", file=sys.stderr)
-        if template is not None:
-            (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
-            cfg_path = tmp / "tokenizer_config.json"
-            if cfg_path.is_file():  # one source of truth for the template
-                tok_cfg = json.loads(cfg_path.read_text())
-                if tok_cfg.pop("chat_template", None) is not None:
-                    cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+        copied = write_hf_side_files(tmp, out_dir, preset, side, tokenizer, template)
     summary = {"tensors": writer.num_tensors, "bytes": writer.total_bytes, "dtype": _dtype_name(dtype),
                "seconds": round(time.time() - start, 2), "tokenizer_files": copied}
     _log(f"mcore-to-hf: {writer.num_tensors} tensors, {writer.total_bytes / 1e9:.3f} GB, {_dtype_name(dtype)}, "
          f"{summary['seconds']:.1f} s -> {out_dir}")
     return summary
+
+
+def read_chat_template(chat_template: Optional[str]) -> Optional[str]:
+    """``apriel`` -> the Apriel template; a path -> that file's text; None -> None."""
+    if chat_template == "apriel":
+        from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+
+        return APRIEL_CHAT_TEMPLATE
+    return Path(chat_template).read_text(encoding="utf-8") if chat_template else None
+
+
+def write_hf_side_files(tmp: Path, out_dir, preset: ModelPreset, side: Optional[Path], tokenizer: Optional[str],
+                        template: Optional[str]) -> list[str]:
+    """Everything of an exported HF folder but its tensors and config: the generation config (the
+    stored one, else the preset's special tokens), the tokenizer (``tokenizer`` or the files stored at
+    conversion time) with an image processor's files when there are any, and the chat template.
+    Returns the tokenizer files copied."""
+    from transformers import GenerationConfig
+
+    if side is not None and (side / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(side).save_pretrained(tmp)
+    else:
+        GenerationConfig(bos_token_id=preset.bos_token_id, eos_token_id=preset.eos_token_id).save_pretrained(tmp)
+    tok_src = Path(tokenizer) if tokenizer else side
+    copied = []
+    if tok_src is not None:
+        for f in ("preprocessor_config.json", "processor_config.json"):  # a Llava's image processor travels too
+            if (tok_src / f).is_file():
+                (tmp / f).write_bytes((tok_src / f).read_bytes())
+        try:
+            copied = _copy_tokenizer(tok_src, tmp)
+        except ConversionError:
+            if tokenizer:
+                raise
+    if not copied:
+        print(f"warning: no tokenizer files written to {out_dir}; pass --tokenizer DIR", file=sys.stderr)
+    if template is not None:
+        (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+        cfg_path = tmp / "tokenizer_config.json"
+        if cfg_path.is_file():  # one source of truth for the template
+            tok_cfg = json.loads(cfg_path.read_text())
+            if tok_cfg.pop("chat_template", None) is not None:
+                cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
+    return copied
 
 
 # --------------------------------------------------------------------------- command line

@@ -467,12 +467,10 @@ def hf_to_mcore_checkpoint(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None
 
 
 def mcore_to_hf_checkpoint(ckpt_dir, out_dir, preset: ModelPreset, tokenizer: Optional[str] = None,
-                           dtype=None, max_shard_bytes: int = 5 * 1024**3, force: bool = False) -> dict:
+                           chat_template: Optional[str] = None, dtype=None, max_shard_bytes: int = 5 * 1024**3,
+                           force: bool = False) -> dict:
     """LlavaModel dist checkpoint -> HF LlavaForConditionalGeneration folder (hub layout), streamed."""
-    import sys
     import time
-
-    from transformers import GenerationConfig
 
     from megatron_apriel.checkpoint import convert as cv
     from megatron_apriel.checkpoint.hf_io import ShardedSafetensorsWriter, atomic_output_dir
@@ -489,7 +487,7 @@ def mcore_to_hf_checkpoint(ckpt_dir, out_dir, preset: ModelPreset, tokenizer: Op
     dtype = dtype or reader.meta["embedding.word_embeddings.weight"].dtype
     side = Path(reader.path) / cv.HF_SIDE
     side = side if side.is_dir() else None
-    tok_src = Path(tokenizer) if tokenizer else side
+    template = cv.read_chat_template(chat_template)
 
     def get(name: str) -> torch.Tensor:
         if name.startswith(VISION_LAYER_PREFIX):
@@ -501,28 +499,17 @@ def mcore_to_hf_checkpoint(ckpt_dir, out_dir, preset: ModelPreset, tokenizer: Op
     with atomic_output_dir(out_dir, force=force) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes)
         bar = cv._progress(total, "mcore-to-hf (llava)")
-        for name, t in mcore_to_hf(get, preset):
-            writer.add(name, t.to(dtype).contiguous())
-            bar.update(1)
+        try:
+            for name, t in mcore_to_hf(get, preset):
+                writer.add(name, t.to(dtype).contiguous())
+                bar.update(1)
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         bar.close()
         hf_config(preset, dtype).save_pretrained(tmp)
-        if side is not None and (side / "generation_config.json").is_file():
-            GenerationConfig.from_pretrained(side).save_pretrained(tmp)
-        else:
-            GenerationConfig(bos_token_id=preset.bos_token_id, eos_token_id=preset.eos_token_id).save_pretrained(tmp)
-        copied = []
-        if tok_src is not None:
-            for f in ("preprocessor_config.json", "processor_config.json"):  # the image processor travels too
-                if (tok_src / f).is_file():
-                    (tmp / f).write_bytes((tok_src / f).read_bytes())
-            try:
-                copied = cv._copy_tokenizer(tok_src, tmp)
-            except cv.ConversionError:
-                if tokenizer:
-                    raise
-        if not copied:
-            print(f"warning: no tokenizer files written to {out_dir}; pass --tokenizer DIR", file=sys.stderr)
+        copied = cv.write_hf_side_files(tmp, out_dir, preset, side, tokenizer, template)
     summary = {"tensors": writer.num_tensors, "bytes": writer.total_bytes, "dtype": cv._dtype_name(dtype),
                "seconds": round(time.time() - start, 2), "tokenizer_files": copied}
     cv._log(f"mcore-to-hf (llava): {writer.num_tensors} tensors, {writer.total_bytes / 1e9:.3f} GB, "
