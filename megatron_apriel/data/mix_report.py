@@ -5,6 +5,16 @@ shared with the run) and reads the realised mix from megatron-core's blending in
 (``BlendedDataset.dataset_index``): per source and prefix, tokens available in the train split,
 tokens drawn, epochs, realised share over the first N samples and over the whole stage. A source
 drawn more than ``repeat_warning`` times is flagged. A PNG bar chart shows target vs realised.
+
+A blend with image-text prefixes (``apriel preprocess-multimodal`` outputs, recognised by
+``<prefix>_multimodal.json``; the Apriel-1.5 CPT stage-1 mix) is read by training as
+``multimodal.ImageTextBlend``, so the report builds that instead (same spec, sequence length, global
+batch size and seed; packing does not change which child a sample comes from) and reads the draws
+from ``ImageTextBlend.prefix_counts``. For such a prefix, "tokens available" are the tokens of the
+samples of its ``_tokens_document`` dataset that fit in ``seq_length + 1`` (the ones the blend can
+draw; images included as their placeholder tokens, the whole dataset since the split applies to
+text prefixes only), and "tokens drawn" is samples x seq_length as for text (a packed row is one
+sample). Text prefixes of such a blend report their train split as in a text blend.
 """
 
 from __future__ import annotations
@@ -77,6 +87,10 @@ def load_spec(path: str, overrides=()) -> tuple[BlendSpec, int | None]:
 def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, stage: str | None = None) -> Report:
     spec = resolve_stage(spec, stage)
     n_stage = train_samples_for(spec, global_batch_size)
+    from megatron_apriel.data.multimodal import meta_path
+
+    if any(os.path.isfile(meta_path(p)) for s in spec.sources for p in s.prefixes):
+        return _image_text_report(spec, global_batch_size, first, n_stage)
     infos = blend_weights(spec)
     print(f"building the indices of {len(infos)} prefixes for {n_stage:,} samples "
           f"(cache: {spec.cache_dir or 'beside the data'}) ...", file=sys.stderr, flush=True)
@@ -97,6 +111,11 @@ def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, s
                 drawn / available if available else float("inf"),
                 count_first[k] / first, count_stage[k] / n_stage)
         )
+    return _report(spec, n_stage, first, prefixes)
+
+
+def _report(spec: BlendSpec, n_stage: int, first: int, prefixes: list[Row]) -> Report:
+    """Source rows (sums of their prefix rows) and repeat warnings."""
     sources, warnings = [], []
     for s in spec.sources:
         rows = [r for r in prefixes if r.source == s.name]
@@ -112,6 +131,38 @@ def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, s
                 f"{spec.repeat_warning:g}): {available:,} tokens available for {drawn:,} drawn"
             )
     return Report(spec.stage, spec.seq_length, n_stage, first, sources, prefixes, warnings)
+
+
+def _image_text_report(spec: BlendSpec, global_batch_size: int, first: int, n_stage: int) -> Report:
+    from megatron_apriel.data.multimodal import ImageTextBlend, MultimodalDataset
+
+    raw = dict(asdict(spec), stages=[], stage=None)  # already resolved: its weights, budget and seed
+    print(f"building the image-text blend of {sum(len(s.prefixes) for s in spec.sources)} prefixes for "
+          f"{n_stage:,} samples (text indices cache: {spec.cache_dir or 'beside the data'}) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    try:
+        blend = ImageTextBlend(raw, spec.seq_length, global_batch_size=global_batch_size, num_samples=n_stage)
+    except ConfigError as e:  # keys as a text blend names them
+        raise ConfigError(str(e).replace("data.factory_args.blend.", "data.blend.")) from None
+    print(f"blend ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    first = min(first, n_stage)
+    count_first, count_stage = blend.prefix_counts(first), blend.prefix_counts(n_stage)
+    available = {}
+    if blend.has_text:
+        text = blend.children[0]
+        for ds in getattr(text, "datasets", [text]):  # a GPTDataset, were megatron-core to return one unblended
+            available[ds.dataset_path] = int(ds.dataset.sequence_lengths[ds.indices].sum(dtype=numpy.int64))
+    for child in blend.children:
+        if isinstance(child, MultimodalDataset):
+            fits = child.slots <= spec.seq_length
+            available[child.prefix] = int(child.tokens.sequence_lengths[fits].sum(dtype=numpy.int64))
+    prefixes = []
+    for k, ((source, prefix), weight) in enumerate(zip(blend.prefixes, blend.prefix_weights)):
+        drawn = int(count_stage[k]) * spec.seq_length
+        tokens = available[prefix]
+        prefixes.append(Row(source, prefix, weight, tokens, drawn, drawn / tokens if tokens else float("inf"),
+                            count_first[k] / first, count_stage[k] / n_stage))
+    return _report(spec, n_stage, first, prefixes)
 
 
 def format_report(r: Report) -> str:

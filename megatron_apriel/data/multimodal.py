@@ -630,7 +630,7 @@ class ImageTextBlend(torch.utils.data.Dataset):
         src_w = []
         per_source = []
         for i, s in enumerate(spec.sources):
-            stats = [_prefix_tokens(p, f"data.factory_args.blend.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
+            stats = [self._prefix_tokens(p, f"data.factory_args.blend.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
             if sum(t for _, t in stats) == 0:
                 raise ConfigError(f"data.factory_args.blend.sources[{i}]: source {s.name!r} has no tokens")
             per_source.append(stats)
@@ -640,8 +640,13 @@ class ImageTextBlend(torch.utils.data.Dataset):
             for p, (is_mm, t), w in zip(s.prefixes, stats, inner):
                 if w > 0 and t > 0:
                     flat.append((s.name, p, is_mm, sw / sum(src_w) * w / sum(inner)))
+        self.prefixes = [(f[0], f[1]) for f in flat]  # (source, prefix) in spec order, drawn ones only
+        self.prefix_weights = [f[3] for f in flat]  # share of the whole blend
         text = [f for f in flat if not f[2]]
         mm = [f for f in flat if f[2]]
+        # row in self.prefixes of each text child dataset / of each child
+        self._text_rows = np.asarray([k for k, f in enumerate(flat) if not f[2]], dtype=np.int64)
+        self._child_rows = ([-1] if text else []) + [k for k, f in enumerate(flat) if f[2]]
         child_w = ([sum(f[3] for f in text)] if text else []) + [f[3] for f in mm]
         self.child_sources = ([[f[0] for f in text]] if text else []) + [[f[0]] for f in mm]
         self.child_names = (["text"] if text else []) + [f[1] for f in mm]
@@ -662,12 +667,16 @@ class ImageTextBlend(torch.utils.data.Dataset):
             self.children.append(train)
         for k, (_, p, _, _) in enumerate(mm):
             need = int(counts[len(self.children)])
-            ds = MultimodalDataset(p, seq_length, epochs=1, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
-            epochs = max(1, -(-need // max(len(ds), 1)))
-            if epochs > spec.repeat_warning:
-                logger.warning("%s is read %d times in this blend (repeat_warning %s)", p, epochs, spec.repeat_warning)
-            if epochs > 1:
-                ds = MultimodalDataset(p, seq_length, epochs=epochs, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
+            key = self._prefix_key(spec, p)
+            try:
+                ds = MultimodalDataset(p, seq_length, epochs=1, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
+                epochs = max(1, -(-need // max(len(ds), 1)))
+                if epochs > spec.repeat_warning:
+                    logger.warning("%s is read %d times in this blend (repeat_warning %s)", p, epochs, spec.repeat_warning)
+                if epochs > 1:
+                    ds = MultimodalDataset(p, seq_length, epochs=epochs, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
+            except (FileNotFoundError, ValueError) as e:  # a missing or inconsistent part of the prefix
+                raise ConfigError(f"{key}: {e}") from None
             self.children.append(ds)
         self.has_text = bool(text)
         self.pack = pack
@@ -678,24 +687,53 @@ class ImageTextBlend(torch.utils.data.Dataset):
                 c.max_docs = self.max_docs  # one cu_seqlens length for every row of a batch
         self.spec = spec
 
+    @staticmethod
+    def _prefix_tokens(prefix: str, key: str) -> tuple[bool, int]:
+        """The module's ``_prefix_tokens``, with a missing dataset of a multimodal prefix named by its key."""
+        from megatron_apriel.config import ConfigError
+
+        try:
+            return _prefix_tokens(prefix, key)
+        except ConfigError:
+            raise
+        except (FileNotFoundError, ValueError) as e:  # _multimodal.json present, its tokens dataset not
+            raise ConfigError(f"{key}: {e}") from None
+
+    @staticmethod
+    def _prefix_key(spec, prefix: str) -> str:
+        for i, s in enumerate(spec.sources):
+            if prefix in s.prefixes:
+                return f"data.factory_args.blend.sources[{i}].prefixes[{s.prefixes.index(prefix)}]"
+        return prefix
+
     def __len__(self) -> int:
         return len(self.dataset_index)
 
-    def source_shares(self, n: Optional[int] = None) -> dict:
-        """Share of each source among the first ``n`` samples (text children split by their prefix draws)."""
-        idx = self.dataset_index[: n or len(self)]
-        out: dict = {}
+    def prefix_counts(self, n: Optional[int] = None) -> np.ndarray:
+        """Samples drawn from each of ``self.prefixes`` among the first ``n`` samples (default: all).
+
+        A multimodal prefix is a child of its own; the text prefixes' draws are read from the text
+        child's megatron-core blending index at the text samples' positions.
+        """
+        n = len(self) if not n else min(n, len(self))
+        idx = self.dataset_index[:n]
+        out = np.zeros(len(self.prefixes), dtype=np.int64)
         for c, count in enumerate(np.bincount(idx, minlength=len(self.children))):
             if self.has_text and c == 0:
                 text = self.children[0]
-                sample_ids = self.dataset_sample_index[: n or len(self)][idx == 0]
-                names = self.child_sources[0]
+                sample_ids = self.dataset_sample_index[:n][idx == 0]
                 # one text prefix: megatron-core returns its GPTDataset itself, without blending indices
                 drawn = text.dataset_index[sample_ids] if hasattr(text, "dataset_index") else np.zeros(len(sample_ids), int)
-                for d, m in zip(*np.unique(drawn, return_counts=True)):
-                    out[names[d]] = out.get(names[d], 0) + int(m)
+                out[self._text_rows] += np.bincount(drawn, minlength=len(self._text_rows))
             else:
-                out[self.child_sources[c][0]] = out.get(self.child_sources[c][0], 0) + int(count)
+                out[self._child_rows[c]] += int(count)
+        return out
+
+    def source_shares(self, n: Optional[int] = None) -> dict:
+        """Share of each source among the first ``n`` samples (text children split by their prefix draws)."""
+        out: dict = {}
+        for (source, _), count in zip(self.prefixes, self.prefix_counts(n)):
+            out[source] = out.get(source, 0) + int(count)
         total = sum(out.values())
         return {k: v / total for k, v in out.items()}
 
