@@ -122,6 +122,17 @@ def test_single_text_prefix(data, tmp_path, capsys):
     assert abs(sources["text"] - 0.7) <= 0.005 and abs(sources["multimodal"] - 0.3) <= 0.005
     assert ds.source_shares() == pytest.approx(sources)
 
+    # the training config of the stage (data from the factory ImageTextBlend) reports the same numbers
+    config = {"data": {"kind": "dataset", "factory": "megatron_apriel.data.multimodal:ImageTextBlend",
+                       "factory_args": {"blend": spec, "global_batch_size": GBS, "pack": True}},
+              "train": {"seq_length": SEQ, "global_batch_size": 2 * GBS, "train_iters": 7}}
+    (tmp_path / "cpt1.yaml").write_text(yaml.safe_dump(config))
+    js2 = tmp_path / "mix2.json"
+    assert mix_report.main([str(tmp_path / "cpt1.yaml"), "--json", str(js2), "--png", str(tmp_path / "m2.png")]) == 0
+    assert json.loads(js2.read_text()) == rep
+    assert mix_report.main([str(tmp_path / "cpt1.yaml"), "train.seq_length=64"]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{spec}: seq_length: {SEQ} != train.seq_length 64 of {tmp_path / 'cpt1.yaml'}")
+
 
 def test_missing_image_text_prefix_is_named(data, corpus, tmp_path, capsys):  # noqa: F811
     d = data

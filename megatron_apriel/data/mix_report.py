@@ -14,7 +14,8 @@ from ``ImageTextBlend.prefix_counts``. For such a prefix, "tokens available" are
 samples of its ``_tokens_document`` dataset that fit in ``seq_length + 1`` (the ones the blend can
 draw; images included as their placeholder tokens, the whole dataset since the split applies to
 text prefixes only), and "tokens drawn" is samples x seq_length as for text (a packed row is one
-sample). Text prefixes of such a blend report their train split as in a text blend.
+sample). Text prefixes of such a blend report their train split as in a text blend. A training config
+whose data is ``factory: ...:ImageTextBlend`` is read through its ``factory_args`` as training reads it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def load_spec(path: str, overrides=()) -> tuple[BlendSpec, int | None]:
     section, gbs, where = raw, None, ""
     if "sources" not in raw and isinstance(raw.get("data"), dict):
         data, train = raw["data"], raw.get("train") or {}
+        if data.get("kind") == "dataset" and str(data.get("factory", "")).endswith(":ImageTextBlend"):
+            return _image_text_spec(path, data, train)
         if isinstance(data.get("blend"), dict):
             section, where = dict(data["blend"]), "data.blend"
         else:
@@ -82,6 +85,30 @@ def load_spec(path: str, overrides=()) -> tuple[BlendSpec, int | None]:
     except ConfigError as e:
         msg = str(e).replace("data.blend.", f"{where}." if where else "")
         raise ConfigError(f"{path}: {msg}") from None
+
+
+def _image_text_spec(path: str, data: dict, train: dict) -> tuple[BlendSpec, int | None]:
+    """The spec of a training config whose data is ``ImageTextBlend``: its ``factory_args``, as the
+    training loop passes them (``blend`` a mapping or a YAML path, ``seq_length`` = train.seq_length)."""
+    args = data.get("factory_args") or {}
+    blend = args.get("blend")
+    if isinstance(blend, str):  # keys are then named from the blend file's top level
+        if not os.path.isfile(blend):
+            raise ConfigError(f"{path}: data.factory_args.blend: {blend}: no such file")
+        section, where = load_yaml(blend), f"{blend}: "
+    elif isinstance(blend, dict):
+        section, where = dict(blend), f"{path}: data.factory_args.blend."
+    else:
+        raise ConfigError(f"{path}: data.factory_args.blend: give the blend spec (a mapping or a YAML path)")
+    if "seq_length" in train:
+        section.setdefault("seq_length", train["seq_length"])
+        if section["seq_length"] != train["seq_length"]:
+            raise ConfigError(f"{where}seq_length: {section['seq_length']} != train.seq_length {train['seq_length']} of {path}")
+    try:
+        spec = from_dict(BlendSpec, section, "data.blend")
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.blend.", where)) from None
+    return spec, args.get("global_batch_size") or train.get("global_batch_size")
 
 
 def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, stage: str | None = None) -> Report:
