@@ -581,7 +581,10 @@ def _prefix_tokens(prefix: str, key: str) -> tuple[bool, int]:
     from megatron_apriel.config import ConfigError
 
     if os.path.isfile(meta_path(prefix)):
-        ds = _indexed(prefix, TOKENS_KEY)
+        try:
+            ds = _indexed(prefix, TOKENS_KEY)
+        except (FileNotFoundError, ValueError) as e:  # _multimodal.json present, its tokens dataset not
+            raise ConfigError(f"{key}: {e}") from None
         return True, 0 if ds is None else int(ds.sequence_lengths.sum(dtype=np.int64))
     from megatron_apriel.data.blends import _prefix_stats
 
@@ -630,7 +633,7 @@ class ImageTextBlend(torch.utils.data.Dataset):
         src_w = []
         per_source = []
         for i, s in enumerate(spec.sources):
-            stats = [self._prefix_tokens(p, f"data.factory_args.blend.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
+            stats = [_prefix_tokens(p, f"data.factory_args.blend.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
             if sum(t for _, t in stats) == 0:
                 raise ConfigError(f"data.factory_args.blend.sources[{i}]: source {s.name!r} has no tokens")
             per_source.append(stats)
@@ -686,18 +689,6 @@ class ImageTextBlend(torch.utils.data.Dataset):
             if isinstance(c, MultimodalDataset):
                 c.max_docs = self.max_docs  # one cu_seqlens length for every row of a batch
         self.spec = spec
-
-    @staticmethod
-    def _prefix_tokens(prefix: str, key: str) -> tuple[bool, int]:
-        """The module's ``_prefix_tokens``, with a missing dataset of a multimodal prefix named by its key."""
-        from megatron_apriel.config import ConfigError
-
-        try:
-            return _prefix_tokens(prefix, key)
-        except ConfigError:
-            raise
-        except (FileNotFoundError, ValueError) as e:  # _multimodal.json present, its tokens dataset not
-            raise ConfigError(f"{key}: {e}") from None
 
     @staticmethod
     def _prefix_key(spec, prefix: str) -> str:
