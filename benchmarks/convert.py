@@ -1,10 +1,8 @@
 """Time and peak memory of HF <-> megatron-core conversion on a random >= 1B-parameter model.
 
 The model has Mistral-Nemo's width (hidden 5120, 32/8 heads of 128, FFN 14336) with few layers, in
-bf16. Each direction runs in its own process; its peak memory is read from that process's
-``/proc/self/status``: VmHWM (peak resident set, including resident pages of memory-mapped
-safetensors files, which the kernel may drop at will) and the peak of RssAnon sampled every 20 ms
-(memory the process owns). ``ru_maxrss`` is not used: across ``exec`` it keeps the parent's peak.
+bf16. Each direction runs in its own process, which reports its own time and peak memory (VmHWM and
+peak anonymous RSS, see ``benchmarks/_common.py``).
 
     python benchmarks/convert.py --layers 2 --vocab 65536 --work /tmp/convert_bench
 """
@@ -12,73 +10,18 @@ safetensors files, which the kernel may drop at will) and the peak of RssAnon sa
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_random_hf(folder: Path, preset, shard_bytes: int) -> int:
-    """A random bf16 MistralForCausalLM folder written tensor by tensor (no model in memory)."""
-    import torch
-
-    from megatron_apriel.checkpoint.hf_io import ShardedSafetensorsWriter
-    from megatron_apriel.checkpoint.mistral import hf_names
-
-    h, d, f = preset.hidden_size, preset.kv_channels, preset.ffn_hidden_size
-    q, kv = preset.num_attention_heads * d, preset.num_query_groups * d
-    shapes = {"embed_tokens": (preset.vocab_size, h), "lm_head": (preset.vocab_size, h), "norm": (h,),
-              "q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-              "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f), "layernorm": (h,)}
-    gen = torch.Generator().manual_seed(0)
-    writer = ShardedSafetensorsWriter(folder, max_shard_bytes=shard_bytes)
-    for name in hf_names(preset):
-        part = name.split(".")[-2]
-        shape = shapes["layernorm" if part.endswith("layernorm") else part]
-        writer.add(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
-    writer.close()
-    preset.hf_config(dtype="bfloat16").save_pretrained(folder)
-    return writer.total_bytes
-
-
-CHILD = r"""
-import json, sys, threading, time
-peak = {"anon": 0}
-def sample():
-    while True:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    peak["anon"] = max(peak["anon"], int(line.split()[1]) * 1024)
-        time.sleep(0.02)
-if __name__ == "__main__":
-    threading.Thread(target=sample, daemon=True).start()
-    t = time.time()
-    from megatron_apriel.checkpoint.convert import main
-    rc = main(sys.argv[1:])
-    with open("/proc/self/status") as f:
-        hwm = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    print("BENCH " + json.dumps([time.time() - t, hwm, peak["anon"]]))
-    sys.exit(rc)
-"""
+from _common import run_measured, write_random_mistral
 
 
 def run_step(args: list[str], work: Path) -> tuple[float, float, float]:
-    """Run one conversion in a child process; (seconds, peak RSS GiB, peak anonymous RSS GiB) of that child."""
-    script = work / "bench_child.py"  # a file, not -c: dist_checkpointing's writer re-imports __main__
-    script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"conversion failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")][-1]
-    secs, hwm, anon = json.loads(line[6:])
-    return secs, hwm / 2**30, anon / 2**30
+    """One conversion in a child process; (seconds, peak RSS GiB, peak anonymous RSS GiB) of that child."""
+    r = run_measured("megatron_apriel.checkpoint.convert", args, work)
+    return r["seconds"], r["hwm"] / 2**30, r["anon"] / 2**30
 
 
 def main() -> int:
@@ -101,7 +44,7 @@ def main() -> int:
     work.mkdir(parents=True)
     shard = int(args.shard_gb * 1e9)
     t = time.time()
-    model_bytes = write_random_hf(work / "hf", preset, shard)
+    _, _, model_bytes = write_random_mistral(work / "hf", preset, shard)
     print(f"random model: {params / 1e9:.2f} B parameters, {model_bytes / 2**30:.2f} GiB bf16 "
           f"({time.time() - t:.0f} s to write)", flush=True)
 
