@@ -31,6 +31,10 @@ class ModelConfig:
     recompute_num_layers: int = 1
     use_te: Optional[bool] = None  # None: TE when on CUDA and importable
     device: str = "auto"  # auto | cuda | cpu
+    # Bitwise-reproducible kernels (torch.use_deterministic_algorithms, megatron-core's
+    # deterministic_mode): on a GPU, attention backward and some reductions otherwise use atomics, so
+    # two runs of the same steps differ in the last bits. Slower; for checks, not production runs.
+    deterministic: bool = False
 
 
 @dataclass

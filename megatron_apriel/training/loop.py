@@ -299,8 +299,13 @@ def train(cfg: TrainConfig) -> int:
     # Before anything slow: a SLURM time-limit signal arriving during start-up (rendezvous, model
     # build, checkpoint load) must not kill the job; it is acted on at the first step boundary.
     stop = _StopFlag()
+    if m.deterministic:
+        # cuBLAS reads this when its first handle is made, i.e. before the first matmul
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=m.device, seed=t.seed)
     device = _device_of(env)
+    _log0(f"distributed: backend {torch.distributed.get_backend()}, world {env.world_size}, device {env.device}")
     check_fp8(m.fp8, env.device)
     if m.cp > 1 and not should_use_te(env.device, m.use_te):
         raise ConfigError("model.cp > 1 needs Transformer Engine's attention on a GPU (the local SDPA spec has no CP)")
@@ -317,7 +322,7 @@ def train(cfg: TrainConfig) -> int:
         tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
         params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
         fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
-        device=env.device, use_te=use_te)
+        device=env.device, use_te=use_te, deterministic_mode=m.deterministic)
     build = build_model_chunks
     if preset.vision is not None:  # Pixtral/LLaVA: vision encoder + projector + the decoder
         from megatron_apriel.models.llava import build_llava_chunks as build
