@@ -7,19 +7,72 @@ without activation recomputation. Prints a table and writes JSON.
 
     python benchmarks/train_throughput.py --layers 8 --seq 4096 --steps 10 --json perf.json
     python benchmarks/train_throughput.py --tiny --device cpu        # CPU smoke run
+    python benchmarks/train_throughput.py --layers 8 --seq 4096 --results --profile   # on a GPU
 
 Each configuration runs in its own process so peak memory and allocator state do not leak
-between rows.
+between rows. ``--results`` writes the raw record of the run (every step time of every row, the
+device, driver, torch / CUDA / cuDNN / megatron-core versions, the exact command and the commit) to
+``benchmarks/results/``; ``benchmarks/perf_report.py`` makes the tables of docs/performance.md from
+those files, so every published figure has its raw output in the repository. ``--profile`` runs a
+few more steps under torch.profiler and prints where the step's time goes by op class
+(``benchmarks/profile_summary.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
+import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+
+
+def environment() -> dict:
+    """What a figure depends on besides the code: the machine and the versions of the stack."""
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "hostname": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    for dist in ("megatron-core", "transformer-engine", "transformers"):
+        try:
+            from importlib.metadata import version
+
+            env[dist] = version(dist)
+        except Exception:
+            env[dist] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_count"] = torch.cuda.device_count()
+        env["gpu_memory_GiB"] = round(props.total_memory / 2**30, 1)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip() or None
+        except (OSError, subprocess.SubprocessError):
+            env["driver"] = None
+    try:
+        env["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                                       timeout=30).stdout.strip() or None
+        env["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                                           capture_output=True, text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        env["commit"] = None
+    return env
 
 
 def run_one(args) -> dict:
@@ -81,6 +134,13 @@ def run_one(args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
         losses.append(res.loss)
+    profile = None
+    if args.profile_steps:
+        from profile_summary import profile_steps
+
+        trace = args.result + ".trace.json" if args.trace else None
+        profile = profile_steps(lambda: train_step(ddp, optimizer, Repeat(), args.grad_accum, s, mbs),
+                                args.profile_steps, device, trace)
     step_time = sorted(times)[len(times) // 2]
     tokens_per_step = mbs * s * args.grad_accum
     tps = tokens_per_step / step_time
@@ -94,6 +154,8 @@ def run_one(args) -> dict:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "params": preset.param_counts()["total"],
         "step_time_s": step_time,
+        "step_times_s": times,
+        "warmup": args.warmup,
         "tokens_per_s_per_gpu": tps,
         "flops_per_token": flops_per_token(preset, s),
         "tflops_per_gpu": tps * flops_per_token(preset, s) / 1e12,
@@ -102,6 +164,8 @@ def run_one(args) -> dict:
         "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
         "losses": losses,
     }
+    if profile is not None:
+        out["profile"] = profile
     return out
 
 
@@ -117,7 +181,12 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU smoke run)")
     ap.add_argument("--paths", default="sdpa-bf16,te-bf16,te-fp8")
     ap.add_argument("--recomputes", default="none,selective,full")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the raw record of the run to this file")
+    ap.add_argument("--results", action="store_true",
+                    help="write the raw record to benchmarks/results/train_throughput-<device>-<UTC time>.json")
+    ap.add_argument("--profile", dest="profile_steps", nargs="?", const=3, type=int, default=0,
+                    help="profile N more steps (default 3) per row and print the time by op class")
+    ap.add_argument("--trace", action="store_true", help="with --profile, keep each row's chrome trace")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--path", default="sdpa-bf16", help=argparse.SUPPRESS)
     ap.add_argument("--recompute", default="none", help=argparse.SUPPRESS)
@@ -133,13 +202,14 @@ def main(argv=None) -> int:
     from megatron_apriel.models.builder import te_available
 
     rows = []
-    raw = list(argv if argv is not None else sys.argv[1:])
+    raw_argv = list(argv if argv is not None else sys.argv[1:])
+    raw = list(raw_argv)
     base = []
-    while raw:  # the per-row runs get every flag but --json
+    while raw:  # the per-row runs get every flag but where the record goes
         a = raw.pop(0)
         if a == "--json":
             raw.pop(0)
-        elif not a.startswith("--json="):
+        elif a != "--results" and not a.startswith("--json="):
             base.append(a)
     for path in args.paths.split(","):
         for rc in args.recomputes.split(","):
@@ -150,7 +220,9 @@ def main(argv=None) -> int:
             cmd = [sys.executable, os.path.abspath(__file__), *base, "--one", "--path", path,
                    "--recompute", rc, "--result", result]
             print(f"== {path} recompute={rc}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True,
+                                  env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                      [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])})
             if proc.returncode != 0:
                 lines = [l for l in proc.stderr.splitlines() if "Error" in l or "error:" in l]
                 last = lines[-1:] or ["failed (exit %d)" % proc.returncode]
@@ -159,6 +231,8 @@ def main(argv=None) -> int:
             with open(result) as f:
                 rows.append(json.load(f))
             os.unlink(result)
+            if args.trace and os.path.exists(result + ".trace.json"):
+                rows[-1]["trace"] = result + ".trace.json"
 
     header = f"{'path':<10} {'recompute':<10} {'layers':>6} {'seq':>6} {'step s':>8} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
     print(header)
@@ -173,9 +247,31 @@ def main(argv=None) -> int:
               f"{r['tokens_per_s_per_gpu']:>10.0f} {r['tflops_per_gpu']:>8.1f} {m:>6} {mem:>9}")
     if rows and "device" in next((r for r in rows if "device" in r), {}):
         print(f"device: {next(r for r in rows if 'device' in r)['device']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    for r in rows:
+        if "profile" in r:
+            from profile_summary import format_breakdown
+
+            print(f"\n{r['path']} recompute={r['recompute']}: time by op class "
+                  f"({r['profile']['steps']} profiled steps)")
+            print(format_breakdown(r["profile"]))
+    record = {
+        "benchmark": "train_throughput",
+        "command": "python benchmarks/train_throughput.py " + shlex.join(raw_argv),
+        "utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "environment": environment(),
+        "rows": rows,
+    }
+    targets = [args.json] if args.json else []
+    if args.results:
+        device = (record["environment"].get("gpu") or "cpu").replace(" ", "-")
+        RESULTS_DIR.mkdir(exist_ok=True)
+        targets.append(str(RESULTS_DIR / f"train_throughput-{device}-{record['utc'].replace(':', '')}.json"))
+    for target in targets:
+        tmp = target + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+        os.replace(tmp, target)
+        print(f"raw results: {target}")
     return 0 if any("error" not in r for r in rows) else 1
 
 

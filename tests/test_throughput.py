@@ -33,11 +33,53 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "perf.json"
     proc = run_python([REPO / "benchmarks" / "train_throughput.py", "--tiny", "--device", "cpu", "--seq", "32",
                        "--steps", "2", "--warmup", "1", "--grad-accum", "2", "--paths", "sdpa-bf16,te-bf16",
-                       "--recomputes", "none,full", "--json", out], env={"OMP_NUM_THREADS": "1"})
-    rows = json.loads(out.read_text())
+                       "--recomputes", "none,full", "--profile", "2", "--json", out], env={"OMP_NUM_THREADS": "1"})
+    record = json.loads(out.read_text())
+    rows = record["rows"]
     ok = [r for r in rows if "error" not in r]
     assert [(r["path"], r["recompute"]) for r in ok] == [("sdpa-bf16", "none"), ("sdpa-bf16", "full")]
     assert all(r["tokens_per_s_per_gpu"] > 0 and r["flops_per_token"] == flops_per_token(get_preset("tiny"), 32) for r in ok)
     # recomputation changes speed, not the maths
     assert ok[0]["losses"] == ok[1]["losses"]
     assert "tok/s/GPU" in proc.stdout and "MFU" in proc.stdout
+    # the raw record: every timed step, the stack's versions and the command that made it
+    assert all(len(r["step_times_s"]) == 2 and r["step_time_s"] in r["step_times_s"] for r in ok)
+    env = record["environment"]
+    assert env["torch"] == torch.__version__ and env["megatron-core"] == "0.16.1"
+    assert record["command"].startswith("python benchmarks/train_throughput.py --tiny --device cpu")
+    # the profile accounts for the step's time by class: GEMMs, attention and the optimizer all show
+    for r in ok:
+        prof = r["profile"]
+        classes = prof["classes_ms_per_step"]
+        assert classes["gemm"] > 0 and classes["attention"] > 0 and classes["optimizer"] > 0, classes
+        assert abs(sum(classes.values()) - prof["busy_ms_per_step"]) < 1e-6
+        assert prof["busy_ms_per_step"] <= prof["step_ms"] * 1.05
+    assert "time by op class" in proc.stdout
+
+    # docs/performance.md's tables are made from such records: the numbers in the table are the record's
+    doc = tmp_path / "perf.md"
+    doc.write_text("# Throughput\n\n<!-- results:begin -->\nold\n<!-- results:end -->\n\nafter\n")
+    run_python([REPO / "benchmarks" / "perf_report.py", out, "--update", doc])
+    text = doc.read_text()
+    assert "old" not in text and text.endswith("after\n")
+    for r in ok:
+        assert f"| {r['path']} | {r['recompute']} | 4 | 32 | {r['micro_batch']} x {r['grad_accum']} | {r['step_time_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} |" in text
+    assert record["command"] in text
+
+
+def test_profile_classes():
+    """Scopes decide for everything inside them; backward nodes are recognised by their CamelCase names."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from profile_summary import classify
+
+    assert classify(["Optimizer.step#AdamW.step", "aten::mul_"]) == "optimizer"
+    assert classify(["aten::rms_norm", "aten::mul"]) == "norm"
+    assert classify(["aten::scaled_dot_product_attention", "aten::_flash_attention_forward", "aten::empty"]) == "attention"
+    assert classify(["autograd::engine::evaluate_function: ScaledDotProductFlashAttentionBackward0",
+                     "aten::_flash_attention_backward"]) == "attention"
+    assert classify(["autograd::engine::evaluate_function: MmBackward0", "MmBackward0", "aten::mm"]) == "gemm"
+    assert classify(["nccl:all_reduce"]) == "communication"
+    assert classify(["aten::silu"]) == "elementwise"
+    assert classify(["SomethingElse"]) == "other"
