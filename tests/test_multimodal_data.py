@@ -347,22 +347,23 @@ def test_hostile_and_odd_images_are_counted_or_normalised(corpus, capsys):
     files = wild_folder(root / "wild")
     scene((300, 200), 7).save(root / "wild/big.png")  # 60000 pixels: over the budget below, not a JPEG
     scene((400, 300), 8).save(root / "wild/big.jpg", quality=95)  # 120000: over it, decodable at 1/4 scale
+    Image.new("RGB", (200, 3), "blue").save(root / "wild/spacer.gif")  # 3 px high: 0 px at --image-size 64
     names = ["bomb.png", "truncated.png", "not_an_image.jpg", "float.tif", "big.png", "rotated.png", "grey16.png",
-             "animated.gif", "alpha.png", "cmyk.jpg", "big.jpg"]
+             "animated.gif", "alpha.png", "cmyk.jpg", "big.jpg", "spacer.gif"]
     lines = [json.dumps({"images": ["img/a.png"], "prompt": "<image> first", "response": "ok"})]
     lines += [json.dumps({"images": [f"wild/{n}"], "prompt": "<image> What is it?", "response": n}) for n in names]
     lines += [json.dumps({"images": ["img/b.png", "wild/rotated.png"], "text": "<image> and <image>"})]
     (root / "wild.jsonl").write_text("\n".join(lines) + "\n")
     assert run_preprocess(root, tok, [root / "wild.jsonl"], "out/wild", "--max-image-pixels", "50000") == 0
     meta = json.loads((root / "out/wild_multimodal.json").read_text())
-    assert meta["read"] == 13 and meta["kept"] == 8 and meta["skipped"] == 5
+    assert meta["read"] == 14 and meta["kept"] == 8 and meta["skipped"] == 6
     assert meta["skipped_by_reason"] == {"image_too_large": 2, "image_truncated": 1, "image_unreadable": 1,
-                                         "image_mode_unsupported": 1}
+                                         "image_mode_unsupported": 1, "image_too_thin": 1}
     assert any(e.startswith(f"{root / 'wild.jsonl'}:2: image") and "bomb.png" in e for e in meta["skipped_records"])
     assert any("wild.jsonl:6:" in e and "big.png" in e and "budget 50000" in e for e in meta["skipped_records"])
     assert meta["images_normalised"] == {"exif_orientation": 1, "mode_I;16": 1, "first_frame": 1, "mode_P": 1,
                                          "mode_RGBA": 1, "mode_CMYK": 1, "jpeg_draft": 1}
-    assert "kept 8, skipped 5" in capsys.readouterr().out
+    assert "kept 8, skipped 6" in capsys.readouterr().out
 
     # the stored pixels are the processor's resize of the documented normalisation, exactly
     ds = mm.MultimodalDataset(str(root / "out/wild"), seq_length=512)

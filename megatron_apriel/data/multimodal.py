@@ -18,7 +18,7 @@ training loop reads for the Pixtral / LLaVA model.
 
 Image files are read by :func:`megatron_apriel.data.images.load_image`: a bad image (missing,
 unreadable, truncated, over ``--max-image-pixels`` from its header, a decompression bomb, an
-unsupported pixel mode) skips its record under that reason; odd but valid ones are normalised
+unsupported pixel mode, so thin that a side would shrink to 0 pixels) skips its record under that reason; odd but valid ones are normalised
 (EXIF orientation, first frame, RGB conversion, large JPEGs decoded at reduced DCT scale), so one
 hostile file never stops a run and memory is bounded by the pixel budget.
 
@@ -185,6 +185,11 @@ class _Encoder:
             loaded = load_image(path, max_pixels=self.max_pixels, target_side=self.layout.image_size)
         except ImageError as e:
             raise RecordError(e.reason, f"image {path}: {e}") from None
+        w, h = loaded.image.size
+        ratio = max(w, h) / self.layout.image_size  # PixtralImageProcessor's resize, which fails on a 0 side
+        if ratio > 1 and min(w, h) < ratio:
+            raise RecordError("image_too_thin", f"image {path}: {w}x{h} has a side of 0 pixels at --image-size "
+                              f"{self.layout.image_size}")
         out = self.proc(loaded.image, do_rescale=False, do_normalize=False, do_pad=False)
         pixels = np.asarray(out["pixel_values"][0], dtype=np.uint8).transpose(1, 2, 0)  # CHW -> HWC
         buf = io.BytesIO()
