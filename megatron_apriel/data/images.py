@@ -165,7 +165,7 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, target_side: int
     keeps this much. ``max_side``: resize the result so its longest edge is at most this.
     """
     if not os.path.isfile(path):
-        raise ImageError("image_missing", "no such file")
+        raise ImageError("image_missing", "not a regular file" if os.path.exists(path) else "no such file")
     notes: list[str] = []
     try:
         with warnings.catch_warnings():
@@ -176,7 +176,7 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, target_side: int
                 stored = im.size
                 if stored[0] <= 0 or stored[1] <= 0:
                     raise ImageError("image_unreadable", f"empty image {stored[0]}x{stored[1]}")
-                if getattr(im, "n_frames", 1) > 1:
+                if getattr(im, "is_animated", False):  # not n_frames: counting GIF frames reads them all
                     notes.append("first_frame")  # Image.open is positioned on frame 0
                 if stored[0] * stored[1] > max_pixels:
                     scale = _draft_scale(stored, target_side) if im.format == "JPEG" else 1
