@@ -372,3 +372,23 @@ def test_hostile_and_odd_images_in_the_raw_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bomb.png: image_too_large" in err[0]
     assert not (tmp_path / "strict").exists() and not list(tmp_path.glob("strict.tmp*"))
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    """With a working size, a JPEG is decoded by DCT scaling to just above it, then resized; over the
+    pixel budget only a JPEG that fits once reduced is kept. (<0.1 s)"""
+    from megatron_apriel.data.images import ImageError, load_image
+
+    Image.new("RGB", (400, 300), "red").save(tmp_path / "a.jpg")
+    Image.new("RGB", (400, 300), "red").save(tmp_path / "a.png")
+    got = load_image(str(tmp_path / "a.jpg"), target_side=90, max_side=90)
+    assert got.notes == ("jpeg_draft", "downscaled") and got.image.size == (90, 68)
+    assert got.box_to_pixels([0, 0, 400, 300]) == [0, 0, 90, 68]
+    assert load_image(str(tmp_path / "a.png"), max_side=90).notes == ("downscaled",)
+    assert load_image(str(tmp_path / "a.jpg"), max_pixels=10000, target_side=90).image.size == (100, 75)  # 1/4
+    with pytest.raises(ImageError) as e:
+        load_image(str(tmp_path / "a.jpg"), max_pixels=1000, target_side=90)  # 1/4 = 7500 px: still over
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(ImageError) as e:
+        load_image(str(tmp_path / "a.png"), max_pixels=10000)
+    assert e.value.reason == "image_too_large" and "400x300 = 120000 pixels > budget 10000" in str(e.value)

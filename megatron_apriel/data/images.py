@@ -32,8 +32,9 @@ them):
 * ``jpeg_draft``: a JPEG over ``max_pixels`` is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
   scaling (``Image.draft``), the smallest scale that keeps the longest edge >= ``target_side``, and
   kept if that fits the budget; other formats cannot be decoded smaller, so over the budget they are
-  skipped. Images within the budget are decoded in full, so their pixels are exactly what
-  transformers' processors would see;
+  skipped. Without ``max_side``, images within the budget are decoded in full, so their pixels are
+  exactly what transformers' processors would see; with it, any JPEG longer than ``max_side`` is
+  decoded at the DCT scale that keeps ``target_side`` (the caller wants it smaller anyway);
 * ``downscaled``: longest edge above ``max_side`` (when given) resized down (bicubic).
 
 Memory is therefore bounded by ``max_pixels`` (a few bytes per pixel for the conversions), not by
@@ -178,14 +179,17 @@ def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, target_side: int
                     raise ImageError("image_unreadable", f"empty image {stored[0]}x{stored[1]}")
                 if getattr(im, "is_animated", False):  # not n_frames: counting GIF frames reads them all
                     notes.append("first_frame")  # Image.open is positioned on frame 0
-                if stored[0] * stored[1] > max_pixels:
+                over = stored[0] * stored[1] > max_pixels
+                shrink = max_side is not None and max(stored) > max_side  # the caller downscales anyway
+                if over or (shrink and im.format == "JPEG"):
                     scale = _draft_scale(stored, target_side) if im.format == "JPEG" else 1
                     reduced = (-(-stored[0] // scale), -(-stored[1] // scale))
-                    if scale == 1 or reduced[0] * reduced[1] > max_pixels:
+                    if reduced[0] * reduced[1] > max_pixels:
                         raise ImageError("image_too_large", f"{stored[0]}x{stored[1]} = {stored[0] * stored[1]} pixels "
                                          f"> budget {max_pixels} (--max-image-pixels)")
-                    im.draft(None, (stored[0] // scale, stored[1] // scale))
-                    notes.append("jpeg_draft")
+                    if scale > 1:
+                        im.draft(None, (stored[0] // scale, stored[1] // scale))
+                        notes.append("jpeg_draft")
                 im.load()
                 transpose = None
                 try:
