@@ -516,7 +516,7 @@ def contact_sheet(examples: dict, path: str, thumb: int = 96, cell_w: int = 420,
             xo = x + 2
             for im in s.images:
                 if isinstance(im, str):
-                    im = (source or ImageSource()).load(im).image  # loaded once already: it loads again
+                    im = (source or ImageSource()).load(im).image  # used above: it loads as it did then
                 t = im.copy()
                 t.thumbnail((thumb * 3, thumb - 4))
                 if xo + t.width > x + cell_w:

@@ -37,8 +37,9 @@ them):
   decoded at the DCT scale that keeps ``target_side`` (the caller wants it smaller anyway);
 * ``downscaled``: longest edge above ``max_side`` (when given) resized down (bicubic).
 
-Memory is therefore bounded by ``max_pixels`` (a few bytes per pixel for the conversions), not by
-the largest file present.
+Memory is therefore bounded by ``max_pixels``, not by the largest file present: in preprocessing
+the peak grows by about 14 bytes per decoded pixel (Pillow's RGBX copy and the image processor's
+numpy copies; ``benchmarks/multimodal_images.py``).
 
 Written by hand because no library wraps Pillow this way; every pixel operation is Pillow's.
 """
