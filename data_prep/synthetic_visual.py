@@ -31,6 +31,14 @@ path relative to OUT), ``OUT/report.json`` and ``OUT/contact_sheet.png``. The fo
 under a temporary name and renamed when complete. ``--dry-run`` writes only the contact sheet and
 prints the counts per task and difficulty.
 
+Images are read by :func:`megatron_apriel.data.images.load_image`, the loader of
+``apriel preprocess-multimodal``: an image that cannot be used (missing, unreadable, truncated, over
+``--max-image-pixels``, a decompression bomb, an unsupported pixel mode) is counted in the report's
+``skipped`` under that reason with an example in ``skipped_images`` and the run goes on (``--strict``
+stops at the first, exit 2); odd but valid images are normalised the same way preprocessing will
+(EXIF orientation, first frame, RGB), COCO boxes follow the orientation and any downscaling, and
+images larger than ``--max-image-side`` are worked on downscaled.
+
 Written by hand: these tasks are described in the Apriel-1.5 report but no library generates them;
 Pillow does the image work.
 """
@@ -45,11 +53,13 @@ import shutil
 import string
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageColor, ImageDraw
+
+from megatron_apriel.data.images import DEFAULT_MAX_PIXELS, ImageError, LoadedImage, count_notes, load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PALETTE_NAMES = ("black", "white", "gray", "red", "green", "blue", "yellow", "orange", "purple", "brown", "pink", "cyan")
@@ -112,6 +122,44 @@ class Annotations:
 
     by_file: dict
     categories: dict  # name -> supercategory
+    sizes: dict = field(default_factory=dict)  # file -> (width, height) the boxes were drawn on, when given
+
+
+class ImageSource:
+    """Opens raw images through the loader preprocess-multimodal uses, and counts what it skips and normalises.
+
+    Every image is read with :func:`megatron_apriel.data.images.load_image`, so the pixels the answers
+    are computed on are the ones preprocessing later reads from the same file (oriented, RGB, first
+    frame); images wider or taller than ``max_side`` are worked on downscaled (boxes in the answers
+    are in 0-1000 coordinates, so they hold for the file at any size; ``box_pixels`` are in the
+    downscaled image). A skipped image is counted under its reason with an example, or with
+    ``strict`` stops the run (exit 2).
+    """
+
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: Optional[int] = None, strict: bool = False):
+        self.max_pixels, self.max_side, self.strict = max_pixels, max_side, strict
+        self.skipped: dict = {}
+        self.examples: list[str] = []
+        self.normalised: dict = {}
+
+    def load(self, path: str) -> LoadedImage:
+        """The image, or ImageError (uncounted: for images that are counted in their own turn)."""
+        return load_image(path, max_pixels=self.max_pixels, target_side=self.max_side or 1024, max_side=self.max_side)
+
+    def open(self, path: str) -> Optional[LoadedImage]:
+        """The image, counted as used or as skipped (None)."""
+        try:
+            loaded = self.load(path)
+        except ImageError as e:
+            if self.strict:
+                raise ConfigError(f"{path}: {e.reason}: {e}") from None
+            self.skipped[e.reason] = self.skipped.get(e.reason, 0) + 1
+            if len(self.examples) < 1000:
+                self.examples.append(f"{path}: {e.reason}: {e}")
+            print(f"synthetic_visual: {path}: {e.reason} ({e}); skipped", file=sys.stderr)
+            return None
+        count_notes(self.normalised, loaded.notes)
+        return loaded
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,6 +237,8 @@ def load_coco(path: str) -> Annotations:
             coco = json.load(f)
         cats = {c["id"]: (c["name"], c.get("supercategory", c["name"])) for c in coco["categories"]}
         files = {im["id"]: im["file_name"] for im in coco["images"]}
+        sizes = {im["file_name"]: (int(im["width"]), int(im["height"])) for im in coco["images"]
+                 if "width" in im and "height" in im}
         by_file: dict = {f: [] for f in files.values()}
         for i, a in enumerate(coco["annotations"]):
             name, sup = cats[a["category_id"]]
@@ -198,7 +248,7 @@ def load_coco(path: str) -> Annotations:
         raise ConfigError(f"--annotations {path}: {e}") from None
     except (KeyError, TypeError) as e:
         raise ConfigError(f"--annotations {path}: not COCO instances JSON (missing or bad {e})") from None
-    return Annotations(by_file, {n: s for n, s in cats.values()})
+    return Annotations(by_file, {n: s for n, s in cats.values()}, sizes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,7 +305,8 @@ def _iou(a, b) -> float:
     return inter / union if union else 0.0
 
 
-def crop_matching(img: Image.Image, path: str, lv: dict, rng: np.random.Generator, all_paths: list[str]) -> tuple:
+def crop_matching(img: Image.Image, path: str, lv: dict, rng: np.random.Generator, all_paths: list[str],
+                  source: Optional[ImageSource] = None) -> tuple:
     w, h = img.size
     side = max(8, int(lv["crop_size"] * min(w, h)))
     if side >= min(w, h):
@@ -280,8 +331,10 @@ def crop_matching(img: Image.Image, path: str, lv: dict, rng: np.random.Generato
             src = all_paths[int(rng.integers(len(all_paths)))]
             if src == path:
                 continue
-            with Image.open(src) as o:
-                im = o.convert("RGB")
+            try:
+                im = (source or ImageSource()).load(src).image
+            except ImageError:  # counted when its own turn comes
+                continue
             if min(im.size) <= side:
                 continue
             ow, oh = im.size
@@ -391,22 +444,29 @@ def counting(img: Image.Image, objects, ann: Annotations, levels: dict, tally: d
 
 
 def generate(cfg: dict, image_paths: list[str], ann: Optional[Annotations], images_root: str,
-             skipped: dict, progress: bool = True) -> Iterator[Sample]:
-    """All samples of all families, deterministic in (seed, image index, family, repeat)."""
+             skipped: dict, progress: bool = True, source: Optional[ImageSource] = None) -> Iterator[Sample]:
+    """All samples of all families, deterministic in (seed, image index, family, repeat).
+
+    ``skipped`` counts samples a family cannot make from an image; images that cannot be used at all
+    are counted by ``source`` (an :class:`ImageSource`)."""
     from tqdm import tqdm
 
+    source = source or ImageSource()
     fam_index = {f: i for i, f in enumerate(FAMILIES)}
     count_tally: dict = {}
     for idx, path in enumerate(tqdm(image_paths, desc="images", unit=" img", disable=not progress or None, mininterval=2.0)):
-        try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError, SyntaxError) as e:
-            skipped["unreadable_image"] = skipped.get("unreadable_image", 0) + 1
-            print(f"synthetic_visual: {path}: unreadable image ({e}); skipped", file=sys.stderr)
+        loaded = source.open(path)
+        if loaded is None:
             continue
+        img = loaded.image
         rel = os.path.relpath(path, images_root).replace(os.sep, "/")
-        objects = None if ann is None else ann.by_file.get(rel, ann.by_file.get(os.path.basename(path)))
+        objects = None
+        if ann is not None:
+            name = rel if rel in ann.by_file else os.path.basename(path)
+            frame = ann.sizes.get(name)  # boxes follow the image through orientation and downscaling
+            objects = ann.by_file.get(name)
+            objects = None if objects is None else [(n, sup, loaded.box_to_pixels(b, frame), crowd)
+                                                    for n, sup, b, crowd in objects]
         for fam, spec in cfg["tasks"].items():
             levels = spec["levels"]
             names = list(levels)
@@ -418,7 +478,7 @@ def generate(cfg: dict, image_paths: list[str], ann: Optional[Annotations], imag
                     if fam == "reconstruction":
                         images, prompt, response, answer = reconstruction(img, lv, rng)
                     elif fam == "crop_matching":
-                        images, prompt, response, answer = crop_matching(img, path, lv, rng, image_paths)
+                        images, prompt, response, answer = crop_matching(img, path, lv, rng, image_paths, source)
                         for cand in answer["candidates"]:  # paths relative to --images, not this machine's
                             cand["source"] = os.path.relpath(cand["source"], images_root).replace(os.sep, "/")
                     else:
@@ -437,7 +497,7 @@ def generate(cfg: dict, image_paths: list[str], ann: Optional[Annotations], imag
                 yield Sample(fam, level, path, images, prompt, response, answer)
 
 
-def contact_sheet(examples: dict, path: str, thumb: int = 96, cell_w: int = 420) -> None:
+def contact_sheet(examples: dict, path: str, thumb: int = 96, cell_w: int = 420, source: Optional[ImageSource] = None) -> None:
     """One tile per (task, difficulty): the sample's images scaled to ``thumb`` px high, then its response."""
     rows = [f for f in FAMILIES if any(k[0] == f for k in examples)]
     cols = sorted({k[1] for k in examples}, key=lambda d: (["easy", "medium", "hard"] + [d]).index(d))
@@ -456,8 +516,7 @@ def contact_sheet(examples: dict, path: str, thumb: int = 96, cell_w: int = 420)
             xo = x + 2
             for im in s.images:
                 if isinstance(im, str):
-                    with Image.open(im) as f:
-                        im = f.convert("RGB")
+                    im = (source or ImageSource()).load(im).image  # used above: it loads as it did then
                 t = im.copy()
                 t.thumbnail((thumb * 3, thumb - 4))
                 if xo + t.width > x + cell_w:
@@ -474,6 +533,9 @@ def contact_sheet(examples: dict, path: str, thumb: int = 96, cell_w: int = 420)
 
 def run(args) -> dict:
     cfg = load_config(args.config)
+    if args.max_image_pixels < 1 or args.max_image_side < 0:
+        raise ConfigError("--max-image-pixels must be positive and --max-image-side non-negative")
+    args.max_image_side = args.max_image_side or None
     if args.seed is not None:
         cfg["seed"] = args.seed
     paths = list_images(args.images)
@@ -488,6 +550,7 @@ def run(args) -> dict:
     tmp = out + f".tmp{os.getpid()}"
     counts: dict = {}
     skipped: dict = {}
+    source = ImageSource(args.max_image_pixels, args.max_image_side, args.strict)
     examples: dict = {}
     start = time.time()
     n = 0
@@ -495,7 +558,7 @@ def run(args) -> dict:
         if not args.dry_run:
             os.makedirs(os.path.join(tmp, "images"))
             jsonl = open(os.path.join(tmp, "samples.jsonl"), "w", encoding="utf-8")
-        for s in generate(cfg, paths, ann, args.images, skipped):
+        for s in generate(cfg, paths, ann, args.images, skipped, source=source):
             key = (s.task, s.difficulty)
             counts[key] = counts.get(key, 0) + 1
             examples.setdefault(key, s)
@@ -516,12 +579,16 @@ def run(args) -> dict:
             jsonl.write(json.dumps(record) + "\n")
             n += 1
         sheet = args.contact_sheet or (out + "_contact_sheet.png" if args.dry_run else os.path.join(tmp, "contact_sheet.png"))
-        contact_sheet(examples, sheet)
+        contact_sheet(examples, sheet, source=source)
         report = {
             "images": len(paths),
             "samples": n,
             "counts": {f"{t}/{d}": c for (t, d), c in sorted(counts.items())},
-            "skipped": dict(sorted(skipped.items())),
+            "skipped": dict(sorted({**skipped, **source.skipped}.items())),
+            "skipped_images": source.examples,
+            "images_normalised": dict(sorted(source.normalised.items())),
+            "max_image_pixels": source.max_pixels,
+            "max_image_side": source.max_side,
             "config": cfg,
             "annotations": args.annotations,
             "dry_run": args.dry_run,
@@ -552,7 +619,9 @@ def print_table(report: dict) -> None:
         row = [counts.get((f, d), 0) for d in diffs]
         print(f"{f:<16}" + "".join(f"{v:>9}" for v in row) + f"{sum(row):>9}")
     skipped = ", ".join(f"{v} {k}" for k, v in report["skipped"].items()) or "none"
+    normalised = ", ".join(f"{v} {k}" for k, v in report["images_normalised"].items()) or "none"
     print(f"{report['samples']} samples from {report['images']} images in {report['seconds']} s; skipped: {skipped}; "
+          f"images normalised: {normalised}; "
           f"contact sheet: {report['contact_sheet']}")
 
 
@@ -568,6 +637,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="count and draw the contact sheet; write no samples")
     p.add_argument("--contact-sheet", default=None, help="PNG path (default: OUT/contact_sheet.png, or OUT_contact_sheet.png with --dry-run)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="most pixels decoded per image, checked from the header: larger images are skipped as "
+                   "image_too_large (JPEGs are first decoded at 1/2..1/8 scale when that fits)")
+    p.add_argument("--max-image-side", type=int, default=2048,
+                   help="images with a longer edge are worked on downscaled to it (0: never)")
+    p.add_argument("--strict", action="store_true", help="stop at the first image that cannot be used (exit 2)")
     return p
 
 

@@ -333,3 +333,75 @@ def test_stage1_blend_of_text_and_image_text(corpus, tmp_path):
     batch = ds.collate([ds[i] for i in range(8)])
     assert batch["tokens"].shape == (8, 128) and batch["cu_seqlens"].shape[0] == 8
     assert batch["pixel_values"].shape[0] == batch["image_sizes"].shape[0] == int((batch["tokens"] == 13).sum())
+
+
+def test_hostile_and_odd_images_are_counted_or_normalised(corpus, capsys):
+    """A decompression bomb, a truncated file, a non-image, an unsupported mode and an image over the
+    pixel budget are counted skips naming file:line; odd but valid images are kept, normalised as
+    megatron_apriel.data.images documents; the other records are written intact. (about 5 s)"""
+    from PIL import ImageOps
+    from transformers.image_transforms import convert_to_rgb
+    from wild_images import grey16, scene, wild_folder
+
+    root, tok, _, _ = corpus
+    files = wild_folder(root / "wild")
+    scene((300, 200), 7).save(root / "wild/big.png")  # 60000 pixels: over the budget below, not a JPEG
+    scene((400, 300), 8).save(root / "wild/big.jpg", quality=95)  # 120000: over it, decodable at 1/4 scale
+    Image.new("RGB", (200, 3), "blue").save(root / "wild/spacer.gif")  # 3 px high: 0 px at --image-size 64
+    names = ["bomb.png", "truncated.png", "not_an_image.jpg", "float.tif", "big.png", "rotated.png", "grey16.png",
+             "animated.gif", "alpha.png", "cmyk.jpg", "big.jpg", "spacer.gif"]
+    lines = [json.dumps({"images": ["img/a.png"], "prompt": "<image> first", "response": "ok"})]
+    lines += [json.dumps({"images": [f"wild/{n}"], "prompt": "<image> What is it?", "response": n}) for n in names]
+    lines += [json.dumps({"images": ["img/b.png", "wild/rotated.png"], "text": "<image> and <image>"})]
+    (root / "wild.jsonl").write_text("\n".join(lines) + "\n")
+    assert run_preprocess(root, tok, [root / "wild.jsonl"], "out/wild", "--max-image-pixels", "50000") == 0
+    meta = json.loads((root / "out/wild_multimodal.json").read_text())
+    assert meta["read"] == 14 and meta["kept"] == 8 and meta["skipped"] == 6
+    assert meta["skipped_by_reason"] == {"image_too_large": 2, "image_truncated": 1, "image_unreadable": 1,
+                                         "image_mode_unsupported": 1, "image_too_thin": 1}
+    assert any(e.startswith(f"{root / 'wild.jsonl'}:2: image") and "bomb.png" in e for e in meta["skipped_records"])
+    assert any("wild.jsonl:6:" in e and "big.png" in e and "budget 50000" in e for e in meta["skipped_records"])
+    assert meta["images_normalised"] == {"exif_orientation": 1, "mode_I;16": 1, "first_frame": 1, "mode_P": 1,
+                                         "mode_RGBA": 1, "mode_CMYK": 1, "jpeg_draft": 1}
+    assert "kept 8, skipped 6" in capsys.readouterr().out
+
+    # the stored pixels are the processor's resize of the documented normalisation, exactly
+    ds = mm.MultimodalDataset(str(root / "out/wild"), seq_length=512)
+    proc = ds.layout.processor()
+
+    def stored(doc, k=0):
+        return ds.load_image(ds.image_rows(doc)[k])
+
+    def resized(im):
+        return np.asarray(proc(im, do_rescale=False, do_normalize=False, do_pad=False)["pixel_values"][0],
+                          dtype=np.uint8).transpose(1, 2, 0)
+
+    w = root / "wild"
+    with Image.open(files["rotated.png"]) as im:
+        upright = ImageOps.exif_transpose(im)
+    assert upright.size == (40, 64)
+    np.testing.assert_array_equal(stored(1), resized(upright))  # docs: 0 a.png, then the kept wild ones in order
+    _, raw16 = grey16(root / "g16_again.png")
+    want16 = ((raw16.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    np.testing.assert_array_equal(stored(2), resized(Image.fromarray(want16).convert("RGB")))
+    assert stored(2).max() > 200  # not clipped to white as Image.convert would
+    with Image.open(files["animated.gif"]) as im:
+        assert im.n_frames == 3
+        first = convert_to_rgb(im.convert("RGBA"))  # frame 0, transparency over white
+    np.testing.assert_array_equal(stored(3), resized(first))
+    with Image.open(files["alpha.png"]) as im:
+        np.testing.assert_array_equal(stored(4), resized(convert_to_rgb(im)))
+    with Image.open(files["cmyk.jpg"]) as im:
+        np.testing.assert_array_equal(stored(5), resized(im.convert("RGB")))
+    with Image.open(w / "big.jpg") as im:
+        im.draft("RGB", (100, 75))
+        assert im.size == (100, 75)
+        np.testing.assert_array_equal(stored(6), resized(im.convert("RGB")))
+    # the interleaved record: its unrotated neighbour intact, the rotated file stored once
+    assert meta["images"] == 8 and ds.image_rows(7) == [7, 1]  # rows in first-use order: b.png is the 8th file
+
+    # --strict: stops at the bomb, one line naming file:line, exit 2, nothing written
+    assert run_preprocess(root, tok, [root / "wild.jsonl"], "out/wstrict", "--strict") == 2
+    err = capsys.readouterr().err
+    assert "wild.jsonl:2:" in err and "bomb.png" in err and len(err.strip().splitlines()) == 1
+    assert not list((root / "out").glob("wstrict*"))

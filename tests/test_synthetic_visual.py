@@ -277,3 +277,118 @@ def test_preprocessed_loss_mask_is_the_response(generated, tmp_path):
         assert (toks == 13).sum() == len(r["images"])  # one [IMG_END] per image
         n_images += len(r["images"])
     assert meta["image_refs"] == n_images and meta["images"] < n_images  # originals are stored once
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_follow_exif_orientation_and_downscaling(tmp_path, orientation):
+    """A box drawn on the stored pixel grid lands on the same pixels of the upright, downscaled image. (<0.1 s each)"""
+    from wild_images import with_orientation
+
+    from megatron_apriel.data.images import load_image
+
+    stored = Image.new("RGB", (120, 80), "black")
+    ImageDraw.Draw(stored).rectangle((10, 20, 49, 39), fill="white")  # [x, y, w, h] = [10, 20, 40, 20]
+    path = with_orientation(tmp_path / "o.png", stored, orientation)
+    full = load_image(str(path))
+    assert full.notes == (() if orientation == 1 else ("exif_orientation",))
+    x, y, w, h = full.box_to_pixels([10, 20, 40, 20], frame=(120, 80))
+    assert (x, y, x + w, y + h) == full.image.convert("L").getbbox()  # exact at full size
+    if orientation in (1, 5, 6, 7, 8):  # a frame of the upright size (axes swapped) says: drawn upright, unchanged
+        assert full.box_to_pixels([x, y, w, h], frame=full.full_size) == [x, y, w, h]
+    half = load_image(str(path), max_side=60)
+    assert max(half.image.size) == 60 and half.notes[-1] == "downscaled"
+    assert half.box_to_pixels([10, 20, 40, 20]) == [v / 2 for v in (x, y, w, h)]
+
+
+def test_hostile_and_odd_images_in_the_raw_folder(tmp_path, capsys):
+    """Bomb, truncated, non-image and float images are counted skips; rotated / 16-bit / animated /
+    alpha / CMYK images are used, normalised, with COCO boxes turned with the image; the samples of
+    the other images are all written and preprocess-multimodal reads every file the JSONL names. (about 10 s)"""
+    from PIL import ImageOps
+    from test_multimodal_data import make_tokenizer
+    from wild_images import wild_folder, with_orientation
+
+    from megatron_apriel.data import multimodal as mm
+
+    raw = tmp_path / "raw"
+    files = wild_folder(raw)
+    for i in range(2):
+        draw_blocks(raw / f"blocks{i}.png", i)
+    # an annotated photo stored sideways: boxes on the stored grid (COCO width/height 200 x 160)
+    im = Image.new("RGB", (200, 160), "white")
+    d = ImageDraw.Draw(im)
+    d.rectangle((20, 100, 59, 139), fill="blue")
+    d.rectangle((120, 10, 179, 49), fill="blue")
+    d.ellipse((8, 8, 27, 27), fill="red")
+    with_orientation(raw / "sideways.png", im, 6)
+    coco = {"images": [{"id": 1, "file_name": "sideways.png", "width": 200, "height": 160}],
+            "categories": [{"id": 1, "name": "square", "supercategory": "shape"}, {"id": 2, "name": "circle", "supercategory": "shape"},
+                           {"id": 3, "name": "dog", "supercategory": "animal"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 100, 40, 40], "iscrowd": 0},
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [120, 10, 60, 40], "iscrowd": 0},
+                            {"id": 3, "image_id": 1, "category_id": 2, "bbox": [8, 8, 20, 20], "iscrowd": 0}]}
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("per_image: 4\ntasks:\n  reconstruction: {levels: {easy: {mask_ratio: 0.1, grid: 1}}}\n"
+                   "  presence: {levels: {box: {answer: all_boxes, similar_negatives: false}}}\n"
+                   "  counting: {levels: {few: {min_count: 0, max_count: 5}}}\n")
+    out = tmp_path / "out"
+    argv = ["--images", str(raw), "--annotations", str(tmp_path / "coco.json"), "--config", str(cfg), "--seed", "1"]
+    assert sv.main(argv + ["--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["images"] == 12
+    assert {k: v for k, v in report["skipped"].items() if k.startswith("image_")} == {
+        "image_too_large": 1, "image_truncated": 1, "image_unreadable": 1, "image_mode_unsupported": 1}
+    assert any(e.startswith(str(files["bomb.png"])) for e in report["skipped_images"])
+    assert report["images_normalised"] == {"exif_orientation": 2, "first_frame": 1, "mode_CMYK": 1, "mode_I;16": 1,
+                                           "mode_P": 1, "mode_RGBA": 1}
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    used = ["blocks0.png", "blocks1.png", "sideways.png", "rotated.png", "grey16.png", "animated.gif", "alpha.png", "cmyk.jpg"]
+    assert sorted({r["source"] for r in records}) == sorted(used)
+    assert all(sum(r["source"] == s and r["task"] == "reconstruction" for r in records) == 4 for s in used)
+    # the sideways photo: counts, and every box covers its shape in the upright image
+    with Image.open(raw / "sideways.png") as f:
+        upright = np.asarray(ImageOps.exif_transpose(f).convert("RGB")).astype(int)
+    assert upright.shape[:2] == (200, 160)
+    side = [r for r in records if r["source"] == "sideways.png"]
+    assert {r["answer"]["category"]: r["answer"]["count"] for r in side if r["task"] == "counting"}.items() <= \
+        {"square": 2, "circle": 1, "dog": 0}.items()
+    boxes = [(r["answer"]["category"], b) for r in side if r["task"] == "presence" for b in r["answer"]["boxes"]]
+    assert {c for c, _ in boxes} == {"square", "circle"}
+    for cat, (x0, y0, x1, y1) in boxes:
+        crop = upright[round(y0 * 200 / 1000) : round(y1 * 200 / 1000), round(x0 * 160 / 1000) : round(x1 * 160 / 1000)]
+        colour = np.array([0, 0, 255] if cat == "square" else [255, 0, 0])
+        share = (np.abs(crop - colour).sum(axis=2) < 60).mean()
+        assert share > (0.95 if cat == "square" else 0.7), (cat, share)
+    # every file the JSONL names, originals included, is read by preprocessing as it was here
+    tok = make_tokenizer(tmp_path / "tok")
+    assert mm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(tmp_path / "mm/s"), "--tokenizer-type",
+                    "HuggingFaceTokenizer", "--tokenizer-model", str(tok), "--image-size", "64"]) == 0
+    meta = json.loads((tmp_path / "mm/s_multimodal.json").read_text())
+    assert meta["kept"] == len(records) and meta["skipped"] == 0
+    # --strict: the first unusable image stops the run, exit 2, no output folder
+    capsys.readouterr()
+    assert sv.main(argv + ["--out", str(tmp_path / "strict"), "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bomb.png: image_too_large" in err[0]
+    assert not (tmp_path / "strict").exists() and not list(tmp_path.glob("strict.tmp*"))
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale(tmp_path):
+    """With a working size, a JPEG is decoded by DCT scaling to just above it, then resized; over the
+    pixel budget only a JPEG that fits once reduced is kept. (<0.1 s)"""
+    from megatron_apriel.data.images import ImageError, load_image
+
+    Image.new("RGB", (400, 300), "red").save(tmp_path / "a.jpg")
+    Image.new("RGB", (400, 300), "red").save(tmp_path / "a.png")
+    got = load_image(str(tmp_path / "a.jpg"), target_side=90, max_side=90)
+    assert got.notes == ("jpeg_draft", "downscaled") and got.image.size == (90, 68)
+    assert got.box_to_pixels([0, 0, 400, 300]) == [0, 0, 90, 68]
+    assert load_image(str(tmp_path / "a.png"), max_side=90).notes == ("downscaled",)
+    assert load_image(str(tmp_path / "a.jpg"), max_pixels=10000, target_side=90).image.size == (100, 75)  # 1/4
+    with pytest.raises(ImageError) as e:
+        load_image(str(tmp_path / "a.jpg"), max_pixels=1000, target_side=90)  # 1/4 = 7500 px: still over
+    assert e.value.reason == "image_too_large"
+    with pytest.raises(ImageError) as e:
+        load_image(str(tmp_path / "a.png"), max_pixels=10000)
+    assert e.value.reason == "image_too_large" and "400x300 = 120000 pixels > budget 10000" in str(e.value)

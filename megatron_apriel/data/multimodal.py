@@ -13,7 +13,14 @@ training loop reads for the Pixtral / LLaVA model.
 * ``P_image_refs_document.bin/.idx`` int32, one document per sample: the sample's rows of
   ``P_images`` in placeholder order (empty for text-only samples);
 * ``P_multimodal.json``              the processor settings (patch, image size, mean/std, token
-  ids) and the counts of kept and skipped records with reasons.
+  ids), the counts of kept and skipped records with reasons (with up to 1000 ``file:line``
+  examples) and of stored images per normalisation.
+
+Image files are read by :func:`megatron_apriel.data.images.load_image`: a bad image (missing,
+unreadable, truncated, over ``--max-image-pixels`` from its header, a decompression bomb, an
+unsupported pixel mode, so thin that a side would shrink to 0 pixels) skips its record under that reason; odd but valid ones are normalised
+(EXIF orientation, first frame, RGB conversion, large JPEGs decoded at reduced DCT scale), so one
+hostile file never stops a run and memory is bounded by the pixel budget.
 
 Why the images are stored resized: the number of image tokens is fixed when the sample is written,
 so the pixels must be the ones it was counted for whatever image backend runs at training time.
@@ -51,6 +58,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_apriel.data.images import DEFAULT_MAX_PIXELS, CountedError, count_notes
 from megatron_apriel.data.packing import cu_seqlens_from_lengths, plan_bins
 
 logger = logging.getLogger(__name__)
@@ -106,15 +114,8 @@ class ImageLayout:
                    image_mean=list(self.image_mean), image_std=list(self.image_std))
 
 
-class RecordError(ValueError):
+class RecordError(CountedError):
     """A record that cannot be written; ``reason`` is the counter it goes to."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
-    def __reduce__(self):  # travels back from worker processes
-        return RecordError, (self.reason, str(self))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training length: longer samples are skipped (an image cannot be cut)")
     p.add_argument("--no-bos", action="store_true", help="do not start samples with the tokenizer's BOS")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="most pixels decoded per image, checked from the file header: larger images are skipped as "
+                   "image_too_large (JPEGs are first decoded at 1/2..1/8 scale when that fits)")
     p.add_argument("--workers", type=int, default=1, help="processes that decode, resize and encode images and "
                    "tokenize (output identical for any number)")
     p.add_argument("--log-interval", type=int, default=10000)
@@ -165,29 +169,34 @@ class _Encoder:
         self.placeholder = args.image_placeholder
         self.bos = not args.no_bos
         self.seq_length = args.seq_length
+        self.max_pixels = args.max_image_pixels
         self.cache: dict[str, tuple] = {}
 
     def image(self, path: str) -> tuple:
-        """(realpath, PNG bytes, height, width) of the resized image."""
+        """(realpath, PNG bytes, normalisations, height, width) of the resized image."""
         from PIL import Image
+
+        from megatron_apriel.data.images import ImageError, load_image
 
         key = os.path.realpath(path)
         if key in self.cache:
             return self.cache[key]
-        if not os.path.isfile(path):
-            raise RecordError("image_missing", f"image {path}: no such file")
         try:
-            with Image.open(path) as im:
-                im.load()
-                out = self.proc(im, do_rescale=False, do_normalize=False, do_pad=False)
-        except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for truncated/unknown files
-            raise RecordError("image_unreadable", f"image {path}: {e}") from None
+            loaded = load_image(path, max_pixels=self.max_pixels, target_side=self.layout.image_size)
+        except ImageError as e:
+            raise RecordError(e.reason, f"image {path}: {e}") from None
+        w, h = loaded.image.size
+        ratio = max(w, h) / self.layout.image_size  # PixtralImageProcessor's resize, which fails on a 0 side
+        if ratio > 1 and min(w, h) < ratio:
+            raise RecordError("image_too_thin", f"image {path}: {w}x{h} has a side of 0 pixels at --image-size "
+                              f"{self.layout.image_size}")
+        out = self.proc(loaded.image, do_rescale=False, do_normalize=False, do_pad=False)
         pixels = np.asarray(out["pixel_values"][0], dtype=np.uint8).transpose(1, 2, 0)  # CHW -> HWC
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
         if len(self.cache) >= 64:
             self.cache.clear()
-        self.cache[key] = (key, buf.getvalue(), pixels.shape[0], pixels.shape[1])
+        self.cache[key] = (key, buf.getvalue(), loaded.notes, pixels.shape[0], pixels.shape[1])
         return self.cache[key]
 
     def line(self, line: str, base_dir: str) -> tuple:
@@ -325,6 +334,8 @@ def preprocess(args) -> dict:
 
     if args.image_size % args.patch_size:
         raise SystemExit(f"preprocess-multimodal: --image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.max_image_pixels < 1:
+        raise SystemExit(f"preprocess-multimodal: --max-image-pixels {args.max_image_pixels}: must be positive")
     tokenizer = tokenizer_from_args(args)  # flag errors here, before any worker starts
     layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size, image_token_id=args.image_token_id,
                          image_break_token_id=args.image_break_token_id, image_end_token_id=args.image_end_token_id)
@@ -341,6 +352,7 @@ def preprocess(args) -> dict:
     rows: dict[str, int] = {}  # realpath of an image file -> its row in the images dataset
     counts = {"read": 0, "kept": 0}
     skipped: dict[str, int] = {}
+    normalised: dict[str, int] = {}  # stored images per normalisation (megatron_apriel.data.images)
     examples: list[str] = []
     n_tokens = n_loss = n_image_tokens = n_image_refs = png_bytes = done = 0
     start = time.time()
@@ -357,9 +369,10 @@ def preprocess(args) -> dict:
                     continue
                 tokens, mask, images = res
                 refs = []
-                for key, png, _, _ in images:
+                for key, png, notes, _, _ in images:
                     if key not in rows:
                         rows[key] = len(rows)
+                        count_notes(normalised, notes)
                         data = np.frombuffer(png, dtype=np.uint8)
                         builders[IMAGES_KEY].add_document(data, [len(data)])
                         png_bytes += len(data)
@@ -394,6 +407,8 @@ def preprocess(args) -> dict:
         "skipped_by_reason": dict(sorted(skipped.items())),
         "skipped_records": examples,
         "images": len(rows),
+        "images_normalised": dict(sorted(normalised.items())),
+        "max_image_pixels": args.max_image_pixels,
         "image_refs": n_image_refs,
         "image_png_bytes": png_bytes,
         "tokens": n_tokens,
@@ -426,8 +441,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         raise
     reasons = ", ".join(f"{v} {k}" for k, v in report["skipped_by_reason"].items()) or "none"
+    normalised = ", ".join(f"{v} {k}" for k, v in report["images_normalised"].items()) or "none"
     print(f"preprocess-multimodal: read {report['read']}, kept {report['kept']}, skipped {report['skipped']} "
-          f"({reasons}); {report['images']} images, {report['tokens']} tokens of which {report['image_tokens']} "
+          f"({reasons}); {report['images']} images (normalised: {normalised}), {report['tokens']} tokens of which {report['image_tokens']} "
           f"image and {report['loss_tokens']} trained on; {report['seconds']} s -> {args.output_prefix}_*_document.bin/.idx")
     return 0
 
