@@ -20,6 +20,15 @@ role header and the newline that follows ``<|end|>`` are prompt. An assistant me
 ``reasoning`` (or ``reasoning_content``) field is rendered as its content alone. Tool calls
 (``tool_calls``, OpenAI style) are written as JSON inside ``<tool_calls>...</tool_calls>`` in the
 final response; available tools (``tools=``) are listed in the system turn.
+
+Structure and content are kept apart when tokenizing: a message whose text spells a control token
+(``<|assistant|>``, ``<|end|>``, ``</s>``...; chat logs and documents about chat templates do) must
+not open or close a turn. :func:`encode_chat` encodes through transformers'
+``apply_chat_template(..., sanitize_control_tokens=True)``: control-token strings inside messages,
+tools and template variables become ordinary text tokens, and only the control tokens the template
+writes itself stay control tokens. transformers does not combine that with the assistant mask, so
+the mask is derived here from the same template spans, mapped onto the same token pieces (see
+:func:`_marked_offsets`), and the ids are checked to equal transformers' before they are used.
 """
 
 from __future__ import annotations
@@ -77,6 +86,7 @@ class Rendered:
     tokens: list[int]
     mask: list[int]  # 1 where the token belongs to an assistant turn (the token is trained on)
     text: str
+    content_control_strings: int = 0  # control-token strings in the messages, encoded as text
 
 
 def validate_messages(messages: Any) -> list[dict]:
@@ -120,15 +130,121 @@ def resolve_template(tokenizer, chat_template: str = "apriel") -> str:
 
 def render(tokenizer, messages: Sequence[dict], template: str = APRIEL_CHAT_TEMPLATE,
            tools: Optional[list] = None) -> Rendered:
-    """Tokens and assistant mask of one conversation (``tokenizer``: a transformers fast tokenizer)."""
-    out = tokenizer.apply_chat_template(
-        list(messages),
-        chat_template=template,
-        tools=tools,
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        add_generation_prompt=False,
-    )
-    text = tokenizer.apply_chat_template(list(messages), chat_template=template, tools=tools, tokenize=False)
-    return Rendered(tokens=list(out["input_ids"]), mask=list(out["assistant_masks"]), text=text)
+    """Tokens and assistant mask of one conversation (``tokenizer``: a transformers fast tokenizer);
+    control-token strings inside the messages stay text (see :func:`encode_chat`)."""
+    return encode_chat(tokenizer, messages, template, tools=tools)
+
+
+def control_token_pattern(tokenizer, template: str):
+    """Regex of the strings the tokenizer would read as control tokens in text: its special tokens
+    and the added tokens the template writes (transformers' own choice, ``_get_control_tokens``)."""
+    from transformers.utils.chat_template_utils import _get_control_token_patterns
+
+    return _get_control_token_patterns(tuple(tokenizer._get_control_tokens(template)))[0]
+
+
+def count_control_strings(obj: Any, pattern) -> int:
+    """Occurrences of control-token strings in every string of ``obj`` (messages, tools; keys skipped)."""
+    if isinstance(obj, str):
+        return len(pattern.findall(obj))
+    if isinstance(obj, dict):
+        return sum(count_control_strings(v, pattern) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(count_control_strings(v, pattern) for v in obj)
+    return 0
+
+
+def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optional[list] = None,
+                add_generation_prompt: bool = False) -> Rendered:
+    """Tokens, assistant mask and text of a conversation, content kept apart from structure.
+
+    ``Rendered.content_control_strings`` counts the control-token strings found in the messages and
+    tools (encoded as text). Without any, the sanitizing is a no-op and the conversation goes through
+    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` unchanged.
+    """
+    messages = list(messages)
+    pattern = control_token_pattern(tokenizer, template)
+    n_control = count_control_strings(messages, pattern) + count_control_strings(tools, pattern)
+    common = dict(chat_template=template, tools=tools, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **common)
+    if n_control == 0:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True, **common)
+        return Rendered(tokens=list(out["input_ids"]), mask=list(out["assistant_masks"]), text=text)
+    tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                sanitize_control_tokens=True, **common)["input_ids"])
+    marked, spans = _render_marked(tokenizer, messages, template, tools, add_generation_prompt, pattern)
+    ids, offsets = _marked_offsets(tokenizer, marked)
+    if ids != tokens:  # the piece-wise encoding below must be transformers' own, token for token
+        raise ConversationError("cannot derive the assistant mask of a conversation whose content spells control "
+                                "tokens with this transformers version (its sanitized encoding changed)")
+    return Rendered(tokens=tokens, mask=_overlap_mask(offsets, spans), text=text, content_control_strings=n_control)
+
+
+def _render_marked(tokenizer, messages, template, tools, add_generation_prompt, pattern):
+    """The chat rendered from marked inputs (what ``sanitize_control_tokens`` tokenizes) and the
+    character spans of its ``{% generation %}`` blocks."""
+    from transformers.utils.chat_template_utils import _normalize_chat_messages
+    from transformers.utils.chat_template_utils import mark_control_tokens, render_jinja_template
+
+    # as apply_chat_template: the special-token variables are the template's own, not marked
+    rendered, spans = render_jinja_template(
+        conversations=[mark_control_tokens(_normalize_chat_messages(messages), pattern)],
+        tools=mark_control_tokens(tools, pattern), chat_template=template, return_assistant_tokens_mask=True,
+        add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+    return rendered[0], list(spans[0])
+
+
+def _marked_offsets(tokenizer, marked: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character offsets (into ``marked``) of transformers' ``encode_marked_chat``.
+
+    The same pieces as there: the text between markers is encoded with added tokens matched, a
+    marked control token as plain text, every piece after the first behind a newline that is then
+    removed (so SentencePiece adds no prefix space). Kept in step with transformers by the equality
+    check in :func:`encode_chat`.
+    """
+    from transformers.utils.chat_template_utils import _get_control_token_patterns
+
+    markers = _get_control_token_patterns(tuple(tokenizer.added_tokens_encoder))[1]
+    nl = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+
+    def put(start: int, piece: str, as_text: bool, first: bool) -> None:
+        enc = None
+        if not first:
+            enc = tokenizer("\n" + piece, add_special_tokens=False, split_special_tokens=as_text,
+                            return_offsets_mapping=True)
+            if enc["input_ids"][:len(nl)] == nl:
+                ids.extend(enc["input_ids"][len(nl):])
+                offsets.extend((start + a - 1, start + b - 1) for a, b in enc["offset_mapping"][len(nl):])
+                return
+        enc = tokenizer(piece, add_special_tokens=False, split_special_tokens=as_text, return_offsets_mapping=True)
+        ids.extend(enc["input_ids"])
+        offsets.extend((start + a, start + b) for a, b in enc["offset_mapping"])
+
+    pos, first = 0, True
+    for m in markers.finditer(marked):
+        if marked[pos:m.start()] or first:
+            put(pos, marked[pos:m.start()], False, first)
+        first = False
+        if m.group(1):
+            put(m.start(1), m.group(1), True, False)
+        pos = m.end()
+    if marked[pos:] or first:
+        put(pos, marked[pos:], False, first)
+    return ids, offsets
+
+
+def _overlap_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[int]:
+    """1 for every token whose characters overlap a span (transformers' rule for the assistant mask)."""
+    mask = [0] * len(offsets)
+    k = 0
+    for i, (a, b) in enumerate(offsets):
+        while k < len(spans) and a >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if b > spans[k][0]:
+            mask[i] = 1
+    return mask

@@ -8,7 +8,11 @@ assistant-token mask from the template's ``{% generation %}`` blocks, and writes
 
 * ``<prefix>_tokens_document.bin/.idx``   token ids (uint16 or int32 by vocabulary size);
 * ``<prefix>_loss_mask_document.bin/.idx`` one uint8 per token: 1 = assistant token (trained on);
-* ``<prefix>_report.json``                counts of kept, truncated and skipped conversations.
+* ``<prefix>_report.json``                counts of kept, truncated and skipped conversations, and of
+  the conversations whose text spells control tokens (kept, that text encoded as ordinary text).
+
+Malformed records are counted and skipped (each named in the report) unless ``--strict`` is given,
+as in ``preprocess_data.py`` and ``preprocess-multimodal``.
 
 Input records: ``{"messages": [{"role": "system|user|assistant|tool", "content": "...",
 "reasoning": "..."(optional)}], "tools": [...] (optional), "id": ... (optional)}``.
@@ -58,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=None,
                    help="training length; longer conversations are dropped or truncated (--overlong)")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip (and count) malformed records instead of stopping at the first one")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first malformed record (default: count it, name it in the report, go on)")
+    p.add_argument("--skip-bad", action="store_true", help="the default; kept for older command lines")
     p.add_argument("--subset-fraction", type=float, default=None,
                    help="keep this fraction of the records, stratified by --stratify-key (Apriel-1.5's 25%% run)")
     p.add_argument("--stratify-key", default="source",
@@ -122,7 +127,7 @@ def preprocess(args) -> dict:
     if args.subset_fraction is not None:
         subset = stratified_subset(args.input, args.stratify_key, args.subset_fraction, args.seed)
     counts = {"not_in_subset": 0, "read": 0, "kept": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_loss_tokens": 0,
-              "skipped_bad": 0}
+              "skipped_bad": 0, "with_control_token_text": 0, "control_token_strings": 0}
     skipped: list[str] = []
     n_tokens = n_loss = 0
     start = time.time()
@@ -145,12 +150,15 @@ def preprocess(args) -> dict:
                         r = render(tokenizer, messages, template, tools=record.get("tools"))
                     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
                         where = f"{path}:{lineno}"
-                        if not args.skip_bad:
+                        if args.strict:
                             raise SystemExit(f"preprocess-sft: {where}: {e}") from None
                         counts["skipped_bad"] += 1
                         skipped.append(f"{where}: {e}")
                         continue
                     tokens, mask = r.tokens, r.mask
+                    if r.content_control_strings:  # kept: that text is encoded as text (see chat_template)
+                        counts["with_control_token_text"] += 1
+                        counts["control_token_strings"] += r.content_control_strings
                     if max_tokens is not None and len(tokens) > max_tokens:
                         if args.overlong == "drop":
                             counts["dropped_overlong"] += 1
@@ -222,6 +230,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         + (f"{report['not_in_subset']} left out of the stratified subset; " if args.subset_fraction else "")
         + f"{100 * report['loss_token_fraction']:.1f}% trained on -> {args.output_prefix}_*_document.bin/.idx"
     )
+    if report["with_control_token_text"]:
+        print(f"preprocess-sft: {report['with_control_token_text']} conversations spell control tokens in their "
+              f"text ({report['control_token_strings']} strings), encoded as ordinary text")
     return 0
 
 
