@@ -1,7 +1,8 @@
 """``apriel generate``: a quick look at an HF checkpoint (e.g. a converted one) with transformers.
 
 Greedy by default; ``--temperature``/``--top-p`` sample. ``--chat`` renders each prompt as a user
-turn through the tokenizer's chat template (``--chat-template apriel`` to use the Apriel one).
+turn through the tokenizer's chat template (``--chat-template apriel`` to use the Apriel one); text
+in the prompt or system message that spells a control token is encoded as text.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_apriel.data.chat_template import encode_prompts
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
@@ -58,8 +61,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": prompt}]
-            ids = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]
+            ids = encode_prompts(tok, [messages], template)["input_ids"]  # text spelling <|end|> stays text
         else:
             ids = tok(prompt, return_tensors="pt").input_ids
         ids = ids.to(device)

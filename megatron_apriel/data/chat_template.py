@@ -135,6 +135,22 @@ def render(tokenizer, messages: Sequence[dict], template: str = APRIEL_CHAT_TEMP
     return encode_chat(tokenizer, messages, template, tools=tools)
 
 
+# Passed to every apply_chat_template that encodes prompts (ours, and TRL's through its
+# ``chat_template_kwargs``): text in a message that spells a control token is encoded as text.
+SANITIZE = {"sanitize_control_tokens": True}
+
+
+def encode_prompts(tokenizer, prompts: Sequence, template: Optional[str] = None):
+    """Left-padded ``input_ids``/``attention_mask`` (torch) of generation prompts: a message list is
+    rendered with ``template`` (default: the tokenizer's) and the generation prompt, its text's
+    control-token strings kept as text; a string is taken as already rendered and encoded as it is.
+    What ``apriel generate``, the evaluation and GRPO's pass-rate filter feed to ``generate``."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else
+           tokenizer.apply_chat_template(list(p), chat_template=template, add_generation_prompt=True, **SANITIZE)["input_ids"]
+           for p in prompts]
+    return tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
+
+
 def control_token_pattern(tokenizer, template: str):
     """Regex of the strings the tokenizer would read as control tokens in text: its special tokens
     and the added tokens the template writes (transformers' own choice, ``_get_control_tokens``)."""

@@ -13,7 +13,9 @@ training loop reads for the Pixtral / LLaVA model.
 * ``P_image_refs_document.bin/.idx`` int32, one document per sample: the sample's rows of
   ``P_images`` in placeholder order (empty for text-only samples);
 * ``P_multimodal.json``              the processor settings (patch, image size, mean/std, token
-  ids) and the counts of kept and skipped records with reasons.
+  ids) and the counts of kept and skipped records with reasons, and of the records whose text spells
+  control tokens (kept: prompt, response and text are encoded with control-token strings read as
+  ordinary text, ``Tokenizer.encode_text``, so ``</s>`` or ``[IMG]`` in a caption stays a caption).
 
 Why the images are stored resized: the number of image tokens is fixed when the sample is written,
 so the pixels must be the ones it was counted for whatever image backend runs at training time.
@@ -43,6 +45,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -166,6 +169,8 @@ class _Encoder:
         self.bos = not args.no_bos
         self.seq_length = args.seq_length
         self.cache: dict[str, tuple] = {}
+        tokens = sorted(self.tokenizer.control_tokens, key=len, reverse=True)
+        self.control = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
 
     def image(self, path: str) -> tuple:
         """(realpath, PNG bytes, height, width) of the resized image."""
@@ -197,11 +202,12 @@ class _Encoder:
             raise RecordError("bad_json", f"bad JSON ({e})") from None
         tokens, mask, images = encode_record(record, base_dir, self.tokenizer, self.layout, self.image,
                                              self.placeholder, bos=self.bos)
+        n_control = sum(len(self.control.findall(record[k])) for k in ("text", "prompt", "response") if k in record)
         if self.seq_length is not None and len(tokens) > self.seq_length + 1:
             raise RecordError("overlong", f"{len(tokens)} tokens > --seq-length {self.seq_length} + 1")
         if not mask[1:].any():
             raise RecordError("no_loss_tokens", "no token to train on")
-        return tokens, mask, images
+        return tokens, mask, images, n_control
 
 
 def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, load_image,
@@ -243,14 +249,14 @@ def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, load_im
     if bos and tokenizer.bos is not None:
         put([tokenizer.bos], 0)
     for i, piece in enumerate(pieces):
-        ids = tokenizer.encode(piece) if piece else []
+        ids = tokenizer.encode_text(piece) if piece else []
         if layout.token_ids.intersection(ids):
             raise RecordError("image_token_in_text", "text encodes to an image token id (a literal special token?)")
         put(ids, text_loss)
         if i < len(images):
             put(layout.image_tokens(*images[i][-2:]), 0)
     if response is not None:
-        ids = tokenizer.encode(response)
+        ids = tokenizer.encode_text(response)
         if layout.token_ids.intersection(ids):
             raise RecordError("image_token_in_text", "response encodes to an image token id")
         put(ids, 1)
@@ -339,7 +345,7 @@ def preprocess(args) -> dict:
         REFS_KEY: IndexedDatasetBuilder(tmp[REFS_KEY] + ".bin", dtype=np.int32),
     }
     rows: dict[str, int] = {}  # realpath of an image file -> its row in the images dataset
-    counts = {"read": 0, "kept": 0}
+    counts = {"read": 0, "kept": 0, "with_control_token_text": 0, "control_token_strings": 0}
     skipped: dict[str, int] = {}
     examples: list[str] = []
     n_tokens = n_loss = n_image_tokens = n_image_refs = png_bytes = done = 0
@@ -355,7 +361,9 @@ def preprocess(args) -> dict:
                     if len(examples) < 1000:
                         examples.append(f"{where}: {res}")
                     continue
-                tokens, mask, images = res
+                tokens, mask, images, n_control = res
+                counts["with_control_token_text"] += n_control > 0
+                counts["control_token_strings"] += n_control
                 refs = []
                 for key, png, _, _ in images:
                     if key not in rows:
@@ -429,6 +437,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"preprocess-multimodal: read {report['read']}, kept {report['kept']}, skipped {report['skipped']} "
           f"({reasons}); {report['images']} images, {report['tokens']} tokens of which {report['image_tokens']} "
           f"image and {report['loss_tokens']} trained on; {report['seconds']} s -> {args.output_prefix}_*_document.bin/.idx")
+    if report["with_control_token_text"]:
+        print(f"preprocess-multimodal: {report['with_control_token_text']} records spell control tokens in their text "
+              f"({report['control_token_strings']} strings), encoded as ordinary text")
     return 0
 
 

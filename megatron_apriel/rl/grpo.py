@@ -14,6 +14,11 @@ Prompt file (JSONL), one record per line::
     {"prompt": [...], "domain": "tools", "tools": [...], "expected_call": {...}}
     {"prompt": [...], "domain": "instructions", "checks": [{"type": "max_words", "value": 50}]}
 
+A conversational prompt is rendered with the chat template and encoded with transformers'
+``sanitize_control_tokens=True``, by the pass-rate filter and (through ``chat_template_kwargs``) by
+TRL itself: text in a message that spells a control token (``<|end|>``, ``<|assistant|>``) stays
+text, so a prompt cannot open or close turns. A string prompt is taken as already rendered.
+
 Checkpoints are HF model directories (``out_dir/checkpoint-N``) taken every ``grpo.save_steps``
 and all kept, for the recipe's merges (``apriel average``); the final model is ``out_dir/final``.
 """
@@ -29,6 +34,7 @@ import sys
 import time
 
 from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
+from megatron_apriel.data.chat_template import SANITIZE, encode_prompts
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 
@@ -174,14 +180,10 @@ def rollout_successes(model, tokenizer, records: list[dict], cfg: GRPORunConfig)
     f, g = cfg.filter, cfg.grpo
     successes = []
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
     bar = tqdm(total=len(records), desc="pass-rate rollouts", unit="prompt")
     for i in range(0, len(records), f.batch_prompts):
         batch = records[i:i + f.batch_prompts]
-        texts = [r["prompt"] if isinstance(r["prompt"], str) else
-                 tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                 for r in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = encode_prompts(tokenizer, [r["prompt"] for r in batch]).to(device)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p,
                                  max_new_tokens=g.max_completion_length, num_return_sequences=f.num_rollouts,
@@ -245,7 +247,7 @@ def build_grpo_config(cfg: GRPORunConfig):
         save_total_limit=None, save_only_model=g.save_only_model, logging_steps=g.logging_steps,
         bf16=bf16, fp16=False, use_cpu=not on_gpu, gradient_checkpointing=g.gradient_checkpointing,
         report_to=[] if g.report_to in ("", "none") else [g.report_to], seed=g.seed, use_vllm=use_vllm,
-        remove_unused_columns=False,
+        remove_unused_columns=False, chat_template_kwargs=dict(SANITIZE),
     )
     if use_vllm:
         kwargs.update(vllm_mode=g.vllm_mode, vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
