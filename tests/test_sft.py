@@ -431,3 +431,26 @@ def test_tiny_sft_config_trains(sft_prefix, dist_world_of_one, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "step 2/2" in out
+
+
+def test_templates_without_generation_blocks_get_the_same_masks(hf_tokenizer):
+    """The incremental derivation (turn i = what rendering messages[:i+1] adds to messages[:i] with
+    the generation prompt) on the Apriel template without its {% generation %} tags gives the masks
+    the tags give, with and without control-token text; a template that re-renders history
+    differently is refused naming the turn."""
+    from megatron_apriel.data.chat_template import ConversationError, encode_chat
+
+    _, tok = hf_tokenizer
+    untagged = APRIEL_CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    assert "generation" not in untagged.replace("add_generation_prompt", "")
+    for conv in [*CONVERSATIONS, INJECTED]:
+        tools = TOOLS if conv is INJECTED else _tools(conv)
+        tagged, plain = encode_chat(tok, conv, APRIEL_CHAT_TEMPLATE, tools=tools), encode_chat(tok, conv, untagged, tools=tools)
+        assert (plain.tokens, plain.mask, plain.text) == (tagged.tokens, tagged.mask, tagged.text)
+        assert sum(plain.mask) > 0
+    # history without reasoning (as the released Thinker templates render past turns)
+    history_without_reasoning = untagged.replace("{%- if reasoning %}", "{%- if reasoning and loop.last %}")
+    with pytest.raises(ConversationError, match=r"messages\[2\]: .*later messages"):
+        encode_chat(tok, CONVERSATIONS[0], history_without_reasoning)
+    assert encode_chat(tok, CONVERSATIONS[0][:3], history_without_reasoning).mask == \
+        encode_chat(tok, CONVERSATIONS[0][:3], APRIEL_CHAT_TEMPLATE).mask

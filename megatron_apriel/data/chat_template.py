@@ -6,6 +6,9 @@ inside ``{% generation %}`` blocks: transformers then reports the character span
 turn while rendering and maps it onto tokens through the fast tokenizer's offsets
 (``return_assistant_tokens_mask``). The loss mask therefore comes from the template's structure,
 never from searching decoded text, and any HF template with generation blocks works the same way.
+A template without them (the released models' templates) is rendered incrementally instead: an
+assistant turn is what it adds to the conversation before it plus the generation prompt (see
+:func:`assistant_spans`); on the Apriel template both derivations give the same mask.
 
 Layout (RECIPE.md)::
 
@@ -33,6 +36,7 @@ the mask is derived here from the same template spans, mapped onto the same toke
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -110,7 +114,8 @@ def validate_messages(messages: Any) -> list[dict]:
 
 
 def resolve_template(tokenizer, chat_template: str = "apriel") -> str:
-    """'apriel' -> the template above; 'tokenizer' -> the tokenizer's own; else a path to a .jinja file."""
+    """'apriel' -> the template above; 'tokenizer' -> the tokenizer's own; else a path to a .jinja file
+    (with or without {% generation %} blocks, see :func:`assistant_spans`)."""
     if chat_template == "apriel":
         return APRIEL_CHAT_TEMPLATE
     if chat_template == "tokenizer":
@@ -120,12 +125,7 @@ def resolve_template(tokenizer, chat_template: str = "apriel") -> str:
     else:
         with open(chat_template, encoding="utf-8") as f:
             template = f.read()
-    if "{% generation" not in template and "{%- generation" not in template:
-        raise ConversationError(
-            f"chat template {chat_template!r} has no {{% generation %}} block: the assistant mask "
-            "cannot be derived from it; mark assistant turns with {% generation %}...{% endgeneration %}"
-        )
-    return template
+    return template  # without {% generation %} blocks the mask comes from incremental renders
 
 
 def render(tokenizer, messages: Sequence[dict], template: str = APRIEL_CHAT_TEMPLATE,
@@ -174,22 +174,23 @@ def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optio
                 add_generation_prompt: bool = False) -> Rendered:
     """Tokens, assistant mask and text of a conversation, content kept apart from structure.
 
-    ``Rendered.content_control_strings`` counts the control-token strings found in the messages and
-    tools (encoded as text). Without any, the sanitizing is a no-op and the conversation goes through
-    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` unchanged.
+    The mask covers the assistant spans of :func:`assistant_spans`. ``Rendered.content_control_strings``
+    counts the control-token strings found in the messages and tools (encoded as text). Without any,
+    the sanitizing is a no-op: the rendered string is tokenized as ``apply_chat_template`` does.
     """
     messages = list(messages)
     pattern = control_token_pattern(tokenizer, template)
     n_control = count_control_strings(messages, pattern) + count_control_strings(tools, pattern)
-    common = dict(chat_template=template, tools=tools, add_generation_prompt=add_generation_prompt)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, **common)
     if n_control == 0:
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True, **common)
-        return Rendered(tokens=list(out["input_ids"]), mask=list(out["assistant_masks"]), text=text)
-    tokens = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                                sanitize_control_tokens=True, **common)["input_ids"])
-    marked, spans = _render_marked(tokenizer, messages, template, tools, add_generation_prompt, pattern)
+        text, spans = assistant_spans(tokenizer, messages, template, tools, add_generation_prompt)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return Rendered(tokens=list(enc["input_ids"]), mask=_overlap_mask(enc["offset_mapping"], spans), text=text)
+    text = tokenizer.apply_chat_template(messages, chat_template=template, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
+    tokens = list(tokenizer.apply_chat_template(messages, chat_template=template, tools=tools, tokenize=True,
+                                                return_dict=True, add_generation_prompt=add_generation_prompt,
+                                                **SANITIZE)["input_ids"])
+    marked, spans = assistant_spans(tokenizer, messages, template, tools, add_generation_prompt, mark=pattern)
     ids, offsets = _marked_offsets(tokenizer, marked)
     if ids != tokens:  # the piece-wise encoding below must be transformers' own, token for token
         raise ConversationError("cannot derive the assistant mask of a conversation whose content spells control "
@@ -197,18 +198,53 @@ def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optio
     return Rendered(tokens=tokens, mask=_overlap_mask(offsets, spans), text=text, content_control_strings=n_control)
 
 
-def _render_marked(tokenizer, messages, template, tools, add_generation_prompt, pattern):
-    """The chat rendered from marked inputs (what ``sanitize_control_tokens`` tokenizes) and the
-    character spans of its ``{% generation %}`` blocks."""
-    from transformers.utils.chat_template_utils import _normalize_chat_messages
-    from transformers.utils.chat_template_utils import mark_control_tokens, render_jinja_template
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-    # as apply_chat_template: the special-token variables are the template's own, not marked
-    rendered, spans = render_jinja_template(
-        conversations=[mark_control_tokens(_normalize_chat_messages(messages), pattern)],
-        tools=mark_control_tokens(tools, pattern), chat_template=template, return_assistant_tokens_mask=True,
-        add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
-    return rendered[0], list(spans[0])
+
+def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: Optional[list] = None,
+                    add_generation_prompt: bool = False, mark=None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (what is trained on).
+
+    A template with ``{% generation %}`` blocks says where they are while rendering. Any other
+    template (the released models' ones) is rendered incrementally: assistant turn i is what
+    rendering ``messages[:i+1]`` adds to ``messages[:i]`` with the generation prompt, up to its last
+    non-blank character (what the template writes after the turn's end token separates turns; the
+    model stops before it). Both renders must extend the previous text, else the turn has no
+    well-defined span and a ConversationError names it. ``mark``: a control-token pattern; the
+    inputs are marked as ``sanitize_control_tokens`` marks them and the spans index that string.
+    """
+    from transformers.utils.chat_template_utils import (_normalize_chat_messages, mark_control_tokens,
+                                                        render_jinja_template)
+
+    chat = _normalize_chat_messages(list(messages))
+    if mark is not None:
+        chat, tools = mark_control_tokens(chat, mark), mark_control_tokens(tools, mark)
+
+    def rendered(msgs, gen_prompt: bool, generation_spans: bool = False):
+        # as apply_chat_template: the special-token variables are the template's own, never marked
+        out = render_jinja_template(conversations=[msgs], tools=tools, chat_template=template,
+                                    return_assistant_tokens_mask=generation_spans, add_generation_prompt=gen_prompt,
+                                    **tokenizer.special_tokens_map)
+        return out[0][0], (list(out[1][0]) if generation_spans else None)
+
+    if GENERATION_BLOCK.search(template):
+        return rendered(chat, add_generation_prompt, generation_spans=True)
+    text = rendered(chat, add_generation_prompt)[0]
+    spans = []
+    for i, m in enumerate(chat):
+        if m.get("role") != "assistant":
+            continue
+        prompt = rendered(chat[:i], True)[0]
+        turn = rendered(chat[:i + 1], False)[0]
+        if not turn.startswith(prompt):
+            raise ConversationError(f"messages[{i}]: the chat template does not render this assistant turn as an "
+                                    "extension of the generation prompt before it, so its span is undefined")
+        if not text.startswith(turn):
+            raise ConversationError(f"messages[{i}]: the chat template renders this assistant turn differently once "
+                                    "later messages follow (e.g. history without reasoning); train on conversations "
+                                    "that end at this turn")
+        spans.append((len(prompt), len(turn.rstrip())))
+    return text, spans
 
 
 def _marked_offsets(tokenizer, marked: str) -> tuple[list[int], list[tuple[int, int]]]:

@@ -3,7 +3,8 @@ packed torch Dataset the training loop reads.
 
 ``apriel preprocess-sft`` (``tools/preprocess_sft.py``) renders every conversation with a chat
 template (the Apriel one by default, see :mod:`megatron_apriel.data.chat_template`), takes the
-assistant-token mask from the template's ``{% generation %}`` blocks, and writes two aligned
+assistant-token mask from the template's ``{% generation %}`` blocks (or, for a template without them,
+from incremental renders of the conversation), and writes two aligned
 ``IndexedDataset`` s with megatron-core's ``IndexedDatasetBuilder``:
 
 * ``<prefix>_tokens_document.bin/.idx``   token ids (uint16 or int32 by vocabulary size);
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", required=True, help="HF tokenizer directory (fast tokenizer)")
     p.add_argument("--chat-template", default="apriel",
-                   help="'apriel' (default), 'tokenizer' (the tokenizer's own) or a .jinja file; "
-                        "it must mark assistant turns with {%% generation %%}")
+                   help="'apriel' (default), 'tokenizer' (the tokenizer's own) or a .jinja file; assistant "
+                        "turns come from its {%% generation %%} blocks, or without them from incremental renders")
     p.add_argument("--seq-length", type=int, default=None,
                    help="training length; longer conversations are dropped or truncated (--overlong)")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
