@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE, ROLE_TOKENS, render
+from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE, ROLE_TOKENS, ConversationError, render
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -438,7 +438,7 @@ def test_templates_without_generation_blocks_get_the_same_masks(hf_tokenizer):
     the generation prompt) on the Apriel template without its {% generation %} tags gives the masks
     the tags give, with and without control-token text; a template that re-renders history
     differently is refused naming the turn."""
-    from megatron_apriel.data.chat_template import ConversationError, encode_chat
+    from megatron_apriel.data.chat_template import encode_chat
 
     _, tok = hf_tokenizer
     untagged = APRIEL_CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
@@ -454,3 +454,50 @@ def test_templates_without_generation_blocks_get_the_same_masks(hf_tokenizer):
         encode_chat(tok, CONVERSATIONS[0], history_without_reasoning)
     assert encode_chat(tok, CONVERSATIONS[0][:3], history_without_reasoning).mask == \
         encode_chat(tok, CONVERSATIONS[0][:3], APRIEL_CHAT_TEMPLATE).mask
+
+
+def test_apriel_nemotron_format_renders_the_released_layout(hf_tokenizer):
+    """--chat-template apriel-nemotron: built-in system prompt + the user's system text, a generation
+    prompt that starts the reasoning, history as final responses only, tool calls and results."""
+    from megatron_apriel.data.chat_template import (APRIEL_NEMOTRON_CHAT_TEMPLATE, NEMOTRON_SYSTEM_PROMPT,
+                                                    encode_chat, resolve_template)
+
+    _, tok = hf_tokenizer
+    t = resolve_template(tok, "apriel-nemotron")
+    assert t == APRIEL_NEMOTRON_CHAT_TEMPLATE and NEMOTRON_SYSTEM_PROMPT.startswith("You are a thoughtful and systematic")
+
+    def text(conv, gen=False):
+        return tok.apply_chat_template(conv, chat_template=t, tokenize=False, add_generation_prompt=gen, tools=_tools(conv))
+
+    head = "<s><|system|>\n" + NEMOTRON_SYSTEM_PROMPT
+    q = [{"role": "user", "content": "What is 6 times 7?"}]
+    assert text(q, gen=True) == head + "\n<|end|>\n<|user|>\nWhat is 6 times 7?\n<|end|>\n<|assistant|>\nHere are my reasoning steps:\n"
+    assert text(CONVERSATIONS[0][:2], gen=True).startswith(head + "You are a careful solver.\n<|end|>\n<|user|>\n")
+    assert text(CONVERSATIONS[0][:3]).endswith(
+        "<|assistant|>\nHere are my reasoning steps:\n6 * 7 = 42, checking: 7 * 6 = 42.\n[BEGIN FINAL RESPONSE]\n42\n"
+        "[END FINAL RESPONSE]\n<|end|>\n")
+    # history without reasoning: the earlier assistant turn is its final response only
+    assert text(CONVERSATIONS[0], gen=False) == (
+        head + "You are a careful solver.\n<|end|>\n<|user|>\nWhat is 6 times 7?\n<|end|>\n<|assistant|>\n42\n<|end|>\n"
+        "<|user|>\nAnd 2 + 2?\n<|end|>\n<|assistant|>\n4\n<|end|>\n")
+    tools_conv = CONVERSATIONS[1]
+    assert text(tools_conv) == (
+        head + "\n\nAvailable tools:\n" + json.dumps(TOOLS) + "\n<|end|>\n<|user|>\nWeather in Paris?\n<|end|>\n"
+        "<|assistant|>\n\n<tool_calls>" + json.dumps(tools_conv[1]["tool_calls"]) + "</tool_calls>\n<|end|>\n"
+        "<|tool_result|>\n{\"temp\": 21}\n<|end|>\n<|assistant|>\nHere are my reasoning steps:\nThe tool says 21.\n"
+        "[BEGIN FINAL RESPONSE]\nIt is 21 degrees.\n[END FINAL RESPONSE]\n<|end|>\n")
+    # masks: the turn from after the generation prompt through <|end|> (incremental derivation)
+    for conv in (CONVERSATIONS[0][:3], [*q, {"role": "assistant", "content": "42", "reasoning": "<|end|> 6*7"}]):
+        r = encode_chat(tok, conv, t, tools=_tools(conv))
+        assert tok.decode(r.tokens) == r.text == text(conv)
+        prompt_ids = encode_chat(tok, conv[:-1], t, tools=_tools(conv), add_generation_prompt=True).tokens
+        assert r.tokens[:len(prompt_ids)] == prompt_ids
+        n_end = len(r.tokens) - 1  # the final "\n" after <|end|> is not trained on
+        assert r.mask == [0] * len(prompt_ids) + [1] * (n_end - len(prompt_ids)) + [0]
+        assert r.tokens[n_end - 1] == tok.convert_tokens_to_ids("<|end|>")
+    # earlier assistant turns are rendered differently once followed (reasoning dropped) or do not
+    # start with the reasoning the generation prompt opens: no single span, the turn is named
+    with pytest.raises(ConversationError, match=r"messages\[2\]: .*later messages"):
+        encode_chat(tok, CONVERSATIONS[0], t)
+    with pytest.raises(ConversationError, match=r"messages\[1\]: .*extension of the generation prompt"):
+        encode_chat(tok, tools_conv, t, tools=TOOLS)

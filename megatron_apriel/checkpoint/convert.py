@@ -598,11 +598,11 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
 
 
 def read_chat_template(chat_template: Optional[str]) -> Optional[str]:
-    """``apriel`` -> the Apriel template; a path -> that file's text; None -> None."""
-    if chat_template == "apriel":
-        from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+    """A template name (``apriel``, ``apriel-nemotron``) -> that template; a path -> that file's text; None -> None."""
+    from megatron_apriel.data.chat_template import CHAT_TEMPLATES
 
-        return APRIEL_CHAT_TEMPLATE
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
     return Path(chat_template).read_text(encoding="utf-8") if chat_template else None
 
 
@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--preset", default=None, help=f"default: {MODEL_META} beside the checkpoint")
     b.add_argument("--tokenizer", default=None, help="default: the tokenizer stored at conversion")
-    b.add_argument("--chat-template", default=None, help="'apriel' or a .jinja file")
+    b.add_argument("--chat-template", default=None, help="'apriel', 'apriel-nemotron' or a .jinja file")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
     b.add_argument("--force", action="store_true")

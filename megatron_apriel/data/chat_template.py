@@ -42,6 +42,34 @@ from typing import Any, Optional, Sequence
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool_result|>", "<|end|>")
 
+# Fragments both templates share: user and tool turns, and an assistant answer (reasoning when
+# ``reasoning`` is set, the content, tool calls, the final-response markers).
+_USER_AND_TOOL_TURNS = (
+    "{%- elif message['role'] == 'user' %}"
+    "{{ '<|user|>\\n' + message['content'] + '\\n<|end|>\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{ '<|tool_result|>\\n' + message['content'] + '\\n<|end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\\n' }}"
+)
+_REASONING = "{%- set reasoning = message.get('reasoning') or message.get('reasoning_content') %}"
+_ANSWER = (
+    "{%- if reasoning %}"
+    "{{ 'Here are my reasoning steps:\\n' + reasoning + '\\n[BEGIN FINAL RESPONSE]\\n' }}"
+    "{%- endif %}"
+    "{{ message['content'] or '' }}"
+    "{%- if message.get('tool_calls') %}"
+    "{{ '\\n<tool_calls>' }}{{ message['tool_calls'] | tojson }}{{ '</tool_calls>' }}"
+    "{%- endif %}"
+    "{%- if reasoning %}{{ '\\n[END FINAL RESPONSE]' }}{% endif %}"
+)
+_UNKNOWN_ROLE_AND_END = (
+    "{%- else %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+)
+
 APRIEL_CHAT_TEMPLATE = (
     "{%- if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
     "{%- if tools %}"
@@ -52,31 +80,44 @@ APRIEL_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}"
     "{%- if not tools %}{{ '<|system|>\\n' + message['content'] + '\\n<|end|>\\n' }}{% endif %}"
-    "{%- elif message['role'] == 'user' %}"
-    "{{ '<|user|>\\n' + message['content'] + '\\n<|end|>\\n' }}"
-    "{%- elif message['role'] == 'tool' %}"
-    "{{ '<|tool_result|>\\n' + message['content'] + '\\n<|end|>\\n' }}"
-    "{%- elif message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>\\n' }}"
-    "{%- generation %}"
-    "{%- set reasoning = message.get('reasoning') or message.get('reasoning_content') %}"
-    "{%- if reasoning %}"
-    "{{ 'Here are my reasoning steps:\\n' + reasoning + '\\n[BEGIN FINAL RESPONSE]\\n' }}"
-    "{%- endif %}"
-    "{{ message['content'] or '' }}"
-    "{%- if message.get('tool_calls') %}"
-    "{{ '\\n<tool_calls>' }}{{ message['tool_calls'] | tojson }}{{ '</tool_calls>' }}"
-    "{%- endif %}"
-    "{%- if reasoning %}{{ '\\n[END FINAL RESPONSE]' }}{% endif %}"
-    "{{ '\\n<|end|>' }}"
-    "{%- endgeneration %}"
-    "{{ '\\n' }}"
-    "{%- else %}"
-    "{{ raise_exception('unknown role: ' + message['role']) }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+    + _USER_AND_TOOL_TURNS
+    + "{%- generation %}" + _REASONING + _ANSWER + "{{ '\\n<|end|>' }}{%- endgeneration %}{{ '\\n' }}"
+    + _UNKNOWN_ROLE_AND_END
+    + "{%- if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
+
+# The released Apriel-Nemotron-15B-Thinker's format, written from its model card and public inference
+# code: a built-in system prompt that the user's system text is appended to, a generation prompt that
+# already starts the reasoning, and past assistant turns carried as their final response only. The
+# reasoning of the last assistant turn (the one a training sample ends with) is rendered in full, so
+# it is an extension of the generation prompt; a conversation with reasoning in earlier turns has no
+# single rendering and SFT refuses it naming the turn (train on conversations ending at each turn).
+# Not compared here with the released tokenizer_config's template file; tools are listed as in the
+# Apriel template above.
+NEMOTRON_SYSTEM_PROMPT = (
+    "You are a thoughtful and systematic AI assistant built by ServiceNow Language Models (SLAM) lab. Before "
+    "providing an answer, analyze the problem carefully and present your reasoning step by step. After explaining "
+    "your thought process, provide the final solution in the following format: [BEGIN FINAL RESPONSE] ... "
+    "[END FINAL RESPONSE]."
+)
+
+APRIEL_NEMOTRON_CHAT_TEMPLATE = (
+    "{%- if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
+    "{%- set sys = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' %}"
+    "{{ '<|system|>\\n" + NEMOTRON_SYSTEM_PROMPT + "' }}{{ sys }}"
+    "{%- if tools %}{{ '\\n\\nAvailable tools:\\n' }}{{ tools | tojson }}{% endif %}"
+    "{{ '\\n<|end|>\\n' }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- if not loop.first %}{{ raise_exception('a system message must come first') }}{% endif %}"
+    + _USER_AND_TOOL_TURNS
+    + _REASONING + "{%- set reasoning = reasoning if loop.last else '' %}" + _ANSWER + "{{ '\\n<|end|>\\n' }}"
+    + _UNKNOWN_ROLE_AND_END
+    + "{%- if add_generation_prompt %}{{ '<|assistant|>\\nHere are my reasoning steps:\\n' }}{% endif %}"
+)
+
+# --chat-template names (everything else is a path to a .jinja file, or 'tokenizer')
+CHAT_TEMPLATES = {"apriel": APRIEL_CHAT_TEMPLATE, "apriel-nemotron": APRIEL_NEMOTRON_CHAT_TEMPLATE}
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -114,10 +155,10 @@ def validate_messages(messages: Any) -> list[dict]:
 
 
 def resolve_template(tokenizer, chat_template: str = "apriel") -> str:
-    """'apriel' -> the template above; 'tokenizer' -> the tokenizer's own; else a path to a .jinja file
+    """A name of CHAT_TEMPLATES; 'tokenizer' -> the tokenizer's own; else a path to a .jinja file
     (with or without {% generation %} blocks, see :func:`assistant_spans`)."""
-    if chat_template == "apriel":
-        return APRIEL_CHAT_TEMPLATE
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
     if chat_template == "tokenizer":
         if not getattr(tokenizer, "chat_template", None):
             raise ConversationError("the tokenizer has no chat_template; use --chat-template apriel")
@@ -238,7 +279,8 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: O
         turn = rendered(chat[:i + 1], False)[0]
         if not turn.startswith(prompt):
             raise ConversationError(f"messages[{i}]: the chat template does not render this assistant turn as an "
-                                    "extension of the generation prompt before it, so its span is undefined")
+                                    "extension of the generation prompt before it, so its span is undefined (a turn without the "
+                                    "reasoning that the generation prompt starts?)")
         if not text.startswith(turn):
             raise ConversationError(f"messages[{i}]: the chat template renders this assistant turn differently once "
                                     "later messages follow (e.g. history without reasoning); train on conversations "

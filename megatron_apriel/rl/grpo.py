@@ -34,7 +34,7 @@ import sys
 import time
 
 from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
-from megatron_apriel.data.chat_template import SANITIZE, encode_prompts
+from megatron_apriel.data.chat_template import CHAT_TEMPLATES, SANITIZE, encode_prompts
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 
@@ -43,7 +43,7 @@ from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 class ModelSection:
     path: str = ""  # HF checkpoint directory (e.g. the output of `apriel convert mcore-to-hf`)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
-    chat_template: str = "apriel"  # apriel | tokenizer
+    chat_template: str = "apriel"  # apriel | apriel-nemotron | tokenizer
 
 
 @dataclasses.dataclass
@@ -121,8 +121,9 @@ class GRPORunConfig:
                               f"exceeds num_rollouts ({f.num_rollouts})")
         if self.grpo.use_vllm not in ("auto", "true", "false"):
             raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
-        if self.model.chat_template not in ("apriel", "tokenizer"):
-            raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not apriel/tokenizer")
+        if self.model.chat_template not in (*CHAT_TEMPLATES, "tokenizer"):
+            raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not one of "
+                              f"{', '.join([*CHAT_TEMPLATES, 'tokenizer'])}")
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -259,11 +260,9 @@ def load_model_and_tokenizer(cfg: GRPORunConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
-
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    if cfg.model.chat_template == "apriel":
-        tokenizer.chat_template = APRIEL_CHAT_TEMPLATE
+    if cfg.model.chat_template in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[cfg.model.chat_template]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.model.dtype)
