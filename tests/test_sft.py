@@ -501,3 +501,32 @@ def test_apriel_nemotron_format_renders_the_released_layout(hf_tokenizer):
         encode_chat(tok, CONVERSATIONS[0], t)
     with pytest.raises(ConversationError, match=r"messages\[1\]: .*extension of the generation prompt"):
         encode_chat(tok, tools_conv, t, tools=TOOLS)
+
+
+def test_split_turns_trains_every_turn_of_a_history_dropping_format(hf_tokenizer, tmp_path):
+    """apriel-nemotron renders past turns without reasoning: a two-turn conversation is refused as one
+    sample (counted, the turn named) and with --split-turns becomes two samples, each trained on its
+    last turn only, with the earlier turn as its final response in the context."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_apriel.data.chat_template import APRIEL_NEMOTRON_CHAT_TEMPLATE as T
+    from megatron_apriel.data.chat_template import encode_chat, encode_prompts
+    from megatron_apriel.data.sft import main
+
+    tok_path, tok = hf_tokenizer
+    conv = [*CONVERSATIONS[0][:4], {"role": "assistant", "content": "4", "reasoning": "2 + 2 = 4 <|end|>"}]
+    _write_jsonl(tmp_path / "c.jsonl", [{"messages": conv}])
+    args = ["--input", str(tmp_path / "c.jsonl"), "--tokenizer-model", str(tok_path), "--chat-template", "apriel-nemotron"]
+    assert main([*args, "--output-prefix", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one_report.json").read_text())
+    assert (one["kept"], one["skipped_bad"]) == (0, 1) and "messages[2]" in one["skipped_records"][0]
+    assert main([*args, "--output-prefix", str(tmp_path / "split"), "--split-turns"]) == 0
+    report = json.loads((tmp_path / "split_report.json").read_text())
+    assert (report["read"], report["kept"], report["with_control_token_text"]) == (1, 2, 1)
+    toks, masks = IndexedDataset(str(tmp_path / "split_tokens_document")), IndexedDataset(str(tmp_path / "split_loss_mask_document"))
+    for doc, n in enumerate((3, 5)):
+        r = encode_chat(tok, conv[:n], T, last_turn_only=True)
+        assert toks[doc].tolist() == r.tokens and masks[doc].tolist() == r.mask
+        prompt = encode_prompts(tok, [conv[:n - 1]], T)["input_ids"][0].tolist()
+        assert r.tokens[:len(prompt)] == prompt and not any(r.mask[:len(prompt)]) and all(r.mask[len(prompt):-1])
+    assert "<|assistant|>\n42\n<|end|>" in tok.decode(toks[1].tolist())  # history: the final response only

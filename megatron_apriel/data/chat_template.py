@@ -212,10 +212,10 @@ def count_control_strings(obj: Any, pattern) -> int:
 
 
 def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optional[list] = None,
-                add_generation_prompt: bool = False) -> Rendered:
+                add_generation_prompt: bool = False, last_turn_only: bool = False) -> Rendered:
     """Tokens, assistant mask and text of a conversation, content kept apart from structure.
 
-    The mask covers the assistant spans of :func:`assistant_spans`. ``Rendered.content_control_strings``
+    The mask covers the assistant spans of :func:`assistant_spans` (``last_turn_only``: the last one). ``Rendered.content_control_strings``
     counts the control-token strings found in the messages and tools (encoded as text). Without any,
     the sanitizing is a no-op: the rendered string is tokenized as ``apply_chat_template`` does.
     """
@@ -223,7 +223,7 @@ def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optio
     pattern = control_token_pattern(tokenizer, template)
     n_control = count_control_strings(messages, pattern) + count_control_strings(tools, pattern)
     if n_control == 0:
-        text, spans = assistant_spans(tokenizer, messages, template, tools, add_generation_prompt)
+        text, spans = assistant_spans(tokenizer, messages, template, tools, add_generation_prompt, last_turn_only)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         return Rendered(tokens=list(enc["input_ids"]), mask=_overlap_mask(enc["offset_mapping"], spans), text=text)
     text = tokenizer.apply_chat_template(messages, chat_template=template, tools=tools, tokenize=False,
@@ -231,7 +231,8 @@ def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optio
     tokens = list(tokenizer.apply_chat_template(messages, chat_template=template, tools=tools, tokenize=True,
                                                 return_dict=True, add_generation_prompt=add_generation_prompt,
                                                 **SANITIZE)["input_ids"])
-    marked, spans = assistant_spans(tokenizer, messages, template, tools, add_generation_prompt, mark=pattern)
+    marked, spans = assistant_spans(tokenizer, messages, template, tools, add_generation_prompt, last_turn_only,
+                                    mark=pattern)
     ids, offsets = _marked_offsets(tokenizer, marked)
     if ids != tokens:  # the piece-wise encoding below must be transformers' own, token for token
         raise ConversationError("cannot derive the assistant mask of a conversation whose content spells control "
@@ -243,7 +244,8 @@ GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: Optional[list] = None,
-                    add_generation_prompt: bool = False, mark=None) -> tuple[str, list[tuple[int, int]]]:
+                    add_generation_prompt: bool = False, last_turn_only: bool = False,
+                    mark=None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns (what is trained on).
 
     A template with ``{% generation %}`` blocks says where they are while rendering. Any other
@@ -251,7 +253,9 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: O
     rendering ``messages[:i+1]`` adds to ``messages[:i]`` with the generation prompt, up to its last
     non-blank character (what the template writes after the turn's end token separates turns; the
     model stops before it). Both renders must extend the previous text, else the turn has no
-    well-defined span and a ConversationError names it. ``mark``: a control-token pattern; the
+    well-defined span and a ConversationError names it. ``last_turn_only``: only the last assistant
+    turn is a span, the earlier ones are context (one sample per turn, for templates that render the
+    history differently from the turn being generated). ``mark``: a control-token pattern; the
     inputs are marked as ``sanitize_control_tokens`` marks them and the spans index that string.
     """
     from transformers.utils.chat_template_utils import (_normalize_chat_messages, mark_control_tokens,
@@ -268,13 +272,16 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: O
                                     **tokenizer.special_tokens_map)
         return out[0][0], (list(out[1][0]) if generation_spans else None)
 
+    turns = [i for i, m in enumerate(chat) if m.get("role") == "assistant"]
     if GENERATION_BLOCK.search(template):
-        return rendered(chat, add_generation_prompt, generation_spans=True)
+        text, spans = rendered(chat, add_generation_prompt, generation_spans=True)
+        if last_turn_only and len(spans) != len(turns):
+            raise ConversationError(f"the chat template's {{% generation %}} blocks ({len(spans)}) are not one per "
+                                    f"assistant turn ({len(turns)})")
+        return text, spans[-1:] if last_turn_only else spans
     text = rendered(chat, add_generation_prompt)[0]
     spans = []
-    for i, m in enumerate(chat):
-        if m.get("role") != "assistant":
-            continue
+    for i in turns[-1:] if last_turn_only else turns:
         prompt = rendered(chat[:i], True)[0]
         turn = rendered(chat[:i + 1], False)[0]
         if not turn.startswith(prompt):
@@ -284,7 +291,7 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: O
         if not text.startswith(turn):
             raise ConversationError(f"messages[{i}]: the chat template renders this assistant turn differently once "
                                     "later messages follow (e.g. history without reasoning); train on conversations "
-                                    "that end at this turn")
+                                    "that end at this turn (preprocess-sft --split-turns)")
         spans.append((len(prompt), len(turn.rstrip())))
     return text, spans
 

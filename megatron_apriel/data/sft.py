@@ -12,7 +12,8 @@ from incremental renders of the conversation), and writes two aligned
 * ``<prefix>_report.json``                counts of kept, truncated and skipped conversations, and of
   the conversations whose text spells control tokens (kept, that text encoded as ordinary text).
 
-Malformed records are counted and skipped (each named in the report) unless ``--strict`` is given,
+With ``--split-turns`` every assistant turn becomes its own sample (the conversation up to it, only
+that turn trained on), so ``kept`` counts samples. Malformed records are counted and skipped (each named in the report) unless ``--strict`` is given,
 as in ``preprocess_data.py`` and ``preprocess-multimodal``.
 
 Input records: ``{"messages": [{"role": "system|user|assistant|tool", "content": "...",
@@ -34,7 +35,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_apriel.data.chat_template import ConversationError, render, resolve_template, validate_messages
+from megatron_apriel.data.chat_template import (ConversationError, encode_chat, render, resolve_template,
+                                                 validate_messages)
 from megatron_apriel.data.packing import cu_seqlens_from_lengths, packing_efficiency, plan_bins
 
 TOKENS_KEY = "tokens"
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=None,
                    help="training length; longer conversations are dropped or truncated (--overlong)")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
+    p.add_argument("--split-turns", action="store_true",
+                   help="one sample per assistant turn, ending at it and trained on it only (for templates that "
+                        "render past turns differently, e.g. apriel-nemotron drops their reasoning)")
     p.add_argument("--strict", action="store_true",
                    help="stop at the first malformed record (default: count it, name it in the report, go on)")
     p.add_argument("--skip-bad", action="store_true", help="the default; kept for older command lines")
@@ -108,6 +113,24 @@ def stratified_subset(paths: list[str], key: str, fraction: float, seed: int) ->
     return keep
 
 
+def _add_sample(tokens: list[int], mask: list[int], max_tokens: Optional[int], overlong: str, builders: dict,
+                counts: dict, n_tokens: int, n_loss: int) -> tuple[int, int]:
+    """Write one sample (or count why not); returns the updated token and loss-token totals."""
+    if max_tokens is not None and len(tokens) > max_tokens:
+        if overlong == "drop":
+            counts["dropped_overlong"] += 1
+            return n_tokens, n_loss
+        tokens, mask = tokens[:max_tokens], mask[:max_tokens]
+        counts["truncated"] += 1
+    if not any(mask[1:]):  # position 0 is never a label
+        counts["dropped_no_loss_tokens"] += 1
+        return n_tokens, n_loss
+    builders[TOKENS_KEY].add_document(np.asarray(tokens), [len(tokens)])
+    builders[MASK_KEY].add_document(np.asarray(mask, dtype=np.uint8), [len(mask)])
+    counts["kept"] += 1
+    return n_tokens + len(tokens), n_loss + int(sum(mask))
+
+
 def preprocess(args) -> dict:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
@@ -148,7 +171,12 @@ def preprocess(args) -> dict:
                         if not isinstance(record, dict):
                             raise ConversationError("record is not a JSON object")
                         messages = validate_messages(record.get("messages"))
-                        r = render(tokenizer, messages, template, tools=record.get("tools"))
+                        if args.split_turns:  # one sample per assistant turn, ending at it and trained on it
+                            ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+                            samples = [encode_chat(tokenizer, messages[:n], template, tools=record.get("tools"),
+                                                   last_turn_only=True) for n in ends]
+                        else:
+                            samples = [render(tokenizer, messages, template, tools=record.get("tools"))]
                     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
                         where = f"{path}:{lineno}"
                         if args.strict:
@@ -156,24 +184,13 @@ def preprocess(args) -> dict:
                         counts["skipped_bad"] += 1
                         skipped.append(f"{where}: {e}")
                         continue
-                    tokens, mask = r.tokens, r.mask
-                    if r.content_control_strings:  # kept: that text is encoded as text (see chat_template)
+                    n_control = samples[-1].content_control_strings  # the last sample holds every turn
+                    if n_control:  # kept: that text is encoded as text (see chat_template)
                         counts["with_control_token_text"] += 1
-                        counts["control_token_strings"] += r.content_control_strings
-                    if max_tokens is not None and len(tokens) > max_tokens:
-                        if args.overlong == "drop":
-                            counts["dropped_overlong"] += 1
-                            continue
-                        tokens, mask = tokens[:max_tokens], mask[:max_tokens]
-                        counts["truncated"] += 1
-                    if not any(mask[1:]):  # position 0 is never a label
-                        counts["dropped_no_loss_tokens"] += 1
-                        continue
-                    builders[TOKENS_KEY].add_document(np.asarray(tokens), [len(tokens)])
-                    builders[MASK_KEY].add_document(np.asarray(mask, dtype=np.uint8), [len(mask)])
-                    counts["kept"] += 1
-                    n_tokens += len(tokens)
-                    n_loss += int(sum(mask))
+                        counts["control_token_strings"] += n_control
+                    for r in samples:
+                        n_tokens, n_loss = _add_sample(r.tokens, r.mask, max_tokens, args.overlong, builders, counts,
+                                                       n_tokens, n_loss)
                     if args.log_interval and counts["read"] % args.log_interval == 0:
                         rate = counts["read"] / max(time.time() - start, 1e-9)
                         print(f"[preprocess-sft] {counts['read']} conversations, {rate:.0f}/s", file=sys.stderr)
@@ -196,6 +213,7 @@ def preprocess(args) -> dict:
         "chat_template": args.chat_template,
         "seq_length": args.seq_length,
         "overlong": args.overlong,
+        "split_turns": args.split_turns,
         "subset_fraction": args.subset_fraction,
         "stratify_key": args.stratify_key if args.subset_fraction is not None else None,
         "skipped_records": skipped[:1000],
