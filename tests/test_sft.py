@@ -530,3 +530,60 @@ def test_split_turns_trains_every_turn_of_a_history_dropping_format(hf_tokenizer
         prompt = encode_prompts(tok, [conv[:n - 1]], T)["input_ids"][0].tolist()
         assert r.tokens[:len(prompt)] == prompt and not any(r.mask[:len(prompt)]) and all(r.mask[len(prompt):-1])
     assert "<|assistant|>\n42\n<|end|>" in tok.decode(toks[1].tolist())  # history: the final response only
+
+
+def _reserved_slot_tokenizer(path):
+    """A byte-level BPE laid out like Mistral's HF tokenizers: <unk> <s> </s>, then reserved
+    <SPECIAL_n> special tokens, then the text vocabulary; no role tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + [f"<SPECIAL_{i}>" for i in range(5, 16)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(_corpus()) * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def test_chat_tokenizer_puts_role_tokens_in_reserved_slots(tmp_path, capsys):
+    """apriel chat-tokenizer: the format's role tokens take the first reserved <SPECIAL_n> slots (ids
+    and vocabulary size unchanged), the folder carries the template, and SFT encodes the turns with
+    them; preprocess-sft refuses a tokenizer without them; too few slots is a clear error."""
+    from transformers import AutoTokenizer
+
+    from megatron_apriel.data.chat_template import APRIEL_NEMOTRON_CHAT_TEMPLATE, encode_chat
+    from megatron_apriel.data.chat_tokenizer import main as chat_tokenizer
+    from megatron_apriel.data.sft import main as preprocess_sft
+
+    src = _reserved_slot_tokenizer(tmp_path / "src")
+    before = AutoTokenizer.from_pretrained(src)
+    _write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0][:3]}])
+    assert preprocess_sft(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                           "--tokenizer-model", str(src), "--chat-template", "apriel-nemotron"]) == 2
+    assert "no special token for <|system|>, <|user|>, <|assistant|>, <|tool_result|>, <|end|>" in capsys.readouterr().err
+    assert chat_tokenizer(["--tokenizer", str(src), "--chat-template", "apriel-nemotron", "--out", str(tmp_path / "tok")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == len(before) and tok.chat_template == APRIEL_NEMOTRON_CHAT_TEMPLATE
+    assert tok.convert_tokens_to_ids(list(ROLE_TOKENS)) == [5, 6, 7, 8, 9]
+    assert tok.convert_tokens_to_ids(["<SPECIAL_10>", "[INST]"]) == [10, 3]
+    text_ids = before("What is 6 times 7?", add_special_tokens=False)["input_ids"]
+    assert tok("What is 6 times 7?", add_special_tokens=False)["input_ids"] == text_ids  # text ids unchanged
+    r = encode_chat(tok, CONVERSATIONS[0][:3], APRIEL_NEMOTRON_CHAT_TEMPLATE)
+    assert [t for t in r.tokens if t < 16] == [1, 5, 9, 6, 9, 7, 9]  # <s> system end user end assistant end
+    assert tok.decode(r.tokens) == r.text
+    assert preprocess_sft(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "y"),
+                           "--tokenizer-model", str(tmp_path / "tok"), "--chat-template", "apriel-nemotron"]) == 0
+    # too few reserved slots
+    assert chat_tokenizer(["--tokenizer", str(tmp_path / "tok"), "--chat-template", "apriel", "--out", str(tmp_path / "t2")]) == 0
+    few = _reserved_slot_tokenizer(tmp_path / "few")
+    data = json.loads((few / "tokenizer.json").read_text())
+    for t in data["added_tokens"]:
+        if t["content"].startswith("<SPECIAL_") and t["id"] > 7:
+            t["content"] = f"[CTRL{t['id']}]"
+    (few / "tokenizer.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert chat_tokenizer(["--tokenizer", str(few), "--chat-template", "apriel", "--out", str(tmp_path / "t3")]) == 2
+    assert "5 role tokens" in capsys.readouterr().err and not (tmp_path / "t3").exists()

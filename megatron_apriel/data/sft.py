@@ -37,6 +37,7 @@ import torch
 
 from megatron_apriel.data.chat_template import (ConversationError, encode_chat, render, resolve_template,
                                                  validate_messages)
+from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, check_role_tokens
 from megatron_apriel.data.packing import cu_seqlens_from_lengths, packing_efficiency, plan_bins
 
 TOKENS_KEY = "tokens"
@@ -137,6 +138,7 @@ def preprocess(args) -> dict:
 
     tokenizer = _load_tokenizer(args.tokenizer_model)
     template = resolve_template(tokenizer, args.chat_template)
+    check_role_tokens(tokenizer, template, args.tokenizer_model)  # else turns would be encoded as text
     max_tokens = None if args.seq_length is None else args.seq_length + 1  # n tokens -> n-1 slots
     tok_dtype = DType.optimal_dtype(len(tokenizer))
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -234,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     try:
         report = preprocess(args)
-    except ConversationError as e:
+    except (ConversationError, ChatTokenizerError) as e:
         print(f"preprocess-sft: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:
