@@ -19,7 +19,7 @@ setup(
         # 0.16.x is the newest release for Python 3.11 (0.17 needs Python 3.12); tested on 0.16.1.
         "megatron-core>=0.16.1,<0.17",
         "numpy",
-        "transformers>=5.0,<6",
+        "transformers>=5.24,<6",  # apply_chat_template(sanitize_control_tokens=True): message text stays text
         "safetensors",
         "tokenizers",
         "sentencepiece",

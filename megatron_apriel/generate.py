@@ -1,7 +1,8 @@
 """``apriel generate``: a quick look at an HF checkpoint (e.g. a converted one) with transformers.
 
 Greedy by default; ``--temperature``/``--top-p`` sample. ``--chat`` renders each prompt as a user
-turn through the tokenizer's chat template (``--chat-template apriel`` to use the Apriel one).
+turn through the tokenizer's chat template (``--chat-template apriel`` to use the Apriel one); text
+in the prompt or system message that spells a control token is encoded as text.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
-    ap.add_argument("--chat-template", default=None, help="'apriel' or a .jinja file (default: the tokenizer's)")
+    ap.add_argument("--chat-template", default=None, help="'apriel', 'apriel-nemotron' or a .jinja file (default: the tokenizer's)")
     ap.add_argument("--system", default=None, help="system message with --chat")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -33,6 +34,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_apriel.data.chat_template import CHAT_TEMPLATES, encode_prompts
+
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
@@ -42,10 +45,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {args.hf}: {e}", file=sys.stderr)
         return 2
     template = None
-    if args.chat_template == "apriel":
-        from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
-
-        template = APRIEL_CHAT_TEMPLATE
+    if args.chat_template in CHAT_TEMPLATES:
+        template = CHAT_TEMPLATES[args.chat_template]
     elif args.chat_template:
         template = open(args.chat_template, encoding="utf-8").read()
     torch.manual_seed(args.seed)
@@ -58,8 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": prompt}]
-            ids = tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                          return_tensors="pt", return_dict=True)["input_ids"]
+            ids = encode_prompts(tok, [messages], template)["input_ids"]  # text spelling <|end|> stays text
         else:
             ids = tok(prompt, return_tensors="pt").input_ids
         ids = ids.to(device)

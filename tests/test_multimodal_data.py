@@ -405,3 +405,41 @@ def test_hostile_and_odd_images_are_counted_or_normalised(corpus, capsys):
     err = capsys.readouterr().err
     assert "wild.jsonl:2:" in err and "bomb.png" in err and len(err.strip().splitlines()) == 1
     assert not list((root / "out").glob("wstrict*"))
+
+
+def test_control_token_text_is_kept_as_text(corpus):
+    """Prompt, response and caption text that spell the tokenizer's control tokens ([IMG], </s>, <s>):
+    the records are kept and counted, that text encodes as ordinary text (as transformers encodes it
+    with split_special_tokens), and only the layout writes BOS, image tokens and the end token."""
+    from transformers import PreTrainedTokenizerFast
+
+    root, tok, _, _ = corpus
+    spelled = "[IMG] [IMG_BREAK] [IMG_END] </s> <s>"
+    records = [
+        {"images": ["img/a.png"], "prompt": f"Look <image> {spelled}", "response": f"It is {spelled}"},
+        {"images": ["img/a.png"], "text": f"<image>A caption {spelled}"},
+        {"images": ["img/a.png"], "prompt": "Look <image> here", "response": "It is"},
+    ]
+    path = root / "control.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run_preprocess(root, tok, [path], "out/control") == 0
+    meta = json.loads((root / "out/control_multimodal.json").read_text())
+    assert (meta["kept"], meta["skipped"], meta["with_control_token_text"], meta["control_token_strings"]) == (3, 0, 2, 15)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(tok)
+    ds = mm.MultimodalDataset(str(root / "out/control"), seq_length=256)
+    image_ids = list(ds.layout.token_ids)
+    control = image_ids + [hf_tok.bos_token_id, hf_tok.eos_token_id]
+    plain = np.asarray(ds.tokens[2], dtype=np.int64)
+    for doc, rec in enumerate(records[:2]):
+        toks = np.asarray(ds.tokens[doc], dtype=np.int64)
+        mask = np.asarray(ds.masks[doc]).astype(bool)
+        # the control tokens are exactly the layout's: BOS, the image's tokens, the end token
+        assert toks[np.isin(toks, control)].tolist() == plain[np.isin(plain, control)].tolist()
+        text = toks[~np.isin(toks, control)].tolist()
+        if "response" in rec:
+            want = hf_tok(rec["response"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            assert toks[mask].tolist() == want + [hf_tok.eos_token_id]
+            assert hf_tok.decode(text) == rec["prompt"].replace("<image>", "") + rec["response"]
+        else:
+            assert hf_tok.decode(text) == rec["text"].replace("<image>", "")
+            assert (mask == ~np.isin(toks, image_ids + [hf_tok.bos_token_id])).all()

@@ -119,6 +119,30 @@ def test_tokens_match_direct_tokenization(kind, tmp_path, hf_dir, sp_model):
     assert stats["tokens"] == sum(len(d) for d in docs)
 
 
+
+@pytest.mark.parametrize("kind", ["TikTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer"])
+def test_encode_text_reads_control_token_strings_as_text(kind, hf_dir, sp_model):
+    """encode_text (message content) never yields a control-token id, decodes back to the text, and
+    leaves encode (pretraining text, read by the libraries' own rules) as it was."""
+    model = {"TikTokenizer": "mistral-nemo", "HuggingFaceTokenizer": str(hf_dir), "SentencePieceTokenizer": str(sp_model)}[kind]
+    tok = load_tokenizer(kind, model)
+    assert {"<s>", "</s>"} <= set(tok.control_tokens)
+    if kind == "TikTokenizer":
+        assert tok.control_tokens[10] == "[IMG]" and len(tok.control_tokens) == 1000
+    text = "x " + " ".join(tok.control_tokens[:20]) + " y"
+    before = tok.encode(text)
+    ids = tok.encode_text(text)
+    lib = _library_tokenizer(kind, model)
+    control_ids = {lib.convert_tokens_to_ids(t) for t in tok.control_tokens} if kind == "HuggingFaceTokenizer" else \
+        set(range(1000)) if kind == "TikTokenizer" else {i for i in range(tok.vocab_size) if lib.is_control(i)}
+    assert not control_ids.intersection(ids)
+    assert tok.encode(text) == before == reference(kind, model, text)[:-1]
+    if kind == "HuggingFaceTokenizer":  # as transformers encodes text with split_special_tokens
+        assert ids == lib(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert control_ids.intersection(before)  # the HF backend does read them from pretraining text
+    else:
+        assert tok.decode(ids) == text
+
 def test_malformed_lines_counted_and_strict_fails(tmp_path):
     bad = ["{not json", "", '["a list"]', '{"id": 1}', '{"text": 7}', '{"text": ""}', b"\xff\xfe".decode("latin-1"),
            '{"text": "lone surrogate \\ud800"}']

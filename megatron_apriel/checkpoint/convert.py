@@ -544,7 +544,8 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
 
     ``preset``: a preset name or object; default: ``apriel_model.yaml`` beside the checkpoint.
     ``tokenizer``: folder with tokenizer files; default: those stored at conversion time.
-    ``chat_template``: ``apriel`` or a path to a .jinja file, written as ``chat_template.jinja``.
+    ``chat_template``: a template name (``apriel``, ``apriel-nemotron``; its role tokens then take reserved
+    special slots of the exported tokenizer) or a path to a .jinja file, written as ``chat_template.jinja``.
     """
     start = time.time()
     if not torch.distributed.is_initialized():
@@ -598,11 +599,11 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
 
 
 def read_chat_template(chat_template: Optional[str]) -> Optional[str]:
-    """``apriel`` -> the Apriel template; a path -> that file's text; None -> None."""
-    if chat_template == "apriel":
-        from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+    """A template name (``apriel``, ``apriel-nemotron``) -> that template; a path -> that file's text; None -> None."""
+    from megatron_apriel.data.chat_template import CHAT_TEMPLATES
 
-        return APRIEL_CHAT_TEMPLATE
+    if chat_template in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[chat_template]
     return Path(chat_template).read_text(encoding="utf-8") if chat_template else None
 
 
@@ -632,6 +633,7 @@ def write_hf_side_files(tmp: Path, out_dir, preset: ModelPreset, side: Optional[
     if not copied:
         print(f"warning: no tokenizer files written to {out_dir}; pass --tokenizer DIR", file=sys.stderr)
     if template is not None:
+        _role_tokens_for(tmp, template)
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         cfg_path = tmp / "tokenizer_config.json"
         if cfg_path.is_file():  # one source of truth for the template
@@ -639,6 +641,23 @@ def write_hf_side_files(tmp: Path, out_dir, preset: ModelPreset, side: Optional[
             if tok_cfg.pop("chat_template", None) is not None:
                 cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     return copied
+
+
+def _role_tokens_for(tok_dir: Path, template: str) -> None:
+    """A named Apriel format's role tokens take reserved special slots of the exported tokenizer (see
+    megatron_apriel.data.chat_tokenizer), so the folder renders and encodes turns as the format does;
+    a tokenizer without free slots is exported as it is, with a warning."""
+    from megatron_apriel.data.chat_template import CHAT_TEMPLATES
+    from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, assign_role_tokens, role_tokens
+
+    if template not in CHAT_TEMPLATES.values() or not (tok_dir / "tokenizer.json").is_file():
+        return
+    try:
+        ids = assign_role_tokens(tok_dir, role_tokens(template))
+    except ChatTokenizerError as e:
+        print(f"warning: {e}: the exported chat template's role tokens are encoded as text", file=sys.stderr)
+        return
+    print("chat template role tokens: " + ", ".join(f"{t}={i}" for t, i in ids.items()), file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- command line
@@ -658,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--preset", default=None, help=f"default: {MODEL_META} beside the checkpoint")
     b.add_argument("--tokenizer", default=None, help="default: the tokenizer stored at conversion")
-    b.add_argument("--chat-template", default=None, help="'apriel' or a .jinja file")
+    b.add_argument("--chat-template", default=None, help="'apriel', 'apriel-nemotron' or a .jinja file")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
     b.add_argument("--force", action="store_true")

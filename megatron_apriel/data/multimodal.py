@@ -14,7 +14,9 @@ training loop reads for the Pixtral / LLaVA model.
   ``P_images`` in placeholder order (empty for text-only samples);
 * ``P_multimodal.json``              the processor settings (patch, image size, mean/std, token
   ids), the counts of kept and skipped records with reasons (with up to 1000 ``file:line``
-  examples) and of stored images per normalisation.
+  examples), of stored images per normalisation, and of the records whose text spells
+  control tokens (kept: prompt, response and text are encoded with control-token strings read as
+  ordinary text, ``Tokenizer.encode_text``, so ``</s>`` or ``[IMG]`` in a caption stays a caption).
 
 Image files are read by :func:`megatron_apriel.data.images.load_image`: a bad image (missing,
 unreadable, truncated, over ``--max-image-pixels`` from its header, a decompression bomb, an
@@ -50,6 +52,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -171,6 +174,8 @@ class _Encoder:
         self.seq_length = args.seq_length
         self.max_pixels = args.max_image_pixels
         self.cache: dict[str, tuple] = {}
+        tokens = sorted(self.tokenizer.control_tokens, key=len, reverse=True)
+        self.control = re.compile("|".join(map(re.escape, tokens)) or "(?!)")
 
     def image(self, path: str) -> tuple:
         """(realpath, PNG bytes, normalisations, height, width) of the resized image."""
@@ -206,11 +211,12 @@ class _Encoder:
             raise RecordError("bad_json", f"bad JSON ({e})") from None
         tokens, mask, images = encode_record(record, base_dir, self.tokenizer, self.layout, self.image,
                                              self.placeholder, bos=self.bos)
+        n_control = sum(len(self.control.findall(record[k])) for k in ("text", "prompt", "response") if k in record)
         if self.seq_length is not None and len(tokens) > self.seq_length + 1:
             raise RecordError("overlong", f"{len(tokens)} tokens > --seq-length {self.seq_length} + 1")
         if not mask[1:].any():
             raise RecordError("no_loss_tokens", "no token to train on")
-        return tokens, mask, images
+        return tokens, mask, images, n_control
 
 
 def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, load_image,
@@ -252,14 +258,14 @@ def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, load_im
     if bos and tokenizer.bos is not None:
         put([tokenizer.bos], 0)
     for i, piece in enumerate(pieces):
-        ids = tokenizer.encode(piece) if piece else []
+        ids = tokenizer.encode_text(piece) if piece else []
         if layout.token_ids.intersection(ids):
             raise RecordError("image_token_in_text", "text encodes to an image token id (a literal special token?)")
         put(ids, text_loss)
         if i < len(images):
             put(layout.image_tokens(*images[i][-2:]), 0)
     if response is not None:
-        ids = tokenizer.encode(response)
+        ids = tokenizer.encode_text(response)
         if layout.token_ids.intersection(ids):
             raise RecordError("image_token_in_text", "response encodes to an image token id")
         put(ids, 1)
@@ -350,7 +356,7 @@ def preprocess(args) -> dict:
         REFS_KEY: IndexedDatasetBuilder(tmp[REFS_KEY] + ".bin", dtype=np.int32),
     }
     rows: dict[str, int] = {}  # realpath of an image file -> its row in the images dataset
-    counts = {"read": 0, "kept": 0}
+    counts = {"read": 0, "kept": 0, "with_control_token_text": 0, "control_token_strings": 0}
     skipped: dict[str, int] = {}
     normalised: dict[str, int] = {}  # stored images per normalisation (megatron_apriel.data.images)
     examples: list[str] = []
@@ -367,7 +373,9 @@ def preprocess(args) -> dict:
                     if len(examples) < 1000:
                         examples.append(f"{where}: {res}")
                     continue
-                tokens, mask, images = res
+                tokens, mask, images, n_control = res
+                counts["with_control_token_text"] += n_control > 0
+                counts["control_token_strings"] += n_control
                 refs = []
                 for key, png, notes, _, _ in images:
                     if key not in rows:
@@ -445,6 +453,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"preprocess-multimodal: read {report['read']}, kept {report['kept']}, skipped {report['skipped']} "
           f"({reasons}); {report['images']} images (normalised: {normalised}), {report['tokens']} tokens of which {report['image_tokens']} "
           f"image and {report['loss_tokens']} trained on; {report['seconds']} s -> {args.output_prefix}_*_document.bin/.idx")
+    if report["with_control_token_text"]:
+        print(f"preprocess-multimodal: {report['with_control_token_text']} records spell control tokens in their text "
+              f"({report['control_token_strings']} strings), encoded as ordinary text")
     return 0
 
 

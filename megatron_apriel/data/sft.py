@@ -3,12 +3,18 @@ packed torch Dataset the training loop reads.
 
 ``apriel preprocess-sft`` (``tools/preprocess_sft.py``) renders every conversation with a chat
 template (the Apriel one by default, see :mod:`megatron_apriel.data.chat_template`), takes the
-assistant-token mask from the template's ``{% generation %}`` blocks, and writes two aligned
+assistant-token mask from the template's ``{% generation %}`` blocks (or, for a template without them,
+from incremental renders of the conversation), and writes two aligned
 ``IndexedDataset`` s with megatron-core's ``IndexedDatasetBuilder``:
 
 * ``<prefix>_tokens_document.bin/.idx``   token ids (uint16 or int32 by vocabulary size);
 * ``<prefix>_loss_mask_document.bin/.idx`` one uint8 per token: 1 = assistant token (trained on);
-* ``<prefix>_report.json``                counts of kept, truncated and skipped conversations.
+* ``<prefix>_report.json``                counts of kept, truncated and skipped conversations, and of
+  the conversations whose text spells control tokens (kept, that text encoded as ordinary text).
+
+With ``--split-turns`` every assistant turn becomes its own sample (the conversation up to it, only
+that turn trained on), so ``kept`` counts samples. Malformed records are counted and skipped (each named in the report) unless ``--strict`` is given,
+as in ``preprocess_data.py`` and ``preprocess-multimodal``.
 
 Input records: ``{"messages": [{"role": "system|user|assistant|tool", "content": "...",
 "reasoning": "..."(optional)}], "tools": [...] (optional), "id": ... (optional)}``.
@@ -29,7 +35,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_apriel.data.chat_template import ConversationError, render, resolve_template, validate_messages
+from megatron_apriel.data.chat_template import (ConversationError, encode_chat, render, resolve_template,
+                                                 validate_messages)
+from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, check_role_tokens
 from megatron_apriel.data.packing import cu_seqlens_from_lengths, packing_efficiency, plan_bins
 
 TOKENS_KEY = "tokens"
@@ -53,13 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", required=True, help="HF tokenizer directory (fast tokenizer)")
     p.add_argument("--chat-template", default="apriel",
-                   help="'apriel' (default), 'tokenizer' (the tokenizer's own) or a .jinja file; "
-                        "it must mark assistant turns with {%% generation %%}")
+                   help="'apriel' (default), 'tokenizer' (the tokenizer's own) or a .jinja file; assistant "
+                        "turns come from its {%% generation %%} blocks, or without them from incremental renders")
     p.add_argument("--seq-length", type=int, default=None,
                    help="training length; longer conversations are dropped or truncated (--overlong)")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="skip (and count) malformed records instead of stopping at the first one")
+    p.add_argument("--split-turns", action="store_true",
+                   help="one sample per assistant turn, ending at it and trained on it only (for templates that "
+                        "render past turns differently, e.g. apriel-nemotron drops their reasoning)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first malformed record (default: count it, name it in the report, go on)")
+    p.add_argument("--skip-bad", action="store_true", help="the default; kept for older command lines")
     p.add_argument("--subset-fraction", type=float, default=None,
                    help="keep this fraction of the records, stratified by --stratify-key (Apriel-1.5's 25%% run)")
     p.add_argument("--stratify-key", default="source",
@@ -102,12 +114,31 @@ def stratified_subset(paths: list[str], key: str, fraction: float, seed: int) ->
     return keep
 
 
+def _add_sample(tokens: list[int], mask: list[int], max_tokens: Optional[int], overlong: str, builders: dict,
+                counts: dict, n_tokens: int, n_loss: int) -> tuple[int, int]:
+    """Write one sample (or count why not); returns the updated token and loss-token totals."""
+    if max_tokens is not None and len(tokens) > max_tokens:
+        if overlong == "drop":
+            counts["dropped_overlong"] += 1
+            return n_tokens, n_loss
+        tokens, mask = tokens[:max_tokens], mask[:max_tokens]
+        counts["truncated"] += 1
+    if not any(mask[1:]):  # position 0 is never a label
+        counts["dropped_no_loss_tokens"] += 1
+        return n_tokens, n_loss
+    builders[TOKENS_KEY].add_document(np.asarray(tokens), [len(tokens)])
+    builders[MASK_KEY].add_document(np.asarray(mask, dtype=np.uint8), [len(mask)])
+    counts["kept"] += 1
+    return n_tokens + len(tokens), n_loss + int(sum(mask))
+
+
 def preprocess(args) -> dict:
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
     from tqdm import tqdm
 
     tokenizer = _load_tokenizer(args.tokenizer_model)
     template = resolve_template(tokenizer, args.chat_template)
+    check_role_tokens(tokenizer, template, args.tokenizer_model)  # else turns would be encoded as text
     max_tokens = None if args.seq_length is None else args.seq_length + 1  # n tokens -> n-1 slots
     tok_dtype = DType.optimal_dtype(len(tokenizer))
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -122,7 +153,7 @@ def preprocess(args) -> dict:
     if args.subset_fraction is not None:
         subset = stratified_subset(args.input, args.stratify_key, args.subset_fraction, args.seed)
     counts = {"not_in_subset": 0, "read": 0, "kept": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_loss_tokens": 0,
-              "skipped_bad": 0}
+              "skipped_bad": 0, "with_control_token_text": 0, "control_token_strings": 0}
     skipped: list[str] = []
     n_tokens = n_loss = 0
     start = time.time()
@@ -142,29 +173,26 @@ def preprocess(args) -> dict:
                         if not isinstance(record, dict):
                             raise ConversationError("record is not a JSON object")
                         messages = validate_messages(record.get("messages"))
-                        r = render(tokenizer, messages, template, tools=record.get("tools"))
+                        if args.split_turns:  # one sample per assistant turn, ending at it and trained on it
+                            ends = [i + 1 for i, m in enumerate(messages) if m["role"] == "assistant"]
+                            samples = [encode_chat(tokenizer, messages[:n], template, tools=record.get("tools"),
+                                                   last_turn_only=True) for n in ends]
+                        else:
+                            samples = [render(tokenizer, messages, template, tools=record.get("tools"))]
                     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
                         where = f"{path}:{lineno}"
-                        if not args.skip_bad:
+                        if args.strict:
                             raise SystemExit(f"preprocess-sft: {where}: {e}") from None
                         counts["skipped_bad"] += 1
                         skipped.append(f"{where}: {e}")
                         continue
-                    tokens, mask = r.tokens, r.mask
-                    if max_tokens is not None and len(tokens) > max_tokens:
-                        if args.overlong == "drop":
-                            counts["dropped_overlong"] += 1
-                            continue
-                        tokens, mask = tokens[:max_tokens], mask[:max_tokens]
-                        counts["truncated"] += 1
-                    if not any(mask[1:]):  # position 0 is never a label
-                        counts["dropped_no_loss_tokens"] += 1
-                        continue
-                    builders[TOKENS_KEY].add_document(np.asarray(tokens), [len(tokens)])
-                    builders[MASK_KEY].add_document(np.asarray(mask, dtype=np.uint8), [len(mask)])
-                    counts["kept"] += 1
-                    n_tokens += len(tokens)
-                    n_loss += int(sum(mask))
+                    n_control = samples[-1].content_control_strings  # the last sample holds every turn
+                    if n_control:  # kept: that text is encoded as text (see chat_template)
+                        counts["with_control_token_text"] += 1
+                        counts["control_token_strings"] += n_control
+                    for r in samples:
+                        n_tokens, n_loss = _add_sample(r.tokens, r.mask, max_tokens, args.overlong, builders, counts,
+                                                       n_tokens, n_loss)
                     if args.log_interval and counts["read"] % args.log_interval == 0:
                         rate = counts["read"] / max(time.time() - start, 1e-9)
                         print(f"[preprocess-sft] {counts['read']} conversations, {rate:.0f}/s", file=sys.stderr)
@@ -187,6 +215,7 @@ def preprocess(args) -> dict:
         "chat_template": args.chat_template,
         "seq_length": args.seq_length,
         "overlong": args.overlong,
+        "split_turns": args.split_turns,
         "subset_fraction": args.subset_fraction,
         "stratify_key": args.stratify_key if args.subset_fraction is not None else None,
         "skipped_records": skipped[:1000],
@@ -207,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
     try:
         report = preprocess(args)
-    except ConversationError as e:
+    except (ConversationError, ChatTokenizerError) as e:
         print(f"preprocess-sft: {e}", file=sys.stderr)
         return 2
     except SystemExit as e:
@@ -222,6 +251,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         + (f"{report['not_in_subset']} left out of the stratified subset; " if args.subset_fraction else "")
         + f"{100 * report['loss_token_fraction']:.1f}% trained on -> {args.output_prefix}_*_document.bin/.idx"
     )
+    if report["with_control_token_text"]:
+        print(f"preprocess-sft: {report['with_control_token_text']} conversations spell control tokens in their "
+              f"text ({report['control_token_strings']} strings), encoded as ordinary text")
     return 0
 
 

@@ -72,6 +72,17 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
+    def encode_text(self, text: str) -> list[int]:
+        """``encode`` with control-token strings (``</s>``, ``[IMG]``) read as ordinary text: what
+        message content needs, so a record cannot write a turn boundary or an image token. The
+        libraries whose ``encode`` never parses special tokens from text use ``encode`` itself."""
+        return self.encode(text)
+
+    @property
+    def control_tokens(self) -> list[str]:
+        """The strings of the special tokens (those a record's text is counted for spelling)."""
+        raise NotImplementedError
+
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
@@ -112,6 +123,19 @@ class HuggingFaceTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        # the backend's switch is per object: set for this call only, so ``encode`` keeps its meaning
+        previous = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = True
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = previous
+
+    @property
+    def control_tokens(self) -> list[str]:
+        return [t.content for t in self.hf.added_tokens_decoder.values() if t.special]
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # encode_batch_fast skips offsets; it parallelises with rayon (RAYON_NUM_THREADS).
         return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
@@ -134,7 +158,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.bos = int(self.sp.bos_id()) if self.sp.bos_id() >= 0 else None
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+        return self.sp.encode(text)  # control pieces (<s>, </s>) are never read from text
+
+    @property
+    def control_tokens(self) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size) if self.sp.is_control(i)]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=self.threads)
@@ -224,7 +252,11 @@ class TekkenTokenizer(Tokenizer):
         return "extension built, Tekken pattern"
 
     def encode(self, text: str) -> list[int]:
-        return self.tk.encode(text, bos=False, eos=False)
+        return self.tk.encode(text, bos=False, eos=False)  # special tokens live outside the text vocabulary
+
+    @property
+    def control_tokens(self) -> list[str]:
+        return [self.tk.id_to_piece(i) for i in range(self._offset)]
 
     def _encode_raw(self, text: str) -> list[int]:
         """Ids before the special-token offset."""

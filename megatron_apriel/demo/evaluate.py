@@ -23,7 +23,7 @@ def evaluate(hf_dir: Path, test: list[dict], max_new_tokens: int = 72, batch_siz
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE, encode_prompts
     from megatron_apriel.rl.rewards import final_response, format_reward, math_reward
 
     hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
@@ -33,9 +33,8 @@ def evaluate(hf_dir: Path, test: list[dict], max_new_tokens: int = 72, batch_siz
     completions = []
     for i in range(0, len(test), batch_size):
         rows = test[i:i + batch_size]
-        texts = [tok.apply_chat_template([{"role": "user", "content": r["question"]}], chat_template=APRIEL_CHAT_TEMPLATE,
-                                         tokenize=False, add_generation_prompt=True) for r in rows]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        # questions that spell a control token stay text (see megatron_apriel.data.chat_template)
+        enc = encode_prompts(tok, [[{"role": "user", "content": r["question"]}] for r in rows], APRIEL_CHAT_TEMPLATE)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id)

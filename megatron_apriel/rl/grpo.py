@@ -14,6 +14,11 @@ Prompt file (JSONL), one record per line::
     {"prompt": [...], "domain": "tools", "tools": [...], "expected_call": {...}}
     {"prompt": [...], "domain": "instructions", "checks": [{"type": "max_words", "value": 50}]}
 
+A conversational prompt is rendered with the chat template and encoded with transformers'
+``sanitize_control_tokens=True``, by the pass-rate filter and (through ``chat_template_kwargs``) by
+TRL itself: text in a message that spells a control token (``<|end|>``, ``<|assistant|>``) stays
+text, so a prompt cannot open or close turns. A string prompt is taken as already rendered.
+
 Checkpoints are HF model directories (``out_dir/checkpoint-N``) taken every ``grpo.save_steps``
 and all kept, for the recipe's merges (``apriel average``); the final model is ``out_dir/final``.
 """
@@ -29,6 +34,7 @@ import sys
 import time
 
 from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
+from megatron_apriel.data.chat_template import CHAT_TEMPLATES, SANITIZE, encode_prompts
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 
@@ -37,7 +43,7 @@ from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 class ModelSection:
     path: str = ""  # HF checkpoint directory (e.g. the output of `apriel convert mcore-to-hf`)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
-    chat_template: str = "apriel"  # apriel | tokenizer
+    chat_template: str = "apriel"  # apriel | apriel-nemotron | tokenizer
 
 
 @dataclasses.dataclass
@@ -115,8 +121,9 @@ class GRPORunConfig:
                               f"exceeds num_rollouts ({f.num_rollouts})")
         if self.grpo.use_vllm not in ("auto", "true", "false"):
             raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
-        if self.model.chat_template not in ("apriel", "tokenizer"):
-            raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not apriel/tokenizer")
+        if self.model.chat_template not in (*CHAT_TEMPLATES, "tokenizer"):
+            raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not one of "
+                              f"{', '.join([*CHAT_TEMPLATES, 'tokenizer'])}")
 
 
 # ---- prompts ------------------------------------------------------------------------------------
@@ -174,14 +181,10 @@ def rollout_successes(model, tokenizer, records: list[dict], cfg: GRPORunConfig)
     f, g = cfg.filter, cfg.grpo
     successes = []
     device = next(model.parameters()).device
-    tokenizer.padding_side = "left"
     bar = tqdm(total=len(records), desc="pass-rate rollouts", unit="prompt")
     for i in range(0, len(records), f.batch_prompts):
         batch = records[i:i + f.batch_prompts]
-        texts = [r["prompt"] if isinstance(r["prompt"], str) else
-                 tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-                 for r in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = encode_prompts(tokenizer, [r["prompt"] for r in batch]).to(device)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=g.temperature, top_p=g.top_p,
                                  max_new_tokens=g.max_completion_length, num_return_sequences=f.num_rollouts,
@@ -245,7 +248,7 @@ def build_grpo_config(cfg: GRPORunConfig):
         save_total_limit=None, save_only_model=g.save_only_model, logging_steps=g.logging_steps,
         bf16=bf16, fp16=False, use_cpu=not on_gpu, gradient_checkpointing=g.gradient_checkpointing,
         report_to=[] if g.report_to in ("", "none") else [g.report_to], seed=g.seed, use_vllm=use_vllm,
-        remove_unused_columns=False,
+        remove_unused_columns=False, chat_template_kwargs=dict(SANITIZE),
     )
     if use_vllm:
         kwargs.update(vllm_mode=g.vllm_mode, vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
@@ -257,11 +260,9 @@ def load_model_and_tokenizer(cfg: GRPORunConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
-
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    if cfg.model.chat_template == "apriel":
-        tokenizer.chat_template = APRIEL_CHAT_TEMPLATE
+    if cfg.model.chat_template in CHAT_TEMPLATES:
+        tokenizer.chat_template = CHAT_TEMPLATES[cfg.model.chat_template]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(cfg.model.dtype)
