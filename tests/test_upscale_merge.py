@@ -101,7 +101,8 @@ def test_llava_decoder_upscale(tmp_path):
     vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  head_dim=16, image_size=64, patch_size=16)
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=10))
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=10,
+                                                      vision_feature_layer=-1, vision_feature_select_strategy="full"))
     model.save_pretrained(tmp_path / "llava")
     out = tmp_path / "up"
     assert up.main(["--hf", str(tmp_path / "llava"), "--out", str(out), "--expand-every", "2", "--init", "identity"]) == 0
@@ -126,10 +127,14 @@ def test_upscale_errors(tmp_path, tiny_hf_dir, capsys):
 
 
 # ---------------------------------------------------------------------------------- averaging
+# A config the conversion's check accepts (averaging checks the first input's config)
+_TINY_CONFIG = {k: v for k, v in get_preset("tiny").hf_config().to_dict().items() if k != "transformers_version"}
+
+
 def _write_fake(folder, tensors, config=None, tokenizer="tok"):
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config or {"model_type": "mistral", "num_hidden_layers": 1}))
+    (folder / "config.json").write_text(json.dumps(config or _TINY_CONFIG))
     (folder / "tokenizer.json").write_text(tokenizer)
     return folder
 
@@ -196,7 +201,7 @@ def test_weights_must_sum_to_one(tmp_path, capsys):
     (dict(tensors={"a": torch.ones(5)}), "shape"),
     (dict(tensors={"a": torch.ones(4, dtype=torch.bfloat16)}), "dtype"),
     (dict(tensors={"b": torch.ones(4)}), "names differ"),
-    (dict(config={"model_type": "mistral", "num_hidden_layers": 2}), "num_hidden_layers: 1 vs 2"),
+    (dict(config={**_TINY_CONFIG, "num_hidden_layers": 2}), "num_hidden_layers: 4 vs 2"),
     (dict(tokenizer="other"), "tokenizers differ.*tokenizer.json"),
 ])
 def test_mismatch_is_a_clear_error(tmp_path, capsys, change, message):
