@@ -5,6 +5,7 @@ About 25 s on 2 cores (the parity cases build 2-layer models; refusals stop befo
 """
 
 import json
+import re
 import shutil
 
 import pytest
@@ -113,6 +114,42 @@ def test_llava_text_and_vision_configs_are_checked():
         assert needle in str(e.value)
 
 
+# The config.json files of the recipe's two bases, as published (fields of older transformers included).
+NEMO_CONFIG = {
+    "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 14336,
+    "max_position_embeddings": 1024000, "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 40,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.43.0.dev0", "use_cache": True,
+    "vocab_size": 131072}
+PIXTRAL_CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_seq_length": 1,
+    "image_token_index": 10, "model_type": "llava", "projector_hidden_act": "gelu",
+    "text_config": {"head_dim": 128, "hidden_act": "silu", "hidden_size": 5120, "intermediate_size": 14336,
+                    "is_composition": True, "max_position_embeddings": 1024000, "model_type": "mistral",
+                    "num_hidden_layers": 40, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+                    "rope_theta": 1000000000.0, "sliding_window": None, "vocab_size": 131072},
+    "torch_dtype": "bfloat16", "transformers_version": "4.45.0.dev0",
+    "vision_config": {"head_dim": 64, "hidden_act": "silu", "image_size": 1024, "is_composition": True,
+                      "model_type": "pixtral", "patch_size": 16, "rope_theta": 10000.0, "tie_word_embeddings": False},
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "full"}
+
+
+def test_the_recipe_bases_map_exactly_onto_their_presets(tmp_path, capsys):
+    from megatron_apriel.checkpoint.llava import preset_from_hf_config
+    from megatron_apriel.models.hf_config import check_hf_dir
+
+    for name, config, preset_name, build in (("nemo", NEMO_CONFIG, "mistral-nemo-12b", ModelPreset.from_hf_config),
+                                             ("pixtral", PIXTRAL_CONFIG, "pixtral-12b", preset_from_hf_config)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+        cfg, _ = check_hf_dir(tmp_path / name)
+        assert build(cfg).function_differences(get_preset(preset_name)) == []
+    err = capsys.readouterr().err  # Nemo's fields are all known; Pixtral's leftovers are listed once
+    assert "nemo" not in err and err.count("ignored") == 1
+    assert "text_config.is_composition, vision_config.is_composition, ignore_index" in err
+
+
 def test_upscale_and_average_refuse_before_writing(hf_dir, tmp_path, capsys):
     bad = _variant(hf_dir, tmp_path / "bad", _set(sliding_window=16))
     assert up.main(["--hf", str(bad), "--out", str(tmp_path / "up"), "--duplicate-middle", "1"]) == 1
@@ -164,24 +201,89 @@ def test_mapped_field_matches_transformers_past_the_original_context(case, dist_
         assert rel(logits(preset.replace(rope_scaling=None)), ref) > 1e-3
 
 
-def test_llama3_checkpoint_converts_both_ways_and_lists_ignored_fields(tmp_path, capsys, dist_world_of_one):
-    """hf-to-mcore -> mcore-to-hf keeps the rope scaling: transformers' logits are identical after."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+def test_llava_text_rope_scaling_matches_transformers(dist_world_of_one):
+    """The Llava path maps its text_config's rope scaling the same way (images in the batch)."""
+    from transformers import LlavaForConditionalGeneration
 
+    from megatron_apriel.checkpoint.llava import V5_LAYOUT, hf_config, hf_to_mcore, load_canonical_into_llava
+    from megatron_apriel.checkpoint.llava import preset_from_hf_config
+    from megatron_apriel.models.llava import LlavaModel
+    from test_llava import SIZES, image_batch
+
+    scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(_tiny_llama(**MAPPED["llama3"]))
-    hf.save_pretrained(tmp_path / "hf")
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "my_training_note": "x"}))
-    hf_to_mcore_checkpoint(tmp_path / "hf", tmp_path / "mcore")
-    err = capsys.readouterr().err
+    hf = LlavaForConditionalGeneration(hf_config(get_preset("tiny-llava", rope_theta=10000.0, rope_scaling=scaling),
+                                                 torch.float32)).eval()
+    preset = preset_from_hf_config(hf.config)
+    assert preset.rope_scaling == scaling
+    canonical = dict(hf_to_mcore(hf.state_dict().__getitem__, preset, V5_LAYOUT))
+    tokens, pixels, sizes = image_batch(preset, SIZES, seq_len=64)  # 4x the original context
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand(tokens.shape[0], -1)
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, pixel_values=pixels, image_sizes=sizes).logits
+    for p, close in ((preset, True), (preset.replace(rope_scaling=None), False)):
+        model = LlavaModel(p, p.transformer_config()).eval()
+        load_canonical_into_llava([model], canonical, p)
+        with torch.no_grad():
+            ours = model(tokens, pos, None, pixel_values=pixels, image_sizes=sizes)[..., : p.vocab_size]
+        assert (rel(ours, ref) < 1e-5) if close else (rel(ours, ref) > 1e-3)
+
+
+@pytest.fixture(scope="module")
+def llama3_converted(tmp_path_factory, dist_world_of_one):
+    """A Llama-3-rope checkpoint with one field transformers never reads, converted to megatron-core."""
+    import contextlib
+    import io
+
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("llama3")
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(_tiny_llama(**MAPPED["llama3"])).eval()
+    hf.save_pretrained(root / "hf")
+    cfg = json.loads((root / "hf" / "config.json").read_text())
+    (root / "hf" / "config.json").write_text(json.dumps({**cfg, "my_training_note": "x"}))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        hf_to_mcore_checkpoint(root / "hf", root / "mcore")
+    return hf, root, err.getvalue()
+
+
+def test_llama3_checkpoint_converts_both_ways_and_lists_ignored_fields(llama3_converted):
+    """hf-to-mcore -> mcore-to-hf keeps the rope scaling: transformers' logits are identical after."""
+    from transformers import AutoModelForCausalLM
+
+    hf, root, err = llama3_converted
     assert err.count("ignored") == 1 and "my_training_note" in err, err
-    mcore_to_hf_checkpoint(tmp_path / "mcore", tmp_path / "back")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
+    mcore_to_hf_checkpoint(root / "mcore", root / "back")
+    back = AutoModelForCausalLM.from_pretrained(root / "back", dtype=torch.float32).eval()
     assert back.config.rope_parameters["rope_type"] == "llama3"
     tokens = torch.randint(0, 256, (1, 80), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.equal(back(tokens).logits, hf.eval()(tokens).logits)
+        assert torch.equal(back(tokens).logits, hf(tokens).logits)
+
+
+def test_training_refuses_a_checkpoint_converted_as_another_model(llama3_converted, tmp_path):
+    """Training from a converted checkpoint under a preset without its rope scaling is a config error."""
+    from conftest import run_python
+    from megatron_apriel.checkpoint.convert import read_model_meta
+    from test_training import make_config
+
+    _, root, _ = llama3_converted
+    stored, _ = read_model_meta(root / "mcore")
+    matching = dict(vocab_size=256, num_layers=2, ffn_hidden_size=128, rope_theta=10000.0,
+                    rope_scaling=stored.rope_scaling)
+    assert stored.function_differences(get_preset("tiny", **matching)) == []
+    assert [d.split(":")[0] for d in stored.function_differences(get_preset("tiny", **(matching | {"rope_scaling": None})))] \
+        == ["rope_scaling"]
+    config = make_config(tmp_path / "train.yaml", str(tmp_path / "no_corpus"), checkpoint={"load": str(root / "mcore")})
+    changes = json.dumps({k: v for k, v in matching.items() if k != "rope_scaling"})
+    proc = run_python(["-m", "megatron_apriel.train", "--config", config, f"model.changes={changes}"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    # the one difference, named with both values
+    assert re.search(r"model\.changes\): rope_scaling: \{'rope_type': 'llama3'[^}]*\} vs None \(checkpoint vs config\)",
+                     proc.stderr), proc.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------ corrupt inputs

@@ -525,11 +525,13 @@ def _hf_config(preset: ModelPreset, side: Optional[Path], dtype: torch.dtype):
     from transformers import AutoConfig
 
     if side is not None and (side / "config.json").is_file():
+        from megatron_apriel.models.hf_config import HFConfigError
+
         cfg = AutoConfig.from_pretrained(side)
-        src = ModelPreset.from_hf_config(cfg)
-        same = all(getattr(src, f) == getattr(preset, f) for f in (
-            "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-            "ffn_hidden_size", "vocab_size", "rope_theta", "rope_scaling", "norm_epsilon", "untie_embeddings"))
+        try:
+            same = not ModelPreset.from_hf_config(cfg).function_differences(preset)
+        except HFConfigError:  # a source this version refuses (converted by an older one): the preset's
+            same = False
         if same and getattr(cfg, "text_config", None) is None:
             cfg.dtype = dtype
             return cfg

@@ -118,7 +118,9 @@ def _rope(cfg, where: str) -> tuple[float, Optional[dict]]:
             _refuse(name, missing[0], None, "llama3 rope scaling needs " + ", ".join(LLAMA3_KEYS))
         if float(params["high_freq_factor"]) <= float(params["low_freq_factor"]):
             _refuse(name, "high_freq_factor", params["high_freq_factor"], "must exceed low_freq_factor")
-        return theta, {"rope_type": "llama3", **{k: float(params[k]) for k in LLAMA3_KEYS}}
+        scaling = {k: float(params[k]) for k in LLAMA3_KEYS}
+        scaling["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+        return theta, {"rope_type": "llama3", **scaling}
     _refuse(name, "rope_type", rope_type, f"megatron-core's GPTModel rope cannot compute it "
                                           f"(mapped: {', '.join(ROPE_TYPES)})")
 

@@ -78,6 +78,20 @@ class ModelPreset:
     def replace(self, **changes) -> "ModelPreset":
         return dataclasses.replace(self, **changes)
 
+    def function_differences(self, other: "ModelPreset") -> list[str]:
+        """``field: mine vs other`` for every field that changes what the model computes.
+
+        Names, descriptions, the HF class, token ids and the context length transformers advertises
+        leave the megatron-core model's function alone and are not compared.
+        """
+        skip = {"name", "description", "hf_architecture", "bos_token_id", "eos_token_id", "max_position_embeddings",
+                "vision"}
+        diffs = [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)]
+        if self.vision != other.vision:
+            diffs.append(f"vision: {self.vision!r} vs {other.vision!r}")
+        return diffs
+
     # ------------------------------------------------------------------ megatron-core
     def transformer_config(
         self,
