@@ -152,11 +152,19 @@ def test_the_recipe_bases_map_exactly_onto_their_presets(tmp_path, capsys):
 
 def test_upscale_and_average_refuse_before_writing(hf_dir, tmp_path, capsys):
     bad = _variant(hf_dir, tmp_path / "bad", _set(sliding_window=16))
-    assert up.main(["--hf", str(bad), "--out", str(tmp_path / "up"), "--duplicate-middle", "1"]) == 1
+    assert up.main(["--hf", str(bad), "--out", str(tmp_path / "up"), "--duplicate-middle", "1"]) == 2
     assert "sliding_window=16" in capsys.readouterr().err and not (tmp_path / "up").exists()
     bad2 = _variant(bad, tmp_path / "bad2", lambda c: None)
-    assert avg.main([str(bad), str(bad2), "--out", str(tmp_path / "avg")]) == 1
+    assert avg.main([str(bad), str(bad2), "--out", str(tmp_path / "avg")]) == 2
     assert "sliding_window=16" in capsys.readouterr().err and not (tmp_path / "avg").exists()
+    # a truncated weights file is named by both tools too
+    cut = _variant(hf_dir, tmp_path / "cut", lambda c: None)
+    _truncate(cut, "model.safetensors", -8)
+    assert up.main(["--hf", str(cut), "--out", str(tmp_path / "up"), "--duplicate-middle", "1"]) == 2
+    assert f"{cut / 'model.safetensors'}: not a complete safetensors file" in capsys.readouterr().err
+    assert avg.main([str(hf_dir), str(cut), "--out", str(tmp_path / "avg")]) == 2
+    assert f"{cut / 'model.safetensors'}: not a complete safetensors file" in capsys.readouterr().err
+    assert not (tmp_path / "up").exists() and not (tmp_path / "avg").exists()
 
 
 # ------------------------------------------------------------------------------ mapped fields

@@ -119,10 +119,10 @@ def test_llava_decoder_upscale(tmp_path):
 
 
 def test_upscale_errors(tmp_path, tiny_hf_dir, capsys):
-    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-4"]) == 1
+    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-4"]) == 2
     assert "layer 4" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-1", "--expand-every", "2"]) == 1
+    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-1", "--expand-every", "2"]) == 2
     assert "exactly one" in capsys.readouterr().err
 
 
@@ -189,11 +189,11 @@ def test_blocks_give_the_same_bytes(tmp_path, monkeypatch):
 def test_weights_must_sum_to_one(tmp_path, capsys):
     t = {"a": torch.ones(4)}
     ins = [str(_write_fake(tmp_path / f"in{i}", t)) for i in range(2)]
-    assert avg.main([*ins, "--weights", "0.5", "0.6", "--out", str(tmp_path / "o")]) == 1
+    assert avg.main([*ins, "--weights", "0.5", "0.6", "--out", str(tmp_path / "o")]) == 2
     assert "sum to 1.1" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert avg.main([*ins, "--weights", "0.5", "0.6", "--allow-unnormalised", "--out", str(tmp_path / "o")]) == 0
     assert torch.allclose(load_file(tmp_path / "o" / "model.safetensors")["a"], torch.full((4,), 1.1))
-    assert avg.main([*ins, "--weights", "1", "--out", str(tmp_path / "o2")]) == 1
+    assert avg.main([*ins, "--weights", "1", "--out", str(tmp_path / "o2")]) == 2
     assert "1 weights for 2" in capsys.readouterr().err
 
 
@@ -207,7 +207,7 @@ def test_weights_must_sum_to_one(tmp_path, capsys):
 def test_mismatch_is_a_clear_error(tmp_path, capsys, change, message):
     a = _write_fake(tmp_path / "a", {"a": torch.ones(4)})
     b = _write_fake(tmp_path / "b", change.pop("tensors", {"a": torch.ones(4)}), **change)
-    assert avg.main([str(a), str(b), "--out", str(tmp_path / "o")]) == 1
+    assert avg.main([str(a), str(b), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and __import__("re").search(message, err), err
     assert not (tmp_path / "o").exists()
@@ -232,7 +232,7 @@ def test_equispaced_and_yaml(tmp_path, capsys, monkeypatch):
     assert avg.main(["--config", "m.yaml"]) == 0
     assert torch.allclose(load_file(tmp_path / "merged" / "model.safetensors")["a"], torch.full((3,), 150.0))
     (tmp_path / "bad.yaml").write_text("models:\n  - model: E\n    parameters: {wieght: 1}\n")
-    assert avg.main(["--config", "bad.yaml", "--out", "x"]) == 1
+    assert avg.main(["--config", "bad.yaml", "--out", "x"]) == 2
     assert "models[0].parameters: unknown key 'wieght'" in capsys.readouterr().err
 
 

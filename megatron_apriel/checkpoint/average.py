@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
     except (AverageError, SafetensorsFileError, FileExistsError, FileNotFoundError) as e:
         print(f"apriel average: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input or config
     return 0
 
 

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_bytes=int(float(opts.get("max_shard_gb", 5)) * 1024**3))
     except (UpscaleError, SafetensorsFileError, FileExistsError, FileNotFoundError, KeyError) as e:
         print(f"apriel upscale: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input or config
     return 0
 
 
