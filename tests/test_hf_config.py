@@ -1,7 +1,7 @@
 """HF configs the megatron-core model cannot compute are refused; what it can is mapped and matches
 transformers' logits past the original context; corrupt safetensors folders are refused by name.
 
-About 25 s on 2 cores (the parity cases build 2-layer models; refusals stop before any weight is read).
+About 30 s on 2 cores (the parity cases build 2-layer models; refusals stop before any weight is read).
 """
 
 import json
@@ -322,6 +322,9 @@ CORRUPT = [
     ("shard-missing", "sharded", lambda d: (d / _first_shard(d)).unlink(), "model-00001-of-"),
     ("shard-not-in-index", "sharded", lambda d: shutil.copy(d / _first_shard(d), d / "model-00099-of-00099.safetensors"),
      "model-00099-of-00099.safetensors"),
+    ("config-unparsable", "single", lambda d: (d / "config.json").write_text("{"), "config.json"),
+    ("config-unknown-model-type", "single", lambda d: (d / "config.json").write_text('{"model_type": "no_such_model"}'),
+     "config.json"),
     ("index-unparsable", "sharded", lambda d: (d / "model.safetensors.index.json").write_text("{"),
      "model.safetensors.index.json"),
     ("index-names-wrong-shard", "sharded", lambda d: _move_in_index(d), "model-00001-of-"),
