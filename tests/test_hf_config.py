@@ -167,6 +167,18 @@ def test_upscale_and_average_refuse_before_writing(hf_dir, tmp_path, capsys):
     assert not (tmp_path / "up").exists() and not (tmp_path / "avg").exists()
 
 
+def test_every_field_of_the_supported_config_classes_is_classified():
+    """A field a later transformers adds to these classes must be reviewed (mapped, refused or
+    bookkeeping); until then only its default value is accepted."""
+    from transformers import LlamaConfig, LlavaConfig, MistralConfig, PixtralVisionConfig
+
+    from megatron_apriel.models import hf_config as hc
+
+    for cls, known in ((MistralConfig, hc.TEXT_MAPPED), (LlamaConfig, hc.TEXT_MAPPED),
+                       (PixtralVisionConfig, hc.VISION_MAPPED), (LlavaConfig, hc.LLAVA_MAPPED)):
+        assert set(cls().to_dict()) - set(known) - hc.BOOKKEEPING == set(), cls.__name__
+
+
 # ------------------------------------------------------------------------------ mapped fields
 MAPPED = {
     # original context 32, evaluated at 96: megatron-core's _apply_scaling with the config's parameters

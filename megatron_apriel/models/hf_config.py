@@ -68,24 +68,22 @@ def _refuse(where: str, name: str, value, why: str):
     raise HFConfigError(f"{where}{name}={value!r}: {why}")
 
 
-def _defined_fields(cfg) -> set[str]:
-    """The fields the config's own class defines (what its modelling code may read)."""
-    try:
-        return set(type(cfg)().to_dict())
-    except Exception:  # a class that cannot be built without arguments: its attributes are its fields
-        return set(vars(type(cfg)))
+def _class_defaults(cfg) -> dict[str, Any]:
+    """Every field the config's own class defines (what its modelling code may read), at its default."""
+    return type(cfg)().to_dict()
 
 
 def _unknown(cfg, known: tuple[str, ...], where: str) -> list[str]:
     """Fields present in ``cfg`` that its class does not define: transformers never reads them."""
-    defined = _defined_fields(cfg) | set(known) | BOOKKEEPING
+    defined = set(_class_defaults(cfg)) | set(known) | BOOKKEEPING
     return [f"{where}{k}" for k in sorted(cfg.to_dict()) if k not in defined]
 
 
 def _check_unclassified(cfg, known: tuple[str, ...], where: str) -> None:
-    """A field the class defines but this table does not classify may change the function: accept
-    it only at the class default (the value the rest of this table was written against)."""
-    default = type(cfg)().to_dict()
+    """A field the class defines but this table does not classify (one a later transformers adds)
+    may change the function: accept it only at the class default, the value the table was written
+    against."""
+    default = _class_defaults(cfg)
     for k, v in cfg.to_dict().items():
         if k in default and k not in known and k not in BOOKKEEPING and v != default[k]:
             _refuse(where, k, v, f"a {type(cfg).__name__} field this converter does not map; only its default "
