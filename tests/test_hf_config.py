@@ -167,6 +167,15 @@ def test_upscale_and_average_refuse_before_writing(hf_dir, tmp_path, capsys):
     assert not (tmp_path / "up").exists() and not (tmp_path / "avg").exists()
 
 
+def test_a_window_covering_every_position_is_no_window():
+    """sliding_window >= max_position_embeddings masks nothing a valid sequence has: accepted."""
+    config = get_preset("tiny").hf_config(max_position_embeddings=128, sliding_window=128)
+    assert check_hf_config(config).text["max_position_embeddings"] == 128
+    config.sliding_window = 127
+    with pytest.raises(HFConfigError, match="sliding_window=127"):
+        check_hf_config(config)
+
+
 def test_every_field_of_the_supported_config_classes_is_classified():
     """A field a later transformers adds to these classes must be reviewed (mapped, refused or
     bookkeeping); until then only its default value is accepted."""
