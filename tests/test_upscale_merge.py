@@ -101,7 +101,8 @@ def test_llava_decoder_upscale(tmp_path):
     vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                  head_dim=16, image_size=64, patch_size=16)
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=10))
+    model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=10,
+                                                      vision_feature_layer=-1, vision_feature_select_strategy="full"))
     model.save_pretrained(tmp_path / "llava")
     out = tmp_path / "up"
     assert up.main(["--hf", str(tmp_path / "llava"), "--out", str(out), "--expand-every", "2", "--init", "identity"]) == 0
@@ -118,18 +119,22 @@ def test_llava_decoder_upscale(tmp_path):
 
 
 def test_upscale_errors(tmp_path, tiny_hf_dir, capsys):
-    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-4"]) == 1
+    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-4"]) == 2
     assert "layer 4" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-1", "--expand-every", "2"]) == 1
+    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-1", "--expand-every", "2"]) == 2
     assert "exactly one" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- averaging
+# A config the conversion's check accepts (averaging checks the first input's config)
+_TINY_CONFIG = {k: v for k, v in get_preset("tiny").hf_config().to_dict().items() if k != "transformers_version"}
+
+
 def _write_fake(folder, tensors, config=None, tokenizer="tok"):
     folder.mkdir(parents=True)
     save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(config or {"model_type": "mistral", "num_hidden_layers": 1}))
+    (folder / "config.json").write_text(json.dumps(config or _TINY_CONFIG))
     (folder / "tokenizer.json").write_text(tokenizer)
     return folder
 
@@ -184,11 +189,11 @@ def test_blocks_give_the_same_bytes(tmp_path, monkeypatch):
 def test_weights_must_sum_to_one(tmp_path, capsys):
     t = {"a": torch.ones(4)}
     ins = [str(_write_fake(tmp_path / f"in{i}", t)) for i in range(2)]
-    assert avg.main([*ins, "--weights", "0.5", "0.6", "--out", str(tmp_path / "o")]) == 1
+    assert avg.main([*ins, "--weights", "0.5", "0.6", "--out", str(tmp_path / "o")]) == 2
     assert "sum to 1.1" in capsys.readouterr().err and not (tmp_path / "o").exists()
     assert avg.main([*ins, "--weights", "0.5", "0.6", "--allow-unnormalised", "--out", str(tmp_path / "o")]) == 0
     assert torch.allclose(load_file(tmp_path / "o" / "model.safetensors")["a"], torch.full((4,), 1.1))
-    assert avg.main([*ins, "--weights", "1", "--out", str(tmp_path / "o2")]) == 1
+    assert avg.main([*ins, "--weights", "1", "--out", str(tmp_path / "o2")]) == 2
     assert "1 weights for 2" in capsys.readouterr().err
 
 
@@ -196,13 +201,13 @@ def test_weights_must_sum_to_one(tmp_path, capsys):
     (dict(tensors={"a": torch.ones(5)}), "shape"),
     (dict(tensors={"a": torch.ones(4, dtype=torch.bfloat16)}), "dtype"),
     (dict(tensors={"b": torch.ones(4)}), "names differ"),
-    (dict(config={"model_type": "mistral", "num_hidden_layers": 2}), "num_hidden_layers: 1 vs 2"),
+    (dict(config={**_TINY_CONFIG, "num_hidden_layers": 2}), "num_hidden_layers: 4 vs 2"),
     (dict(tokenizer="other"), "tokenizers differ.*tokenizer.json"),
 ])
 def test_mismatch_is_a_clear_error(tmp_path, capsys, change, message):
     a = _write_fake(tmp_path / "a", {"a": torch.ones(4)})
     b = _write_fake(tmp_path / "b", change.pop("tensors", {"a": torch.ones(4)}), **change)
-    assert avg.main([str(a), str(b), "--out", str(tmp_path / "o")]) == 1
+    assert avg.main([str(a), str(b), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and __import__("re").search(message, err), err
     assert not (tmp_path / "o").exists()
@@ -227,7 +232,7 @@ def test_equispaced_and_yaml(tmp_path, capsys, monkeypatch):
     assert avg.main(["--config", "m.yaml"]) == 0
     assert torch.allclose(load_file(tmp_path / "merged" / "model.safetensors")["a"], torch.full((3,), 150.0))
     (tmp_path / "bad.yaml").write_text("models:\n  - model: E\n    parameters: {wieght: 1}\n")
-    assert avg.main(["--config", "bad.yaml", "--out", "x"]) == 1
+    assert avg.main(["--config", "bad.yaml", "--out", "x"]) == 2
     assert "models[0].parameters: unknown key 'wieght'" in capsys.readouterr().err
 
 

@@ -34,11 +34,13 @@ from pathlib import Path
 import torch
 
 from megatron_apriel.checkpoint.hf_io import (
+    SafetensorsFileError,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_side_files,
 )
+from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # Files whose bytes define the vocabulary; tokenizer_config.json is left out because SFT often
 # only adds a chat template there, which does not change token ids.
@@ -183,9 +185,18 @@ def _config_diff(a: dict, b: dict, where: str = "") -> list[str]:
 
 
 def check_compatible(ckpts: list[Checkpoint]) -> None:
-    """Raise :class:`AverageError` naming the first thing that differs from the first input."""
+    """Raise :class:`AverageError` naming the first thing that differs from the first input.
+
+    The first HF input's config also goes through the conversion's check (the others must equal
+    it): a merge is trained or converted next, so what megatron-core cannot compute is refused now.
+    """
     ref = ckpts[0]
     ref_cfg, ref_tok = ref.config(), ref.tokenizer_hashes()
+    if ref.kind == "hf" and ref_cfg is not None:
+        try:
+            check_hf_dir(ref.path, report=True)
+        except HFConfigError as e:
+            raise AverageError(str(e)) from None
     for c in ckpts[1:]:
         if c.kind != ref.kind:
             raise AverageError(f"{c.path} is a {c.kind} checkpoint but {ref.path} is {ref.kind}")
@@ -459,9 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"linear merge of {len(inputs)} checkpoints -> {out}")
         average(inputs, out, weights, allow_unnormalised=allow, force=args.force,
                 max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    except (AverageError, FileExistsError, FileNotFoundError) as e:
+    except (AverageError, SafetensorsFileError, FileExistsError, FileNotFoundError) as e:
         print(f"apriel average: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input or config
     return 0
 
 

@@ -31,6 +31,7 @@ import torch
 from megatron_apriel.checkpoint import mistral
 from megatron_apriel.checkpoint.hf_io import (
     SIDE_FILES,
+    SafetensorsFileError,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
@@ -118,13 +119,14 @@ def read_model_meta(ckpt_dir: str | os.PathLike) -> tuple[ModelPreset, Optional[
 
 
 def preset_from_hf_dir(hf_dir: str | os.PathLike) -> ModelPreset:
-    from transformers import AutoConfig
+    """The preset of an HF folder's config.json; a field the model cannot compute is a ConversionError."""
+    from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
-    path = Path(hf_dir) / "config.json"
-    if not path.is_file():
-        raise ConversionError(f"{path}: missing (an HF checkpoint folder needs config.json)")
-    cfg = AutoConfig.from_pretrained(hf_dir)
-    return ModelPreset.from_hf_config(cfg, name=Path(hf_dir).name)
+    try:
+        cfg, _ = check_hf_dir(hf_dir, report=_is_rank0())
+        return ModelPreset.from_hf_config(cfg, name=Path(hf_dir).name)
+    except HFConfigError as e:
+        raise ConversionError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- HF side
@@ -523,11 +525,13 @@ def _hf_config(preset: ModelPreset, side: Optional[Path], dtype: torch.dtype):
     from transformers import AutoConfig
 
     if side is not None and (side / "config.json").is_file():
+        from megatron_apriel.models.hf_config import HFConfigError
+
         cfg = AutoConfig.from_pretrained(side)
-        src = ModelPreset.from_hf_config(cfg)
-        same = all(getattr(src, f) == getattr(preset, f) for f in (
-            "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-            "ffn_hidden_size", "vocab_size", "rope_theta", "norm_epsilon", "untie_embeddings"))
+        try:
+            same = not ModelPreset.from_hf_config(cfg).function_differences(preset)
+        except HFConfigError:  # a source this version refuses (converted by an older one): the preset's
+            same = False
         if same and getattr(cfg, "text_config", None) is None:
             cfg.dtype = dtype
             return cfg
@@ -703,7 +707,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             mcore_to_hf_checkpoint(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
                                    chat_template=args.chat_template, dtype=args.dtype,
                                    max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
-    except (ConversionError, FileExistsError, FileNotFoundError, KeyError) as e:
+    except (ConversionError, SafetensorsFileError, FileExistsError, FileNotFoundError, KeyError) as e:
         print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -51,30 +52,78 @@ _ST_RANK = {name: i for i, name in enumerate(
     ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
 
 
+class SafetensorsFileError(ValueError):
+    """An HF checkpoint file that cannot be read as it claims (the message names the file)."""
+
+
+# HF weight files of a folder; Mistral's native ``consolidated*.safetensors`` beside them is another
+# format of the same weights and not part of the index.
+_HF_SHARD = re.compile(r"model(-\d+-of-\d+)?\.safetensors")
+
+
 class SafetensorsReader:
-    """Lazy access to every tensor of an HF checkpoint folder (single file or sharded with index)."""
+    """Lazy access to every tensor of an HF checkpoint folder (single file or sharded with index).
+
+    Opening checks the whole folder before anything reads a tensor, so a tool fails before it
+    writes anything: the index parses, every shard it names exists and is a complete safetensors
+    file (header and data: safetensors refuses a file its header does not exactly cover), each shard
+    holds exactly the tensors the index puts in it, and no HF weight file lies beside the index
+    unnamed. Every error names the file.
+    """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         index = self.folder / WEIGHTS_INDEX
         if index.exists():
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not a mapping")
+            except (ValueError, KeyError, TypeError) as e:
+                raise SafetensorsFileError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
         elif (self.folder / SINGLE_FILE).exists():
-            with safe_open(self.folder / SINGLE_FILE, "pt") as f:
+            with self._open_checked(SINGLE_FILE) as f:
                 weight_map = {k: SINGLE_FILE for k in f.keys()}
         else:
             raise FileNotFoundError(f"{self.folder}: no {SINGLE_FILE} or {WEIGHTS_INDEX}")
         self.weight_map: dict[str, str] = weight_map
         self._handles: dict[str, object] = {}
         self._stack = contextlib.ExitStack()
+        if index.exists():
+            self._check_index(index)
+
+    def _open_checked(self, filename: str):
+        path = self.folder / filename
+        try:
+            return safe_open(path, "pt")
+        except Exception as e:  # safetensors' Rust errors have no common Python base class
+            raise SafetensorsFileError(f"{path}: not a complete safetensors file ({e})") from None
+
+    def _check_index(self, index: Path) -> None:
+        by_file: dict[str, set[str]] = {}
+        for name, filename in self.weight_map.items():
+            by_file.setdefault(filename, set()).add(name)
+        for filename, names in sorted(by_file.items()):
+            if not (self.folder / filename).is_file():
+                raise FileNotFoundError(f"{self.folder / filename}: listed in {index.name} but missing")
+            with self._open_checked(filename) as f:
+                stored = set(f.keys())
+            if stored != names:
+                diff = sorted(names - stored)[:3] or sorted(stored - names)[:3]
+                where = "missing from the file" if names - stored else "in the file but not in the index"
+                raise SafetensorsFileError(f"{self.folder / filename}: tensors {', '.join(diff)} {where} ({index.name} "
+                                           f"lists {len(names)}, the file holds {len(stored)})")
+        stray = sorted(p.name for p in self.folder.iterdir() if _HF_SHARD.fullmatch(p.name) and p.name not in by_file)
+        if stray:
+            raise SafetensorsFileError(f"{self.folder / stray[0]}: a weight file {index.name} does not name")
 
     def _handle(self, filename: str):
         if filename not in self._handles:
             path = self.folder / filename
             if not path.exists():
                 raise FileNotFoundError(f"{path}: listed in {WEIGHTS_INDEX} but missing")
-            self._handles[filename] = self._stack.enter_context(safe_open(path, "pt"))
+            self._handles[filename] = self._stack.enter_context(self._open_checked(filename))
         return self._handles[filename]
 
     def keys(self) -> list[str]:

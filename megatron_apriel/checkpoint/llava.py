@@ -63,26 +63,18 @@ V5_LAYOUT = ("model.language_model", "lm_head.weight", "model.vision_tower", "mo
 
 # --------------------------------------------------------------------------- configs
 def preset_from_hf_config(cfg, name: str = "from-hf") -> ModelPreset:
-    """A multimodal preset from a transformers LlavaConfig with a Pixtral vision config."""
-    v = cfg.vision_config
-    if getattr(v, "model_type", None) != "pixtral":
-        raise ValueError(f"{name}: vision_config.model_type is {getattr(v, 'model_type', None)!r}; only pixtral is supported")
-    layer = cfg.vision_feature_layer
-    if layer != -1 or cfg.vision_feature_select_strategy != "full":
-        raise ValueError(f"{name}: vision_feature_layer={layer!r}, strategy={cfg.vision_feature_select_strategy!r}; "
-                         "only Pixtral's -1 / 'full' is supported")
-    if not getattr(cfg, "multimodal_projector_bias", True):
-        raise ValueError(f"{name}: multimodal_projector_bias=False is not supported")
-    rope = getattr(v, "rope_parameters", None) or {}
-    vision = VisionPreset(
-        num_layers=v.num_hidden_layers, hidden_size=v.hidden_size, num_attention_heads=v.num_attention_heads,
-        head_dim=v.hidden_size // v.num_attention_heads, ffn_hidden_size=v.intermediate_size,
-        patch_size=int(v.patch_size), image_size=int(v.image_size), rope_theta=float(rope.get("rope_theta", 10000.0)),
-        num_channels=v.num_channels, image_token_id=cfg.image_token_index,
-        projector_hidden_act=cfg.projector_hidden_act, hidden_act=v.hidden_act,
-    )
-    preset = ModelPreset.from_hf_config(cfg, name=name)
-    return preset.replace(vision=vision, hf_architecture="LlavaForConditionalGeneration")
+    """A multimodal preset from a transformers LlavaConfig with a Pixtral vision config.
+
+    The text and vision configs go through :func:`models.hf_config.check_hf_config`, which refuses
+    (``HFConfigError``, a ValueError naming the field) what the megatron-core model cannot compute.
+    """
+    from megatron_apriel.models.hf_config import check_hf_config
+
+    checked = check_hf_config(cfg)
+    if checked.vision is None:
+        raise ValueError(f"{name}: no vision_config; not a Llava/Pixtral config")
+    return ModelPreset(name=name, hf_architecture="LlavaForConditionalGeneration", vision=VisionPreset(**checked.vision),
+                       **checked.text)
 
 
 def hf_config(preset: ModelPreset, dtype: Optional[torch.dtype] = None):
@@ -393,18 +385,20 @@ def hf_to_mcore_checkpoint(hf_dir, out_dir, tp: int = 1, pp: int = 1, dtype=None
     import time
 
     from megatron.core import dist_checkpointing
-    from transformers import AutoConfig
 
     from megatron_apriel.checkpoint import convert as cv
     from megatron_apriel.checkpoint.hf_io import SafetensorsReader, copy_side_files, write_output_dir
     from megatron_apriel.models.llava import build_llava_chunks
     from megatron_apriel.runtime import init_distributed
 
+    from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
+
     start = time.time()
     try:
-        preset = preset_from_hf_config(AutoConfig.from_pretrained(hf_dir), name=Path(hf_dir).name)
-    except ValueError as e:
-        raise cv.ConversionError(f"{Path(hf_dir) / 'config.json'}: {e}") from None
+        cfg, _ = check_hf_dir(hf_dir, report=cv._is_rank0())
+        preset = preset_from_hf_config(cfg, name=Path(hf_dir).name)
+    except HFConfigError as e:
+        raise cv.ConversionError(str(e)) from None
     reader = SafetensorsReader(hf_dir)
     try:
         canonical = HFLlavaCanonical(reader, preset)

@@ -30,11 +30,13 @@ from pathlib import Path
 import torch
 
 from megatron_apriel.checkpoint.hf_io import (
+    SafetensorsFileError,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_side_files,
 )
+from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # Per-layer tensors zeroed by --init identity: the two projections that write into the residual.
 IDENTITY_ZERO_SUFFIXES = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
@@ -227,6 +229,10 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
     config_path = hf / "config.json"
     if not config_path.exists():
         raise UpscaleError(f"{config_path}: missing (an HF checkpoint folder is needed)")
+    try:  # an upscaled model is trained by megatron-core: refuse what it cannot compute before any work
+        check_hf_dir(hf, report=True)
+    except HFConfigError as e:
+        raise UpscaleError(str(e)) from None
     config = json.loads(config_path.read_text())
     num_layers = text_config_of(config).get("num_hidden_layers")
     if not isinstance(num_layers, int):
@@ -327,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             raise UpscaleError("--out is required")
         upscale(opts["hf"], opts["out"], plan_args, init=opts.get("init", "copy"), force=bool(opts.get("force")),
                 max_shard_bytes=int(float(opts.get("max_shard_gb", 5)) * 1024**3))
-    except (UpscaleError, FileExistsError, FileNotFoundError, KeyError) as e:
+    except (UpscaleError, SafetensorsFileError, FileExistsError, FileNotFoundError, KeyError) as e:
         print(f"apriel upscale: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # bad input or config
     return 0
 
 

@@ -85,7 +85,8 @@ def build_gpt_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    return GPTModel(
+    scaling = preset.rope_scaling or {}
+    model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(use_te),
         vocab_size=padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size),
@@ -96,9 +97,27 @@ def build_gpt_model(
         share_embeddings_and_output_weights=not preset.untie_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=int(preset.rope_theta),
+        rotary_base=int(preset.rope_theta) if float(preset.rope_theta).is_integer() else preset.rope_theta,
+        seq_len_interpolation_factor=scaling["factor"] if scaling.get("rope_type") == "linear" else None,
         vp_stage=vp_stage,
     )
+    if scaling.get("rope_type") == "llama3":
+        apply_llama3_rope_scaling(model.rotary_pos_emb, scaling)
+    return model
+
+
+def apply_llama3_rope_scaling(rotary, scaling: dict) -> None:
+    """Llama-3 rope scaling with the checkpoint's own parameters, by megatron-core's function.
+
+    ``GPTModel(rope_scaling=True)`` forwards only the factor to ``RotaryEmbedding._apply_scaling``,
+    whose low/high frequency factors and original context default to Llama-3.1's (1, 4, 8192);
+    calling that same function on the unscaled frequencies with every parameter of the config keeps
+    other Llama-3 style checkpoints exact too.
+    """
+    rotary.inv_freq = rotary._apply_scaling(
+        rotary.inv_freq, factor=scaling["factor"], low_freq_factor=scaling["low_freq_factor"],
+        high_freq_factor=scaling["high_freq_factor"],
+        original_max_position_embeddings=scaling["original_max_position_embeddings"])
 
 
 def build_model_chunks(preset: ModelPreset, config, use_te: bool = False, max_sequence_length: int = 4096):

@@ -63,6 +63,10 @@ class ModelPreset:
     vocab_size: int
     rope_theta: float
     norm_epsilon: float = 1e-5
+    # None, {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}: transformers' rope_parameters, as
+    # models.hf_config maps them (the builder hands them to megatron-core's RotaryEmbedding)
+    rope_scaling: Optional[dict] = None
     max_position_embeddings: int = 1024000
     untie_embeddings: bool = True
     bos_token_id: int = 1
@@ -73,6 +77,20 @@ class ModelPreset:
 
     def replace(self, **changes) -> "ModelPreset":
         return dataclasses.replace(self, **changes)
+
+    def function_differences(self, other: "ModelPreset") -> list[str]:
+        """``field: mine vs other`` for every field that changes what the model computes.
+
+        Names, descriptions, the HF class, token ids and the context length transformers advertises
+        leave the megatron-core model's function alone and are not compared.
+        """
+        skip = {"name", "description", "hf_architecture", "bos_token_id", "eos_token_id", "max_position_embeddings",
+                "vision"}
+        diffs = [f"{f.name}: {getattr(self, f.name)!r} vs {getattr(other, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name not in skip and getattr(self, f.name) != getattr(other, f.name)]
+        if self.vision != other.vision:
+            diffs.append(f"vision: {self.vision!r} vs {other.vision!r}")
+        return diffs
 
     # ------------------------------------------------------------------ megatron-core
     def transformer_config(
@@ -176,7 +194,7 @@ class ModelPreset:
             hidden_act="silu",
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.norm_epsilon,
-            rope_theta=self.rope_theta,
+            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default", **(self.rope_scaling or {})},
             tie_word_embeddings=not self.untie_embeddings,
             sliding_window=None,
             bos_token_id=self.bos_token_id,
@@ -190,30 +208,16 @@ class ModelPreset:
 
     @classmethod
     def from_hf_config(cls, cfg, name: str = "from-hf") -> "ModelPreset":
-        """A preset from a transformers MistralConfig (or the text_config of a Llava config)."""
-        text = getattr(cfg, "text_config", None) or cfg
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        rope_theta = getattr(text, "rope_theta", None)
-        if rope_theta is None:
-            rope_params = getattr(text, "rope_parameters", None) or {}
-            rope_theta = rope_params.get("rope_theta", 10000.0)
-        return cls(
-            name=name,
-            num_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            num_attention_heads=text.num_attention_heads,
-            num_query_groups=text.num_key_value_heads,
-            kv_channels=head_dim,
-            ffn_hidden_size=text.intermediate_size,
-            vocab_size=text.vocab_size,
-            rope_theta=float(rope_theta),
-            norm_epsilon=text.rms_norm_eps,
-            max_position_embeddings=text.max_position_embeddings,
-            untie_embeddings=not getattr(cfg, "tie_word_embeddings", False),
-            bos_token_id=getattr(text, "bos_token_id", 1) or 1,
-            eos_token_id=getattr(text, "eos_token_id", 2) or 2,
-            hf_architecture=(getattr(cfg, "architectures", None) or ["MistralForCausalLM"])[0],
-        )
+        """The decoder preset of a transformers Mistral/Llama config (or of a Llava's text_config).
+
+        Every field that changes the function is mapped or refused (:mod:`models.hf_config`,
+        which raises ``HFConfigError`` naming the field and its value).
+        """
+        from megatron_apriel.models.hf_config import check_hf_config
+
+        checked = check_hf_config(cfg)
+        return cls(name=name, hf_architecture=(getattr(cfg, "architectures", None) or ["MistralForCausalLM"])[0],
+                   **checked.text)
 
     # ------------------------------------------------------------------ counting
     def param_counts(self) -> dict[str, int]:

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -199,6 +200,28 @@ def _blend_spec(cfg: TrainConfig):
     return spec
 
 
+def _check_loaded_model(load: str, preset, preset_name: str) -> None:
+    """The model a starting checkpoint was converted or trained as must compute what the config builds.
+
+    Dist checkpoints catch shape mismatches, not a rope scaling, rope theta or norm epsilon that
+    differs: a checkpoint converted from HF (its ``apriel_model.yaml`` keeps the preset of the HF
+    config, rope scaling included) trained under another preset would silently train a different
+    model. Checkpoints without that file are not checked.
+    """
+    from megatron_apriel.checkpoint.convert import MODEL_META, ConversionError, read_model_meta
+
+    if not any((folder / MODEL_META).is_file() for folder in (Path(load), Path(load).parent)):
+        return
+    try:
+        stored, _ = read_model_meta(load)
+    except ConversionError as e:
+        raise ConfigError(f"checkpoint.load: {e}") from None
+    diffs = stored.function_differences(preset)
+    if diffs:
+        raise ConfigError(f"checkpoint.load {load}: its {MODEL_META} describes another model than model.preset "
+                          f"{preset_name} (+ model.changes): {'; '.join(diffs)} (checkpoint vs config)")
+
+
 def _device_of(env) -> str:
     return "cuda" if env.device == "cuda" else "cpu"
 
@@ -317,6 +340,9 @@ def train(cfg: TrainConfig) -> int:
     _log0("config:\n" + __import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
 
     preset = get_preset(m.preset, **m.changes)
+    load = ck.load or _stage_load(cfg)
+    if load and not (ck.save and read_latest(ck.save) is not None):
+        _check_loaded_model(load, preset, m.preset)
     use_te = should_use_te(env.device, m.use_te)
     tcfg = preset.transformer_config(
         tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
@@ -346,7 +372,6 @@ def train(cfg: TrainConfig) -> int:
         os.makedirs(ck.save, exist_ok=True)
         write_model_meta(ck.save, preset, torch.bfloat16 if m.bf16 else torch.float32)
     iteration, consumed = 0, 0
-    load = ck.load or _stage_load(cfg)
     if ck.save and read_latest(ck.save) is not None:
         # A complete checkpoint of this run (requeue, crash): always a full resume.
         iteration, consumed = checkpointer.load(ck.save, ddp, optimizer, scheduler, mode="full")
