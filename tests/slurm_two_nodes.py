@@ -26,6 +26,7 @@ the namespaces and the bridge (the veths go with them), also after a failed star
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,7 +36,7 @@ from pathlib import Path
 from slurm_cluster import SlurmCluster, SlurmError, _alive, _which
 
 NODES = ("apriel-n1", "apriel-n2")
-NET_TOOLS = ("ip", "nsenter", "unshare", "mount")
+NET_TOOLS = ("ip", "nsenter", "unshare", "mount", "hostname")
 
 
 def missing_net_tools() -> list[str]:
@@ -58,6 +59,20 @@ def _free_subnet() -> int:
         if f" 10.231.{x}." not in used:
             return x
     raise SlurmError("no free subnet in 10.231.0.0/16 for the two-node test cluster")
+
+
+def _remove_stale_networks() -> None:
+    """Namespaces and bridges of a cluster whose test process was killed before ``stop`` (SIGKILL,
+    a CI timeout): the owner's pid is in their names. Namespaces that still hold processes are left."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    for name, pid in re.findall(r"^(apriel(\d+)n\d)\b", listed, flags=re.M):
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30).stdout
+        if not _alive(int(pid)) and not pids.strip():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    links = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True, timeout=30).stdout
+    for name, pid in re.findall(r"^\d+: (apbr(\d+))[:@]", links, flags=re.M):
+        if not _alive(int(pid)):
+            subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=30)
 
 
 class TwoNodeSlurmCluster(SlurmCluster):
@@ -89,6 +104,7 @@ class TwoNodeSlurmCluster(SlurmCluster):
         if missing:
             raise SlurmError(f"missing {', '.join(missing)} for the two-node cluster (apt-get install iproute2 util-linux mount)")
         self.root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_networks()
         self._make_network()
         super().start()
 
