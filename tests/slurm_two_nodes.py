@@ -8,8 +8,8 @@ tell:
 
 - ``apriel-n1`` and ``apriel-n2`` each run a slurmd inside a network namespace (own loopback, own
   ``eth0`` on a veth pair) and a UTS namespace (own hostname), with a private ``/etc/hosts``
-  (bind-mounted inside a mount namespace) that names both nodes; nothing else differs from a real
-  cluster's compute node;
+  (bind-mounted inside a mount namespace) that names both nodes; they still share the machine's
+  process table and file system (the latter as compute nodes share a parallel file system);
 - the host ends of the veth pairs sit on a bridge made for this cluster, which carries the
   controller's address; addresses come from 10.231.X.0/24, a private range used only on this
   bridge, so the jobs' traffic never leaves the machine;

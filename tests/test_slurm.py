@@ -145,9 +145,9 @@ def test_sbatch_convert_two_tasks_tp2(cluster, tmp_path):
     check_convert_tp2(cluster, tmp_path, ["--nodes=1", "--ntasks=2"])
 
 
-def check_convert_tp2(cluster, tmp_path: Path, alloc: list[str]) -> None:
+def check_convert_tp2(cluster, tmp_path: Path, alloc: list[str]) -> str:
     """slurm/convert.sh with two srun tasks (laid out by ``alloc``) writes a TP=2 dist checkpoint
-    equal to the HF tensors."""
+    equal to the HF tensors; returns the job's log."""
     from conftest import make_tiny_hf
     from megatron_apriel.checkpoint.convert import load_mcore_canonical, preset_from_hf_dir
     from megatron_apriel.checkpoint.hf_io import SafetensorsReader
@@ -158,7 +158,8 @@ def check_convert_tp2(cluster, tmp_path: Path, alloc: list[str]) -> None:
     job = cluster.sbatch([*alloc, "--cpus-per-task=1", "--time=30", str(REPO / "slurm" / "convert.sh"),
                           "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mcore"), "--tp", "2"],
                          cwd=tmp_path, env=_env())
-    _finished(cluster, job, tmp_path / "logs" / f"apriel-convert-{job}.out")
+    log = tmp_path / "logs" / f"apriel-convert-{job}.out"
+    _finished(cluster, job, log)
     preset = preset_from_hf_dir(hf)
     with SafetensorsReader(hf) as r:
         expected = dict(hf_to_mcore(r.get, preset))
@@ -166,3 +167,4 @@ def check_convert_tp2(cluster, tmp_path: Path, alloc: list[str]) -> None:
     assert set(got) == set(expected)
     for k, v in expected.items():
         assert torch.equal(got[k][: v.shape[0]], v), k
+    return log.read_text()

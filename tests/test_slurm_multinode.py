@@ -158,4 +158,7 @@ def _training_process(cluster, node: str) -> int:
 
 
 def test_sbatch_convert_one_task_per_node(cluster, tmp_path):
-    check_convert_tp2(cluster, tmp_path, ["--nodes=2", "--ntasks=2"])
+    """`sbatch --nodes=2 --ntasks=2 slurm/convert.sh ... --tp 2`: the script's own --ntasks=1 yields
+    to the command line, and SLURM gives each node one task."""
+    log = check_convert_tp2(cluster, tmp_path, ["--nodes=2", "--ntasks=2"])
+    assert "2 node(s) apriel-n[1-2], 2 task(s), master apriel-n1:" in log, log[-3000:]
