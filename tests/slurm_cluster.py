@@ -65,6 +65,7 @@ class SlurmCluster:
         self.nodes = [self.host]
         self.ctl_host = self.host
         self.per_node = ""  # "-%n" where several slurmd share the scratch folder
+        self.extra_conf = ""
         self._pidfiles = {
             "slurmd": self.root / "slurmd.pid",
             "slurmctld": self.root / "slurmctld.pid",
@@ -119,6 +120,7 @@ MpiDefault=none
 JobRequeue=1
 KillWait=10
 MinJobAge=600
+{self.extra_conf}
 {self.node_lines(mem)}
 PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
