@@ -16,6 +16,7 @@
 #   CONTAINER_MOUNTS pyxis mounts (default: APRIEL_HOME and the submit folder at the same paths)
 #   SRUN_ARGS        extra srun flags
 #   MAX_REQUEUES     give up requeueing after this many restarts (default 50)
+#   TASK_EXIT_WAIT   seconds srun lets the other tasks run on after the first one exits (default 600)
 #
 # Signals: the scripts ask for `--signal=B:USR1@N`: SLURM signals this batch shell N seconds
 # before the time limit (up to 30 s earlier: its time-limit check runs every 30 s), the shell asks
@@ -69,7 +70,16 @@ apriel_resolve() {
 # wrapper starts Python with USR1 ignored (a stop request during imports must not kill it) and sends
 # the USR1 once Python catches it (SigCgt in /proc), so a request that lands before the loop's
 # handler is installed waits instead of being lost; exactly once, because an interpreter that is
-# shutting down has USR1 back at its default action (terminate).
+# shutting down has USR1 back at its default action (terminate). Each task logs the hand-over with
+# its host, so the job log shows that the request reached every node.
+#
+# A task that fails ends the whole step at once, as `srun --kill-on-bad-exit` would: the other ranks
+# would otherwise wait in a collective until the distributed timeout. Not that flag itself: it also
+# counts exit code 3 (checkpointed, requeue me) as bad, and across nodes the first rank to exit 3 had
+# srun kill the others while they were still exiting, so the job failed instead of being requeued.
+# The wrapper logs its host, task and exit, then cancels the step; where the task cannot run scancel
+# (a container without the SLURM client) srun's --wait ends the step TASK_EXIT_WAIT seconds (default
+# 600) after the first task exits.
 APRIEL_TASK_WRAPPER='
 trap "" USR1
 "$@" &
@@ -81,13 +91,20 @@ catches_usr1() {
 notifier=""
 on_urg() {
   [ -z "$notifier" ] || return 0
-  (until catches_usr1; do kill -0 "$pid" 2>/dev/null || exit 0; sleep 1; done; kill -USR1 "$pid") &
+  (until catches_usr1; do kill -0 "$pid" 2>/dev/null || exit 0; sleep 1; done; kill -USR1 "$pid"
+   echo "[apriel $(date "+%F %T")] ${SLURMD_NODENAME:-$HOSTNAME} task ${SLURM_PROCID:-0}: stop request passed to the training process (pid $pid)") &
   notifier=$!
 }
 trap on_urg URG
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
 rc=0; wait "$pid" || rc=$?
 [ -z "$notifier" ] || kill "$notifier" 2>/dev/null
+if [ "$rc" != 0 ] && [ "$rc" != 3 ]; then  # 3: EXIT_REQUEUE
+  how="exited with code $rc"; [ "$rc" -le 128 ] || how="was killed by SIG$(kill -l $((rc - 128)))"
+  echo "[apriel $(date "+%F %T")] ${SLURMD_NODENAME:-$HOSTNAME} task ${SLURM_PROCID:-0}: ${1##*/} (pid $pid) $how:" \
+    "ending step ${SLURM_JOB_ID:-}.${SLURM_STEP_ID:-}" >&2
+  [ -z "${SLURM_STEP_ID:-}" ] || scancel --signal=KILL "$SLURM_JOB_ID.$SLURM_STEP_ID" 2>/dev/null || true
+fi
 exit "$rc"'
 
 apriel_stop_tasks() {
@@ -98,7 +115,7 @@ apriel_stop_tasks() {
 # srun one task per allocated task slot, in the background so this shell can take signals;
 # returns the step's exit code (the highest of its tasks').
 apriel_srun() {
-  local -a args=(--kill-on-bad-exit=1)
+  local -a args=(--kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-600}")
   if [ -n "${CONTAINER_IMAGE:-}" ]; then
     args+=(--container-image="$CONTAINER_IMAGE"
            --container-mounts="${CONTAINER_MOUNTS:-$APRIEL_HOME:$APRIEL_HOME,$PWD:$PWD}"

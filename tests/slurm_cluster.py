@@ -62,6 +62,10 @@ class SlurmCluster:
         self.start_timeout = start_timeout
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
+        self.nodes = [self.host]
+        self.ctl_host = self.host
+        self.per_node = ""  # "-%n" where several slurmd share the scratch folder
+        self.extra_conf = ""
         self._pidfiles = {
             "slurmd": self.root / "slurmd.pid",
             "slurmctld": self.root / "slurmctld.pid",
@@ -91,7 +95,7 @@ class SlurmCluster:
         mem = max(1000, int(_mem_mb() * 0.8))
         self.conf.write_text(f"""\
 ClusterName=apriel-test
-SlurmctldHost={self.host}
+SlurmctldHost={self.ctl_host}
 SlurmctldPort={_free_port()}
 SlurmdPort={_free_port()}
 AuthType=auth/munge
@@ -100,11 +104,11 @@ AuthInfo=socket={self.munge_socket}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool{self.per_node}
 SlurmctldPidFile={self._pidfiles['slurmctld']}
-SlurmdPidFile={self._pidfiles['slurmd']}
+SlurmdPidFile={d}/slurmd{self.per_node}.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd{self.per_node}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -116,9 +120,13 @@ MpiDefault=none
 JobRequeue=1
 KillWait=10
 MinJobAge=600
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem} State=UNKNOWN
-PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
+{self.extra_conf}
+{self.node_lines(mem)}
+PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
+
+    def node_lines(self, mem: int) -> str:
+        return f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem} State=UNKNOWN"
 
     def start(self) -> None:
         missing = missing_binaries()
@@ -137,8 +145,11 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
         env = self.env()
         self._run([_which("slurmctld"), "-f", str(self.conf)], env=env)
         self._wait_for(lambda: self._ok(["scontrol", "ping"]), "slurmctld to answer scontrol ping")
+        self.start_slurmd(env)
+        self._wait_for(self._node_idle, f"node(s) {self.nodes} to become idle")
+
+    def start_slurmd(self, env: dict) -> None:
         self._run([_which("slurmd"), "-f", str(self.conf)], env=env)
-        self._wait_for(self._node_idle, f"node {self.host} to become idle")
 
     def stop(self) -> None:
         """Cancel every job, then end slurmd, slurmctld and munged by their pids."""
@@ -147,7 +158,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
             deadline = time.time() + 30
             while time.time() < deadline and self._ok(["squeue", "-h", "-t", "running,completing"], need_output=True):
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in self._pidfiles:  # the slurmd(s) first, munged last
             pid = self._pid(name)
             if pid is None:
                 continue
@@ -220,7 +231,7 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP
 
     def _node_idle(self) -> bool:
         p = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env(), capture_output=True, text=True, timeout=15)
-        return p.returncode == 0 and p.stdout.strip() == "idle"
+        return p.returncode == 0 and p.stdout.split() == ["idle"] * len(self.nodes)
 
     def _wait_for(self, cond, what: str) -> None:
         deadline = time.time() + self.start_timeout

@@ -32,13 +32,18 @@ CPU_ALLOC = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=1"]
 pytestmark = pytest.mark.slurm
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    missing = missing_binaries()
+def require_slurm(missing_tools: list[str] = ()) -> None:
+    """Skip where the SLURM packages (or other ``missing_tools``) are absent or we are not root."""
+    missing = missing_binaries() + list(missing_tools)
     if missing:
-        pytest.skip(f"SLURM not installed (missing {', '.join(missing)}): apt-get install slurmctld slurmd slurm-client munge")
+        pytest.skip(f"missing {', '.join(missing)}: apt-get install slurmctld slurmd slurm-client munge iproute2")
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_slurm()
     with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
         yield c
 
@@ -137,7 +142,12 @@ def test_two_srun_tasks_form_tp2_group(cluster, cpt_run, tmp_path):
 
 
 def test_sbatch_convert_two_tasks_tp2(cluster, tmp_path):
-    """slurm/convert.sh with two srun tasks writes a TP=2 dist checkpoint equal to the HF tensors."""
+    check_convert_tp2(cluster, tmp_path, ["--nodes=1", "--ntasks=2"])
+
+
+def check_convert_tp2(cluster, tmp_path: Path, alloc: list[str]) -> str:
+    """slurm/convert.sh with two srun tasks (laid out by ``alloc``) writes a TP=2 dist checkpoint
+    equal to the HF tensors; returns the job's log."""
     from conftest import make_tiny_hf
     from megatron_apriel.checkpoint.convert import load_mcore_canonical, preset_from_hf_dir
     from megatron_apriel.checkpoint.hf_io import SafetensorsReader
@@ -145,10 +155,11 @@ def test_sbatch_convert_two_tasks_tp2(cluster, tmp_path):
 
     hf = make_tiny_hf(tmp_path / "hf", seed=5)
     (tmp_path / "logs").mkdir()
-    job = cluster.sbatch(["--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=30", str(REPO / "slurm" / "convert.sh"),
+    job = cluster.sbatch([*alloc, "--cpus-per-task=1", "--time=30", str(REPO / "slurm" / "convert.sh"),
                           "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "mcore"), "--tp", "2"],
                          cwd=tmp_path, env=_env())
-    _finished(cluster, job, tmp_path / "logs" / f"apriel-convert-{job}.out")
+    log = tmp_path / "logs" / f"apriel-convert-{job}.out"
+    _finished(cluster, job, log)
     preset = preset_from_hf_dir(hf)
     with SafetensorsReader(hf) as r:
         expected = dict(hf_to_mcore(r.get, preset))
@@ -156,3 +167,4 @@ def test_sbatch_convert_two_tasks_tp2(cluster, tmp_path):
     assert set(got) == set(expected)
     for k, v in expected.items():
         assert torch.equal(got[k][: v.shape[0]], v), k
+    return log.read_text()
