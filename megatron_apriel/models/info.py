@@ -25,10 +25,12 @@ GiB = 1024**3
 
 
 def stage_params(preset, tp: int, pp: int) -> int:
-    """Parameters held by the most loaded rank (first stage: embeddings + its layers)."""
+    """Parameters held by the most loaded rank (first stage: embeddings, vision encoder, projector
+    and its layers; last stage: its layers and the output layer)."""
     c = preset.param_counts()
     layers = math.ceil(preset.num_layers / pp)
-    first = c["embedding"] + layers * c["per_layer"] + (c["output_layer"] + c["final_norm"] if pp == 1 else 0)
+    first = (c["embedding"] + c["vision_encoder"] + c["projector"] + layers * c["per_layer"]
+             + (c["output_layer"] + c["final_norm"] if pp == 1 else 0))
     last = c["output_layer"] + c["final_norm"] + layers * c["per_layer"]
     return max(first, last) // tp
 
@@ -60,9 +62,33 @@ def memory_estimate(preset, tp=1, pp=1, dp=1, seq=4096, micro_batch=1, recompute
     }
 
 
+def _billions(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def preset_table() -> str:
+    """The README's preset table (markdown), made from PRESETS so the figures are the code's."""
+    rows = ["| preset | HF class | layers | hidden | heads (q/kv) | head_dim | FFN | vocab | rope θ | params |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, p in PRESETS.items():
+        c = p.param_counts()
+        cls = p.hf_architecture
+        params = _billions(c["total"])
+        if p.vision is not None:
+            v = p.vision
+            cls += f" (Pixtral vision {v.num_layers} x {v.hidden_size}, patch {v.patch_size}, + 2-layer GELU projector)"
+            params += (f" (decoder {_billions(c['decoder'])} + vision {_billions(c['vision_encoder'])}"
+                       f" + projector {_billions(c['projector'])})")
+        rows.append(f"| `{name}` | {cls} | {p.num_layers} | {p.hidden_size} | {p.num_attention_heads} / "
+                    f"{p.num_query_groups} | {p.kv_channels} | {p.ffn_hidden_size} | {p.vocab_size} | "
+                    f"{p.rope_theta:.0e}".replace("e+0", "e").replace("e+", "e") + f" | {params} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="apriel model-info", description=__doc__.splitlines()[0])
-    ap.add_argument("preset", choices=sorted(PRESETS))
+    ap.add_argument("preset", nargs="?", choices=sorted(PRESETS))
+    ap.add_argument("--table", action="store_true", help="print the markdown table of all presets (the README's)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--dp", type=int, default=1)
@@ -71,12 +97,22 @@ def main(argv=None) -> int:
     ap.add_argument("--recompute", choices=["none", "selective", "full"], default="selective")
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     args = ap.parse_args(argv)
+    if args.table:
+        print(preset_table())
+        return 0
+    if args.preset is None:
+        ap.error("give a preset (or --table)")
     p = get_preset(args.preset)
     c = p.param_counts()
     print(f"preset {p.name}: {p.description}")
     print(f"  layers {p.num_layers}, hidden {p.hidden_size}, heads {p.num_attention_heads}/{p.num_query_groups} "
           f"(head_dim {p.kv_channels}), ffn {p.ffn_hidden_size}, vocab {p.vocab_size}, rope_theta {p.rope_theta:g}")
     print(f"  parameters total      {c['total']:>16,d}  ({c['total'] / 1e9:.2f} B)")
+    if p.vision is not None:
+        v = p.vision
+        print(f"    vision encoder      {c['vision_encoder']:>16,d}  ({v.num_layers} layers x {v.hidden_size}, patch {v.patch_size})")
+        print(f"    projector           {c['projector']:>16,d}  (2-layer {v.projector_hidden_act} MLP {v.hidden_size} -> {p.hidden_size})")
+        print(f"    decoder             {c['decoder']:>16,d}  ({c['decoder'] / 1e9:.2f} B)")
     print(f"    embedding           {c['embedding']:>16,d}")
     print(f"    output layer        {c['output_layer']:>16,d}")
     print(f"    per layer           {c['per_layer']:>16,d}  (attention {c['per_layer_attention']:,d}, mlp {c['per_layer_mlp']:,d})")
