@@ -35,18 +35,30 @@ def stage_params(preset, tp: int, pp: int) -> int:
     return max(first, last) // tp
 
 
+def activation_bytes(preset, seq: int, micro_batch: int, tp: int, sequence_parallel: bool = True,
+                     recompute: str = "selective", flash: bool = True) -> float:
+    """Activation bytes one decoder layer keeps for the backward pass (Korthikanti et al. 2022).
+
+    ``34 sbh / t`` with sequence parallelism, ``sbh (10 + 24 / t)`` without (the norms' and dropouts'
+    inputs are then replicated over TP); plus ``5 a s^2 b / t`` for the attention scores unless they
+    are recomputed (selective) or never stored (flash attention); full recompute keeps the input only.
+    """
+    s, b, h, a = seq, micro_batch, preset.hidden_size, preset.num_attention_heads
+    if recompute == "full":
+        return 2 * s * b * h / (tp if sequence_parallel else 1)
+    per_layer = s * b * h * (34 / tp if sequence_parallel else 10 + 24 / tp)
+    if recompute == "none" and not flash:
+        per_layer += s * b * h * (5 * a * s / h) / tp
+    return per_layer
+
+
 def memory_estimate(preset, tp=1, pp=1, dp=1, seq=4096, micro_batch=1, recompute="selective",
                     distributed_optimizer=True, flash=True) -> dict[str, float]:
     params = stage_params(preset, tp, pp)
     weights = 2 * params
     grads = 4 * params
     optim = 12 * params / (dp if distributed_optimizer else 1)
-    s, b, h, a = seq, micro_batch, preset.hidden_size, preset.num_attention_heads
-    per_layer = s * b * h * 34 / tp
-    if recompute == "none" and not flash:
-        per_layer += s * b * h * (5 * a * s / h) / tp
-    if recompute == "full":
-        per_layer = 2 * s * b * h / tp
+    per_layer = activation_bytes(preset, seq, micro_batch, tp, True, recompute, flash)
     layers = math.ceil(preset.num_layers / pp)
     in_flight = pp  # 1F1B: the first stage keeps pp micro-batches of activations
     activations = per_layer * layers * in_flight
@@ -62,8 +74,8 @@ def memory_estimate(preset, tp=1, pp=1, dp=1, seq=4096, micro_batch=1, recompute
     }
 
 
-def _billions(n: int) -> str:
-    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+def human_count(n: int, digits: int = 2) -> str:
+    return f"{n / 1e9:.{digits}f} B" if n >= 1e8 else f"{n / 1e6:.{digits}f} M"
 
 
 def preset_table() -> str:
@@ -73,12 +85,12 @@ def preset_table() -> str:
     for name, p in PRESETS.items():
         c = p.param_counts()
         cls = p.hf_architecture
-        params = _billions(c["total"])
+        params = human_count(c["total"])
         if p.vision is not None:
             v = p.vision
             cls += f" (Pixtral vision {v.num_layers} x {v.hidden_size}, patch {v.patch_size}, + 2-layer GELU projector)"
-            params += (f" (decoder {_billions(c['decoder'])} + vision {_billions(c['vision_encoder'])}"
-                       f" + projector {_billions(c['projector'])})")
+            params += (f" (decoder {human_count(c['decoder'])} + vision {human_count(c['vision_encoder'])}"
+                       f" + projector {human_count(c['projector'])})")
         rows.append(f"| `{name}` | {cls} | {p.num_layers} | {p.hidden_size} | {p.num_attention_heads} / "
                     f"{p.num_query_groups} | {p.kv_channels} | {p.ffn_hidden_size} | {p.vocab_size} | "
                     f"{p.rope_theta:.0e}".replace("e+0", "e").replace("e+", "e") + f" | {params} |")
