@@ -62,7 +62,7 @@ def memory_estimate(preset, tp=1, pp=1, dp=1, seq=4096, micro_batch=1, recompute
     layers = math.ceil(preset.num_layers / pp)
     in_flight = pp  # 1F1B: the first stage keeps pp micro-batches of activations
     activations = per_layer * layers * in_flight
-    logits = 4 * s * b * preset.vocab_size / tp * 2 if pp == 1 else 0  # fp32 logits + grad
+    logits = 4 * seq * micro_batch * preset.vocab_size / tp * 2 if pp == 1 else 0  # fp32 logits + grad
     total = weights + grads + optim + activations + logits
     return {
         "params_per_gpu": params,
