@@ -14,11 +14,10 @@ activation estimate of :mod:`megatron_apriel.models.info`, 1F1B: stage i keeps p
 flight; the vision encoder's activations, a few hundred patches per image, are left out) and the
 FLOPs of a step.
 
-Three departures from a real run, none with an effect on the figures: the model is built with
-megatron-core's local layer spec (Transformer Engine is GPU-only), so sequence parallelism and
-context parallelism are off in the layers while building (the local spec's torch norms refuse SP,
-its attention has no CP; neither changes a parameter shape; the parallel groups are the real ones and
-the activation estimate counts both). Exit 0, or 2 with one line naming the
+Two departures from a real run, neither with an effect on the figures: the model is built with
+megatron-core's local layer spec (Transformer Engine is GPU-only), so context parallelism is off in
+the layers while building (the local spec's attention has no CP; CP changes no parameter shape; the
+parallel groups are the real ones and the activation estimate counts it). Exit 0, or 2 with one line naming the
 key at fault.
 """
 
@@ -183,7 +182,7 @@ def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int)
                                      context_parallel_size=m.cp, create_gloo_process_groups=False)
         # cp=1 in the layer config: the local spec's attention has no CP, and CP changes no shape
         tcfg = preset.transformer_config(
-            tp=m.tp, pp=m.pp, vpp=m.vpp, cp=1, sequence_parallel=False,
+            tp=m.tp, pp=m.pp, vpp=m.vpp, cp=1, sequence_parallel=m.sequence_parallel,
             params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, recompute=m.recompute,
             recompute_num_layers=m.recompute_num_layers, device="cpu", use_te=False, perform_initialization=False)
         build = build_model_chunks
