@@ -14,11 +14,11 @@ activation estimate of :mod:`megatron_apriel.models.info`, 1F1B: stage i keeps p
 flight; the vision encoder's activations, a few hundred patches per image, are left out) and the
 FLOPs of a step.
 
-Two departures from a real run, neither with an effect on the figures: the model is built with
+One departure from a real run, without effect on the figures: the model is built with
 megatron-core's local layer spec (Transformer Engine is GPU-only), so context parallelism is off in
 the layers while building (the local spec's attention has no CP; CP changes no parameter shape; the
-parallel groups are the real ones and the activation estimate counts it). Exit 0, or 2 with one line naming the
-key at fault.
+parallel groups are the real ones and the activation estimate counts it). Exit 0, or 2 with one
+line naming the key at fault.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_
     if (n * g) % mp:
         raise ConfigError(f"--nodes x --gpus-per-node: {n} x {g} = {n * g} GPUs is not a multiple of "
                           f"model.tp x model.pp x model.cp = {mp}")
-    if g % m.tp and m.tp > g:
+    if m.tp > g:
         notes.append(f"model.tp {m.tp} spans nodes ({g} GPUs per node): TP traffic leaves NVLink")
     dp = n * g // mp
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -168,6 +168,8 @@ def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int)
     """Build the chunks of one rank on the meta device over a fake process group of the real world size."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
+    # importing fake_pg registers torch's "fake" backend (collectives return at once, no peers needed);
+    # torch keeps it under testing/_internal and uses it to run distributed code at any world size
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from megatron_apriel.models.builder import build_model_chunks
