@@ -36,6 +36,8 @@ LAYOUTS = {
     "pp2_vpp2": ["--pp", "2", "--vpp", "2"],
     "dp2_distopt": ["--distributed-optimizer"],
     "tp2_seq_mb2": ["--tp", "2", "--micro-batch-size", "2", "--distributed-optimizer"],
+    # sequence parallelism: norm weights see half the sequence per rank, their grads all-reduced over TP
+    "tp2_sp": ["--tp", "2", "--sequence-parallel", "--micro-batch-size", "2"],
 }
 
 

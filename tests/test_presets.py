@@ -7,22 +7,42 @@ import torch
 from megatron_apriel.models import PRESETS, ModelPreset, get_preset, padded_vocab_size
 
 
-def hf_meta_count(preset: ModelPreset) -> int:
-    from transformers import MistralForCausalLM
+def hf_meta_count(preset: ModelPreset) -> tuple[int, int, int]:
+    """(total, vision tower, projector) parameters of the transformers model built on the meta device."""
+    from transformers import LlavaForConditionalGeneration, MistralForCausalLM
+
+    from megatron_apriel.checkpoint import llava
 
     with torch.device("meta"):
-        model = MistralForCausalLM(preset.hf_config())
-    return sum(p.numel() for p in model.parameters())
+        if preset.vision is None:
+            return sum(p.numel() for p in MistralForCausalLM(preset.hf_config()).parameters()), 0, 0
+        model = LlavaForConditionalGeneration(llava.hf_config(preset))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return count(model), count(model.model.vision_tower), count(model.model.multi_modal_projector)
 
 
-@pytest.mark.parametrize("name", ["mistral-nemo-12b", "apriel-nemotron-15b", "apriel-1.5-15b-text", "tiny"])
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_param_count_matches_transformers_and_formula(name):
+    """Every preset, vision encoder and projector included (runtime: ~0.1 s each)."""
     p = get_preset(name)
     h, d, f, v = p.hidden_size, p.kv_channels, p.ffn_hidden_size, p.vocab_size
     per_layer = h * d * (p.num_attention_heads + 2 * p.num_query_groups) + p.num_attention_heads * d * h + 3 * h * f + 2 * h
     analytic = 2 * v * h + p.num_layers * per_layer + h
-    assert p.param_counts()["total"] == analytic
-    assert hf_meta_count(p) == analytic
+    c = p.param_counts()
+    assert c["decoder"] == analytic
+    assert hf_meta_count(p) == (c["total"], c["vision_encoder"], c["projector"])
+    assert c["total"] == analytic + c["vision_encoder"] + c["projector"]
+    assert (c["vision_encoder"] > 0) == (p.vision is not None)
+
+
+def test_readme_preset_table_is_the_code_s():
+    from conftest import REPO
+
+    from megatron_apriel.models.info import preset_table
+
+    table = preset_table()
+    assert table in (REPO / "README.md").read_text(), "README's preset table differs from `apriel model-info --table`"
+    assert "| `pixtral-12b` |" in table and "12.68 B (decoder 12.25 B + vision 0.40 B + projector 31.47 M)" in table
 
 
 def test_recipe_numbers():

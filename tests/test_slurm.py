@@ -168,3 +168,40 @@ def check_convert_tp2(cluster, tmp_path: Path, alloc: list[str]) -> str:
     for k, v in expected.items():
         assert torch.equal(got[k][: v.shape[0]], v), k
     return log.read_text()
+
+
+def test_preprocess_array_then_merge_equals_one_process(cluster, tmp_path):
+    """slurm/preprocess.sh: an array task per input file, then the dependent merge job; the merged
+    dataset is byte for byte the single-process one and the summed stats count every skipped record.
+    Runtime: ~1 min (three array tasks and the merge on the 2-CPU node)."""
+    import subprocess
+
+    src = tmp_path / "raw"
+    src.mkdir()
+    for i in range(3):
+        lines = [json.dumps({"text": f"file {i} document {j}: " + "word " * (j % 7 + 1)}) for j in range(40)]
+        lines.insert(5, "{broken json")  # one bad line per file: skipped and counted, not fatal
+        (src / f"part{i}.jsonl").write_text("\n".join(lines) + "\n")
+    flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", "mistral-nemo", "--append-eod", "--quiet"]
+    env = {**_env(), "SBATCH_ARGS": "--cpus-per-task=1"}
+    single = subprocess.run([sys.executable, str(REPO / "tools/preprocess_data.py"), "--input", str(src),
+                             "--output-prefix", str(tmp_path / "single" / "x"), *flags],
+                            env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    out = subprocess.run(["bash", str(REPO / "slurm/preprocess.sh"), str(src), str(tmp_path / "array" / "x"), *flags],
+                         cwd=tmp_path, env=cluster.env(env), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    array_job, merge_job = map(int, out.stdout.split()[-2:])
+    info = cluster.wait(merge_job, timeout=400)
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{logs[-6000:]}"
+    assert cluster.job(array_job).get("JobState") == "COMPLETED"
+    for ext in (".bin", ".idx"):
+        a = (tmp_path / "single" / f"x_text_document{ext}").read_bytes()
+        assert a and a == (tmp_path / "array" / f"x_text_document{ext}").read_bytes(), ext
+    one = json.loads((tmp_path / "single" / "x.stats.json").read_text())
+    merged = json.loads((tmp_path / "array" / "x.stats.json").read_text())
+    assert merged["shards"] == 3 and merged["skipped"] == one["skipped"] == 3
+    for field in ("records", "documents", "tokens", "tokens_per_key", "skipped_by_reason"):
+        assert merged[field] == one[field], field
+    assert not (tmp_path / "array" / "x.shards").exists()

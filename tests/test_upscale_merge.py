@@ -218,10 +218,24 @@ def test_equispaced_and_yaml(tmp_path, capsys, monkeypatch):
     for step in range(100, 1100, 100):  # 10 checkpoints
         _write_fake(run / f"iter_{step:07d}", {"a": torch.full((3,), float(step))})
     (run / "latest_checkpointed_iteration.txt").write_text("1000")
-    assert avg.pick_equispaced(list(range(10)), 3) == [1, 5, 9]
+    # targets 333, 667, 1000 -> nearest steps
     assert avg.main(["--equispaced", "3", "--run-dir", str(run), "--out", str(tmp_path / "o")]) == 0
-    assert "picked steps 200, 600, 1000" in capsys.readouterr().out
-    assert torch.allclose(load_file(tmp_path / "o" / "model.safetensors")["a"], torch.full((3,), 600.0))
+    assert "picked steps 300, 700, 1000 nearest to steps 333, 667, 1000" in capsys.readouterr().out
+    assert torch.allclose(load_file(tmp_path / "o" / "model.safetensors")["a"], torch.full((3,), 2000.0 / 3))
+    assert avg.main(["--steps", "100", "500", "--run-dir", str(run), "--out", str(tmp_path / "s")]) == 0
+    assert torch.allclose(load_file(tmp_path / "s" / "model.safetensors")["a"], torch.full((3,), 300.0))
+    # --min-step 600: targets 800, 1000
+    assert avg.select_from_run(run, 2, None, min_step=600) == [run / "iter_0000800", run / "iter_0001000"]
+    capsys.readouterr()
+    for argv, message in [
+        (["--equispaced", "11"], "target steps 91, 182, .* fall on only 10 distinct checkpoints"),
+        (["--steps", "100", "150"], "--steps: no checkpoint at step 150 \\(the run has steps 100, 200,"),
+        (["--steps", "100", "--equispaced", "2"], "give one of --equispaced K or --steps"),
+    ]:
+        assert avg.main(argv + ["--run-dir", str(run), "--out", str(tmp_path / "x")]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and __import__("re").search(message, err), err
+    assert not (tmp_path / "x").exists()
 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(run / "iter_0000100", tmp_path / "E")

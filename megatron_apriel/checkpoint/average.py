@@ -70,19 +70,48 @@ def list_run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def pick_equispaced(steps: list[int], k: int) -> list[int]:
-    """Indices of ``k`` checkpoints, equally spaced, ending at the latest.
+def equispaced_targets(last: int, k: int, min_step: int = 0) -> list[float]:
+    """``k`` evenly spaced steps ending at ``last``: the ends of ``k`` equal parts of ``(min_step, last]``.
 
-    The spacing is the widest the list allows, ``(n - 1) // (k - 1)`` positions: 10 checkpoints,
-    k=3 -> positions 1, 5, 9. With a uniform save interval that is equal spacing in steps.
+    A run of 16213 iterations and k=3 gives 5404.3, 10808.7, 16213. The targets depend on the run's
+    length only, not on which folders retention happened to keep, so the choice is the same whether
+    a run kept every checkpoint or only every ``keep_every``-th plus the last few.
     """
-    n = len(steps)
-    if not 1 <= k <= n:
-        raise AverageError(f"--equispaced {k}: the run has {n} checkpoints")
-    if k == 1:
-        return [n - 1]
-    gap = (n - 1) // (k - 1)
-    return [n - 1 - gap * j for j in reversed(range(k))]
+    if k < 1:
+        raise AverageError(f"--equispaced {k}: needs at least 1 checkpoint")
+    span = (last - min_step) / k
+    return [last - span * (k - 1 - j) for j in range(k)]
+
+
+def pick_by_step(steps: list[int], k: int, min_step: int = 0) -> list[int]:
+    """The ``k`` checkpoint steps nearest to :func:`equispaced_targets` (ties go to the later step).
+
+    Picking by position in the folder list would go wrong as soon as retention keeps uneven steps:
+    folders 5000, 10000, 15000, 16000, 16213 would give 5000, 15000, 16213. Refuses when two targets
+    land on the same checkpoint, i.e. when the run did not keep ``k`` checkpoints spread over it.
+    """
+    steps = sorted(s for s in steps if s >= min_step)
+    if not steps:
+        raise AverageError(f"no checkpoints at or after step {min_step}")
+    targets = equispaced_targets(steps[-1], k, min_step)
+    picked = [min(steps, key=lambda s: (abs(s - t), -s)) for t in targets]
+    if len(set(picked)) != k:
+        raise AverageError(
+            f"--equispaced {k}: target steps {', '.join(f'{t:.0f}' for t in targets)} fall on only "
+            f"{len(set(picked))} distinct checkpoints of steps {', '.join(map(str, steps))}; keep more "
+            f"checkpoints (checkpoint.keep_every) or name them with --steps")
+    return picked
+
+
+def pick_steps(steps: list[int], wanted: list[int]) -> list[int]:
+    """Exactly the steps asked for (``--steps``); a missing one is an error that lists what exists."""
+    missing = sorted(set(wanted) - set(steps))
+    if missing:
+        raise AverageError(f"--steps: no checkpoint at step {', '.join(map(str, missing))} "
+                           f"(the run has steps {', '.join(map(str, sorted(steps)))})")
+    if len(set(wanted)) != len(wanted):
+        raise AverageError(f"--steps: a step is named twice: {' '.join(map(str, wanted))}")
+    return sorted(wanted)
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -429,13 +458,37 @@ def load_merge_yaml(path: str) -> dict:
                 allow_unnormalised=bool(data.get("allow_unnormalised", False)))
 
 
+def select_from_run(run_dir, k: int | None, steps: list[int] | None, min_step: int = 0,
+                    inputs: list | None = None) -> list[Path]:
+    """The folders of ``run_dir`` that ``--equispaced K`` or ``--steps`` choose; prints the choice."""
+    if inputs:
+        raise AverageError("--equispaced/--steps pick the inputs from --run-dir; do not also list them")
+    if (k is None) == (not steps):
+        raise AverageError("give one of --equispaced K or --steps")
+    if not run_dir:
+        raise AverageError("--equispaced/--steps need --run-dir")
+    found = dict(list_run_checkpoints(run_dir))
+    try:
+        picked = pick_steps(list(found), steps) if steps else pick_by_step(list(found), k, min_step)
+    except AverageError as e:
+        raise AverageError(f"{run_dir}: {e}") from None
+    kept = sorted(s for s in found if s >= min_step)
+    how = "" if steps else (" nearest to steps " + ", ".join(f"{t:.0f}" for t in equispaced_targets(kept[-1], k, min_step)))
+    print(f"{len(found)} checkpoints in {run_dir} (steps {min(found)}..{max(found)}); "
+          f"picked steps {', '.join(map(str, picked))}{how}")
+    return [found[s] for s in picked]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel average", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist)")
     ap.add_argument("--out", help="output folder (written atomically)")
     ap.add_argument("--weights", type=float, nargs="+", help="one weight per input (default uniform)")
     ap.add_argument("--allow-unnormalised", action="store_true", help="accept weights that do not sum to 1")
-    ap.add_argument("--equispaced", type=int, metavar="K", help="pick K equally spaced checkpoints from --run-dir")
+    ap.add_argument("--equispaced", type=int, metavar="K",
+                    help="from --run-dir, the K checkpoints whose steps are nearest to K evenly spaced steps "
+                         "ending at the last one")
+    ap.add_argument("--steps", type=int, nargs="+", metavar="STEP", help="from --run-dir, exactly these steps")
     ap.add_argument("--run-dir", help="training run directory with iter_NNNNNNN/ (Megatron) or checkpoint-N/ (HF/TRL)")
     ap.add_argument("--min-step", type=int, default=0, help="with --equispaced: ignore checkpoints before this step")
     ap.add_argument("--config", help="mergekit-style YAML (merge_method: linear, models: [...])")
@@ -446,25 +499,15 @@ def main(argv: list[str] | None = None) -> int:
         inputs, weights, allow = list(args.inputs), args.weights, args.allow_unnormalised
         out = args.out
         if args.config:
-            if inputs or args.equispaced:
-                raise AverageError("--config names the models; do not also give inputs or --equispaced")
+            if inputs or args.equispaced or args.steps:
+                raise AverageError("--config names the models; do not also give inputs, --equispaced or --steps")
             spec = load_merge_yaml(args.config)
             inputs = spec["inputs"]
             weights = args.weights or spec["weights"]
             allow = allow or spec["allow_unnormalised"]
             out = out or spec["out"]
-        elif args.equispaced is not None:
-            if inputs:
-                raise AverageError("--equispaced picks the inputs from --run-dir; do not also list them")
-            if not args.run_dir:
-                raise AverageError("--equispaced needs --run-dir")
-            found = [(s, p) for s, p in list_run_checkpoints(args.run_dir) if s >= args.min_step]
-            if not found:
-                raise AverageError(f"{args.run_dir}: no checkpoints at or after step {args.min_step}")
-            picked = [found[i] for i in pick_equispaced([s for s, _ in found], args.equispaced)]
-            print(f"{len(found)} checkpoints in {args.run_dir} (steps {found[0][0]}..{found[-1][0]}); "
-                  f"picked steps {', '.join(str(s) for s, _ in picked)}")
-            inputs = [p for _, p in picked]
+        elif args.equispaced is not None or args.steps:
+            inputs = select_from_run(args.run_dir, args.equispaced, args.steps, args.min_step, inputs)
         if not out:
             raise AverageError("--out is required")
         print(f"linear merge of {len(inputs)} checkpoints -> {out}")

@@ -44,8 +44,32 @@ def check_fp8(fp8: Optional[str], device: str) -> None:
         )
 
 
+class SequenceParallelTorchNorm:
+    """megatron-core's ``WrappedTorchNorm`` (torch RMSNorm/LayerNorm), usable under sequence parallelism.
+
+    ``WrappedTorchNorm`` refuses SP because it does not flag its weights: under SP each TP rank
+    normalises its own slice of the sequence, so a norm weight's gradient is a partial sum that
+    megatron-core's ``finalize_model_grads`` all-reduces over TP for every parameter flagged
+    ``sequence_parallel``, as Transformer Engine's and apex's norms are. This builds the same torch
+    module and sets that flag, so the local spec (CPU, or a GPU without TE) runs the layouts the
+    recipe's configs use (TP=8 with SP). Without SP it is ``WrappedTorchNorm`` unchanged.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = WrappedTorchNorm(plain, hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+
 def layer_spec(use_te: bool):
-    """The transformer layer ModuleSpec: TE's, or local with SDPA core attention."""
+    """The transformer layer ModuleSpec: TE's, or local with SDPA core attention (and SP-capable norms)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -55,7 +79,20 @@ def layer_spec(use_te: bool):
         return get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = SequenceParallelTorchNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
     return spec
+
+
+def decoder_spec(config, use_te: bool, vp_stage: Optional[int] = None):
+    """The decoder block of this rank: the layer spec per layer, and for the local spec the final
+    norm as :class:`SequenceParallelTorchNorm` (megatron-core would pick ``WrappedTorchNorm``)."""
+    if use_te:
+        return layer_spec(True)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(False)] * get_num_layers_to_build(config, vp_stage),
+                                      layer_norm=SequenceParallelTorchNorm)
 
 
 def should_use_te(device: str, requested: Optional[bool] = None) -> bool:
@@ -88,7 +125,7 @@ def build_gpt_model(
     scaling = preset.rope_scaling or {}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=decoder_spec(config, use_te, vp_stage),
         vocab_size=padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,

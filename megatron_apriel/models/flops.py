@@ -25,8 +25,9 @@ PEAK_BF16_FLOPS = {
 
 
 def matmul_params(preset) -> int:
+    """Decoder weights a text token multiplies; the vision encoder runs per image patch, not per token."""
     c = preset.param_counts()
-    return c["total"] - c["embedding"] - preset.num_layers * 2 * preset.hidden_size - c["final_norm"] + (
+    return c["decoder"] - c["embedding"] - preset.num_layers * 2 * preset.hidden_size - c["final_norm"] + (
         0 if preset.untie_embeddings else c["embedding"]
     )
 

@@ -221,7 +221,12 @@ class ModelPreset:
 
     # ------------------------------------------------------------------ counting
     def param_counts(self) -> dict[str, int]:
-        """Exact parameter counts of the decoder, computed from the shapes (no allocation)."""
+        """Exact parameter counts, computed from the shapes (no allocation).
+
+        ``total`` is the whole model that is built and trained: the decoder plus, for the
+        multimodal presets, the Pixtral vision encoder and the 2-layer projector (which megatron-core
+        places on the first pipeline stage). ``decoder`` is the text model alone.
+        """
         h, d = self.hidden_size, self.kv_channels
         q = self.num_attention_heads * d
         kv = self.num_query_groups * d
@@ -231,9 +236,19 @@ class ModelPreset:
         per_layer = attn + mlp + norms
         embedding = self.vocab_size * h
         output = self.vocab_size * h if self.untie_embeddings else 0
-        total = embedding + output + self.num_layers * per_layer + h
+        decoder = embedding + output + self.num_layers * per_layer + h
+        vision = projector = 0
+        if self.vision is not None:
+            v = self.vision
+            vq = v.num_attention_heads * v.head_dim
+            v_layer = 3 * v.hidden_size * vq + vq * v.hidden_size + 3 * v.hidden_size * v.ffn_hidden_size + 2 * v.hidden_size
+            vision = v.num_channels * v.patch_size**2 * v.hidden_size + v.hidden_size + v.num_layers * v_layer
+            projector = (v.hidden_size + 1) * h + (h + 1) * h  # linear_1 and linear_2, with biases
         return {
-            "total": total,
+            "total": decoder + vision + projector,
+            "decoder": decoder,
+            "vision_encoder": vision,
+            "projector": projector,
             "embedding": embedding,
             "output_layer": output,
             "per_layer": per_layer,

@@ -469,9 +469,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML config (examples/<model>/<stage>.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=1e-5")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the config and build every rank position of its layout on the meta device, no GPU")
+    ap.add_argument("--nodes", type=int, help="with --dry-run: nodes of the allocation (default: the fewest that fit)")
+    ap.add_argument("--gpus-per-node", type=int, help="with --dry-run: GPUs per node (default 8)")
+    ap.add_argument("--no-files", action="store_true", help="with --dry-run: do not check data and checkpoint paths")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="with --dry-run: warn above this per GPU (H100: 80)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
+        if args.dry_run:
+            from megatron_apriel.training.dry_run import dry_run
+
+            dry_run(cfg, args.nodes, args.gpus_per_node, files=not args.no_files, gpu_memory_gib=args.gpu_memory_gib)
+            return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ def main():
     ap.add_argument("--vpp", type=int, default=None)
     ap.add_argument("--distributed-optimizer", action="store_true")
     ap.add_argument("--micro-batch-size", type=int, default=1)
+    ap.add_argument("--sequence-parallel", action="store_true")
     args = ap.parse_args()
 
     import torch
@@ -36,7 +37,7 @@ def main():
     del hf
     initial = {k: v.clone() for k, v in canonical.items()}
 
-    config = preset.transformer_config(tp=args.tp, pp=args.pp, vpp=args.vpp)
+    config = preset.transformer_config(tp=args.tp, pp=args.pp, vpp=args.vpp, sequence_parallel=args.sequence_parallel)
     chunks = build_model_chunks(preset, config)
     load_canonical_into_chunks(chunks, canonical, preset)
 
