@@ -232,7 +232,7 @@ def test_equispaced_and_yaml(tmp_path, capsys, monkeypatch):
         (["--steps", "100", "150"], "--steps: no checkpoint at step 150 \\(the run has steps 100, 200,"),
         (["--steps", "100", "--equispaced", "2"], "give one of --equispaced K or --steps"),
     ]:
-        assert avg.main(argv + ["--run-dir", str(run), "--out", str(tmp_path / "x")]) == 1
+        assert avg.main(argv + ["--run-dir", str(run), "--out", str(tmp_path / "x")]) == 2  # bad input
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and __import__("re").search(message, err), err
     assert not (tmp_path / "x").exists()
