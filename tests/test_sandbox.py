@@ -4,10 +4,10 @@ runs on clusters) through test_hostile_programs_as_an_ordinary_user."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +24,8 @@ from megatron_apriel.rl.rewards import sandbox
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=5, memory_bytes=512 << 20, max_processes=8,
                        max_file_bytes=256 << 10, max_output_bytes=4096, workers=2)
+# For programs that run until a limit stops them.
+QUICK = dataclasses.replace(LIMITS, cpu_seconds=1, wall_seconds=2)
 ADD_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6\n"}]
 ASSERT_TESTS = [{"assert": "assert add(2, 3) == 5"}, {"assert": "assert add(10, -4) == 6"}]
 HONEST = "a, b = map(int, input().split())\nprint(a + b)"
@@ -93,10 +95,10 @@ def test_honest_solutions_score_one_and_report_the_isolation():
 
 
 def test_slow_honest_solution_gets_its_timeout():
-    r = grade("import time\ntime.sleep(60)\n" + HONEST, ADD_TESTS[:1])
-    assert r.score == 0.0 and f"timed out after {LIMITS.wall_seconds:g}s" in r.reason
-    res = run_python("while True:\n    pass", limits=LIMITS)  # stopped by the CPU limit or the clock
-    assert not res.ok and res.wall_seconds < LIMITS.wall_seconds + 2
+    r = grade("import time\ntime.sleep(60)\n" + HONEST, ADD_TESTS[:1], QUICK)
+    assert r.score == 0.0 and f"timed out after {QUICK.wall_seconds:g}s" in r.reason
+    res = run_python("while True:\n    pass", limits=QUICK)  # stopped by the CPU limit or the clock
+    assert not res.ok and res.wall_seconds < QUICK.wall_seconds + 2
     assert_nothing_left()
 
 
@@ -222,7 +224,7 @@ def test_fork_flood_is_capped_and_contained():
     assert res.ok and 0 < int(res.stdout) < LIMITS.max_processes, (res.stdout, res.stderr)
     before = len(psutil.pids())
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
-    assert grade(bomb, ADD_TESTS[:1]).score == 0.0
+    assert grade(bomb, ADD_TESTS[:1], QUICK).score == 0.0
     assert_nothing_left()
     assert len(psutil.pids()) < before + 20
 
@@ -240,9 +242,9 @@ def test_memory_and_tmpfs_are_capped():
 
 def test_output_flood_is_capped():
     start = time.monotonic()
-    res = run_python("while True:\n    print('x' * 10000)", limits=LIMITS)
+    res = run_python("while True:\n    print('x' * 10000)", limits=QUICK)
     assert res.returncode != 0 and res.stdout.endswith("[output truncated]")
-    assert len(res.stdout) <= LIMITS.max_output_bytes + 100 and time.monotonic() - start < LIMITS.wall_seconds
+    assert len(res.stdout) <= QUICK.max_output_bytes + 100 and time.monotonic() - start < QUICK.wall_seconds + 2
     assert grade("print('5' * 10**7)", ADD_TESTS[:1]).score == 0.0
     assert_nothing_left()
 
@@ -291,10 +293,9 @@ def test_without_bwrap_the_code_reward_refuses_unless_told(monkeypatch, tmp_path
 
 
 def test_rlimits_only_mode_warns_once_and_still_limits(monkeypatch, caplog, host_dir):
-    import dataclasses
     import logging
 
-    weak = dataclasses.replace(LIMITS, isolation="rlimits-only")
+    weak = dataclasses.replace(QUICK, isolation="rlimits-only")
     monkeypatch.setattr(sandbox, "_WARNED", False)
     with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
         assert grade(HONEST, limits=weak).score == 1.0
