@@ -135,6 +135,18 @@ def test_reading_outside_the_scratch_finds_nothing(host_dir):
         assert res.stdout.strip() in ("absent", "[]", str(towards_interpreter(folder))), (folder, res.stdout, res.stderr)
 
 
+def test_the_program_cannot_read_its_tests():
+    # The expected value is in the test code only; a program that finds it anywhere it can open
+    # returns it. It must find nothing.
+    prog = ("import glob, os, stat\nseen = ''\nfor p in glob.glob('/sandbox/*') + glob.glob('/proc/*/cmdline') + "
+            "glob.glob('/proc/self/fd/*') + glob.glob('/scratch/*') + glob.glob('/tmp/*'):\n    try:\n"
+            "        if not stat.S_ISFIFO(os.stat(p).st_mode):\n            seen += open(p, errors='replace').read()\n"
+            "    except OSError:\n        pass\nprint(os.listdir('/sandbox'), 'SECRET-77' in seen)\n"
+            "def add(a, b):\n    return 'SECRET-77' if 'SECRET-77' in seen else 0")
+    res = run_python(prog, limits=LIMITS, check="assert add(2, 3) == 'SECRET-77'")
+    assert res.stdout.strip() == "['harness.py'] False" and not res.completed, (res.stdout, res.stderr)
+
+
 def test_another_runs_scratch_is_out_of_reach():
     # Two runs at once: the second looks for the first one's file in every place it might be.
     writer = "open('mine.txt', 'w').write('s3cr3t')\nimport time\ntime.sleep(1.5)"

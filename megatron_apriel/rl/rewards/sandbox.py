@@ -104,25 +104,26 @@ def _audit(root):
     sys.addaudithook(hook)
 
 def _main(argv):
-    cpu, mem, nproc, fsize, tok, out = map(int, argv[1:7])
-    program, check, weak = argv[7], argv[8], argv[9] == "1"
+    cpu, mem, nproc, fsize, tok, out, src, n = map(int, argv[1:9])
+    has_test, weak = argv[9] == "1", argv[10] == "1"
     for lim, v in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
                    (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
         if v >= 0:
             resource.setrlimit(lim, (v, v))
-    with open(program) as f:
-        code = compile(f.read(), "program.py", "exec")
-    test = None
-    if check:
-        with open(check) as f:
-            test = compile(f.read(), "test.py", "exec")
+    # Program and test code come through an unlinked file, closed before the program runs: the
+    # asserts (and their expected values) are nowhere the program could open them.
+    with os.fdopen(src, "rb") as f:
+        data = f.read()
+    code = compile(data[:n], "program.py", "exec")
+    test = compile(data[n:], "test.py", "exec") if has_test else None
+    del data
     splice, settrace, setprofile, real_builtins = os.splice, sys.settrace, sys.setprofile, builtins
     table = vars(builtins)
     snapshot, clear, update = dict(table), dict.clear, dict.update
     stdout, stderr = sys.stdout, sys.stderr
     if weak:
         _audit(os.path.realpath(os.getcwd()))
-    del argv[:], f
+    del argv[:]
     sys.argv = ["program.py"]
     g = {"__name__": "__main__", "__file__": "program.py", "__builtins__": builtins}
     exec(code, g)
@@ -327,14 +328,18 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
     mode = isolation_mode(limits)
     python = choose_python(limits)
     work = tempfile.mkdtemp(prefix="apriel-sandbox-")
-    pipes: list[int] = []
+    pipes: list = []  # descriptors (and the source file) to close whatever happens
     try:
         inputs = os.path.join(work, "in")
         os.mkdir(inputs)
-        files = {"harness.py": _HARNESS, "program.py": code, "test.py": check or ""}
-        for name, text in files.items():
-            with open(os.path.join(inputs, name), "w") as f:
-                f.write(text)
+        with open(os.path.join(inputs, "harness.py"), "w") as f:
+            f.write(_HARNESS)
+        program = code.encode()
+        source = tempfile.TemporaryFile()  # unlinked: reachable only through the descriptor
+        pipes.append(source)
+        source.write(program + (check or "").encode())
+        source.flush()
+        source.seek(0)
         token = secrets.token_bytes(TOKEN_BYTES)
         tok_r, tok_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
@@ -344,8 +349,7 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
             # bwrap may run as nobody: it must traverse work/ and read in/ (nothing else of ours).
             os.chmod(work, 0o711)
             os.chmod(inputs, 0o755)
-            for name in files:
-                os.chmod(os.path.join(inputs, name), 0o644)
+            os.chmod(os.path.join(inputs, "harness.py"), 0o644)
             where, nproc, weak = "/sandbox", limits.max_processes, "0"
             cmd = _bwrap_base(python, limits) + ["--ro-bind", inputs, "/sandbox"]
             cwd, extra = "/", _as_nobody()
@@ -361,8 +365,8 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
             os.mkdir(scratch)
             cmd, cwd, extra = [], scratch, {}
         cmd += [python, "-I", "-S", "-B", f"{where}/harness.py", str(limits.cpu_seconds), str(limits.memory_bytes),
-                str(nproc), str(limits.max_file_bytes), str(tok_r), str(verdict_w), f"{where}/program.py",
-                f"{where}/test.py" if check is not None else "", weak]
+                str(nproc), str(limits.max_file_bytes), str(tok_r), str(verdict_w), str(source.fileno()),
+                str(len(program)), "1" if check is not None else "0", weak]
         stdin_path, out_path, err_path = (os.path.join(work, n) for n in ("stdin", "stdout", "stderr"))
         with open(stdin_path, "w") as f:
             f.write(stdin)
@@ -370,7 +374,10 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
         with open(stdin_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
             env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": cwd}
             proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, close_fds=True,
-                                    pass_fds=(tok_r, verdict_w), start_new_session=True, **extra)
+                                    pass_fds=(tok_r, verdict_w, source.fileno()), start_new_session=True,
+                                    **extra)
+            source.close()
+            pipes.remove(source)
             for fd in (tok_r, tok_w, verdict_w):
                 os.close(fd)
                 pipes.remove(fd)
@@ -392,7 +399,7 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
                              timed_out=timed_out, wall_seconds=elapsed, isolation=mode, completed=completed)
     finally:
         for fd in pipes:
-            os.close(fd)
+            fd.close() if hasattr(fd, "close") else os.close(fd)
         _remove_tree(work)
 
 
