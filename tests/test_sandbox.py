@@ -277,6 +277,7 @@ EARLY_EXITS = {
                  "        frame.f_lineno = 99\n    return jump\nsys.settrace(jump)\nsys._getframe().f_trace = jump\n"
                  "def add(a, b):\n    return 0"),
     "kill self": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "replace exec": "import __main__, builtins\n__main__.exec = builtins.exec = lambda *a: None\nadd = None",
 }
 
 

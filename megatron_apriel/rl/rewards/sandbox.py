@@ -117,7 +117,7 @@ def _main(argv):
     code = compile(data[:n], "program.py", "exec")
     test = compile(data[n:], "test.py", "exec") if has_test else None
     del data
-    splice, settrace, setprofile, real_builtins = os.splice, sys.settrace, sys.setprofile, builtins
+    run, splice, settrace, setprofile, real_builtins = exec, os.splice, sys.settrace, sys.setprofile, builtins
     table = vars(builtins)
     snapshot, clear, update = dict(table), dict.clear, dict.update
     stdout, stderr = sys.stdout, sys.stderr
@@ -126,7 +126,7 @@ def _main(argv):
     del argv[:]
     sys.argv = ["program.py"]
     g = {"__name__": "__main__", "__file__": "program.py", "__builtins__": builtins}
-    exec(code, g)
+    run(code, g)
     if test is not None:
         # The test code runs with the builtins, trace and profile hooks the program found, not
         # the ones it left behind.
@@ -135,7 +135,7 @@ def _main(argv):
         clear(table)
         update(table, snapshot)
         g["__builtins__"] = real_builtins
-        exec(test, g)
+        run(test, g)
     for stream in (stdout, stderr):
         try:
             stream.flush()
@@ -215,6 +215,9 @@ def _world_executable(path: str) -> bool:
 def choose_python(limits: SandboxLimits) -> str:
     """The interpreter of the program: limits.python, this one, or (root) one that nobody can run."""
     if limits.python:
+        if os.geteuid() == 0 and limits.isolation == "bwrap" and not _world_executable(limits.python):
+            raise SandboxUnavailable(f"rewards.sandbox.python: {limits.python} is not executable by nobody, "
+                                     "whom the sandbox runs as under root (every parent directory needs o+x)")
         return limits.python
     if os.geteuid() != 0 or limits.isolation != "bwrap" or _world_executable(sys.executable):
         return os.path.realpath(sys.executable)
