@@ -51,7 +51,10 @@ def left_behind(marker: str) -> list[psutil.Process]:
     return found
 
 
-def assert_nothing_left(marker: str = "apriel-sandbox-"):
+def assert_nothing_left(marker: str | None = None):
+    # Every sandbox of this process names its harness directory (unique to the process) in its
+    # command line; other processes' sandboxes on a shared machine do not.
+    marker = marker or sandbox._harness_dir()
     deadline = time.time() + 3
     while left_behind(marker) and time.time() < deadline:
         time.sleep(0.1)

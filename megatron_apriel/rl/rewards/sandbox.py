@@ -39,7 +39,9 @@ accident, but the verdict is as strong as that, not stronger.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -306,9 +308,9 @@ def isolation_mode(limits: SandboxLimits | None = None) -> str:
     return "bwrap"
 
 
-def _read_capped(path: str, cap: int) -> str:
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
+def _read_capped(f, cap: int) -> str:
+    f.seek(0)
+    data = f.read(cap + 1)
     text = data[:cap].decode("utf-8", errors="replace")
     return text + ("\n...[output truncated]" if len(data) > cap else "")
 
@@ -321,89 +323,99 @@ def _read_verdict(fd: int) -> bytes:
         return b""
 
 
+_HARNESS_DIR: str | None = None
+
+
+def _harness_dir() -> str:
+    """A directory holding harness.py, made once per process and bound read-only as /sandbox.
+
+    Readable by anyone (bwrap may run as nobody); it holds nothing but the harness's own code."""
+    global _HARNESS_DIR
+    with _LOCK:
+        if _HARNESS_DIR is None or not os.path.exists(os.path.join(_HARNESS_DIR, "harness.py")):
+            folder = tempfile.mkdtemp(prefix="apriel-sandbox-harness-")
+            with open(os.path.join(folder, "harness.py"), "w") as f:
+                f.write(_HARNESS)
+            os.chmod(os.path.join(folder, "harness.py"), 0o644)
+            os.chmod(folder, 0o755)
+            atexit.register(shutil.rmtree, folder, True)
+            _HARNESS_DIR = folder
+        return _HARNESS_DIR
+
+
+def _unlinked(data: bytes, stack: contextlib.ExitStack):
+    """A file with ``data`` that has no name: a child reaches it only through the descriptor."""
+    f = stack.enter_context(tempfile.TemporaryFile())
+    f.write(data)
+    f.flush()
+    f.seek(0)
+    return f
+
+
 def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
                check: str | None = None) -> SandboxResult:
     """Run ``code`` as a Python program with ``stdin``; returns its (truncated) output.
 
     With ``check`` (test code such as asserts), that code runs after the program in the same
-    namespace, and ``completed`` says whether both ran to their end."""
+    namespace, and ``completed`` says whether both ran to their end. Program, test code, stdin,
+    stdout and stderr are unlinked files: nothing of a run has a name the program could open."""
     limits = limits or SandboxLimits()
     mode = isolation_mode(limits)
     python = choose_python(limits)
-    work = tempfile.mkdtemp(prefix="apriel-sandbox-")
-    pipes: list = []  # descriptors (and the source file) to close whatever happens
-    try:
-        inputs = os.path.join(work, "in")
-        os.mkdir(inputs)
-        with open(os.path.join(inputs, "harness.py"), "w") as f:
-            f.write(_HARNESS)
+    with contextlib.ExitStack() as stack:
         program = code.encode()
-        source = tempfile.TemporaryFile()  # unlinked: reachable only through the descriptor
-        pipes.append(source)
-        source.write(program + (check or "").encode())
-        source.flush()
-        source.seek(0)
+        source = _unlinked(program + (check or "").encode(), stack)
+        fin = _unlinked(stdin.encode(), stack)
+        fout = stack.enter_context(tempfile.TemporaryFile())
+        ferr = stack.enter_context(tempfile.TemporaryFile())
         token = secrets.token_bytes(TOKEN_BYTES)
         tok_r, tok_w = os.pipe()
         verdict_r, verdict_w = os.pipe()
-        pipes += [tok_r, tok_w, verdict_r, verdict_w]
+        # Each descriptor is closed exactly once: a second close could hit another thread's new one.
+        open_fds = {tok_r, tok_w, verdict_r, verdict_w}
+        stack.callback(lambda: [os.close(fd) for fd in open_fds])
         os.write(tok_w, token)
         if mode == "bwrap":
-            # bwrap may run as nobody: it must traverse work/ and read in/ (nothing else of ours).
-            os.chmod(work, 0o711)
-            os.chmod(inputs, 0o755)
-            os.chmod(os.path.join(inputs, "harness.py"), 0o644)
             where, nproc, weak = "/sandbox", limits.max_processes, "0"
-            cmd = _bwrap_base(python, limits) + ["--ro-bind", inputs, "/sandbox"]
+            cmd = _bwrap_base(python, limits) + ["--ro-bind", _harness_dir(), "/sandbox"]
             cwd, extra = "/", _as_nobody()
         else:
-            where, weak = inputs, "1"
+            where, weak = _harness_dir(), "1"
             # RLIMIT_NPROC counts every process of the user (root is exempt): allow the user's current ones.
             import psutil
 
             uid = os.getuid()
             nproc = limits.max_processes + sum(
                 1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid)
-            scratch = os.path.join(work, "scratch")
-            os.mkdir(scratch)
-            cmd, cwd, extra = [], scratch, {}
+            cwd = tempfile.mkdtemp(prefix="apriel-sandbox-")
+            stack.callback(_remove_tree, cwd)
+            cmd, extra = [], {}
         cmd += [python, "-I", "-S", "-B", f"{where}/harness.py", str(limits.cpu_seconds), str(limits.memory_bytes),
                 str(nproc), str(limits.max_file_bytes), str(tok_r), str(verdict_w), str(source.fileno()),
                 str(len(program)), "1" if check is not None else "0", weak]
-        stdin_path, out_path, err_path = (os.path.join(work, n) for n in ("stdin", "stdout", "stderr"))
-        with open(stdin_path, "w") as f:
-            f.write(stdin)
         start = time.monotonic()
-        with open(stdin_path, "rb") as fin, open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
-            env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": cwd}
-            proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, close_fds=True,
-                                    pass_fds=(tok_r, verdict_w, source.fileno()), start_new_session=True,
-                                    **extra)
-            source.close()
-            pipes.remove(source)
-            for fd in (tok_r, tok_w, verdict_w):
-                os.close(fd)
-                pipes.remove(fd)
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": cwd}
+        proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, close_fds=True,
+                                pass_fds=(tok_r, verdict_w, source.fileno()), start_new_session=True, **extra)
+        for fd in (tok_w, verdict_w):  # the verdict pipe must have no writer left but the sandbox's
+            open_fds.discard(fd)
+            os.close(fd)
+        try:
+            timed_out = not _wait_exit(proc, limits.wall_seconds)
+        finally:
+            # bwrap's session; its init takes the whole PID namespace down with it. In the
+            # rlimits-only mode this is the program's session.
             try:
-                timed_out = not _wait_exit(proc, limits.wall_seconds)
-            finally:
-                # bwrap's session; its init takes the whole PID namespace down with it. In the
-                # rlimits-only mode this is the program's session.
-                try:
-                    os.killpg(proc.pid, 9)
-                except (ProcessLookupError, PermissionError):
-                    pass
-                proc.wait()
+                os.killpg(proc.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
         elapsed = time.monotonic() - start
         completed = _read_verdict(verdict_r) == token
         return SandboxResult(returncode=None if timed_out else proc.returncode,
-                             stdout=_read_capped(out_path, limits.max_output_bytes),
-                             stderr=_read_capped(err_path, limits.max_output_bytes),
+                             stdout=_read_capped(fout, limits.max_output_bytes),
+                             stderr=_read_capped(ferr, limits.max_output_bytes),
                              timed_out=timed_out, wall_seconds=elapsed, isolation=mode, completed=completed)
-    finally:
-        for fd in pipes:
-            fd.close() if hasattr(fd, "close") else os.close(fd)
-        _remove_tree(work)
 
 
 def _wait_exit(proc: subprocess.Popen, seconds: float) -> bool:
