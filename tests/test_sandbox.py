@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -365,4 +366,7 @@ def test_hostile_programs_as_an_ordinary_user():
     proc = subprocess.run(_unprivileged_command(USER), capture_output=True, text=True, timeout=600)
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, tail
-    assert " passed" in proc.stdout and "failed" not in proc.stdout, tail
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    assert passed >= 30 and "failed" not in summary and "error" not in summary, tail
+    assert "1 skipped" in summary or "skipped" not in summary, tail  # only this test skips itself there
