@@ -14,8 +14,10 @@ user namespaces are enabled (most clusters).
 - a new mount namespace holding only ``/usr`` and the interpreter's prefix, read-only (its
   site-packages hidden), its own ``/proc`` and minimal ``/dev``, a private size-capped tmpfs for
   ``/tmp`` and for the scratch directory ``/scratch`` (its cwd and $HOME), and ``/sandbox`` with the
-  harness and the program, read-only. The grader's files, other runs' scratch, /root and homes do not
-  exist there. A clean environment, a new session (no terminal injection), ``--die-with-parent``;
+  harness's code, read-only. The grader's files, other runs' scratch, /root and homes do not exist
+  there. The program and its test code arrive through an unlinked file the harness closes before
+  the program runs, and stdin/stdout/stderr are unlinked files too. A clean environment, a new
+  session (no terminal injection), ``--die-with-parent``;
 - when the grader is root, bwrap itself runs as ``nobody`` (65534): a root-owned namespace would
   let the program's processes count as root's, which the kernel exempts from RLIMIT_NPROC;
 - rlimits set by the harness before the program starts: CPU seconds, address space, processes
@@ -25,7 +27,8 @@ user namespaces are enabled (most clusters).
 ``isolation: rlimits-only`` is a weaker mode for machines where bwrap cannot create namespaces.
 It must be chosen by name and warns once: the rlimits, a PEP 578 audit hook (sockets, writes outside
 the scratch dir, signals) and a process-group kill are all there is; a child process or ctypes goes
-around the hook, so the network, the filesystem and the grader's processes are not protected.
+around the hook, so the network, the filesystem (the shared harness file included, so the verdicts
+of later runs too) and the grader's processes are not protected.
 
 The verdict of an assert-style test cannot come from the program's exit status, which the program
 controls (``sys.exit(0)``, ``os._exit(0)``, an atexit handler...). The grader hands the harness a
