@@ -292,6 +292,18 @@ def test_assert_tests_pass_only_when_the_asserts_ran(route):
     assert_nothing_left()
 
 
+@pytest.mark.parametrize("mode", ["bwrap", "rlimits-only"])
+def test_nothing_is_left_on_the_host(monkeypatch, tmp_path, mode):
+    # Everything the grader makes for a run goes under tempfile's directory: point it at an empty one.
+    sandbox._harness_dir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    prog = ("import os\nos.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nos.symlink('/', 'd/root')\n"
+            "os.chmod('d/e', 0)\nos.chmod('d', 0)\n" + HONEST)
+    assert grade(prog, limits=dataclasses.replace(LIMITS, isolation=mode)).score == 1.0
+    assert list(tmp_path.iterdir()) == []
+    assert_nothing_left()
+
+
 def test_exit_status_after_the_asserts_does_not_matter():
     prog = "import atexit, os\natexit.register(lambda: os._exit(3))\ndef add(a, b):\n    return a + b"
     assert grade(prog, ASSERT_TESTS).score == 1.0
