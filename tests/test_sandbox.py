@@ -248,11 +248,17 @@ def test_fork_flood_is_capped_and_contained():
 def test_memory_and_tmpfs_are_capped():
     r = grade("x = bytearray(4 << 30)\n" + HONEST, ADD_TESTS[:1])
     assert r.score == 0.0 and "MemoryError" in r.reason
-    fill = ("import os\nn = 0\ntry:\n    for i in range(10000):\n        with open(f'/tmp/f{i}', 'wb') as f:\n"
-            "            f.write(b'x' * (200 << 10))\n        n += 1\nexcept OSError as e:\n    print(n, e.errno)")
-    res = run_python(fill, limits=LIMITS)
-    n, errno_ = map(int, res.stdout.split())
-    assert errno_ == 28 and n * (200 << 10) <= LIMITS.scratch_bytes  # ENOSPC at the tmpfs size
+    # Many files, each under the file-size limit: every writable place is a capped tmpfs ...
+    for place in ("/tmp", "/scratch", "/dev/shm"):
+        fill = (f"import os\nn = 0\ntry:\n    for i in range(10000):\n        with open(f'{place}/f{{i}}', 'wb') as f:\n"
+                "            f.write(b'x' * (200 << 10))\n        n += 1\nexcept OSError as e:\n    print(n, e.errno)")
+        res = run_python(fill, limits=LIMITS)
+        n, errno_ = map(int, res.stdout.split())
+        assert errno_ == 28 and n * (200 << 10) <= LIMITS.scratch_bytes, place  # ENOSPC at the tmpfs size
+    # ... and nothing else is writable (bwrap's own root and /dev are uncapped tmpfs: read-only).
+    for place in ("/", "/dev", "/usr", "/sandbox"):
+        res = run_python(f"open('{place}/x', 'w')", limits=LIMITS)
+        assert res.returncode != 0 and ("Read-only file system" in res.stderr or "Permission denied" in res.stderr), place
     assert_nothing_left()
 
 

@@ -13,7 +13,8 @@ user namespaces are enabled (most clusters).
   everything left in the namespace), has only a loopback network of its own, and no capabilities;
 - a new mount namespace holding only ``/usr`` and the interpreter's prefix, read-only (its
   site-packages hidden), its own ``/proc`` and minimal ``/dev``, a private size-capped tmpfs for
-  ``/tmp`` and for the scratch directory ``/scratch`` (its cwd and $HOME), and ``/sandbox`` with the
+  ``/tmp``, ``/dev/shm`` and the scratch directory ``/scratch`` (its cwd and $HOME), everything else
+  read-only, and ``/sandbox`` with the
   harness's code, read-only. The grader's files, other runs' scratch, /root and homes do not exist
   there. The program and its test code arrive through an unlinked file the harness closes before
   the program runs, and stdin/stdout/stderr are unlinked files too. A clean environment, a new
@@ -234,8 +235,9 @@ def choose_python(limits: SandboxLimits) -> str:
                              "rewards.sandbox.python to one (every parent directory needs o+x)")
 
 
-def _bwrap_base(python: str, limits: SandboxLimits) -> list[str]:
-    """bwrap arguments up to (not including) the command: see the module docstring."""
+def _bwrap_base(python: str, limits: SandboxLimits, sandbox_dir: str) -> list[str]:
+    """bwrap arguments up to (not including) the command, ``sandbox_dir`` bound read-only as
+    /sandbox: see the module docstring."""
     cmd = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
            "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/scratch",
            "--setenv", "LANG", "C.UTF-8", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
@@ -255,9 +257,13 @@ def _bwrap_base(python: str, limits: SandboxLimits) -> list[str]:
     site = paths.get("purelib", "")
     if site.startswith(prefix + "/") and os.path.isdir(site):
         cmd += ["--tmpfs", site]
-    return cmd + ["--proc", "/proc", "--dev", "/dev",
-                  "--size", str(limits.scratch_bytes), "--tmpfs", "/tmp",
-                  "--size", str(limits.scratch_bytes), "--tmpfs", "/scratch", "--chdir", "/scratch"]
+    # Every writable place is a size-capped tmpfs (RLIMIT_FSIZE caps one file, not how many); the
+    # root and /dev that bwrap builds are tmpfs without a cap, so they are made read-only.
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.scratch_bytes), "--tmpfs", "/dev/shm",
+            "--remount-ro", "/dev"]
+    for place in ("/tmp", "/scratch"):
+        cmd += ["--size", str(limits.scratch_bytes), "--tmpfs", place]
+    return cmd + ["--ro-bind", sandbox_dir, "/sandbox", "--remount-ro", "/", "--chdir", "/scratch"]
 
 
 def _as_nobody() -> dict:
@@ -267,7 +273,7 @@ def _as_nobody() -> dict:
 
 _CHECKED: dict[tuple, str] = {}
 _WARNED = False
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()  # re-entered: the isolation check makes the harness directory
 
 
 def isolation_mode(limits: SandboxLimits | None = None) -> str:
@@ -296,7 +302,7 @@ def isolation_mode(limits: SandboxLimits | None = None) -> str:
             why = "bwrap is not installed (Debian/Ubuntu package bubblewrap)" if shutil.which("bwrap") is None else ""
             if not why:
                 try:
-                    r = subprocess.run(_bwrap_base(python, limits) + [python, "-I", "-S", "-c", "pass"],
+                    r = subprocess.run(_bwrap_base(python, limits, _harness_dir()) + [python, "-I", "-S", "-c", "pass"],
                                        capture_output=True, text=True, timeout=30, **_as_nobody())
                     why = "" if r.returncode == 0 else (r.stderr.strip() or f"exit {r.returncode}")
                 except (OSError, subprocess.TimeoutExpired) as e:
@@ -380,7 +386,7 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
         os.write(tok_w, token)
         if mode == "bwrap":
             where, nproc, weak = "/sandbox", limits.max_processes, "0"
-            cmd = _bwrap_base(python, limits) + ["--ro-bind", _harness_dir(), "/sandbox"]
+            cmd = _bwrap_base(python, limits, _harness_dir())
             cwd, extra = "/", _as_nobody()
         else:
             where, weak = _harness_dir(), "1"
