@@ -309,6 +309,10 @@ def isolation_mode(limits: SandboxLimits | None = None) -> str:
                     why = str(e)
             _CHECKED[key] = why
         why = _CHECKED[key]
+    if why and "Unknown option" in why:
+        raise SandboxUnavailable(f"the code sandbox needs bubblewrap 0.8 or newer ({why.splitlines()[-1]}); "
+                                 "install a newer bwrap, or set rewards.sandbox.isolation=rlimits-only to accept "
+                                 "the weaker mode")
     if why:
         raise SandboxUnavailable(f"the code sandbox cannot start bwrap here ({why.splitlines()[-1]}); user "
                                  "namespaces may be disabled (sysctl kernel.unprivileged_userns_clone / "
