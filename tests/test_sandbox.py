@@ -354,13 +354,17 @@ def test_rlimits_only_mode_warns_once_and_still_limits(monkeypatch, caplog, host
 
 def _unprivileged_command(user: str) -> list[str]:
     """Run this module as ``user``: a private mount namespace makes this interpreter reachable (a
-    pyenv under /root is not), then setpriv drops to the user with no groups and no capabilities."""
-    prefix = os.path.realpath(sys.base_prefix)
-    blocked = next((str(p) for p in reversed(Path(prefix).parents) if not os.stat(p).st_mode & 0o001), None)
-    script = "set -e\n"
-    if blocked:
-        script += (f"stash=$(mktemp -d)\nmount --bind {prefix} $stash\nmount -t tmpfs -o mode=0755 none {blocked}\n"
-                   f"mkdir -p {prefix}\nmount --bind $stash {prefix}\n")
+    pyenv under /root is not) and gives the run its own /tmp, then setpriv drops to the user with
+    no groups and no capabilities."""
+    # A private /tmp for the run (its files and the stashes below vanish with the namespace).
+    script, hidden, rebind = "set -e\nmount -t tmpfs -o mode=1777 none /tmp\n", [], ""
+    for i, prefix in enumerate(sorted({os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)})):
+        blocked = next((str(p) for p in reversed(Path(prefix).parents) if not os.stat(p).st_mode & 0o001), None)
+        if blocked:  # e.g. /root: keep the prefix (a venv and its base), cover the rest with an empty tmpfs
+            script += f"stash{i}=/tmp/.prefix{i}\nmkdir $stash{i}\nmount --bind {prefix} $stash{i}\n"
+            hidden += [blocked] if blocked not in hidden else []
+            rebind += f"mkdir -p {prefix}\nmount --bind $stash{i} {prefix}\n"
+    script += "".join(f"mount -t tmpfs -o mode=0755 none {b}\n" for b in hidden) + rebind
     u = pwd.getpwnam(user)
     repo = Path(__file__).resolve().parents[1]
     script += (f"cd {repo}\nexec setpriv --reuid={u.pw_uid} --regid={u.pw_gid} --clear-groups --inh-caps=-all "
