@@ -165,7 +165,7 @@ class SandboxLimits:
     max_processes: int = 16
     max_file_bytes: int = 1 << 20
     max_output_bytes: int = 64 << 10
-    # Size of each of the private tmpfs mounts (/scratch and /tmp) in the bwrap mode.
+    # Size of each of the private tmpfs mounts (/scratch, /tmp, /dev/shm) in the bwrap mode.
     scratch_bytes: int = 16 << 20
     # Concurrent sandboxes of the pool (0: one per CPU core).
     workers: int = 0
@@ -183,6 +183,8 @@ class SandboxLimits:
         for key in ("cpu_seconds", "wall_seconds", "memory_bytes", "max_processes", "max_file_bytes", "scratch_bytes"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"rewards.sandbox.{key}: must be > 0, got {getattr(self, key)}")
+        if self.workers < 0:
+            raise ConfigError(f"rewards.sandbox.workers: must be >= 0 (0: one per core), got {self.workers}")
 
 
 @dataclasses.dataclass
