@@ -161,6 +161,15 @@ def test_another_runs_scratch_is_out_of_reach():
     assert results[1].stdout.strip() == "[]"
 
 
+def test_the_pool_runs_programs_concurrently():
+    # Four programs of 1.5 s each on four workers: together well under the 6 s they take in a row.
+    start = time.monotonic()
+    results = run_many([("import time\ntime.sleep(1.5)\nprint(input())", str(i), None) for i in range(4)],
+                       dataclasses.replace(LIMITS, workers=4))
+    assert [r.stdout.strip() for r in results] == ["0", "1", "2", "3"]
+    assert all(r.isolation == "bwrap" for r in results) and time.monotonic() - start < 4.5
+
+
 @pytest.fixture
 def listener():
     """A TCP server on the host's loopback that records every connection it accepts."""
