@@ -357,7 +357,8 @@ def test_rlimits_only_mode_warns_once_and_still_limits(monkeypatch, caplog, host
     assert "MemoryError" in run_python("x = bytearray(4 << 30)", limits=weak).stderr
     res = run_python("while True:\n    print('x' * 10000)", limits=weak)
     assert res.returncode != 0 and len(res.stdout) <= weak.max_output_bytes + 100
-    assert run_python("import subprocess\nsubprocess.Popen(['sleep', '987.655'])\nprint(1)", limits=weak).stdout.strip() == "1"
+    res = run_python("import subprocess\nsubprocess.Popen(['sleep', '987.655'])\nprint(1)", limits=weak)
+    assert res.stdout.strip() == "1", res.stderr
     assert_nothing_left("987.655")
 
 

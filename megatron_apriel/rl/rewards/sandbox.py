@@ -396,12 +396,14 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
             cwd, extra = "/", _as_nobody()
         else:
             where, weak = _harness_dir(), "1"
-            # RLIMIT_NPROC counts every process of the user (root is exempt): allow the user's current ones.
+            # RLIMIT_NPROC counts every thread of every process of the user (root is exempt): allow
+            # the user's current ones, the grader's pool threads included.
             import psutil
 
             uid = os.getuid()
             nproc = limits.max_processes + sum(
-                1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid)
+                p.info["num_threads"] or 1 for p in psutil.process_iter(["uids", "num_threads"])
+                if p.info["uids"] and p.info["uids"].real == uid)
             cwd = tempfile.mkdtemp(prefix="apriel-sandbox-")
             stack.callback(_remove_tree, cwd)
             cmd, extra = [], {}
