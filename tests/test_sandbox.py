@@ -1,27 +1,47 @@
-"""The code sandbox contains hostile programs: each scores zero, stays within its limits and leaves
-no process behind."""
+"""The code sandbox contains hostile programs: each is contained, scores zero where it cheats, leaves
+nothing behind and the grader alive. The same module runs again as an ordinary user (how training
+runs on clusters) through test_hostile_programs_as_an_ordinary_user."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import pwd
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
-from megatron_apriel.rl.rewards import SandboxLimits, code_reward, run_python
-from megatron_apriel.rl.rewards.sandbox import isolation_available
+from megatron_apriel.config import ConfigError
+from megatron_apriel.rl.rewards import RewardsConfig, SandboxLimits, SandboxUnavailable, code_reward, run_many, run_python
+from megatron_apriel.rl.rewards import sandbox
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=5, memory_bytes=512 << 20, max_processes=8,
-                       max_file_bytes=256 << 10, max_output_bytes=4096)
+                       max_file_bytes=256 << 10, max_output_bytes=4096, workers=2)
+# For programs that run until a limit stops them.
+QUICK = dataclasses.replace(LIMITS, cpu_seconds=1, wall_seconds=2)
 ADD_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output": "6\n"}]
+ASSERT_TESTS = [{"assert": "assert add(2, 3) == 5"}, {"assert": "assert add(10, -4) == 6"}]
+HONEST = "a, b = map(int, input().split())\nprint(a + b)"
+USER = "apriel-ci"
 
 
 def answer(program: str) -> str:
     return f"I will read two ints.\n[BEGIN FINAL RESPONSE]\n```python\n{program}\n```\n[END FINAL RESPONSE]"
 
 
-def sandbox_processes(marker: str = "apriel-sandbox-") -> list[psutil.Process]:
+def grade(program: str, tests=ADD_TESTS, limits=LIMITS):
+    return code_reward(answer(program), tests=tests, limits=limits)
+
+
+def left_behind(marker: str) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -32,132 +52,353 @@ def sandbox_processes(marker: str = "apriel-sandbox-") -> list[psutil.Process]:
     return found
 
 
-def assert_nothing_left(marker: str = "apriel-sandbox-"):
+def assert_nothing_left(marker: str | None = None):
+    # Every sandbox of this process names its harness directory (unique to the process) in its
+    # command line; other processes' sandboxes on a shared machine do not.
+    marker = marker or sandbox._harness_dir()
     deadline = time.time() + 3
-    while sandbox_processes(marker) and time.time() < deadline:
+    while left_behind(marker) and time.time() < deadline:
         time.sleep(0.1)
-    assert sandbox_processes(marker) == []
+    assert left_behind(marker) == []
 
 
-def test_correct_program_passes_and_runs_unprivileged():
-    r = code_reward(answer("a, b = map(int, input().split())\nprint(a + b)"), tests=ADD_TESTS, limits=LIMITS)
-    assert r.score == 1.0, r.reason
-    if isolation_available():
-        assert run_python("import os; print(os.getuid())", limits=LIMITS).stdout.strip() == "65534"
+def towards_interpreter(folder: str) -> list[str]:
+    """The one entry of ``folder`` that the sandbox shows on the way to the interpreter's prefix
+    (a pyenv under /root is bound at its own path), or none."""
+    python = sandbox.choose_python(LIMITS)
+    prefix = os.path.dirname(os.path.dirname(python))
+    rel = os.path.relpath(prefix, folder)
+    return [] if prefix.startswith("/usr") or rel.startswith("..") or rel == "." else [rel.split(os.sep)[0]]
+
+
+@pytest.fixture
+def host_dir(tmp_path):
+    """A host directory anyone may write to, with a file anyone may read: what a program must not reach."""
+    os.chmod(tmp_path, 0o777)
+    (tmp_path / "secret.txt").write_text("s3cr3t")
+    os.chmod(tmp_path / "secret.txt", 0o666)
+    parent = tmp_path
+    while parent != parent.parent:  # pytest's tmp root is 0700: let the sandbox user traverse it
+        if parent.stat().st_uid == os.getuid():
+            os.chmod(parent, parent.stat().st_mode | 0o711)
+        parent = parent.parent
+    return tmp_path
+
+
+def test_honest_solutions_score_one_and_report_the_isolation():
+    assert grade(HONEST).score == 1.0
+    assert grade("def add(a, b):\n    return a + b", ASSERT_TESTS).score == 1.0
+    res = run_python("import os\nprint(os.getpid(), ','.join(sorted(os.listdir('/'))), os.getcwd())", limits=LIMITS)
+    assert res.isolation == "bwrap" and res.completed
+    pid, listing, cwd = res.stdout.split(" ", 2)
+    assert pid == "2" and cwd.strip() == "/scratch"
+    # Only the system, the sandbox's own mounts and the path to the interpreter's prefix.
+    assert set(listing.split(",")) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "sbin", "usr",
+                                                        "proc", "tmp", "scratch", "sandbox", *towards_interpreter("/")}
     assert_nothing_left()
 
 
-def test_infinite_loop_is_stopped_by_cpu_limit():
+def test_slow_honest_solution_gets_its_timeout():
+    r = grade("import time\ntime.sleep(60)\n" + HONEST, ADD_TESTS[:1], QUICK)
+    assert r.score == 0.0 and f"timed out after {QUICK.wall_seconds:g}s" in r.reason
+    res = run_python("while True:\n    pass", limits=QUICK)  # stopped by the CPU limit or the clock
+    assert not res.ok and res.wall_seconds < QUICK.wall_seconds + 2
+    assert_nothing_left()
+
+
+@pytest.mark.parametrize("how", ["open", "os.open", "shell", "ctypes", "symlink", "hardlink"])
+def test_writes_outside_the_scratch_are_contained(host_dir, how):
+    target, victim = host_dir / f"escaped-{how}.txt", host_dir / "secret.txt"
+    prog = {
+        "open": f"open({str(target)!r}, 'w').write('x')",
+        "os.open": f"import os\nos.write(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT), b'x')",
+        "shell": f"import subprocess\nsubprocess.run(['sh', '-c', 'echo x > {target}'], check=True)",
+        "ctypes": (f"import ctypes, os\nlibc = ctypes.CDLL(None)\nfd = libc.open({str(target).encode()!r}, 0o101, 0o644)\n"
+                   "assert fd >= 0\nos.write(fd, b'x')"),
+        "symlink": f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')",
+        "hardlink": f"import os\nos.link({str(victim)!r}, 'hard')\nopen('hard', 'w').write('x')",
+    }[how]
+    r = grade(prog + "\n" + HONEST)
+    assert r.score == 0.0, r.reason
+    assert not target.exists() and victim.read_text() == "s3cr3t"
+    # /tmp is private too: what a program leaves there is gone, and never reaches the host's.
+    name = f"apriel-escape-{os.getpid()}-{how}"
+    assert grade(f"import subprocess\nsubprocess.run(['sh', '-c', 'echo x > /tmp/{name}'])\n" + HONEST).score == 1.0
+    assert not Path("/tmp", name).exists()
+    assert_nothing_left()
+
+
+def test_reading_outside_the_scratch_finds_nothing(host_dir):
+    home = os.path.expanduser("~")
+    for path in (str(host_dir / "secret.txt"), __file__, os.path.join(home, ".bashrc"), "/root/.bashrc", "/etc/passwd"):
+        res = run_python(f"print(open({path!r}).read())", limits=LIMITS)
+        assert res.returncode != 0 and "FileNotFoundError" in res.stderr and "s3cr3t" not in res.stdout, path
+    for folder in ("/root", home, "/home", "/tmp", "/scratch", str(host_dir.parent)):
+        res = run_python(f"import os\nprint(os.listdir({folder!r}) if os.path.isdir({folder!r}) else 'absent')",
+                         limits=LIMITS)
+        assert res.stdout.strip() in ("absent", "[]", str(towards_interpreter(folder))), (folder, res.stdout, res.stderr)
+
+
+def test_the_program_cannot_read_its_tests():
+    # The expected value is in the test code only; a program that finds it anywhere it can open
+    # returns it. It must find nothing.
+    prog = ("import glob, os, stat\nseen = ''\nfor p in glob.glob('/sandbox/*') + glob.glob('/proc/*/cmdline') + "
+            "glob.glob('/proc/self/fd/*') + glob.glob('/scratch/*') + glob.glob('/tmp/*'):\n    try:\n"
+            "        if not stat.S_ISFIFO(os.stat(p).st_mode):\n            seen += open(p, errors='replace').read()\n"
+            "    except OSError:\n        pass\nprint(os.listdir('/sandbox'), 'SECRET-77' in seen)\n"
+            "def add(a, b):\n    return 'SECRET-77' if 'SECRET-77' in seen else 0")
+    res = run_python(prog, limits=LIMITS, check="assert add(2, 3) == 'SECRET-77'")
+    assert res.stdout.strip() == "['harness.py'] False" and not res.completed, (res.stdout, res.stderr)
+
+
+def test_another_runs_scratch_is_out_of_reach():
+    # Two runs at once: the second looks for the first one's file in every place it might be.
+    writer = "open('mine.txt', 'w').write('s3cr3t')\nimport time\ntime.sleep(1.5)"
+    spy = ("import glob, os, time\ntime.sleep(0.5)\nhits = [p for pat in ('/scratch/*', '/tmp/*', '/tmp/apriel-sandbox-*/*', "
+           "'/proc/*/cwd/*', '/proc/*/root/scratch/*') for p in glob.glob(pat)]\nprint(hits)")
+    results = run_many([(writer, "", None), (spy, "", None)], LIMITS)
+    assert results[0].ok and results[1].ok, results
+    assert results[1].stdout.strip() == "[]"
+
+
+def test_the_pool_runs_programs_concurrently():
+    # Four programs of 1.5 s each on four workers: together well under the 6 s they take in a row.
     start = time.monotonic()
-    r = code_reward(answer("while True:\n    pass"), tests=ADD_TESTS[:1], limits=LIMITS)
-    assert r.score == 0.0
-    assert time.monotonic() - start < LIMITS.wall_seconds + 2
+    results = run_many([("import time\ntime.sleep(1.5)\nprint(input())", str(i), None) for i in range(4)],
+                       dataclasses.replace(LIMITS, workers=4))
+    assert [r.stdout.strip() for r in results] == ["0", "1", "2", "3"]
+    assert all(r.isolation == "bwrap" for r in results) and time.monotonic() - start < 4.5
+
+
+@pytest.fixture
+def listener():
+    """A TCP server on the host's loopback that records every connection it accepts."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+    accepted, stop = [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                accepted.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield srv.getsockname()[1], accepted
+    stop.set()
+    thread.join()
+    srv.close()
+
+
+def test_network_is_unreachable(listener):
+    port, accepted = listener
+    connect = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hi')"
+    programs = [
+        connect,
+        f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {connect!r}], check=True)",
+        "import socket\nsocket.getaddrinfo('example.com', 80)",
+        (f"import ctypes, struct\nlibc = ctypes.CDLL(None)\nfd = libc.socket(2, 1, 0)\n"
+         f"addr = struct.pack('<H', 2) + struct.pack('!H4s8x', {port}, bytes([127, 0, 0, 1]))\n"
+         "assert libc.connect(fd, addr, len(addr)) == 0"),
+    ]
+    for prog in programs:
+        r = grade(prog + "\n" + HONEST, ADD_TESTS[:1])
+        assert r.score == 0.0, (prog, r.reason)
+    assert accepted == []
     assert_nothing_left()
 
 
-def test_sleeping_program_is_stopped_by_wall_clock():
-    res = run_python("import time\ntime.sleep(60)", limits=LIMITS)
-    assert res.timed_out and res.wall_seconds < LIMITS.wall_seconds + 1
+def test_signals_cannot_reach_the_grader_or_other_processes():
+    bystander = subprocess.Popen(["sleep", "300.123"])
+    me = os.getpid()
+    try:
+        programs = [
+            f"import os, signal\nos.kill({me}, signal.SIGSTOP)",
+            f"import os, signal\nos.kill({bystander.pid}, signal.SIGKILL)",
+            "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)",
+            f"import subprocess\nsubprocess.run(['sh', '-c', 'kill -STOP {me}; kill -9 {bystander.pid}; kill -STOP $PPID'], check=True)",
+            "import subprocess\nsubprocess.run(['sh', '-c', 'kill -9 -1'])",
+        ]
+        for prog in programs:
+            grade(prog + "\n" + HONEST, ADD_TESTS[:1])
+            assert psutil.Process(me).status() != psutil.STATUS_STOPPED
+            assert bystander.poll() is None, prog
+        assert grade(HONEST).score == 1.0  # the grader still grades
+    finally:
+        bystander.kill()
+        bystander.wait()
     assert_nothing_left()
 
 
-def test_detached_background_process_is_killed():
-    # setsid() escapes the process group; the PID namespace (or the session kill) must still get it.
-    prog = ("import subprocess\nsubprocess.Popen(['sleep', '987.654'], start_new_session=True)\n"
-            "a, b = map(int, input().split())\nprint(a + b)")
-    r = code_reward(answer(prog), tests=ADD_TESTS[:1], limits=LIMITS)
-    if isolation_available():
-        assert r.score == 1.0, r.reason
+@pytest.mark.parametrize("prog", [
+    "import subprocess\nsubprocess.Popen(['sleep', '987.654'], start_new_session=True)",
+    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        os.execvp('sleep', ['sleep', '987.654'])\n    os._exit(0)\ntime.sleep(0.2)",
+    "import subprocess\nsubprocess.Popen(['sh', '-c', 'nohup sleep 987.654 >/dev/null 2>&1 &'])",
+], ids=["setsid", "double-fork", "nohup"])
+def test_orphans_and_daemons_do_not_outlive_the_run(prog):
+    assert grade(prog + "\n" + HONEST, ADD_TESTS[:1]).score == 1.0  # allowed, but killed with the run
     assert_nothing_left("987.654")
 
 
-@pytest.mark.skipif(not isolation_available(), reason="RLIMIT_NPROC needs the unprivileged-user mode")
-def test_process_limit_caps_forks():
-    # Mild version first: count how many children a program can start.
-    prog = ("import os, time\nn = 0\nfor _ in range(64):\n    try:\n        pid = os.fork()\n"
-            "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
-            "    n += 1\nprint(n, flush=True)\nos._exit(0)")
-    res = run_python(prog, limits=LIMITS)
-    assert res.ok, res.stderr
-    assert int(res.stdout.strip()) < LIMITS.max_processes
-    assert_nothing_left()
-
-
-@pytest.mark.skipif(not isolation_available(), reason="a fork bomb is only safe under RLIMIT_NPROC as nobody")
-def test_fork_bomb_is_contained():
+def test_fork_flood_is_capped_and_contained():
+    count = ("import os, time\nn = 0\nfor _ in range(64):\n    try:\n        pid = os.fork()\n    except OSError:\n"
+             "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\nprint(n, flush=True)\nos._exit(0)")
+    res = run_python(count, limits=LIMITS)
+    assert res.ok and 0 < int(res.stdout) < LIMITS.max_processes, (res.stdout, res.stderr)
     before = len(psutil.pids())
-    prog = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
-    r = code_reward(answer(prog), tests=ADD_TESTS[:1], limits=LIMITS)
-    assert r.score == 0.0
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
+    assert grade(bomb, ADD_TESTS[:1], QUICK).score == 0.0
     assert_nothing_left()
     assert len(psutil.pids()) < before + 20
 
 
-def test_memory_hog_fails():
-    r = code_reward(answer("x = bytearray(4 << 30)\nprint(5)"), tests=ADD_TESTS[:1], limits=LIMITS)
+def test_memory_and_tmpfs_are_capped():
+    r = grade("x = bytearray(4 << 30)\n" + HONEST, ADD_TESTS[:1])
     assert r.score == 0.0 and "MemoryError" in r.reason
+    # Many files, each under the file-size limit: every writable place is a capped tmpfs ...
+    for place in ("/tmp", "/scratch", "/dev/shm"):
+        fill = (f"import os\nn = 0\ntry:\n    for i in range(10000):\n        with open(f'{place}/f{{i}}', 'wb') as f:\n"
+                "            f.write(b'x' * (200 << 10))\n        n += 1\nexcept OSError as e:\n    print(n, e.errno)")
+        res = run_python(fill, limits=LIMITS)
+        n, errno_ = map(int, res.stdout.split())
+        assert errno_ == 28 and n * (200 << 10) <= LIMITS.scratch_bytes, place  # ENOSPC at the tmpfs size
+    # ... and nothing else is writable (bwrap's own root and /dev are uncapped tmpfs: read-only).
+    for place in ("/", "/dev", "/usr", "/sandbox"):
+        res = run_python(f"open('{place}/x', 'w')", limits=LIMITS)
+        assert res.returncode != 0 and ("Read-only file system" in res.stderr or "Permission denied" in res.stderr), place
     assert_nothing_left()
 
 
-def test_writing_outside_scratch_fails(tmp_path):
-    os.chmod(tmp_path, 0o777)  # even a world-writable directory is refused
-    target = tmp_path / "escaped.txt"
-    for prog in (f"open({str(target)!r}, 'w').write('x')",
-                 f"import os\nfd = os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\nos.write(fd, b'x')",
-                 "open('../program.py', 'w').write('print(5)')"):
-        res = run_python(prog, limits=LIMITS)
-        assert res.returncode != 0 and "PermissionError" in res.stderr, res.stderr
-    assert not target.exists()
-    # Inside the scratch dir writing works.
-    assert run_python("open('f', 'w').write('ok')\nprint(open('f').read())", limits=LIMITS).stdout.strip() == "ok"
-    assert_nothing_left()
-
-
-def test_network_is_unreachable():
-    res = run_python("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=2)", limits=LIMITS)
-    assert res.returncode != 0 and "PermissionError" in res.stderr
-    if isolation_available():
-        # Below the audit hook: a raw socket() through libc meets an empty network namespace.
-        prog = ("import ctypes, struct\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                "fd = libc.socket(2, 1, 0)\nassert fd >= 0\n"
-                "addr = struct.pack('!HH4s8x', 2, 80, bytes([1, 1, 1, 1]))\n"
-                "addr = struct.pack('<H', 2) + addr[2:]\n"
-                "rc = libc.connect(fd, addr, len(addr))\nprint(rc, ctypes.get_errno())")
-        res = run_python(prog, limits=LIMITS)
-        assert res.ok, res.stderr
-        rc, errno_ = map(int, res.stdout.split())
-        assert rc == -1 and errno_ == 101  # ENETUNREACH
-    assert_nothing_left()
-
-
-def test_huge_print_is_capped():
+def test_output_flood_is_capped():
     start = time.monotonic()
-    res = run_python("while True:\n    print('x' * 10000)", limits=LIMITS)
-    assert res.returncode != 0
-    assert len(res.stdout) <= LIMITS.max_output_bytes + 100 and res.stdout.endswith("[output truncated]")
-    assert time.monotonic() - start < LIMITS.wall_seconds + 2
-    r = code_reward(answer("print('5' * 10**7)"), tests=ADD_TESTS[:1], limits=LIMITS)
-    assert r.score == 0.0
+    res = run_python("while True:\n    print('x' * 10000)", limits=QUICK)
+    assert res.returncode != 0 and res.stdout.endswith("[output truncated]")
+    assert len(res.stdout) <= QUICK.max_output_bytes + 100 and time.monotonic() - start < QUICK.wall_seconds + 2
+    assert grade("print('5' * 10**7)", ADD_TESTS[:1]).score == 0.0
     assert_nothing_left()
 
 
-def test_fallback_mode_without_namespaces(monkeypatch, tmp_path):
-    """Where namespaces are unavailable (not root), rlimits, the audit hook and the process-group kill
-    still contain the same programs (the fork bomb is left out: as root RLIMIT_NPROC would not hold)."""
-    from megatron_apriel.rl.rewards import sandbox
+EARLY_EXITS = {
+    "sys.exit": "import sys\nsys.exit(0)",
+    "os._exit": "import os\nos._exit(0)",
+    "SystemExit": "raise SystemExit",
+    "atexit": "import atexit, os\natexit.register(lambda: os._exit(0))\ndef add(a, b):\n    return 0",
+    "excepthook": "import os, sys\nsys.excepthook = lambda *a: os._exit(0)\ndef add(a, b):\n    return 0",
+    "signal handler": ("import os, signal\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\nsignal.setitimer("
+                       "signal.ITIMER_REAL, 0.05)\ndef add(a, b):\n    while True:\n        pass"),
+    "thread": "import os, threading\nthreading.Thread(target=lambda: os._exit(0)).start()\nimport time\ntime.sleep(1)",
+    "builtins": "import builtins\nbuiltins.AssertionError = SystemExit\nbuiltins.add = lambda a, b: 0",
+    "close stdout": "import os, sys\nsys.stdout.close()\nos.close(1)\nos.close(2)\ndef add(a, b):\n    return 0",
+    "write stdout": "print('ok\\nPASSED 2/2 tests', flush=True)\ndef add(a, b):\n    return 0",
+    "settrace": ("import sys\ndef jump(frame, event, arg):\n    if event == 'line' and frame.f_code.co_filename == 'test.py':\n"
+                 "        frame.f_lineno = 99\n    return jump\nsys.settrace(jump)\nsys._getframe().f_trace = jump\n"
+                 "def add(a, b):\n    return 0"),
+    "kill self": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "replace exec": "import __main__, builtins\n__main__.exec = builtins.exec = lambda *a: None\nadd = None",
+}
 
-    monkeypatch.setattr(sandbox, "_ISOLATION_CHECKED", False)
-    assert run_python("print(sum(map(int, input().split())))", "2 3", LIMITS).stdout.strip() == "5"
-    assert run_python("while True:\n    pass", limits=LIMITS).returncode != 0
-    res = run_python("import socket\nsocket.socket()", limits=LIMITS)
-    assert res.returncode != 0 and "network access is disabled" in res.stderr
-    target = tmp_path / "escaped.txt"
-    assert run_python(f"open({str(target)!r}, 'w').write('x')", limits=LIMITS).returncode != 0
+
+@pytest.mark.parametrize("route", list(EARLY_EXITS))
+def test_assert_tests_pass_only_when_the_asserts_ran(route):
+    r = grade(EARLY_EXITS[route], ASSERT_TESTS)
+    assert r.score == 0.0, (route, r.reason)
+    assert_nothing_left()
+
+
+@pytest.mark.parametrize("mode", ["bwrap", "rlimits-only"])
+def test_nothing_is_left_on_the_host(monkeypatch, tmp_path, mode):
+    # Everything the grader makes for a run goes under tempfile's directory: point it at an empty one.
+    sandbox._harness_dir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    prog = ("import os\nos.makedirs('d/e')\nopen('d/e/f', 'w').write('x')\nos.symlink('/', 'd/root')\n"
+            "os.chmod('d/e', 0)\nos.chmod('d', 0)\n" + HONEST)
+    assert grade(prog, limits=dataclasses.replace(LIMITS, isolation=mode)).score == 1.0
+    assert list(tmp_path.iterdir()) == []
+    assert_nothing_left()
+
+
+def test_exit_status_after_the_asserts_does_not_matter():
+    prog = "import atexit, os\natexit.register(lambda: os._exit(3))\ndef add(a, b):\n    return a + b"
+    assert grade(prog, ASSERT_TESTS).score == 1.0
+
+
+def test_without_bwrap_the_code_reward_refuses_unless_told(monkeypatch, tmp_path):
+    """A machine without bwrap (here: PATH without it) refuses; the weaker mode must be named."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sandbox, "_CHECKED", {})
+    with pytest.raises(SandboxUnavailable, match="isolation=rlimits-only"):
+        grade(HONEST)
+    with pytest.raises(ConfigError, match="rewards.sandbox.isolation"):
+        RewardsConfig(sandbox=LIMITS).validate()
+    with pytest.raises(ConfigError, match="unknown mode"):
+        SandboxLimits(isolation="none").validate()
+
+
+def test_rlimits_only_mode_warns_once_and_still_limits(monkeypatch, caplog, host_dir):
+    import logging
+
+    weak = dataclasses.replace(QUICK, isolation="rlimits-only")
+    monkeypatch.setattr(sandbox, "_WARNED", False)
+    with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
+        assert grade(HONEST, limits=weak).score == 1.0
+        assert grade("def add(a, b):\n    return a + b", ASSERT_TESTS, limits=weak).score == 1.0
+    warnings = [r for r in caplog.records if "NOT PROTECTED" in r.getMessage()]
+    assert len(warnings) == 1
+    assert run_python(HONEST, "2 3", weak).isolation == "rlimits-only"
+    for route in ("sys.exit", "os._exit", "atexit", "builtins"):
+        assert grade(EARLY_EXITS[route], ASSERT_TESTS, weak).score == 0.0, route
+    assert run_python("while True:\n    pass", limits=weak).returncode != 0
+    assert "network access is disabled" in run_python("import socket\nsocket.socket()", limits=weak).stderr
+    target = host_dir / "escaped.txt"
+    assert run_python(f"open({str(target)!r}, 'w').write('x')", limits=weak).returncode != 0
     assert not target.exists()
-    assert "MemoryError" in run_python("x = bytearray(4 << 30)", limits=LIMITS).stderr
-    assert run_python("import os\nos.kill(os.getppid(), 9)", limits=LIMITS).returncode != 0
-    res = run_python("while True:\n    print('x' * 10000)", limits=LIMITS)
-    assert res.returncode != 0 and len(res.stdout) <= LIMITS.max_output_bytes + 100
-    prog = "import subprocess\nsubprocess.Popen(['sleep', '987.655'])\nprint(1)"
-    assert run_python(prog, limits=LIMITS).stdout.strip() == "1"
+    assert "MemoryError" in run_python("x = bytearray(4 << 30)", limits=weak).stderr
+    res = run_python("while True:\n    print('x' * 10000)", limits=weak)
+    assert res.returncode != 0 and len(res.stdout) <= weak.max_output_bytes + 100
+    res = run_python("import subprocess\nsubprocess.Popen(['sleep', '987.655'])\nprint(1)", limits=weak)
+    assert res.stdout.strip() == "1", res.stderr
     assert_nothing_left("987.655")
+
+
+def _unprivileged_command(user: str) -> list[str]:
+    """Run this module as ``user``: a private mount namespace makes this interpreter reachable (a
+    pyenv under /root is not) and gives the run its own /tmp, then setpriv drops to the user with
+    no groups and no capabilities."""
+    # A private /tmp for the run (its files and the stashes below vanish with the namespace).
+    script, hidden, rebind = "set -e\nmount -t tmpfs -o mode=1777 none /tmp\n", [], ""
+    for i, prefix in enumerate(sorted({os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)})):
+        blocked = next((str(p) for p in reversed(Path(prefix).parents) if not os.stat(p).st_mode & 0o001), None)
+        if blocked:  # e.g. /root: keep the prefix (a venv and its base), cover the rest with an empty tmpfs
+            script += f"stash{i}=/tmp/.prefix{i}\nmkdir $stash{i}\nmount --bind {prefix} $stash{i}\n"
+            hidden += [blocked] if blocked not in hidden else []
+            rebind += f"mkdir -p {prefix}\nmount --bind $stash{i} {prefix}\n"
+    script += "".join(f"mount -t tmpfs -o mode=0755 none {b}\n" for b in hidden) + rebind
+    u = pwd.getpwnam(user)
+    repo = Path(__file__).resolve().parents[1]
+    script += (f"cd {repo}\nexec setpriv --reuid={u.pw_uid} --regid={u.pw_gid} --clear-groups --inh-caps=-all "
+               f"env -i PATH=/usr/bin:/bin HOME=/tmp PYTHONPATH={repo} PYTHONDONTWRITEBYTECODE=1 "
+               f"APRIEL_SANDBOX_NESTED=1 {sys.executable} -m pytest -q -p no:cacheprovider -x {__file__}")
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("APRIEL_SANDBOX_NESTED") == "1", reason="already running as the ordinary user")
+def test_hostile_programs_as_an_ordinary_user():
+    """CI runs as root; clusters run training as ordinary users: the whole module again as one."""
+    if os.geteuid() != 0:
+        assert grade(HONEST).score == 1.0  # already an ordinary user: the module itself is that run
+        return
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
+    assert shutil.which("unshare") and shutil.which("setpriv")
+    proc = subprocess.run(_unprivileged_command(USER), capture_output=True, text=True, timeout=600)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, tail
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))
+    assert passed >= 30 and "failed" not in summary and "error" not in summary, tail
+    assert "1 skipped" in summary or "skipped" not in summary, tail  # only this test skips itself there

@@ -1,14 +1,17 @@
 """Code reward: the fraction of test cases a completion's program passes, each run in the sandbox.
 
 A test case is ``{"input": stdin, "output": expected stdout}`` (compared after stripping trailing
-whitespace per line) or ``{"assert": "python statements"}`` appended to the program (passes when
-the program exits 0).
+whitespace per line) or ``{"assert": "python statements"}`` run after the program in its namespace.
+An assert test passes only when the sandbox's harness saw the program and the statements run to
+their end (``SandboxResult.completed``): the exit status is the program's to choose, so
+``sys.exit(0)`` before the asserts passes nothing. A completion's tests run concurrently on the
+sandbox pool.
 """
 
 from __future__ import annotations
 
 from .base import Reward, answer_region, code_blocks, completion_text
-from .sandbox import SandboxLimits, run_python
+from .sandbox import SandboxLimits, run_many
 
 
 def extract_program(completion) -> str | None:
@@ -32,18 +35,24 @@ def code_reward(completion, tests=None, limits: SandboxLimits | None = None, **_
     program = extract_program(completion)
     if program is None:
         return Reward(0.0, "no python code block")
+    jobs = [(program, "", case["assert"]) if "assert" in case else (program, str(case.get("input", "")), None)
+            for case in tests]
     passed, first_failure = 0, ""
-    for i, case in enumerate(tests):
+    for i, (case, result) in enumerate(zip(tests, run_many(jobs, limits))):
         if "assert" in case:
-            result = run_python(program + "\n\n" + case["assert"] + "\n", "", limits)
-            ok = result.ok
+            ok = result.completed and not result.timed_out
         else:
-            result = run_python(program, str(case.get("input", "")), limits)
             ok = result.ok and _same_output(result.stdout, str(case.get("output", "")))
         passed += ok
         if not ok and not first_failure:
-            why = "timed out" if result.timed_out else (
-                f"exit {result.returncode}: {result.stderr.strip().splitlines()[-1][:80]}"
-                if result.returncode and result.stderr.strip() else "wrong output")
+            err = result.stderr.strip().splitlines()
+            if result.timed_out:
+                why = f"timed out after {(limits or SandboxLimits()).wall_seconds:g}s"
+            elif result.returncode and err:
+                why = f"exit {result.returncode}: {err[-1][:80]}"
+            elif "assert" in case:
+                why = f"left before the test code finished (exit {result.returncode})"
+            else:
+                why = "wrong output"
             first_failure = f"; test {i} {why}"
     return Reward(passed / len(tests), f"{passed}/{len(tests)} tests passed{first_failure}")

@@ -8,6 +8,7 @@ dataset a single Arrow schema.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 
@@ -18,7 +19,7 @@ from .code import code_reward
 from .format import format_reward
 from .instructions import instruction_reward
 from .math import math_reward
-from .sandbox import SandboxLimits
+from .sandbox import SandboxLimits, SandboxUnavailable, isolation_mode, pool_size
 from .tool_calls import tool_call_reward
 
 REWARDS = {
@@ -57,6 +58,12 @@ class RewardsConfig:
                     raise ConfigError(f"rewards.domains.{domain}.{name}: weight must be >= 0, got {w}")
             if sum(weights.values()) <= 0:
                 raise ConfigError(f"rewards.domains.{domain}: weights sum to zero")
+        if any(weights.get("code", 0) > 0 for weights in self.domains.values()):
+            # The code reward refuses to start without its isolation (or the weaker mode by name).
+            try:
+                isolation_mode(self.sandbox)
+            except SandboxUnavailable as e:
+                raise ConfigError(f"rewards.sandbox.isolation: {e}") from None
 
 
 def _decode(sample: dict) -> dict:
@@ -96,10 +103,12 @@ class TRLReward:
 
     def __call__(self, prompts, completions, log_metric=None, log_extra=None, **columns):
         columns = {k: v for k, v in columns.items() if isinstance(v, list) and len(v) == len(completions)}
+        samples = [{k: v[i] for k, v in columns.items()} for i in range(len(completions))]
+        # Completions are graded concurrently: a code sample's programs wait on sandbox processes.
+        with concurrent.futures.ThreadPoolExecutor(pool_size(self.cfg.sandbox)) as pool:
+            graded = list(pool.map(lambda cs: combined_reward(cs[0], cs[1], self.cfg), zip(completions, samples)))
         scores, reasons, per_part = [], [], {}
-        for i, completion in enumerate(completions):
-            sample = {k: v[i] for k, v in columns.items()}
-            total, parts = combined_reward(completion, sample, self.cfg)
+        for sample, (total, parts) in zip(samples, graded):
             scores.append(total.score)
             reasons.append(total.reason)
             for name, r in parts.items():

@@ -1,88 +1,160 @@
-"""Run untrusted Python (model-written code) in a contained child process.
+"""Run untrusted Python (model-written code) in a contained child process, and a pool that runs many.
 
-Written by hand because neither TRL nor transformers ships an execution sandbox, and the code
-reward must run thousands of model completions on the training nodes themselves. Containment is
-layered so that one failing layer does not let a program out:
+GRPO optimises the policy against this grader, so anything a program can do to raise its score or
+reach outside will eventually be found. Containment therefore lives in the kernel, set up by
+bubblewrap (``bwrap``, the sandbox Flatpak uses; Debian package ``bubblewrap``), not in Python:
+neither TRL nor transformers ships an execution sandbox, and bwrap needs no root where unprivileged
+user namespaces are enabled (most clusters).
 
-- kernel limits (``setrlimit`` in the child before ``exec``): CPU seconds (RLIMIT_CPU), address
-  space (RLIMIT_AS), processes (RLIMIT_NPROC), size of any file written, stdout included
-  (RLIMIT_FSIZE), and no core files;
-- when running as root with util-linux ``unshare``/``setpriv`` (the usual container case): a fresh
-  network namespace (only a downed loopback, so every connection fails), a fresh PID namespace
-  (when its first process dies the kernel kills everything else in it, so nothing outlives the
-  run, even a process that escaped its process group with ``setsid``), and the program runs as the
-  unprivileged ``nobody`` user, because root ignores RLIMIT_NPROC and could write anywhere;
-- otherwise (not root): the child gets its own session and the whole process group is killed;
-  the network is then blocked only by the audit hook below;
-- in every mode an audit hook (PEP 578) installed before the program runs refuses socket creation
-  and any write, rename, removal or directory creation outside the scratch directory, and signals
-  to other processes. It is a second line for world-writable places (``/tmp``) that ``nobody`` can
-  still write to, and the only guard of the grader's own process in the non-root mode;
-- a wall-clock timeout, a fresh scratch directory as cwd (deleted afterwards), stdout/stderr
-  written to files the parent reads back truncated to ``max_output_bytes``.
+``isolation: bwrap`` (the default; one mode for root and ordinary users):
+
+- new user, PID, network, IPC, UTS and cgroup namespaces, no nested user namespaces: the program
+  sees only its own processes (it is PID 2; PID 1 is bwrap's init, and when it dies the kernel kills
+  everything left in the namespace), has only a loopback network of its own, and no capabilities;
+- a new mount namespace holding only ``/usr`` and the interpreter's prefix, read-only (its
+  site-packages hidden), its own ``/proc`` and minimal ``/dev``, a private size-capped tmpfs for
+  ``/tmp``, ``/dev/shm`` and the scratch directory ``/scratch`` (its cwd and $HOME), everything else
+  read-only, and ``/sandbox`` with the
+  harness's code, read-only. The grader's files, other runs' scratch, /root and homes do not exist
+  there. The program and its test code arrive through an unlinked file the harness closes before
+  the program runs, and stdin/stdout/stderr are unlinked files too. A clean environment, a new
+  session (no terminal injection), ``--die-with-parent``;
+- when the grader is root, bwrap itself runs as ``nobody`` (65534): a root-owned namespace would
+  let the program's processes count as root's, which the kernel exempts from RLIMIT_NPROC;
+- rlimits set by the harness before the program starts: CPU seconds, address space, processes
+  (counted per user namespace, so per run), file size (stdout included), no core files;
+- a wall-clock timeout after which the whole session is killed.
+
+``isolation: rlimits-only`` is a weaker mode for machines where bwrap cannot create namespaces.
+It must be chosen by name and warns once: the rlimits, a PEP 578 audit hook (sockets, writes outside
+the scratch dir, signals) and a process-group kill are all there is; a child process or ctypes goes
+around the hook, so the network, the filesystem (the shared harness file included, so the verdicts
+of later runs too) and the grader's processes are not protected.
+
+The verdict of an assert-style test cannot come from the program's exit status, which the program
+controls (``sys.exit(0)``, ``os._exit(0)``, an atexit handler...). The grader hands the harness a
+random per-run token in a pipe and keeps the read end of a second pipe; only after the program *and*
+the test code have run to their end does the harness move the token between the two pipes with
+``splice`` (the token never enters the process's memory). Any early exit leaves the verdict pipe
+empty. Limit: the program runs in the same process as its tests, so one written against this
+harness's source could splice the token itself; no exit route or Python-level trick does it by
+accident, but the verdict is as strong as that, not stronger.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
+import contextlib
 import dataclasses
+import logging
 import os
-import resource
+import secrets
+import select
 import shutil
-import signal
-import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
 import time
+
+log = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
 NOBODY_GID = 65534
+ISOLATION_MODES = ("bwrap", "rlimits-only")
+TOKEN_BYTES = 32
 
-# Runs in the child before the program: install the audit hook, then execute the program file as
-# __main__. Kept free of imports beyond sys/os so it starts fast and exposes nothing to the program.
-_BOOTSTRAP = r"""
-import os, sys
-_root = os.path.realpath(os.getcwd())
-_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-def _inside(p):
-    try:
-        p = os.fsdecode(p) if not isinstance(p, int) else None
-    except Exception:
-        return False
-    if p is None:
-        return True
-    p = os.path.realpath(os.path.join(_root, p))
-    return p == _root or p.startswith(_root + os.sep)
-def _hook(event, args):
-    if event.startswith("socket.") or event in ("_socket.__new__",):
-        raise PermissionError("network access is disabled in the sandbox")
-    if event in ("os.kill", "os.killpg") and args[0] not in (0, os.getpid(), os.getpgid(0)):
-        raise PermissionError("signalling other processes is disabled in the sandbox")
-    if event == "open":
-        path, mode, flags = args
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-            isinstance(flags, int) and flags & _WRITE)
-        if writing and not _inside(path):
-            raise PermissionError(f"writing outside the scratch directory is disabled: {path}")
-    elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.symlink", "os.link",
-                   "os.chmod", "os.chown", "os.truncate", "shutil.rmtree", "shutil.move",
-                   "shutil.copyfile", "os.utime"):
-        paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
-        if event in ("shutil.copyfile", "os.symlink", "os.link") and paths:
-            paths = paths[1:]
-        if event == "os.rename" and paths:
-            paths = paths[:2]
-        for p in paths:
-            if not _inside(p):
-                raise PermissionError(f"{event} outside the scratch directory is disabled: {p}")
-sys.addaudithook(_hook)
-_prog = sys.argv[1]
-sys.argv = sys.argv[1:]
-with open(_prog) as _f:
-    _code = compile(_f.read(), "program.py", "exec")
-del _f
-exec(_code, {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__})
+# The harness: the first Python code in the sandboxed process. It sets the rlimits, runs the
+# program, then the test code, then splices the token. Only sys/os/resource/builtins are imported
+# so it starts fast and exposes nothing new to the program; everything it needs later is bound to
+# locals before the program runs, so a program that replaces os.splice or builtins cannot change it.
+_HARNESS = r"""
+import builtins, os, resource, sys
+
+def _audit(root):
+    # rlimits-only mode: a Python-level guard that a child process or ctypes walks around.
+    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    def inside(p):
+        try:
+            p = os.fsdecode(p) if not isinstance(p, int) else None
+        except Exception:
+            return False
+        if p is None:
+            return True
+        p = os.path.realpath(os.path.join(root, p))
+        return p == root or p.startswith(root + os.sep)
+    def hook(event, args):
+        if event.startswith("socket.") or event == "_socket.__new__":
+            raise PermissionError("network access is disabled in the sandbox")
+        if event in ("os.kill", "os.killpg") and args[0] not in (0, os.getpid(), os.getpgid(0)):
+            raise PermissionError("signalling other processes is disabled in the sandbox")
+        if event == "open":
+            path, mode, flags = args
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & WRITE)
+            if writing and not inside(path):
+                raise PermissionError(f"writing outside the scratch directory is disabled: {path}")
+        elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.symlink", "os.link",
+                       "os.chmod", "os.chown", "os.truncate", "shutil.rmtree", "shutil.move",
+                       "shutil.copyfile", "os.utime"):
+            paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
+            if event in ("shutil.copyfile", "os.symlink", "os.link") and paths:
+                paths = paths[1:]
+            if event == "os.rename" and paths:
+                paths = paths[:2]
+            for p in paths:
+                if not inside(p):
+                    raise PermissionError(f"{event} outside the scratch directory is disabled: {p}")
+    sys.addaudithook(hook)
+
+def _main(argv):
+    cpu, mem, nproc, fsize, tok, out, src, n = map(int, argv[1:9])
+    has_test, weak = argv[9] == "1", argv[10] == "1"
+    for lim, v in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
+                   (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
+        if v >= 0:
+            resource.setrlimit(lim, (v, v))
+    # Program and test code come through an unlinked file, closed before the program runs: the
+    # asserts (and their expected values) are nowhere the program could open them.
+    with os.fdopen(src, "rb") as f:
+        data = f.read()
+    code = compile(data[:n], "program.py", "exec")
+    test = compile(data[n:], "test.py", "exec") if has_test else None
+    del data
+    run, splice, settrace, setprofile, real_builtins = exec, os.splice, sys.settrace, sys.setprofile, builtins
+    table = vars(builtins)
+    snapshot, clear, update = dict(table), dict.clear, dict.update
+    stdout, stderr = sys.stdout, sys.stderr
+    if weak:
+        _audit(os.path.realpath(os.getcwd()))
+    del argv[:]
+    sys.argv = ["program.py"]
+    g = {"__name__": "__main__", "__file__": "program.py", "__builtins__": builtins}
+    run(code, g)
+    if test is not None:
+        # The test code runs with the builtins, trace and profile hooks the program found, not
+        # the ones it left behind.
+        settrace(None)
+        setprofile(None)
+        clear(table)
+        update(table, snapshot)
+        g["__builtins__"] = real_builtins
+        run(test, g)
+    for stream in (stdout, stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    splice(tok, out, 64)
+
+_main(sys.argv)
 """
+
+
+class SandboxUnavailable(RuntimeError):
+    """The configured isolation cannot run on this machine."""
 
 
 @dataclasses.dataclass
@@ -93,8 +165,26 @@ class SandboxLimits:
     max_processes: int = 16
     max_file_bytes: int = 1 << 20
     max_output_bytes: int = 64 << 10
-    # Interpreter for the program; "" picks one the unprivileged user can execute.
+    # Size of each of the private tmpfs mounts (/scratch, /tmp, /dev/shm) in the bwrap mode.
+    scratch_bytes: int = 16 << 20
+    # Concurrent sandboxes of the pool (0: one per CPU core).
+    workers: int = 0
+    # "bwrap" (namespaces, the default) or "rlimits-only" (weaker; see the module docstring).
+    isolation: str = "bwrap"
+    # Interpreter for the program; "" picks this one, or one that `nobody` can run when root.
     python: str = ""
+
+    def validate(self):
+        from megatron_apriel.config import ConfigError
+
+        if self.isolation not in ISOLATION_MODES:
+            raise ConfigError(f"rewards.sandbox.isolation: unknown mode {self.isolation!r} "
+                              f"(known: {', '.join(ISOLATION_MODES)})")
+        for key in ("cpu_seconds", "wall_seconds", "memory_bytes", "max_processes", "max_file_bytes", "scratch_bytes"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"rewards.sandbox.{key}: must be > 0, got {getattr(self, key)}")
+        if self.workers < 0:
+            raise ConfigError(f"rewards.sandbox.workers: must be >= 0 (0: one per core), got {self.workers}")
 
 
 @dataclasses.dataclass
@@ -104,7 +194,12 @@ class SandboxResult:
     stderr: str
     timed_out: bool
     wall_seconds: float
-    isolated: bool  # True when the namespace + unprivileged-user layer was active
+    isolation: str  # "bwrap" or "rlimits-only": which containment was active for this run
+    completed: bool = False  # the harness ran the program and the test code to their end
+
+    @property
+    def isolated(self) -> bool:
+        return self.isolation == "bwrap"
 
     @property
     def ok(self) -> bool:
@@ -112,129 +207,284 @@ class SandboxResult:
 
 
 def _world_executable(path: str) -> bool:
-    """True when a non-root user can reach and run ``path`` (every parent dir o+x, file o+x)."""
+    """True when any user can reach and run ``path`` (every parent dir o+x, the file o+x)."""
     path = os.path.realpath(path)
     try:
-        if not os.stat(path).st_mode & stat.S_IXOTH:
-            return False
-        parent = os.path.dirname(path)
         while True:
-            if not os.stat(parent).st_mode & stat.S_IXOTH:
+            if not os.stat(path).st_mode & 0o001:
                 return False
-            if parent == os.path.dirname(parent):
+            if path == os.path.dirname(path):
                 return True
-            parent = os.path.dirname(parent)
+            path = os.path.dirname(path)
     except OSError:
         return False
 
 
-def _can_isolate() -> bool:
-    return (os.geteuid() == 0 and sys.platform.startswith("linux")
-            and shutil.which("unshare") is not None and shutil.which("setpriv") is not None)
-
-
-_ISOLATION_CHECKED: bool | None = None
-
-
-def isolation_available() -> bool:
-    """Namespaces can be refused inside some containers even for root: try once and remember."""
-    global _ISOLATION_CHECKED
-    if _ISOLATION_CHECKED is None:
-        _ISOLATION_CHECKED = False
-        if _can_isolate():
-            try:
-                r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--kill-child", "setpriv",
-                                    f"--reuid={NOBODY_UID}", f"--regid={NOBODY_GID}", "--clear-groups", "true"],
-                                   capture_output=True, timeout=10)
-                _ISOLATION_CHECKED = r.returncode == 0
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-    return _ISOLATION_CHECKED
-
-
-def choose_python(isolated: bool) -> str:
-    if not isolated or _world_executable(sys.executable):
-        return sys.executable
-    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3") or ""):
+def choose_python(limits: SandboxLimits) -> str:
+    """The interpreter of the program: limits.python, this one, or (root) one that nobody can run."""
+    if limits.python:
+        if os.geteuid() == 0 and limits.isolation == "bwrap" and not _world_executable(limits.python):
+            raise SandboxUnavailable(f"rewards.sandbox.python: {limits.python} is not executable by nobody, "
+                                     "whom the sandbox runs as under root (every parent directory needs o+x)")
+        return limits.python
+    if os.geteuid() != 0 or limits.isolation != "bwrap" or _world_executable(sys.executable):
+        return os.path.realpath(sys.executable)
+    for candidate in (f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}", "/usr/bin/python3",
+                      "/usr/local/bin/python3", shutil.which("python3") or ""):
         if candidate and _world_executable(candidate):
-            return candidate
-    raise RuntimeError("no Python interpreter is executable by the unprivileged sandbox user; "
-                       "set limits.python to one (every parent directory needs o+x)")
+            return os.path.realpath(candidate)
+    raise SandboxUnavailable("no Python interpreter is executable by the sandbox user nobody; set "
+                             "rewards.sandbox.python to one (every parent directory needs o+x)")
 
 
-def _read_capped(path: str, cap: int) -> str:
-    with open(path, "rb") as f:
-        data = f.read(cap + 1)
+def _bwrap_base(python: str, limits: SandboxLimits, sandbox_dir: str) -> list[str]:
+    """bwrap arguments up to (not including) the command, ``sandbox_dir`` bound read-only as
+    /sandbox: see the module docstring."""
+    cmd = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+           "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/scratch",
+           "--setenv", "LANG", "C.UTF-8", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+        if os.path.islink(top):
+            cmd += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            cmd += ["--ro-bind", top, top]
+    if os.path.exists("/etc/ld.so.cache"):
+        cmd += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    # The interpreter's prefix (pyenv, conda, a module tree) when it lives outside /usr, without
+    # its site-packages: programs get the standard library only.
+    prefix = os.path.dirname(os.path.dirname(python))
+    if prefix not in ("/usr", "/") and not prefix.startswith("/usr/"):
+        cmd += ["--ro-bind", prefix, prefix]
+    paths = sysconfig.get_paths() if prefix == os.path.realpath(sys.base_prefix) else {}
+    site = paths.get("purelib", "")
+    if site.startswith(prefix + "/") and os.path.isdir(site):
+        cmd += ["--tmpfs", site]
+    # Every writable place is a size-capped tmpfs (RLIMIT_FSIZE caps one file, not how many); the
+    # root and /dev that bwrap builds are tmpfs without a cap, so they are made read-only.
+    cmd += ["--proc", "/proc", "--dev", "/dev", "--size", str(limits.scratch_bytes), "--tmpfs", "/dev/shm",
+            "--remount-ro", "/dev"]
+    for place in ("/tmp", "/scratch"):
+        cmd += ["--size", str(limits.scratch_bytes), "--tmpfs", place]
+    return cmd + ["--ro-bind", sandbox_dir, "/sandbox", "--remount-ro", "/", "--chdir", "/scratch"]
+
+
+def _as_nobody() -> dict:
+    """Popen arguments that drop root to nobody for bwrap (without a preexec_fn: the pool is threaded)."""
+    return {"user": NOBODY_UID, "group": NOBODY_GID, "extra_groups": []} if os.geteuid() == 0 else {}
+
+
+_CHECKED: dict[tuple, str] = {}
+_WARNED = False
+_LOCK = threading.RLock()  # re-entered: the isolation check makes the harness directory
+
+
+def isolation_mode(limits: SandboxLimits | None = None) -> str:
+    """The isolation that runs will use, checked once per interpreter and process user.
+
+    Raises SandboxUnavailable when bwrap is configured but cannot run here (not installed, user
+    namespaces disabled); the weaker mode must then be chosen by name."""
+    global _WARNED
+    limits = limits or SandboxLimits()
+    limits.validate()
+    if limits.isolation == "rlimits-only":
+        with _LOCK:
+            if not _WARNED:
+                _WARNED = True
+                log.warning("\n%s\nCODE SANDBOX IN rlimits-only MODE: programs are limited in CPU, memory, processes "
+                            "and file size, and a Python audit hook refuses sockets, writes outside the scratch dir "
+                            "and signals; a child process or ctypes goes around that hook, so the NETWORK, the "
+                            "FILESYSTEM and the GRADER'S PROCESSES ARE NOT PROTECTED, and a process that leaves "
+                            "its session may outlive the run. Use isolation: bwrap wherever it can run.\n%s",
+                            "!" * 100, "!" * 100)
+        return "rlimits-only"
+    python = choose_python(limits)
+    key = (python, os.geteuid())
+    with _LOCK:
+        if key not in _CHECKED:
+            why = "bwrap is not installed (Debian/Ubuntu package bubblewrap)" if shutil.which("bwrap") is None else ""
+            if not why:
+                try:
+                    r = subprocess.run(_bwrap_base(python, limits, _harness_dir()) + [python, "-I", "-S", "-c", "pass"],
+                                       capture_output=True, text=True, timeout=30, **_as_nobody())
+                    why = "" if r.returncode == 0 else (r.stderr.strip() or f"exit {r.returncode}")
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    why = str(e)
+            _CHECKED[key] = why
+        why = _CHECKED[key]
+    if why and "Unknown option" in why:
+        raise SandboxUnavailable(f"the code sandbox needs bubblewrap 0.8 or newer ({why.splitlines()[-1]}); "
+                                 "install a newer bwrap, or set rewards.sandbox.isolation=rlimits-only to accept "
+                                 "the weaker mode")
+    if why:
+        raise SandboxUnavailable(f"the code sandbox cannot start bwrap here ({why.splitlines()[-1]}); user "
+                                 "namespaces may be disabled (sysctl kernel.unprivileged_userns_clone / "
+                                 "user.max_user_namespaces). Set rewards.sandbox.isolation=rlimits-only to "
+                                 "accept the weaker mode")
+    return "bwrap"
+
+
+def _read_capped(f, cap: int) -> str:
+    f.seek(0)
+    data = f.read(cap + 1)
     text = data[:cap].decode("utf-8", errors="replace")
     return text + ("\n...[output truncated]" if len(data) > cap else "")
 
 
-def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None) -> SandboxResult:
-    """Run ``code`` as a Python program with ``stdin``; returns its (truncated) output."""
-    limits = limits or SandboxLimits()
-    isolated = isolation_available()
-    python = limits.python or choose_python(isolated)
-    work = tempfile.mkdtemp(prefix="apriel-sandbox-")
+def _read_verdict(fd: int) -> bytes:
+    os.set_blocking(fd, False)
     try:
-        scratch = os.path.join(work, "scratch")
-        os.mkdir(scratch)
-        # The parent keeps the io files outside the scratch dir so the program cannot replace them.
-        paths = {n: os.path.join(work, n) for n in ("program.py", "bootstrap.py", "stdin", "stdout", "stderr")}
-        for name, text in (("program.py", code), ("bootstrap.py", _BOOTSTRAP), ("stdin", stdin)):
-            with open(paths[name], "w") as f:
-                f.write(text)
-        if isolated:
-            os.chmod(work, 0o711)  # nobody may traverse, not list or write
-            os.chown(scratch, NOBODY_UID, NOBODY_GID)
-            for name in ("program.py", "bootstrap.py", "stdin"):
-                os.chmod(paths[name], 0o644)
+        return os.read(fd, 2 * TOKEN_BYTES)
+    except BlockingIOError:
+        return b""
 
-        nproc = limits.max_processes
-        if not isolated:
+
+_HARNESS_DIR: str | None = None
+
+
+def _harness_dir() -> str:
+    """A directory holding harness.py, made once per process and bound read-only as /sandbox.
+
+    Readable by anyone (bwrap may run as nobody); it holds nothing but the harness's own code."""
+    global _HARNESS_DIR
+    with _LOCK:
+        if _HARNESS_DIR is None or not os.path.exists(os.path.join(_HARNESS_DIR, "harness.py")):
+            folder = tempfile.mkdtemp(prefix="apriel-sandbox-harness-")
+            with open(os.path.join(folder, "harness.py"), "w") as f:
+                f.write(_HARNESS)
+            os.chmod(os.path.join(folder, "harness.py"), 0o644)
+            os.chmod(folder, 0o755)
+            atexit.register(shutil.rmtree, folder, True)
+            _HARNESS_DIR = folder
+        return _HARNESS_DIR
+
+
+def _unlinked(data: bytes, stack: contextlib.ExitStack):
+    """A file with ``data`` that has no name: a child reaches it only through the descriptor."""
+    f = stack.enter_context(tempfile.TemporaryFile())
+    f.write(data)
+    f.flush()
+    f.seek(0)
+    return f
+
+
+def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
+               check: str | None = None) -> SandboxResult:
+    """Run ``code`` as a Python program with ``stdin``; returns its (truncated) output.
+
+    With ``check`` (test code such as asserts), that code runs after the program in the same
+    namespace, and ``completed`` says whether both ran to their end. Program, test code, stdin,
+    stdout and stderr are unlinked files: nothing of a run has a name the program could open."""
+    limits = limits or SandboxLimits()
+    mode = isolation_mode(limits)
+    python = choose_python(limits)
+    with contextlib.ExitStack() as stack:
+        program = code.encode()
+        source = _unlinked(program + (check or "").encode(), stack)
+        fin = _unlinked(stdin.encode(), stack)
+        fout = stack.enter_context(tempfile.TemporaryFile())
+        ferr = stack.enter_context(tempfile.TemporaryFile())
+        token = secrets.token_bytes(TOKEN_BYTES)
+        tok_r, tok_w = os.pipe()
+        verdict_r, verdict_w = os.pipe()
+        # Each descriptor is closed exactly once: a second close could hit another thread's new one.
+        open_fds = {tok_r, tok_w, verdict_r, verdict_w}
+        stack.callback(lambda: [os.close(fd) for fd in open_fds])
+        os.write(tok_w, token)
+        if mode == "bwrap":
+            where, nproc, weak = "/sandbox", limits.max_processes, "0"
+            cmd = _bwrap_base(python, limits, _harness_dir())
+            cwd, extra = "/", _as_nobody()
+        else:
+            where, weak = _harness_dir(), "1"
+            # RLIMIT_NPROC counts every thread of every process of the user (root is exempt): allow
+            # the user's current ones, the grader's pool threads included.
             import psutil
 
             uid = os.getuid()
-            nproc += sum(1 for p in psutil.process_iter(["uids"]) if p.info["uids"] and p.info["uids"].real == uid)
-
-        def preexec():
-            os.setsid()
-            for lim, value in ((resource.RLIMIT_CPU, limits.cpu_seconds),
-                               (resource.RLIMIT_AS, limits.memory_bytes),
-                               (resource.RLIMIT_FSIZE, limits.max_file_bytes),
-                               (resource.RLIMIT_CORE, 0)):
-                resource.setrlimit(lim, (value, value))
-            # Counts every process of the user: nobody's when isolated; in the non-root fallback the
-            # user's existing processes plus the allowance (root ignores it).
-            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-
-        cmd = [python, "-I", "-S", "-B", paths["bootstrap.py"], paths["program.py"]]
-        if isolated:
-            cmd = ["unshare", "--net", "--pid", "--fork", "--kill-child", "setpriv",
-                   f"--reuid={NOBODY_UID}", f"--regid={NOBODY_GID}", "--clear-groups", *cmd]
+            nproc = limits.max_processes + sum(
+                p.info["num_threads"] or 1 for p in psutil.process_iter(["uids", "num_threads"])
+                if p.info["uids"] and p.info["uids"].real == uid)
+            cwd = tempfile.mkdtemp(prefix="apriel-sandbox-")
+            stack.callback(_remove_tree, cwd)
+            cmd, extra = [], {}
+        cmd += [python, "-I", "-S", "-B", f"{where}/harness.py", str(limits.cpu_seconds), str(limits.memory_bytes),
+                str(nproc), str(limits.max_file_bytes), str(tok_r), str(verdict_w), str(source.fileno()),
+                str(len(program)), "1" if check is not None else "0", weak]
         start = time.monotonic()
-        with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, \
-                open(paths["stderr"], "wb") as ferr:
-            proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=scratch,
-                                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": scratch},
-                                    preexec_fn=preexec, close_fds=True)
-            timed_out = False
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": cwd}
+        proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, close_fds=True,
+                                pass_fds=(tok_r, verdict_w, source.fileno()), start_new_session=True, **extra)
+        for fd in (tok_w, verdict_w):  # the verdict pipe must have no writer left but the sandbox's
+            open_fds.discard(fd)
+            os.close(fd)
+        try:
+            timed_out = not _wait_exit(proc, limits.wall_seconds)
+        finally:
+            # bwrap's session; its init takes the whole PID namespace down with it. In the
+            # rlimits-only mode this is the program's session.
             try:
-                proc.wait(timeout=limits.wall_seconds)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            finally:
-                # Everything the program started is in this process group (and, when isolated, in
-                # the PID namespace that dies with its first process).
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+                os.killpg(proc.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.wait()
         elapsed = time.monotonic() - start
-        rc = proc.returncode
-        return SandboxResult(returncode=None if timed_out else rc,
-                             stdout=_read_capped(paths["stdout"], limits.max_output_bytes),
-                             stderr=_read_capped(paths["stderr"], limits.max_output_bytes),
-                             timed_out=timed_out, wall_seconds=elapsed, isolated=isolated)
+        completed = _read_verdict(verdict_r) == token
+        return SandboxResult(returncode=None if timed_out else proc.returncode,
+                             stdout=_read_capped(fout, limits.max_output_bytes),
+                             stderr=_read_capped(ferr, limits.max_output_bytes),
+                             timed_out=timed_out, wall_seconds=elapsed, isolation=mode, completed=completed)
+
+
+def _wait_exit(proc: subprocess.Popen, seconds: float) -> bool:
+    """Wait for ``proc`` up to ``seconds``; False on timeout. A pidfd wakes up the moment the process
+    exits (Popen.wait(timeout) polls with sleeps of up to 50 ms, as long as a trivial run)."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0.0, seconds) * 1000))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        os.close(fd)
+
+
+def _remove_tree(path: str):
+    """rmtree that also removes what a program made unreadable (chmod 0 on a dir in its scratch)."""
+    def retry(func, p, _exc):
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+                shutil.rmtree(p, onerror=retry)
+            else:
+                func(p)
+        except OSError:
+            pass
+    shutil.rmtree(path, onerror=retry)
+
+
+_POOLS: dict[int, concurrent.futures.ThreadPoolExecutor] = {}
+
+
+def pool_size(limits: SandboxLimits) -> int:
+    return limits.workers if limits.workers > 0 else (os.cpu_count() or 1)
+
+
+def run_many(jobs: list[tuple[str, str, str | None]], limits: SandboxLimits | None = None) -> list[SandboxResult]:
+    """Run ``(code, stdin, check)`` jobs concurrently on a pool of ``limits.workers`` sandboxes.
+
+    The pool is threads, each waiting on one sandbox process: the work happens in the children."""
+    limits = limits or SandboxLimits()
+    isolation_mode(limits)  # refuse (or warn) once, before anything runs
+    n = pool_size(limits)
+    with _LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            pool = _POOLS[n] = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="sandbox")
+    return list(pool.map(lambda job: run_python(job[0], job[1], limits, job[2]), jobs))
