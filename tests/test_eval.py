@@ -2,7 +2,8 @@
 every task kind scores right/wrong/malformed/unanswerable completions as documented, and bad input
 gets one-line errors (exit 2) or counted skips, with nothing half-written.
 
-About 40 s on 2 CPU cores (one tiny model, one evaluation run of two tasks; the rest is scoring).
+About 30 s of CPU (one tiny model, one evaluation run of two tasks; the rest is scoring), plus
+40 s for the merge search (marked slow).
 """
 
 from __future__ import annotations
@@ -213,3 +214,40 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model_dir, tmp_path, 
     rc, err = _main(["--hf", str(model_dir), "--tasks", f"math={tasks}", "--samples", "4", "--out", str(out)], capsys)
     assert rc == 2 and "greedy" in err
     assert not out.exists() and not list(tmp_path.glob("r.json*"))
+
+
+# ------------------------------------------------------------------ merge search
+@pytest.mark.slow  # ~40 s of CPU: three merges and four evaluations; over a minute on a busy machine
+def test_merge_search_table_yaml_and_rescore(model_dir, tmp_path, capsys):
+    """Three 2-way merges of two tiny models scored on a log-likelihood task; the chosen YAML, merged
+    again by ``apriel average --config``, gives the same weights (same hash) and the same score."""
+    from megatron_apriel.checkpoint.average import main as average_main
+    from megatron_apriel.eval.merge_search import search
+
+    other = make_tiny_hf(tmp_path / "other", seed=1, vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    for f in model_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template")):
+            shutil.copy(f, other / f.name)
+    mc = [{"question": f"What is {i} plus {j}?", "choices": [str(i + j), str(i - j), str(i * j), str(j)], "answer": 0}
+          for i in range(2, 6) for j in range(1, 4)]
+    tasks = _write_jsonl(tmp_path / "mc.jsonl", mc)
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {model_dir}\n    parameters: {{weight: 0.5}}\n"
+                   f"  - model: {other}\n    parameters: {{weight: 0.5}}\nout: {tmp_path / 'final'}\n")
+    settings = ev.Settings(chat_template="none", batch_size=16)
+    result = search(str(cfg), [f"choice_ll={tasks}"], 0.25, str(tmp_path / "search"), settings, log=lambda *_: None)
+    rows = result["candidates"]
+    assert sorted(r["weights"][0] for r in rows) == [0.25, 0.5, 0.75]
+    best = result["best"]
+    assert best["objective"] == max(r["objective"] for r in rows)
+    table = (tmp_path / "search" / "merge_search.txt").read_text()
+    assert "<- best" in table and len(table.splitlines()) == 2 + len(rows)
+    assert (tmp_path / "search" / "merge_search.png").stat().st_size > 0
+    assert not (tmp_path / "search" / "candidates").exists() or not any((tmp_path / "search" / "candidates").iterdir())
+    chosen = tmp_path / "search" / "best_merge.yaml"
+    assert average_main(["--config", str(chosen)]) == 0
+    capsys.readouterr()
+    assert ev.model_hash(tmp_path / "final") == best["sha256"]
+    scores, _, _ = ev.evaluate_model(str(tmp_path / "final"), [ev.parse_task_arg(f"choice_ll={tasks}")], settings,
+                                     log=lambda *_: None)
+    assert scores["mc"]["acc"] == best["scores"]["mc"]["acc"]
