@@ -143,9 +143,13 @@ def evaluate_model(hf_dir: str, tasks: list, settings: Settings, log=print) -> t
     named = [t for t in tasks if not isinstance(t, TaskSpec)]
     include = sorted({str(Path(t).resolve().parent) for t in named if t.endswith((".yaml", ".yml"))})
     names = [_yaml_task_name(t) if t.endswith((".yaml", ".yml")) else t for t in named]
+    # Indexing lm-eval's ~14k built-in task YAMLs takes most of a minute on a CPU: only when a
+    # built-in task is named.
+    task_manager = TaskManager(include_path=include or None,
+                               include_defaults=any(not t.endswith((".yaml", ".yml")) for t in named))
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=[b.task for b in built] + names, task_manager=TaskManager(include_path=include or None),
+        model=lm, tasks=[b.task for b in built] + names, task_manager=task_manager,
         apply_chat_template=settings.chat_template != "none", gen_kwargs=None, log_samples=True,
         limit=settings.limit, random_seed=settings.seed, numpy_random_seed=settings.seed,
         torch_random_seed=settings.seed, fewshot_random_seed=settings.seed, bootstrap_iters=1000,
