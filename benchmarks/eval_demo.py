@@ -6,7 +6,7 @@ records, completions, seconds of evaluation (model loading excluded, listed apar
 per second.
 
     apriel demo --out runs/demo --minutes 1          # once, for the model and the task file
-    python benchmarks/eval_demo.py --demo-dir runs/demo
+    python benchmarks/eval_demo.py --demo-dir runs/demo [--backend vllm]
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int:  # vLLM spawns its workers: everything runs under __main__
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo-dir", required=True, help="an `apriel demo --out` folder")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     ap.add_argument("--samples", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--max-gen-toks", type=int, default=72)
+    ap.add_argument("--backend", choices=["hf", "vllm"], default="hf", help="vllm: where vLLM is installed")
     args = ap.parse_args(argv)
 
     import torch
@@ -40,15 +41,15 @@ def main(argv=None) -> int:
             print(f"eval_demo: {p} not found; run `apriel demo --out {demo}` first", file=sys.stderr)
             return 2
     t0 = time.perf_counter()
-    load_lm(str(hf), Settings())
+    load_lm(str(hf), Settings(backend=args.backend))
     load_s = time.perf_counter() - t0
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS="
+    print(f"backend {args.backend}, torch {torch.__version__}, {torch.get_num_threads()} threads, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', '-')}; model load {load_s:.1f} s ({hf})")
     rows = []
     for n in args.samples:
         for bs in args.batch_sizes:
             settings = Settings(batch_size=bs, samples=n, temperature=0.0 if n == 1 else 1.0,
-                                max_gen_toks=args.max_gen_toks)
+                                max_gen_toks=args.max_gen_toks, backend=args.backend)
             spec = parse_task_arg(f"math={test}", n)
             scores, _, runtime = evaluate_model(str(hf), [spec], settings, log=lambda *_: None)
             s = scores["test"]

