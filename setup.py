@@ -41,7 +41,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
         "rl": ["trl>=0.20", "accelerate", "datasets"],
-        "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets", "wandb"],
+        # apriel eval / merge-search: lm-evaluation-harness is the engine (tested on 0.4.13)
+        "eval": ["lm-eval>=0.4.13,<0.5", "datasets"],
+        "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets", "wandb", "lm-eval>=0.4.13,<0.5"],
     },
     entry_points={"console_scripts": ["apriel=megatron_apriel.cli:main"]},
 )

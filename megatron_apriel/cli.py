@@ -22,6 +22,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "convert": ("megatron_apriel.checkpoint.convert", "HF <-> megatron-core distributed checkpoints"),
     "upscale": ("megatron_apriel.checkpoint.upscale", "depth upscaling of an HF checkpoint"),
     "average": ("megatron_apriel.checkpoint.average", "average or weighted-merge checkpoints"),
+    "eval": ("megatron_apriel.eval.run", "score HF checkpoints on local task files (lm-evaluation-harness)"),
+    "merge-search": ("megatron_apriel.eval.merge_search", "evaluate a grid of weighted merges, write the best"),
     "generate": ("megatron_apriel.generate", "generate with an HF checkpoint (transformers)"),
     "grpo": ("megatron_apriel.rl.grpo", "GRPO with rule-based rewards on an HF checkpoint"),
 }

@@ -176,8 +176,7 @@ class Demo:
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def evaluate(self, hf: Path) -> dict:
-        test = load_test(self.d("data") / "test.jsonl", self.plan.n_test)
-        r = evaluate(hf, test)
+        r = evaluate(hf, self.d("data") / "test.jsonl", self.plan.n_test, results=hf.parent / "eval.json")
         s = r["samples"][0]
         print(f"  held-out: accuracy {r['accuracy']:.3f}, format-reward rate {r['format_rate']:.3f} on {r['n']} "
               f"problems; e.g. {s['question']!r} -> {s['completion'][:120]!r}", flush=True)

@@ -1,9 +1,10 @@
-"""Held-out answer accuracy and format-reward rate of an HF checkpoint.
+"""Held-out answer accuracy and format-reward rate of an HF checkpoint, by ``apriel eval``'s engine.
 
-Generation is transformers' ``generate`` (greedy, batched, left padding); scoring is the GRPO
-rewards of ``megatron_apriel.rl.rewards``, so "correct" here means what it means to GRPO. An answer
-counts as correct only inside the Apriel final-response block (``[BEGIN FINAL RESPONSE]...``):
-``math_reward`` alone would also accept the last number of a completion without the block.
+The demo's test set is a ``math`` task file (``{"question", "answer"}`` per line); it is scored by
+lm-evaluation-harness with the project's math kind, greedy, with the Apriel chat template. An
+answer counts as correct only inside the final-response block (``[BEGIN FINAL RESPONSE]...``),
+as in the GRPO reward, and the format rate is the format reward's full-marks rate. Each call also
+writes the full results JSON (per-sample records) when ``results`` is given.
 """
 
 from __future__ import annotations
@@ -18,35 +19,20 @@ def load_test(path: Path, n: int | None = None) -> list[dict]:
     return rows[:n] if n else rows
 
 
-def evaluate(hf_dir: Path, test: list[dict], max_new_tokens: int = 72, batch_size: int = 32) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def evaluate(hf_dir: Path, test_file: Path, n: int | None = None, max_new_tokens: int = 72, batch_size: int = 32,
+             results: Path | None = None) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE, encode_prompts
-    from megatron_apriel.rl.rewards import final_response, format_reward, math_reward
+    from megatron_apriel.eval.run import Settings, run
 
     hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    completions = []
-    for i in range(0, len(test), batch_size):
-        rows = test[i:i + batch_size]
-        # questions that spell a control token stay text (see megatron_apriel.data.chat_template)
-        enc = encode_prompts(tok, [[{"role": "user", "content": r["question"]}] for r in rows], APRIEL_CHAT_TEMPLATE)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                 eos_token_id=tok.eos_token_id)
-        completions += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    correct = formatted = 0
-    samples = []
-    for r, c in zip(test, completions):
-        fmt = format_reward(c).score
-        ok = final_response(c) is not None and math_reward(c, answer=r["answer"]).score == 1.0
-        formatted += fmt == 1.0
-        correct += ok
-        if len(samples) < 3:
-            samples.append({"question": r["question"], "answer": r["answer"], "completion": c, "correct": ok})
-    n = max(len(test), 1)
-    return {"accuracy": correct / n, "format_rate": formatted / n, "n": len(test), "samples": samples}
+    settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel", limit=n)
+    out = results or Path(hf_dir) / "eval.json"
+    r = run([str(hf_dir)], [f"math={test_file}"], str(out), settings, log=lambda *_: None)
+    task = Path(test_file).stem
+    scores, rows = r["results"][str(hf_dir)][task], r["samples"][str(hf_dir)][task]
+    tests = load_test(test_file)  # the demo's file has no blank lines: record i is on line i + 1
+    samples = [{"question": tests[s["line"] - 1]["question"], "answer": tests[s["line"] - 1]["answer"],
+                "completion": s["completions"][0], "correct": s["correct"][0]} for s in rows[:3]]
+    return {"accuracy": scores["pass@1"], "format_rate": scores["format"], "n": scores["records"], "samples": samples,
+            "outcomes": scores["outcomes"]}

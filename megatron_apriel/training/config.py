@@ -54,6 +54,12 @@ class DataConfig:
     factory: Optional[str] = None
     factory_args: dict[str, Any] = field(default_factory=dict)
     valid_factory_args: dict[str, Any] = field(default_factory=dict)
+    # Named validation sets, each logged apart as valid/<name>/loss at logging.eval_interval, so
+    # forgetting on replay data shows apart from gains on reasoning data. valid_sets (kind dataset):
+    # name -> factory args; valid_per_source (kind blend): one set per blend source, from its
+    # held-out documents (the blend's split).
+    valid_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    valid_per_source: bool = False
     eod_token: int = 2
     num_workers: int = 0
 
@@ -62,6 +68,14 @@ class DataConfig:
             raise ConfigError(f"data.kind: {self.kind!r} is not one of blend, dataset")
         if self.kind == "dataset" and not self.factory:
             raise ConfigError("data.factory: needed when data.kind is dataset (module:callable)")
+        if self.valid_sets and self.kind != "dataset":
+            raise ConfigError("data.valid_sets: factory args per name, for data.kind dataset "
+                              "(for a blend use data.valid_per_source)")
+        if self.valid_per_source and self.kind != "blend":
+            raise ConfigError("data.valid_per_source: needs data.kind blend")
+        for name, args in self.valid_sets.items():
+            if not isinstance(args, dict):
+                raise ConfigError(f"data.valid_sets.{name}: factory args (a mapping), got {type(args).__name__}")
 
 
 @dataclass

@@ -167,6 +167,30 @@ def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_sampl
     return train, valid
 
 
+def build_named_valid_sets(cfg: TrainConfig, valid_samples: int) -> dict:
+    """``data.valid_sets`` / ``data.valid_per_source`` as {name: dataset}, each evaluated apart."""
+    data = cfg.data
+    if data.valid_per_source:
+        import dataclasses
+
+        from megatron_apriel.data.blends import build_datasets, resolve_stage
+
+        spec = resolve_stage(_blend_spec(cfg))
+        out = {}
+        for src in spec.sources:
+            one = dataclasses.replace(spec, sources=[dataclasses.replace(src, weight=1.0)], stages=[], stage=None)
+            _, out[src.name] = build_datasets(one, cfg.train.global_batch_size, cfg.train.global_batch_size,
+                                              valid_samples=valid_samples, eod_token=data.eod_token)
+        return out
+    if not data.valid_sets:
+        return {}
+    import importlib
+
+    module, _, name = data.factory.partition(":")
+    factory = getattr(importlib.import_module(module), name)
+    return {n: factory(**args, seq_length=cfg.train.seq_length) for n, args in data.valid_sets.items()}
+
+
 def _blend_dict(blend) -> dict:
     """``data.blend`` inline, or the path of a blend YAML (examples/<model>/cpt_blend.yaml)."""
     if isinstance(blend, str):
@@ -384,14 +408,17 @@ def train(cfg: TrainConfig) -> int:
     train_samples = t.train_iters * t.global_batch_size
     valid_samples = lg.eval_iters * t.global_batch_size if lg.eval_interval else 0
     train_ds = valid_ds = batches = None
+    named_valid: dict = {}
     if iteration < t.train_iters:  # (train_iters 0: only convert/save the starting point)
         train_ds, valid_ds = build_datasets_from_config(cfg, train_samples, valid_samples)
         if len(train_ds) < train_samples:
             raise ConfigError(f"the training data has {len(train_ds)} samples < train.train_iters x "
                               f"global_batch_size = {train_samples}")
-        if valid_ds is not None and lg.eval_interval and len(valid_ds) < valid_samples:
-            raise ConfigError(f"the validation data has {len(valid_ds)} samples < logging.eval_iters x "
-                              f"global_batch_size = {valid_samples}")
+        named_valid = build_named_valid_sets(cfg, valid_samples) if lg.eval_interval else {}
+        for name, ds in [("", valid_ds), *named_valid.items()]:
+            if ds is not None and lg.eval_interval and len(ds) < valid_samples:
+                raise ConfigError(f"the validation data{f' {name!r}' if name else ''} has {len(ds)} samples < "
+                                  f"logging.eval_iters x global_batch_size = {valid_samples}")
         batches = _Batches(_loader(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers), device, m.cp)
 
     log_dir = lg.log_dir or (os.path.join(ck.save, "logs") if ck.save else None)
@@ -403,20 +430,27 @@ def train(cfg: TrainConfig) -> int:
     packed = train_ds is not None and "cu_seqlens" in train_ds[0]
     seq, mbs = (t.seq_length * t.micro_batch_size, 1) if packed else (t.seq_length, t.micro_batch_size)
 
-    def run_eval(step: int) -> None:
-        if valid_ds is None:
-            return
-        vb = _Batches(_loader(valid_ds, 0, t.micro_batch_size, 0), device, m.cp)
+    def valid_loss(ds) -> float:
+        vb = _Batches(_loader(ds, 0, t.micro_batch_size, 0), device, m.cp)
         total, n = 0.0, 0
         for _ in range(lg.eval_iters):
             mb = vb.take(n_mb)
             r = eval_step(ddp, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, seq, mbs)
             total += r.loss * r.num_tokens
             n += r.num_tokens
-        loss = total / max(n, 1)
-        _log0(f"validation at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
-        writer.scalars(step, {"valid/loss": loss})
-        writer.record({"iteration": step, "valid_loss": loss})
+        return total / max(n, 1)
+
+    def run_eval(step: int) -> None:
+        if valid_ds is not None:
+            loss = valid_loss(valid_ds)
+            _log0(f"validation at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
+            writer.scalars(step, {"valid/loss": loss})
+            writer.record({"iteration": step, "valid_loss": loss})
+        for name, ds in named_valid.items():  # one line per named set (per blend source)
+            loss = valid_loss(ds)
+            _log0(f"validation {name!r} at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
+            writer.scalars(step, {f"valid/{name}/loss": loss})
+            writer.record({"iteration": step, f"valid_loss/{name}": loss})
 
     exit_code = 0
     last_saved = None
