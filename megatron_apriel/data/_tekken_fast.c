@@ -418,11 +418,23 @@ static int encode_fallback(EncoderObject *e, PyObject *text, Py_ssize_t a, Py_ss
     return 0;
 }
 
-/* One region [a, b) of a non-ASCII str: tiktoken when it holds non-ASCII, else split_ascii on a
- * one-byte copy of its characters. */
-static int encode_region(EncoderObject *e, PyObject *text, Py_ssize_t a, Py_ssize_t b, int fallback, OutBuf *out,
+enum { REGION_ASCII = 0, REGION_TIKTOKEN = 1, REGION_PIECE = 2 };
+
+/* One region [a, b) of a non-ASCII str: tiktoken when it holds non-ASCII, split_ascii on a one-byte
+ * copy of its characters when not, and straight to the BPE when it is known to be one piece. */
+static int encode_region(EncoderObject *e, PyObject *text, Py_ssize_t a, Py_ssize_t b, int how, OutBuf *out,
                          int32_t offset, CacheEntry *cache) {
-    if (fallback) return encode_fallback(e, text, a, b, out, offset);
+    if (how == REGION_TIKTOKEN) return encode_fallback(e, text, a, b, out, offset);
+    if (how == REGION_PIECE) {
+        PyObject *sub = PyUnicode_Substring(text, a, b);
+        if (!sub) return -1;
+        Py_ssize_t len;
+        const char *utf8 = PyUnicode_AsUTF8AndSize(sub, &len);
+        int rc = utf8 ? emit_piece(e, (const unsigned char *)utf8, (size_t)len, out, offset, cache) : -1;
+        Py_DECREF(sub);
+        if (rc && !PyErr_Occurred()) PyErr_NoMemory();
+        return rc;
+    }
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
     size_t len = (size_t)(b - a);
@@ -445,65 +457,72 @@ static inline int is_space(Py_UCS4 c) {
            c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
-#define IS_BLANK(c) ((c) == ' ' || (c) == '\t')
+/* whitespace other than '\r' and '\n' */
+static inline int is_blank(Py_UCS4 c) { return c != '\r' && c != '\n' && is_space(c); }
 
-/* Boundaries around a run [a, b) of spaces and tabs, for text that is not all ASCII. tiktoken's
- * regex engine gives up (a panic: its backtracking limit) on a whitespace run of about a million
- * characters without a newline, so such a run must not reach it; these boundaries let
- * split_ascii take the run whatever its neighbours are. The run starts a piece when it follows a
- * non-whitespace character (as in safe_boundary), or follows the last '\r'/'\n' of a whitespace
- * run (only [\r\n/]* and \s*[\r\n]+ continue those, and both stop at the space). Started so and
- * followed by a non-whitespace character, it is one piece less its last character (\s+(?!\S)
- * backtracks by one), so b - 1 is a boundary too. Returns whether a is a boundary; sets *last to
- * b - 1 when that is one, else -1. */
-static int blank_run_boundaries(int kind, const void *data, Py_ssize_t n, Py_ssize_t a, Py_ssize_t *b_out,
-                                Py_ssize_t *last) {
+/* A run of blanks [a, b) in text that is not all ASCII. tiktoken's regex engine gives up (a panic:
+ * its backtracking limit) on a run of about a million blanks, so such a run must not reach it. The
+ * run starts a piece when it follows a non-whitespace character (no alternative continues one
+ * with whitespace other than [\r\n/]*), or follows the last '\r'/'\n' of a whitespace run (only
+ * [\r\n/]* and \s*[\r\n]+ continue those, and both stop at a blank). Started so and followed by
+ * a non-whitespace character, [a, b - 1) is one piece (\s+(?!\S) backtracks by one) and b - 1 a
+ * boundary; at the end of the text [a, b) is one piece. Returns whether a is a boundary (a > 0);
+ * *b_out = b, and [*piece_a, *piece_b) is the run's one piece, or empty. */
+static int blank_run(int kind, const void *data, Py_ssize_t n, Py_ssize_t a, Py_ssize_t *b_out, Py_ssize_t *piece_a,
+                     Py_ssize_t *piece_b) {
     Py_ssize_t b = a;
-    while (b < n && IS_BLANK(PyUnicode_READ(kind, data, b))) b++;
+    while (b < n && is_blank(PyUnicode_READ(kind, data, b))) b++;
     *b_out = b;
-    *last = -1;
-    int after_text = a == 0 || !is_space(PyUnicode_READ(kind, data, a - 1));
+    *piece_a = *piece_b = -1;
     Py_UCS4 before = a > 0 ? PyUnicode_READ(kind, data, a - 1) : 0;
     int ends_run = b == n || !is_space(PyUnicode_READ(kind, data, b));
-    int starts = after_text || ((before == '\r' || before == '\n') && ends_run);
-    if (starts && b < n && ends_run && b - a >= 2) *last = b - 1;
+    int starts = a == 0 || !is_space(before) || ((before == '\r' || before == '\n') && ends_run);
+    if (starts && b == n) {
+        *piece_a = a;
+        *piece_b = n;
+    } else if (starts && ends_run && b - a >= 2) {
+        *piece_a = a;
+        *piece_b = b - 1;
+    }
     return starts && a > 0;
 }
 
 /* A non-ASCII str (GIL held): cut at safe boundaries into segments; consecutive segments of the same
- * kind (all ASCII, or holding non-ASCII) form one region, encoded by encode_region. */
+ * kind (all ASCII, or holding non-ASCII) form one region, encoded by encode_region; a long blank
+ * run's one piece is a region of its own. */
 static int encode_mixed(EncoderObject *e, PyObject *text, OutBuf *out, int32_t offset, CacheEntry *cache) {
     Py_ssize_t n = PyUnicode_GET_LENGTH(text);
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
     Py_ssize_t region_start = 0, seg_start = 0;
-    Py_ssize_t run_end = 0, run_last = -1; /* the blank run being crossed, and its last boundary */
-    int region_fb = -1; /* kind of the pending region: -1 none, 0 ASCII, 1 tiktoken */
-    int seg_fb = 0;
-    if (n && IS_BLANK(PyUnicode_READ(kind, data, 0))) blank_run_boundaries(kind, data, n, 0, &run_end, &run_last);
+    Py_ssize_t run_end = 0, piece_a = -1, piece_b = -1; /* the blank run being crossed, and its one piece */
+    int region = -1; /* kind of the pending region, -1: none */
+    int seg = REGION_ASCII;
+    if (n && is_blank(PyUnicode_READ(kind, data, 0))) blank_run(kind, data, n, 0, &run_end, &piece_a, &piece_b);
     for (Py_ssize_t i = 1; i <= n; i++) {
         Py_UCS4 prev = PyUnicode_READ(kind, data, i - 1);
-        if (prev >= 128) seg_fb = 1;
-        int boundary = i == n || i == run_last;
+        if (prev >= 128) seg = REGION_TIKTOKEN;
+        int boundary = i == n || i == piece_b;
         if (!boundary) {
             Py_UCS4 cur = PyUnicode_READ(kind, data, i);
-            if (IS_BLANK(cur) && i >= run_end) boundary = blank_run_boundaries(kind, data, n, i, &run_end, &run_last);
+            if (i >= run_end && is_blank(cur)) boundary = blank_run(kind, data, n, i, &run_end, &piece_a, &piece_b);
             boundary = boundary || safe_boundary(prev, cur);
         }
         if (!boundary) continue;
         /* segment [seg_start, i) is complete */
-        if (region_fb >= 0 && region_fb != seg_fb) {
-            if (encode_region(e, text, region_start, seg_start, region_fb, out, offset, cache)) return -1;
-            region_fb = -1;
+        if (seg == REGION_TIKTOKEN && seg_start == piece_a && i == piece_b) seg = REGION_PIECE;
+        if (region >= 0 && (region != seg || seg == REGION_PIECE)) {
+            if (encode_region(e, text, region_start, seg_start, region, out, offset, cache)) return -1;
+            region = -1;
         }
-        if (region_fb < 0) {
-            region_fb = seg_fb;
+        if (region < 0) {
+            region = seg;
             region_start = seg_start;
         }
         seg_start = i;
-        seg_fb = 0;
+        seg = REGION_ASCII;
     }
-    if (region_fb >= 0) return encode_region(e, text, region_start, n, region_fb, out, offset, cache);
+    if (region >= 0) return encode_region(e, text, region_start, n, region, out, offset, cache);
     return 0;
 }
 
