@@ -7,9 +7,11 @@
  * the pattern reduces to a few character classes (see split_ascii). Everything that is not ASCII is
  * still tokenized by tiktoken: a text is cut at "safe" boundaries (a piece of the pattern never
  * crosses them, whatever the surrounding characters) and the regions holding non-ASCII characters
- * are handed to tiktoken's encode_ordinary, so the concatenation equals tiktoken on the whole text.
- * The BPE is tiktoken's byte_pair_merge (lowest-rank adjacent pair first, leftmost on ties), over an
- * open-addressing table built from tiktoken's own mergeable ranks.
+ * are handed to tiktoken's encode_ordinary, so the concatenation equals tiktoken on the whole text
+ * (except runs of blanks, whose one piece is known without the regex: see blank_run).
+ * The BPE is tiktoken's byte_pair_merge (lowest-rank adjacent pair first, leftmost on ties; a linear
+ * scan for short pieces, a heap for long ones, as tiktoken does), over an open-addressing table
+ * built from tiktoken's own mergeable ranks.
  *
  * Only the exact pattern string below is implemented; the Python side uses tiktoken for any other.
  */

@@ -439,7 +439,7 @@ def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg, waiting=
     def result(block, job):
         t0 = time.perf_counter()
         while not job.ready():
-            job.wait(wait_seconds)
+            job.wait(max(wait_seconds, 1.0))  # at most one line a second, even with --log-seconds 0
             if waiting is not None and not job.ready():
                 waiting(block, time.perf_counter() - t0)
         return job.get()
