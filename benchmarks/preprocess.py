@@ -56,8 +56,8 @@ def _stdlib_sources() -> list[tuple[str, str]]:
 
 
 def _web_documents(seed: int = 0):
-    """Endless documents like a web crawl's: the Python documentation's prose (pydoc's topics, one
-    document per few paragraphs) and the stdlib's sources, and after every 300 of them one of the
+    """Endless documents like a web crawl's: the Python documentation's prose (pydoc's topics) and
+    the stdlib's sources, and after every 300 of them one of the
     lines that real crawls hold and that are single huge pieces to the pre-tokenizer: a long run
     of one character, a padded table row, a base64 blob, a minified source, a very long document.
     Blank runs stay under 500,000 characters: from about a million, tiktoken's regex engine (and so
@@ -69,12 +69,9 @@ def _web_documents(seed: int = 0):
     from pydoc_data.topics import topics
 
     rng = random.Random(seed)
-    prose = []
-    for name, text in sorted(topics.items()):
-        paras = text.split("\n\n")
-        prose += [("\n\n".join(paras[i:i + 6]), f"pydoc:{name}") for i in range(0, len(paras), 6)]
+    prose = [(text, f"pydoc:{name}") for name, text in sorted(topics.items())]
     sources = _stdlib_sources()
-    normal = prose + sources
+    big_sources = [d for d in sources if len(d[0]) > 20_000]
     everything = "\n\n".join(t for t, _ in prose)
 
     def long_run():
@@ -88,7 +85,7 @@ def _web_documents(seed: int = 0):
         return f'<img src="data:image/png;base64,{data}">', "base64 blob"
 
     def minified():
-        text, src = rng.choice(sources)
+        text, src = rng.choice(big_sources)
         return re.sub(r"\s+", " ", text), f"minified {src}"
 
     def very_long():
@@ -97,8 +94,8 @@ def _web_documents(seed: int = 0):
     kinds = [long_run, table_row, blob, minified, very_long]
     k = 0
     while True:
-        for _ in range(300):
-            yield rng.choice(normal)
+        for _ in range(300):  # three prose documents (6 kB on average) for one source (20 kB)
+            yield rng.choice(prose if rng.random() < 0.75 else sources)
         yield kinds[k % len(kinds)]()
         k += 1
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import io
@@ -335,12 +336,17 @@ def encode_block(block: Block) -> tuple:
     return block.file_index, results, skips, nbytes, slow
 
 
-def _init_worker(tokenizer, cfg):
+def _set_worker_state(tokenizer, cfg):
     global _TOKENIZER, _CFG
-    # the main process alone handles Ctrl-C and SIGTERM (and then terminates the pool)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _TOKENIZER, _CFG = tokenizer, cfg
+
+
+def _init_worker(tokenizer, cfg):
+    _set_worker_state(tokenizer, cfg)
+    # the main process alone handles Ctrl-C and SIGTERM (a scheduler signals the whole process group):
+    # a worker killed mid-way could hold a pipe lock of the pool, which then never shuts down
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- output
@@ -428,7 +434,7 @@ def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg, waiting=
     """Results in input order, with at most ``2 * workers + 2`` blocks in flight. While the oldest
     block is not done, ``waiting(block, seconds)`` is called every ``wait_seconds``."""
     if workers <= 0:
-        _init_worker(tokenizer, cfg)
+        _set_worker_state(tokenizer, cfg)
         for b in blocks:
             yield encode_block(b)
         return
@@ -444,15 +450,34 @@ def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg, waiting=
                 waiting(block, time.perf_counter() - t0)
         return job.get()
 
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, cfg)) as pool:
-        pending: collections.deque = collections.deque(
-            (b, pool.apply_async(encode_block, (b,))) for b in itertools.islice(blocks, cap))
+    def submit(b):
+        with _signals_deferred():
+            return b, pool.apply_async(encode_block, (b,))
+
+    pool = None
+    try:
+        with _signals_deferred():  # the forked workers start with the signals blocked, then ignore them
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, cfg))
+        pending: collections.deque = collections.deque(submit(b) for b in itertools.islice(blocks, cap))
         for b in blocks:
             while len(pending) >= cap:
                 yield result(*pending.popleft())
-            pending.append((b, pool.apply_async(encode_block, (b,))))
+            pending.append(submit(b))
         while pending:
             yield result(*pending.popleft())
+    finally:
+        # close and join, not terminate, also on an error or an interrupt: Pool.terminate deadlocks
+        # when a worker is sending a result once the result thread has stopped reading (the worker
+        # holds the result pipe's lock, terminate waits for it). The blocks in flight (at most
+        # 2 * workers + 2) finish first; a second interrupt kills the workers at once.
+        if pool is not None:
+            pool.close()
+            try:
+                pool.join()
+            except BaseException:
+                for proc in pool._pool:
+                    proc.kill()
+                raise
 
 
 def _longest_line(block: Block) -> tuple[int, int]:
@@ -460,6 +485,21 @@ def _longest_line(block: Block) -> tuple[int, int]:
     lengths = [len(x) for x in block.lines.split(b"\n")] if block.lines is not None else [0]
     i = max(range(len(lengths)), key=lengths.__getitem__)
     return block.first_line + i, lengths[i]
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM held back (in the main thread) until the block ends: an interrupt inside
+    Pool() or apply_async can leave a task registered but never sent, and joining the pool then waits
+    for it forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Terminated(Exception):
@@ -523,8 +563,7 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
     next_log, last_log = log_interval, t0
     cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype, "slow_seconds": slow_doc_seconds}
     # SIGTERM (a scheduler's cancel, `kill`) ends the run like Ctrl-C: through the except below, which
-    # removes the temporary files. Workers inherit the handler but never see the exception: the pool
-    # terminates them with SIGTERM and they must die of it (_init_worker restores the default).
+    # removes the temporary files. Workers ignore both (_init_worker); the pool is closed and joined.
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's requirement
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     # closed explicitly in ``finally``: an error (``--strict``, a bad file) must terminate the worker
