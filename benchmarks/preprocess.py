@@ -16,12 +16,20 @@ ratio is the one to trust on a shared machine. Ours uses the compiled Tekken pat
 it on tiktoken alone. The last rows are the tokenizer cores alone over the corpus (CPU time, in
 this process): tiktoken's ``encode_ordinary``, the floor of the naive tools, and the compiled path.
 
-    python benchmarks/preprocess.py [--mb 200] [--workers 1 2] [--tools naive naive-legacy ours] [--verify]
+``--corpus web`` mixes that with prose (the Python documentation's, from pydoc) and, after every 300
+documents, one line of the kinds web crawls hold that make single huge pre-tokenized pieces: long
+runs of one character, padded table rows, base64 blobs, minified sources, very long documents.
+``--long-pieces`` times one piece of growing length alone, compiled path against tiktoken.
+
+    python benchmarks/preprocess.py [--mb 200] [--corpus stdlib|web] [--workers 1 2]
+                                    [--tools naive naive-legacy ours] [--verify]
+    python benchmarks/preprocess.py --long-pieces
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -34,30 +42,109 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def build_corpus(path: Path, megabytes: int) -> Path:
-    if path.exists() and path.stat().st_size >= megabytes * 1e6:
-        return path
+def _stdlib_sources() -> list[tuple[str, str]]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts)
     docs = []
-    for p in sources:
+    for p in sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts):
         try:
             text = p.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
             continue
         if text.strip():
-            docs.append(json.dumps({"text": text, "source": str(p.relative_to(stdlib))}) + "\n")
+            docs.append((text, str(p.relative_to(stdlib))))
+    return docs
+
+
+def _web_documents(seed: int = 0):
+    """Endless documents like a web crawl's: the Python documentation's prose (pydoc's topics) and
+    the stdlib's sources, and after every 300 of them one of the
+    lines that real crawls hold and that are single huge pieces to the pre-tokenizer: a long run
+    of one character, a padded table row, a base64 blob, a minified source, a very long document.
+    Blank runs stay under 500,000 characters: from about a million, tiktoken's regex engine (and so
+    Megatron-LM's tool, the baseline) fails on them."""
+    import base64
+    import random
+    import re
+
+    from pydoc_data.topics import topics
+
+    rng = random.Random(seed)
+    prose = [(text, f"pydoc:{name}") for name, text in sorted(topics.items())]
+    sources = _stdlib_sources()
+    big_sources = [d for d in sources if len(d[0]) > 20_000]
+    everything = "\n\n".join(t for t, _ in prose)
+
+    def long_run():
+        return rng.choice("xX0-=.\né中") * rng.randint(50_000, 2_000_000), "long run"
+
+    def table_row():
+        return "| name | " + rng.choice(" \t") * rng.randint(20_000, 500_000) + "| value |\n", "padded table"
+
+    def blob():
+        data = base64.b64encode(rng.randbytes(rng.randint(30_000, 1_500_000))).decode()
+        return f'<img src="data:image/png;base64,{data}">', "base64 blob"
+
+    def minified():
+        text, src = rng.choice(big_sources)
+        return re.sub(r"\s+", " ", text), f"minified {src}"
+
+    def very_long():
+        return everything * rng.randint(4, 12), "very long document"
+
+    kinds = [long_run, table_row, blob, minified, very_long]
+    k = 0
+    while True:
+        for _ in range(300):  # three prose documents (6 kB on average) for one source (20 kB)
+            yield rng.choice(prose if rng.random() < 0.75 else sources)
+        yield kinds[k % len(kinds)]()
+        k += 1
+
+
+def build_corpus(path: Path, megabytes: int, kind: str = "stdlib") -> Path:
+    if path.exists() and path.stat().st_size >= megabytes * 1e6:
+        return path
+    if kind == "web":
+        docs = _web_documents()
+    else:
+        docs = itertools.cycle(_stdlib_sources())
     tmp = path.with_suffix(".tmp")
     written = 0
     with open(tmp, "w", encoding="utf-8") as f:
-        while written < megabytes * 1e6:
-            for d in docs:
-                f.write(d)
-                written += len(d.encode("utf-8"))
-                if written >= megabytes * 1e6:
-                    break
+        for text, source in docs:
+            d = json.dumps({"text": text, "source": source}) + "\n"
+            f.write(d)
+            written += len(d.encode("utf-8"))
+            if written >= megabytes * 1e6:
+                break
     os.replace(tmp, path)
     return path
+
+
+def long_pieces() -> None:
+    """The compiled path and tiktoken on one pre-tokenized piece of growing length (CPU seconds)."""
+    from megatron_apriel.data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer("TikTokenizer", "mistral-nemo")
+    lengths = [12_500, 100_000, 1_000_000, 4_000_000]
+    print("\n| piece | path | " + " | ".join(f"{n:,} chars" for n in lengths) + " |")
+    print("|---|---|" + "---|" * len(lengths))
+    cores = [("tiktoken", tok._core.encode_ordinary)]
+    if tok._fast is not None:
+        cores.append(("compiled", tok._fast.encode))
+    for unit, label in [("x", "`x` repeated"), ("ab", "`ab` repeated"), (" ", "spaces, then `x`")]:
+        for name, encode in cores:
+            cells = []
+            for n in lengths:
+                text = unit * (n // len(unit)) + ("x" if unit == " " else "")
+                t0 = time.process_time()
+                try:
+                    encode(text)
+                    cells.append(f"{time.process_time() - t0:.3f} s")
+                except BaseException as e:  # tiktoken's Rust panic is a BaseException
+                    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                        raise
+                    cells.append("fails")
+            print(f"| {label} | {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 _TOK = None
@@ -205,17 +292,25 @@ def main() -> int:
         return naive(sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mb", type=int, default=200, help="corpus size in MB")
+    ap.add_argument("--corpus", choices=["stdlib", "web"], default="stdlib",
+                    help="stdlib: the standard library's sources; web: prose and sources mixed with long runs, "
+                         "padded tables, base64 blobs, minified code and very long documents")
+    ap.add_argument("--long-pieces", action="store_true",
+                    help="only time one pre-tokenized piece of growing length, compiled path against tiktoken")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     ap.add_argument("--verify", action="store_true",
                     help="also re-tokenize every document with mistral-common and compare with ours")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "megatron_apriel_bench"))
     args = ap.parse_args()
+    if args.long_pieces:
+        long_pieces()
+        return 0
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    corpus = build_corpus(cache / f"stdlib_{args.mb}mb.jsonl", args.mb)
+    corpus = build_corpus(cache / f"{args.corpus}_{args.mb}mb.jsonl", args.mb, args.corpus)
     size = corpus.stat().st_size
     with open(corpus, "rb") as f:
         n_docs = sum(1 for _ in f)
@@ -227,7 +322,7 @@ def main() -> int:
     rows, bins = [], {}
     for w in args.workers:
         for name in args.tools:
-            prefix = str(cache / f"out_{name}_{w}")
+            prefix = str(cache / f"out_{args.corpus}_{name}_{w}")
             if name == "ours":
                 cmd = [sys.executable, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix", prefix,
                        "--tokenizer-type", "TikTokenizer", "--tokenizer-model", "mistral-nemo", "--append-eod",

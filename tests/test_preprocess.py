@@ -286,3 +286,91 @@ def test_dtype_rule_matches_megatron_and_tool_does_not_import_it(tmp_path):
     out = run_python(["-c", probe]).stdout
     assert out.strip().splitlines()[-1] == "[]"
     assert read_docs(str(tmp_path / "out_text_document"))
+
+
+# ---------------------------------------------------------------- web-text documents, interruption
+
+_rng = __import__("random").Random(3)
+LONG_DOCS = [  # what web corpora hold besides prose: long runs, base64 blobs, minified code, huge documents
+    "A short prose line before the long ones.",
+    "x" * 2_000_000,
+    "data:image/png;base64," + "".join(_rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
+                                       for _ in range(300_000)),
+    "var a=function(b,c){return b.x=c||{},b};" * 20_000 + " déjà",
+    "| cell |" + " " * 600_000 + "| next |\n" + "-" * 100_000,
+    "Déjà vu\u00a0" + " " * 1_200_000 + "東京",  # a blank run tiktoken's regex engine gives up on
+    "The end.",
+]
+
+
+def test_long_documents_are_named_and_progress_moves(tmp_path):
+    """The compiled path writes every document (ids as mistral-common's, or for the run tiktoken
+    cannot split, as the regex reference's), names the long ones with --slow-doc-seconds 0 and logs
+    progress in bytes; the tiktoken path counts the document tiktoken fails on as a tokenizer_error
+    naming its line, and writes the others identically."""
+    from test_tekken_fast import _tiktoken_or_regex
+
+    src = write_jsonl(tmp_path / "web.jsonl", LONG_DOCS)
+    args = ["tools/preprocess_data.py", "--input", src, "--tokenizer-type", "TikTokenizer", "--tokenizer-model",
+            "mistral-nemo", "--append-eod", "--workers", "2", "--log-seconds", "0", "--slow-doc-seconds", "0"]
+    proc = run_python(args + ["--output-prefix", tmp_path / "c"])
+    for no, text in enumerate(LONG_DOCS, 1):
+        named = f"slow document {src}:{no}: {len(text):,} characters took"
+        assert (named in proc.stderr) == (len(text) >= pp.LONG_DOC_CHARS), (no, proc.stderr[-2000:])
+    assert "MB read" in proc.stderr
+    tk = load_tokenizer("TikTokenizer", "mistral-nemo")
+    expected = [[i + tk._offset for i in _tiktoken_or_regex(tk, t)] + [tk.eod] for t in LONG_DOCS]
+    assert expected[:5] == [tk.encode(t) + [tk.eod] for t in LONG_DOCS[:5]]  # mistral-common where it can
+    docs = read_docs(str(tmp_path / "c_text_document"))
+    assert docs == expected
+    stats = json.loads((tmp_path / "c.stats.json").read_text())
+    assert stats["skipped"] == 0 and len(stats["slow_documents"]) == 5
+
+    proc = run_python(args + ["--output-prefix", tmp_path / "t"], env={"MEGATRON_APRIEL_TEKKEN_FAST": "0"})
+    stats = json.loads((tmp_path / "t.stats.json").read_text())
+    assert stats["skipped_by_reason"] == {"tokenizer_error": 1}
+    assert stats["skipped_examples"]["tokenizer_error"] == [f"{src}:6"]
+    assert read_docs(str(tmp_path / "t_text_document")) == docs[:5] + docs[6:]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_interrupted_runs_leave_no_temporary_files(tmp_path, sig):
+    """SIGTERM and SIGINT remove the .tmp files and write nothing; a SIGKILLed run's leftovers are
+    overwritten by the next run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    line = json.dumps({"text": "A line of ordinary prose to tokenize, again and again. " * 18}) + "\n"
+    src = tmp_path / "big.jsonl"
+    src.write_text(line * 60_000, encoding="utf-8")  # 60 MB: seconds of work, so the signal lands mid-run
+    prefix = tmp_path / "o"
+    tmp_bin = Path(f"{prefix}_text_document.bin.tmp")
+    proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
+                             str(prefix), "--tokenizer-type", "TikTokenizer", "--tokenizer-model", "mistral-nemo",
+                             "--workers", "2", "--block-bytes", "65536"], cwd=REPO, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    deadline = time.monotonic() + 120
+    while not (tmp_bin.exists() and tmp_bin.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    outputs = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o"))
+    if sig == "SIGKILL":
+        assert proc.returncode == -signal.SIGKILL and "o_text_document.bin.tmp" in outputs
+        small = write_jsonl(tmp_path / "small.jsonl", TEXTS)
+        assert pp.main(["--input", str(small), "--output-prefix", str(prefix), "--tokenizer-type", "TikTokenizer",
+                        "--tokenizer-model", "mistral-nemo", "--quiet"]) == 0
+        tk = load_tokenizer("TikTokenizer", "mistral-nemo")
+        assert read_docs(f"{prefix}_text_document") == [tk.encode(t) for t in TEXTS]
+        outputs = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("o"))
+        assert outputs == ["o.stats.json", "o_text_document.bin", "o_text_document.idx"]
+        return
+    assert proc.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], err[-2000:]
+    assert "interrupted" in err and "temporary files removed" in err
+    assert outputs == []

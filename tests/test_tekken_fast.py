@@ -107,6 +107,21 @@ def test_bpe_merges_on_a_small_vocabulary():
         assert enc.encode(s) == ref.encode_ordinary(s), repr(s)
 
 
+def test_bpe_heap_merge_on_long_pieces_of_a_small_vocabulary():
+    """Pieces of 100 bytes or more take the heap merge; with few merges in the vocabulary, long runs
+    of the same and alternating bytes give many equal-rank ties, which must resolve leftmost first."""
+    ranks = {bytes([b]): b for b in range(256)}
+    for w in [b"aa", b"ab", b"ba", b"aaa", b"bab", b"aaaa", b"abab", b"baba", b"  ", b"    ", b"xy", b"yx", b"xyx"]:
+        ranks.setdefault(w, len(ranks))
+    ref = tiktoken.Encoding("small", pat_str=fast_mod.PATTERN, mergeable_ranks=ranks, special_tokens={})
+    enc = fast_mod.Encoder(ranks, ref.encode_ordinary)
+    rng = random.Random(2)
+    texts = [c * n for c in ("a", "ab", "aab", "xy", " ") for n in (99, 100, 101, 257, 1000)]
+    texts += ["".join(rng.choice("abxy") for _ in range(rng.randint(90, 600))) for _ in range(300)]
+    for s in texts:
+        assert enc.encode(s) == ref.encode_ordinary(s), repr(s)
+
+
 def test_encoder_rejects_a_vocabulary_without_all_bytes():
     with pytest.raises(ValueError, match="single byte 0x00"):
         fast_mod.Encoder({b"a": 0}, lambda s: [])
@@ -180,3 +195,94 @@ def test_without_the_extension_tiktoken_runs_and_says_so_once(tok, monkeypatch, 
     assert capsys.readouterr().err.count("_tekken_fast is not built") == 1
     texts = fuzz_texts(5, 100)
     assert np.array_equal(a.encode_batch_numpy(texts)[0], tok.encode_batch_numpy(texts)[0])
+
+
+# ---------------------------------------------------------------- long pieces
+
+_rng = random.Random(7)
+_B64 = "".join(_rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/") for _ in range(4096))
+# one run per class of the Tekken pattern, and the mixed lines web corpora hold: each is repeated to
+# LONG_CHARS characters, so each is one pre-tokenized piece (or a run of them) that long
+LONG_RUNS = {
+    "lower": "x", "upper": "X", "upper-lower": "Ab", "lower-upper": "aB", "digits": "7", "digit-string": "0123456789",
+    "spaces": " ", "tabs": "\t", "newlines": "\n", "crlf": "\r\n", "space-newline": " \n", "punctuation": "=",
+    "punctuation-mix": "};", "slash": "/", "non-ascii-letters": "é", "cjk": "中", "nbsp": "\u00a0",
+    "ideographic-space": "\u3000", "emoji": "😀", "base64": _B64, "minified": "function(a,b){return a.x=b||{},a}",
+}
+LONG_CHARS = 400_000
+# the compiled path's CPU time for one long text (about 0.1 s here); the merge quadratic in the piece
+# length that the heap merge replaced took 30 s on 400,000 'x'
+LONG_SECONDS = 2.0
+
+
+def _tiktoken_or_regex(tok, text: str) -> list[int]:
+    """tiktoken's ``encode_ordinary``; where its regex engine gives up (a run of about a million blanks
+    exceeds fancy-regex's backtracking limit: a Rust panic), the same pattern split by the ``regex``
+    module and each piece through tiktoken's own BPE (``encode_single_piece``)."""
+    try:
+        return tok._core.encode_ordinary(text)
+    except BaseException as e:  # pyo3's PanicException derives from BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+    import regex
+
+    pieces = regex.findall(tok.tk._model._pat_str, text)
+    assert "".join(pieces) == text
+    return [i for p in pieces for i in tok._core.encode_single_piece(p.encode("utf-8"))]
+
+
+def test_the_regex_reference_equals_tiktoken(tok):
+    texts = [unit * (100_000 // len(unit)) for unit in LONG_RUNS.values()]
+    texts += ["é" + t + "x" for t in texts[:: 3]] + stdlib_texts()[:2]
+    import regex
+
+    pat = regex.compile(tok.tk._model._pat_str)
+    for t in texts:
+        ref = [i for p in pat.findall(t) for i in tok._core.encode_single_piece(p.encode("utf-8"))]
+        assert ref == tok._core.encode_ordinary(t)
+
+
+@pytest.mark.parametrize("name", list(LONG_RUNS))
+def test_long_runs_equal_tiktoken_in_linear_time(tok, name):
+    """400,000 characters of one class, alone (the run ends the text), between ASCII words and
+    between non-ASCII words (the compiled path then cuts the text into regions for tiktoken)."""
+    import time
+
+    unit = LONG_RUNS[name]
+    run = unit * (LONG_CHARS // len(unit))
+    for text in (run, "Hello " + run + " world.", "Déjà " + run + " 東京"):
+        t0 = time.thread_time()
+        ids = tok._fast.encode(text)
+        took = time.thread_time() - t0
+        assert ids == _tiktoken_or_regex(tok, text), (name, text[:8])
+        assert took < LONG_SECONDS, f"{name}: {took:.1f}s CPU for {len(text):,} characters"
+
+
+@pytest.mark.parametrize("text", ["\u00a0" + " " * 2_500_000 + "x", "Déjà " + "\u00a0" * 2_500_000 + " 東京"],
+                         ids=["spaces", "nbsp"])
+def test_blank_runs_past_tiktoken_s_limit(tok, text):
+    """Runs of blanks long enough that tiktoken's regex engine gives up on them (in text that is not
+    all ASCII, the compiled path must not hand them to tiktoken)."""
+    import time
+
+    t0 = time.thread_time()
+    ids = tok._fast.encode(text)
+    took = time.thread_time() - t0
+    assert ids == _tiktoken_or_regex(tok, text)
+    assert took < LONG_SECONDS * 6, f"{took:.1f}s CPU for {len(text):,} characters"
+
+
+def test_long_documents_through_mistral_common(tok):
+    """Three million characters mixing the classes, as the batch path sees them, against
+    mistral-common's ``Tekkenizer.encode`` (special-token offset included)."""
+    doc = "".join(unit * (3_000_000 // len(LONG_RUNS) // len(unit)) + "\n" for unit in LONG_RUNS.values())
+    flat, lengths = tok.encode_batch_numpy([doc[:200_000], doc])
+    ref_short = tok.encode(doc[:200_000])
+    try:
+        ref = tok.encode(doc)
+    except BaseException as e:
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        ref = [i + tok._offset for i in _tiktoken_or_regex(tok, doc)]
+    assert lengths.tolist() == [len(ref_short), len(ref)]
+    assert flat.tolist() == ref_short + ref

@@ -12,15 +12,17 @@ exact bytes, without importing megatron-core). At most ``2 * workers + 2`` block
 memory does not grow with the input. Blocks are cut independently of ``--workers``, so the output is byte-identical for any
 worker count.
 
-Every record is either written or counted as skipped with a reason; ``--strict`` turns the first
-skip into an error naming file and line. Outputs are written under temporary names and renamed
-only when complete.
+Every record is either written or counted as skipped with a reason (a document the tokenizer fails
+on included: ``tokenizer_error``); ``--strict`` turns the first skip into an error naming file and
+line. Outputs are written under temporary names and renamed only when complete; Ctrl-C and SIGTERM
+remove them, and a killed run's leftovers are overwritten by the next run with the same prefix.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import gzip
 import io
@@ -29,8 +31,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import struct
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +57,11 @@ except ImportError:  # pragma: no cover
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".parquet")
 BLOCK_BYTES = 1 << 20  # 1 MiB of lines per task: large enough to amortise IPC, small enough to stream
-REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "invalid_unicode", "empty_text", "blank_line")
+REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "invalid_unicode", "empty_text", "blank_line",
+           "tokenizer_error")
+# documents at least this long are tokenized (and timed) one at a time, so one that takes
+# --slow-doc-seconds or more is named in the log; shorter ones cannot take long (tokenizing is linear)
+LONG_DOC_CHARS = 1 << 16
 
 
 class PreprocessError(RuntimeError):
@@ -131,7 +139,7 @@ def read_blocks(paths: list[Path], keys: list[str], progress, block_bytes: int =
             continue
         counters: list = []
         line_no = 1
-        rest = b""
+        rest: list[bytes] = []  # the chunks of an unfinished line: joined once, so a long line costs linear time
         with _open_binary(path, counters) as f:
             done = 0
             while True:
@@ -140,16 +148,16 @@ def read_blocks(paths: list[Path], keys: list[str], progress, block_bytes: int =
                 done = counters[0].pos
                 if not chunk:
                     break
-                data = rest + chunk
-                cut = data.rfind(b"\n")
+                cut = chunk.rfind(b"\n")
                 if cut < 0:
-                    rest = data
+                    rest.append(chunk)
                     continue
-                lines, rest = data[:cut], data[cut + 1:]
+                lines = b"".join(rest + [chunk[:cut]])
+                rest = [chunk[cut + 1:]]
                 yield Block(fi, line_no, lines=lines)
                 line_no += lines.count(b"\n") + 1
-        if rest:
-            yield Block(fi, line_no, lines=rest)
+        if any(rest):
+            yield Block(fi, line_no, lines=b"".join(rest))
 
 
 def _parquet_blocks(fi: int, path: Path, keys: list[str], progress) -> Iterator[Block]:
@@ -236,8 +244,54 @@ def _records(block: Block, keys: list[str]):
         yield no, (None if reason else texts), reason
 
 
+def _encode_span(tok: Tokenizer, texts: list[str], parts: list, failed: list[int], base: int = 0) -> None:
+    """Tokenize ``texts`` as one batch; if the tokenizer fails on it, one document at a time, and a
+    document it fails on becomes empty and its index (``base`` + position) lands in ``failed``."""
+    try:
+        parts.append(tok.encode_batch_numpy(texts))
+        return
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    except BaseException:  # noqa: B036 - tiktoken's Rust panics arrive as pyo3's PanicException(BaseException)
+        if len(texts) == 1:
+            failed.append(base)
+            parts.append((np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64)))
+            return
+    for i, t in enumerate(texts):
+        _encode_span(tok, [t], parts, failed, base + i)
+
+
+def _encode_texts(tok: Tokenizer, texts: list[str], lines: list[int], slow_seconds: float, slow: list):
+    """``encode_batch_numpy`` over ``texts``, with documents of ``LONG_DOC_CHARS`` or more alone: each
+    is timed, and one taking ``slow_seconds`` or more is added to ``slow`` as (line, chars, seconds).
+    Returns (ids, lengths, indices of documents the tokenizer failed on)."""
+    parts: list = []
+    failed: list[int] = []
+    i, n = 0, len(texts)
+    while i < n:
+        j = i
+        while j < n and len(texts[j]) < LONG_DOC_CHARS:
+            j += 1
+        if j > i:
+            _encode_span(tok, texts[i:j], parts, failed, i)
+        if j < n:
+            t0 = time.perf_counter()
+            _encode_span(tok, texts[j:j + 1], parts, failed, j)
+            took = time.perf_counter() - t0
+            if took >= slow_seconds:
+                slow.append((lines[j], len(texts[j]), took))
+            j += 1
+        i = j
+    if not parts:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64), failed
+    if len(parts) == 1:
+        return parts[0][0], parts[0][1], failed
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), failed
+
+
 def encode_block(block: Block) -> tuple:
-    """Parse and tokenize one block; returns per-key (token bytes, int32 lengths), counts and skips."""
+    """Parse and tokenize one block; returns per-key (token bytes, int32 lengths), skips, the input
+    bytes and the slow documents as (line, chars, seconds)."""
     tok, keys, eod, dtype = _TOKENIZER, _CFG["keys"], _CFG["append_eod"], _CFG["dtype"]
     nbytes = len(block.lines) + 1 if block.lines is not None else 0
     per_key_texts: list[list[str]] = [[] for _ in keys]
@@ -253,30 +307,46 @@ def encode_block(block: Block) -> tuple:
         kept_lines.append(no)
         for j, t in enumerate(texts):
             per_key_texts[j].append(t)
-    outs = [tok.encode_batch_numpy(texts) for texts in per_key_texts]
-    # a record whose text tokenizes to nothing is skipped in every key, so keys stay aligned
+    slow: list[tuple[int, int, float]] = []
+    failed = np.zeros(len(kept_lines), dtype=bool)
+    outs = []
+    for texts in per_key_texts:
+        flat, lengths, bad = _encode_texts(tok, texts, kept_lines, _CFG.get("slow_seconds", float("inf")), slow)
+        failed[bad] = True
+        outs.append((flat, lengths))
+    # a record whose text tokenizes to nothing, or that the tokenizer fails on, is skipped in every
+    # key, so keys stay aligned
     empty = np.zeros(len(kept_lines), dtype=bool)
     for _, lengths in outs:
         empty |= lengths == 0
+    drop = empty | failed
     results = []
     for flat, lengths in outs:
-        if empty.any():
-            keep = np.repeat(~empty, lengths)
-            flat, lengths = flat[keep], lengths[~empty]
+        if drop.any():
+            keep = np.repeat(~drop, lengths)
+            flat, lengths = flat[keep], lengths[~drop]
         if eod:
             ends = np.cumsum(lengths)
             flat = np.insert(flat, ends, tok.eod)
             lengths = lengths + 1
         results.append((flat.astype(dtype).tobytes(), lengths.astype(np.int32)))
-    if empty.any():
-        skips += [(kept_lines[i], "empty_text") for i in np.flatnonzero(empty)]
+    if drop.any():
+        skips += [(kept_lines[i], "tokenizer_error" if failed[i] else "empty_text") for i in np.flatnonzero(drop)]
         skips.sort()
-    return block.file_index, results, skips, nbytes
+    return block.file_index, results, skips, nbytes, slow
+
+
+def _set_worker_state(tokenizer, cfg):
+    global _TOKENIZER, _CFG
+    _TOKENIZER, _CFG = tokenizer, cfg
 
 
 def _init_worker(tokenizer, cfg):
-    global _TOKENIZER, _CFG
-    _TOKENIZER, _CFG = tokenizer, cfg
+    _set_worker_state(tokenizer, cfg)
+    # the main process alone handles Ctrl-C and SIGTERM (a scheduler signals the whole process group):
+    # a worker killed mid-way could hold a pipe lock of the pool, which then never shuts down
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------- output
@@ -355,28 +425,89 @@ class Stats:
     input_bytes: int = 0
     skipped: collections.Counter = field(default_factory=collections.Counter)
     skipped_examples: dict = field(default_factory=dict)
+    slow_documents: list = field(default_factory=list)
     seconds: float = 0.0
 
 
-def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg) -> Iterator[tuple]:
-    """Results in input order, with at most ``2 * workers + 2`` blocks in flight."""
+def _pool_blocks(blocks: Iterator[Block], workers: int, tokenizer, cfg, waiting=None,
+                 wait_seconds: float = 30.0) -> Iterator[tuple]:
+    """Results in input order, with at most ``2 * workers + 2`` blocks in flight. While the oldest
+    block is not done, ``waiting(block, seconds)`` is called every ``wait_seconds``."""
     if workers <= 0:
-        _init_worker(tokenizer, cfg)
+        _set_worker_state(tokenizer, cfg)
         for b in blocks:
             yield encode_block(b)
         return
     cap = 2 * workers + 2
     blocks = iter(blocks)
     ctx = mp.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, cfg)) as pool:
-        pending: collections.deque = collections.deque(
-            pool.apply_async(encode_block, (b,)) for b in itertools.islice(blocks, cap))
+
+    def result(block, job):
+        t0 = time.perf_counter()
+        while not job.ready():
+            job.wait(max(wait_seconds, 1.0))  # at most one line a second, even with --log-seconds 0
+            if waiting is not None and not job.ready():
+                waiting(block, time.perf_counter() - t0)
+        return job.get()
+
+    def submit(b):
+        with _signals_deferred():
+            return b, pool.apply_async(encode_block, (b,))
+
+    pool = None
+    try:
+        with _signals_deferred():  # the forked workers start with the signals blocked, then ignore them
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, cfg))
+        pending: collections.deque = collections.deque(submit(b) for b in itertools.islice(blocks, cap))
         for b in blocks:
             while len(pending) >= cap:
-                yield pending.popleft().get()
-            pending.append(pool.apply_async(encode_block, (b,)))
+                yield result(*pending.popleft())
+            pending.append(submit(b))
         while pending:
-            yield pending.popleft().get()
+            yield result(*pending.popleft())
+    finally:
+        # close and join, not terminate, also on an error or an interrupt: Pool.terminate deadlocks
+        # when a worker is sending a result once the result thread has stopped reading (the worker
+        # holds the result pipe's lock, terminate waits for it). The blocks in flight (at most
+        # 2 * workers + 2) finish first; a second interrupt kills the workers at once.
+        if pool is not None:
+            pool.close()
+            try:
+                pool.join()
+            except BaseException:
+                for proc in pool._pool:
+                    proc.kill()
+                raise
+
+
+def _longest_line(block: Block) -> tuple[int, int]:
+    """(line number, bytes) of a JSONL block's longest line."""
+    lengths = [len(x) for x in block.lines.split(b"\n")] if block.lines is not None else [0]
+    i = max(range(len(lengths)), key=lengths.__getitem__)
+    return block.first_line + i, lengths[i]
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM held back (in the main thread) until the block ends: an interrupt inside
+    Pool() or apply_async can leave a task registered but never sent, and joining the pool then waits
+    for it forever."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so the outputs' temporary files are removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated(f"stopped by signal {signum}")
 
 
 def output_prefix(prefix: str, key: str, level: str = "document") -> str:
@@ -390,7 +521,12 @@ def _optimal_dtype(vocab_size: int):
 
 
 def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("text",), append_eod=False,
-               workers=1, strict=False, log_interval=100_000, quiet=False, block_bytes=BLOCK_BYTES) -> Stats:
+               workers=1, strict=False, log_interval=100_000, quiet=False, block_bytes=BLOCK_BYTES,
+               log_seconds: float = 30.0, slow_doc_seconds: float = 10.0) -> Stats:
+    """Without a terminal, a progress line every ``log_interval`` documents or ``log_seconds`` seconds,
+    whichever comes first (bytes read, so a run of huge documents shows progress too); a line naming
+    the block being waited on when it takes longer than ``log_seconds``; and a line naming each
+    document (file:line, length) that took ``slow_doc_seconds`` or more to tokenize."""
     paths = expand_inputs(inputs)
     keys = list(json_keys)
     dtype = _optimal_dtype(tokenizer.vocab_size)
@@ -411,15 +547,36 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
         if bar is not None:
             bar.update(n)
 
-    next_log = log_interval
-    cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype}
+    def say(line: str) -> None:
+        if quiet:
+            return
+        if bar is not None:
+            bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def waiting(block: Block, seconds: float) -> None:
+        no, nbytes = _longest_line(block)
+        say(f"[preprocess] still tokenizing {paths[block.file_index]}:{block.first_line}- after {seconds:,.0f}s "
+            f"(its longest record: line {no}, {nbytes:,} bytes); {read[0] / 1e6:,.1f} MB read")
+
+    next_log, last_log = log_interval, t0
+    cfg = {"keys": keys, "append_eod": append_eod, "dtype": dtype, "slow_seconds": slow_doc_seconds}
+    # SIGTERM (a scheduler's cancel, `kill`) ends the run like Ctrl-C: through the except below, which
+    # removes the temporary files. Workers ignore both (_init_worker); the pool is closed and joined.
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal's requirement
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     # closed explicitly in ``finally``: an error (``--strict``, a bad file) must terminate the worker
     # pool now, not leave it to interpreter shutdown, where a live Pool can hang the exit
-    results_iter = _pool_blocks(read_blocks(paths, keys, progress, block_bytes), workers, tokenizer, cfg)
+    results_iter = _pool_blocks(read_blocks(paths, keys, progress, block_bytes), workers, tokenizer, cfg,
+                                waiting, log_seconds)
     try:
         for k in keys:
             outs.append(_Output(output_prefix(out_prefix, k), dtype))
-        for fi, results, skips, nbytes in results_iter:
+        for fi, results, skips, nbytes, slow in results_iter:
+            for no, chars, took in slow:
+                stats.slow_documents.append(f"{paths[fi]}:{no}")
+                say(f"[preprocess] slow document {paths[fi]}:{no}: {chars:,} characters took {took:,.1f}s")
             if skips:
                 if strict:
                     no, reason = skips[0]
@@ -437,17 +594,19 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
             stats.documents += n
             stats.records += n + len(skips)
             stats.input_bytes += nbytes
-            dt = time.perf_counter() - t0
+            now = time.perf_counter()
+            dt = now - t0
             if bar is not None:
                 tok = sum(stats.tokens.values())
                 bar.set_postfix_str(f"{stats.documents / dt:,.0f} docs/s, {tok / dt:,.0f} tok/s", refresh=False)
-            elif not quiet and stats.documents >= next_log:
+            elif not quiet and (stats.documents >= next_log or now - last_log >= log_seconds):
                 next_log = (stats.documents // log_interval + 1) * log_interval
+                last_log = now
                 frac = read[0] / max(total_bytes, 1)
                 eta = dt * (1 - frac) / frac if frac > 0 else float("nan")
                 print(f"[preprocess] {stats.documents:,} docs, {stats.documents / dt:,.0f} docs/s, "
-                      f"{sum(stats.tokens.values()) / dt:,.0f} tokens/s, {read[0] / dt / 1e6:.1f} MB/s, "
-                      f"{100 * frac:.1f}%, ETA {eta:,.0f}s", file=sys.stderr, flush=True)
+                      f"{sum(stats.tokens.values()) / dt:,.0f} tokens/s, {read[0] / 1e6:,.1f} MB read, "
+                      f"{read[0] / dt / 1e6:.1f} MB/s, {100 * frac:.1f}%, ETA {eta:,.0f}s", file=sys.stderr, flush=True)
         for out in outs:
             out.finish()
     except BaseException:
@@ -456,6 +615,8 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
         raise
     finally:
         results_iter.close()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         if bar is not None:
             bar.close()
     stats.seconds = time.perf_counter() - t0
@@ -473,6 +634,7 @@ def stats_dict(stats: Stats, args_like: dict) -> dict:
         "skipped": sum(stats.skipped.values()),
         "skipped_by_reason": dict(sorted(stats.skipped.items())),
         "skipped_examples": stats.skipped_examples,
+        "slow_documents": stats.slow_documents,
         "input_bytes": stats.input_bytes,
         "seconds": round(stats.seconds, 3),
         "documents_per_second": round(stats.documents / max(stats.seconds, 1e-9), 1),
@@ -495,6 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes (0: in the main process)")
     g.add_argument("--log-interval", type=int, default=100_000, help="documents between log lines (no TTY)")
+    g.add_argument("--log-seconds", type=float, default=30.0,
+                   help="seconds between log lines (no TTY), and before naming a block still being tokenized")
+    g.add_argument("--slow-doc-seconds", type=float, default=10.0,
+                   help="name in the log every document (file:line, length) that takes this long to tokenize")
     g.add_argument("--strict", action="store_true", help="any skipped record is an error naming file and line")
     g.add_argument("--quiet", action="store_true", help="no progress output")
     g.add_argument("--block-bytes", type=int, default=BLOCK_BYTES, help="bytes of whole lines per worker task")
@@ -509,10 +675,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = tokenizer_from_args(args)
         stats = preprocess(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
-                           args.workers, args.strict, args.log_interval, args.quiet, args.block_bytes)
+                           args.workers, args.strict, args.log_interval, args.quiet, args.block_bytes,
+                           args.log_seconds, args.slow_doc_seconds)
     except (PreprocessError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, _Terminated) as e:
+        print(f"[preprocess] interrupted ({e or 'Ctrl-C'}): nothing written, temporary files removed", file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     summary = stats_dict(stats, {"input": args.input, "output_prefix": args.output_prefix,
                                  "tokenizer": tokenizer.name, "workers": args.workers,
                                  **({"tekken_path": tokenizer.tekken_path} if hasattr(tokenizer, "tekken_path") else {})})
