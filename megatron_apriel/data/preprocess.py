@@ -607,8 +607,11 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
                 print(f"[preprocess] {stats.documents:,} docs, {stats.documents / dt:,.0f} docs/s, "
                       f"{sum(stats.tokens.values()) / dt:,.0f} tokens/s, {read[0] / 1e6:,.1f} MB read, "
                       f"{read[0] / dt / 1e6:.1f} MB/s, {100 * frac:.1f}%, ETA {eta:,.0f}s", file=sys.stderr, flush=True)
-        for out in outs:
-            out.finish()
+        # An interrupt is held back while the outputs are put in place, so one never lands between
+        # the renames of a .bin and its .idx (or between two keys' outputs); it acts right after.
+        with _signals_deferred():
+            for out in outs:
+                out.finish()
     except BaseException:
         for out in outs:
             out.abort()
