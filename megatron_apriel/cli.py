@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "average": ("megatron_apriel.checkpoint.average", "average or weighted-merge checkpoints"),
     "generate": ("megatron_apriel.generate", "generate with an HF checkpoint (transformers)"),
     "grpo": ("megatron_apriel.rl.grpo", "GRPO with rule-based rewards on an HF checkpoint"),
+    "grpo-info": ("megatron_apriel.rl.memory", "memory per GPU of a GRPO config under FSDP"),
 }
 
 

@@ -88,7 +88,15 @@ class GRPOSection:
     vllm_mode: str = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
     vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False  # colocate: free vLLM's memory while the trainer steps
+    vllm_server_host: str = "0.0.0.0"  # server mode: `trl vllm-serve` on dedicated GPUs
+    vllm_server_port: int = 8000
     gradient_checkpointing: bool = True
+    # Online filtering (DAPO dynamic sampling): drop groups whose rollouts all get the same reward and
+    # refill the batch with fresh prompts, at most this many extra generation rounds per batch.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
+    resume: bool = True  # continue from the newest out_dir/checkpoint-N (a requeued job)
     report_to: str = "tensorboard"
     seed: int = 1234
 
@@ -115,6 +123,8 @@ class GRPORunConfig:
                               f"exceeds num_rollouts ({f.num_rollouts})")
         if self.grpo.use_vllm not in ("auto", "true", "false"):
             raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
+        if self.grpo.vllm_mode not in ("colocate", "server"):
+            raise ConfigError(f"grpo.vllm_mode: {self.grpo.vllm_mode!r} is not colocate/server")
         if self.model.chat_template not in ("apriel", "tokenizer"):
             raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not apriel/tokenizer")
 
@@ -249,7 +259,10 @@ def build_grpo_config(cfg: GRPORunConfig):
     )
     if use_vllm:
         kwargs.update(vllm_mode=g.vllm_mode, vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                      vllm_tensor_parallel_size=g.vllm_tensor_parallel_size)
+                      vllm_tensor_parallel_size=g.vllm_tensor_parallel_size,
+                      vllm_enable_sleep_mode=g.vllm_enable_sleep_mode)
+        if g.vllm_mode == "server":
+            kwargs.update(vllm_server_host=g.vllm_server_host, vllm_server_port=g.vllm_server_port)
     return GRPOConfig(**kwargs)
 
 
@@ -271,6 +284,13 @@ def load_model_and_tokenizer(cfg: GRPORunConfig):
     return model, tokenizer
 
 
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` TRL wrote in ``out_dir`` with its trainer state, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(out_dir) if os.path.isdir(out_dir) else None
+
+
 def train(cfg: GRPORunConfig) -> dict:
     """Filter (optionally) and train; returns the per-step mean rewards and the final model path."""
     from datasets import Dataset
@@ -290,16 +310,28 @@ def train(cfg: GRPORunConfig) -> dict:
         if not records:
             raise ConfigError("pass-rate filter kept no prompts: nothing to train on")
     tokenizer.padding_side = "left"
-    trainer = GRPOTrainer(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=build_grpo_config(cfg),
-                          train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    trainer_cls, extra = GRPOTrainer, {}
+    if cfg.grpo.dynamic_sampling:
+        from megatron_apriel.rl.dynamic_sampling import DynamicSamplingGRPOTrainer
+
+        trainer_cls, extra = DynamicSamplingGRPOTrainer, {"max_rounds": cfg.grpo.dynamic_sampling_max_rounds}
+    trainer = trainer_cls(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=build_grpo_config(cfg),
+                          train_dataset=Dataset.from_list(records), processing_class=tokenizer, **extra)
     start = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=latest_checkpoint(cfg.out_dir) if cfg.grpo.resume else None)
     final = os.path.join(cfg.out_dir, "final")
     trainer.save_model(final)
     tokenizer.save_pretrained(final)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     summary = {"steps": trainer.state.global_step, "rewards": rewards, "final": final,
-               "seconds": time.time() - start}
+               "seconds": time.time() - start, "kl": [h["kl"] for h in trainer.state.log_history if "kl" in h],
+               "reference_model": trainer.ref_model is not None}
+    if cfg.grpo.dynamic_sampling:
+        summary["dynamic_sampling"] = dict(trainer.totals)
+        t = trainer.totals
+        print(f"grpo: dynamic sampling dropped {t['dropped']}/{t['groups']} groups with equal rewards, ran "
+              f"{t['refill_rounds']} refill rounds, filled {t['filled_with_dropped']} slots with dropped groups",
+              flush=True)
     if rewards:
         k = max(1, min(5, len(rewards) // 4))
         first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
