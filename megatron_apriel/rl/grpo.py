@@ -284,6 +284,47 @@ def load_model_and_tokenizer(cfg: GRPORunConfig):
     return model, tokenizer
 
 
+EXIT_REQUEUE = 3  # checkpointed on a stop request: slurm/grpo.sh requeues the job, which resumes
+
+
+def stop_callback(accelerator):
+    """A TrainerCallback that checkpoints and stops at the end of the step in which a stop was asked.
+
+    A stop is SIGUSR1 to this process (a direct run, or slurm/common.sh's task wrapper) or the file
+    named by ``APRIEL_STOP_FILE`` appearing (slurm/grpo.sh creates it on SLURM's time-limit signal:
+    under ``accelerate launch`` the trainers are grandchildren of the task, out of reach of a signal
+    to it). Ranks may see the request at different steps, so it is summed over ranks every step
+    and all stop at the same one.
+    """
+    import signal
+
+    import torch
+    from transformers import TrainerCallback
+
+    class StopOnRequest(TrainerCallback):
+        requested = stopped = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop_file = os.environ.get("APRIEL_STOP_FILE", "")
+            asked = self.requested or bool(stop_file and os.path.exists(stop_file))
+            if accelerator.num_processes > 1:
+                flag = torch.tensor([float(asked)], device=accelerator.device)
+                asked = bool(accelerator.reduce(flag, reduction="sum").item())
+            if asked and state.global_step < state.max_steps:
+                print(f"grpo: stop requested: checkpointing step {state.global_step} and exiting "
+                      f"{EXIT_REQUEUE} (run again to resume)", flush=True)
+                control.should_save = control.should_training_stop = self.stopped = True
+            return control
+
+    callback = StopOnRequest()
+
+    def on_usr1(*_):
+        callback.requested = True
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+    return callback
+
+
 def latest_checkpoint(out_dir: str) -> str | None:
     """The newest ``checkpoint-N`` TRL wrote in ``out_dir`` with its trainer state, or None."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -317,8 +358,15 @@ def train(cfg: GRPORunConfig) -> dict:
         trainer_cls, extra = DynamicSamplingGRPOTrainer, {"max_rounds": cfg.grpo.dynamic_sampling_max_rounds}
     trainer = trainer_cls(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=build_grpo_config(cfg),
                           train_dataset=Dataset.from_list(records), processing_class=tokenizer, **extra)
+    stop = stop_callback(trainer.accelerator)
+    trainer.add_callback(stop)
+    resume = latest_checkpoint(cfg.out_dir) if cfg.grpo.resume else None
+    if resume:
+        print(f"grpo: resuming from {resume}", flush=True)
     start = time.time()
-    trainer.train(resume_from_checkpoint=latest_checkpoint(cfg.out_dir) if cfg.grpo.resume else None)
+    trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped:
+        return {"steps": trainer.state.global_step, "stopped": True}
     final = os.path.join(cfg.out_dir, "final")
     trainer.save_model(final)
     tokenizer.save_pretrained(final)
@@ -352,11 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
     try:
-        train(cfg)
+        summary = train(cfg)
     except ConfigError as e:
         print(f"apriel grpo: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_REQUEUE if summary.get("stopped") else 0
 
 
 if __name__ == "__main__":
