@@ -1,8 +1,9 @@
 """GRPO at the recipe's scale: the FSDP accelerate config, the per-GPU memory estimate of the 15B
-config, the KL term with a reference model, and online filtering (dynamic sampling).
+config, the KL term with a reference model, online filtering (dynamic sampling), and GRPO on the math
+reward raising a held-out reward.
 
-Runtime: the two training tests share one 3-step tiny run (45 s on a loaded 2-core machine); the
-rest take well under a second."""
+Runtime: the KL and dynamic-sampling tests share one 3-step tiny run (45 s on a loaded 2-core
+machine), the math-reward run takes 11-45 s, the rest well under a second."""
 
 from __future__ import annotations
 
@@ -97,3 +98,79 @@ def test_dynamic_sampling_drops_and_refills(kl_dynamic_run):
     # Every group trained on has a non-zero advantage, except slots filled with dropped groups when the
     # refill rounds ran out (counted).
     assert t["trained_zero_advantage"] == t["filled_with_dropped"], t
+
+
+DIGITS = "0123456789"
+
+
+def make_digit_model(path: Path, seed: int = 0) -> Path:
+    """A random tiny Mistral over digits, '=', space and the special tokens, with its fast tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import MistralForCausalLM, PreTrainedTokenizerFast
+
+    from megatron_apriel.models import get_preset
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, " ": 3, "=": 4} | {c: i + 5 for i, c in enumerate(DIGITS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny", vocab_size=len(vocab), num_layers=2).hf_config(pad_token_id=0, bos_token_id=1,
+                                                                            eos_token_id=2)
+    MistralForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def digit_prompts(rng, n: int, seen=frozenset()) -> list[dict]:
+    """Math prompts 'xyz=' whose answer is the last digit z, graded by the math reward; z is 3 or 7, so a
+    policy can gain by answering with one of them before it learns to copy."""
+    out = []
+    while len(out) < n:
+        s = "".join(rng.choice(DIGITS) for _ in range(2)) + rng.choice("37")
+        if s not in seen:
+            out.append({"prompt": s + "=", "domain": "digits", "answer": s[-1]})
+    return out
+
+
+def sampled_reward(model_dir, records: list[dict], cfg: GRPORunConfig, k: int = 8) -> float:
+    """Mean combined reward of k seeded samples per prompt, generated as in training."""
+    import torch
+
+    from megatron_apriel.rl.grpo import load_model_and_tokenizer
+    from megatron_apriel.rl.rewards import combined_reward
+
+    probe = load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml", [f"model.path={model_dir}", "data.train_file=x"])
+    model, tok = load_model_and_tokenizer(probe)
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    enc = tok([r["prompt"] for r in records], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**enc, do_sample=True, temperature=cfg.grpo.temperature, num_return_sequences=k,
+                             max_new_tokens=cfg.grpo.max_completion_length, pad_token_id=tok.pad_token_id)
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return sum(combined_reward(t, records[i // k], cfg.rewards)[0].score for i, t in enumerate(texts)) / len(texts)
+
+
+def test_grpo_on_math_reward_raises_heldout_reward(tmp_path):
+    """GRPO with the math reward alone (answer extraction + exact comparison) on a random tiny model:
+    the mean reward on 64 held-out prompts rises. 15 steps of 8 prompts x 8 rollouts: 11 s
+    here when the machine was quiet, up to ~45 s under load. Measured: 0.092 -> 0.680."""
+    import random
+
+    rng = random.Random(0)
+    train_recs = digit_prompts(rng, 64)
+    held = digit_prompts(rng, 64, seen=frozenset(r["prompt"][:-1] for r in train_recs))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in train_recs))
+    model = make_digit_model(tmp_path / "model")
+    cfg = load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml",
+                      [f"out_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_file={prompts}",
+                       "rewards.domains.digits.math=1.0", "grpo.max_completion_length=2", "grpo.learning_rate=5e-3",
+                       "grpo.max_steps=15", "grpo.per_device_train_batch_size=64", "grpo.save_steps=1000"])
+    before = sampled_reward(model, held, cfg)
+    summary = train(cfg)
+    after = sampled_reward(summary["final"], held, cfg)
+    print(f"held-out math reward {before:.3f} -> {after:.3f}")
+    assert after > before + 0.3, (before, after, summary["rewards"])
