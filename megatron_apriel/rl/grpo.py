@@ -367,9 +367,14 @@ def train(cfg: GRPORunConfig) -> dict:
     trainer.train(resume_from_checkpoint=resume)
     if stop.stopped:
         return {"steps": trainer.state.global_step, "stopped": True}
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        print(f"grpo: trained on {acc.num_processes} process(es), {acc.distributed_type.value}, "
+              f"model {type(trainer.model_wrapped).__name__}", flush=True)
     final = os.path.join(cfg.out_dir, "final")
-    trainer.save_model(final)
-    tokenizer.save_pretrained(final)
+    trainer.save_model(final)  # gathers the full state dict under FSDP
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     summary = {"steps": trainer.state.global_step, "rewards": rewards, "final": final,
                "seconds": time.time() - start, "kl": [h["kl"] for h in trainer.state.log_history if "kl" in h],
