@@ -100,6 +100,14 @@ def test_dynamic_sampling_drops_and_refills(kl_dynamic_run):
     assert t["trained_zero_advantage"] == t["filled_with_dropped"], t
 
 
+def test_dynamic_sampling_needs_whole_groups_per_rank():
+    from megatron_apriel.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"whole groups per rank: .* \(12 x 1\) .* num_generations \(8\)"):
+        load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml", ["model.path=x", "data.train_file=x",
+                    "grpo.dynamic_sampling=true", "grpo.per_device_train_batch_size=12"])
+
+
 DIGITS = "0123456789"
 
 

@@ -12,7 +12,8 @@ TRL 1.x has no such option, so this subclass wraps ``_generate_and_score_complet
 prompts come from a seeded permutation of the training set that every rank draws identically (the
 keep/drop decision uses the rewards TRL has already gathered across ranks, so all ranks agree on how
 many refill rounds run: each round is a collective generation). Counts are logged as
-``dynamic_sampling/*`` metrics and summed in ``totals``.
+``dynamic_sampling/*`` metrics and summed in ``totals`` (groups generated and dropped count every
+round, refills included).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
     def __init__(self, *args, max_rounds: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         local_rows = self.args.per_device_train_batch_size * self.args.steps_per_generation
-        if local_rows % self.num_generations:
+        if local_rows % self.num_generations:  # GRPORunConfig.validate says so first, for apriel grpo
             raise ValueError(f"dynamic sampling needs whole groups per rank: per_device_train_batch_size x "
                              f"steps_per_generation ({local_rows}) must be a multiple of num_generations "
                              f"({self.num_generations})")
@@ -74,11 +75,12 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         informative = self._informative_groups(n_groups)
         parts = [(first, [j for j in range(n_groups) if informative[rank, j]])]
         have = informative.sum(dim=1)
-        dropped, rounds = int(informative.numel() - have.sum()), 0
+        generated, dropped, rounds = informative.numel(), int(informative.numel() - have.sum()), 0
         while int(have.min()) < n_groups and rounds < self.max_rounds:
             rounds += 1
             out = super()._generate_and_score_completions(self._fresh_inputs(n_groups))
             informative = self._informative_groups(n_groups)
+            generated, dropped = generated + informative.numel(), dropped + int((~informative).sum())
             need = n_groups - int(have[rank])
             parts.append((out, [j for j in range(n_groups) if informative[rank, j]][:need]))
             have = torch.minimum(have + informative.sum(dim=1), torch.full_like(have, n_groups))
@@ -89,7 +91,7 @@ class DynamicSamplingGRPOTrainer(GRPOTrainer):
         zero = merged["advantages"].view(-1, G).abs().amax(dim=1) == 0
         counts = torch.tensor([short, int(zero.sum())], device=merged["advantages"].device)
         filled, zero_adv = self.accelerator.gather(counts).view(-1, 2).sum(dim=0).tolist()
-        for key, value in (("groups", informative.numel()), ("dropped", dropped), ("refill_rounds", rounds),
+        for key, value in (("groups", generated), ("dropped", dropped), ("refill_rounds", rounds),
                            ("filled_with_dropped", filled), ("trained_zero_advantage", zero_adv)):
             self.totals[key] += value
             if key != "groups":

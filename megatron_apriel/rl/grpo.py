@@ -123,7 +123,13 @@ class GRPORunConfig:
                               f"exceeds num_rollouts ({f.num_rollouts})")
         if self.grpo.use_vllm not in ("auto", "true", "false"):
             raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
-        if self.grpo.vllm_mode not in ("colocate", "server"):
+        g = self.grpo
+        if g.dynamic_sampling and (g.per_device_train_batch_size * g.gradient_accumulation_steps) % g.num_generations:
+            raise ConfigError(f"grpo.dynamic_sampling needs whole groups per rank: per_device_train_batch_size x "
+                              f"gradient_accumulation_steps ({g.per_device_train_batch_size} x "
+                              f"{g.gradient_accumulation_steps}) must be a multiple of num_generations "
+                              f"({g.num_generations})")
+        if g.vllm_mode not in ("colocate", "server"):
             raise ConfigError(f"grpo.vllm_mode: {self.grpo.vllm_mode!r} is not colocate/server")
         if self.model.chat_template not in ("apriel", "tokenizer"):
             raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not apriel/tokenizer")
@@ -297,6 +303,7 @@ def stop_callback(accelerator):
     and all stop at the same one.
     """
     import signal
+    import threading
 
     import torch
     from transformers import TrainerCallback
@@ -321,7 +328,8 @@ def stop_callback(accelerator):
     def on_usr1(*_):
         callback.requested = True
 
-    signal.signal(signal.SIGUSR1, on_usr1)
+    if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+        signal.signal(signal.SIGUSR1, on_usr1)
     return callback
 
 
