@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "merge-search": ("megatron_apriel.eval.merge_search", "evaluate a grid of weighted merges, write the best"),
     "generate": ("megatron_apriel.generate", "generate with an HF checkpoint (transformers)"),
     "grpo": ("megatron_apriel.rl.grpo", "GRPO with rule-based rewards on an HF checkpoint"),
+    "grpo-info": ("megatron_apriel.rl.memory", "memory per GPU of a GRPO config under FSDP"),
 }
 
 

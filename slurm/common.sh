@@ -138,8 +138,7 @@ apriel_srun() {
   return "$rc"
 }
 
-# Run the training loop on every task and act on its exit code:
-# 0 done; 3 checkpointed (signal or train.exit_interval) -> requeue; anything else fails the job.
+# Run the training loop on every task and act on its exit code (apriel_requeue_on_exit).
 # Usage: apriel_train DEFAULT_CONFIG [CONFIG] [key=value ...]
 apriel_train() {
   local default_config=$1; shift
@@ -152,8 +151,16 @@ apriel_train() {
   if [ "${DEVICE:-}" = cpu ]; then overrides+=(model.device=cpu); fi
   local rc=0
   apriel_srun "$PYTHON" -m megatron_apriel.train --config "$config" "${overrides[@]}" || rc=$?
+  apriel_requeue_on_exit "$rc" training
+}
+
+# Act on a stage's exit code: 0 done; 3 checkpointed (signal or train.exit_interval) -> requeue the
+# job (the next run resumes); anything else fails the job. Returns the job's exit code.
+# Usage: apriel_requeue_on_exit RC WHAT
+apriel_requeue_on_exit() {
+  local rc=$1 what=$2
   case "$rc" in
-    0) apriel_log "training finished (exit 0)" ;;
+    0) apriel_log "$what finished (exit 0)" ;;
     "$EXIT_REQUEUE")
       local restarts=${SLURM_RESTART_COUNT:-0}
       if [ -z "${SLURM_JOB_ID:-}" ]; then
@@ -164,7 +171,7 @@ apriel_train() {
         apriel_log "checkpointed (exit 3): requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
         if scontrol requeue "$SLURM_JOB_ID"; then rc=0; else apriel_log "scontrol requeue failed"; fi
       fi ;;
-    *) apriel_log "training failed (exit $rc)" ;;
+    *) apriel_log "$what failed (exit $rc)" ;;
   esac
   return "$rc"
 }

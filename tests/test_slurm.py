@@ -205,3 +205,46 @@ def test_preprocess_array_then_merge_equals_one_process(cluster, tmp_path):
     for field in ("records", "documents", "tokens", "tokens_per_key", "skipped_by_reason"):
         assert merged[field] == one[field], field
     assert not (tmp_path / "array" / "x.shards").exists()
+
+
+
+
+@pytest.mark.slow
+def test_sbatch_grpo_stop_requeue_resume(cluster, tmp_path):
+    """slurm/grpo.sh on the tiny GRPO config: the batch shell's USR1 (what --signal=B:USR1@N sends
+    before the time limit; sent here with scancel as soon as the trainer process has read its prompts,
+    so the test does not depend on how fast this machine is: on an idle one the tiny steps take 20 ms
+    each) makes the trainer checkpoint and exit 3, the job is
+    requeued and resumes from TRL's checkpoint with its optimizer state, and the run ends with all
+    steps trained once and the final model. 38 s on an idle machine, ~3 min on a loaded one."""
+    import subprocess
+    import time
+
+    from test_grpo import make_char_model, write_toy_prompts
+
+    model, prompts, run = make_char_model(tmp_path / "model"), write_toy_prompts(tmp_path / "p.jsonl"), tmp_path / "run"
+    (tmp_path / "logs").mkdir()
+    steps = 16
+    job = cluster.sbatch([*CPU_ALLOC, "--ntasks-per-node=1", "--time=30", str(REPO / "slurm" / "grpo.sh"),
+                          "examples/tiny/grpo.yaml", f"out_dir={run}", f"model.path={model}",
+                          f"data.train_file={prompts}", f"grpo.max_steps={steps}", "grpo.save_steps=100",
+                          "grpo.save_only_model=false"], cwd=tmp_path, env=_env())
+    log = tmp_path / "logs" / f"apriel-grpo-{job}.out"
+    deadline = time.time() + 240
+    while not (log.exists() and "grpo: 16 prompts from" in log.read_text()):
+        assert time.time() < deadline and cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), \
+            log.read_text()[-3000:] if log.exists() else cluster.job(job)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=cluster.env(), check=True, timeout=30)
+    info = _finished(cluster, job, log, timeout=400)
+    text = log.read_text()
+    assert int(info["Restarts"]) == 1, text[-4000:]
+    assert "received USR1" in text and "requeueing job" in text and "GRPO finished (exit 0)" in text
+    stopped_at = int(re.search(r"stop requested: checkpointing step (\d+)", text)[1])
+    assert 0 < stopped_at < steps
+    assert (run / f"checkpoint-{stopped_at}" / "optimizer.pt").exists()
+    assert f"resuming from {run}/checkpoint-{stopped_at}" in text
+    # Each step trained (and logged) exactly once across the two runs.
+    assert len(re.findall(r"\{'loss'", text)) == steps, text[-4000:]
+    assert f"grpo: {steps} steps in" in text
+    assert (run / "final" / "model.safetensors").exists()

@@ -94,7 +94,15 @@ class GRPOSection:
     vllm_mode: str = "colocate"
     vllm_gpu_memory_utilization: float = 0.3
     vllm_tensor_parallel_size: int = 1
+    vllm_enable_sleep_mode: bool = False  # colocate: free vLLM's memory while the trainer steps
+    vllm_server_host: str = "0.0.0.0"  # server mode: `trl vllm-serve` on dedicated GPUs
+    vllm_server_port: int = 8000
     gradient_checkpointing: bool = True
+    # Online filtering (DAPO dynamic sampling): drop groups whose rollouts all get the same reward and
+    # refill the batch with fresh prompts, at most this many extra generation rounds per batch.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
+    resume: bool = True  # continue from the newest out_dir/checkpoint-N (a requeued job)
     report_to: str = "tensorboard"
     seed: int = 1234
 
@@ -121,6 +129,14 @@ class GRPORunConfig:
                               f"exceeds num_rollouts ({f.num_rollouts})")
         if self.grpo.use_vllm not in ("auto", "true", "false"):
             raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
+        g = self.grpo
+        if g.dynamic_sampling and (g.per_device_train_batch_size * g.gradient_accumulation_steps) % g.num_generations:
+            raise ConfigError(f"grpo.dynamic_sampling needs whole groups per rank: per_device_train_batch_size x "
+                              f"gradient_accumulation_steps ({g.per_device_train_batch_size} x "
+                              f"{g.gradient_accumulation_steps}) must be a multiple of num_generations "
+                              f"({g.num_generations})")
+        if g.vllm_mode not in ("colocate", "server"):
+            raise ConfigError(f"grpo.vllm_mode: {self.grpo.vllm_mode!r} is not colocate/server")
         if self.model.chat_template not in (*CHAT_TEMPLATES, "tokenizer"):
             raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not one of "
                               f"{', '.join([*CHAT_TEMPLATES, 'tokenizer'])}")
@@ -252,7 +268,10 @@ def build_grpo_config(cfg: GRPORunConfig):
     )
     if use_vllm:
         kwargs.update(vllm_mode=g.vllm_mode, vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
-                      vllm_tensor_parallel_size=g.vllm_tensor_parallel_size)
+                      vllm_tensor_parallel_size=g.vllm_tensor_parallel_size,
+                      vllm_enable_sleep_mode=g.vllm_enable_sleep_mode)
+        if g.vllm_mode == "server":
+            kwargs.update(vllm_server_host=g.vllm_server_host, vllm_server_port=g.vllm_server_port)
     return GRPOConfig(**kwargs)
 
 
@@ -270,6 +289,56 @@ def load_model_and_tokenizer(cfg: GRPORunConfig):
         dtype = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
     return model, tokenizer
+
+
+EXIT_REQUEUE = 3  # checkpointed on a stop request: slurm/grpo.sh requeues the job, which resumes
+
+
+def stop_callback(accelerator):
+    """A TrainerCallback that checkpoints and stops at the end of the step in which a stop was asked.
+
+    A stop is SIGUSR1 to this process (a direct run, or slurm/common.sh's task wrapper) or the file
+    named by ``APRIEL_STOP_FILE`` appearing (slurm/grpo.sh creates it on SLURM's time-limit signal:
+    under ``accelerate launch`` the trainers are grandchildren of the task, out of reach of a signal
+    to it). Ranks may see the request at different steps, so it is summed over ranks every step
+    and all stop at the same one.
+    """
+    import signal
+    import threading
+
+    import torch
+    from transformers import TrainerCallback
+
+    class StopOnRequest(TrainerCallback):
+        requested = stopped = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            stop_file = os.environ.get("APRIEL_STOP_FILE", "")
+            asked = self.requested or bool(stop_file and os.path.exists(stop_file))
+            if accelerator.num_processes > 1:
+                flag = torch.tensor([float(asked)], device=accelerator.device)
+                asked = bool(accelerator.reduce(flag, reduction="sum").item())
+            if asked and state.global_step < state.max_steps:
+                print(f"grpo: stop requested: checkpointing step {state.global_step} and exiting "
+                      f"{EXIT_REQUEUE} (run again to resume)", flush=True)
+                control.should_save = control.should_training_stop = self.stopped = True
+            return control
+
+    callback = StopOnRequest()
+
+    def on_usr1(*_):
+        callback.requested = True
+
+    if threading.current_thread() is threading.main_thread():  # only there can a handler be set
+        signal.signal(signal.SIGUSR1, on_usr1)
+    return callback
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` TRL wrote in ``out_dir`` with its trainer state, or None."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(out_dir) if os.path.isdir(out_dir) else None
 
 
 def train(cfg: GRPORunConfig) -> dict:
@@ -291,16 +360,40 @@ def train(cfg: GRPORunConfig) -> dict:
         if not records:
             raise ConfigError("pass-rate filter kept no prompts: nothing to train on")
     tokenizer.padding_side = "left"
-    trainer = GRPOTrainer(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=build_grpo_config(cfg),
-                          train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+    trainer_cls, extra = GRPOTrainer, {}
+    if cfg.grpo.dynamic_sampling:
+        from megatron_apriel.rl.dynamic_sampling import DynamicSamplingGRPOTrainer
+
+        trainer_cls, extra = DynamicSamplingGRPOTrainer, {"max_rounds": cfg.grpo.dynamic_sampling_max_rounds}
+    trainer = trainer_cls(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=build_grpo_config(cfg),
+                          train_dataset=Dataset.from_list(records), processing_class=tokenizer, **extra)
+    stop = stop_callback(trainer.accelerator)
+    trainer.add_callback(stop)
+    resume = latest_checkpoint(cfg.out_dir) if cfg.grpo.resume else None
+    if resume:
+        print(f"grpo: resuming from {resume}", flush=True)
     start = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
+    if stop.stopped:
+        return {"steps": trainer.state.global_step, "stopped": True}
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        print(f"grpo: trained on {acc.num_processes} process(es), {acc.distributed_type.value}, "
+              f"model {type(trainer.model_wrapped).__name__}", flush=True)
     final = os.path.join(cfg.out_dir, "final")
-    trainer.save_model(final)
-    tokenizer.save_pretrained(final)
+    trainer.save_model(final)  # gathers the full state dict under FSDP
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     summary = {"steps": trainer.state.global_step, "rewards": rewards, "final": final,
-               "seconds": time.time() - start}
+               "seconds": time.time() - start, "kl": [h["kl"] for h in trainer.state.log_history if "kl" in h],
+               "reference_model": trainer.ref_model is not None}
+    if cfg.grpo.dynamic_sampling:
+        summary["dynamic_sampling"] = dict(trainer.totals)
+        t = trainer.totals
+        print(f"grpo: dynamic sampling dropped {t['dropped']}/{t['groups']} groups with equal rewards, ran "
+              f"{t['refill_rounds']} refill rounds, filled {t['filled_with_dropped']} slots with dropped groups",
+              flush=True)
     if rewards:
         k = max(1, min(5, len(rewards) // 4))
         first, last = sum(rewards[:k]) / k, sum(rewards[-k:]) / k
@@ -321,11 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
     try:
-        train(cfg)
+        summary = train(cfg)
     except ConfigError as e:
         print(f"apriel grpo: {e}", file=sys.stderr)
         return 2
-    return 0
+    return EXIT_REQUEUE if summary.get("stopped") else 0
 
 
 if __name__ == "__main__":
