@@ -82,6 +82,9 @@ def steps_of(folder: Path) -> list[dict]:
             elif "megatron_apriel.rl.grpo" in argv or argv[:2] == ["apriel", "grpo"]:
                 grpo = load_config(GRPORunConfig, REPO / _flag(argv, "--config"), _overrides(argv))
                 steps.append(dict(name=where, reads=[grpo.model.path], writes=[grpo.out_dir]))
+            elif argv[:2] == ["sbatch", "slurm/grpo.sh"]:  # the GRPO launcher: CONFIG then overrides
+                grpo = load_config(GRPORunConfig, REPO / argv[2], [a for a in argv[3:] if "=" in a])
+                steps.append(dict(name=where, reads=[grpo.model.path], writes=[grpo.out_dir]))
             elif argv[0] == "sbatch":
                 assert (REPO / argv[2]).is_file(), f"{where}: no config {argv[2]}"
     return steps
