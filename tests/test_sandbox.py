@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -364,23 +365,24 @@ def test_rlimits_only_mode_warns_once_and_still_limits(monkeypatch, caplog, host
 
 def _unprivileged_command(user: str) -> list[str]:
     """Run this module as ``user``: a private mount namespace makes this interpreter reachable (a
-    pyenv under /root is not) and gives the run its own /tmp, then setpriv drops to the user with
-    no groups and no capabilities."""
-    # A private /tmp for the run (its files and the stashes below vanish with the namespace).
-    script, hidden, rebind = "set -e\nmount -t tmpfs -o mode=1777 none /tmp\n", [], ""
+    pyenv under /root is not), the run gets its own TMPDIR and HOME, then setpriv drops to the user
+    with no groups and no capabilities. (No tmpfs over /tmp: the checkout or a venv may live there.)"""
+    work = tempfile.mkdtemp(prefix="apriel-sandbox-user-")
+    os.chmod(work, 0o1777)
+    script, hidden, rebind = "set -e\n", [], ""
     for i, prefix in enumerate(sorted({os.path.realpath(sys.prefix), os.path.realpath(sys.base_prefix)})):
         blocked = next((str(p) for p in reversed(Path(prefix).parents) if not os.stat(p).st_mode & 0o001), None)
         if blocked:  # e.g. /root: keep the prefix (a venv and its base), cover the rest with an empty tmpfs
-            script += f"stash{i}=/tmp/.prefix{i}\nmkdir $stash{i}\nmount --bind {prefix} $stash{i}\n"
+            script += f"stash{i}={work}/.prefix{i}\nmkdir $stash{i}\nmount --bind {prefix} $stash{i}\n"
             hidden += [blocked] if blocked not in hidden else []
             rebind += f"mkdir -p {prefix}\nmount --bind $stash{i} {prefix}\n"
     script += "".join(f"mount -t tmpfs -o mode=0755 none {b}\n" for b in hidden) + rebind
     u = pwd.getpwnam(user)
     repo = Path(__file__).resolve().parents[1]
     script += (f"cd {repo}\nexec setpriv --reuid={u.pw_uid} --regid={u.pw_gid} --clear-groups --inh-caps=-all "
-               f"env -i PATH=/usr/bin:/bin HOME=/tmp PYTHONPATH={repo} PYTHONDONTWRITEBYTECODE=1 "
+               f"env -i PATH=/usr/bin:/bin HOME={work} TMPDIR={work} PYTHONPATH={repo} PYTHONDONTWRITEBYTECODE=1 "
                f"APRIEL_SANDBOX_NESTED=1 {sys.executable} -m pytest -q -p no:cacheprovider -x {__file__}")
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script], work
 
 
 @pytest.mark.slow
@@ -395,7 +397,11 @@ def test_hostile_programs_as_an_ordinary_user():
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
     assert shutil.which("unshare") and shutil.which("setpriv")
-    proc = subprocess.run(_unprivileged_command(USER), capture_output=True, text=True, timeout=600)
+    command, work = _unprivileged_command(USER)
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, tail
     summary = proc.stdout.strip().splitlines()[-1]
