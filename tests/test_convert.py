@@ -109,15 +109,14 @@ def test_export_loads_with_transformers_and_generates_the_same(hf_dir, tp1):
     assert a.shape[1] == ids.shape[1] + 12
     assert torch.equal(a, b)
 
-
-def test_tp2_import_logits_and_export(hf_dir, tp1, tmp_path):
-    """Written at TP=2 and loaded at TP=2 (and the TP=1 checkpoint resharded to TP=2): logits
-    match transformers; the TP=2 checkpoint exported to HF is the original, bit for bit."""
+def _import_at_layout(hf_dir, tp1, tmp_path, tp: int, pp: int = 1):
+    """Convert at TP x PP (tp * pp processes) and reshard the TP=1 checkpoint to it; both must give
+    transformers' logits. Returns the written checkpoint."""
     from transformers import MistralForCausalLM
 
-    ckpt = tmp_path / "tp2"
-    run_torchrun(REPO / "tests/dist/convert_check.py",
-                 ["--hf", hf_dir, "--ckpt", ckpt, "--out", tmp_path / "r.pt", "--tp", 2, "--load", tp1 / "mcore"])
+    ckpt = tmp_path / f"tp{tp}pp{pp}"
+    run_torchrun(REPO / "tests/dist/convert_check.py", ["--hf", hf_dir, "--ckpt", ckpt, "--out", tmp_path / "r.pt",
+                                                        "--tp", tp, "--pp", pp, "--load", tp1 / "mcore"], nproc=tp * pp)
     res = torch.load(tmp_path / "r.pt")
     ref = MistralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -126,6 +125,15 @@ def test_tp2_import_logits_and_export(hf_dir, tp1, tmp_path):
     for logits in res["logits"].values():
         assert logits.shape == expected.shape
         assert rel(logits, expected) < 1e-5
+    return ckpt
+
+
+def test_tp2_import_logits_and_export(hf_dir, tp1, tmp_path):
+    """Written at TP=2 and loaded at TP=2 (and the TP=1 checkpoint resharded to TP=2): logits
+    match transformers; the TP=2 checkpoint exported to HF is the original, bit for bit."""
+    from transformers import MistralForCausalLM
+
+    ckpt = _import_at_layout(hf_dir, tp1, tmp_path, tp=2)
     # small shards: the export is a sharded folder with an index, as for the real models
     mcore_to_hf_checkpoint(ckpt, tmp_path / "hf", max_shard_bytes=200_000)
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
@@ -138,18 +146,7 @@ def test_tp2_pp2_import_logits_and_export(hf_dir, tp1, tmp_path):
     """TP=2 x PP=2 (4 processes, ~1.5 min on 2 cores): written at that layout and the TP=1 checkpoint
     resharded to it, both give transformers' logits; the export of the TP x PP checkpoint is the
     original, bit for bit."""
-    from transformers import MistralForCausalLM
-
-    ckpt = tmp_path / "tp2pp2"
-    run_torchrun(REPO / "tests/dist/convert_check.py", ["--hf", hf_dir, "--ckpt", ckpt, "--out", tmp_path / "r.pt",
-                                                        "--tp", 2, "--pp", 2, "--load", tp1 / "mcore"], nproc=4)
-    res = torch.load(tmp_path / "r.pt")
-    ref = MistralForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expected = ref(res["tokens"]).logits
-    assert len(res["logits"]) == 2
-    for logits in res["logits"].values():
-        assert rel(logits, expected) < 1e-5
+    ckpt = _import_at_layout(hf_dir, tp1, tmp_path, tp=2, pp=2)
     mcore_to_hf_checkpoint(ckpt, tmp_path / "hf")
     assert_same_tensors(hf_dir, tmp_path / "hf")
 
