@@ -109,6 +109,7 @@ def test_export_loads_with_transformers_and_generates_the_same(hf_dir, tp1):
     assert a.shape[1] == ids.shape[1] + 12
     assert torch.equal(a, b)
 
+
 def _import_at_layout(hf_dir, tp1, tmp_path, tp: int, pp: int = 1):
     """Convert at TP x PP (tp * pp processes) and reshard the TP=1 checkpoint to it; both must give
     transformers' logits. Returns the written checkpoint."""
