@@ -265,7 +265,6 @@ class Demo:
         d = self.d("average")
         self.call("average", "average", [
             "--equispaced", 3, "--run-dir", self.d("cpt") / "ckpt", "--out", d / "mcore"])
-        self.write_model_meta(d / "mcore", self.plan.num_layers + 1)
         self.to_hf("average", d / "mcore", d / "hf")
         return self.evaluate(d / "hf")
 
