@@ -5,7 +5,10 @@ A family (:mod:`~megatron_apriel.checkpoint.mistral` for MistralForCausalLM,
 :mod:`~megatron_apriel.checkpoint.llava` for Llava/Pixtral) is a module holding its HF config
 mapping, its name table, its model builder and loader and its TP rules; the two functions here run
 either family in one direction each, and pick it from the input (a ``vision_config`` in the HF
-config.json, vision tensors in the dist checkpoint).
+config.json, vision tensors in the dist checkpoint). What the loop asks of a family module:
+``NAME``/``LABEL`` (messages), ``LAYOUT`` (the HF layout written), ``preset_from_hf_config``,
+``export_config``, ``table`` (its :class:`~megatron_apriel.checkpoint.table.Entry` rows),
+``hf_canonical`` (the lazy HF reader), ``tp_divisors``, ``build_chunks`` and ``load_canonical``.
 
 ``hf-to-mcore`` builds the family's model at the requested layout (no random init), copies HF
 tensors into it one at a time from memory-mapped safetensors through the family's table, and saves
