@@ -1,0 +1,118 @@
+"""The released Apriel chat formats: the apriel-1.5 preset is the official template byte for byte and
+renders the documented layout; its SFT masks (incremental renders) equal the {% generation %} masks;
+the format follows the model preset by default; a tiny model SFT'd in it, exported and served with
+its template answers in it (transformers; vLLM when APRIEL_VLLM_PYTHON names a vLLM venv's python)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_sft import CONVERSATIONS, _reserved_slot_tokenizer, _write_jsonl, hf_tokenizer  # noqa: F401  (fixture)
+
+from megatron_apriel.data.chat_template import (APRIEL_15_CHAT_TEMPLATE, APRIEL_15_SHA256, NEMOTRON_SYSTEM_PROMPT,
+                                                ConversationError, encode_chat, prepare_messages, resolve_template)
+
+T15 = APRIEL_15_CHAT_TEMPLATE
+HEAD = "<s><|system|>\n" + NEMOTRON_SYSTEM_PROMPT  # the built-in reasoning prompt is the Nemotron one
+TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"city": "string"}}}
+TOOL_CONV = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "content": "{\"temp\": 21}"},
+    {"role": "assistant", "content": "It is 21 degrees.", "reasoning_content": "The tool says 21."},
+]
+
+
+def _text(tok, conv, gen=False, tools=None, template=T15):
+    return tok.apply_chat_template(conv, chat_template=template, tokenize=False, add_generation_prompt=gen, tools=tools)
+
+
+def test_apriel_15_preset_is_the_released_template_and_renders_its_layout(hf_tokenizer):
+    """The vendored text is the released one (sha256 of the copy in llama.cpp's template fixtures);
+    no system / system / multi-turn with reasoning / tools and tool results render the official bytes."""
+    _, tok = hf_tokenizer
+    assert hashlib.sha256(T15.encode()).hexdigest() == APRIEL_15_SHA256
+    assert resolve_template(tok, "apriel-1.5") == T15
+    q = [{"role": "user", "content": "What is 6 times 7?"}]
+    assert _text(tok, q, gen=True) == HEAD + "\n<|end|>\n<|user|>\nWhat is 6 times 7?\n<|end|>\n<|assistant|>\n"
+    # the user's system text is glued to the built-in prompt; every assistant turn ends with </s>;
+    # reasoning (a field the template does not read) is written into the content by prepare_messages
+    conv = prepare_messages(CONVERSATIONS[0], T15)
+    assert _text(tok, conv) == (
+        HEAD + "You are a careful solver.\n<|end|>\n<|user|>\nWhat is 6 times 7?\n<|end|>\n<|assistant|>\n"
+        "Here are my reasoning steps:\n6 * 7 = 42, checking: 7 * 6 = 42.\n[BEGIN FINAL RESPONSE]\n42\n"
+        "[END FINAL RESPONSE]\n<|end|>\n</s><|user|>\nAnd 2 + 2?\n<|end|>\n<|assistant|>\n4\n<|end|>\n</s>")
+    assert _text(tok, CONVERSATIONS[0]).count("reasoning steps") == 0  # the raw template drops the field
+    # tools without a system message: the tools' system block, then the plain one (as released);
+    # past tool calls carry their id, the last turn's would not
+    tools_block = (
+        "You are provided with function signatures within <available_tools></available_tools> XML tags. You may "
+        "call one or more functions to assist with the user query. Don't make assumptions about the arguments. You "
+        "should infer the argument values from previous user responses and the system message. Here are the "
+        "available tools:\n<available_tools>\n" + str(TOOL) + "\n</available_tools>")
+    call_format = ("Return all function calls as a list of json objects within <tool_call></tool_call> XML tags. "
+                   "Each json object should contain a function name and arguments as follows:\n<tool_calls>[{\"name\": "
+                   "<function-name-1>, \"arguments\": <args-dict-1>}, {\"name\": <function-name-2>, \"arguments\": "
+                   "<args-dict-2>},...]</tool_calls>")
+    assert _text(tok, prepare_messages(TOOL_CONV, T15), tools=[TOOL]) == (
+        HEAD + tools_block + "\n" + call_format + "\n<|end|>\n" + HEAD[3:] + "\n<|end|>\n<|user|>\nWeather in Paris?\n"
+        "<|end|>\n<|assistant|>\n\n<tool_calls>[{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\"}, \"id\": "
+        "\"c1\"}]</tool_calls>\n<|end|>\n</s><|tool_result|>\n{\"temp\": 21}\n<|end|>\n<|assistant|>\nHere are my "
+        "reasoning steps:\nThe tool says 21.\n[BEGIN FINAL RESPONSE]\nIt is 21 degrees.\n[END FINAL RESPONSE]\n"
+        "<|end|>\n</s>")
+    with_system = [{"role": "system", "content": "Be brief."}, *TOOL_CONV[:1]]
+    assert _text(tok, with_system, gen=True, tools=[TOOL]) == (
+        HEAD + "Be brief.\n" + tools_block + "\n<|end|>\n<|user|>\nWeather in Paris?\n<|end|>\n<|assistant|>\n")
+
+
+def test_apriel_15_masks_equal_the_generation_block_masks(hf_tokenizer):
+    """Incremental renders of the released template (no {% generation %} blocks) give the masks that
+    the same template with its assistant turns wrapped in {% generation %} gives; the trained span
+    runs from after <|assistant|>\\n through </s>. A past tool call is rendered with its id, so that
+    conversation trains turn by turn (last_turn_only), and a record lacking the id is a clear error."""
+    _, tok = hf_tokenizer
+    opening, closing = "{{- '<|assistant|>\\n' -}}", "{{- '\\n<|end|>\\n' + eos_token -}}"
+    tagged = T15.replace(opening, opening + "{%- generation -%}", 1).replace(closing, closing + "{%- endgeneration -%}")
+    assert tagged.count("generation -%}") == 2
+    for conv, tools, last in ((CONVERSATIONS[0], None, False), (CONVERSATIONS[2], None, False),
+                              (TOOL_CONV, [TOOL], True), (TOOL_CONV[:2], [TOOL], False)):
+        conv = prepare_messages(conv, T15)
+        inc, gen = (encode_chat(tok, conv, t, tools=tools, last_turn_only=last) for t in (T15, tagged))
+        assert (inc.tokens, inc.mask, inc.text) == (gen.tokens, gen.mask, gen.text) and sum(inc.mask) > 0
+        prompt = tok.apply_chat_template(conv[:-1], chat_template=T15, tools=tools, add_generation_prompt=True)["input_ids"]
+        assert inc.tokens[:len(prompt)] == prompt and inc.mask[len(prompt) - 1] == 0  # the <|assistant|>\n header
+        assert all(inc.mask[len(prompt):]) and inc.tokens[-1] == tok.eos_token_id
+    with pytest.raises(ConversationError, match=r"messages\[1\]: .*later messages"):
+        encode_chat(tok, prepare_messages(TOOL_CONV, T15), T15, tools=[TOOL])
+    no_id = json.loads(json.dumps(TOOL_CONV).replace('"id": "c1", ', ""))
+    with pytest.raises(ConversationError, match="cannot render .*'id'"):
+        encode_chat(tok, no_id, T15, tools=[TOOL])
+
+
+def test_the_model_preset_picks_the_format(tmp_path, capsys):
+    """apriel-nemotron-15b -> apriel-nemotron, apriel-1.5-15b -> apriel-1.5, others -> the command's
+    default; an explicit --chat-template wins; the choice is logged; preprocess-sft --preset uses it."""
+    from megatron_apriel.data.chat_template import default_chat_template
+    from megatron_apriel.data.chat_tokenizer import main as chat_tokenizer
+    from megatron_apriel.data.sft import main as preprocess_sft
+
+    assert default_chat_template(None, "apriel-nemotron-15b") == "apriel-nemotron"
+    assert "apriel-nemotron (the format of model preset apriel-nemotron-15b" in capsys.readouterr().err
+    assert default_chat_template(None, "apriel-1.5-15b") == "apriel-1.5"
+    assert (default_chat_template(None, "tiny"), default_chat_template(None, "tiny", fallback=None)) == ("apriel", None)
+    assert default_chat_template("apriel", "apriel-1.5-15b") == "apriel"
+    src = _reserved_slot_tokenizer(tmp_path / "src")
+    assert chat_tokenizer(["--tokenizer", str(src), "--chat-template", "apriel-1.5", "--out", str(tmp_path / "tok")]) == 0
+    assert "<|content|>=10" in capsys.readouterr().out  # six role tokens in the reserved slots 5..10
+    _write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0]}])
+    assert preprocess_sft(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "x"),
+                           "--tokenizer-model", str(tmp_path / "tok"), "--preset", "apriel-1.5-15b"]) == 0
+    report = json.loads((tmp_path / "x_report.json").read_text())
+    assert (report["chat_template"], report["kept"]) == ("apriel-1.5", 1)
