@@ -151,7 +151,8 @@ def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path):
     -> transformers with the exported chat_template.jinja: each learned question is answered as
     'Here are my reasoning steps: ... [BEGIN FINAL RESPONSE] answer [END FINAL RESPONSE] <|end|> </s>',
     which the format reward and answer extraction accept. With APRIEL_VLLM_PYTHON, vLLM's llm.chat on
-    the same folder answers the same. Runtime: ~2 min on 2 shared cores (three subprocesses)."""
+    the same folder answers the same. Runtime: ~1.5 min on 2 shared cores (three subprocesses; +2 min
+    with vLLM)."""
     import torch
     from conftest import REPO as repo
     from conftest import run_python
@@ -202,5 +203,5 @@ def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path):
         proc = subprocess.run([vllm_python, "-c", script, str(tmp_path / "hf"), json.dumps([q for q, _, _ in QA])],
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-4000:]
-        served = json.loads(proc.stdout.split("ANSWERS=")[-1])
+        served = json.loads(proc.stdout.split("ANSWERS=")[-1].splitlines()[0])
         assert [s.removesuffix("</s>") for s in served] == [answers[q].removesuffix("</s>") for q, _, _ in QA]
