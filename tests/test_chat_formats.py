@@ -9,11 +9,10 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from test_sft import CONVERSATIONS, _reserved_slot_tokenizer, _write_jsonl, hf_tokenizer  # noqa: F401  (fixture)
+from test_sft import CONVERSATIONS, _write_jsonl
 
 from megatron_apriel.data.chat_template import (APRIEL_15_CHAT_TEMPLATE, APRIEL_15_SHA256, NEMOTRON_SYSTEM_PROMPT,
                                                 ConversationError, encode_chat, prepare_messages, resolve_template)
@@ -30,14 +29,53 @@ TOOL_CONV = [
 ]
 
 
+# Four questions the tiny model learns to answer in the Apriel-1.5 format: (question, reasoning, answer)
+QA = [("What is the capital of France?", "France's capital city is Paris.", "Paris"),
+      ("What is 6 times 7?", "6 * 7 = 42.", "42"),
+      ("What color is a clear sky?", "A clear sky scatters blue light most.", "blue"),
+      ("Name a prime below 5.", "2 and 3 are the primes below 5.", "3")]
+
+
+def _format_tokenizer(path: Path) -> Path:
+    """A 400-id byte-level BPE laid out like Mistral's (reserved <SPECIAL_n> slots), trained on the
+    format's fixed text and the questions so a conversation is ~200 tokens; 'apriel chat-tokenizer'
+    then gives it the format's role tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + [f"<SPECIAL_{i}>" for i in range(5, 16)]
+    corpus = [NEMOTRON_SYSTEM_PROMPT, "Here are my reasoning steps:\n[BEGIN FINAL RESPONSE]\n[END FINAL RESPONSE]\n"]
+    corpus += [" ".join(qa) for qa in QA]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    """(folder, tokenizer): a Mistral-layout BPE given the apriel-1.5 role tokens by `apriel chat-tokenizer`."""
+    from transformers import AutoTokenizer
+
+    from megatron_apriel.data.chat_tokenizer import main as chat_tokenizer
+
+    root = tmp_path_factory.mktemp("chat15")
+    assert chat_tokenizer(["--tokenizer", str(_format_tokenizer(root / "bpe")), "--chat-template", "apriel-1.5",
+                           "--out", str(root / "tok")]) == 0
+    return root / "tok", AutoTokenizer.from_pretrained(root / "tok")
+
+
 def _text(tok, conv, gen=False, tools=None, template=T15):
     return tok.apply_chat_template(conv, chat_template=template, tokenize=False, add_generation_prompt=gen, tools=tools)
 
 
-def test_apriel_15_preset_is_the_released_template_and_renders_its_layout(hf_tokenizer):
+def test_apriel_15_preset_is_the_released_template_and_renders_its_layout(chat_tok):
     """The vendored text is the released one (sha256 of the copy in llama.cpp's template fixtures);
     no system / system / multi-turn with reasoning / tools and tool results render the official bytes."""
-    _, tok = hf_tokenizer
+    _, tok = chat_tok
     assert hashlib.sha256(T15.encode()).hexdigest() == APRIEL_15_SHA256
     assert resolve_template(tok, "apriel-1.5") == T15
     q = [{"role": "user", "content": "What is 6 times 7?"}]
@@ -72,12 +110,12 @@ def test_apriel_15_preset_is_the_released_template_and_renders_its_layout(hf_tok
         HEAD + "Be brief.\n" + tools_block + "\n<|end|>\n<|user|>\nWeather in Paris?\n<|end|>\n<|assistant|>\n")
 
 
-def test_apriel_15_masks_equal_the_generation_block_masks(hf_tokenizer):
+def test_apriel_15_masks_equal_the_generation_block_masks(chat_tok):
     """Incremental renders of the released template (no {% generation %} blocks) give the masks that
     the same template with its assistant turns wrapped in {% generation %} gives; the trained span
     runs from after <|assistant|>\\n through </s>. A past tool call is rendered with its id, so that
     conversation trains turn by turn (last_turn_only), and a record lacking the id is a clear error."""
-    _, tok = hf_tokenizer
+    _, tok = chat_tok
     opening, closing = "{{- '<|assistant|>\\n' -}}", "{{- '\\n<|end|>\\n' + eos_token -}}"
     tagged = T15.replace(opening, opening + "{%- generation -%}", 1).replace(closing, closing + "{%- endgeneration -%}")
     assert tagged.count("generation -%}") == 2
@@ -96,11 +134,11 @@ def test_apriel_15_masks_equal_the_generation_block_masks(hf_tokenizer):
         encode_chat(tok, no_id, T15, tools=[TOOL])
 
 
-def test_the_model_preset_picks_the_format(tmp_path, capsys):
+def test_the_model_preset_picks_the_format(chat_tok, tmp_path, capsys):
     """apriel-nemotron-15b -> apriel-nemotron, apriel-1.5-15b -> apriel-1.5, others -> the command's
-    default; an explicit --chat-template wins; the choice is logged; preprocess-sft --preset uses it."""
-    from megatron_apriel.data.chat_template import default_chat_template
-    from megatron_apriel.data.chat_tokenizer import main as chat_tokenizer
+    default; an explicit --chat-template wins; the choice is logged; preprocess-sft --preset uses it
+    with a tokenizer whose six role tokens took the reserved slots 5..10 (vocabulary size unchanged)."""
+    from megatron_apriel.data.chat_template import FORMAT_TOKENS, default_chat_template
     from megatron_apriel.data.sft import main as preprocess_sft
 
     assert default_chat_template(None, "apriel-nemotron-15b") == "apriel-nemotron"
@@ -108,44 +146,17 @@ def test_the_model_preset_picks_the_format(tmp_path, capsys):
     assert default_chat_template(None, "apriel-1.5-15b") == "apriel-1.5"
     assert (default_chat_template(None, "tiny"), default_chat_template(None, "tiny", fallback=None)) == ("apriel", None)
     assert default_chat_template("apriel", "apriel-1.5-15b") == "apriel"
-    src = _reserved_slot_tokenizer(tmp_path / "src")
-    assert chat_tokenizer(["--tokenizer", str(src), "--chat-template", "apriel-1.5", "--out", str(tmp_path / "tok")]) == 0
-    assert "<|content|>=10" in capsys.readouterr().out  # six role tokens in the reserved slots 5..10
+    tok_dir, tok = chat_tok
+    assert tok.convert_tokens_to_ids(list(FORMAT_TOKENS)) == [5, 6, 7, 8, 9, 10] and len(tok) == 400
     _write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0]}])
     assert preprocess_sft(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "x"),
-                           "--tokenizer-model", str(tmp_path / "tok"), "--preset", "apriel-1.5-15b"]) == 0
+                           "--tokenizer-model", str(tok_dir), "--preset", "apriel-1.5-15b"]) == 0
     report = json.loads((tmp_path / "x_report.json").read_text())
     assert (report["chat_template"], report["kept"]) == ("apriel-1.5", 1)
 
 
-# Four questions the tiny model learns to answer in the Apriel-1.5 format: (question, reasoning, answer)
-QA = [("What is the capital of France?", "France's capital city is Paris.", "Paris"),
-      ("What is 6 times 7?", "6 * 7 = 42.", "42"),
-      ("What color is a clear sky?", "A clear sky scatters blue light most.", "blue"),
-      ("Name a prime below 5.", "2 and 3 are the primes below 5.", "3")]
-
-
-def _format_tokenizer(path: Path) -> Path:
-    """A 400-id byte-level BPE laid out like Mistral's (reserved <SPECIAL_n> slots), trained on the
-    format's fixed text and the questions so a conversation is ~60 tokens; 'apriel chat-tokenizer'
-    then gives it the format's role tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + [f"<SPECIAL_{i}>" for i in range(5, 16)]
-    corpus = [NEMOTRON_SYSTEM_PROMPT, "Here are my reasoning steps:\n[BEGIN FINAL RESPONSE]\n[END FINAL RESPONSE]\n"]
-    corpus += [" ".join(qa) for qa in QA]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
-def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path, capsys):
+def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(chat_tok, tmp_path, capsys):
     """chat tokenizer (role tokens in reserved slots) -> preprocess-sft --preset apriel-1.5-15b (the
     apriel-1.5 format by default) -> tiny SFT from scratch -> mcore-to-hf --chat-template apriel-1.5
     -> transformers with the exported chat_template.jinja: each learned question is answered as
@@ -159,17 +170,15 @@ def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path, capsys
     from conftest import run_python
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_apriel.data.chat_tokenizer import main as chat_tokenizer
     from megatron_apriel.data.sft import main as preprocess_sft
     from megatron_apriel.rl.rewards import final_response, format_reward
 
-    assert chat_tokenizer(["--tokenizer", str(_format_tokenizer(tmp_path / "bpe")), "--chat-template", "apriel-1.5",
-                           "--out", str(tmp_path / "tok")]) == 0
+    tok_dir, _ = chat_tok
     records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a, "reasoning": r}]}
                for q, r, a in QA] * 24
     _write_jsonl(tmp_path / "chat.jsonl", records)
     assert preprocess_sft(["--input", str(tmp_path / "chat.jsonl"), "--output-prefix", str(tmp_path / "sft"),
-                           "--tokenizer-model", str(tmp_path / "tok"), "--preset", "apriel-1.5-15b",
+                           "--tokenizer-model", str(tok_dir), "--preset", "apriel-1.5-15b",
                            "--seq-length", "256"]) == 0
     report = json.loads((tmp_path / "sft_report.json").read_text())
     assert (report["chat_template"], report["kept"]) == ("apriel-1.5", len(records))
@@ -179,7 +188,7 @@ def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(tmp_path, capsys
                 "train.optim.min_lr=3e-4", "train.schedule.warmup_iters=5", f"checkpoint.save={tmp_path / 'ckpt'}",
                 "checkpoint.save_interval=200", "logging.log_interval=20"])
     run_python(["-m", "megatron_apriel.cli", "convert", "mcore-to-hf", "--ckpt", tmp_path / "ckpt", "--out",
-                tmp_path / "hf", "--tokenizer", tmp_path / "tok", "--chat-template", "apriel-1.5"])
+                tmp_path / "hf", "--tokenizer", tok_dir, "--chat-template", "apriel-1.5"])
     assert (tmp_path / "hf" / "chat_template.jinja").read_text() == T15
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
