@@ -9,6 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_apriel", "megatron_apriel.*"]),
     include_package_data=True,
+    package_data={"megatron_apriel.data": ["templates/*.jinja"]},  # the released chat templates
     # The compiled Tekken fast path of tools/preprocess_data.py; optional: without a C compiler the
     # install still succeeds and the tokenizer uses tiktoken alone (same ids, slower).
     ext_modules=[Extension("megatron_apriel.data._tekken_fast", ["megatron_apriel/data/_tekken_fast.c"],

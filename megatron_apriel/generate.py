@@ -22,7 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
-    ap.add_argument("--chat-template", default=None, help="'apriel', 'apriel-nemotron' or a .jinja file (default: the tokenizer's)")
+    ap.add_argument("--chat-template", default=None,
+                    help="'apriel', 'apriel-nemotron', 'apriel-1.5' or a .jinja file (default: the format of --preset, "
+                         "else the tokenizer's)")
+    ap.add_argument("--preset", default=None,
+                    help="model preset of the checkpoint: its released model's chat format is the default template")
     ap.add_argument("--system", default=None, help="system message with --chat")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -34,7 +38,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_apriel.data.chat_template import CHAT_TEMPLATES, encode_prompts
+    from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template, encode_prompts
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -44,7 +48,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {args.hf}: {e}", file=sys.stderr)
         return 2
+    if tok.pad_token is None:  # encode_prompts pads (left) a batch of prompts; one prompt needs no real pad
+        tok.pad_token = tok.eos_token
     template = None
+    if args.chat:
+        args.chat_template = default_chat_template(args.chat_template, args.preset, fallback=None, who="apriel generate")
     if args.chat_template in CHAT_TEMPLATES:
         template = CHAT_TEMPLATES[args.chat_template]
     elif args.chat_template:

@@ -47,6 +47,21 @@ def test_format_missing_prefix_and_tags():
     assert format_reward(apriel("</answer>4<answer>"), required_tags=["answer"]).score == 0.0
 
 
+def test_both_released_formats_are_read():
+    """Apriel-Nemotron's completion starts inside the reasoning its prompt opened and ends at <|end|>;
+    Apriel-1.5's writes the reasoning line itself and ends with <|end|> then </s>: both get full format
+    and answer marks, in the rewards and in the evaluation's scoring; other text after the turn does not."""
+    from megatron_apriel.eval.tasks import score_math
+    from megatron_apriel.rl.rewards import final_response
+
+    nemotron, v15 = apriel("42"), "Here are my reasoning steps:\n" + apriel("42") + "\n</s>"
+    for text in (nemotron, v15, v15.replace("<|end|>\n</s>", "")):  # the last: special tokens skipped
+        assert format_reward(text).score == 1.0 and math_reward(text, answer="42").score == 1.0
+        assert final_response(text) == "42" and score_math(text, {"answer": 42}).outcome == "right"
+    assert format_reward(v15, reasoning_prefix="Here are my reasoning steps:").score == 1.0
+    assert "text after" in format_reward(v15 + " more").reason
+
+
 # ---- math ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("final,ref", [

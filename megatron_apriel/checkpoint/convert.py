@@ -233,8 +233,10 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
 
     ``preset``: a preset name or object; default: ``apriel_model.yaml`` beside the checkpoint.
     ``tokenizer``: folder with tokenizer files; default: those stored at conversion time.
-    ``chat_template``: a template name (``apriel``, ``apriel-nemotron``; its role tokens then take reserved
-    special slots of the exported tokenizer) or a path to a .jinja file, written as ``chat_template.jinja``.
+    ``chat_template``: a template name (``apriel``, ``apriel-nemotron``, ``apriel-1.5``; its role tokens then
+    take reserved special slots of the exported tokenizer) or a path to a .jinja file, written as
+    ``chat_template.jinja``; default: the released format of the preset (apriel-nemotron-15b,
+    apriel-1.5-15b), else the tokenizer's own.
     """
     start = time.time()
     if not torch.distributed.is_initialized():
@@ -246,6 +248,9 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
         preset = get_preset(preset)
     if preset is None:
         preset, _ = read_model_meta(reader.path)
+    from megatron_apriel.data.chat_template import default_chat_template
+
+    chat_template = default_chat_template(chat_template, preset.name, fallback=None, who="mcore-to-hf")
     if preset.num_layers != reader.num_layers:
         raise ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} has {preset.num_layers}")
     family = llava if preset.vision is not None and llava.is_checkpoint_of(reader.meta) else mistral
@@ -284,7 +289,8 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
 
 
 def read_chat_template(chat_template: Optional[str]) -> Optional[str]:
-    """A template name (``apriel``, ``apriel-nemotron``) -> that template; a path -> that file's text; None -> None."""
+    """A template name (``apriel``, ``apriel-nemotron``, ``apriel-1.5``) -> that template; a path -> that file's
+    text; None -> None."""
     from megatron_apriel.data.chat_template import CHAT_TEMPLATES
 
     if chat_template in CHAT_TEMPLATES:
@@ -362,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--preset", default=None, help=f"default: {MODEL_META} beside the checkpoint")
     b.add_argument("--tokenizer", default=None, help="default: the tokenizer stored at conversion")
-    b.add_argument("--chat-template", default=None, help="'apriel', 'apriel-nemotron' or a .jinja file")
+    b.add_argument("--chat-template", default=None,
+                   help="'apriel', 'apriel-nemotron', 'apriel-1.5' or a .jinja file (default: the released format of "
+                        "the preset, apriel-nemotron-15b -> apriel-nemotron, apriel-1.5-15b -> apriel-1.5; else the "
+                        "tokenizer's own)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
     b.add_argument("--force", action="store_true")

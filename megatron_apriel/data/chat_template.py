@@ -37,10 +37,14 @@ the mask is derived here from the same template spans, mapped onto the same toke
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool_result|>", "<|end|>")
+# the role tokens of every format below (Apriel-1.5's template also has a document turn, <|content|>)
+FORMAT_TOKENS = (*ROLE_TOKENS, "<|content|>")
 
 # Fragments both templates share: user and tool turns, and an assistant answer (reasoning when
 # ``reasoning`` is set, the content, tool calls, the final-response markers).
@@ -116,8 +120,67 @@ APRIEL_NEMOTRON_CHAT_TEMPLATE = (
     + "{%- if add_generation_prompt %}{{ '<|assistant|>\\nHere are my reasoning steps:\\n' }}{% endif %}"
 )
 
+# The released Apriel-1.5-15B-Thinker's chat template, byte for byte: the ``chat_template`` of
+# huggingface.co/ServiceNow-AI/Apriel-1.5-15b-Thinker as llama.cpp stores it for its template tests
+# (models/templates/ServiceNow-AI-Apriel-1.5-15b-Thinker.jinja, written by its
+# scripts/get_chat_template.py; copied from github.com/ochafik/llama.cpp at commit
+# 1e7262be5b599b3a3c412f3f28a7754f6634a3af). Vendored rather than rewritten so every renderer
+# (transformers, vLLM, llama.cpp) gives the official bytes, quirks included: its own role tokens
+# ``<|system|>`` ``<|user|>`` ``<|assistant|>`` ``<|tool_result|>`` ``<|content|>`` ``<|end|>``, the
+# built-in system prompt glued to the user's system text (a second system block when tools come
+# without a system message), ``eos_token`` after every assistant turn, tool calls as
+# ``<tool_calls>[{"name": ..., "arguments": ..., "id": ...}]</tool_calls>`` (no id on the last turn;
+# arguments and tools printed with Jinja's ``string``, so pass arguments as a JSON string), and a
+# generation prompt of ``<|assistant|>\n``: the model writes its reasoning and the final-response
+# markers itself, so the assistant content carries them (see :func:`prepare_messages`).
+APRIEL_15_CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "apriel-1.5.jinja").read_text(encoding="utf-8")
+APRIEL_15_SHA256 = "80ed97cbe0c6f2f1d8973154d38699572f4007c68d4e2fccde2be53205512feb"
+
 # --chat-template names (everything else is a path to a .jinja file, or 'tokenizer')
-CHAT_TEMPLATES = {"apriel": APRIEL_CHAT_TEMPLATE, "apriel-nemotron": APRIEL_NEMOTRON_CHAT_TEMPLATE}
+CHAT_TEMPLATES = {"apriel": APRIEL_CHAT_TEMPLATE, "apriel-nemotron": APRIEL_NEMOTRON_CHAT_TEMPLATE,
+                  "apriel-1.5": APRIEL_15_CHAT_TEMPLATE}
+
+# The format the released model of a preset speaks, the default --chat-template wherever it has one;
+# presets not listed keep the project's own template (or the command's own default).
+PRESET_CHAT_TEMPLATES = {"apriel-nemotron-15b": "apriel-nemotron", "apriel-1.5-15b": "apriel-1.5",
+                         "apriel-1.5-15b-text": "apriel-1.5"}
+
+
+def default_chat_template(chat_template: Optional[str], preset: Optional[str], fallback: Optional[str] = "apriel",
+                          who: str = "apriel") -> Optional[str]:
+    """``chat_template`` when given, else the format of ``preset``'s released model, else ``fallback``;
+    the choice is printed (stderr) so a run's log says which format its data or prompts are in."""
+    if chat_template is not None:
+        return chat_template
+    name = PRESET_CHAT_TEMPLATES.get(preset or "", fallback)
+    why = f"the format of model preset {preset}" if preset in PRESET_CHAT_TEMPLATES else "the default"
+    print(f"{who}: chat template {name or 'of the tokenizer'} ({why}; --chat-template to change)", file=sys.stderr)
+    return name
+
+
+REASONING_START = "Here are my reasoning steps:\n"
+# Templates that render an assistant turn as its content alone although the model writes reasoning
+# first: a message's reasoning is folded into its content in the layout the model writes.
+REASONING_IN_CONTENT = (APRIEL_15_CHAT_TEMPLATE,)
+
+
+def prepare_messages(messages: Sequence[dict], template: Optional[str]) -> list[dict]:
+    """The messages as ``template`` reads them. For the released Apriel-1.5 template, which has no
+    reasoning field, an assistant message's ``reasoning`` (or ``reasoning_content``) is written into
+    its content as ``Here are my reasoning steps:\n{reasoning}\n[BEGIN FINAL RESPONSE]\n{content}\n[END
+    FINAL RESPONSE]`` (the Apriel layout, RECIPE.md) instead of being dropped; other templates read the
+    fields themselves."""
+    if template not in REASONING_IN_CONTENT:
+        return list(messages)
+    out = []
+    for m in messages:
+        reasoning = m.get("reasoning") or m.get("reasoning_content") if isinstance(m, dict) else None
+        if reasoning and m.get("role") == "assistant":
+            m = {k: v for k, v in m.items() if k not in ("reasoning", "reasoning_content")}
+            m["content"] = (f"{REASONING_START}{reasoning}\n[BEGIN FINAL RESPONSE]\n{m.get('content') or ''}\n"
+                            "[END FINAL RESPONSE]")
+        out.append(m)
+    return out
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -186,8 +249,10 @@ def encode_prompts(tokenizer, prompts: Sequence, template: Optional[str] = None)
     rendered with ``template`` (default: the tokenizer's) and the generation prompt, its text's
     control-token strings kept as text; a string is taken as already rendered and encoded as it is.
     What ``apriel generate``, the evaluation and GRPO's pass-rate filter feed to ``generate``."""
+    fmt = template or getattr(tokenizer, "chat_template", None)
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] if isinstance(p, str) else
-           tokenizer.apply_chat_template(list(p), chat_template=template, add_generation_prompt=True, **SANITIZE)["input_ids"]
+           tokenizer.apply_chat_template(prepare_messages(p, fmt), chat_template=template, add_generation_prompt=True,
+                                         **SANITIZE)["input_ids"]
            for p in prompts]
     return tokenizer.pad({"input_ids": ids}, padding=True, padding_side="left", return_tensors="pt")
 
@@ -217,9 +282,21 @@ def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optio
 
     The mask covers the assistant spans of :func:`assistant_spans` (``last_turn_only``: the last one). ``Rendered.content_control_strings``
     counts the control-token strings found in the messages and tools (encoded as text). Without any,
-    the sanitizing is a no-op: the rendered string is tokenized as ``apply_chat_template`` does.
+    the sanitizing is a no-op: the rendered string is tokenized as ``apply_chat_template`` does. A
+    template that fails on the conversation (a released template reading a field the record lacks,
+    e.g. Apriel-1.5's tool-call ``id``) raises a ConversationError saying so.
     """
-    messages = list(messages)
+    from jinja2 import TemplateError
+
+    try:
+        return _encode_chat(tokenizer, prepare_messages(messages, template), template, tools, add_generation_prompt,
+                            last_turn_only)
+    except TemplateError as e:
+        raise ConversationError(f"the chat template cannot render this conversation: {type(e).__name__}: {e}") from None
+
+
+def _encode_chat(tokenizer, messages: list[dict], template: str, tools: Optional[list], add_generation_prompt: bool,
+                 last_turn_only: bool) -> Rendered:
     pattern = control_token_pattern(tokenizer, template)
     n_control = count_control_strings(messages, pattern) + count_control_strings(tools, pattern)
     if n_control == 0:

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megatron_apriel.data.chat_template import CHAT_TEMPLATES, ROLE_TOKENS
+from megatron_apriel.data.chat_template import CHAT_TEMPLATES, FORMAT_TOKENS
 
 RESERVED = re.compile(r"<SPECIAL_\d+>")
 
@@ -35,8 +35,8 @@ class ChatTokenizerError(ValueError):
 
 
 def role_tokens(template: str) -> list[str]:
-    """The role tokens a template writes (in ROLE_TOKENS order)."""
-    return [t for t in ROLE_TOKENS if t in template]
+    """The role tokens a template writes (in FORMAT_TOKENS order)."""
+    return [t for t in FORMAT_TOKENS if t in template]
 
 
 def assign_role_tokens(tok_dir: Path, tokens: Sequence[str]) -> dict[str, int]:

@@ -35,8 +35,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_apriel.data.chat_template import (ConversationError, encode_chat, render, resolve_template,
-                                                 validate_messages)
+from megatron_apriel.data.chat_template import (ConversationError, default_chat_template, encode_chat, render,
+                                                 resolve_template, validate_messages)
 from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, check_role_tokens
 from megatron_apriel.data.packing import cu_seqlens_from_lengths, packing_efficiency, plan_bins
 
@@ -60,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="JSONL files with a 'messages' list per line")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-model", required=True, help="HF tokenizer directory (fast tokenizer)")
-    p.add_argument("--chat-template", default="apriel",
-                   help="'apriel' (default), 'tokenizer' (the tokenizer's own) or a .jinja file; assistant "
-                        "turns come from its {%% generation %%} blocks, or without them from incremental renders")
+    p.add_argument("--chat-template", default=None,
+                   help="'apriel', 'apriel-nemotron', 'apriel-1.5', 'tokenizer' (the tokenizer's own) or a .jinja file "
+                        "(default: the format of --preset, else 'apriel'); assistant turns come from its "
+                        "{%% generation %%} blocks, or without them from incremental renders")
+    p.add_argument("--preset", default=None,
+                   help="model preset the data is for: picks its released model's chat format by default "
+                        "(apriel-nemotron-15b -> apriel-nemotron, apriel-1.5-15b -> apriel-1.5)")
     p.add_argument("--seq-length", type=int, default=None,
                    help="training length; longer conversations are dropped or truncated (--overlong)")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
@@ -137,6 +141,7 @@ def preprocess(args) -> dict:
     from tqdm import tqdm
 
     tokenizer = _load_tokenizer(args.tokenizer_model)
+    args.chat_template = default_chat_template(args.chat_template, args.preset, who="preprocess-sft")
     template = resolve_template(tokenizer, args.chat_template)
     check_role_tokens(tokenizer, template, args.tokenizer_model)  # else turns would be encoded as text
     max_tokens = None if args.seq_length is None else args.seq_length + 1  # n tokens -> n-1 slots

@@ -38,7 +38,9 @@ class Settings:
     max_gen_toks: int = 1024
     samples: int = 1
     seed: int = 1234
-    chat_template: str = "tokenizer"     # tokenizer | apriel | none | path to a .jinja file
+    chat_template: str | None = None     # tokenizer | apriel | apriel-nemotron | apriel-1.5 | none | a .jinja file;
+    # None: the format of ``preset``'s released model, else the tokenizer's own
+    preset: str | None = None
     dtype: str = "auto"                  # auto: bfloat16 on GPU, float32 on CPU
     device: str = "auto"
     batch_size: int = 8
@@ -221,6 +223,10 @@ def load_lm(hf_dir: str, settings: Settings):
 
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    from megatron_apriel.data.chat_template import default_chat_template
+
+    settings.chat_template = default_chat_template(settings.chat_template, settings.preset, fallback="tokenizer",
+                                                   who="apriel eval")
     template = resolve_chat_template(settings.chat_template)
     if settings.backend == "vllm":
         check_backend(settings.backend)
@@ -443,7 +449,10 @@ def add_settings_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-gen-toks", type=int, default=d.max_gen_toks)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--chat-template", default=d.chat_template,
-                    help="tokenizer (its own), apriel, none (raw prompts), or a .jinja file")
+                    help="tokenizer (its own), apriel, apriel-nemotron, apriel-1.5, none (raw prompts), or a .jinja "
+                         "file (default: the format of --preset, else the tokenizer's own)")
+    ap.add_argument("--preset", default=None,
+                    help="model preset of the checkpoints: its released model's chat format is the default template")
     ap.add_argument("--dtype", default=d.dtype, help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--device", default=d.device)
     ap.add_argument("--batch-size", type=int, default=d.batch_size, help="hf backend (vllm batches by itself)")
@@ -459,7 +468,8 @@ def settings_from_args(args) -> Settings:
     if args.samples > 1 and args.temperature == 0:
         raise EvalError("--samples > 1 with greedy decoding gives n copies of one answer; set --temperature")
     return Settings(temperature=args.temperature, top_p=args.top_p, max_gen_toks=args.max_gen_toks,
-                    samples=args.samples, seed=args.seed, chat_template=args.chat_template, dtype=args.dtype,
+                    samples=args.samples, seed=args.seed, chat_template=args.chat_template, preset=args.preset,
+                    dtype=args.dtype,
                     device=args.device, batch_size=args.batch_size, limit=args.limit, backend=args.backend,
                     gpu_memory_utilization=args.gpu_memory_utilization,
                     require_final_response=not args.no_final_response)

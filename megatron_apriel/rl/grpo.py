@@ -34,7 +34,7 @@ import sys
 import time
 
 from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
-from megatron_apriel.data.chat_template import CHAT_TEMPLATES, SANITIZE, encode_prompts
+from megatron_apriel.data.chat_template import CHAT_TEMPLATES, SANITIZE, default_chat_template, encode_prompts
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 
@@ -43,7 +43,8 @@ from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 class ModelSection:
     path: str = ""  # HF checkpoint directory (e.g. the output of `apriel convert mcore-to-hf`)
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bfloat16 | float32
-    chat_template: str = "apriel"  # apriel | apriel-nemotron | tokenizer
+    chat_template: str = ""  # apriel | apriel-nemotron | apriel-1.5 | tokenizer; "": the preset's format, else apriel
+    preset: str = ""  # model preset the checkpoint was trained from (apriel-1.5-15b -> the apriel-1.5 format)
 
 
 @dataclasses.dataclass
@@ -137,6 +138,8 @@ class GRPORunConfig:
                               f"({g.num_generations})")
         if g.vllm_mode not in ("colocate", "server"):
             raise ConfigError(f"grpo.vllm_mode: {self.grpo.vllm_mode!r} is not colocate/server")
+        self.model.chat_template = default_chat_template(self.model.chat_template or None, self.model.preset or None,
+                                                         who="apriel grpo")
         if self.model.chat_template not in (*CHAT_TEMPLATES, "tokenizer"):
             raise ConfigError(f"model.chat_template: {self.model.chat_template!r} is not one of "
                               f"{', '.join([*CHAT_TEMPLATES, 'tokenizer'])}")

@@ -12,6 +12,13 @@ from typing import NamedTuple
 BEGIN = "[BEGIN FINAL RESPONSE]"
 END = "[END FINAL RESPONSE]"
 END_OF_TURN = "<|end|>"
+# What may follow the final response: nothing (special tokens skipped when decoding), the end-of-turn
+# token, or, in the released Apriel-1.5 format whose turns end with "<|end|>\n" + eos, both.
+_TURN_END = re.compile(r"(<\|end\|>)?\s*(</s>)?")
+
+
+def is_turn_end(tail: str) -> bool:
+    return _TURN_END.fullmatch(tail.strip()) is not None
 
 
 class Reward(NamedTuple):

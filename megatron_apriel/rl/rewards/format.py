@@ -1,13 +1,14 @@
 """Format reward: reasoning first, then exactly one ``[BEGIN FINAL RESPONSE]...[END FINAL RESPONSE]``.
 
-The Apriel chat template ends the generation prompt with ``Here are my reasoning steps:\n``, so a
-completion starts inside the reasoning; ``reasoning_prefix`` is required only when the prompt does
-not supply it.
+Both released formats are accepted. Apriel-Nemotron's generation prompt ends with ``Here are my
+reasoning steps:\n``, so a completion starts inside the reasoning; Apriel-1.5's generation prompt is
+``<|assistant|>\n`` and the model writes that line itself (pass it as ``reasoning_prefix`` to require
+it), and its turn ends with ``<|end|>\n</s>``.
 """
 
 from __future__ import annotations
 
-from .base import BEGIN, END, END_OF_TURN, Reward, completion_text
+from .base import BEGIN, END, Reward, completion_text, is_turn_end
 
 
 def format_reward(completion, required_tags=(), reasoning_prefix: str = "", min_reasoning_chars: int = 1,
@@ -28,7 +29,7 @@ def format_reward(completion, required_tags=(), reasoning_prefix: str = "", min_
         return Reward(0.0, "no reasoning before the final response")
     if not response:
         return Reward(0.0, "empty final response")
-    if tail not in ("", END_OF_TURN):
+    if not is_turn_end(tail):
         return Reward(0.0, f"text after {END}: {tail[:40]!r}")
     for tag in required_tags or ():
         name = tag.strip("<>/")
