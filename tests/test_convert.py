@@ -294,3 +294,9 @@ def test_average_writes_the_model_description_training_accepts(tp1, tmp_path, ca
     err = capsys.readouterr().err
     assert "models differ" in err and "rope_theta" in err and str(run / MODEL_META) in err, err
     assert not (tmp_path / "bad").exists()
+    # ... and so is an input without one beside inputs that have it
+    shutil.copytree(tp1 / "mcore", tmp_path / "bare")
+    (tmp_path / "bare" / MODEL_META).unlink()
+    assert average([str(run / "iter_0000001"), str(tmp_path / "bare"), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{tmp_path / 'bare'}: no {MODEL_META}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
