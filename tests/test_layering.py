@@ -47,3 +47,15 @@ def test_the_reader_sees_relative_and_deferred_imports(tmp_path):
     old = tmp_path / "convert.py"
     old.write_text("def reader():\n    from megatron_apriel.training.checkpointing import resolve_load_dir\n")
     assert "megatron_apriel.training.checkpointing" in imported_modules(old)
+
+
+def test_family_drivers_offer_what_the_conversion_loop_asks():
+    """Each family module has every name convert.py calls on it (a family added later must too)."""
+    from megatron_apriel.checkpoint import convert, llava, mistral
+
+    asked = ("NAME", "LABEL", "LAYOUT", "preset_from_hf_config", "export_config", "table", "hf_canonical",
+             "tp_divisors", "build_chunks", "load_canonical")
+    for name in asked:
+        assert f"``{name}``" in convert.__doc__, name
+    for family in (mistral, llava):
+        assert [n for n in asked if not hasattr(family, n)] == [], family.__name__
