@@ -1,5 +1,6 @@
 """HF <-> megatron-core dist checkpoint conversion against transformers and megatron-core's loader."""
 
+import dataclasses
 import json
 import sys
 
@@ -258,3 +259,44 @@ def test_reader_reads_row_ranges(tp1):
     assert torch.equal(reader.get("decoder.layers.2.mlp.linear_fc1.weight"), full[2])
     with pytest.raises(ConversionError, match="outside"):
         reader.read(key, 3, 9)
+
+
+def test_average_writes_the_model_description_training_accepts(tp1, tmp_path, capsys):
+    """Averaging dist checkpoints writes the apriel_model.yaml its inputs share (field for field), so
+    training starts from it without --preset; inputs describing different models are refused."""
+    import shutil
+
+    import yaml
+
+    from megatron_apriel.checkpoint.average import main as average
+    from megatron_apriel.checkpoint.dcp_io import MODEL_META, read_model_meta, write_model_meta
+    from megatron_apriel.config import ConfigError
+    from megatron_apriel.training.loop import _check_loaded_model
+
+    run = tmp_path / "run"  # a training save root: the description beside the iter_* folders
+    for it in ("iter_0000001", "iter_0000002"):
+        shutil.copytree(tp1 / "mcore", run / it)
+        (run / it / MODEL_META).unlink()
+    preset, dtype = read_model_meta(tp1 / "mcore")
+    write_model_meta(run, preset, torch.float32)
+    assert average(["--equispaced", "2", "--run-dir", str(run), "--out", str(tmp_path / "avg")]) == 0
+    written = yaml.safe_load((tmp_path / "avg" / MODEL_META).read_text())
+    assert written == yaml.safe_load((run / MODEL_META).read_text())
+    assert read_model_meta(tmp_path / "avg") == (preset, dtype) == (preset, "float32")
+    _check_loaded_model(str(tmp_path / "avg"), preset, preset.name)  # what training checks before a load
+    with pytest.raises(ConfigError, match="rope_theta"):
+        _check_loaded_model(str(tmp_path / "avg"), dataclasses.replace(preset, rope_theta=1.0), "other")
+
+    # an input that describes another model: refused with both files named, nothing written
+    write_model_meta(run / "iter_0000002", dataclasses.replace(preset, rope_theta=1.0), torch.float32)
+    capsys.readouterr()
+    assert average([str(run / "iter_0000001"), str(run / "iter_0000002"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "models differ" in err and "rope_theta" in err and str(run / MODEL_META) in err, err
+    assert not (tmp_path / "bad").exists()
+    # ... and so is an input without one beside inputs that have it
+    shutil.copytree(tp1 / "mcore", tmp_path / "bare")
+    (tmp_path / "bare" / MODEL_META).unlink()
+    assert average([str(run / "iter_0000001"), str(tmp_path / "bare"), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{tmp_path / 'bare'}: no {MODEL_META}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

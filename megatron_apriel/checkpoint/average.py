@@ -16,8 +16,10 @@ mergekit's ``merge_method: linear`` schema so existing merge files read the same
 
 Inputs are HF folders (``model.safetensors`` or sharded with an index; blocks are row slices read
 from the mapping) or megatron-core distributed checkpoints (``iter_0000100/``), read through
-:class:`~megatron_apriel.checkpoint.convert.McoreCheckpointReader` in blocks of the stored chunks
-(one layer of a stacked tensor) and written back as a model-only dist checkpoint block by block.
+:class:`~megatron_apriel.checkpoint.dcp_io.DistCheckpointReader` in blocks of the stored chunks
+(one layer of a stacked tensor) and written back as a model-only dist checkpoint block by block,
+with the inputs' ``apriel_model.yaml`` (they must describe the same model) so that training,
+conversion and a further merge read the result like any checkpoint.
 """
 
 from __future__ import annotations
@@ -33,6 +35,16 @@ from pathlib import Path
 
 import torch
 
+from megatron_apriel.checkpoint.dcp_io import (
+    DTYPES,
+    MODEL_META,
+    ConversionError,
+    DistCheckpointReader,
+    LazyBlockSavePlanner,
+    find_model_meta,
+    read_model_meta,
+    write_model_meta,
+)
 from megatron_apriel.checkpoint.hf_io import (
     SafetensorsFileError,
     SafetensorsReader,
@@ -139,11 +151,9 @@ class Checkpoint:
             self.shapes = {n: self._reader.shape(n) for n in self.names}
             self.dtypes = {n: self._reader.torch_dtype(n) for n in self.names}
         elif is_mcore_folder(self.path):
-            from megatron_apriel.checkpoint.convert import ConversionError, McoreCheckpointReader
-
             self.kind = "mcore"
             try:
-                self._mcore = McoreCheckpointReader(self.path, gpt=False)
+                self._mcore = DistCheckpointReader(self.path)
             except (ConversionError, FileNotFoundError) as e:
                 raise AverageError(str(e)) from None
             self.names = list(self._mcore.meta)
@@ -331,13 +341,40 @@ def average(inputs: list[str | Path], out: str | Path, weights: list[float] | No
     return dict(tensors=writer.num_tensors, bytes=writer.total_bytes, seconds=seconds)
 
 
+def agreed_model_meta(ckpts: list[Checkpoint]) -> tuple | None:
+    """(preset, dtype) of the ``apriel_model.yaml`` every dist checkpoint input has (beside it or in
+    its save root), or None when none has one; inputs that describe different models, or that have
+    it only in part, are an :class:`AverageError`."""
+    found = [find_model_meta(c.path) for c in ckpts]
+    if not any(found):
+        return None
+    if not all(found):
+        lacking = next(c.path for c, f in zip(ckpts, found) if f is None)
+        raise AverageError(f"{lacking}: no {MODEL_META} here or in its parent, but {next(f for f in found if f)} "
+                           "describes another input; average checkpoints of one model")
+    try:
+        metas = [read_model_meta(c.path) for c in ckpts]
+    except ConversionError as e:
+        raise AverageError(str(e)) from None
+    (ref_preset, ref_dtype), ref_path = metas[0], found[0]
+    for (preset, dtype), path in zip(metas[1:], found[1:]):
+        diffs = ([f"dtype: {ref_dtype} vs {dtype}"] if dtype != ref_dtype else []) + ref_preset.function_differences(preset)
+        if diffs:
+            raise AverageError(f"models differ, {ref_path} vs {path}: {'; '.join(diffs[:5])}")
+    # the first input's description (the others compute the same model); a file without a dtype
+    # (written by hand) gets the stored embedding's
+    dtypes = ckpts[0].dtypes
+    return ref_preset, DTYPES[ref_dtype] if ref_dtype else dtypes.get("embedding.word_embeddings.weight", next(iter(dtypes.values())))
+
+
 def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bool, log) -> dict:
     """Average megatron-core dist checkpoints into a model-only dist checkpoint, block by block.
 
     torch.distributed.checkpoint writes a checkpoint in one ``save`` call from a state dict; here
     the plan lists every output block (a chunk of a tensor's global shape: one layer of a stacked
-    tensor, as megatron-core stores them) and :class:`_LazyAveragePlanner` computes each block only
-    when the writer asks for it. Non-tensor model entries (``_extra_state`` objects) and the side
+    tensor, as megatron-core stores them) and :func:`~megatron_apriel.checkpoint.dcp_io.LazyBlockSavePlanner`
+    computes each block only when the writer asks for it. The model description (``apriel_model.yaml``)
+    is the one the inputs agree on. Non-tensor model entries (``_extra_state`` objects) and the side
     files (``metadata.json``, ``common.pt``, the saved run config) come from the first input, so
     megatron-core's ``dist_checkpointing.load`` reads the result like any checkpoint; it has no
     optimizer state, so load it as weights only.
@@ -348,17 +385,21 @@ def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bo
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    model_meta = agreed_model_meta(ckpts)
     ref = ckpts[0]
     blocks = [(name, b) for name in ref.names for b in ref.blocks(name)]
     objects = ref._mcore.read_objects()
     bar = tqdm(total=len(blocks), desc="average (mcore)", unit="block", file=sys.stderr, mininterval=2.0)
-    planner = _lazy_average_planner(blocks, ref, lambda name, rows: weighted_tensor(ckpts, weights, name, rows), bar)
+    planner = LazyBlockSavePlanner(blocks, ref.shapes, ref.dtypes,
+                                   lambda name, rows: weighted_tensor(ckpts, weights, name, rows), lambda: bar.update(1))
     first = ref.path
     with atomic_output_dir(out, force=force) as tmp:
         dcp.save(objects, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=planner, no_dist=True)
         for side in first.iterdir():
             if side.is_file() and side.suffix != ".distcp" and side.name != ".metadata":
                 shutil.copy2(side, tmp / side.name)
+        if model_meta is not None:
+            write_model_meta(tmp, *model_meta)
         record = {"method": "linear", "inputs": [str(c.path.resolve()) for c in ckpts], "weights": weights}
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
     bar.close()
@@ -366,50 +407,6 @@ def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bo
     log(f"wrote {out}: {len(ref.names)} tensors in {len(blocks)} blocks (megatron-core dist checkpoint, model only) "
         f"in {seconds:.1f} s")
     return dict(tensors=len(ref.names), seconds=seconds)
-
-
-def _lazy_average_planner(blocks, ref: Checkpoint, compute, bar):
-    """A DCP save planner whose tensor data is computed when written, one block alive at a time."""
-    from torch.distributed.checkpoint import DefaultSavePlanner
-    from torch.distributed.checkpoint.default_planner import create_default_local_save_plan
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
-
-    class LazyAveragePlanner(DefaultSavePlanner):
-        def __init__(self):
-            super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
-            self._last = None
-
-        def create_local_plan(self) -> SavePlan:
-            items = list(create_default_local_save_plan(self.state_dict, self.is_coordinator).items)
-            for name, rows in blocks:
-                size = torch.Size(ref.shapes[name])
-                if rows is None:
-                    offsets, sizes, kind = torch.Size([0] * len(size)), size, WriteItemType.TENSOR
-                else:
-                    offsets = torch.Size([rows[0]] + [0] * (len(size) - 1))
-                    sizes, kind = torch.Size([rows[1] - rows[0], *size[1:]]), WriteItemType.SHARD
-                items.append(WriteItem(index=MetadataIndex(name, offsets), type=kind, tensor_data=TensorWriteData(
-                    chunk=ChunkStorageMetadata(offsets=offsets, sizes=sizes),
-                    properties=TensorProperties(dtype=ref.dtypes[name]), size=size)))
-            self.plan = SavePlan(items)
-            return self.plan
-
-        def resolve_data(self, write_item):
-            if write_item.type == WriteItemType.BYTE_IO:
-                return super().resolve_data(write_item)
-            # The writer keeps a reference to every tensor it wrote (for its safetensors format),
-            # so free the previous block's memory by hand: it has been written once we are asked
-            # for the next one.
-            if self._last is not None:
-                self._last.untyped_storage().resize_(0)
-            offsets, sizes = write_item.tensor_data.chunk.offsets, write_item.tensor_data.chunk.sizes
-            rows = (offsets[0], offsets[0] + sizes[0]) if write_item.type == WriteItemType.SHARD else None
-            self._last = compute(write_item.index.fqn, rows).contiguous()
-            bar.update(1)
-            return self._last
-
-    return LazyAveragePlanner()
 
 
 # ------------------------------------------------------------------------------------------- YAML

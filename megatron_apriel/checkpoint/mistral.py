@@ -1,8 +1,11 @@
-"""The HF MistralForCausalLM <-> megatron-core GPTModel mapping: one explicit table.
+"""The Mistral text family: HF MistralForCausalLM <-> megatron-core GPTModel, one explicit table.
 
-Names on the megatron side are *canonical*: those of a TP=1, PP=1 model built with the local spec,
-with global layer indices, and full (unsharded) tensors. The same canonical form is what
-dist_checkpointing stores, so conversion, averaging and loading all speak it.
+This module is the family's driver for :mod:`megatron_apriel.checkpoint.convert`: its HF config
+mapping (:func:`preset_from_hf_config`, :func:`export_config`), its one name table
+(:data:`LAYER_COPY`, :data:`LAYER_FUSED`, :data:`GLOBAL_COPY`, :data:`TP_DIM`, turned into
+:class:`~megatron_apriel.checkpoint.table.Entry` rows by :func:`table`), its model builder and
+loader (:func:`build_chunks`, :func:`load_canonical_into_chunks`) and its TP rules
+(:func:`tp_divisors`, :func:`shard_tp`). The Llava family reuses this table for its decoder.
 
 Layouts that differ from HF (checked against transformers, see tests/test_parity.py):
 
@@ -16,11 +19,18 @@ Layouts that differ from HF (checked against transformers, see tests/test_parity
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
+from megatron_apriel.checkpoint import table as tbl
+from megatron_apriel.checkpoint.dcp_io import TE_NORM_KEYS, ConversionError
+from megatron_apriel.checkpoint.table import Entry, pack_qkv, unpack_qkv  # noqa: F401  (the family's public API)
 from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
+
+NAME = "Mistral"  # in messages: "tensors the Mistral table does not know"
+LABEL = ""  # appended to progress bars and summary lines
 
 # Per-layer names: canonical megatron suffix -> HF suffix, for tensors that are copied as they are.
 LAYER_COPY = {
@@ -38,17 +48,22 @@ LAYER_FUSED = {
     ),
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
+LAYER_SUFFIXES = tuple(LAYER_COPY) + tuple(LAYER_FUSED)
+# Tensors outside the layers: canonical name -> HF name under the decoder prefix (``model`` in a
+# MistralForCausalLM); None: the layout's lm_head, which sits beside the decoder, not under it.
 GLOBAL_COPY = {
-    "embedding.word_embeddings.weight": "model.embed_tokens.weight",
-    "decoder.final_layernorm.weight": "model.norm.weight",
-    "output_layer.weight": "lm_head.weight",
+    "embedding.word_embeddings.weight": "embed_tokens.weight",
+    "decoder.final_layernorm.weight": "norm.weight",
+    "output_layer.weight": None,
 }
+EMBEDDING, FINAL_NORM, OUTPUT = GLOBAL_COPY
+VOCAB_TENSORS = (EMBEDDING, OUTPUT)
 
 # TP layout of each canonical tensor: dim split across ranks, or None when replicated.
 TP_DIM = {
-    "embedding.word_embeddings.weight": 0,
-    "output_layer.weight": 0,
-    "decoder.final_layernorm.weight": None,
+    EMBEDDING: 0,
+    OUTPUT: 0,
+    FINAL_NORM: None,
     "input_layernorm.weight": None,
     "pre_mlp_layernorm.weight": None,
     "self_attention.linear_qkv.weight": 0,
@@ -56,130 +71,139 @@ TP_DIM = {
     "mlp.linear_fc1.weight": 0,  # gated: each half chunked separately, see shard_tp
     "mlp.linear_fc2.weight": 1,
 }
+_FUSE = {"self_attention.linear_qkv.weight": tbl.QKV, "mlp.linear_fc1.weight": tbl.GATED}
+
+# On-disk layouts: (decoder prefix, lm_head): MistralForCausalLM, the Pixtral/Llava hub layout, the
+# Llava layout of transformers v5's in-memory names.
+LAYOUT = ("model", "lm_head.weight")
+LAYOUTS = (LAYOUT, ("language_model.model", "language_model.lm_head.weight"), ("model.language_model", "lm_head.weight"))
 
 
-def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, preset: ModelPreset) -> torch.Tensor:
-    heads, groups, d = preset.num_attention_heads, preset.num_query_groups, preset.kv_channels
-    per_group = heads // groups
-    h = q.shape[-1]
-    q = q.reshape(groups, per_group * d, h)
-    k = k.reshape(groups, d, h)
-    v = v.reshape(groups, d, h)
-    return torch.cat([q, k, v], dim=1).reshape(-1, h)
+# --------------------------------------------------------------------------- the table
+def layer_entries(mc: str, hf: str, preset: ModelPreset, copy: dict = LAYER_COPY, fused: dict = LAYER_FUSED) -> list[Entry]:
+    """The entries of one transformer layer: canonical prefix ``mc``, HF prefix ``hf`` (the Llava
+    vision layers use the same canonical suffixes with Pixtral's HF names)."""
+    out = [Entry(mc + s, (hf + h,), tp_dim=TP_DIM[s]) for s, h in copy.items()]
+    out += [Entry(mc + s, tuple(hf + h for h in parts), _FUSE[s], TP_DIM[s], heads=preset) for s, parts in fused.items()]
+    return out
 
 
-def unpack_qkv(qkv: torch.Tensor, preset: ModelPreset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    heads, groups, d = preset.num_attention_heads, preset.num_query_groups, preset.kv_channels
-    per_group = heads // groups
-    h = qkv.shape[-1]
-    qkv = qkv.reshape(groups, (per_group + 2) * d, h)
-    q, k, v = torch.split(qkv, [per_group * d, d, d], dim=1)
-    return q.reshape(-1, h).contiguous(), k.reshape(-1, h).contiguous(), v.reshape(-1, h).contiguous()
-
-
-def _layer_names(i: int, prefix: str = "model.layers") -> tuple[str, str]:
-    return f"decoder.layers.{i}.", f"{prefix}.{i}."
+def table(preset: ModelPreset, layout: tuple[str, str] = LAYOUT) -> list[Entry]:
+    """Every canonical tensor of a checkpoint of ``preset``, in streaming order: embeddings, layers,
+    final norm, output layer (when untied)."""
+    prefix, lm_head = layout
+    glob = {c: Entry(c, (f"{prefix}.{h}" if h else lm_head,), tp_dim=TP_DIM[c],
+                     vocab=preset.vocab_size if c in VOCAB_TENSORS else None) for c, h in GLOBAL_COPY.items()}
+    out = [glob[EMBEDDING]]
+    for i in range(preset.num_layers):
+        out += layer_entries(f"decoder.layers.{i}.", f"{prefix}.layers.{i}.", preset)
+    out.append(glob[FINAL_NORM])
+    if preset.untie_embeddings:
+        out.append(glob[OUTPUT])
+    return out
 
 
 def hf_names(preset: ModelPreset, hf_prefix: str = "model", lm_head: str = "lm_head.weight") -> list[str]:
-    """Every HF tensor name a checkpoint of this preset must contain."""
-    names = [f"{hf_prefix}.embed_tokens.weight", f"{hf_prefix}.norm.weight"]
-    if preset.untie_embeddings:
-        names.append(lm_head)
-    for i in range(preset.num_layers):
-        _, hf = _layer_names(i, f"{hf_prefix}.layers")
-        names += [hf + s for s in LAYER_COPY.values()]
-        for parts in LAYER_FUSED.values():
-            names += [hf + s for s in parts]
-    return names
+    """Every HF tensor name a checkpoint of this preset must contain: the globals, then the layers."""
+    return tbl.hf_names(sorted(table(preset, (hf_prefix, lm_head)), key=lambda e: e.canon.startswith("decoder.layers.")))
 
 
-def hf_to_mcore(
-    get: Callable[[str], torch.Tensor],
-    preset: ModelPreset,
-    hf_prefix: str = "model",
-    lm_head: str = "lm_head.weight",
-) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_mcore(get: Callable[[str], torch.Tensor], preset: ModelPreset, hf_prefix: str = "model",
+                lm_head: str = "lm_head.weight") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical megatron name, tensor) pairs, reading HF tensors through ``get``.
 
-    ``get`` is called once per HF tensor, in an order that lets the caller stream from safetensors
-    (a few tensors alive at a time). ``hf_prefix`` is ``model`` for MistralForCausalLM and
-    ``language_model.model`` for the on-disk Pixtral/Llava layout.
+    ``hf_prefix`` is ``model`` for MistralForCausalLM and ``language_model.model`` for the on-disk
+    Pixtral/Llava layout.
     """
-    yield "embedding.word_embeddings.weight", get(f"{hf_prefix}.embed_tokens.weight")
-    for i in range(preset.num_layers):
-        mc, hf = _layer_names(i, f"{hf_prefix}.layers")
-        for mc_suffix, hf_suffix in LAYER_COPY.items():
-            yield mc + mc_suffix, get(hf + hf_suffix)
-        q, k, v = (get(hf + s) for s in LAYER_FUSED["self_attention.linear_qkv.weight"])
-        yield mc + "self_attention.linear_qkv.weight", pack_qkv(q, k, v, preset)
-        gate, up = (get(hf + s) for s in LAYER_FUSED["mlp.linear_fc1.weight"])
-        yield mc + "mlp.linear_fc1.weight", torch.cat([gate, up], dim=0)
-    yield "decoder.final_layernorm.weight", get(f"{hf_prefix}.norm.weight")
-    if preset.untie_embeddings:
-        yield "output_layer.weight", get(lm_head)
+    return tbl.hf_to_mcore(get, table(preset, (hf_prefix, lm_head)))
 
 
-def mcore_to_hf(
-    get: Callable[[str], torch.Tensor],
-    preset: ModelPreset,
-    hf_prefix: str = "model",
-    lm_head: str = "lm_head.weight",
-) -> Iterator[tuple[str, torch.Tensor]]:
+def mcore_to_hf(get: Callable[[str], torch.Tensor], preset: ModelPreset, hf_prefix: str = "model",
+                lm_head: str = "lm_head.weight") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) pairs from canonical megatron tensors read through ``get``."""
-    yield f"{hf_prefix}.embed_tokens.weight", get("embedding.word_embeddings.weight")[: preset.vocab_size]
-    for i in range(preset.num_layers):
-        mc, hf = _layer_names(i, f"{hf_prefix}.layers")
-        for mc_suffix, hf_suffix in LAYER_COPY.items():
-            yield hf + hf_suffix, get(mc + mc_suffix)
-        q, k, v = unpack_qkv(get(mc + "self_attention.linear_qkv.weight"), preset)
-        for name, t in zip(LAYER_FUSED["self_attention.linear_qkv.weight"], (q, k, v)):
-            yield hf + name, t
-        gate, up = torch.chunk(get(mc + "mlp.linear_fc1.weight"), 2, dim=0)
-        yield hf + "mlp.gate_proj.weight", gate.contiguous()
-        yield hf + "mlp.up_proj.weight", up.contiguous()
-    yield f"{hf_prefix}.norm.weight", get("decoder.final_layernorm.weight")
-    if preset.untie_embeddings:
-        yield lm_head, get("output_layer.weight")[: preset.vocab_size]
+    return tbl.mcore_to_hf(get, table(preset, (hf_prefix, lm_head)))
 
 
-# --------------------------------------------------------------------------- sharding
+# --------------------------------------------------------------------------- HF configs and folders
+def preset_from_hf_config(cfg, name: str = "from-hf") -> ModelPreset:
+    return ModelPreset.from_hf_config(cfg, name=name)
+
+
+def export_config(preset: ModelPreset, side: Optional[Path], dtype: torch.dtype):
+    """The source config when it describes this architecture (keeps every field), else the preset's."""
+    from transformers import AutoConfig
+
+    from megatron_apriel.models.hf_config import HFConfigError
+
+    if side is not None and (side / "config.json").is_file():
+        cfg = AutoConfig.from_pretrained(side)
+        try:
+            same = not ModelPreset.from_hf_config(cfg).function_differences(preset)
+        except HFConfigError:  # a source this version refuses (converted by an older one): the preset's
+            same = False
+        if same and getattr(cfg, "text_config", None) is None:
+            cfg.dtype = dtype
+            return cfg
+    cfg = preset.hf_config()
+    cfg.dtype = dtype
+    return cfg
+
+
+def detect_layout(keys: Iterable[str], folder) -> tuple[str, str]:
+    """Decoder prefix and lm_head name: MistralForCausalLM, or the Llava/Pixtral on-disk layouts."""
+    keys = set(keys)
+    for layout in LAYOUTS:
+        if f"{layout[0]}.{GLOBAL_COPY[EMBEDDING]}" in keys:
+            return layout
+    raise ConversionError(f"{folder}: no embed_tokens tensor; not a Mistral-family checkpoint")
+
+
+def hf_canonical(reader, preset: ModelPreset) -> tbl.HFCanonical:
+    """The lazy canonical view of an HF folder (vision tensors of a Llava folder are left alone)."""
+    entries = table(preset, detect_layout(reader.keys(), reader.folder))
+    ignore = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+    return tbl.HFCanonical(reader, entries, NAME, preset.num_layers, ignore)
+
+
+def tp_divisors(preset: ModelPreset) -> list[tuple[str, int]]:
+    """What TP must divide: (what, size)."""
+    return [("heads", preset.num_attention_heads), ("query groups", preset.num_query_groups),
+            ("ffn", preset.ffn_hidden_size)]
+
+
+# --------------------------------------------------------------------------- TP
 def _suffix(name: str) -> str:
     if name.startswith("decoder.layers."):
         return name.split(".", 3)[3]
     return name
 
 
-def shard_tp(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """The TP shard of a canonical tensor held by ``tp_rank``."""
+def tp_rule(name: str) -> tuple[Optional[int], bool]:
     suffix = _suffix(name)
     if suffix not in TP_DIM:
         raise KeyError(f"no TP layout known for tensor {name!r}")
-    dim = TP_DIM[suffix]
-    if dim is None or tp_size == 1:
-        return full
-    if suffix == "mlp.linear_fc1.weight":
-        gate, up = torch.chunk(full, 2, dim=0)
-        return torch.cat(
-            [torch.chunk(gate, tp_size, dim=0)[tp_rank], torch.chunk(up, tp_size, dim=0)[tp_rank]], dim=0
-        )
-    return torch.chunk(full, tp_size, dim=dim)[tp_rank]
+    return TP_DIM[suffix], _FUSE.get(suffix) == tbl.GATED
+
+
+def shard_tp(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The TP shard of a canonical tensor held by ``tp_rank``."""
+    return tbl.shard(full, *tp_rule(name), tp_rank, tp_size)
 
 
 def unshard_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`shard_tp` given every rank's shard in TP-rank order."""
-    suffix = _suffix(name)
-    dim = TP_DIM[suffix]
-    if dim is None or len(shards) == 1:
-        return shards[0]
-    if suffix == "mlp.linear_fc1.weight":
-        halves = [torch.chunk(s, 2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(shards, dim=dim)
+    return tbl.unshard(shards, *tp_rule(name))
+
+
+# --------------------------------------------------------------------------- the model
+def build_chunks(preset: ModelPreset, config) -> list:
+    from megatron_apriel.models.builder import build_model_chunks
+
+    return build_model_chunks(preset, config)
 
 
 def _pad_vocab(name: str, t: torch.Tensor, padded: int) -> torch.Tensor:
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight") and t.shape[0] < padded:
+    if name in VOCAB_TENSORS and t.shape[0] < padded:
         pad = torch.zeros(padded - t.shape[0], *t.shape[1:], dtype=t.dtype)
         return torch.cat([t, pad], dim=0)
     return t
@@ -192,10 +216,7 @@ def local_to_canonical_names(chunk) -> dict[str, str]:
     to the local-spec names so that one canonical table serves both.
     """
     out = {}
-    te_norms = {
-        "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-        "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-    }
+    te_norms = {v: k for k, v in TE_NORM_KEYS.items()}
     layers = chunk.decoder.layers if getattr(chunk, "decoder", None) is not None else []
     offsets = {str(j): layer.layer_number - 1 for j, layer in enumerate(layers)}
     for name, _ in chunk.named_parameters():
@@ -208,69 +229,48 @@ def local_to_canonical_names(chunk) -> dict[str, str]:
     return out
 
 
-@torch.no_grad()
-def load_canonical_into_chunks(chunks: Iterable[torch.nn.Module], canonical: dict[str, torch.Tensor], preset: ModelPreset) -> None:
+def _gpt_modules(chunks: Iterable[torch.nn.Module]) -> Iterator[torch.nn.Module]:
+    for chunk in chunks:
+        module = chunk
+        while hasattr(module, "module") and not hasattr(module, "decoder"):
+            module = module.module
+        yield module
+
+
+def canonical_params(chunks: Iterable[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(canonical name, parameter) of this rank's GPT model chunks (wrappers such as DDP looked through)."""
+    for module in _gpt_modules(chunks):
+        params = dict(module.named_parameters())
+        for local, canon in local_to_canonical_names(module).items():
+            yield canon, params[local]
+
+
+def load_canonical_into_chunks(chunks: Iterable[torch.nn.Module], canonical, preset: ModelPreset) -> None:
     """Copy canonical full tensors into this rank's model chunks (any TP/PP/VPP layout)."""
     from megatron.core import parallel_state
 
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    padded = padded_vocab_size(preset.vocab_size, tp_size)
-    missing = []
-    for chunk in chunks:
-        module = getattr(chunk, "module", chunk)
-        while hasattr(module, "module") and not hasattr(module, "decoder"):
-            module = module.module
-        names = local_to_canonical_names(module)
-        params = dict(module.named_parameters())
-        for local, canon in names.items():
-            if canon not in canonical:
-                missing.append(canon)
-                continue
-            full = _pad_vocab(canon, canonical[canon], padded)
-            shard = shard_tp(canon, full, tp_rank, tp_size)
-            param = params[local]
-            if param.shape != shard.shape:
-                raise ValueError(f"{canon}: checkpoint shard {tuple(shard.shape)} != model {tuple(param.shape)}")
-            param.copy_(shard.to(param.dtype))
+    padded = padded_vocab_size(preset.vocab_size, parallel_state.get_tensor_model_parallel_world_size())
+    missing = tbl.load_params(canonical_params(chunks), canonical, tp_rule, lambda n, t: _pad_vocab(n, t, padded))
     if missing:
         raise KeyError(f"tensors missing from the checkpoint: {sorted(set(missing))}")
 
 
-@torch.no_grad()
+load_canonical = load_canonical_into_chunks  # the family driver's name
+
+
 def gather_canonical(chunks: Iterable[torch.nn.Module], preset: ModelPreset) -> dict[str, torch.Tensor]:
     """Every canonical full tensor of a TP/PP-sharded model, on every rank (CPU tensors).
 
     Meant for small models (tests, tiny demos, comparisons): it gathers everything into memory.
     Large checkpoints go through dist_checkpointing instead.
     """
-    from megatron.core import parallel_state
+    out = tbl.gather_params(canonical_params(chunks), tp_rule)
+    return trim_vocab(out, preset)
 
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    local: dict[str, torch.Tensor] = {}
-    for chunk in chunks:
-        module = chunk
-        while hasattr(module, "module") and not hasattr(module, "decoder"):
-            module = module.module
-        params = dict(module.named_parameters())
-        for name, canon in local_to_canonical_names(module).items():
-            shard = params[name].detach().float().contiguous()
-            if tp_size > 1 and TP_DIM[_suffix(canon)] is not None:
-                pieces = [torch.empty_like(shard) for _ in range(tp_size)]
-                torch.distributed.all_gather(pieces, shard, group=tp_group)
-                full = unshard_tp(canon, [p.cpu() for p in pieces])
-            else:
-                full = shard.cpu()
-            if canon in ("embedding.word_embeddings.weight", "output_layer.weight"):
-                full = full[: preset.vocab_size]
-            local[canon] = full.clone()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-    if pp_size == 1:
-        return local
-    gathered: list = [None] * pp_size
-    torch.distributed.all_gather_object(gathered, local, group=parallel_state.get_pipeline_model_parallel_group())
-    out: dict[str, torch.Tensor] = {}
-    for part in gathered:
-        out.update(part)
-    return out
+
+def trim_vocab(canonical: dict[str, torch.Tensor], preset: ModelPreset) -> dict[str, torch.Tensor]:
+    """Drop the vocabulary padding rows of the embedding and output layer (in place; returned)."""
+    for name in VOCAB_TENSORS:
+        if name in canonical:
+            canonical[name] = canonical[name][: preset.vocab_size].clone()
+    return canonical

@@ -149,7 +149,7 @@ class Demo:
         """The preset beside a training save, so ``convert mcore-to-hf`` needs no --preset flag."""
         import torch
 
-        from megatron_apriel.checkpoint.convert import write_model_meta
+        from megatron_apriel.checkpoint.dcp_io import write_model_meta
         from megatron_apriel.models import get_preset
 
         write_model_meta(folder, get_preset("tiny", **self.changes(layers)), torch.float32)
@@ -265,7 +265,6 @@ class Demo:
         d = self.d("average")
         self.call("average", "average", [
             "--equispaced", 3, "--run-dir", self.d("cpt") / "ckpt", "--out", d / "mcore"])
-        self.write_model_meta(d / "mcore", self.plan.num_layers + 1)
         self.to_hf("average", d / "mcore", d / "hf")
         return self.evaluate(d / "hf")
 

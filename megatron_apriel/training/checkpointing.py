@@ -7,60 +7,30 @@ finished writing, so a save interrupted by a crash or a kill is never picked up 
 Retention keeps the last K checkpoints plus every M-th, so equispaced ones survive for averaging.
 
 What is hand-written here is only the bookkeeping around megatron-core's save/load: the marker,
-retention, and the choice between a full resume and a weights-only start.
+retention, and the choice between a full resume and a weights-only start. The folder helpers
+(``iter_dir``, ``read_latest``, ``resolve_load_dir``) live in :mod:`megatron_apriel.checkpoint.dcp_io`,
+which the converters and the averaging tool share.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from typing import Callable, Optional
 
 import torch
 
+from megatron_apriel.checkpoint.dcp_io import (  # noqa: F401  (the folder helpers, re-exported for the loop)
+    TRACKER,
+    iter_dir,
+    list_iterations,
+    read_latest,
+    resolve_load_dir,
+)
 from megatron_apriel.config import ConfigError, atomic_write_text
+from megatron_apriel.runtime.log import is_rank0 as _is_rank0
 
-TRACKER = "latest_checkpointed_iteration.txt"
 CONFIG_NAME = "run_config.yaml"
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-def iter_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_latest(root: Optional[str]) -> Optional[int]:
-    """The iteration named by the marker, or None (no marker, or it names a missing folder)."""
-    if not root:
-        return None
-    path = os.path.join(root, TRACKER)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise ValueError(f"{path}: expected an iteration number, got {text!r}")
-    it = int(text)
-    if not os.path.isdir(iter_dir(root, it)):
-        raise ValueError(f"{path} names iteration {it} but {iter_dir(root, it)} does not exist")
-    return it
-
-
-def list_iterations(root: str) -> list[int]:
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(root)) if m)
-
-
-def resolve_load_dir(path: str) -> tuple[str, Optional[int]]:
-    """``path`` is a save root (use its marker) or one ``iter_*`` folder / bare dist checkpoint."""
-    if os.path.isfile(os.path.join(path, TRACKER)):
-        it = read_latest(path)
-        return iter_dir(path, it), it
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        m = _ITER_RE.match(os.path.basename(os.path.normpath(path)))
-        return path, int(m.group(1)) if m else None
-    raise FileNotFoundError(f"{path}: neither a checkpoint folder with {TRACKER} nor a distributed checkpoint")
 
 
 def retained(iterations: list[int], keep_last: Optional[int], keep_every: Optional[int]) -> set[int]:
@@ -216,10 +186,6 @@ def _layout() -> dict:
 def _barrier():
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 class Checkpointer:

@@ -232,7 +232,7 @@ def _check_loaded_model(load: str, preset, preset_name: str) -> None:
     config, rope scaling included) trained under another preset would silently train a different
     model. Checkpoints without that file are not checked.
     """
-    from megatron_apriel.checkpoint.convert import MODEL_META, ConversionError, read_model_meta
+    from megatron_apriel.checkpoint.dcp_io import MODEL_META, ConversionError, read_model_meta
 
     if not any((folder / MODEL_META).is_file() for folder in (Path(load), Path(load).parent)):
         return
@@ -389,7 +389,7 @@ def train(cfg: TrainConfig) -> int:
                                 optimizer_format=ck.optimizer_format,
                                 write_config=lambda p: dump_config(cfg, p), log=_log0)
     if ck.save and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        from megatron_apriel.checkpoint.convert import write_model_meta
+        from megatron_apriel.checkpoint.dcp_io import write_model_meta
 
         # the model description beside the iter_* folders: `apriel convert mcore-to-hf --ckpt <save>`
         # and the averaging tool then need no --preset
