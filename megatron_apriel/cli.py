@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from megatron_apriel.errors import EXIT_BAD_INPUT, EXIT_OK, InputError, cli_main
+
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_apriel.demo", "run the whole recipe on a tiny model on CPU"),
     "model-info": ("megatron_apriel.models.info", "parameters, bytes and training memory of a preset"),
@@ -38,25 +40,25 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@cli_main("apriel: ")
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; its own ``main`` (wrapped by :func:`megatron_apriel.errors.cli_main`) reports its errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
-        return 0
+        return EXIT_OK
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"apriel: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     module_name, _ = VERBS[verb]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
-            print(f"apriel: verb {verb!r} is not available in this installation ({e})", file=sys.stderr)
-            return 2
+            raise InputError(f"verb {verb!r} is not available in this installation ({e})") from e
         raise
-    result = module.main(rest)
-    return int(result or 0)
+    return module.main(rest)
 
 
 if __name__ == "__main__":

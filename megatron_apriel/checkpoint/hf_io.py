@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -24,12 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_apriel.errors import InputError
+
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Files copied with a checkpoint folder besides the weights.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+# The files of an HF tokenizer (and a Llava image processor): copied on export from --tokenizer and
+# carried, with the config, through upscaling and averaging.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -40,6 +42,11 @@ SIDE_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# Those whose bytes define the token ids; tokenizer_config.json is not one because SFT often only
+# adds a chat template there, which does not change the ids (averaging compares these).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json")
+# Files copied with a checkpoint folder besides the weights.
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 # safetensors orders tensors by dtype (its Rust enum order, largest first) then name.
@@ -52,7 +59,7 @@ _ST_RANK = {name: i for i, name in enumerate(
     ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
 
 
-class SafetensorsFileError(ValueError):
+class SafetensorsFileError(InputError):
     """An HF checkpoint file that cannot be read as it claims (the message names the file)."""
 
 
@@ -387,8 +394,6 @@ def write_output_dir(out: str | os.PathLike, write, force: bool = False) -> None
     (its name is broadcast), every rank writes its part, and rank 0 renames it after a barrier; an
     error on rank 0 removes it and leaves ``out`` untouched.
     """
-    import sys
-
     dist = torch.distributed
     if not dist.is_initialized() or dist.get_world_size() == 1:
         with atomic_output_dir(out, force=force) as tmp:

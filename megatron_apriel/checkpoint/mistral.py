@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+from megatron.core import parallel_state
+from transformers import AutoConfig
 
 from megatron_apriel.checkpoint import table as tbl
 from megatron_apriel.checkpoint.dcp_io import TE_NORM_KEYS, ConversionError
 from megatron_apriel.checkpoint.table import Entry, pack_qkv, unpack_qkv  # noqa: F401  (the family's public API)
+from megatron_apriel.models.builder import build_model_chunks
+from megatron_apriel.models.hf_config import HFConfigError
 from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
 
 NAME = "Mistral"  # in messages: "tensors the Mistral table does not know"
@@ -131,10 +135,6 @@ def preset_from_hf_config(cfg, name: str = "from-hf") -> ModelPreset:
 
 def export_config(preset: ModelPreset, side: Optional[Path], dtype: torch.dtype):
     """The source config when it describes this architecture (keeps every field), else the preset's."""
-    from transformers import AutoConfig
-
-    from megatron_apriel.models.hf_config import HFConfigError
-
     if side is not None and (side / "config.json").is_file():
         cfg = AutoConfig.from_pretrained(side)
         try:
@@ -197,8 +197,6 @@ def unshard_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the model
 def build_chunks(preset: ModelPreset, config) -> list:
-    from megatron_apriel.models.builder import build_model_chunks
-
     return build_model_chunks(preset, config)
 
 
@@ -247,8 +245,6 @@ def canonical_params(chunks: Iterable[torch.nn.Module]) -> Iterator[tuple[str, t
 
 def load_canonical_into_chunks(chunks: Iterable[torch.nn.Module], canonical, preset: ModelPreset) -> None:
     """Copy canonical full tensors into this rank's model chunks (any TP/PP/VPP layout)."""
-    from megatron.core import parallel_state
-
     padded = padded_vocab_size(preset.vocab_size, parallel_state.get_tensor_model_parallel_world_size())
     missing = tbl.load_params(canonical_params(chunks), canonical, tp_rule, lambda n, t: _pad_vocab(n, t, padded))
     if missing:

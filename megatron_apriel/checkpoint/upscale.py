@@ -28,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from megatron_apriel.checkpoint.hf_io import (
-    SafetensorsFileError,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_side_files,
 )
+from megatron_apriel.config import load_yaml
+from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # Per-layer tensors zeroed by --init identity: the two projections that write into the residual.
@@ -44,7 +46,7 @@ IDENTITY_ZERO_SUFFIXES = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 LAYER_PREFIXES = ("model.layers.", "language_model.model.layers.")
 
 
-class UpscaleError(ValueError):
+class UpscaleError(InputError):
     """A bad plan, flag or checkpoint; the message names what is wrong."""
 
 
@@ -221,8 +223,6 @@ def build_plan(num_layers: int, layers: str | None, duplicate_middle: int | None
 def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy", force: bool = False,
             max_shard_bytes: int = 5 * 1024**3, log=print) -> dict:
     """Stream ``hf`` into ``out`` following the plan. Returns a summary dict."""
-    from tqdm import tqdm
-
     hf = Path(hf)
     if init not in ("copy", "identity"):
         raise UpscaleError(f"--init must be copy or identity, got {init!r}")
@@ -285,8 +285,6 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
 
 def load_plan_yaml(path: str) -> dict:
     """An upscale plan in YAML: keys hf, out, layers | duplicate_middle | expand_every, init, force."""
-    from megatron_apriel.config import load_yaml
-
     data = load_yaml(path) or {}
     allowed = {"hf", "out", "layers", "duplicate_middle", "expand_every", "init", "force", "max_shard_gb"}
     for key in data:
@@ -295,6 +293,7 @@ def load_plan_yaml(path: str) -> dict:
     return data
 
 
+@cli_main("apriel upscale: error: ", bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel upscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML plan (keys as the flags, with underscores); flags override it")
@@ -308,34 +307,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", default=None, help="replace a non-empty --out")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the new config changes only")
     args = ap.parse_args(argv)
-    try:
-        opts = load_plan_yaml(args.config) if args.config else {}
-        for key in ("hf", "out", "layers", "duplicate_middle", "expand_every", "init", "force", "max_shard_gb"):
-            if getattr(args, key) is not None:
-                opts[key] = getattr(args, key)
-        if args.layers is not None or args.duplicate_middle is not None or args.expand_every is not None:
-            # a plan flag on the command line replaces the YAML's plan
-            for key in ("layers", "duplicate_middle", "expand_every"):
-                opts[key] = getattr(args, key)
-        if not opts.get("hf"):
-            raise UpscaleError("--hf is required")
-        plan_args = {k: (str(opts[k]) if k == "layers" and opts.get(k) is not None else opts.get(k))
-                     for k in ("layers", "duplicate_middle", "expand_every")}
-        if args.dry_run:
-            config = json.loads((Path(opts["hf"]) / "config.json").read_text())
-            n = text_config_of(config)["num_hidden_layers"]
-            plan = build_plan(n, **plan_args)
-            if opts.get("init", "copy") == "identity":
-                check_identity_plan(plan, n)
-            print(describe_plan(plan, n, opts.get("init", "copy")))
-            return 0
-        if not opts.get("out"):
-            raise UpscaleError("--out is required")
-        upscale(opts["hf"], opts["out"], plan_args, init=opts.get("init", "copy"), force=bool(opts.get("force")),
-                max_shard_bytes=int(float(opts.get("max_shard_gb", 5)) * 1024**3))
-    except (UpscaleError, SafetensorsFileError, FileExistsError, FileNotFoundError, KeyError) as e:
-        print(f"apriel upscale: error: {e}", file=sys.stderr)
-        return 2  # bad input or config
+    opts = load_plan_yaml(args.config) if args.config else {}
+    for key in ("hf", "out", "layers", "duplicate_middle", "expand_every", "init", "force", "max_shard_gb"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.layers is not None or args.duplicate_middle is not None or args.expand_every is not None:
+        # a plan flag on the command line replaces the YAML's plan
+        for key in ("layers", "duplicate_middle", "expand_every"):
+            opts[key] = getattr(args, key)
+    if not opts.get("hf"):
+        raise UpscaleError("--hf is required")
+    plan_args = {k: (str(opts[k]) if k == "layers" and opts.get(k) is not None else opts.get(k))
+                 for k in ("layers", "duplicate_middle", "expand_every")}
+    if args.dry_run:
+        config = json.loads((Path(opts["hf"]) / "config.json").read_text())
+        n = text_config_of(config)["num_hidden_layers"]
+        plan = build_plan(n, **plan_args)
+        if opts.get("init", "copy") == "identity":
+            check_identity_plan(plan, n)
+        print(describe_plan(plan, n, opts.get("init", "copy")))
+        return 0
+    if not opts.get("out"):
+        raise UpscaleError("--out is required")
+    upscale(opts["hf"], opts["out"], plan_args, init=opts.get("init", "copy"), force=bool(opts.get("force")),
+            max_shard_bytes=int(float(opts.get("max_shard_gb", 5)) * 1024**3))
     return 0
 
 

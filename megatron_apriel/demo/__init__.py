@@ -365,9 +365,9 @@ def _worth_showing(line: str) -> bool:
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    from megatron_apriel.checkpoint.average import TOKENIZER_FILES
+    from megatron_apriel.checkpoint.hf_io import VOCAB_FILES
 
-    for n in TOKENIZER_FILES:
+    for n in VOCAB_FILES:
         if (dst / n).exists() and not (src / n).exists():
             (dst / n).unlink()
         if (src / n).exists():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from megatron_apriel.errors import cli_main
 from megatron_apriel.models.presets import PRESETS, get_preset
 
 GiB = 1024**3
@@ -97,6 +98,7 @@ def preset_table() -> str:
     return "\n".join(rows)
 
 
+@cli_main("apriel model-info: error: ")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="apriel model-info", description=__doc__.splitlines()[0])
     ap.add_argument("preset", nargs="?", choices=sorted(PRESETS))
