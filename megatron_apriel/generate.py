@@ -53,7 +53,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         tok.pad_token = tok.eos_token
     template = None
     if args.chat:
-        args.chat_template = default_chat_template(args.chat_template, args.preset, fallback=None, who="apriel generate")
+        args.chat_template = default_chat_template(args.chat_template, args.preset, fallback=None,
+                                                   who="apriel generate")
     if args.chat_template in CHAT_TEMPLATES:
         template = CHAT_TEMPLATES[args.chat_template]
     elif args.chat_template:

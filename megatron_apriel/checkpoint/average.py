@@ -162,7 +162,8 @@ class Checkpoint:
             self.shapes = {n: list(m.global_shape) for n, m in self._mcore.meta.items()}
             self.dtypes = {n: m.dtype for n, m in self._mcore.meta.items()}
         else:
-            raise AverageError(f"{self.path}: neither an HF safetensors folder nor a megatron-core distributed checkpoint")
+            raise AverageError(f"{self.path}: neither an HF safetensors folder nor a megatron-core distributed "
+                               "checkpoint")
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or its rows ``rows[0]:rows[1]``."""
@@ -247,7 +248,8 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
         if cfg is not None:
             diffs = _config_diff(ref_cfg, cfg)
             if diffs:
-                raise AverageError(f"architectures differ, config.json of {ref.path} vs {c.path}: {'; '.join(diffs[:5])}")
+                raise AverageError(f"architectures differ, config.json of {ref.path} vs {c.path}: "
+                                   f"{'; '.join(diffs[:5])}")
         tok = c.tokenizer_hashes()
         if tok != ref_tok:
             files = sorted(n for n in set(tok) | set(ref_tok) if tok.get(n) != ref_tok.get(n))
@@ -271,7 +273,8 @@ def check_weights(weights: list[float], n: int, allow_unnormalised: bool) -> lis
         raise AverageError(f"weights must be finite numbers, got {weights}")
     total = math.fsum(weights)
     if not allow_unnormalised and abs(total - 1.0) > 1e-6:
-        raise AverageError(f"weights {weights} sum to {total:g}, not 1 (pass --allow-unnormalised to use them as given)")
+        raise AverageError(f"weights {weights} sum to {total:g}, not 1 "
+                           "(pass --allow-unnormalised to use them as given)")
     return [float(w) for w in weights]
 
 
@@ -358,13 +361,16 @@ def agreed_model_meta(ckpts: list[Checkpoint]) -> tuple | None:
         raise AverageError(str(e)) from None
     (ref_preset, ref_dtype), ref_path = metas[0], found[0]
     for (preset, dtype), path in zip(metas[1:], found[1:]):
-        diffs = ([f"dtype: {ref_dtype} vs {dtype}"] if dtype != ref_dtype else []) + ref_preset.function_differences(preset)
+        diffs = ([f"dtype: {ref_dtype} vs {dtype}"] if dtype != ref_dtype else [])
+        diffs += ref_preset.function_differences(preset)
         if diffs:
             raise AverageError(f"models differ, {ref_path} vs {path}: {'; '.join(diffs[:5])}")
     # the first input's description (the others compute the same model); a file without a dtype
     # (written by hand) gets the stored embedding's
     dtypes = ckpts[0].dtypes
-    return ref_preset, DTYPES[ref_dtype] if ref_dtype else dtypes.get("embedding.word_embeddings.weight", next(iter(dtypes.values())))
+    if ref_dtype:
+        return ref_preset, DTYPES[ref_dtype]
+    return ref_preset, dtypes.get("embedding.word_embeddings.weight", next(iter(dtypes.values())))
 
 
 def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bool, log) -> dict:
@@ -386,7 +392,8 @@ def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bo
     objects = ref._mcore.read_objects()
     bar = tqdm(total=len(blocks), desc="average (mcore)", unit="block", file=sys.stderr, mininterval=2.0)
     planner = LazyBlockSavePlanner(blocks, ref.shapes, ref.dtypes,
-                                   lambda name, rows: weighted_tensor(ckpts, weights, name, rows), lambda: bar.update(1))
+                                   lambda name, rows: weighted_tensor(ckpts, weights, name, rows),
+                                   lambda: bar.update(1))
     first = ref.path
     with atomic_output_dir(out, force=force) as tmp:
         dcp.save(objects, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=planner, no_dist=True)
@@ -463,7 +470,8 @@ def select_from_run(run_dir, k: int | None, steps: list[int] | None, min_step: i
     except AverageError as e:
         raise AverageError(f"{run_dir}: {e}") from None
     kept = sorted(s for s in found if s >= min_step)
-    how = "" if steps else (" nearest to steps " + ", ".join(f"{t:.0f}" for t in equispaced_targets(kept[-1], k, min_step)))
+    targets = [] if steps else equispaced_targets(kept[-1], k, min_step)
+    how = "" if steps else (" nearest to steps " + ", ".join(f"{t:.0f}" for t in targets))
     print(f"{len(found)} checkpoints in {run_dir} (steps {min(found)}..{max(found)}); "
           f"picked steps {', '.join(map(str, picked))}{how}")
     return [found[s] for s in picked]

@@ -178,7 +178,8 @@ class McoreCheckpointReader(DistCheckpointReader):
     """A GPT (or Llava) dist checkpoint read by canonical names: this converter's output, a training
     ``iter_*`` folder or save root.
 
-    ``get`` returns one layer's full tensor at a time (see :class:`~megatron_apriel.checkpoint.dcp_io.DistCheckpointReader`);
+    ``get`` returns one layer's full tensor at a time (see
+    :class:`~megatron_apriel.checkpoint.dcp_io.DistCheckpointReader`);
     :meth:`keys` lists the decoder's canonical names in streaming order. Embedding and output rows
     are the padded vocabulary as stored (``mcore_to_hf`` drops the padding).
     """
@@ -205,7 +206,8 @@ class McoreCheckpointReader(DistCheckpointReader):
             yield name, self.get(name)
 
 
-def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[str]] = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical name, full tensor) from a dist checkpoint, streaming one layer at a time.
 
     ``names`` restricts (and orders) what is read; by default every tensor, layer by layer. For
@@ -220,10 +222,10 @@ def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[s
 
 
 # --------------------------------------------------------------------------- mcore -> HF
-def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, preset: Optional[str | ModelPreset] = None,
-                           tokenizer: Optional[str] = None, chat_template: Optional[str] = None,
-                           dtype: Optional[str | torch.dtype] = None, max_shard_bytes: int = 5 * 1024**3,
-                           force: bool = False) -> dict:
+def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                           preset: Optional[str | ModelPreset] = None, tokenizer: Optional[str] = None,
+                           chat_template: Optional[str] = None, dtype: Optional[str | torch.dtype] = None,
+                           max_shard_bytes: int = 5 * 1024**3, force: bool = False) -> dict:
     """Write an HF folder (MistralForCausalLM, or LlavaForConditionalGeneration for a multimodal
     checkpoint) from a dist checkpoint, streaming tensor by tensor.
 
@@ -245,7 +247,8 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
 
     chat_template = default_chat_template(chat_template, preset.name, fallback=None, who="mcore-to-hf")
     if preset.num_layers != reader.num_layers:
-        raise ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} has {preset.num_layers}")
+        raise ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} "
+                              f"has {preset.num_layers}")
     family = llava if preset.vision is not None and llava.is_checkpoint_of(reader.meta) else mistral
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)

@@ -183,7 +183,8 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     return n
 
 
-def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict) -> tuple[bytes, dict[str, int]]:
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict
+                       ) -> tuple[bytes, dict[str, int]]:
     """The bytes ``save_file`` writes before the data, and each tensor's offset in the file."""
     ordered = sorted(entries, key=lambda e: (-_ST_RANK[_ST_NAME[e[2]]], e[0]))
     body, offsets, pos = {"__metadata__": metadata} if metadata else {}, {}, 0
@@ -307,7 +308,8 @@ class ShardedSafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._layout is not None:
             if name in self._layout and tuple(tensor.shape) != self._layout[name][1]:
-                raise ValueError(f"tensor {name!r}: shape {tuple(tensor.shape)} but the layout says {self._layout[name][1]}")
+                raise ValueError(f"tensor {name!r}: shape {tuple(tensor.shape)} but the layout says "
+                                 f"{self._layout[name][1]}")
             self._stream(name, [tensor.reshape(-1)] if tensor.dim() == 0 else [tensor])
             return
         if name in self._pending or any(name in s for s in self._shards):
@@ -342,7 +344,8 @@ class ShardedSafetensorsWriter:
             if missing:
                 self.abort()
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise ValueError(f"{len(missing)} tensors of the layout were never written: {', '.join(missing[:5])}{more}")
+                raise ValueError(f"{len(missing)} tensors of the layout were never written: "
+                                 f"{', '.join(missing[:5])}{more}")
         else:
             self._flush()
         n = len(self._shards)

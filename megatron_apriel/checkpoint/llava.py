@@ -46,7 +46,8 @@ VISION_LAYER_COPY = {
     "mlp.linear_fc2.weight": "feed_forward.down_proj.weight",
 }
 VISION_LAYER_FUSED = {
-    "self_attention.linear_qkv.weight": ("attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight"),
+    "self_attention.linear_qkv.weight": ("attention.q_proj.weight", "attention.k_proj.weight",
+                                         "attention.v_proj.weight"),
     "mlp.linear_fc1.weight": ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight"),
 }
 # canonical -> (HF prefix: the vision tower's or the projector's, HF suffix, TP dim or None); the
@@ -76,8 +77,8 @@ def preset_from_hf_config(cfg, name: str = "from-hf") -> ModelPreset:
     checked = check_hf_config(cfg)
     if checked.vision is None:
         raise ValueError(f"{name}: no vision_config; not a Llava/Pixtral config")
-    return ModelPreset(name=name, hf_architecture="LlavaForConditionalGeneration", vision=VisionPreset(**checked.vision),
-                       **checked.text)
+    return ModelPreset(name=name, hf_architecture="LlavaForConditionalGeneration",
+                       vision=VisionPreset(**checked.vision), **checked.text)
 
 
 def hf_config(preset: ModelPreset, dtype: Optional[torch.dtype] = None):

@@ -80,15 +80,18 @@ _FUSE = {"self_attention.linear_qkv.weight": tbl.QKV, "mlp.linear_fc1.weight": t
 # On-disk layouts: (decoder prefix, lm_head): MistralForCausalLM, the Pixtral/Llava hub layout, the
 # Llava layout of transformers v5's in-memory names.
 LAYOUT = ("model", "lm_head.weight")
-LAYOUTS = (LAYOUT, ("language_model.model", "language_model.lm_head.weight"), ("model.language_model", "lm_head.weight"))
+LAYOUTS = (LAYOUT, ("language_model.model", "language_model.lm_head.weight"),
+           ("model.language_model", "lm_head.weight"))
 
 
 # --------------------------------------------------------------------------- the table
-def layer_entries(mc: str, hf: str, preset: ModelPreset, copy: dict = LAYER_COPY, fused: dict = LAYER_FUSED) -> list[Entry]:
+def layer_entries(mc: str, hf: str, preset: ModelPreset, copy: dict = LAYER_COPY, fused: dict = LAYER_FUSED
+                  ) -> list[Entry]:
     """The entries of one transformer layer: canonical prefix ``mc``, HF prefix ``hf`` (the Llava
     vision layers use the same canonical suffixes with Pixtral's HF names)."""
     out = [Entry(mc + s, (hf + h,), tp_dim=TP_DIM[s]) for s, h in copy.items()]
-    out += [Entry(mc + s, tuple(hf + h for h in parts), _FUSE[s], TP_DIM[s], heads=preset) for s, parts in fused.items()]
+    out += [Entry(mc + s, tuple(hf + h for h in parts), _FUSE[s], TP_DIM[s], heads=preset)
+            for s, parts in fused.items()]
     return out
 
 
@@ -109,7 +112,8 @@ def table(preset: ModelPreset, layout: tuple[str, str] = LAYOUT) -> list[Entry]:
 
 def hf_names(preset: ModelPreset, hf_prefix: str = "model", lm_head: str = "lm_head.weight") -> list[str]:
     """Every HF tensor name a checkpoint of this preset must contain: the globals, then the layers."""
-    return tbl.hf_names(sorted(table(preset, (hf_prefix, lm_head)), key=lambda e: e.canon.startswith("decoder.layers.")))
+    entries = table(preset, (hf_prefix, lm_head))
+    return tbl.hf_names(sorted(entries, key=lambda e: e.canon.startswith("decoder.layers.")))
 
 
 def hf_to_mcore(get: Callable[[str], torch.Tensor], preset: ModelPreset, hf_prefix: str = "model",

@@ -161,10 +161,12 @@ def layer_prefix(names) -> str:
     for prefix in LAYER_PREFIXES[::-1]:  # the longer one first: it contains the shorter
         if any(n.startswith(prefix) for n in names):
             return prefix
-    raise UpscaleError(f"no decoder layers found (expected tensors named {' or '.join(p + 'N.*' for p in LAYER_PREFIXES)})")
+    expected = " or ".join(p + "N.*" for p in LAYER_PREFIXES)
+    raise UpscaleError(f"no decoder layers found (expected tensors named {expected})")
 
 
-def output_names(names: list[str], plan: list[NewLayer], prefix: str, identity: bool = False) -> list[tuple[str, str, bool]]:
+def output_names(names: list[str], plan: list[NewLayer], prefix: str, identity: bool = False
+                 ) -> list[tuple[str, str, bool]]:
     """Every output tensor as (new name, source name, zero it), in checkpoint order.
 
     Tensors outside the decoder layers (embeddings, final norm, lm_head, vision tower, projector)
@@ -208,7 +210,8 @@ def upscale_config(config: dict, plan: list[NewLayer]) -> tuple[dict, list[str]]
     return config, changed
 
 
-def build_plan(num_layers: int, layers: str | None, duplicate_middle: int | None, expand_every: int | None) -> list[NewLayer]:
+def build_plan(num_layers: int, layers: str | None, duplicate_middle: int | None, expand_every: int | None
+               ) -> list[NewLayer]:
     given = [x is not None for x in (layers, duplicate_middle, expand_every)]
     if sum(given) != 1:
         raise UpscaleError("give exactly one of --layers, --duplicate-middle, --expand-every")
@@ -248,7 +251,8 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
         prefix = layer_prefix(names)
         on_disk = {int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"(\d+)\.", n))}
         if on_disk != set(range(num_layers)):
-            raise UpscaleError(f"{hf}: config.json says {num_layers} layers, the weights have layers {format_sources(sorted(on_disk))}")
+            raise UpscaleError(f"{hf}: config.json says {num_layers} layers, the weights have layers "
+                               f"{format_sources(sorted(on_disk))}")
         todo = output_names(names, plan, prefix, identity=init == "identity")
         new_config, changed = upscale_config(config, plan)
         layout = [(new, tuple(reader.shape(src)), reader.torch_dtype(src)) for new, src, _ in todo]
@@ -300,9 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hf", help="input HF folder (MistralForCausalLM or LlavaForConditionalGeneration)")
     ap.add_argument("--out", help="output HF folder (written atomically)")
     ap.add_argument("--layers", help="SOLAR slices of source layers, inclusive: 0-29,10-39")
-    ap.add_argument("--duplicate-middle", type=int, help="copy the middle block of K layers once (Apriel: 10 for 40 -> 50)")
+    ap.add_argument("--duplicate-middle", type=int,
+                    help="copy the middle block of K layers once (Apriel: 10 for 40 -> 50)")
     ap.add_argument("--expand-every", type=int, help="LLaMA-Pro: insert a copy after every K-th layer")
-    ap.add_argument("--init", choices=["copy", "identity"], help="identity zeroes the copies' o_proj/down_proj (default copy)")
+    ap.add_argument("--init", choices=["copy", "identity"],
+                    help="identity zeroes the copies' o_proj/down_proj (default copy)")
     ap.add_argument("--max-shard-gb", type=float, help="output shard size (default 5)")
     ap.add_argument("--force", action="store_true", default=None, help="replace a non-empty --out")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the new config changes only")

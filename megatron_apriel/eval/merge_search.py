@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="merge YAML (as apriel average --config reads it)")
     ap.add_argument("--grid", type=float, default=0.1, help="weight step; each candidate's weights sum to 1")
     ap.add_argument("--out-dir", required=True, help="table, JSON, PNG and best_merge.yaml go here")
-    ap.add_argument("--keep", action="store_true", help="keep every candidate checkpoint (default: deleted once scored)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep every candidate checkpoint (default: deleted once scored)")
     add_settings_args(ap)
     args = ap.parse_args(argv)
     search(args.config, args.tasks, args.grid, args.out_dir, settings_from_args(args), keep=args.keep)

@@ -103,7 +103,8 @@ def projector_config(vision: VisionPreset, preset: ModelPreset, config):
     """
     return dataclass_replace(
         vision_transformer_config(vision, config), num_layers=1, hidden_size=preset.hidden_size,
-        ffn_hidden_size=preset.hidden_size, gated_linear_unit=False, add_bias_linear=True, activation_func=_activation(vision.projector_hidden_act),
+        ffn_hidden_size=preset.hidden_size, gated_linear_unit=False, add_bias_linear=True,
+        activation_func=_activation(vision.projector_hidden_act),
         bias_activation_fusion=False, tensor_model_parallel_size=config.tensor_model_parallel_size,
     )
 
@@ -172,7 +173,8 @@ class PixtralVisionEncoder(torch.nn.Module):
         tp_group = parallel_state.get_tensor_model_parallel_group()
         sd = {}
         for name, module in self.named_children():
-            sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group))
+            sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                 tp_group=tp_group))
         return sd
 
 
@@ -248,7 +250,8 @@ class LlavaModel(MegatronModule):
               for k, v in self.language_model.sharded_state_dict(prefix, sharded_offsets, metadata).items()}
         if self.pre_process:
             sd.update(self.vision_model.sharded_state_dict(f"{prefix}vision_model.", sharded_offsets, metadata))
-            sd.update(self.vision_projection.sharded_state_dict(f"{prefix}vision_projection.", sharded_offsets, metadata))
+            sd.update(self.vision_projection.sharded_state_dict(f"{prefix}vision_projection.", sharded_offsets,
+                                                                metadata))
         return sd
 
 

@@ -241,7 +241,8 @@ class ModelPreset:
         if self.vision is not None:
             v = self.vision
             vq = v.num_attention_heads * v.head_dim
-            v_layer = 3 * v.hidden_size * vq + vq * v.hidden_size + 3 * v.hidden_size * v.ffn_hidden_size + 2 * v.hidden_size
+            v_layer = (3 * v.hidden_size * vq + vq * v.hidden_size  # q, k, v, o
+                       + 3 * v.hidden_size * v.ffn_hidden_size + 2 * v.hidden_size)  # gate, up, down; two norms
             vision = v.num_channels * v.patch_size**2 * v.hidden_size + v.hidden_size + v.num_layers * v_layer
             projector = (v.hidden_size + 1) * h + (h + 1) * h  # linear_1 and linear_2, with biases
         return {
