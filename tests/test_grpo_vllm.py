@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from megatron_apriel.config import ConfigError
-from megatron_apriel.rl.grpo import check_vllm_environment, train
+from megatron_apriel.config import ConfigError, load_config
+from megatron_apriel.rl.grpo import GRPORunConfig, build_grpo_config, check_vllm_environment
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("APRIEL_VLLM_PYTHON", "")
@@ -119,13 +119,12 @@ def test_vllm_server_mode_needs_cuda():
         check_vllm_environment("server")
 
 
-def test_use_vllm_true_without_vllm_installed(tmp_path):
+def test_use_vllm_true_without_vllm_installed():
     import importlib.util
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed in this environment")
-    from test_grpo import toy_config
-
-    cfg = toy_config(tmp_path, ["grpo.use_vllm=true"])
+    cfg = load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml",
+                      ["out_dir=x", "model.path=x", "data.train_file=x", "grpo.use_vllm=true"])
     with pytest.raises(ConfigError, match="grpo.use_vllm=true but vllm is not installed in this environment"):
-        train(cfg)
+        build_grpo_config(cfg)
