@@ -6,10 +6,11 @@ set ``APRIEL_VLLM_PYTHON`` to that environment's interpreter (e.g. /work/venvs/v
 without it the vLLM tests are skipped. The checks that need no vLLM run everywhere.
 
 - vLLM's greedy completions equal transformers' ``generate`` token for token on a tiny model
-  (50-110 s, most of it vLLM's engine start: marked slow);
+  (37-110 s depending on load, most of it vLLM's engine start: marked slow);
 - ``apriel grpo`` with ``grpo.use_vllm=true`` (TRL's colocate mode) trains 2 steps on CPU, and the
   log-probabilities vLLM sampled with match the trainer's after the first update, i.e. the updated
-  weights reached the engine (70 s on the loaded 2-core machine: marked slow).
+  weights reached the engine (36-70 s: marked slow); chats refused where transformers cannot
+  sanitize them (14-26 s).
 """
 
 from __future__ import annotations

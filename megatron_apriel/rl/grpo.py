@@ -286,7 +286,8 @@ def keep_vllm_cpu_weights_reloadable() -> None:
     """vLLM's CPU linear layers repack their weights for oneDNN after loading and drop the weight
     parameters, so the weights TRL loads into the colocated engine before each generation have nowhere
     to go (``'Parameter' object has no attribute 'weight_loader'``). Keep them as plain ``F.linear``
-    weights instead: slower GEMMs, but each step generates with the policy's current weights. The
+    weights instead (torch's GEMM rather than the prepacked one), so each step generates with the
+    policy's current weights. The
     engine runs in this process in colocate mode, so patching the module here reaches it."""
     import torch
     from vllm.model_executor.layers import utils
