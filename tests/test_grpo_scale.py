@@ -112,7 +112,7 @@ def test_dynamic_sampling_needs_whole_groups_per_rank():
 DIGITS = "0123456789"
 
 
-def make_char_model(path: Path, chars: str, seed: int = 0, fuse: bool = True):
+def make_chars_model(path: Path, chars: str, seed: int = 0, fuse: bool = True):
     """A random tiny Mistral with one token per character of ``chars`` plus the special tokens, and its fast
     tokenizer (saved in ``path``; the model is saved too and returned with the tokenizer). ``fuse``: decode
     characters to the text they came from, else space-separated (WordLevel's default)."""
@@ -138,7 +138,7 @@ def make_char_model(path: Path, chars: str, seed: int = 0, fuse: bool = True):
 def make_digit_model(path: Path, seed: int = 0) -> Path:
     """A random tiny Mistral over digits, '=' and space (decoded space-separated, as the math test was
     measured with)."""
-    make_char_model(path, " =" + DIGITS, seed, fuse=False)
+    make_chars_model(path, " =" + DIGITS, seed, fuse=False)
     return path
 
 
@@ -247,7 +247,7 @@ def test_grpo_on_code_reward_raises_heldout_reward(tmp_path):
     import random
 
     rng = random.Random(0)
-    model, tok = make_char_model(tmp_path / "model", CODE_CHARS)
+    model, tok = make_chars_model(tmp_path / "model", CODE_CHARS)
     sft_code_format(model, tok, rng).save_pretrained(tmp_path / "model")
     train_recs = fn_prompts(rng, 64)
     held = fn_prompts(rng, 32, seen=frozenset(r["prompt"] for r in train_recs))

@@ -56,9 +56,9 @@ def run_vllm_env(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 def test_vllm_greedy_matches_hf_generate(tmp_path):
     import torch
 
-    from test_grpo_scale import CODE_CHARS, make_char_model
+    from test_grpo_scale import CODE_CHARS, make_chars_model
 
-    model, tok = make_char_model(tmp_path / "model", CODE_CHARS)
+    model, tok = make_chars_model(tmp_path / "model", CODE_CHARS)
     prompts = ["#12 x+3:", "def f(x):", "```python\n", "7*8=", "return (x)"]
     n = 24
     proc = run_vllm_env(["-c", GREEDY, str(tmp_path / "model"), json.dumps(prompts), str(n)], timeout=600)
