@@ -19,17 +19,18 @@ class JsonlError(InputError):
     """A JSONL line that is not a JSON object; the message starts with ``path:line:``."""
 
 
-def iter_jsonl(path: str | Path, on_bad: Optional[Callable[[int, ValueError], None]] = None
-               ) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(path: str | Path, on_bad: Optional[Callable[[int, ValueError], None]] = None,
+               error: type[InputError] = JsonlError) -> Iterator[tuple[int, dict]]:
     """Yield ``(line_number, record)`` for each non-blank line of ``path`` (numbered from 1).
 
-    A line that is not JSON, or not a JSON object, raises :class:`JsonlError` naming ``path:line``;
-    with ``on_bad`` it is instead passed to ``on_bad(line_number, error)`` (the caller counts and
-    reports it) and skipped. A missing file is a :class:`JsonlError` too.
+    A line that is not JSON, or not a JSON object, raises ``error`` (a config's file raises the
+    config's error) with a message starting ``path:line:``; with ``on_bad`` it is instead passed to
+    ``on_bad(line_number, exception)`` (the caller counts and reports it) and skipped. A missing
+    file raises ``error`` too.
     """
     path = Path(path)
     if not path.is_file():
-        raise JsonlError(f"{path}: no such file")
+        raise error(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -40,7 +41,8 @@ def iter_jsonl(path: str | Path, on_bad: Optional[Callable[[int, ValueError], No
                     raise ValueError("not a JSON object")
             except ValueError as e:  # json.JSONDecodeError is a ValueError
                 if on_bad is None:
-                    raise JsonlError(f"{path}:{lineno}: {e}") from None
+                    why = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    raise error(f"{path}:{lineno}: {why}") from None
                 on_bad(lineno, e)
                 continue
             yield lineno, record
