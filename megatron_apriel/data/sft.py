@@ -35,8 +35,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megatron_apriel.data.chat_template import (ConversationError, default_chat_template, encode_chat, render,
-                                                 resolve_template, validate_messages)
+from megatron_apriel.data.chat_template import (
+    ConversationError,
+    default_chat_template,
+    encode_chat,
+    render,
+    resolve_template,
+    validate_messages,
+)
 from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, check_role_tokens
 from megatron_apriel.data.packing import cu_seqlens_from_lengths, packing_efficiency, plan_bins
 

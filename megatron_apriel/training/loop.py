@@ -17,7 +17,6 @@ import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -334,10 +333,10 @@ def train(cfg: TrainConfig) -> int:
 
     from megatron_apriel.models import get_preset
     from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
+    from megatron_apriel.models.flops import flops_per_token, peak_flops
     from megatron_apriel.runtime import init_distributed
     from megatron_apriel.training.checkpointing import Checkpointer, read_latest
     from megatron_apriel.training.freeze import freeze_groups
-    from megatron_apriel.models.flops import flops_per_token, peak_flops
     from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
     from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
     from megatron_apriel.training.step import eval_step, train_step
