@@ -235,7 +235,7 @@ LOOP = """
 model: {{preset: tiny-llava, device: cpu}}
 data:
   kind: dataset
-  factory: megatron_apriel.data.multimodal:MultimodalDataset
+  factory: multimodal
   factory_args: {{prefix: {prefix}, epochs: {epochs}, seed: 0, pack: {pack}}}
 train:
   seq_length: 256

@@ -399,6 +399,7 @@ def test_sft_configs_load(path):
     import inspect
 
     from megatron_apriel.config import load_config
+    from megatron_apriel.data.registry import resolve_dataset
     from megatron_apriel.data.sft import SFTDataset
     from megatron_apriel.models import get_preset
     from megatron_apriel.training.config import TrainConfig
@@ -410,7 +411,7 @@ def test_sft_configs_load(path):
         assert spec["weights"] == [0.5, 0.5] and len(spec["inputs"]) == 2
         return
     cfg = load_config(TrainConfig, str(REPO / path), [])
-    assert cfg.data.factory == "megatron_apriel.data.sft:SFTDataset"
+    assert resolve_dataset(cfg.data.factory) is SFTDataset
     accepted = set(inspect.signature(SFTDataset).parameters)
     assert set(cfg.data.factory_args) <= accepted and "prefix" in cfg.data.factory_args
     get_preset(cfg.model.preset)

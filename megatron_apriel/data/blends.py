@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from megatron_apriel.config import ConfigError
+from megatron_apriel.config import ConfigError, from_dict, load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,32 @@ def resolve_stage(spec: BlendSpec, stage: str | None = None) -> BlendSpec:
         stage=stage,
         **budget,
     )
+
+
+def blend_spec(blend, seq_length: int | None, train_iters: int | None = None, key: str = "data.blend") -> BlendSpec:
+    """The one way from a training config's blend to its :class:`BlendSpec`.
+
+    ``blend`` is the spec inline (a mapping) or the path of its YAML; ``key`` names it in errors
+    (``data.blend`` for ``data.kind: blend``, ``data.factory_args.blend`` for the image-text
+    blend). The blend's ``seq_length`` defaults to the training's and must equal it; with
+    ``train_iters`` (training, the mix report of a training config), a blend that gives no budget
+    of its own runs ``train.train_iters`` steps. The training loop, the image-text blend and the
+    mix report all read a config's blend through here, so they cannot disagree on it.
+    """
+    if isinstance(blend, (str, os.PathLike)):
+        raw = load_yaml(blend)
+    elif isinstance(blend, dict):
+        raw = dict(blend)
+    else:
+        raise ConfigError(f"{key}: expected a mapping or a YAML path, got {blend!r}")
+    if seq_length is not None:
+        raw.setdefault("seq_length", seq_length)
+    if train_iters is not None and raw.get("tokens") is None and raw.get("steps") is None:
+        raw["steps"] = max(train_iters, 1)  # no budget given: train.train_iters
+    spec = from_dict(BlendSpec, raw, key)
+    if seq_length is not None and spec.seq_length != seq_length:
+        raise ConfigError(f"{key}.seq_length {spec.seq_length} != train.seq_length {seq_length}")
+    return spec
 
 
 def stage_checkpoint(spec: BlendSpec) -> str | None:
