@@ -16,7 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "merge-datasets": ("megatron_apriel.data.merge", "join several indexed datasets into one"),
     "preprocess-sft": ("megatron_apriel.data.sft", "chat JSONL -> tokens + loss masks (indexed datasets)"),
     "chat-tokenizer": ("megatron_apriel.data.chat_tokenizer", "an HF tokenizer with a chat format's role tokens"),
-    "preprocess-multimodal": ("megatron_apriel.data.multimodal", "image-text JSONL + images -> indexed datasets"),
+    "preprocess-multimodal": ("megatron_apriel.data.preprocess_multimodal", "image-text JSONL + images -> indexed datasets"),
     "mix-report": ("megatron_apriel.data.mix_report", "what a blend spec will draw from each source"),
     "train": ("megatron_apriel.training.loop", "upscale-training, CPT and SFT on megatron-core"),
     "convert": ("megatron_apriel.checkpoint.convert", "HF <-> megatron-core distributed checkpoints"),

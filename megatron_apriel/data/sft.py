@@ -38,7 +38,7 @@ import torch
 from megatron_apriel.data.chat_template import (ConversationError, encode_chat, render, resolve_template,
                                                  validate_messages)
 from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, check_role_tokens
-from megatron_apriel.data.packing import cu_seqlens_from_lengths, packing_efficiency, plan_bins
+from megatron_apriel.data.packing import fill_row, packing_efficiency, plan_rows
 
 TOKENS_KEY = "tokens"
 MASK_KEY = "loss_mask"
@@ -286,17 +286,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.pad_token_id = pad_token_id
         # A document of n tokens gives n - 1 (input, label) slots.
         self.slots = np.minimum(self.tokens.sequence_lengths.astype(np.int64) - 1, seq_length)
-        self.bins: list[list[int]] = []
-        for epoch in range(epochs):
-            if pack:
-                self.bins += plan_bins(self.slots, seq_length, seed=seed + epoch, window=window)
-            else:
-                order = np.random.default_rng(seed + epoch).permutation(len(self.slots))
-                self.bins += [[int(i)] for i in order]
-        needed = max((len(b) for b in self.bins), default=1)
-        self.max_docs = needed if max_docs is None else max_docs
-        if needed > self.max_docs:
-            raise ValueError(f"a packed sample holds {needed} documents > max_docs {self.max_docs}")
+        self.bins, self.max_docs = plan_rows(self.slots, seq_length, epochs, seed, pack, window, max_docs=max_docs)
 
     @property
     def efficiency(self) -> float:
@@ -306,31 +296,9 @@ class SFTDataset(torch.utils.data.Dataset):
         return len(self.bins)
 
     def __getitem__(self, idx: int) -> dict:
-        s = self.seq_length
-        tokens = np.full(s, self.pad_token_id, dtype=np.int64)
-        labels = np.full(s, self.pad_token_id, dtype=np.int64)
-        loss_mask = np.zeros(s, dtype=np.float32)
-        position_ids = np.zeros(s, dtype=np.int64)
-        lengths = []
-        pos = 0
-        for doc in self.bins[idx]:
-            n = int(self.slots[doc])
-            toks = np.asarray(self.tokens.get(doc, 0, n + 1), dtype=np.int64)
-            mask = np.asarray(self.masks.get(doc, 0, n + 1), dtype=np.float32)
-            tokens[pos : pos + n] = toks[:-1]
-            labels[pos : pos + n] = toks[1:]
-            loss_mask[pos : pos + n] = mask[1:]
-            position_ids[pos : pos + n] = np.arange(n)
-            lengths.append(n)
-            pos += n
-        position_ids[pos:] = np.arange(s - pos)
-        return {
-            "tokens": torch.from_numpy(tokens),
-            "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(loss_mask),
-            "position_ids": torch.from_numpy(position_ids),
-            "cu_seqlens": torch.from_numpy(cu_seqlens_from_lengths(lengths, s, self.max_docs)),
-        }
+        docs = ((self.tokens.get(doc, 0, int(self.slots[doc]) + 1), self.masks.get(doc, 0, int(self.slots[doc]) + 1))
+                for doc in self.bins[idx])
+        return fill_row(docs, self.seq_length, self.pad_token_id, self.max_docs)
 
 
 if __name__ == "__main__":
