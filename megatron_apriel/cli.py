@@ -14,7 +14,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "model-info": ("megatron_apriel.models.info", "parameters, bytes and training memory of a preset"),
     "preprocess": ("megatron_apriel.data.preprocess", "JSONL/parquet corpora -> Megatron indexed datasets"),
     "merge-datasets": ("megatron_apriel.data.merge", "join several indexed datasets into one"),
-    "preprocess-sft": ("megatron_apriel.data.sft", "chat JSONL -> tokens + loss masks (indexed datasets)"),
+    "preprocess-sft": ("megatron_apriel.data.preprocess_sft", "chat JSONL -> tokens + loss masks (indexed datasets)"),
     "chat-tokenizer": ("megatron_apriel.data.chat_tokenizer", "an HF tokenizer with a chat format's role tokens"),
     "preprocess-multimodal": ("megatron_apriel.data.preprocess_multimodal", "image-text JSONL + images -> indexed datasets"),
     "mix-report": ("megatron_apriel.data.mix_report", "what a blend spec will draw from each source"),

@@ -54,16 +54,13 @@ from typing import Iterator, Optional
 import numpy as np
 
 from megatron_apriel.data.images import DEFAULT_MAX_PIXELS, CountedError, count_notes
+from megatron_apriel.data.preprocess import PreprocessError, print_control_text, run_preprocess
 from megatron_apriel.data.multimodal_format import (IMAGES_KEY, KEYS, MASK_KEY, PLACEHOLDER, REFS_KEY, TOKENS_KEY,
                                                     ImageLayout, dataset_path, meta_path)
 
 
 class RecordError(CountedError):
     """A record that cannot be written; ``reason`` is the counter it goes to."""
-
-
-class PreprocessError(ValueError):
-    """Bad arguments, or a bad record under ``--strict``: the CLI prints it and exits 2."""
 
 
 
@@ -376,23 +373,16 @@ def preprocess(args) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for path in args.input:
-        if not os.path.isfile(path):
-            print(f"preprocess-multimodal: {path}: no such file", file=sys.stderr)
-            return 2
-    try:
-        report = preprocess(args)
-    except (ValueError, FileNotFoundError) as e:  # PreprocessError, tokenizer flags
-        print(f"preprocess-multimodal: {e}", file=sys.stderr)
+    # ValueError: PreprocessError, tokenizer flags
+    report = run_preprocess("preprocess-multimodal", args, preprocess, (ValueError, FileNotFoundError))
+    if report is None:
         return 2
     reasons = ", ".join(f"{v} {k}" for k, v in report["skipped_by_reason"].items()) or "none"
     normalised = ", ".join(f"{v} {k}" for k, v in report["images_normalised"].items()) or "none"
     print(f"preprocess-multimodal: read {report['read']}, kept {report['kept']}, skipped {report['skipped']} "
           f"({reasons}); {report['images']} images (normalised: {normalised}), {report['tokens']} tokens of which {report['image_tokens']} "
           f"image and {report['loss_tokens']} trained on; {report['seconds']} s -> {args.output_prefix}_*_document.bin/.idx")
-    if report["with_control_token_text"]:
-        print(f"preprocess-multimodal: {report['with_control_token_text']} records spell control tokens in their text "
-              f"({report['control_token_strings']} strings), encoded as ordinary text")
+    print_control_text("preprocess-multimodal", report, "records")
     return 0
 
 
