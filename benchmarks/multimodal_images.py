@@ -109,13 +109,13 @@ def main() -> int:
     normal, mixed = build_folders(work, args.normal)
     pre = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", "pixtral", "--workers", "1"]
     runs = [
-        ("preprocess-multimodal, normal images", "megatron_apriel.data.multimodal",
+        ("preprocess-multimodal, normal images", "megatron_apriel.data.preprocess_multimodal",
          ["--input", jsonl_for(normal), "--output-prefix", work / "out/normal", *pre],
          work / "out/normal_multimodal.json"),
-        ("preprocess-multimodal, mixed, 64 Mpx budget", "megatron_apriel.data.multimodal",
+        ("preprocess-multimodal, mixed, 64 Mpx budget", "megatron_apriel.data.preprocess_multimodal",
          ["--input", jsonl_for(mixed), "--output-prefix", work / "out/mixed", *pre],
          work / "out/mixed_multimodal.json"),
-        ("preprocess-multimodal, mixed, 16 Mpx budget", "megatron_apriel.data.multimodal",
+        ("preprocess-multimodal, mixed, 16 Mpx budget", "megatron_apriel.data.preprocess_multimodal",
          ["--input", jsonl_for(mixed), "--output-prefix", work / "out/mixed16", *pre, "--max-image-pixels", "16000000"],
          work / "out/mixed16_multimodal.json"),
         ("synthetic_visual, mixed, 64 Mpx budget", "data_prep.synthetic_visual",

@@ -275,7 +275,7 @@ class SlowSyntheticDataset:
     """
 
     def __init__(self, delay: float = 0.1, **kwargs):
-        from megatron_apriel.training.loop import SyntheticDataset
+        from megatron_apriel.data.synthetic import SyntheticDataset
 
         self.inner = SyntheticDataset(**kwargs)
         self.delay = delay

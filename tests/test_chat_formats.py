@@ -150,7 +150,7 @@ def test_the_model_preset_picks_the_format(chat_tok, tmp_path, capsys):
     default; an explicit --chat-template wins; the choice is logged; preprocess-sft --preset uses it
     with a tokenizer whose six role tokens took the reserved slots 5..10 (vocabulary size unchanged)."""
     from megatron_apriel.data.chat_template import FORMAT_TOKENS, default_chat_template
-    from megatron_apriel.data.sft import main as preprocess_sft
+    from megatron_apriel.data.preprocess_sft import main as preprocess_sft
 
     assert default_chat_template(None, "apriel-nemotron-15b") == "apriel-nemotron"
     assert "apriel-nemotron (the format of model preset apriel-nemotron-15b" in capsys.readouterr().err
@@ -181,7 +181,7 @@ def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(chat_tok, tmp_pa
     from conftest import run_python
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from megatron_apriel.data.sft import main as preprocess_sft
+    from megatron_apriel.data.preprocess_sft import main as preprocess_sft
     from megatron_apriel.rl.rewards import final_response, format_reward
 
     tok_dir, _ = chat_tok

@@ -204,7 +204,7 @@ REALIGN = """
 model: {{preset: tiny-llava, device: cpu}}
 data:
   kind: dataset
-  factory: megatron_apriel.training.loop:SyntheticImageTextDataset
+  factory: synthetic-image-text
   factory_args: {{num_samples: 64, seed: 0, images_per_sample: 2, loss_on_text: false}}
 train:
   seq_length: 40

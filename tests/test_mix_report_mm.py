@@ -14,6 +14,8 @@ from test_multimodal_data import corpus, run_preprocess, write_text_prefix  # no
 
 from megatron_apriel.data import mix_report
 from megatron_apriel.data import multimodal as mm
+from megatron_apriel.data import multimodal_format as fmt
+from megatron_apriel.data.image_text_blend import ImageTextBlend
 
 SEQ, GBS, STEPS, FIRST = 128, 8, 250, 300
 
@@ -37,7 +39,7 @@ def write_spec(path, sources, cache):
     return str(path)
 
 
-def drawn_by_blend(ds: mm.ImageTextBlend, n: int) -> dict:
+def drawn_by_blend(ds: ImageTextBlend, n: int) -> dict:
     """Samples per prefix among the first n, read from the items megatron-core's text blend returns
     (their dataset_id names the GPTDataset) and from the image-text children's positions."""
     counts: dict = {}
@@ -82,7 +84,7 @@ def test_mix_report_of_text_and_image_text_blend(data, tmp_path, capsys):
     assert sum(r["share_stage"] for r in rep["sources"]) == pytest.approx(1.0)
 
     # the counts are the draws of the blend training builds from this spec
-    ds = mm.ImageTextBlend(spec, seq_length=SEQ, global_batch_size=GBS)
+    ds = ImageTextBlend(spec, seq_length=SEQ, global_batch_size=GBS)
     for n, key in ((STEPS * GBS, "share_stage"), (FIRST, "share_first")):
         expected = drawn_by_blend(ds, n)
         assert {p: round(r[key] * n) for p, r in prefixes.items()} == expected
@@ -93,7 +95,7 @@ def test_mix_report_of_text_and_image_text_blend(data, tmp_path, capsys):
 
     # available: every image-text sample (all fit in SEQ), the 98% train split of the text documents
     for p in (d["caption"], d["replay_mm"]):
-        meta = json.loads(open(mm.meta_path(p)).read())
+        meta = json.loads(open(fmt.meta_path(p)).read())
         assert prefixes[p]["tokens_available"] == meta["tokens"] > 0
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -114,7 +116,7 @@ def test_single_text_prefix(data, tmp_path, capsys):
     js = tmp_path / "mix.json"
     assert mix_report.main([spec, "--global-batch-size", str(GBS), "--json", str(js), "--png", str(tmp_path / "m.png")]) == 0
     rep = json.loads(js.read_text())
-    ds = mm.ImageTextBlend(spec, seq_length=SEQ, global_batch_size=GBS)
+    ds = ImageTextBlend(spec, seq_length=SEQ, global_batch_size=GBS)
     assert len(getattr(ds.children[0], "datasets", [ds.children[0]])) == 1
     stage = drawn_by_blend(ds, STEPS * GBS)
     assert {r["prefix"]: r["tokens_drawn"] // SEQ for r in rep["prefixes"]} == stage
@@ -123,7 +125,7 @@ def test_single_text_prefix(data, tmp_path, capsys):
     assert ds.source_shares() == pytest.approx(sources)
 
     # the training config of the stage (data from the factory ImageTextBlend) reports the same numbers
-    config = {"data": {"kind": "dataset", "factory": "megatron_apriel.data.multimodal:ImageTextBlend",
+    config = {"data": {"kind": "dataset", "factory": "image-text-blend",
                        "factory_args": {"blend": spec, "global_batch_size": GBS, "pack": True}},
               "train": {"seq_length": SEQ, "global_batch_size": 2 * GBS, "train_iters": 7}}
     (tmp_path / "cpt1.yaml").write_text(yaml.safe_dump(config))
@@ -148,7 +150,7 @@ def test_missing_image_text_prefix_is_named(data, corpus, tmp_path, capsys):  # 
 
     # the settings file is there, its tokens dataset is not
     assert run_preprocess(root, tok, [good], tmp_path / "broken") == 0
-    os.remove(mm.dataset_path(str(tmp_path / "broken"), mm.TOKENS_KEY) + ".bin")
+    os.remove(fmt.dataset_path(str(tmp_path / "broken"), fmt.TOKENS_KEY) + ".bin")
     spec = write_spec(tmp_path / "broken.yaml", [
         {"name": "text", "weight": 50, "prefixes": [d["reasoning"]]},
         {"name": "multimodal", "weight": 50, "prefixes": [d["caption"], str(tmp_path / "broken")]},

@@ -13,6 +13,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from megatron_apriel.data import multimodal as mm
+from megatron_apriel.data import multimodal_format as fmt
+from megatron_apriel.data import preprocess_multimodal as pmm
+from megatron_apriel.data.image_text_blend import ImageTextBlend
 
 SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<sp{i}>" for i in range(3, 10)] + ["[IMG]", "<sp11>", "[IMG_BREAK]", "[IMG_END]",
                                                                           "<sp14>", "<sp15>"]
@@ -69,7 +72,7 @@ def corpus(tmp_path_factory):
 def run_preprocess(root, tok, inputs, prefix, *extra):
     argv = ["--input", *map(str, inputs), "--output-prefix", str(root / prefix), "--tokenizer-type",
             "HuggingFaceTokenizer", "--tokenizer-model", str(tok), "--image-size", "64", "--patch-size", "16", *extra]
-    return mm.main(argv)
+    return pmm.main(argv)
 
 
 def pixtral_processor_class(monkeypatch):
@@ -217,10 +220,10 @@ def test_bad_records_are_counted_and_strict_stops(corpus, capsys):
     # worker processes: the same bytes and the same report
     assert run_preprocess(root, tok, [bad, good], "out/w1", "--seq-length", "128") == 0
     assert run_preprocess(root, tok, [bad, good], "out/w2", "--seq-length", "128", "--workers", "2") == 0
-    for key in mm.KEYS:
+    for key in fmt.KEYS:
         for ext in (".bin", ".idx"):
-            one = Path(mm.dataset_path(str(root / "out/w1"), key) + ext).read_bytes()
-            assert one == Path(mm.dataset_path(str(root / "out/w2"), key) + ext).read_bytes(), key + ext
+            one = Path(fmt.dataset_path(str(root / "out/w1"), key) + ext).read_bytes()
+            assert one == Path(fmt.dataset_path(str(root / "out/w2"), key) + ext).read_bytes(), key + ext
     w1, w2 = (json.loads((root / f"out/{n}_multimodal.json").read_text()) for n in ("w1", "w2"))
     assert {k: v for k, v in w1.items() if k not in ("seconds", "outputs")} == {k: v for k, v in w2.items() if k not in ("seconds", "outputs")}
     assert w1["kept"] == 5 and w1["skipped"] == 8
@@ -235,7 +238,7 @@ LOOP = """
 model: {{preset: tiny-llava, device: cpu}}
 data:
   kind: dataset
-  factory: megatron_apriel.data.multimodal:MultimodalDataset
+  factory: multimodal
   factory_args: {{prefix: {prefix}, epochs: {epochs}, seed: 0, pack: {pack}}}
 train:
   seq_length: 256
@@ -308,7 +311,7 @@ def test_stage1_blend_of_text_and_image_text(corpus, tmp_path):
         "seq_length": 128, "seed": 5, "split": "100,0,0", "steps": 25, "cache_dir": str(tmp_path / "cache"),
     }
     (tmp_path / "blend.yaml").write_text(yaml.safe_dump(spec))
-    ds = mm.ImageTextBlend(str(tmp_path / "blend.yaml"), seq_length=128, global_batch_size=8, eod_token=2)
+    ds = ImageTextBlend(str(tmp_path / "blend.yaml"), seq_length=128, global_batch_size=8, eod_token=2)
     assert len(ds) == 200
     for n in (20, 100, 200):
         shares = ds.source_shares(n)

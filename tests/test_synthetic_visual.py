@@ -262,11 +262,12 @@ def test_preprocessed_loss_mask_is_the_response(generated, tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from megatron_apriel.data import multimodal as mm
+    from megatron_apriel.data import preprocess_multimodal as pmm
 
     _, _, out, records, _, _, _ = generated
     tok = make_tokenizer(tmp_path / "tok")
     prefix = tmp_path / "mm/synthetic"
-    assert mm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(prefix), "--tokenizer-type",
+    assert pmm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(prefix), "--tokenizer-type",
                     "HuggingFaceTokenizer", "--tokenizer-model", str(tok), "--image-size", "64"]) == 0
     meta = json.loads(Path(f"{prefix}_multimodal.json").read_text())
     assert meta["kept"] == len(records) and meta["skipped"] == 0
@@ -311,7 +312,7 @@ def test_hostile_and_odd_images_in_the_raw_folder(tmp_path, capsys):
     from test_multimodal_data import make_tokenizer
     from wild_images import wild_folder, with_orientation
 
-    from megatron_apriel.data import multimodal as mm
+    from megatron_apriel.data import preprocess_multimodal as pmm
 
     raw = tmp_path / "raw"
     files = wild_folder(raw)
@@ -367,9 +368,9 @@ def test_hostile_and_odd_images_in_the_raw_folder(tmp_path, capsys):
         assert share > (0.95 if cat == "square" else 0.7), (cat, share)
     # every file the JSONL names, originals included, is read by preprocessing as it was here
     tok = make_tokenizer(tmp_path / "tok")
-    assert mm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(tmp_path / "mm/s"),
-                    "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok),
-                    "--image-size", "64"]) == 0
+    assert pmm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(tmp_path / "mm/s"),
+                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok),
+                     "--image-size", "64"]) == 0
     meta = json.loads((tmp_path / "mm/s_multimodal.json").read_text())
     assert meta["kept"] == len(records) and meta["skipped"] == 0
     # --strict: the first unusable image stops the run, exit 2, no output folder

@@ -296,7 +296,7 @@ def _fresh(state=None):
 
 
 def test_loss_mask_and_frozen_optimizer_state(dist_world_of_one):
-    from megatron_apriel.training.loop import SyntheticDataset
+    from megatron_apriel.data.synthetic import SyntheticDataset
     from megatron_apriel.training.step import forward_logits, train_step
 
     preset, chunks, ddp, optimizer = _fresh()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from megatron_apriel.config import ConfigError
+from megatron_apriel.config import ConfigError, from_dict, load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +194,32 @@ def resolve_stage(spec: BlendSpec, stage: str | None = None) -> BlendSpec:
     )
 
 
+def blend_spec(blend, seq_length: int | None, train_iters: int | None = None, key: str = "data.blend") -> BlendSpec:
+    """The one way from a training config's blend to its :class:`BlendSpec`.
+
+    ``blend`` is the spec inline (a mapping) or the path of its YAML; ``key`` names it in errors
+    (``data.blend`` for ``data.kind: blend``, ``data.factory_args.blend`` for the image-text
+    blend). The blend's ``seq_length`` defaults to the training's and must equal it; with
+    ``train_iters`` (training, the mix report of a training config), a blend that gives no budget
+    of its own runs ``train.train_iters`` steps. The training loop, the image-text blend and the
+    mix report all read a config's blend through here, so they cannot disagree on it.
+    """
+    if isinstance(blend, (str, os.PathLike)):
+        raw = load_yaml(blend)
+    elif isinstance(blend, dict):
+        raw = dict(blend)
+    else:
+        raise ConfigError(f"{key}: expected a mapping or a YAML path, got {blend!r}")
+    if seq_length is not None:
+        raw.setdefault("seq_length", seq_length)
+    if train_iters is not None and raw.get("tokens") is None and raw.get("steps") is None:
+        raw["steps"] = max(train_iters, 1)  # no budget given: train.train_iters
+    spec = from_dict(BlendSpec, raw, key)
+    if seq_length is not None and spec.seq_length != seq_length:
+        raise ConfigError(f"{key}.seq_length {spec.seq_length} != train.seq_length {seq_length}")
+    return spec
+
+
 def stage_checkpoint(spec: BlendSpec) -> str | None:
     """The starting checkpoint of the selected stage (None without stages)."""
     for st in spec.stages:
@@ -228,7 +254,8 @@ class PrefixInfo:
     weight: float  # share of the whole blend
 
 
-def _prefix_stats(prefix: str, key: str) -> tuple[int, int]:
+def prefix_stats(prefix: str, key: str) -> tuple[int, int]:
+    """(tokens, documents) of a text indexed-dataset prefix; ``key`` names it in errors."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for ext in (".bin", ".idx"):
@@ -244,22 +271,26 @@ def _prefix_stats(prefix: str, key: str) -> tuple[int, int]:
     return tokens, int(len(ds.sequence_lengths))
 
 
-def blend_weights(spec: BlendSpec) -> list[PrefixInfo]:
-    """Check the data of every prefix and flatten the two-level weights (see module docstring)."""
+def blend_weights(spec: BlendSpec, stats=prefix_stats, key: str = "data.blend") -> list[PrefixInfo]:
+    """Check the data of every prefix and flatten the two-level weights (see module docstring).
+
+    The one place weights are flattened: the image-text blend passes its own ``stats(prefix, key)``
+    -> (tokens, documents), which also reads image-text prefixes, and its ``key``.
+    """
     spec = resolve_stage(spec)
-    stats = []
+    per_source = []
     for i, s in enumerate(spec.sources):
-        per = [_prefix_stats(p, f"data.blend.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
+        per = [stats(p, f"{key}.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
         if sum(t for t, _ in per) == 0:
-            raise ConfigError(f"data.blend.sources[{i}]: source {s.name!r} has no tokens in {s.prefixes}")
+            raise ConfigError(f"{key}.sources[{i}]: source {s.name!r} has no tokens in {s.prefixes}")
         for j, (t, _) in enumerate(per):
             if t == 0 and (s.prefix_weights is not None):
-                raise ConfigError(f"data.blend.sources[{i}].prefixes[{j}]: {s.prefixes[j]} has no tokens")
-        stats.append(per)
-    source_w = [s.weight if s.weight is not None else sum(t for t, _ in per) for s, per in zip(spec.sources, stats)]
+                raise ConfigError(f"{key}.sources[{i}].prefixes[{j}]: {s.prefixes[j]} has no tokens")
+        per_source.append(per)
+    source_w = [s.weight if s.weight is not None else sum(t for t, _ in per) for s, per in zip(spec.sources, per_source)]
     total_w = float(sum(source_w))
     out = []
-    for s, per, sw in zip(spec.sources, stats, source_w):
+    for s, per, sw in zip(spec.sources, per_source, source_w):
         inner = s.prefix_weights if s.prefix_weights is not None else [t for t, _ in per]
         inner_total = float(sum(inner))
         for p, (t, d), w in zip(s.prefixes, per, inner):

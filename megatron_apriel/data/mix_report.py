@@ -8,14 +8,14 @@ drawn more than ``repeat_warning`` times is flagged. A PNG bar chart shows targe
 
 A blend with image-text prefixes (``apriel preprocess-multimodal`` outputs, recognised by
 ``<prefix>_multimodal.json``; the Apriel-1.5 CPT stage-1 mix) is read by training as
-``multimodal.ImageTextBlend``, so the report builds that instead (same spec, sequence length, global
+``image_text_blend.ImageTextBlend``, so the report builds that instead (same spec, sequence length, global
 batch size and seed; packing does not change which child a sample comes from) and reads the draws
 from ``ImageTextBlend.prefix_counts``. For such a prefix, "tokens available" are the tokens of the
 samples of its ``_tokens_document`` dataset that fit in ``seq_length + 1`` (the ones the blend can
 draw; images included as their placeholder tokens, the whole dataset since the split applies to
 text prefixes only), and "tokens drawn" is samples x seq_length as for text (a packed row is one
 sample). Text prefixes of such a blend report their train split as in a text blend. A training config
-whose data is ``factory: ...:ImageTextBlend`` is read through its ``factory_args`` as training reads it.
+whose data is the registered ``image-text-blend`` (however the config names it) is read through its ``factory_args`` as training reads it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from dataclasses import asdict, dataclass
 import numpy
 
 from megatron_apriel.config import ConfigError, apply_overrides, atomic_write_text, from_dict, load_yaml
-from megatron_apriel.data.blends import BlendSpec, blend_weights, build_datasets, resolve_stage, train_samples_for
+from megatron_apriel.data.blends import BlendSpec, blend_spec, blend_weights, build_datasets, resolve_stage, train_samples_for
+from megatron_apriel.data.image_text_blend import ImageTextBlend, is_multimodal
+from megatron_apriel.data.multimodal import MultimodalDataset
+from megatron_apriel.data.registry import resolve_dataset
 
 
 @dataclass
@@ -60,36 +63,35 @@ class Report:
 def load_spec(path: str, overrides=()) -> tuple[BlendSpec, int | None]:
     """A bare blend spec, or a training config with a ``data.blend`` (or ``data``) section.
 
-    Returns the spec and the training config's global batch size (None for a bare spec). As in
-    the training loop, a training config's ``train.seq_length`` / ``train.train_iters`` fill a
-    blend that gives no sequence length / budget of its own.
+    Returns the spec and the training config's global batch size (None for a bare spec). A
+    training config's blend is read by :func:`blends.blend_spec`, as the training loop and the
+    image-text blend read it (``train.seq_length`` / ``train.train_iters`` fill a blend that gives
+    no sequence length / budget of its own).
     """
     raw = apply_overrides(load_yaml(path), overrides)
-    section, gbs, where = raw, None, ""
-    if "sources" not in raw and isinstance(raw.get("data"), dict):
-        data, train = raw["data"], raw.get("train") or {}
-        if data.get("kind") == "dataset" and str(data.get("factory", "")).endswith(":ImageTextBlend"):
-            return _image_text_spec(path, data, train)
-        if isinstance(data.get("blend"), dict):
-            section, where = dict(data["blend"]), "data.blend"
-        else:
-            section, where = dict(data), "data"
-        if "seq_length" in train:
-            section.setdefault("seq_length", train["seq_length"])
-        if "tokens" not in section and "train_iters" in train:
-            section.setdefault("steps", train["train_iters"])
-        gbs = train.get("global_batch_size")
-        section.pop("kind", None), section.pop("eod_token", None)
+    if "sources" in raw or not isinstance(raw.get("data"), dict):
+        try:
+            return from_dict(BlendSpec, raw, "data.blend"), None
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {str(e).replace('data.blend.', '')}") from None
+    data, train = raw["data"], raw.get("train") or {}
+    if data.get("kind") == "dataset" and resolve_dataset(str(data.get("factory"))) is ImageTextBlend:
+        return _image_text_spec(path, data, train)
+    if "blend" in data:
+        section, where = data["blend"], "data.blend"
+    else:
+        section = {k: v for k, v in data.items() if k not in ("kind", "eod_token")}
+        where = "data"
     try:
-        return from_dict(BlendSpec, section, "data.blend"), gbs
+        spec = blend_spec(section, train.get("seq_length"), train.get("train_iters"))
     except ConfigError as e:
-        msg = str(e).replace("data.blend.", f"{where}." if where else "")
-        raise ConfigError(f"{path}: {msg}") from None
+        raise ConfigError(f"{path}: {str(e).replace('data.blend.', f'{where}.')}") from None
+    return spec, train.get("global_batch_size")
 
 
 def _image_text_spec(path: str, data: dict, train: dict) -> tuple[BlendSpec, int | None]:
-    """The spec of a training config whose data is ``ImageTextBlend``: its ``factory_args``, as the
-    training loop passes them (``blend`` a mapping or a YAML path, ``seq_length`` = train.seq_length)."""
+    """The spec of a training config whose data is the image-text blend: its ``factory_args``, as
+    training passes them (``blend`` a mapping or a YAML path, ``seq_length`` = train.seq_length)."""
     args = data.get("factory_args") or {}
     blend = args.get("blend")
     if isinstance(blend, str):  # keys are then named from the blend file's top level
@@ -100,12 +102,11 @@ def _image_text_spec(path: str, data: dict, train: dict) -> tuple[BlendSpec, int
         section, where = dict(blend), f"{path}: data.factory_args.blend."
     else:
         raise ConfigError(f"{path}: data.factory_args.blend: give the blend spec (a mapping or a YAML path)")
-    if "seq_length" in train:
-        section.setdefault("seq_length", train["seq_length"])
-        if section["seq_length"] != train["seq_length"]:
-            raise ConfigError(f"{where}seq_length: {section['seq_length']} != train.seq_length {train['seq_length']} of {path}")
+    seq = train.get("seq_length")
+    if seq is not None and section.get("seq_length", seq) != seq:
+        raise ConfigError(f"{where}seq_length: {section['seq_length']} != train.seq_length {seq} of {path}")
     try:
-        spec = from_dict(BlendSpec, section, "data.blend")
+        spec = blend_spec(section, seq)
     except ConfigError as e:
         raise ConfigError(str(e).replace("data.blend.", where)) from None
     return spec, args.get("global_batch_size") or train.get("global_batch_size")
@@ -114,9 +115,7 @@ def _image_text_spec(path: str, data: dict, train: dict) -> tuple[BlendSpec, int
 def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, stage: str | None = None) -> Report:
     spec = resolve_stage(spec, stage)
     n_stage = train_samples_for(spec, global_batch_size)
-    from megatron_apriel.data.multimodal import meta_path
-
-    if any(os.path.isfile(meta_path(p)) for s in spec.sources for p in s.prefixes):
+    if any(is_multimodal(p) for s in spec.sources for p in s.prefixes):
         return _image_text_report(spec, global_batch_size, first, n_stage)
     infos = blend_weights(spec)
     print(f"building the indices of {len(infos)} prefixes for {n_stage:,} samples "
@@ -161,8 +160,6 @@ def _report(spec: BlendSpec, n_stage: int, first: int, prefixes: list[Row]) -> R
 
 
 def _image_text_report(spec: BlendSpec, global_batch_size: int, first: int, n_stage: int) -> Report:
-    from megatron_apriel.data.multimodal import ImageTextBlend, MultimodalDataset
-
     raw = dict(asdict(spec), stages=[], stage=None)  # already resolved: its weights, budget and seed
     print(f"building the image-text blend of {sum(len(s.prefixes) for s in spec.sources)} prefixes for "
           f"{n_stage:,} samples (text indices cache: {spec.cache_dir or 'beside the data'}) ...", file=sys.stderr, flush=True)

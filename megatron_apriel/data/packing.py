@@ -21,7 +21,7 @@ followed by ``-1`` fill (fixed length so the default collate can stack samples).
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -124,3 +124,58 @@ def flatten_packed_batch(batch: dict) -> dict:
         out[key] = t.reshape(1, -1)
     out["packed_seq_params"] = packed_seq_params_from_batch(batch)
     return out
+
+
+def plan_rows(slots: np.ndarray, seq_length: int, epochs: int, seed: int, pack: bool, window: int = 20000,
+              keep: Optional[np.ndarray] = None, max_docs: Optional[int] = None) -> tuple[list[list[int]], int]:
+    """(rows, max_docs) of the SFT and multimodal datasets: the documents of each row of ``seq_length``.
+
+    ``epochs`` plans are concatenated, each with its own shuffle (``seed + epoch``): packed with
+    :func:`plan_bins` over the ``slots`` of the documents ``keep`` (default: all), or one document
+    a row. ``max_docs`` (the length of ``cu_seqlens``) defaults to the fullest row's documents.
+    """
+    keep = np.arange(len(slots)) if keep is None else keep
+    rows: list[list[int]] = []
+    for epoch in range(epochs):
+        if pack:
+            rows += [[int(keep[i]) for i in b] for b in plan_bins(slots[keep], seq_length, seed=seed + epoch, window=window)]
+        else:
+            rows += [[int(keep[i])] for i in np.random.default_rng(seed + epoch).permutation(len(keep))]
+    needed = max((len(r) for r in rows), default=1)
+    max_docs = needed if max_docs is None else max_docs
+    if needed > max_docs:
+        raise ValueError(f"a packed sample holds {needed} documents > max_docs {max_docs}")
+    return rows, max_docs
+
+
+def fill_row(docs: Iterable[tuple[np.ndarray, np.ndarray]], seq_length: int, pad_token_id: int, max_docs: int,
+             with_cu_seqlens: bool = True) -> dict:
+    """One packed sample (the layout of the module docstring) from its documents' (tokens, loss mask),
+    each of ``n + 1`` tokens for ``n`` slots; the tail is padding without loss."""
+    s = seq_length
+    tokens = np.full(s, pad_token_id, dtype=np.int64)
+    labels = np.full(s, pad_token_id, dtype=np.int64)
+    loss_mask = np.zeros(s, dtype=np.float32)
+    position_ids = np.zeros(s, dtype=np.int64)
+    lengths = []
+    pos = 0
+    for toks, mask in docs:
+        toks = np.asarray(toks, dtype=np.int64)
+        mask = np.asarray(mask, dtype=np.float32)
+        n = len(toks) - 1
+        tokens[pos : pos + n] = toks[:-1]
+        labels[pos : pos + n] = toks[1:]
+        loss_mask[pos : pos + n] = mask[1:]
+        position_ids[pos : pos + n] = np.arange(n)
+        lengths.append(n)
+        pos += n
+    position_ids[pos:] = np.arange(s - pos)
+    item = {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.from_numpy(loss_mask),
+        "position_ids": torch.from_numpy(position_ids),
+    }
+    if with_cu_seqlens:
+        item["cu_seqlens"] = torch.from_numpy(cu_seqlens_from_lengths(lengths, s, max_docs))
+    return item

@@ -64,8 +64,31 @@ REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "invalid_
 LONG_DOC_CHARS = 1 << 16
 
 
-class PreprocessError(RuntimeError):
-    """A fatal input problem; the message names the file and line."""
+class PreprocessError(ValueError):
+    """A fatal input problem of a preprocessing tool (text, SFT, multimodal); the message names the
+    file and line, or the flag. The tools' CLIs print it and exit 2."""
+
+
+def run_preprocess(prog: str, args, preprocess, errors: tuple, exists=os.path.isfile) -> dict | None:
+    """``preprocess(args)`` of the SFT and multimodal writers' CLIs after checking ``args.input``; a
+    missing input or one of ``errors`` (bad input, flags) is printed as ``prog: message`` and gives
+    None, which those CLIs exit with 2."""
+    for path in args.input:
+        if not exists(path):
+            print(f"{prog}: {path}: no such file", file=sys.stderr)
+            return None
+    try:
+        return preprocess(args)
+    except errors as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+
+
+def print_control_text(prog: str, report: dict, what: str) -> None:
+    """The SFT and multimodal writers' line on records whose text spells control tokens (kept)."""
+    if report["with_control_token_text"]:
+        print(f"{prog}: {report['with_control_token_text']} {what} spell control tokens in their text "
+              f"({report['control_token_strings']} strings), encoded as ordinary text")
 
 
 # ---------------------------------------------------------------- input

@@ -271,7 +271,7 @@ class Demo:
     def s_sft(self, name: str, epochs: int) -> Callable[[], dict]:
         def go() -> dict:
             p, d = self.plan, self.d(name)
-            data = {"kind": "dataset", "factory": "megatron_apriel.data.sft:SFTDataset",
+            data = {"kind": "dataset", "factory": "sft",
                     "factory_args": {"prefix": str(self.d("preprocess") / name), "epochs": epochs, "seed": 0,
                                      "pack": True, "pad_token_id": self.figures["data"]["tokenizer"]["pad_token_id"]}}
             fig = self.train(name, self.train_cfg(d / "ckpt", data, p.sft_iters, lr=SFT_LR, layers=p.num_layers + 1,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_apriel.config import ConfigError
+from megatron_apriel.data.registry import check_dataset_name
 from megatron_apriel.training.optimizer import OptimConfig
 
 FREEZE_GROUPS = ("embeddings", "decoder", "output_layer", "vision_encoder", "projector")
@@ -43,7 +44,8 @@ class DataConfig:
 
     ``kind: blend``: ``blend`` is a :class:`megatron_apriel.data.blends.BlendSpec` (loss on every
     token; ``seq_length`` and ``steps`` default to the ``train`` section's). ``kind: dataset``:
-    ``factory`` (``module:callable``, e.g. ``megatron_apriel.data.sft:SFTDataset``) is called with
+    ``factory`` (a name of :data:`megatron_apriel.data.registry.DATASETS`, e.g. ``sft``, or
+    ``module:callable`` for a dataset of one's own) is called with
     ``factory_args`` plus ``seq_length`` and returns a torch Dataset (or ``(train, valid)``) of
     loss-masked GPTDataset-like items, optionally packed with ``cu_seqlens`` (SFT, CPT stage 2);
     ``valid_factory_args`` builds the validation set the same way.
@@ -67,7 +69,9 @@ class DataConfig:
         if self.kind not in ("blend", "dataset"):
             raise ConfigError(f"data.kind: {self.kind!r} is not one of blend, dataset")
         if self.kind == "dataset" and not self.factory:
-            raise ConfigError("data.factory: needed when data.kind is dataset (module:callable)")
+            raise ConfigError("data.factory: needed when data.kind is dataset (a registered name or module:callable)")
+        if self.kind == "dataset":
+            check_dataset_name(self.factory)
         if self.valid_sets and self.kind != "dataset":
             raise ConfigError("data.valid_sets: factory args per name, for data.kind dataset "
                               "(for a blend use data.valid_per_source)")

@@ -13,151 +13,48 @@ Exit codes: 0 = finished; 3 = checkpointed after SIGTERM/SIGUSR1 or ``train.exit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_apriel.config import ConfigError, dump_config, from_dict, load_config, to_dict
+from megatron_apriel.config import ConfigError, dump_config, load_config, to_dict
+from megatron_apriel.data.blends import BlendSpec, blend_spec, build_datasets, resolve_stage, stage_checkpoint
+from megatron_apriel.data.registry import resolve_dataset
+from megatron_apriel.data.synthetic import SyntheticDataset, SyntheticImageTextDataset  # noqa: F401 (older configs name them here)
+from megatron_apriel.models import get_preset
+from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
+from megatron_apriel.models.flops import flops_per_token, peak_flops
+from megatron_apriel.models.llava import build_llava_chunks
+from megatron_apriel.runtime import init_distributed
+from megatron_apriel.training.checkpointing import Checkpointer, read_latest
 from megatron_apriel.training.config import TrainConfig
+from megatron_apriel.training.data_loader import Batches, batches
+from megatron_apriel.training.freeze import freeze_groups
+from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
+from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
+from megatron_apriel.training.step import eval_step, train_step
 
 EXIT_REQUEUE = 3
-
-
-class PretrainingSampler:
-    """Megatron-LM's MegatronPretrainingSampler (megatron/training, not in megatron-core).
-
-    Yields this DP rank's indices of each micro-batch, in dataset order from ``consumed_samples``:
-    a resumed run reads exactly the samples an uninterrupted run would have read next.
-    """
-
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
-        self.total = total_samples
-        self.consumed = consumed_samples
-        self.mbs = micro_batch_size
-        self.dp_rank = dp_rank
-        self.dp_size = dp_size
-
-    def __len__(self):
-        return self.total
-
-    def __iter__(self):
-        group = self.mbs * self.dp_size
-        start = self.dp_rank * self.mbs
-        for first in range(self.consumed, self.total - group + 1, group):
-            yield list(range(first + start, first + start + self.mbs))
-
-
-class SyntheticDataset(torch.utils.data.Dataset):
-    """A learnable corpus without files, for the tiny example configs and smoke tests.
-
-    Sample i is an arithmetic progression modulo ``vocab`` (start and stride drawn from ``seed`` and
-    i): the next token follows from the previous two, so a tiny model's loss falls within steps.
-    """
-
-    def __init__(self, seq_length: int, num_samples: int = 4096, vocab: int = 500, seed: int = 0,
-                 max_stride: int = 7, masked_fraction: float = 0.0):
-        self.s, self.n, self.vocab, self.seed = seq_length, num_samples, vocab, seed
-        self.max_stride, self.masked_fraction = max_stride, masked_fraction
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        start = int(torch.randint(0, self.vocab, (1,), generator=g))
-        stride = int(torch.randint(1, self.max_stride + 1, (1,), generator=g))
-        seq = (start + stride * torch.arange(self.s + 1)) % self.vocab
-        mask = torch.ones(self.s)
-        if self.masked_fraction:  # a prompt-like prefix without loss, as in SFT
-            mask[: int(self.s * self.masked_fraction)] = 0
-        return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": mask, "position_ids": torch.arange(self.s)}
-
-
-class SyntheticImageTextDataset(torch.utils.data.Dataset):
-    """Image-caption samples without files, for the tiny multimodal configs and tests.
-
-    Each image is a flat colour (class c of ``classes``, plus noise) of a size drawn from ``sizes``;
-    its caption token is ``caption_base + c``, so only the image tells the model what comes next.
-    Placeholders are laid out as PixtralProcessor writes them; the rest of the row is the arithmetic
-    progression of :class:`SyntheticDataset`. ``loss_on_text=False`` trains on the captions only
-    (response-only loss, as in CPT stage 2). Items and :meth:`collate` follow the batch contract of
-    :mod:`megatron_apriel.models.llava`.
-    """
-
-    def __init__(self, seq_length: int, num_samples: int = 1024, seed: int = 0, preset: str = "tiny-llava",
-                 sizes=((8, 8), (8, 12), (12, 8)), images_per_sample: int = 1, classes: int = 8,
-                 caption_base: int = 100, vocab: int = 500, loss_on_text: bool = True):
-        from megatron_apriel.models import get_preset
-
-        self.s, self.n, self.seed = seq_length, num_samples, seed
-        self.vision = get_preset(preset).vision
-        self.sizes, self.k, self.classes = [tuple(x) for x in sizes], images_per_sample, classes
-        self.caption_base, self.vocab, self.loss_on_text = caption_base, vocab, loss_on_text
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        v, g = self.vision, torch.Generator().manual_seed(self.seed * 1_000_003 + i)
-        seq, trained, pixels, sizes = [1], [False], [], []
-        for _ in range(self.k):
-            h, w = self.sizes[int(torch.randint(0, len(self.sizes), (1,), generator=g))]
-            c = int(torch.randint(0, self.classes, (1,), generator=g))
-            pixels.append(torch.full((3, h, w), 2.0 * c / self.classes - 1.0) + 0.1 * torch.randn(3, h, w, generator=g))
-            sizes.append((h, w))
-            for r in range(h // v.patch_size):
-                seq += [v.image_token_id] * (w // v.patch_size)
-                seq.append(v.image_end_token_id if r == h // v.patch_size - 1 else v.image_break_token_id)
-            trained += [False] * (len(seq) - len(trained))
-            seq.append(self.caption_base + c)
-            trained.append(True)
-        if len(seq) > self.s:
-            raise ValueError(f"seq_length {self.s} is too short for {self.k} image(s) of up to {max(sizes)} pixels")
-        start = int(torch.randint(0, self.vocab, (1,), generator=g))
-        stride = int(torch.randint(1, 8, (1,), generator=g))
-        rest = self.s + 1 - len(seq)
-        # Text stays clear of the control and image ids (< 20) that the image placeholders use.
-        seq += (20 + (start + stride * torch.arange(rest)) % (self.vocab - 20)).tolist()
-        trained += [self.loss_on_text] * rest
-        seq = torch.tensor(seq)
-        return {"tokens": seq[:-1], "labels": seq[1:], "loss_mask": torch.tensor(trained[1:], dtype=torch.float32),
-                "position_ids": torch.arange(self.s), "pixel_values": pixels,
-                "image_sizes": torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2)}
-
-    @staticmethod
-    def collate(items) -> dict:
-        """[b, s] text tensors; every row's images in order, zero-padded to one [N, 3, H, W]."""
-        batch = {k: torch.stack([it[k] for it in items]) for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        images = [im for it in items for im in it["pixel_values"]]
-        batch["image_sizes"] = torch.cat([it["image_sizes"] for it in items])
-        h, w = max((im.shape[1] for im in images), default=0), max((im.shape[2] for im in images), default=0)
-        batch["pixel_values"] = torch.zeros(len(images), 3, h, w)
-        for j, im in enumerate(images):
-            batch["pixel_values"][j, :, : im.shape[1], : im.shape[2]] = im
-        return batch
 
 
 def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_samples: int):
     """(train, valid or None) datasets of GPTDataset-like dict items; the one place data is made."""
     data = cfg.data
     if data.kind == "blend":
-        from megatron_apriel.data.blends import build_datasets
-
         spec = _blend_spec(cfg)
         return build_datasets(spec, cfg.train.global_batch_size, train_samples=train_samples,
                               valid_samples=valid_samples, eod_token=data.eod_token)
-    import importlib
-
-    module, _, name = data.factory.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"data.factory: cannot import {data.factory!r}: {e}") from None
+    factory = resolve_dataset(data.factory)
     common = dict(seq_length=cfg.train.seq_length)
     train = factory(**data.factory_args, **common)
     valid = factory(**data.valid_factory_args, **common) if data.valid_factory_args else None
@@ -170,10 +67,6 @@ def build_named_valid_sets(cfg: TrainConfig, valid_samples: int) -> dict:
     """``data.valid_sets`` / ``data.valid_per_source`` as {name: dataset}, each evaluated apart."""
     data = cfg.data
     if data.valid_per_source:
-        import dataclasses
-
-        from megatron_apriel.data.blends import build_datasets, resolve_stage
-
         spec = resolve_stage(_blend_spec(cfg))
         out = {}
         for src in spec.sources:
@@ -183,44 +76,19 @@ def build_named_valid_sets(cfg: TrainConfig, valid_samples: int) -> dict:
         return out
     if not data.valid_sets:
         return {}
-    import importlib
-
-    module, _, name = data.factory.partition(":")
-    factory = getattr(importlib.import_module(module), name)
+    factory = resolve_dataset(data.factory)
     return {n: factory(**args, seq_length=cfg.train.seq_length) for n, args in data.valid_sets.items()}
-
-
-def _blend_dict(blend) -> dict:
-    """``data.blend`` inline, or the path of a blend YAML (examples/<model>/cpt_blend.yaml)."""
-    if isinstance(blend, str):
-        from megatron_apriel.config import load_yaml
-
-        return load_yaml(blend)
-    if not isinstance(blend, dict):
-        raise ConfigError(f"data.blend: expected a mapping or a YAML path, got {blend!r}")
-    return dict(blend)
 
 
 def _stage_load(cfg: TrainConfig) -> Optional[str]:
     """The starting checkpoint a blend stage names (``stages[].load``), when checkpoint.load is unset."""
     if cfg.data.kind != "blend":
         return None
-    from megatron_apriel.data.blends import stage_checkpoint
-
     return stage_checkpoint(_blend_spec(cfg))
 
 
-def _blend_spec(cfg: TrainConfig):
-    from megatron_apriel.data.blends import BlendSpec
-
-    blend = _blend_dict(cfg.data.blend)
-    blend.setdefault("seq_length", cfg.train.seq_length)
-    if blend.get("tokens") is None and blend.get("steps") is None:
-        blend["steps"] = max(cfg.train.train_iters, 1)  # no budget given: train.train_iters
-    spec = from_dict(BlendSpec, blend, "data.blend")
-    if spec.seq_length != cfg.train.seq_length:
-        raise ConfigError(f"data.blend.seq_length {spec.seq_length} != train.seq_length {cfg.train.seq_length}")
-    return spec
+def _blend_spec(cfg: TrainConfig) -> BlendSpec:
+    return blend_spec(cfg.data.blend, cfg.train.seq_length, cfg.train.train_iters)
 
 
 def _check_loaded_model(load: str, preset, preset_name: str) -> None:
@@ -249,52 +117,7 @@ def _device_of(env) -> str:
     return "cuda" if env.device == "cuda" else "cpu"
 
 
-IMAGE_KEYS = ("pixel_values", "image_sizes")  # the multimodal batch (models/llava.py)
-
-
-class _Batches:
-    """Micro-batches of one global batch from a DataLoader, moved to the device (packed ones flattened)."""
-
-    def __init__(self, loader, device: str, cp: int = 1):
-        self.it = iter(loader)
-        self.device = device
-        self.cp = cp
-
-    def take(self, n: int) -> list[dict]:
-        out = []
-        for _ in range(n):
-            batch = next(self.it)
-            if "cu_seqlens" in batch:
-                from megatron_apriel.data.packing import flatten_packed_batch
-
-                # Flattening rows keeps the images' order (row 0 first), so they travel unchanged.
-                batch = {**flatten_packed_batch(batch), **{k: batch[k] for k in IMAGE_KEYS if k in batch}}
-            item = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v)
-                    for k, v in batch.items() if k in ("tokens", "labels", "loss_mask", "position_ids") + IMAGE_KEYS}
-            if batch.get("packed_seq_params") is not None:
-                p = batch["packed_seq_params"]
-                for f in ("cu_seqlens_q", "cu_seqlens_kv"):
-                    setattr(p, f, getattr(p, f).to(self.device))
-                item["packed_seq_params"] = p
-            elif self.cp > 1:  # this CP rank's two sequence chunks (load-balanced causal split)
-                from megatron.core.utils import get_batch_on_this_cp_rank
-
-                item = get_batch_on_this_cp_rank(item)
-            out.append(item)
-        return out
-
-
-def _loader(dataset, consumed: int, mbs: int, num_workers: int):
-    from megatron.core import parallel_state as ps
-
-    sampler = PretrainingSampler(len(dataset), consumed, mbs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
-                                       collate_fn=getattr(dataset, "collate", None))
-
-
 def build_scheduler(optimizer, cfg: TrainConfig):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     t, s, o = cfg.train, cfg.train.schedule, cfg.train.optim
     decay = max(s.decay_iters or t.train_iters, s.warmup_iters + 1)
     return OptimizerParamScheduler(
@@ -305,7 +128,7 @@ def build_scheduler(optimizer, cfg: TrainConfig):
     )
 
 
-class _StopFlag:
+class StopFlag:
     """SIGTERM/SIGUSR1 set a flag; the loop acts on it at the next step boundary on every rank."""
 
     def __init__(self):
@@ -328,23 +151,38 @@ def _log0(msg: str) -> None:
         print(msg, flush=True)
 
 
-def train(cfg: TrainConfig) -> int:
-    from megatron.core import parallel_state as ps
+@dataclass
+class TrainState:
+    """Everything :func:`build` makes and :func:`run` steps: the model, its optimizer and data."""
 
-    from megatron_apriel.models import get_preset
-    from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
-    from megatron_apriel.models.flops import flops_per_token, peak_flops
-    from megatron_apriel.runtime import init_distributed
-    from megatron_apriel.training.checkpointing import Checkpointer, read_latest
-    from megatron_apriel.training.freeze import freeze_groups
-    from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
-    from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
-    from megatron_apriel.training.step import eval_step, train_step
+    cfg: TrainConfig
+    stop: StopFlag
+    device: str
+    world_size: int
+    dp: int
+    n_mb: int  # micro-batches per DP rank per step
+    ddp: list
+    optimizer: object
+    scheduler: object
+    checkpointer: Checkpointer
+    writer: MetricsWriter
+    meter: Throughput
+    iteration: int = 0
+    consumed: int = 0
+    train_ds: object = None
+    valid_ds: object = None
+    named_valid: dict = field(default_factory=dict)
+    batches: Optional[Batches] = None
+    seq: int = 0  # sequence length and micro-batch size the step sees (packed rows: one flat row)
+    mbs: int = 0
 
+
+def build(cfg: TrainConfig) -> TrainState:
+    """Distributed start-up, model, optimizer, resume and data of ``cfg``; ready to :func:`run`."""
     m, t, ck, lg = cfg.model, cfg.train, cfg.checkpoint, cfg.logging
     # Before anything slow: a SLURM time-limit signal arriving during start-up (rendezvous, model
     # build, checkpoint load) must not kill the job; it is acted on at the first step boundary.
-    stop = _StopFlag()
+    stop = StopFlag()
     if m.deterministic:
         # cuBLAS reads this when its first handle is made, i.e. before the first matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -360,7 +198,7 @@ def train(cfg: TrainConfig) -> int:
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
                           f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
     n_mb = t.global_batch_size // (t.micro_batch_size * dp)
-    _log0("config:\n" + __import__("yaml").safe_dump(to_dict(cfg), sort_keys=False))
+    _log0("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     preset = get_preset(m.preset, **m.changes)
     load = ck.load or _stage_load(cfg)
@@ -372,10 +210,9 @@ def train(cfg: TrainConfig) -> int:
         params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
         fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
         device=env.device, use_te=use_te, deterministic_mode=m.deterministic)
-    build = build_model_chunks
-    if preset.vision is not None:  # Pixtral/LLaVA: vision encoder + projector + the decoder
-        from megatron_apriel.models.llava import build_llava_chunks as build
-    chunks = build(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
+    # Pixtral/LLaVA: vision encoder + projector + the decoder
+    build_chunks = build_llava_chunks if preset.vision is not None else build_model_chunks
+    chunks = build_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
     frozen = freeze_groups(chunks, t.freeze)
     if frozen:
         _log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
@@ -406,7 +243,7 @@ def train(cfg: TrainConfig) -> int:
 
     train_samples = t.train_iters * t.global_batch_size
     valid_samples = lg.eval_iters * t.global_batch_size if lg.eval_interval else 0
-    train_ds = valid_ds = batches = None
+    train_ds = valid_ds = train_batches = None
     named_valid: dict = {}
     if iteration < t.train_iters:  # (train_iters 0: only convert/save the starting point)
         train_ds, valid_ds = build_datasets_from_config(cfg, train_samples, valid_samples)
@@ -418,7 +255,7 @@ def train(cfg: TrainConfig) -> int:
             if ds is not None and lg.eval_interval and len(ds) < valid_samples:
                 raise ConfigError(f"the validation data{f' {name!r}' if name else ''} has {len(ds)} samples < "
                                   f"logging.eval_iters x global_batch_size = {valid_samples}")
-        batches = _Batches(_loader(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers), device, m.cp)
+        train_batches = batches(train_ds, consumed, t.micro_batch_size, cfg.data.num_workers, device, m.cp)
 
     log_dir = lg.log_dir or (os.path.join(ck.save, "logs") if ck.save else None)
     writer = MetricsWriter(log_dir, to_dict(cfg), lg.wandb_project, lg.wandb_run_name, lg.wandb_mode)
@@ -428,45 +265,59 @@ def train(cfg: TrainConfig) -> int:
 
     packed = train_ds is not None and "cu_seqlens" in train_ds[0]
     seq, mbs = (t.seq_length * t.micro_batch_size, 1) if packed else (t.seq_length, t.micro_batch_size)
+    return TrainState(cfg, stop, device, env.world_size, dp, n_mb, ddp, optimizer, scheduler, checkpointer, writer,
+                      meter, iteration, consumed, train_ds, valid_ds, named_valid, train_batches, seq, mbs)
 
-    def valid_loss(ds) -> float:
-        vb = _Batches(_loader(ds, 0, t.micro_batch_size, 0), device, m.cp)
-        total, n = 0.0, 0
-        for _ in range(lg.eval_iters):
-            mb = vb.take(n_mb)
-            r = eval_step(ddp, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, seq, mbs)
-            total += r.loss * r.num_tokens
-            n += r.num_tokens
-        return total / max(n, 1)
 
-    def run_eval(step: int) -> None:
-        if valid_ds is not None:
-            loss = valid_loss(valid_ds)
-            _log0(f"validation at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
-            writer.scalars(step, {"valid/loss": loss})
-            writer.record({"iteration": step, "valid_loss": loss})
-        for name, ds in named_valid.items():  # one line per named set (per blend source)
-            loss = valid_loss(ds)
-            _log0(f"validation {name!r} at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
-            writer.scalars(step, {f"valid/{name}/loss": loss})
-            writer.record({"iteration": step, f"valid_loss/{name}": loss})
+def _valid_loss(st: TrainState, ds) -> float:
+    t, lg = st.cfg.train, st.cfg.logging
+    vb = batches(ds, 0, t.micro_batch_size, 0, st.device, st.cfg.model.cp)
+    total, n = 0.0, 0
+    for _ in range(lg.eval_iters):
+        mb = vb.take(st.n_mb)
+        r = eval_step(st.ddp, [iter(mb) for _ in st.ddp] if len(st.ddp) > 1 else iter(mb), st.n_mb, st.seq, st.mbs)
+        total += r.loss * r.num_tokens
+        n += r.num_tokens
+    return total / max(n, 1)
 
+
+def _run_eval(st: TrainState, step: int) -> None:
+    if st.valid_ds is not None:
+        loss = _valid_loss(st, st.valid_ds)
+        _log0(f"validation at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
+        st.writer.scalars(step, {"valid/loss": loss})
+        st.writer.record({"iteration": step, "valid_loss": loss})
+    for name, ds in st.named_valid.items():  # one line per named set (per blend source)
+        loss = _valid_loss(st, ds)
+        _log0(f"validation {name!r} at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
+        st.writer.scalars(step, {f"valid/{name}/loss": loss})
+        st.writer.record({"iteration": step, f"valid_loss/{name}": loss})
+
+
+def run(st: TrainState) -> int:
+    """Step from ``st.iteration`` to ``train.train_iters``: log, evaluate, checkpoint, stop on a
+    signal or ``train.exit_interval``; returns the exit code (0 done, 3 checkpointed for requeue)."""
+    cfg = st.cfg
+    m, t, ck, lg = cfg.model, cfg.train, cfg.checkpoint, cfg.logging
+    ddp, optimizer, scheduler, checkpointer, writer = st.ddp, st.optimizer, st.scheduler, st.checkpointer, st.writer
+    n_mb = st.n_mb
     exit_code = 0
     last_saved = None
-    _log0(f"training from iteration {iteration} to {t.train_iters}: {n_mb} micro-batches x {t.micro_batch_size} "
-          f"per DP rank, DP={dp} TP={m.tp} PP={m.pp} CP={m.cp}")
-    while iteration < t.train_iters:
-        mb = batches.take(n_mb)
-        result = train_step(ddp, optimizer, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, seq, mbs)
+    _log0(f"training from iteration {st.iteration} to {t.train_iters}: {n_mb} micro-batches x {t.micro_batch_size} "
+          f"per DP rank, DP={st.dp} TP={m.tp} PP={m.pp} CP={m.cp}")
+    while st.iteration < t.train_iters:
+        mb = st.batches.take(n_mb)
+        result = train_step(ddp, optimizer, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, st.seq, st.mbs)
         scheduler.step(increment=1)
-        iteration += 1
-        consumed += t.global_batch_size
-        meter.tick()
+        st.iteration += 1
+        st.consumed += t.global_batch_size
+        iteration, consumed = st.iteration, st.consumed
+        st.meter.tick()
         lr = optimizer.param_groups[0]["lr"]
         writer.record({"iteration": iteration, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                        "tokens": result.num_tokens, "consumed_samples": consumed})
         if iteration % lg.log_interval == 0 or iteration == t.train_iters:
-            r = meter.read(t.train_iters - iteration)
+            r = st.meter.read(t.train_iters - iteration)
             gn = f"{result.grad_norm:.4f}" if result.grad_norm is not None else "n/a"
             mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
             _log0(f"step {iteration}/{t.train_iters} | consumed tokens {consumed * t.seq_length} | loss {result.loss:.6f} "
@@ -476,24 +327,29 @@ def train(cfg: TrainConfig) -> int:
                                        "perf/tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "perf/mfu": r["mfu"],
                                        "train/consumed_tokens": consumed * t.seq_length})
         if lg.eval_interval and iteration % lg.eval_interval == 0:
-            run_eval(iteration)
+            _run_eval(st, iteration)
         checkpointer.finalize(blocking=False)
-        stopping = stop.any_rank(device) or (t.exit_interval is not None and iteration % t.exit_interval == 0
-                                             and iteration < t.train_iters)
+        stopping = st.stop.any_rank(st.device) or (t.exit_interval is not None and iteration % t.exit_interval == 0
+                                                   and iteration < t.train_iters)
         if stopping or (ck.save_interval and iteration % ck.save_interval == 0):
             checkpointer.save(iteration, ddp, optimizer, scheduler, consumed)
             last_saved = iteration
         if stopping:
-            _log0(f"stopping at iteration {iteration} ({'signal' if stop.signalled else 'exit_interval'}): "
+            _log0(f"stopping at iteration {iteration} ({'signal' if st.stop.signalled else 'exit_interval'}): "
                   f"checkpointed, exit code {EXIT_REQUEUE}")
             exit_code = EXIT_REQUEUE
             break
-    if exit_code == 0 and ck.save and last_saved != iteration:
-        checkpointer.save(iteration, ddp, optimizer, scheduler, consumed)
+    if exit_code == 0 and ck.save and last_saved != st.iteration:
+        checkpointer.save(st.iteration, ddp, optimizer, scheduler, st.consumed)
     checkpointer.close()
     writer.close()
-    _log0(f"done: iteration {iteration}, consumed samples {consumed}, exit code {exit_code}")
+    _log0(f"done: iteration {st.iteration}, consumed samples {st.consumed}, exit code {exit_code}")
     return exit_code
+
+
+def train(cfg: TrainConfig) -> int:
+    """:func:`build` then :func:`run`: the whole training of ``cfg``; returns the exit code."""
+    return run(build(cfg))
 
 
 def main(argv: Optional[list[str]] = None) -> int:

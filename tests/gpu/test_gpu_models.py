@@ -43,7 +43,7 @@ def test_conversion_round_trip_through_a_gpu_run(hf_dir, tmp_path):
     run_python(["-m", "megatron_apriel.cli", "convert", "hf-to-mcore", "--hf", hf_dir, "--out", tmp_path / "mcore",
                 "--dtype", "bf16"])
     cfg = {"model": {"preset": "tiny", "changes": {"vocab_size": 500}, "device": DEVICE, "bf16": True},
-           "data": {"kind": "dataset", "factory": "megatron_apriel.training.loop:SyntheticDataset",
+           "data": {"kind": "dataset", "factory": "synthetic",
                     "factory_args": {"vocab": 500}},
            "train": {"seq_length": 32, "micro_batch_size": 1, "global_batch_size": 1, "train_iters": 0},
            "checkpoint": {"load": str(tmp_path / "mcore"), "load_mode": "weights", "save": str(tmp_path / "saved")},
