@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_python
 
 STAGES = ["data", "preprocess", "pretrain", "upscale", "cpt", "average", "sft_a", "sft_b", "merge", "grpo",

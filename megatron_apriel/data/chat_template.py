@@ -341,7 +341,7 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: O
     history differently from the turn being generated). ``mark``: a control-token pattern; the
     inputs are marked as ``sanitize_control_tokens`` marks them and the spans index that string.
     """
-    from transformers.utils.chat_template_utils import (
+    from transformers.utils.chat_template_utils import (  # deferred: see control_token_pattern
         _normalize_chat_messages,
         mark_control_tokens,
         render_jinja_template,
@@ -390,7 +390,7 @@ def _marked_offsets(tokenizer, marked: str) -> tuple[list[int], list[tuple[int, 
     removed (so SentencePiece adds no prefix space). Kept in step with transformers by the equality
     check in :func:`encode_chat`.
     """
-    from transformers.utils.chat_template_utils import _get_control_token_patterns
+    from transformers.utils.chat_template_utils import _get_control_token_patterns  # see control_token_pattern
 
     markers = _get_control_token_patterns(tuple(tokenizer.added_tokens_encoder))[1]
     nl = tokenizer("\n", add_special_tokens=False)["input_ids"]

@@ -204,6 +204,7 @@ class TekkenTokenizer(Tokenizer):
         if pattern is not None or vocab_size is not None:
             data = json.loads(path.read_text(encoding="utf-8"))
             if pattern is not None:
+                # megatron-core's named patterns only; preprocessing does not import megatron-core otherwise
                 from megatron.core.tokenizers.text.libraries import tiktoken_tokenizer as mt
 
                 named = {"v1": mt._PATTERN_TIKTOKEN_V1, "v2": mt._PATTERN_TIKTOKEN_V2}

@@ -44,7 +44,7 @@ from megatron_apriel.models.info import GiB, activation_bytes, human_count
 from megatron_apriel.models.llava import build_llava_chunks
 from megatron_apriel.models.presets import ModelPreset, get_preset, padded_vocab_size
 from megatron_apriel.runtime import cpu_backend
-from megatron_apriel.training.config import TrainConfig
+from megatron_apriel.training.config import TrainConfig, blend_spec_of, stage_load
 from megatron_apriel.training.freeze import freeze_groups
 
 # slurm/cpt.sh's defaults, the geometry the recipe's configs are written for
@@ -137,11 +137,9 @@ def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_
 
 def check_files(cfg: TrainConfig) -> list[str]:
     """Data and checkpoint paths as training would read them; lines describing the data."""
-    from megatron_apriel.training.loop import _blend_spec, _stage_load
-
     lines = []
     if cfg.data.kind == "blend":
-        spec = _blend_spec(cfg)
+        spec = blend_spec_of(cfg)
         infos = blend_weights(spec)  # every prefix's .bin/.idx read, a ConfigError naming it otherwise
         need = train_samples_for(spec, cfg.train.global_batch_size) * resolve_stage(spec).seq_length
         for source in dict.fromkeys(i.source for i in infos):
@@ -158,7 +156,7 @@ def check_files(cfg: TrainConfig) -> list[str]:
             if isinstance(value, str) and not (os.path.exists(value) or glob.glob(glob.escape(value) + "*")):
                 raise ConfigError(f"data.factory_args.{key}: nothing at {value!r}")
         lines.append(f"data: {cfg.data.factory} with {cfg.data.factory_args}")
-    load = cfg.checkpoint.load or _stage_load(cfg)
+    load = cfg.checkpoint.load or stage_load(cfg)
     if load and not os.path.exists(load):
         raise ConfigError(f"checkpoint.load: {load} does not exist")
     if cfg.checkpoint.save and os.path.isfile(os.path.join(cfg.checkpoint.save, "latest_checkpointed_iteration.txt")):
