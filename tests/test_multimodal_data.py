@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from megatron_apriel.data import multimodal as mm
 from megatron_apriel.data import multimodal_format as fmt
+from conftest import run_python
 from megatron_apriel.data import preprocess_multimodal as pmm
 from megatron_apriel.data.image_text_blend import ImageTextBlend
 
@@ -227,6 +228,15 @@ def test_bad_records_are_counted_and_strict_stops(corpus, capsys):
         for ext in (".bin", ".idx"):
             one = Path(fmt.dataset_path(str(root / "out/w1"), key) + ext).read_bytes()
             assert one == Path(fmt.dataset_path(str(root / "out/w2"), key) + ext).read_bytes(), key + ext
+    # the same from the command line, where the workers' module is the one run as __main__ (about 10 s)
+    argv = ["--input", str(bad), str(good), "--output-prefix", str(root / "out/cli"), "--tokenizer-type",
+            "HuggingFaceTokenizer", "--tokenizer-model", str(tok), "--image-size", "64", "--patch-size", "16",
+            "--seq-length", "128", "--workers", "2"]
+    proc = run_python(["-m", "megatron_apriel.data.preprocess_multimodal", *argv], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for key in fmt.KEYS:
+        one = Path(fmt.dataset_path(str(root / "out/w1"), key) + ".bin").read_bytes()
+        assert one == Path(fmt.dataset_path(str(root / "out/cli"), key) + ".bin").read_bytes(), key
     w1, w2 = (json.loads((root / f"out/{n}_multimodal.json").read_text()) for n in ("w1", "w2"))
     def timeless(w):
         return {k: v for k, v in w.items() if k not in ("seconds", "outputs")}

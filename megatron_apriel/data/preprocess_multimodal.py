@@ -269,7 +269,14 @@ def _results(chunks: Iterator[list], args) -> Iterator[list]:
             yield _encode_chunk(c)
         return
 
-    with mp.get_context("fork").Pool(args.workers, initializer=_init_worker, initargs=(args,)) as pool:
+    # Workers come from a forkserver, not a fork of this process: the writer is also called inside
+    # longer-lived processes (tests, notebooks) whose threads (tqdm's monitor, tokenizers' pool) may hold
+    # a lock at the moment of a fork, and a forked worker then blocks on it forever. The server preloads
+    # this module, so each worker still starts without importing it again.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["megatron_apriel.data.preprocess_multimodal"])
+    pool = ctx.Pool(args.workers, initializer=_init_worker, initargs=(args,))
+    try:
         pending: collections.deque = collections.deque()
         for c in chunks:
             pending.append(pool.apply_async(_encode_chunk, (c,)))
@@ -277,6 +284,10 @@ def _results(chunks: Iterator[list], args) -> Iterator[list]:
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+        pool.close()  # close and join when done: Pool.terminate can wait forever on a busy worker
+    finally:
+        pool.terminate()  # after close/join a no-op; on an error or an abandoned generator it stops the workers
+        pool.join()
 
 
 def preprocess(args) -> dict:
