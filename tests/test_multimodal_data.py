@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_python
 from PIL import Image, ImageDraw
 
 from megatron_apriel.data import multimodal as mm
 from megatron_apriel.data import multimodal_format as fmt
-from conftest import run_python
 from megatron_apriel.data import preprocess_multimodal as pmm
 from megatron_apriel.data.image_text_blend import ImageTextBlend
 
