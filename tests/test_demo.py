@@ -13,6 +13,7 @@ import pytest
 
 from conftest import run_python
 
+N_TEST = 48  # --minutes 1: 16 held-out problems per family
 STAGES = ["data", "preprocess", "pretrain", "upscale", "cpt", "average", "sft_a", "sft_b", "merge", "grpo",
           "final", "generate"]
 
@@ -40,14 +41,15 @@ def test_every_stage_done_and_summarised(demo):
         assert summary["stages"][name]["seconds"] >= 0
     for name in ("pretrain", "average", "sft_a", "sft_b", "merge", "grpo", "final"):
         f = summary["stages"][name]
-        assert 0.0 <= f["accuracy"] <= 1.0 and 0.0 <= f["format_rate"] <= 1.0 and f["eval_n"] == 16, name
+        assert 0.0 <= f["accuracy"] <= 1.0 and 0.0 <= f["format_rate"] <= 1.0 and f["eval_n"] == N_TEST, name
+        assert set(f["families"]) == {"add", "sub", "compare"}, name
     for name in ("pretrain", "cpt", "sft_a", "sft_b"):
         curve = summary["stages"][name]["loss_curve"]
         assert len(curve) == summary["stages"][name]["iterations"] > 0
         assert all(l == l and l > 0 for _, l in curve), name  # finite, positive
-    png = (out / "loss_curves.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    for line in ("stage", "pretrain", "final", "held-out accuracy: base"):
+    for png in ("loss_curves.png", "accuracy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    for line in ("stage", "pretrain", "final", "held-out accuracy: base", "CPT blend realised", "upscaling:"):
         assert line in stdout
 
 
@@ -69,7 +71,8 @@ def test_data_and_indexed_datasets_load(demo):
         text = tok.decode(toks[0])
         assert "<|assistant|>" in text and "[BEGIN FINAL RESPONSE]" in text
     # no held-out question is in any training text
-    test = [json.loads(l)["question"] for l in (out / "data" / "test.jsonl").read_text().splitlines()]
+    test = [json.loads(l)["question"] for k in ("add", "sub", "compare")
+            for l in (out / "data" / f"test_{k}.jsonl").read_text().splitlines()]
     train_text = "".join((out / "data" / f).read_text() for f in ("reasoning.jsonl", "cot.jsonl", "sft_a.jsonl", "sft_b.jsonl"))
     assert test and not [q for q in test if q in train_text]
 
