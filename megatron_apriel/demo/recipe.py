@@ -46,8 +46,10 @@ class Plan:
     """Sizes of one run; ``--minutes`` scales the steps and the data, not the model.
 
     Small batches and many steps: a tiny model learns the digit facts and the fixed-offset copies
-    of the traces per step far more than per token, so at a fixed CPU budget 8 sequences a step
-    beat 16 (measured: same tokens, lower loss and higher accuracy).
+    of the traces per step far more than per token. Measured on SFT alone from scratch (hidden 128,
+    5 layers): 150 steps of 16 packed rows reached loss 0.42 and 3% held-out accuracy, 600 steps of
+    4 rows (the same tokens) loss 0.16 and 25%, 1200 steps of 4 rows loss 0.04 and 47%. In the
+    demo, RoPE base 1e4 and 700 SFT steps of 4 rows took specialist A from 0.15 to 0.73.
     """
 
     minutes: float
@@ -58,10 +60,11 @@ class Plan:
     hidden_size: int = 128
     ffn_hidden_size: int = 384
     num_layers: int = 4
+    rope_theta: float = 1e4  # 128-token documents: the long-context base of the real presets is no help here
     pretrain_lr: float = 3e-3
     cpt_lr: float = 1e-3
     sft_lr: float = 1e-3
-    grpo_lr: float = 1e-4
+    grpo_lr: float = 2e-5  # 1e-4 took the merge from 0.55 to 0.37 held-out accuracy in 20 steps
     pretrain_iters: int = 0
     cpt_iters: int = 0
     cpt_saves: int = 6
@@ -74,14 +77,14 @@ class Plan:
     @classmethod
     def for_minutes(cls, minutes: float) -> "Plan":
         s = minutes / 12.0
-        return cls(minutes=minutes, pretrain_iters=max(12, round(800 * s)), cpt_iters=max(12, round(300 * s)),
-                   sft_iters=max(6, round(400 * s)), grpo_steps=max(2, 2 * round(10 * s)),
+        return cls(minutes=minutes, pretrain_iters=max(12, round(600 * s)), cpt_iters=max(12, round(200 * s)),
+                   sft_iters=max(6, round(700 * s)), grpo_steps=max(2, 2 * round(10 * s)),
                    grpo_prompts=max(4, round(16 * 20 * s)), n_test=max(48, min(510, 3 * round(170 * s))))
 
     def model_changes(self, vocab_size: int, eos_token_id: int, num_layers: Optional[int] = None) -> dict:
         return {"num_layers": num_layers or self.num_layers, "hidden_size": self.hidden_size,
                 "ffn_hidden_size": self.ffn_hidden_size, "num_attention_heads": 4, "num_query_groups": 2,
-                "kv_channels": 32, "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": eos_token_id}
+                "kv_channels": 32, "rope_theta": self.rope_theta, "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": eos_token_id}
 
 
 class Demo:
