@@ -1,7 +1,7 @@
 """What a demo run shows: the table of stages, ``demo_summary.json`` and the two plots.
 
 Kept apart from the recipe (``recipe.py``) so the presentation can change without touching how
-the stages run, and so a finished run's summary can be redrawn (``report.redraw(out)``).
+the stages run; everything here reads only the stages' figures (their ``done.json``).
 """
 
 from __future__ import annotations
