@@ -1,7 +1,7 @@
 """How long ``apriel eval`` takes on the demo's final model on this machine's CPU.
 
 Runs the evaluation engine of ``apriel eval`` (lm-evaluation-harness, HF backend, fp32 on CPU) on
-the demo's held-out task file at a few batch sizes and sample counts, and prints one row each:
+the demo's held-out addition task file (``test_add.jsonl``) at a few batch sizes and sample counts, and prints one row each:
 records, completions, seconds of evaluation (model loading excluded, listed apart) and completions
 per second.
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:  # vLLM spawns its workers: everything runs under __
     from megatron_apriel.eval.tasks import parse_task_arg
 
     demo = Path(args.demo_dir)
-    hf, test = demo / "final" / "hf", demo / "data" / "test.jsonl"
+    hf, test = demo / "final" / "hf", demo / "data" / "test_add.jsonl"
     for p in (hf, test):
         if not p.exists():
             print(f"eval_demo: {p} not found; run `apriel demo --out {demo}` first", file=sys.stderr)
@@ -52,7 +52,7 @@ def main(argv=None) -> int:  # vLLM spawns its workers: everything runs under __
                                 max_gen_toks=args.max_gen_toks, backend=args.backend)
             spec = parse_task_arg(f"math={test}", n)
             scores, _, runtime = evaluate_model(str(hf), [spec], settings, log=lambda *_: None)
-            s = scores["test"]
+            s = scores[test.stem]
             done = s["records"] * n
             rows.append((s["records"], n, bs, args.max_gen_toks, runtime["seconds"], done / runtime["seconds"],
                          s["pass@1"], s["format"]))

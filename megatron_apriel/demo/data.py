@@ -166,7 +166,7 @@ def write_jsonl(path: Path, records) -> int:
 
 def make_sources(out: Path, n_reasoning_docs: int, n_cot_docs: int, replay_chars: int, n_sft_a: int,
                  n_sft_b: int, n_grpo: int, n_test: int, seed: int = 0) -> dict:
-    """Write corpus/{reasoning,cot,replay}.jsonl, sft_{a,b}.jsonl, grpo_prompts.jsonl, test.jsonl."""
+    """Write {reasoning,cot,replay}.jsonl, sft_{a,b}.jsonl, grpo_prompts.jsonl, test_{add,sub,compare}.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
     per_doc = 4
     train = problems(seed, n_reasoning_docs * per_doc)
@@ -185,9 +185,12 @@ def make_sources(out: Path, n_reasoning_docs: int, n_cot_docs: int, replay_chars
         "grpo_prompts": write_jsonl(out / "grpo_prompts.jsonl", (
             {"prompt": [{"role": "user", "content": p.question}], "domain": "math", "answer": p.answer}
             for p in problems(seed + 30_000, n_grpo))),
-        "test": write_jsonl(out / "test.jsonl", ({"question": p.question, "answer": p.answer, "kind": p.kind}
-                                                  for p in problems(seed + 40_000, n_test, held_out=True))),
     }
+    # one held-out file per family, so ``apriel eval`` scores each family on its own
+    for kind in KINDS:
+        counts[f"test_{kind}"] = write_jsonl(out / f"test_{kind}.jsonl", (
+            {"question": p.question, "answer": p.answer, "kind": p.kind}
+            for p in problems(seed + 40_000, n_test // len(KINDS), kinds=(kind,), held_out=True)))
     return counts
 
 

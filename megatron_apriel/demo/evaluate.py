@@ -1,15 +1,18 @@
-"""Held-out answer accuracy and format-reward rate of an HF checkpoint, by ``apriel eval``'s engine.
+"""Held-out answer accuracy (overall and per task family) and format-reward rate of an HF
+checkpoint, by ``apriel eval``'s engine.
 
-The demo's test set is a ``math`` task file (``{"question", "answer"}`` per line); it is scored by
-lm-evaluation-harness with the project's math kind, greedy, with the Apriel chat template. An
-answer counts as correct only inside the final-response block (``[BEGIN FINAL RESPONSE]...``),
-as in the GRPO reward, and the format rate is the format reward's full-marks rate. Each call also
-writes the full results JSON (per-sample records) when ``results`` is given.
+The demo's test set is one ``math`` task file per family (``test_add.jsonl``, ...;
+``{"question", "answer"}`` per line), scored in one call by lm-evaluation-harness with the
+project's math kind, greedy, with the Apriel chat template. An answer counts as correct only inside
+the final-response block (``[BEGIN FINAL RESPONSE]...``), as in the GRPO reward, and the format
+rate is the format reward's full-marks rate. Each call also writes the full results JSON
+(per-sample records) when ``results`` is given.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -19,20 +22,28 @@ def load_test(path: Path, n: int | None = None) -> list[dict]:
     return rows[:n] if n else rows
 
 
-def evaluate(hf_dir: Path, test_file: Path, n: int | None = None, max_new_tokens: int = 72, batch_size: int = 32,
+def evaluate(hf_dir: Path, test_files: dict[str, Path], max_new_tokens: int = 72, batch_size: int = 64,
              results: Path | None = None) -> dict:
+    """``test_files``: family -> task file. Overall figures are over all records of all files."""
     from transformers.utils import logging as hf_logging
 
     from megatron_apriel.eval.run import Settings, run
 
     hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
-    settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel", limit=n)
+    settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel")
     out = results or Path(hf_dir) / "eval.json"
-    r = run([str(hf_dir)], [f"math={test_file}"], str(out), settings, log=lambda *_: None)
-    task = Path(test_file).stem
-    scores, rows = r["results"][str(hf_dir)][task], r["samples"][str(hf_dir)][task]
-    tests = load_test(test_file)  # the demo's file has no blank lines: record i is on line i + 1
-    samples = [{"question": tests[s["line"] - 1]["question"], "answer": tests[s["line"] - 1]["answer"],
-                "completion": s["completions"][0], "correct": s["correct"][0]} for s in rows[:3]]
-    return {"accuracy": scores["pass@1"], "format_rate": scores["format"], "n": scores["records"], "samples": samples,
-            "outcomes": scores["outcomes"]}
+    r = run([str(hf_dir)], [f"math={p}" for p in test_files.values()], str(out), settings, log=lambda *_: None)
+    scores, rows = r["results"][str(hf_dir)], r["samples"][str(hf_dir)]
+    fam, fam_se, n, correct, formatted, samples = {}, {}, 0, 0.0, 0.0, []
+    for family, path in test_files.items():
+        s = scores[Path(path).stem]
+        fam[family], fam_se[family] = s["pass@1"], s.get("pass@1_stderr", 0.0)
+        n += s["records"]
+        correct += s["pass@1"] * s["records"]
+        formatted += s["format"] * s["records"]
+        tests = load_test(path)  # the demo's files have no blank lines: record i is on line i + 1
+        samples += [{"question": tests[x["line"] - 1]["question"], "answer": tests[x["line"] - 1]["answer"],
+                     "completion": x["completions"][0], "correct": x["correct"][0]} for x in rows[Path(path).stem][:1]]
+    acc = correct / n
+    return {"accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / max(1, n - 1)),
+            "format_rate": formatted / n, "n": n, "families": fam, "families_stderr": fam_se, "samples": samples}
