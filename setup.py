@@ -44,7 +44,9 @@ setup(
         "rl": ["trl>=0.20", "accelerate", "datasets"],
         # apriel eval / merge-search: lm-evaluation-harness is the engine (tested on 0.4.13)
         "eval": ["lm-eval>=0.4.13,<0.5", "datasets"],
-        "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets", "wandb", "lm-eval>=0.4.13,<0.5"],
+        # ruff and import-linter: .ci/run checks the code style and the layering before the tests
+        "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets", "wandb", "lm-eval>=0.4.13,<0.5",
+                "ruff>=0.4", "import-linter>=2.16,<3"],
     },
     entry_points={"console_scripts": ["apriel=megatron_apriel.cli:main"]},
 )

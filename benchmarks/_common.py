@@ -46,7 +46,8 @@ def run_measured(module: str, argv: list[str], work: Path) -> dict:
     script = Path(work) / "bench_child.py"
     script.write_text(CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    proc = subprocess.run([sys.executable, str(script), module, *map(str, argv)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, str(script), module, *map(str, argv)], capture_output=True, text=True,
+                          env=env)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"{module} {argv} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

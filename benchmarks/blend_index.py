@@ -103,12 +103,13 @@ def generate(root: str) -> list[tuple[str, int, int]]:
 
 def build_phase(root: str, cache: str, gbs: int) -> None:
     """Child process: build the stage's indices, print wall time and own peak RSS as JSON."""
-    from megatron_apriel.data.mix_report import load_spec
-    from megatron_apriel.data.blends import build_datasets, train_samples_for
     import dataclasses
 
     # megatron-core's import (torch.compile'd fusions) takes seconds and is not index work
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder  # noqa: F401
+
+    from megatron_apriel.data.blends import build_datasets, train_samples_for
+    from megatron_apriel.data.mix_report import load_spec
 
     spec, _ = load_spec(SPEC)
     spec = dataclasses.replace(

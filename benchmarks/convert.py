@@ -49,7 +49,8 @@ def main() -> int:
           f"({time.time() - t:.0f} s to write)", flush=True)
 
     rows = []
-    rows.append(("hf-to-mcore (TP=1)", *run_step(["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")], work)))
+    to_mcore = ["hf-to-mcore", "--hf", str(work / "hf"), "--out", str(work / "mcore")]
+    rows.append(("hf-to-mcore (TP=1)", *run_step(to_mcore, work)))
     rows.append(("mcore-to-hf", *run_step(["mcore-to-hf", "--ckpt", str(work / "mcore"), "--out", str(work / "back"),
                                            "--max-shard-size", f"{args.shard_gb}GB"], work)))
 
@@ -65,11 +66,12 @@ def main() -> int:
         raise SystemExit(f"round trip differs on {bad[:5]}")
 
     gib = model_bytes / 2**30
-    print(f"\n| step | seconds | GiB/s | peak RSS (VmHWM) GiB | VmHWM / model size | peak anonymous RSS GiB |")
+    print("\n| step | seconds | GiB/s | peak RSS (VmHWM) GiB | VmHWM / model size | peak anonymous RSS GiB |")
     print("|---|---|---|---|---|---|")
     for name, secs, rss, anon in rows:
         print(f"| {name} | {secs:.1f} | {gib / secs:.2f} | {rss:.2f} | {rss / gib:.2f} | {anon:.2f} |")
-    print(f"\nmodel {gib:.2f} GiB ({params / 1e9:.2f} B params, bf16), shard {args.shard_gb} GB; round trip bit-identical")
+    print(f"\nmodel {gib:.2f} GiB ({params / 1e9:.2f} B params, bf16), shard {args.shard_gb} GB; "
+          "round trip bit-identical")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

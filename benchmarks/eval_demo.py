@@ -1,9 +1,9 @@
 """How long ``apriel eval`` takes on the demo's final model on this machine's CPU.
 
 Runs the evaluation engine of ``apriel eval`` (lm-evaluation-harness, HF backend, fp32 on CPU) on
-the demo's held-out addition task file (``test_add.jsonl``) at a few batch sizes and sample counts, and prints one row each:
-records, completions, seconds of evaluation (model loading excluded, listed apart) and completions
-per second.
+the demo's held-out addition task file (``test_add.jsonl``) at a few batch sizes and sample counts,
+and prints one row each: records, completions, seconds of evaluation (model loading excluded,
+listed apart) and completions per second.
 
     apriel demo --out runs/demo --minutes 1          # once, for the model and the task file
     python benchmarks/eval_demo.py --demo-dir runs/demo [--backend vllm]

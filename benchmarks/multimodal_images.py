@@ -27,9 +27,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
-
 from _common import run_measured
+from PIL import Image, ImageDraw
 
 
 def _picture(size: tuple[int, int], seed: int) -> Image.Image:
@@ -53,7 +52,8 @@ def _png_bomb(path: Path, side: int) -> None:
 
     row = b"\x00" + bytes(-(-side // 8))
     z = zlib.compressobj(9)
-    idat = b"".join([z.compress(row * 1000) for _ in range(side // 1000)] + [z.compress(row * (side % 1000)), z.flush()])
+    idat = b"".join([z.compress(row * 1000) for _ in range(side // 1000)]
+                    + [z.compress(row * (side % 1000)), z.flush()])
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
                      + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
@@ -95,7 +95,8 @@ def jsonl_for(folder: Path) -> Path:
     path = folder.with_suffix(".jsonl")
     with open(path, "w", encoding="utf-8") as f:
         for p in sorted(folder.iterdir()):
-            f.write(json.dumps({"images": [str(p)], "prompt": "<image>\nDescribe the image.", "response": p.stem}) + "\n")
+            record = {"images": [str(p)], "prompt": "<image>\nDescribe the image.", "response": p.stem}
+            f.write(json.dumps(record) + "\n")
     return path
 
 
@@ -109,9 +110,11 @@ def main() -> int:
     pre = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", "pixtral", "--workers", "1"]
     runs = [
         ("preprocess-multimodal, normal images", "megatron_apriel.data.preprocess_multimodal",
-         ["--input", jsonl_for(normal), "--output-prefix", work / "out/normal", *pre], work / "out/normal_multimodal.json"),
+         ["--input", jsonl_for(normal), "--output-prefix", work / "out/normal", *pre],
+         work / "out/normal_multimodal.json"),
         ("preprocess-multimodal, mixed, 64 Mpx budget", "megatron_apriel.data.preprocess_multimodal",
-         ["--input", jsonl_for(mixed), "--output-prefix", work / "out/mixed", *pre], work / "out/mixed_multimodal.json"),
+         ["--input", jsonl_for(mixed), "--output-prefix", work / "out/mixed", *pre],
+         work / "out/mixed_multimodal.json"),
         ("preprocess-multimodal, mixed, 16 Mpx budget", "megatron_apriel.data.preprocess_multimodal",
          ["--input", jsonl_for(mixed), "--output-prefix", work / "out/mixed16", *pre, "--max-image-pixels", "16000000"],
          work / "out/mixed16_multimodal.json"),

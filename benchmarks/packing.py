@@ -65,7 +65,8 @@ def main(argv=None) -> int:
                          "method": label, "rows": len(bins),
                          "efficiency": packing_efficiency(lengths, bins, cap),
                          "docs_per_row": len(lengths) / len(bins), "seconds": dt})
-    head = f"{'distribution':<14} {'cap':>6} {'mean len':>8} {'method':<18} {'rows':>7} {'docs/row':>8} {'efficiency':>10} {'plan s':>7}"
+    head = (f"{'distribution':<14} {'cap':>6} {'mean len':>8} {'method':<18} {'rows':>7} {'docs/row':>8} "
+            f"{'efficiency':>10} {'plan s':>7}")
     print(f"{args.docs} documents per distribution (log-normal lengths, clipped to the capacity)")
     print(head)
     print("-" * len(head))

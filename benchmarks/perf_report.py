@@ -28,7 +28,8 @@ def _row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     mem = f"{r['peak_mem_GiB']:.1f}" if r.get("peak_mem_GiB") is not None else "-"
     return (f"| {r['path']} | {r['recompute']} | {r['layers']} | {r['seq']} | {r['micro_batch']} x {r['grad_accum']} "
-            f"| {r['step_time_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.1f} | {mfu} | {mem} |")
+            f"| {r['step_time_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.1f} | {mfu} "
+            f"| {mem} |")
 
 
 def record_table(record: dict, name: str) -> str:
@@ -46,7 +47,8 @@ def record_table(record: dict, name: str) -> str:
         record["command"],
         "```",
         "",
-        "| path | recompute | layers | seq | micro-batch x accum | step s (median) | tokens/s/GPU | TFLOP/s | MFU | peak GiB |",
+        "| path | recompute | layers | seq | micro-batch x accum | step s (median) | tokens/s/GPU | TFLOP/s | MFU "
+        "| peak GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *(_row(r) for r in record["rows"]),
     ]

@@ -65,7 +65,6 @@ def _web_documents(seed: int = 0):
     import base64
     import random
     import re
-
     from pydoc_data.topics import topics
 
     rng = random.Random(seed)
@@ -314,7 +313,8 @@ def main() -> int:
     size = corpus.stat().st_size
     with open(corpus, "rb") as f:
         n_docs = sum(1 for _ in f)
-    print(f"corpus {corpus}: {size / 1e6:.0f} MB, {n_docs:,} documents ({time.perf_counter() - t0:.1f}s to build/check); "
+    print(f"corpus {corpus}: {size / 1e6:.0f} MB, {n_docs:,} documents "
+          f"({time.perf_counter() - t0:.1f}s to build/check); "
           f"{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}", flush=True)
 
     from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -355,7 +355,8 @@ def main() -> int:
               f"{size / 1e6 / s:.1f} | {cpu:.1f} | {rss:,.0f} |")
     for core, tok_alone, cpu_alone in alone:
         print(f"| {core} alone (CPU time) | 1 | {n_docs:,} | {tok_alone:,} | {cpu_alone:.1f} | "
-              f"{n_docs / cpu_alone:,.0f} | {tok_alone / cpu_alone:,.0f} | {size / 1e6 / cpu_alone:.1f} | {cpu_alone:.1f} | - |")
+              f"{n_docs / cpu_alone:,.0f} | {tok_alone / cpu_alone:,.0f} | {size / 1e6 / cpu_alone:.1f} | "
+              f"{cpu_alone:.1f} | - |")
 
     # exactness: every run of ours byte-identical (any --workers) and equal to a direct
     # per-document encode_ordinary (the legacy baseline); --verify adds mistral-common's encode
@@ -369,7 +370,8 @@ def main() -> int:
         same = all(content(p) == first for p in ours[1:] + refs)
         print(f"\nours byte-identical across workers{' and to naive-legacy' if refs else ''}: {same}")
         if args.verify:
-            print(f"documents differing from mistral-common Tekkenizer.encode: {verify_against_mistral_common(corpus, ours[0])}")
+            differing = verify_against_mistral_common(corpus, ours[0])
+            print(f"documents differing from mistral-common Tekkenizer.encode: {differing}")
         if not same:
             return 1
     return 0

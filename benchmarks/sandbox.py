@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     workers = args.workers or sorted({1, cores})
     python = choose_python(SandboxLimits())
     run_python("pass")  # warm the isolation check and the page cache
-    base = {"python -c pass": bare(python, [], args.runs), "python -I -S -c pass": bare(python, ["-I", "-S"], args.runs)}
+    base = {"python -c pass": bare(python, [], args.runs),
+            "python -I -S -c pass": bare(python, ["-I", "-S"], args.runs)}
     ref = statistics.median(base["python -c pass"])
     rows = [{"what": name, "workers": 1, "runs": len(t), "programs_per_s": len(t) / sum(t),
              "median_ms": 1e3 * statistics.median(t), "p95_ms": 1e3 * percentile(t, 0.95)} for name, t in base.items()]
@@ -77,14 +78,16 @@ def main(argv=None) -> int:
             limits = SandboxLimits(workers=n, isolation=mode)
             isolation_mode(limits)
             total, lat = sandboxed(limits, args.runs)
-            rows.append({"what": f"sandbox ({mode})", "workers": n, "runs": args.runs, "programs_per_s": args.runs / total,
+            rows.append({"what": f"sandbox ({mode})", "workers": n, "runs": args.runs,
+                         "programs_per_s": args.runs / total,
                          "median_ms": 1e3 * statistics.median(lat), "p95_ms": 1e3 * percentile(lat, 0.95)})
     for r in rows:
         r["per_core"] = r["programs_per_s"] / min(r["workers"], cores)
         r["x_bare"] = r["median_ms"] / (1e3 * ref)
     load = os.getloadavg()[0]
     print(f"{python} on {cores} cores (load average {load:.1f}); trivial program, {args.runs} runs per row")
-    head = f"{'what':<22} {'workers':>7} {'programs/s':>10} {'per core':>9} {'median ms':>10} {'p95 ms':>8} {'x bare':>7}"
+    head = (f"{'what':<22} {'workers':>7} {'programs/s':>10} {'per core':>9} {'median ms':>10} {'p95 ms':>8} "
+            f"{'x bare':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
         n_tokens = sum(len(fn(c)) for c in convs)
         secs = time.perf_counter() - start
         rows.append({"path": name, "conversations": len(convs), "tokens": n_tokens, "seconds": round(secs, 3),
-                     "conversations_per_s": round(len(convs) / secs, 1), "ms_per_conversation": round(1e3 * secs / len(convs), 3)})
+                     "conversations_per_s": round(len(convs) / secs, 1),
+                     "ms_per_conversation": round(1e3 * secs / len(convs), 3)})
     base = rows[0]["seconds"]
     print(f"{'path':<36} {'conv':>6} {'tokens/conv':>11} {'conv/s':>9} {'ms/conv':>8} {'vs apply':>8}")
     for r in rows:

@@ -61,8 +61,9 @@ def environment() -> dict:
         env["gpu_count"] = torch.cuda.device_count()
         env["gpu_memory_GiB"] = round(props.total_memory / 2**30, 1)
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip() or None
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            env["driver"] = smi.stdout.split("\n")[0].strip() or None
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
     try:
@@ -224,7 +225,7 @@ def main(argv=None) -> int:
                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                       [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])})
             if proc.returncode != 0:
-                lines = [l for l in proc.stderr.splitlines() if "Error" in l or "error:" in l]
+                lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error:" in ln]
                 last = lines[-1:] or ["failed (exit %d)" % proc.returncode]
                 rows.append({"path": path, "recompute": rc, "error": last[0][-160:]})
                 continue
@@ -234,7 +235,8 @@ def main(argv=None) -> int:
             if args.trace and os.path.exists(result + ".trace.json"):
                 rows[-1]["trace"] = result + ".trace.json"
 
-    header = f"{'path':<10} {'recompute':<10} {'layers':>6} {'seq':>6} {'step s':>8} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}"
+    header = (f"{'path':<10} {'recompute':<10} {'layers':>6} {'seq':>6} {'step s':>8} {'tok/s/GPU':>10} "
+              f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:

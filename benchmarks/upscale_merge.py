@@ -45,14 +45,16 @@ def main() -> int:
         shard = ["--max-shard-gb", str(args.shard_gb)]
         rows = []
         r = run_measured("megatron_apriel.checkpoint.upscale",
-                         ["--hf", str(work / "in0"), "--out", str(work / "up"), "--duplicate-middle", "1", *shard], work)
+                         ["--hf", str(work / "in0"), "--out", str(work / "up"), "--duplicate-middle", "1", *shard],
+                         work)
         rows.append((f"upscale {args.layers} -> {args.layers + 1} layers", gb, r))
         r = run_measured("megatron_apriel.checkpoint.average",
-                         [str(work / f"in{i}") for i in range(3)] + ["--weights", "0.3", "0.3", "0.4", "--out", str(work / "avg"), *shard], work)
+                         [str(work / f"in{i}") for i in range(3)]
+                         + ["--weights", "0.3", "0.3", "0.4", "--out", str(work / "avg"), *shard], work)
         rows.append(("average of 3 (0.3/0.3/0.4)", 3 * gb, r))
         print(f"\nshard size {args.shard_gb:g} GB, largest tensor {largest * 2 / 1e9:.2f} GB (bf16)")
-        print(f"| operation | GB read | seconds | GB/s read | peak RSS (VmHWM) GB | peak anonymous RSS GB |")
-        print(f"|---|---|---|---|---|---|")
+        print("| operation | GB read | seconds | GB/s read | peak RSS (VmHWM) GB | peak anonymous RSS GB |")
+        print("|---|---|---|---|---|---|")
         for name, read_gb, r in rows:
             print(f"| {name} | {read_gb:.2f} | {r['seconds']:.1f} | {read_gb / r['seconds']:.2f} | "
                   f"{r['hwm'] / 1e9:.2f} | {r['anon'] / 1e9:.2f} |")

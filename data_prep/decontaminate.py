@@ -86,7 +86,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     per_eval: dict[str, dict] = {}
     for path in args.eval:
         name = os.path.basename(path).split(".")[0]
-        stats = per_eval.setdefault(name, {"eval_records": 0, "eval_records_shorter_than_n": 0, "dropped": 0, "ids": []})
+        stats = per_eval.setdefault(name, {"eval_records": 0, "eval_records_shorter_than_n": 0, "dropped": 0,
+                                           "ids": []})
         for _, _, record in read_jsonl(path):
             stats["eval_records"] += 1
             words = normalize(" ".join(record_texts(record)))

@@ -62,7 +62,8 @@ from PIL import Image, ImageColor, ImageDraw
 from megatron_apriel.data.images import DEFAULT_MAX_PIXELS, ImageError, LoadedImage, count_notes, load_image
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-PALETTE_NAMES = ("black", "white", "gray", "red", "green", "blue", "yellow", "orange", "purple", "brown", "pink", "cyan")
+PALETTE_NAMES = ("black", "white", "gray", "red", "green", "blue", "yellow", "orange", "purple", "brown", "pink",
+                 "cyan")
 PALETTE = np.array([ImageColor.getrgb(n) for n in PALETTE_NAMES], dtype=np.float64)
 MASK_FILL = (128, 128, 128)
 
@@ -114,7 +115,7 @@ class Sample:
     prompt: str
     response: str
     answer: dict
-    
+
 
 @dataclass
 class Annotations:
@@ -208,14 +209,17 @@ def check_config(cfg: dict, where: str) -> None:
                 need(0 < lv.get("mask_ratio", 0) < 1, f"{key}.mask_ratio", "in (0, 1)")
                 need(isinstance(lv.get("grid"), int) and 1 <= lv["grid"] <= 8, f"{key}.grid", "an integer 1..8")
             elif fam == "crop_matching":
-                need(isinstance(lv.get("candidates"), int) and 2 <= lv["candidates"] <= 26, f"{key}.candidates", "an integer 2..26")
+                need(isinstance(lv.get("candidates"), int) and 2 <= lv["candidates"] <= 26, f"{key}.candidates",
+                     "an integer 2..26")
                 need(0 < lv.get("crop_size", 0) < 1, f"{key}.crop_size", "in (0, 1)")
-                need(lv.get("distractors") in DISTRACTOR_KINDS, f"{key}.distractors", f"one of {', '.join(DISTRACTOR_KINDS)}")
+                need(lv.get("distractors") in DISTRACTOR_KINDS, f"{key}.distractors",
+                     f"one of {', '.join(DISTRACTOR_KINDS)}")
             elif fam == "presence":
                 need(lv.get("answer") in PRESENCE_ANSWERS, f"{key}.answer", f"one of {', '.join(PRESENCE_ANSWERS)}")
             elif fam == "counting":
                 lo, hi = lv.get("min_count"), lv.get("max_count")
-                need(isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi, key, "min_count <= max_count, non-negative integers")
+                need(isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi, key,
+                     "min_count <= max_count, non-negative integers")
         if fam == "counting":
             ranges = sorted((lv["min_count"], lv["max_count"]) for lv in levels.values())
             for (_, hi), (lo, _) in zip(ranges, ranges[1:]):
@@ -291,7 +295,8 @@ def reconstruction(img: Image.Image, lv: dict, rng: np.random.Generator) -> tupl
         response = cells[0][0]["colour"]
     else:
         prompt = (f"<image>\nThe grey rectangle at {nb} hides part of the image. Split it into a {g}x{g} grid and "
-                  f"give the main colour of each cell, one row per line, left to right, using: {', '.join(PALETTE_NAMES)}.")
+                  "give the main colour of each cell, one row per line, left to right, using: "
+                  f"{', '.join(PALETTE_NAMES)}.")
         response = "\n".join(", ".join(c["colour"] for c in row) for row in cells)
     answer = {"box_pixels": list(box), "box": nb, "grid": g, "cells": cells}
     return [masked], prompt, response, answer
@@ -454,7 +459,8 @@ def generate(cfg: dict, image_paths: list[str], ann: Optional[Annotations], imag
     source = source or ImageSource()
     fam_index = {f: i for i, f in enumerate(FAMILIES)}
     count_tally: dict = {}
-    for idx, path in enumerate(tqdm(image_paths, desc="images", unit=" img", disable=not progress or None, mininterval=2.0)):
+    bar = tqdm(image_paths, desc="images", unit=" img", disable=not progress or None, mininterval=2.0)
+    for idx, path in enumerate(bar):
         loaded = source.open(path)
         if loaded is None:
             continue
@@ -497,7 +503,8 @@ def generate(cfg: dict, image_paths: list[str], ann: Optional[Annotations], imag
                 yield Sample(fam, level, path, images, prompt, response, answer)
 
 
-def contact_sheet(examples: dict, path: str, thumb: int = 96, cell_w: int = 420, source: Optional[ImageSource] = None) -> None:
+def contact_sheet(examples: dict, path: str, thumb: int = 96, cell_w: int = 420,
+                  source: Optional[ImageSource] = None) -> None:
     """One tile per (task, difficulty): the sample's images scaled to ``thumb`` px high, then its response."""
     rows = [f for f in FAMILIES if any(k[0] == f for k in examples)]
     cols = sorted({k[1] for k in examples}, key=lambda d: (["easy", "medium", "hard"] + [d]).index(d))
@@ -578,7 +585,8 @@ def run(args) -> dict:
                       "images": refs, "prompt": s.prompt, "response": s.response, "answer": s.answer}
             jsonl.write(json.dumps(record) + "\n")
             n += 1
-        sheet = args.contact_sheet or (out + "_contact_sheet.png" if args.dry_run else os.path.join(tmp, "contact_sheet.png"))
+        default_sheet = out + "_contact_sheet.png" if args.dry_run else os.path.join(tmp, "contact_sheet.png")
+        sheet = args.contact_sheet or default_sheet
         contact_sheet(examples, sheet, source=source)
         report = {
             "images": len(paths),
@@ -635,7 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted)")
     p.add_argument("--dry-run", action="store_true", help="count and draw the contact sheet; write no samples")
-    p.add_argument("--contact-sheet", default=None, help="PNG path (default: OUT/contact_sheet.png, or OUT_contact_sheet.png with --dry-run)")
+    p.add_argument("--contact-sheet", default=None,
+                   help="PNG path (default: OUT/contact_sheet.png, or OUT_contact_sheet.png with --dry-run)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="most pixels decoded per image, checked from the header: larger images are skipped as "

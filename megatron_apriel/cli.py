@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from megatron_apriel.errors import EXIT_BAD_INPUT, EXIT_OK, InputError, cli_main
+
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_apriel.demo", "run the whole recipe on a tiny model on CPU"),
     "model-info": ("megatron_apriel.models.info", "parameters, bytes and training memory of a preset"),
@@ -16,7 +18,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "merge-datasets": ("megatron_apriel.data.merge", "join several indexed datasets into one"),
     "preprocess-sft": ("megatron_apriel.data.preprocess_sft", "chat JSONL -> tokens + loss masks (indexed datasets)"),
     "chat-tokenizer": ("megatron_apriel.data.chat_tokenizer", "an HF tokenizer with a chat format's role tokens"),
-    "preprocess-multimodal": ("megatron_apriel.data.preprocess_multimodal", "image-text JSONL + images -> indexed datasets"),
+    "preprocess-multimodal": ("megatron_apriel.data.preprocess_multimodal",
+                              "image-text JSONL + images -> indexed datasets"),
     "mix-report": ("megatron_apriel.data.mix_report", "what a blend spec will draw from each source"),
     "train": ("megatron_apriel.training.loop", "upscale-training, CPT and SFT on megatron-core"),
     "convert": ("megatron_apriel.checkpoint.convert", "HF <-> megatron-core distributed checkpoints"),
@@ -38,25 +41,25 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+@cli_main("apriel: ")
 def main(argv: list[str] | None = None) -> int:
+    """Run one verb; its own ``main`` (wrapped by :func:`megatron_apriel.errors.cli_main`) reports its errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
-        return 0
+        return EXIT_OK
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"apriel: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     module_name, _ = VERBS[verb]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name and (e.name == module_name or module_name.startswith(e.name + ".")):
-            print(f"apriel: verb {verb!r} is not available in this installation ({e})", file=sys.stderr)
-            return 2
+            raise InputError(f"verb {verb!r} is not available in this installation ({e})") from e
         raise
-    result = module.main(rest)
-    return int(result or 0)
+    return module.main(rest)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from typing import Any, Iterable, Literal, Union
 
 import yaml
 
+from megatron_apriel.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A config file or override is invalid; the message names the key."""
 
 

@@ -12,6 +12,12 @@ import sys
 import time
 from typing import Optional
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template, encode_prompts
+from megatron_apriel.errors import InputError, cli_main
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel generate", description=__doc__.split("\n")[0])
@@ -33,26 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template, encode_prompts
-
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
         tok = AutoTokenizer.from_pretrained(args.hf)
         model = AutoModelForCausalLM.from_pretrained(args.hf, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
-        print(f"error: {args.hf}: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:  # not a model folder: transformers' own errors, named with the folder
+        raise InputError(f"{args.hf}: {e}") from e
     if tok.pad_token is None:  # encode_prompts pads (left) a batch of prompts; one prompt needs no real pad
         tok.pad_token = tok.eos_token
     template = None
     if args.chat:
-        args.chat_template = default_chat_template(args.chat_template, args.preset, fallback=None, who="apriel generate")
+        args.chat_template = default_chat_template(args.chat_template, args.preset, fallback=None,
+                                                   who="apriel generate")
     if args.chat_template in CHAT_TEMPLATES:
         template = CHAT_TEMPLATES[args.chat_template]
     elif args.chat_template:

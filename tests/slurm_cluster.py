@@ -131,7 +131,8 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
     def start(self) -> None:
         missing = missing_binaries()
         if missing:
-            raise SlurmError(f"SLURM binaries missing: {', '.join(missing)} (apt-get install slurmctld slurmd slurm-client munge)")
+            raise SlurmError(f"SLURM binaries missing: {', '.join(missing)} "
+                             "(apt-get install slurmctld slurmd slurm-client munge)")
         if os.geteuid() != 0:
             raise SlurmError("the local SLURM cluster needs root (SlurmUser=root, munged key access)")
         self.write_conf()
@@ -139,8 +140,9 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         if not key.exists():
             subprocess.run(["mungekey", "-c"], check=True)
         m = self.root / "munge"
-        self._run([_which("munged"), "--force", f"--socket={self.munge_socket}", f"--pid-file={self._pidfiles['munged']}",
-                   f"--key-file={key}", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"])
+        self._run([_which("munged"), "--force", f"--socket={self.munge_socket}",
+                   f"--pid-file={self._pidfiles['munged']}", f"--key-file={key}", f"--log-file={m}/munged.log",
+                   f"--seed-file={m}/munged.seed"])
         self._wait_for(lambda: self.munge_socket.exists(), "munged socket")
         env = self.env()
         self._run([_which("slurmctld"), "-f", str(self.conf)], env=env)
@@ -200,7 +202,8 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             if state in FINISHED:
                 return info
             restarts = info.get("Restarts", "0")
-            if start_requeued_now and state == "PENDING" and info.get("Reason") == "BeginTime" and restarts not in released:
+            held = state == "PENDING" and info.get("Reason") == "BeginTime"
+            if start_requeued_now and held and restarts not in released:
                 # slurmctld holds a requeued batch job for about two minutes (its credential lifetime)
                 # before it may start again. Production clusters live with that; the test asks for a
                 # start a few seconds later so it fits its time budget. Not "now": slurmd refuses a
@@ -230,7 +233,8 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         return p.returncode == 0 and (bool(p.stdout.strip()) if need_output else True)
 
     def _node_idle(self) -> bool:
-        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env(), capture_output=True, text=True, timeout=15)
+        p = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env=self.env(), capture_output=True, text=True,
+                           timeout=15)
         return p.returncode == 0 and p.stdout.split() == ["idle"] * len(self.nodes)
 
     def _wait_for(self, cond, what: str) -> None:
@@ -239,7 +243,8 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
             if cond():
                 return
             time.sleep(0.5)
-        raise SlurmError(f"timed out waiting for {what}\nslurmctld: {self.log_tail()}\nslurmd: {self.log_tail('slurmd')}")
+        raise SlurmError(f"timed out waiting for {what}\nslurmctld: {self.log_tail()}\n"
+                         f"slurmd: {self.log_tail('slurmd')}")
 
     def _pid(self, name: str) -> int | None:
         p = self._pidfiles[name]

@@ -69,7 +69,8 @@ def _remove_stale_networks() -> None:
         pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30).stdout
         if not _alive(int(pid)) and not pids.strip():
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-    links = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True, timeout=30).stdout
+    links = subprocess.run(["ip", "-o", "link", "show", "type", "bridge"], capture_output=True, text=True,
+                           timeout=30).stdout
     for name, pid in re.findall(r"^\d+: (apbr(\d+))[:@]", links, flags=re.M):
         if not _alive(int(pid)):
             subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=30)
@@ -105,7 +106,8 @@ class TwoNodeSlurmCluster(SlurmCluster):
     def start(self) -> None:
         missing = missing_net_tools()
         if missing:
-            raise SlurmError(f"missing {', '.join(missing)} for the two-node cluster (apt-get install iproute2 util-linux mount)")
+            raise SlurmError(f"missing {', '.join(missing)} for the two-node cluster "
+                             "(apt-get install iproute2 util-linux mount)")
         self.root.mkdir(parents=True, exist_ok=True)
         _remove_stale_networks()
         self._make_network()
@@ -133,7 +135,8 @@ class TwoNodeSlurmCluster(SlurmCluster):
         """Each slurmd (and so every job step it forks) lives in its node's network namespace, with
         the node's hostname and an /etc/hosts that names the nodes, as on a compute node."""
         for n in NODES:
-            inner = f"mount --bind {self.hosts_file} /etc/hosts && hostname {n} && exec {_which('slurmd')} -f {self.conf} -N {n}"
+            inner = (f"mount --bind {self.hosts_file} /etc/hosts && hostname {n} && "
+                     f"exec {_which('slurmd')} -f {self.conf} -N {n}")
             # Not `ip netns exec`: it remounts /sys, hiding the cgroup tree slurmd reads at start.
             # The private mount namespace keeps the bind mount of /etc/hosts to this node.
             self._run(["nsenter", f"--net=/run/netns/{self.netns[n]}", "unshare", "--uts", "--mount",
@@ -141,7 +144,8 @@ class TwoNodeSlurmCluster(SlurmCluster):
 
     def pids_on(self, node: str) -> list[int]:
         """The processes running on one node (in its network namespace)."""
-        out = subprocess.run(["ip", "netns", "pids", self.netns[node]], capture_output=True, text=True, timeout=30).stdout
+        out = subprocess.run(["ip", "netns", "pids", self.netns[node]], capture_output=True, text=True,
+                             timeout=30).stdout
         return [int(p) for p in out.split()]
 
     def log_tail(self, name: str = "slurmctld", chars: int = 3000) -> str:

@@ -113,7 +113,8 @@ def test_same_seed_same_order_and_resume(corpus, tmp_path):
     order = torch.stack([first[i]["tokens"] for i in range(400)])
 
     # a fresh build in an empty cache: the order is a function of the spec and data only
-    again, _ = build_datasets(from_dict(BlendSpec, spec_dict(root, tokens=SEQ * 3000, cache_dir=str(tmp_path / "b"))), 8)
+    again, _ = build_datasets(from_dict(BlendSpec, spec_dict(root, tokens=SEQ * 3000, cache_dir=str(tmp_path / "b"))),
+                              8)
     assert torch.equal(order, torch.stack([again[i]["tokens"] for i in range(400)]))
 
     # resume: consume k samples, rebuild from the cache, skip k: the remaining order is unchanged
@@ -194,7 +195,8 @@ def test_stages(corpus):
         (lambda d: d["sources"][2].update(prefix_weights=[1]), "data.blend.sources[2].prefix_weights"),
         (lambda d: d["sources"][2].update(prefix_weights=[1, 0]), "data.blend.sources[2].prefix_weights[1]"),
         (lambda d: d["sources"][1].update(name="reasoning"), "data.blend.sources[1].name"),
-        (lambda d: d["sources"][1].update(prefixes=[d["sources"][0]["prefixes"][0]]), "data.blend.sources[1].prefixes[0]"),
+        (lambda d: d["sources"][1].update(prefixes=[d["sources"][0]["prefixes"][0]]),
+         "data.blend.sources[1].prefixes[0]"),
         (lambda d: d.update(steps=10), "data.blend.tokens / data.blend.steps"),
         (lambda d: d.update(split="1,2,x"), "data.blend.split"),
         (lambda d: d.update(seq_length=0), "data.blend.seq_length"),

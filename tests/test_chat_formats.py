@@ -14,8 +14,15 @@ from pathlib import Path
 import pytest
 from test_sft import CONVERSATIONS, _write_jsonl
 
-from megatron_apriel.data.chat_template import (APRIEL_15_CHAT_TEMPLATE, APRIEL_15_SHA256, NEMOTRON_SYSTEM_PROMPT,
-                                                ConversationError, encode_chat, prepare_messages, resolve_template)
+from megatron_apriel.data.chat_template import (
+    APRIEL_15_CHAT_TEMPLATE,
+    APRIEL_15_SHA256,
+    NEMOTRON_SYSTEM_PROMPT,
+    ConversationError,
+    encode_chat,
+    prepare_messages,
+    resolve_template,
+)
 
 T15 = APRIEL_15_CHAT_TEMPLATE
 HEAD = "<s><|system|>\n" + NEMOTRON_SYSTEM_PROMPT  # the built-in reasoning prompt is the Nemotron one
@@ -23,7 +30,8 @@ TOOL = {"type": "function", "function": {"name": "weather", "parameters": {"city
 TOOL_CONV = [
     {"role": "user", "content": "Weather in Paris?"},
     {"role": "assistant", "content": "",
-     "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+     "tool_calls": [{"id": "c1", "type": "function",
+                     "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
     {"role": "tool", "content": "{\"temp\": 21}"},
     {"role": "assistant", "content": "It is 21 degrees.", "reasoning_content": "The tool says 21."},
 ]
@@ -49,9 +57,11 @@ def _format_tokenizer(path: Path) -> Path:
     specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + [f"<SPECIAL_{i}>" for i in range(5, 16)]
     corpus = [NEMOTRON_SYSTEM_PROMPT, "Here are my reasoning steps:\n[BEGIN FINAL RESPONSE]\n[END FINAL RESPONSE]\n"]
     corpus += [" ".join(qa) for qa in QA]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
     return path
 
 
@@ -124,7 +134,8 @@ def test_apriel_15_masks_equal_the_generation_block_masks(chat_tok):
         conv = prepare_messages(conv, T15)
         inc, gen = (encode_chat(tok, conv, t, tools=tools, last_turn_only=last) for t in (T15, tagged))
         assert (inc.tokens, inc.mask, inc.text) == (gen.tokens, gen.mask, gen.text) and sum(inc.mask) > 0
-        prompt = tok.apply_chat_template(conv[:-1], chat_template=T15, tools=tools, add_generation_prompt=True)["input_ids"]
+        prompt = tok.apply_chat_template(conv[:-1], chat_template=T15, tools=tools,
+                                         add_generation_prompt=True)["input_ids"]
         assert inc.tokens[:len(prompt)] == prompt and inc.mask[len(prompt) - 1] == 0  # the <|assistant|>\n header
         assert all(inc.mask[len(prompt):]) and inc.tokens[-1] == tok.eos_token_id
     with pytest.raises(ConversationError, match=r"messages\[1\]: .*later messages"):
@@ -201,8 +212,10 @@ def test_tiny_model_sft_in_the_apriel_15_format_is_served_in_it(chat_tok, tmp_pa
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=60, do_sample=False)
         text = answers[q] = tok.decode(out[0, ids.shape[1]:])
-        assert text == f"Here are my reasoning steps:\n{r}\n[BEGIN FINAL RESPONSE]\n{a}\n[END FINAL RESPONSE]\n<|end|>\n</s>"
-        assert final_response(text) == a and format_reward(text, reasoning_prefix="Here are my reasoning steps:").score == 1.0
+        assert text == (f"Here are my reasoning steps:\n{r}\n[BEGIN FINAL RESPONSE]\n{a}\n[END FINAL RESPONSE]\n"
+                        "<|end|>\n</s>")
+        assert final_response(text) == a
+        assert format_reward(text, reasoning_prefix="Here are my reasoning steps:").score == 1.0
     # apriel generate renders the prompt in the preset's format (the same template as the folder's)
     from megatron_apriel.generate import main as generate
 

@@ -2,13 +2,12 @@
 
 import dataclasses
 import json
-import sys
 
 import pytest
 import torch
+from conftest import REPO, make_tiny_hf, run_torchrun
 from safetensors import safe_open
 
-from conftest import REPO, make_tiny_hf, run_torchrun
 from megatron_apriel.checkpoint.convert import (
     ConversionError,
     hf_to_mcore_checkpoint,
@@ -72,9 +71,9 @@ def test_round_trip_tp1_is_bit_identical(hf_dir, tp1):
 
 
 def test_canonical_reader_matches_mapping(hf_dir, tp1):
+    from megatron_apriel.checkpoint.convert import preset_from_hf_dir
     from megatron_apriel.checkpoint.mistral import hf_to_mcore
     from megatron_apriel.models.presets import padded_vocab_size
-    from megatron_apriel.checkpoint.convert import preset_from_hf_dir
 
     preset = preset_from_hf_dir(hf_dir)
     expected = dict(hf_to_mcore(hf_tensors(hf_dir).__getitem__, preset))
@@ -217,7 +216,8 @@ def test_streamed_shards_are_the_bytes_save_file_writes(tmp_path):
     g = torch.Generator().manual_seed(0)
     tensors = {"z.w": torch.randn(7, 5, generator=g).bfloat16(), "a.b": torch.randn(3, generator=g),
                "m": torch.tensor(3.0), "i": torch.arange(5), "h": torch.randn(4, 4, generator=g).half(),
-               "e": torch.zeros(0, 3), "k": torch.randint(0, 9, (6,), dtype=torch.int8), "t": torch.tensor([True, False])}
+               "e": torch.zeros(0, 3), "k": torch.randint(0, 9, (6,), dtype=torch.int8),
+               "t": torch.tensor([True, False])}
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     for shard in (10**9, 60):
         held = ShardedSafetensorsWriter(tmp_path / f"held{shard}", max_shard_bytes=shard)
@@ -234,8 +234,10 @@ def test_streamed_shards_are_the_bytes_save_file_writes(tmp_path):
         files = sorted(p.name for p in (tmp_path / f"held{shard}").iterdir())
         assert files == sorted(p.name for p in (tmp_path / f"streamed{shard}").iterdir())
         for name in files:
-            assert (tmp_path / f"held{shard}" / name).read_bytes() == (tmp_path / f"streamed{shard}" / name).read_bytes()
-    assert (tmp_path / "streamed1000000000" / "model.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+            held, streamed = tmp_path / f"held{shard}" / name, tmp_path / f"streamed{shard}" / name
+            assert held.read_bytes() == streamed.read_bytes()
+    one_file = tmp_path / "streamed1000000000" / "model.safetensors"
+    assert one_file.read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
     assert len(files) == 4  # 3 shards + index at 60 bytes
 
     bad = ShardedSafetensorsWriter(tmp_path / "bad", layout=[("a", (2, 3), torch.float32)])

@@ -20,8 +20,8 @@ from megatron_apriel.data.multimodal import MultimodalDataset
 from megatron_apriel.data.registry import DATASETS, resolve_dataset
 from megatron_apriel.data.sft import SFTDataset
 from megatron_apriel.data.synthetic import SyntheticDataset, SyntheticImageTextDataset
-from megatron_apriel.training.config import TrainConfig
-from megatron_apriel.training.loop import _blend_spec, build_datasets_from_config, main
+from megatron_apriel.training.config import TrainConfig, blend_spec_of
+from megatron_apriel.training.loop import build_datasets_from_config, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def test_one_blend_resolver(tmp_path):
     for name, cfg in (("blend", as_blend), ("image_text", as_image_text)):
         (tmp_path / f"cfg_{name}.yaml").write_text(yaml.safe_dump(cfg))
 
-    training = _blend_spec(load_config(TrainConfig, tmp_path / "cfg_blend.yaml"))
+    training = blend_spec_of(load_config(TrainConfig, tmp_path / "cfg_blend.yaml"))
     report, gbs = mix_report.load_spec(str(tmp_path / "cfg_blend.yaml"))
     assert training == report and gbs == 4
     assert training.seq_length == 32 and training.steps == 5  # seq_length from the train section
@@ -108,7 +108,7 @@ def test_one_blend_resolver(tmp_path):
     blend["seq_length"] = 16
     (tmp_path / "blend.yaml").write_text(yaml.safe_dump(blend))
     with pytest.raises(ConfigError, match=r"^data.blend.seq_length 16 != train.seq_length 32$"):
-        _blend_spec(load_config(TrainConfig, tmp_path / "cfg_blend.yaml"))
+        blend_spec_of(load_config(TrainConfig, tmp_path / "cfg_blend.yaml"))
     with pytest.raises(ConfigError, match=r"^data.factory_args.blend.seq_length 16 != train.seq_length 32$"):
         ImageTextBlend(str(tmp_path / "blend.yaml"), seq_length=32, global_batch_size=4)
     with pytest.raises(ConfigError, match=r"seq_length 16 != train.seq_length 32"):

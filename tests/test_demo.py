@@ -7,11 +7,9 @@ half minutes on 2 CPU cores (measured 264 s while other tests ran).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import run_python
 
 N_TEST = 126  # --minutes 3: 42 held-out problems per family
@@ -66,7 +64,7 @@ def test_every_stage_done_and_summarised(demo):
     for name in ("pretrain", "cpt", "sft_a", "sft_b"):
         curve = summary["stages"][name]["loss_curve"]
         assert len(curve) == summary["stages"][name]["iterations"] > 0
-        assert all(l == l and l > 0 for _, l in curve), name  # finite, positive
+        assert all(x == x and x > 0 for _, x in curve), name  # finite, positive
     for png in ("loss_curves.png", "accuracy.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     for line in ("stage", "pretrain", "final", "held-out accuracy: base", "CPT blend realised", "upscaling:"):
@@ -86,14 +84,16 @@ def test_data_and_indexed_datasets_load(demo):
         assert int(ds[0][-1]) == tok.eos_token_id  # --append-eod
         assert int(ds.sequence_lengths.sum()) == stats["tokens"]
     for spec in ("sft_a", "sft_b"):
-        toks, mask = _indexed(out / "preprocess" / f"{spec}_tokens_document"), _indexed(out / "preprocess" / f"{spec}_loss_mask_document")
+        toks = _indexed(out / "preprocess" / f"{spec}_tokens_document")
+        mask = _indexed(out / "preprocess" / f"{spec}_loss_mask_document")
         assert len(toks) == len(mask) > 0
         text = tok.decode(toks[0])
         assert "<|assistant|>" in text and "[BEGIN FINAL RESPONSE]" in text
     # no held-out question is in any training text
-    test = [json.loads(l)["question"] for k in ("add", "sub", "compare")
-            for l in (out / "data" / f"test_{k}.jsonl").read_text().splitlines()]
-    train_text = "".join((out / "data" / f).read_text() for f in ("reasoning.jsonl", "cot.jsonl", "sft_a.jsonl", "sft_b.jsonl"))
+    test = [json.loads(line)["question"] for k in ("add", "sub", "compare")
+            for line in (out / "data" / f"test_{k}.jsonl").read_text().splitlines()]
+    train_text = "".join((out / "data" / f).read_text()
+                         for f in ("reasoning.jsonl", "cot.jsonl", "sft_a.jsonl", "sft_b.jsonl"))
     assert test and not [q for q in test if q in train_text]
 
 

@@ -75,7 +75,8 @@ def test_every_example_config_dry_runs_at_its_layout(dry_runs):
         for row in r["rows"]:
             assert row["total"] < 80 * 2**30, f"{r['path']} rank {row['rank']}: {row['total'] / 2**30:.1f} GiB"
             if preset.vision is None:
-                first, last = row["position"].startswith(("first", "only")), row["position"].startswith(("last", "only"))
+                first = row["position"].startswith(("first", "only"))
+                last = row["position"].startswith(("last", "only"))
                 assert row["params"] == _sharded_stage(preset, cfg.model.tp, row["layers"], first, last), r["path"]
 
 
@@ -106,19 +107,25 @@ def test_broken_config_exits_2_naming_the_key():
                           "examples/apriel_nemotron_15b/cpt.yaml", "model.tp=3", "--nodes", "4", "--no-files"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1] == "error: model.tp: 3 does not divide the attention heads of apriel-nemotron-15b (32)"
+    assert out.stderr.strip().splitlines()[-1] == \
+        "error: model.tp: 3 does not divide the attention heads of apriel-nemotron-15b (32)"
     assert "| rank |" not in out.stdout
 
 
 @pytest.mark.parametrize("overrides,nodes,message", [
-    (["model.changes={num_attention_heads: 36}", "model.tp=12"], 3, "model.tp: 12 does not divide the query groups of apriel-nemotron-15b (8)"),
+    (["model.changes={num_attention_heads: 36}", "model.tp=12"], 3,
+     "model.tp: 12 does not divide the query groups of apriel-nemotron-15b (8)"),
     (["model.pp=3"], 4, "model.pp: 3 does not divide the layers of apriel-nemotron-15b (50)"),
-    (["model.vpp=2"], 4, "model.vpp: 4 does not divide the layers of apriel-nemotron-15b (model.pp x model.vpp = 4) (50)"),
-    (["train.global_batch_size=255"], 4, "train.global_batch_size: 255 is not divisible by micro_batch_size 1 x data-parallel size 2"),
+    (["model.vpp=2"], 4,
+     "model.vpp: 4 does not divide the layers of apriel-nemotron-15b (model.pp x model.vpp = 4) (50)"),
+    (["train.global_batch_size=255"], 4,
+     "train.global_batch_size: 255 is not divisible by micro_batch_size 1 x data-parallel size 2"),
     (["model.pp=5", "model.vpp=2", "train.global_batch_size=12"], 5,
-     "train.global_batch_size: 12 micro-batches per step is not a multiple of model.pp 5, as the interleaved (virtual-stage) schedule needs"),
+     "train.global_batch_size: 12 micro-batches per step is not a multiple of model.pp 5, as the interleaved "
+     "(virtual-stage) schedule needs"),
     (["train.seq_length=16380"], 4, "train.seq_length: 16380 is not divisible by model.tp 8 (sequence parallelism)"),
-    (["model.cp=2", "train.seq_length=16386"], 4, "train.seq_length: 16386 is not divisible by model.tp 8 (sequence parallelism)"),
+    (["model.cp=2", "train.seq_length=16386"], 4,
+     "train.seq_length: 16386 is not divisible by model.tp 8 (sequence parallelism)"),
     (["model.cp=3", "model.sequence_parallel=false"], 6,
      "train.seq_length: 16384 is not divisible by 2 x model.cp = 6"),
     ([], 3, "--nodes x --gpus-per-node: 3 x 8 = 24 GPUs is not a multiple of model.tp x model.pp x model.cp = 16"),
@@ -152,6 +159,7 @@ def test_files_are_checked_as_training_reads_them(tmp_path, monkeypatch):
     cfg.checkpoint.load = None
     lines = check_files(cfg)
     need = 10 * 8 * 64
+    epochs = need * 0.75 / tokens_a
     assert lines[0] == (f"data: source 'A': {tokens_a:,d} tokens on disk, 75.0% of {need:,d} -> "
-                        f"{need * 0.75 / tokens_a:.2f} epochs" + ("  (above data.blend.repeat_warning 4)" if need * 0.75 / tokens_a > 4 else ""))
+                        f"{epochs:.2f} epochs" + ("  (above data.blend.repeat_warning 4)" if epochs > 4 else ""))
     assert lines[1].startswith(f"data: source 'B': {tokens_b:,d} tokens on disk, 25.0%")

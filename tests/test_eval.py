@@ -14,14 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_hf
 
 pytest.importorskip("lm_eval")
 
 from megatron_apriel.eval import run as ev  # noqa: E402
-from megatron_apriel.eval.tasks import (KINDS, TaskFileError, choice_prompt, read_records,  # noqa: E402
-                                        score_choice, score_code, score_instructions, score_math, score_tools)
+from megatron_apriel.eval.tasks import (  # noqa: E402
+    KINDS,
+    TaskFileError,
+    choice_prompt,
+    read_records,
+    score_choice,
+    score_code,
+    score_instructions,
+    score_math,
+    score_tools,
+)
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -134,7 +142,8 @@ def test_vllm_backend_equals_transformers(evaluated, model_dir, tmp_path):
     saved = json.loads(out.read_text())
     samples = saved["samples"][str(model_dir)]["instr"]
     assert [s["completions"][0] for s in samples] == evaluated["completions"]
-    assert saved["results"][str(model_dir)]["instr"]["pass@1"] == evaluated["result"]["results"][str(model_dir)]["instr"]["pass@1"]
+    assert (saved["results"][str(model_dir)]["instr"]["pass@1"]
+            == evaluated["result"]["results"][str(model_dir)]["instr"]["pass@1"])
 
 
 def test_results_json_records_settings_and_hash(evaluated, model_dir):
@@ -163,12 +172,14 @@ CASES = {
     "choice": (score_choice, {"question": "q", "choices": ["a", "b", "c"], "answer": "C"},
                fr("The answer is C."), fr("\\boxed{A}"), "C", fr("the answer is a mystery")),
     "code": (score_code, {"question": "add", "tests": [{"assert": "assert add(2, 3) == 5"}]},
-             fr("```python\ndef add(a, b):\n    return a + b\n```"), fr("```python\ndef add(a, b):\n    return a - b\n```"),
+             fr("```python\ndef add(a, b):\n    return a + b\n```"),
+             fr("```python\ndef add(a, b):\n    return a - b\n```"),
              "```python\ndef add(a, b):\n    return a + b\n```", fr("no code here")),
     "instructions": (score_instructions, {"question": "q", "checks": [{"type": "lowercase"},
                                                                         {"type": "max_words", "value": 3}]},
                      fr("all lower case"), fr("Not Lower Case At All"), "all lower", fr(" ")),
-    "tools": (score_tools, {"question": "q", "tools": TOOLS, "expected_call": {"name": "weather", "arguments": {"city": "Oslo"}}},
+    "tools": (score_tools,
+              {"question": "q", "tools": TOOLS, "expected_call": {"name": "weather", "arguments": {"city": "Oslo"}}},
               fr('<tool_calls>[{"name": "weather", "arguments": {"city": "Oslo"}}]</tool_calls>'),
               fr('<tool_calls>[{"name": "weather", "arguments": {"city": 3}}]</tool_calls>'),
               '<tool_calls>[{"name": "weather", "arguments": {"city": "Oslo"}}]</tool_calls>', fr("it is sunny")),
@@ -234,7 +245,8 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(model_dir, tmp_path, 
     other = tmp_path / "llama"
     shutil.copytree(model_dir, other)
     cfg = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    llama = {**cfg, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    (other / "config.json").write_text(json.dumps(llama))
     rc, err = _main(["--hf", str(model_dir), str(other), "--tasks", f"math={tasks}", "--out", str(out)], capsys)
     assert rc == 2 and "architectures ['LlamaForCausalLM'] differs" in err
     rc, err = _main(["--hf", str(model_dir), "--tasks", f"algebra={tasks}", "--out", str(out)], capsys)
@@ -253,7 +265,8 @@ def test_merge_search_table_yaml_and_rescore(model_dir, tmp_path, capsys):
     from megatron_apriel.checkpoint.average import main as average_main
     from megatron_apriel.eval.merge_search import search
 
-    other = make_tiny_hf(tmp_path / "other", seed=1, vocab_size=json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    other = make_tiny_hf(tmp_path / "other", seed=1, vocab_size=vocab_size)
     for f in model_dir.iterdir():
         if f.name.startswith(("tokenizer", "chat_template")):
             shutil.copy(f, other / f.name)

@@ -10,8 +10,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from megatron_apriel.config import load_config
 from megatron_apriel.rl.grpo import GRPORunConfig
 

@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
+from test_grpo import toy_config
 
 from megatron_apriel.config import load_config
 from megatron_apriel.models.presets import get_preset
 from megatron_apriel.rl.grpo import GRPORunConfig, train
 from megatron_apriel.rl.memory import GiB, grpo_memory
 from megatron_apriel.rl.memory import main as grpo_info
-from test_grpo import toy_config
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "examples/apriel_nemotron_15b/grpo.yaml"
@@ -160,7 +160,8 @@ def sampled_reward(model_dir, records: list[dict], cfg: GRPORunConfig, k: int = 
     from megatron_apriel.rl.grpo import load_model_and_tokenizer
     from megatron_apriel.rl.rewards import combined_reward
 
-    probe = load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml", [f"model.path={model_dir}", "data.train_file=x"])
+    probe = load_config(GRPORunConfig, REPO / "examples/tiny/grpo.yaml",
+                        [f"model.path={model_dir}", "data.train_file=x"])
     model, tok = load_model_and_tokenizer(probe)
     tok.padding_side = "left"
     torch.manual_seed(0)
@@ -228,7 +229,8 @@ def sft_code_format(model, tok, rng, steps: int = 300, right: float = 0.3):
         texts = []
         for _ in range(32):
             op, tag, k = rng.choice("+-*"), f"{rng.randrange(100):02d}", rng.choice(DIGITS)
-            texts.append(f"#{tag} x{op}{k}:" + fn_program(op, k if rng.random() < right else rng.choice(DIGITS)) + "</s>")
+            shown = k if rng.random() < right else rng.choice(DIGITS)
+            texts.append(f"#{tag} x{op}{k}:" + fn_program(op, shown) + "</s>")
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         labels[:, :8] = -100  # the prompt (8 characters) is context, not a target
@@ -278,7 +280,6 @@ def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):
     import sys
 
     import torch
-
     from fsdp_grpo_check import train_steps
 
     with socket.socket() as s:

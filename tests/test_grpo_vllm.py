@@ -55,7 +55,6 @@ def run_vllm_env(args: list[str], timeout: int) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_vllm_greedy_matches_hf_generate(tmp_path):
     import torch
-
     from test_grpo_scale import CODE_CHARS, make_chars_model
 
     model, tok = make_chars_model(tmp_path / "model", CODE_CHARS)

@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import make_tiny_hf
+
 from megatron_apriel.checkpoint import average as avg
 from megatron_apriel.checkpoint import upscale as up
 from megatron_apriel.checkpoint.convert import hf_to_mcore_checkpoint, main, mcore_to_hf_checkpoint
@@ -232,12 +232,17 @@ def test_mapped_field_matches_transformers_past_the_original_context(case, dist_
 
 def test_llava_text_rope_scaling_matches_transformers(dist_world_of_one):
     """The Llava path maps its text_config's rope scaling the same way (images in the batch)."""
+    from test_llava import SIZES, image_batch
     from transformers import LlavaForConditionalGeneration
 
-    from megatron_apriel.checkpoint.llava import V5_LAYOUT, hf_config, hf_to_mcore, load_canonical_into_llava
-    from megatron_apriel.checkpoint.llava import preset_from_hf_config
+    from megatron_apriel.checkpoint.llava import (
+        V5_LAYOUT,
+        hf_config,
+        hf_to_mcore,
+        load_canonical_into_llava,
+        preset_from_hf_config,
+    )
     from megatron_apriel.models.llava import LlavaModel
-    from test_llava import SIZES, image_batch
 
     scaling = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -296,16 +301,17 @@ def test_llama3_checkpoint_converts_both_ways_and_lists_ignored_fields(llama3_co
 def test_training_refuses_a_checkpoint_converted_as_another_model(llama3_converted, tmp_path):
     """Training from a converted checkpoint under a preset without its rope scaling is a config error."""
     from conftest import run_python
-    from megatron_apriel.checkpoint.convert import read_model_meta
     from test_training import make_config
+
+    from megatron_apriel.checkpoint.convert import read_model_meta
 
     _, root, _ = llama3_converted
     stored, _ = read_model_meta(root / "mcore")
     matching = dict(vocab_size=256, num_layers=2, ffn_hidden_size=128, rope_theta=10000.0,
                     rope_scaling=stored.rope_scaling)
     assert stored.function_differences(get_preset("tiny", **matching)) == []
-    assert [d.split(":")[0] for d in stored.function_differences(get_preset("tiny", **(matching | {"rope_scaling": None})))] \
-        == ["rope_scaling"]
+    no_scaling = get_preset("tiny", **(matching | {"rope_scaling": None}))
+    assert [d.split(":")[0] for d in stored.function_differences(no_scaling)] == ["rope_scaling"]
     config = make_config(tmp_path / "train.yaml", str(tmp_path / "no_corpus"), checkpoint={"load": str(root / "mcore")})
     changes = json.dumps({k: v for k, v in matching.items() if k != "rope_scaling"})
     proc = run_python(["-m", "megatron_apriel.train", "--config", config, f"model.changes={changes}"], check=False)
@@ -341,7 +347,8 @@ CORRUPT = [
     ("data-truncated", "single", lambda d: _truncate(d, "model.safetensors", -8), "model.safetensors"),
     ("shard-data-truncated", "sharded", lambda d: _truncate(d, _first_shard(d), -4), "model-00001-of-"),
     ("shard-missing", "sharded", lambda d: (d / _first_shard(d)).unlink(), "model-00001-of-"),
-    ("shard-not-in-index", "sharded", lambda d: shutil.copy(d / _first_shard(d), d / "model-00099-of-00099.safetensors"),
+    ("shard-not-in-index", "sharded",
+     lambda d: shutil.copy(d / _first_shard(d), d / "model-00099-of-00099.safetensors"),
      "model-00099-of-00099.safetensors"),
     ("config-unparsable", "single", lambda d: (d / "config.json").write_text("{"), "config.json"),
     ("config-unknown-model-type", "single", lambda d: (d / "config.json").write_text('{"model_type": "no_such_model"}'),

@@ -28,7 +28,8 @@ def test_checkpoint_imports_nothing_above_it():
     files = sorted(CHECKPOINT.glob("*.py"))
     assert len(files) >= 8, files
     upward = {f"{f.name}: {m}" for f in files for m in imported_modules(f)
-              if any(m == f"megatron_apriel.{top}" or m.startswith(f"megatron_apriel.{top}.") for top in ABOVE_CHECKPOINT)}
+              if any(m == f"megatron_apriel.{top}" or m.startswith(f"megatron_apriel.{top}.")
+                     for top in ABOVE_CHECKPOINT)}
     assert not upward, sorted(upward)
 
 
@@ -42,7 +43,8 @@ def test_family_drivers_do_not_import_the_converter():
 def test_the_reader_sees_relative_and_deferred_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from ..training import loop\n    import megatron_apriel.rl.grpo\n")
-    assert {"megatron_apriel.training", "megatron_apriel.training.loop", "megatron_apriel.rl.grpo"} <= imported_modules(probe)
+    assert ({"megatron_apriel.training", "megatron_apriel.training.loop", "megatron_apriel.rl.grpo"}
+            <= imported_modules(probe))
     # the converter as it was before the checkpoint layer stood on its own
     old = tmp_path / "convert.py"
     old.write_text("def reader():\n    from megatron_apriel.training.checkpointing import resolve_load_dir\n")

@@ -66,7 +66,12 @@ def tiny_llava_dir(tmp_path_factory):
 def hf_and_ours(tiny_llava_dir, dist_world_of_one):
     from transformers import LlavaForConditionalGeneration
 
-    from megatron_apriel.checkpoint.llava import V5_LAYOUT, hf_to_mcore, load_canonical_into_llava, preset_from_hf_config
+    from megatron_apriel.checkpoint.llava import (
+        V5_LAYOUT,
+        hf_to_mcore,
+        load_canonical_into_llava,
+        preset_from_hf_config,
+    )
     from megatron_apriel.models.llava import LlavaModel
 
     hf = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir, dtype=torch.float32).eval()
@@ -130,7 +135,8 @@ def converted(tiny_llava_dir, tmp_path_factory, dist_world_of_one):
 
     root = tmp_path_factory.mktemp("llava_convert")
     assert main(["hf-to-mcore", "--hf", str(tiny_llava_dir), "--out", str(root / "mcore")]) == 0
-    assert main(["mcore-to-hf", "--ckpt", str(root / "mcore"), "--out", str(root / "hf"), "--chat-template", "apriel"]) == 0
+    assert main(["mcore-to-hf", "--ckpt", str(root / "mcore"), "--out", str(root / "hf"),
+                 "--chat-template", "apriel"]) == 0
     return root
 
 
@@ -230,9 +236,9 @@ def test_realignment_trains_only_the_projector(converted, tmp_path):
                                   load=converted / "mcore", save=tmp_path / "run"))
     proc = run_python(["-m", "megatron_apriel.train", "--config", cfg], env={"OMP_NUM_THREADS": "1"})
     assert "step 4/4" in proc.stdout
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
-    assert len(losses) == 4 and all(l == l for l in losses)  # no NaN
+    lines = (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    assert len(losses) == 4 and all(x == x for x in losses)  # no NaN
     before, after = stored(converted / "mcore"), stored(tmp_path / "run")
     proj = [k for k in before if k.startswith("vision_projection.")]
     frozen = [k for k in before if k not in proj]
@@ -254,7 +260,8 @@ def test_upscaled_llava_loads_in_transformers_and_ours(tiny_llava_dir, tmp_path,
     from megatron_apriel.models.llava import LlavaModel
 
     out = tmp_path / "up"
-    assert upscale.main(["--hf", str(tiny_llava_dir), "--out", str(out), "--duplicate-middle", "1", "--init", "copy"]) == 0
+    assert upscale.main(["--hf", str(tiny_llava_dir), "--out", str(out), "--duplicate-middle", "1",
+                         "--init", "copy"]) == 0
     hf = LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
     assert hf.config.text_config.num_hidden_layers == 5
     assert convert(["hf-to-mcore", "--hf", str(out), "--out", str(tmp_path / "mcore")]) == 0

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -34,7 +33,8 @@ def data(corpus, tmp_path_factory):  # noqa: F811
 
 
 def write_spec(path, sources, cache):
-    spec = {"sources": sources, "seq_length": SEQ, "seed": 5, "split": "98,2,0", "steps": STEPS, "cache_dir": str(cache)}
+    spec = {"sources": sources, "seq_length": SEQ, "seed": 5, "split": "98,2,0", "steps": STEPS,
+            "cache_dir": str(cache)}
     path.write_text(yaml.safe_dump(spec))
     return str(path)
 
@@ -64,7 +64,8 @@ def test_mix_report_of_text_and_image_text_blend(data, tmp_path, capsys):
         {"name": "replay", "weight": 20, "prefixes": [d["web"], d["replay_mm"]]},
     ], tmp_path / "cache")
     png, js = tmp_path / "mix.png", tmp_path / "mix.json"
-    rc = mix_report.main([spec, "--global-batch-size", str(GBS), "--first", str(FIRST), "--json", str(js), "--png", str(png)])
+    rc = mix_report.main([spec, "--global-batch-size", str(GBS), "--first", str(FIRST), "--json", str(js),
+                          "--png", str(png)])
     out = capsys.readouterr().out
     assert rc == 0
     assert Image.open(png).size[0] > 100
@@ -114,7 +115,8 @@ def test_single_text_prefix(data, tmp_path, capsys):
         {"name": "multimodal", "weight": 30, "prefixes": [d["caption"], d["replay_mm"]]},
     ], tmp_path / "cache")
     js = tmp_path / "mix.json"
-    assert mix_report.main([spec, "--global-batch-size", str(GBS), "--json", str(js), "--png", str(tmp_path / "m.png")]) == 0
+    assert mix_report.main([spec, "--global-batch-size", str(GBS), "--json", str(js),
+                            "--png", str(tmp_path / "m.png")]) == 0
     rep = json.loads(js.read_text())
     ds = ImageTextBlend(spec, seq_length=SEQ, global_batch_size=GBS)
     assert len(getattr(ds.children[0], "datasets", [ds.children[0]])) == 1
@@ -133,7 +135,8 @@ def test_single_text_prefix(data, tmp_path, capsys):
     assert mix_report.main([str(tmp_path / "cpt1.yaml"), "--json", str(js2), "--png", str(tmp_path / "m2.png")]) == 0
     assert json.loads(js2.read_text()) == rep
     assert mix_report.main([str(tmp_path / "cpt1.yaml"), "train.seq_length=64"]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"{spec}: seq_length: {SEQ} != train.seq_length 64 of {tmp_path / 'cpt1.yaml'}")
+    assert capsys.readouterr().err.strip().endswith(
+        f"{spec}: seq_length: {SEQ} != train.seq_length 64 of {tmp_path / 'cpt1.yaml'}")
 
 
 def test_missing_image_text_prefix_is_named(data, corpus, tmp_path, capsys):  # noqa: F811

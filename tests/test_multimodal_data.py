@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_python
 from PIL import Image, ImageDraw
 
 from megatron_apriel.data import multimodal as mm
 from megatron_apriel.data import multimodal_format as fmt
-from conftest import run_python
 from megatron_apriel.data import preprocess_multimodal as pmm
 from megatron_apriel.data.image_text_blend import ImageTextBlend
 
-SPECIALS = ["<unk>", "<s>", "</s>"] + [f"<sp{i}>" for i in range(3, 10)] + ["[IMG]", "<sp11>", "[IMG_BREAK]", "[IMG_END]",
-                                                                          "<sp14>", "<sp15>"]
+SPECIALS = (["<unk>", "<s>", "</s>"] + [f"<sp{i}>" for i in range(3, 10)]
+            + ["[IMG]", "<sp11>", "[IMG_BREAK]", "[IMG_END]", "<sp14>", "<sp15>"])
 
 
 def make_tokenizer(path: Path) -> Path:
@@ -56,11 +56,12 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("mm")
     tok = make_tokenizer(root / "tok")
     (root / "img").mkdir()
-    a = draw(root / "img/a.png", (70, 40), [("rect", (5, 5, 20, 20), "red"), ("ellipse", (30, 10, 60, 35), "blue")])
-    b = draw(root / "img/b.png", (30, 100), [("ellipse", (2, 2, 28, 28), "green")])
-    c = draw(root / "img/c.jpg", (200, 120), [("rect", (50, 20, 150, 100), "yellow")])  # resized: longest edge 64
+    draw(root / "img/a.png", (70, 40), [("rect", (5, 5, 20, 20), "red"), ("ellipse", (30, 10, 60, 35), "blue")])
+    draw(root / "img/b.png", (30, 100), [("ellipse", (2, 2, 28, 28), "green")])
+    draw(root / "img/c.jpg", (200, 120), [("rect", (50, 20, 150, 100), "yellow")])  # resized: longest edge 64
     records = [
-        {"images": ["img/a.png", "img/b.png"], "prompt": "Look <image> and <image> here.", "response": "A red square and a blue circle."},
+        {"images": ["img/a.png", "img/b.png"], "prompt": "Look <image> and <image> here.",
+         "response": "A red square and a blue circle."},
         {"images": ["img/c.jpg"], "text": "<image>A yellow square."},
         {"images": ["img/a.png"], "prompt": "How many circles are in the image?", "response": "1"},  # no placeholder
         {"prompt": "No image at all?", "response": "Yes."},
@@ -114,7 +115,8 @@ def test_tokens_and_pixels_match_pixtral_processor(corpus, monkeypatch):
         assert toks[0] == hf_tok.bos_token_id
         np.testing.assert_array_equal(toks[1 : 1 + len(ids)], ids)  # prompt with expanded images, token for token
         rest = toks[1 + len(ids) :]
-        expected_rest = (hf_tok(rec["response"], add_special_tokens=False)["input_ids"] if "response" in rec else []) + [hf_tok.eos_token_id]
+        response = hf_tok(rec["response"], add_special_tokens=False)["input_ids"] if "response" in rec else []
+        expected_rest = response + [hf_tok.eos_token_id]
         np.testing.assert_array_equal(rest, expected_rest)
         # pixels: the stored image, rescaled and normalised, is exactly what the processor gives
         item_images = [ds._normalise([ds.load_image(r)])[0] for r in ds.image_rows(doc)]
@@ -213,9 +215,10 @@ def test_bad_records_are_counted_and_strict_stops(corpus, capsys):
     assert run_preprocess(root, tok, [bad], "out/bad", "--seq-length", "128") == 0
     meta = json.loads((root / "out/bad_multimodal.json").read_text())
     assert meta["read"] == 9 and meta["kept"] == 1 and meta["skipped"] == 8
-    assert meta["skipped_by_reason"] == {"bad_json": 1, "image_missing": 1, "image_unreadable": 1, "placeholder_mismatch": 1,
-                                         "missing_key": 1, "overlong": 1, "placeholder_in_response": 1, "not_an_object": 1}
-    assert any(f"bad.jsonl:2:" in e for e in meta["skipped_records"])
+    assert meta["skipped_by_reason"] == {"bad_json": 1, "image_missing": 1, "image_unreadable": 1,
+                                         "placeholder_mismatch": 1, "missing_key": 1, "overlong": 1,
+                                         "placeholder_in_response": 1, "not_an_object": 1}
+    assert any("bad.jsonl:2:" in e for e in meta["skipped_records"])
     out = capsys.readouterr().out
     assert "kept 1, skipped 8" in out
     # worker processes: the same bytes and the same report
@@ -235,7 +238,10 @@ def test_bad_records_are_counted_and_strict_stops(corpus, capsys):
         one = Path(fmt.dataset_path(str(root / "out/w1"), key) + ".bin").read_bytes()
         assert one == Path(fmt.dataset_path(str(root / "out/cli"), key) + ".bin").read_bytes(), key
     w1, w2 = (json.loads((root / f"out/{n}_multimodal.json").read_text()) for n in ("w1", "w2"))
-    assert {k: v for k, v in w1.items() if k not in ("seconds", "outputs")} == {k: v for k, v in w2.items() if k not in ("seconds", "outputs")}
+    def timeless(w):
+        return {k: v for k, v in w.items() if k not in ("seconds", "outputs")}
+
+    assert timeless(w1) == timeless(w2)
     assert w1["kept"] == 5 and w1["skipped"] == 8
     capsys.readouterr()
     # --strict: one line naming file:line, exit 2, nothing written
@@ -287,7 +293,7 @@ def test_samples_train_the_tiny_multimodal_model(corpus, tmp_path):
         assert "step 2/2" in proc.stdout
         losses = [json.loads(line)["loss"] for line in (logs / "metrics.jsonl").read_text().splitlines()
                   if "loss" in json.loads(line)]
-        assert len(losses) == 2 and all(np.isfinite(losses)) and all(0 < l < 20 for l in losses)
+        assert len(losses) == 2 and all(np.isfinite(losses)) and all(0 < x < 20 for x in losses)
 
 
 def write_text_prefix(path: Path, docs: int, seed: int, vocab: int = 300, eod: int = 2) -> str:
@@ -306,7 +312,6 @@ def test_stage1_blend_of_text_and_image_text(corpus, tmp_path):
     """50/30/20 over text indexed datasets and image-text datasets: shares held at every point, items
     of the text part are megatron-core's, image-text items carry their images, one collate for both."""
     import yaml
-
     from megatron.core.datasets.blended_dataset import BlendedDataset
 
     root, tok, good, _ = corpus
@@ -316,7 +321,8 @@ def test_stage1_blend_of_text_and_image_text(corpus, tmp_path):
         "sources": [
             {"name": "text", "weight": 50, "prefixes": [write_text_prefix(tmp_path / "reasoning", 300, 0)]},
             {"name": "multimodal", "weight": 30, "prefixes": [str(tmp_path / "caption")]},
-            {"name": "replay", "weight": 20, "prefixes": [write_text_prefix(tmp_path / "web", 300, 1), str(tmp_path / "replay_mm")]},
+            {"name": "replay", "weight": 20,
+             "prefixes": [write_text_prefix(tmp_path / "web", 300, 1), str(tmp_path / "replay_mm")]},
         ],
         "seq_length": 128, "seed": 5, "split": "100,0,0", "steps": 25, "cache_dir": str(tmp_path / "cache"),
     }
@@ -437,7 +443,8 @@ def test_control_token_text_is_kept_as_text(corpus):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert run_preprocess(root, tok, [path], "out/control") == 0
     meta = json.loads((root / "out/control_multimodal.json").read_text())
-    assert (meta["kept"], meta["skipped"], meta["with_control_token_text"], meta["control_token_strings"]) == (3, 0, 2, 15)
+    assert (meta["kept"], meta["skipped"], meta["with_control_token_text"],
+            meta["control_token_strings"]) == (3, 0, 2, 15)
     hf_tok = PreTrainedTokenizerFast.from_pretrained(tok)
     ds = mm.MultimodalDataset(str(root / "out/control"), seq_length=256)
     image_ids = list(ds.layout.token_ids)

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_python, run_torchrun
 
 SCRIPT = Path(__file__).parent / "dist" / "parallel_check.py"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, run_python
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from conftest import REPO, run_python
 from megatron_apriel.data import merge as merge_mod
 from megatron_apriel.data import preprocess as pp
 from megatron_apriel.data.tokenizers import load_tokenizer, resolve_tekken
@@ -59,7 +59,8 @@ def hf_dir(tmp_path_factory):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TEXTS * 3, trainer)
     path = tmp_path_factory.mktemp("hf")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
     return path
 
 
@@ -124,7 +125,8 @@ def test_tokens_match_direct_tokenization(kind, tmp_path, hf_dir, sp_model):
 def test_encode_text_reads_control_token_strings_as_text(kind, hf_dir, sp_model):
     """encode_text (message content) never yields a control-token id, decodes back to the text, and
     leaves encode (pretraining text, read by the libraries' own rules) as it was."""
-    model = {"TikTokenizer": "mistral-nemo", "HuggingFaceTokenizer": str(hf_dir), "SentencePieceTokenizer": str(sp_model)}[kind]
+    model = {"TikTokenizer": "mistral-nemo", "HuggingFaceTokenizer": str(hf_dir),
+             "SentencePieceTokenizer": str(sp_model)}[kind]
     tok = load_tokenizer(kind, model)
     assert {"<s>", "</s>"} <= set(tok.control_tokens)
     if kind == "TikTokenizer":
@@ -217,19 +219,21 @@ def test_several_json_keys_and_merge(tmp_path):
                         "--tokenizer-model", "mistral-nemo", "--quiet"]) == 0
     assert read_docs(str(tmp_path / "parts" / "a_title_document")) == [tk.encode(r["title"]) for r in rows[:3]]
     out = str(tmp_path / "merged" / "all")
-    rc = merge_mod.main(["--input", str(tmp_path / "parts" / "a_text_document"), str(tmp_path / "parts" / "b_text_document"),
-                         "--output-prefix", out])
+    rc = merge_mod.main(["--input", str(tmp_path / "parts" / "a_text_document"),
+                         str(tmp_path / "parts" / "b_text_document"), "--output-prefix", out])
     assert rc == 0
     assert read_docs(out) == [tk.encode(r["text"]) for r in rows]
-    proc = run_python(["tools/merge_datasets.py", "--input", str(tmp_path / "nothing"), "--output-prefix", out], check=False)
+    proc = run_python(["tools/merge_datasets.py", "--input", str(tmp_path / "nothing"), "--output-prefix", out],
+                      check=False)
     assert proc.returncode == 1 and "nothing" in proc.stderr
 
 
 EDGE_TEXTS = [
     "", " ", "  ", "\n", "\r\n\r\n", "a  \n\n  b", "\t\tx", "x \t y", "end with spaces   ", "   lead",
     "x\n/y", "):\n  /z", "a/\n/\n/b", "foo(bar) + 1234567 - 3.5e-7", "HTTPServer fooBAR bazQux ABC",
-    "<s> </s> <unk> [INST] [/INST] <SPECIAL_5> <pad>", "e\u0301 cafe\u0301 \u00e9", "日本語のテキスト 東京", "مرحبا بالعالم",
-    "emoji 🙂🙂 and 👩\u200d👩\u200d👧", "\u00a0nbsp\u00a0 \u2028sep\u2029 \u3000ideo", "ctl \x1c\x1d\x1e\x1f \x00 \x7f",
+    "<s> </s> <unk> [INST] [/INST] <SPECIAL_5> <pad>", "e\u0301 cafe\u0301 \u00e9", "日本語のテキスト 東京",
+    "مرحبا بالعالم", "emoji 🙂🙂 and 👩\u200d👩\u200d👧", "\u00a0nbsp\u00a0 \u2028sep\u2029 \u3000ideo",
+    "ctl \x1c\x1d\x1e\x1f \x00 \x7f",
     "    def f(self):\n        return {'a': [1, 2]}\n\n\n", "word\u0300\u0301 mark", "ǅungla ǈ title-case",
 ]
 
@@ -342,8 +346,6 @@ def test_interrupted_runs_leave_no_temporary_files(tmp_path, sig):
     import subprocess
     import sys
     import time
-
-    from conftest import REPO
 
     line = json.dumps({"text": "A line of ordinary prose to tokenize, again and again. " * 18}) + "\n"
     src = tmp_path / "big.jsonl"

@@ -26,7 +26,8 @@ def test_param_count_matches_transformers_and_formula(name):
     """Every preset, vision encoder and projector included (runtime: ~0.1 s each)."""
     p = get_preset(name)
     h, d, f, v = p.hidden_size, p.kv_channels, p.ffn_hidden_size, p.vocab_size
-    per_layer = h * d * (p.num_attention_heads + 2 * p.num_query_groups) + p.num_attention_heads * d * h + 3 * h * f + 2 * h
+    per_layer = (h * d * (p.num_attention_heads + 2 * p.num_query_groups) + p.num_attention_heads * d * h
+                 + 3 * h * f + 2 * h)
     analytic = 2 * v * h + p.num_layers * per_layer + h
     c = p.param_counts()
     assert c["decoder"] == analytic
@@ -46,7 +47,8 @@ def test_readme_preset_table_is_the_code_s():
 
 
 def test_recipe_numbers():
-    nemo, apriel, mm = get_preset("mistral-nemo-12b"), get_preset("apriel-nemotron-15b"), get_preset("apriel-1.5-15b-text")
+    nemo, apriel = get_preset("mistral-nemo-12b"), get_preset("apriel-nemotron-15b")
+    mm = get_preset("apriel-1.5-15b-text")
     assert (nemo.num_layers, apriel.num_layers, mm.num_layers) == (40, 50, 48)
     assert nemo.kv_channels * nemo.num_attention_heads == 4096 != nemo.hidden_size
     assert get_preset("pixtral-12b-text").rope_theta == 1e9 and nemo.rope_theta == 1e6

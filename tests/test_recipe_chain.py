@@ -20,8 +20,7 @@ from megatron_apriel.checkpoint import average as avg
 from megatron_apriel.config import load_config, load_yaml
 from megatron_apriel.rl.grpo import GRPORunConfig
 from megatron_apriel.training.checkpointing import retained
-from megatron_apriel.training.config import TrainConfig
-from megatron_apriel.training.loop import _stage_load
+from megatron_apriel.training.config import TrainConfig, stage_load
 
 MODELS = ("apriel_nemotron_15b", "apriel_1p5_15b")
 
@@ -69,7 +68,7 @@ def steps_of(folder: Path) -> list[dict]:
             pass  # the documented grpo commands below name model.path and out_dir
         elif "checkpoint" in raw:
             cfg = load_config(TrainConfig, path)
-            load = cfg.checkpoint.load or _stage_load(cfg)
+            load = cfg.checkpoint.load or stage_load(cfg)
             steps.append(dict(name=name, reads=[load] if load else [], writes=[cfg.checkpoint.save], cfg=cfg))
         for argv in documented_commands(path):
             where = f"{name}: {' '.join(argv[:3])}"

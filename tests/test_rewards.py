@@ -8,8 +8,17 @@ import time
 import pytest
 
 from megatron_apriel.config import ConfigError, from_dict
-from megatron_apriel.rl.rewards import (RewardsConfig, SandboxLimits, TRLReward, code_reward, combined_reward,
-                                        format_reward, instruction_reward, math_reward, tool_call_reward)
+from megatron_apriel.rl.rewards import (
+    RewardsConfig,
+    SandboxLimits,
+    TRLReward,
+    code_reward,
+    combined_reward,
+    format_reward,
+    instruction_reward,
+    math_reward,
+    tool_call_reward,
+)
 from megatron_apriel.rl.rewards.math import extract_answer, last_boxed
 
 
@@ -154,8 +163,8 @@ def call(name="get_weather", **args) -> str:
 
 def test_tool_calls_right():
     assert tool_call_reward(call(city="Paris"), tools=TOOLS).score == 1.0
-    assert tool_call_reward(call(city="Paris", unit="C"), tools=TOOLS,
-                            expected_call={"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}).score == 1.0
+    expected = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}
+    assert tool_call_reward(call(city="Paris", unit="C"), tools=TOOLS, expected_call=expected).score == 1.0
     bare = apriel('{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}')  # arguments as a JSON string
     assert tool_call_reward(bare, tools=TOOLS).score == 1.0
 
@@ -175,7 +184,8 @@ def test_tool_calls_wrong(text, why):
 
 
 def test_tool_calls_expected_mismatch():
-    r = tool_call_reward(call(city="Rome"), tools=TOOLS, expected_call={"name": "get_weather", "arguments": {"city": "Paris"}})
+    r = tool_call_reward(call(city="Rome"), tools=TOOLS,
+                         expected_call={"name": "get_weather", "arguments": {"city": "Paris"}})
     assert r.score == 0.0 and "expected" in r.reason
 
 
@@ -221,7 +231,8 @@ def test_combined_weights_per_domain():
 
 def test_trl_reward_reads_json_columns():
     fn = TRLReward(RewardsConfig())
-    completions = [[{"role": "assistant", "content": call(city="Oslo")}], [{"role": "assistant", "content": apriel("no")}]]
+    completions = [[{"role": "assistant", "content": call(city="Oslo")}],
+                   [{"role": "assistant", "content": apriel("no")}]]
     metrics, extra = {}, {}
     scores = fn(prompts=["p", "p"], completions=completions, domain=["tools", "tools"],
                 tools=[json.dumps(TOOLS)] * 2, expected_call=["", ""],

@@ -21,8 +21,15 @@ import psutil
 import pytest
 
 from megatron_apriel.config import ConfigError
-from megatron_apriel.rl.rewards import RewardsConfig, SandboxLimits, SandboxUnavailable, code_reward, run_many, run_python
-from megatron_apriel.rl.rewards import sandbox
+from megatron_apriel.rl.rewards import (
+    RewardsConfig,
+    SandboxLimits,
+    SandboxUnavailable,
+    code_reward,
+    run_many,
+    run_python,
+    sandbox,
+)
 
 LIMITS = SandboxLimits(cpu_seconds=2, wall_seconds=5, memory_bytes=512 << 20, max_processes=8,
                        max_file_bytes=256 << 10, max_output_bytes=4096, workers=2)
@@ -114,8 +121,8 @@ def test_writes_outside_the_scratch_are_contained(host_dir, how):
         "open": f"open({str(target)!r}, 'w').write('x')",
         "os.open": f"import os\nos.write(os.open({str(target)!r}, os.O_WRONLY | os.O_CREAT), b'x')",
         "shell": f"import subprocess\nsubprocess.run(['sh', '-c', 'echo x > {target}'], check=True)",
-        "ctypes": (f"import ctypes, os\nlibc = ctypes.CDLL(None)\nfd = libc.open({str(target).encode()!r}, 0o101, 0o644)\n"
-                   "assert fd >= 0\nos.write(fd, b'x')"),
+        "ctypes": ("import ctypes, os\nlibc = ctypes.CDLL(None)\n"
+                   f"fd = libc.open({str(target).encode()!r}, 0o101, 0o644)\nassert fd >= 0\nos.write(fd, b'x')"),
         "symlink": f"import os\nos.symlink({str(target)!r}, 'link')\nopen('link', 'w').write('x')",
         "hardlink": f"import os\nos.link({str(victim)!r}, 'hard')\nopen('hard', 'w').write('x')",
     }[how]
@@ -137,7 +144,8 @@ def test_reading_outside_the_scratch_finds_nothing(host_dir):
     for folder in ("/root", home, "/home", "/tmp", "/scratch", str(host_dir.parent)):
         res = run_python(f"import os\nprint(os.listdir({folder!r}) if os.path.isdir({folder!r}) else 'absent')",
                          limits=LIMITS)
-        assert res.stdout.strip() in ("absent", "[]", str(towards_interpreter(folder))), (folder, res.stdout, res.stderr)
+        assert res.stdout.strip() in ("absent", "[]", str(towards_interpreter(folder))), \
+            (folder, res.stdout, res.stderr)
 
 
 def test_the_program_cannot_read_its_tests():
@@ -155,7 +163,8 @@ def test_the_program_cannot_read_its_tests():
 def test_another_runs_scratch_is_out_of_reach():
     # Two runs at once: the second looks for the first one's file in every place it might be.
     writer = "open('mine.txt', 'w').write('s3cr3t')\nimport time\ntime.sleep(1.5)"
-    spy = ("import glob, os, time\ntime.sleep(0.5)\nhits = [p for pat in ('/scratch/*', '/tmp/*', '/tmp/apriel-sandbox-*/*', "
+    spy = ("import glob, os, time\ntime.sleep(0.5)\n"
+           "hits = [p for pat in ('/scratch/*', '/tmp/*', '/tmp/apriel-sandbox-*/*', "
            "'/proc/*/cwd/*', '/proc/*/root/scratch/*') for p in glob.glob(pat)]\nprint(hits)")
     results = run_many([(writer, "", None), (spy, "", None)], LIMITS)
     assert results[0].ok and results[1].ok, results
@@ -219,7 +228,8 @@ def test_signals_cannot_reach_the_grader_or_other_processes():
             f"import os, signal\nos.kill({me}, signal.SIGSTOP)",
             f"import os, signal\nos.kill({bystander.pid}, signal.SIGKILL)",
             "import os, signal\nos.kill(os.getppid(), signal.SIGSTOP)",
-            f"import subprocess\nsubprocess.run(['sh', '-c', 'kill -STOP {me}; kill -9 {bystander.pid}; kill -STOP $PPID'], check=True)",
+            "import subprocess\n"
+            f"subprocess.run(['sh', '-c', 'kill -STOP {me}; kill -9 {bystander.pid}; kill -STOP $PPID'], check=True)",
             "import subprocess\nsubprocess.run(['sh', '-c', 'kill -9 -1'])",
         ]
         for prog in programs:
@@ -235,7 +245,8 @@ def test_signals_cannot_reach_the_grader_or_other_processes():
 
 @pytest.mark.parametrize("prog", [
     "import subprocess\nsubprocess.Popen(['sleep', '987.654'], start_new_session=True)",
-    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        os.execvp('sleep', ['sleep', '987.654'])\n    os._exit(0)\ntime.sleep(0.2)",
+    "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+    "        os.execvp('sleep', ['sleep', '987.654'])\n    os._exit(0)\ntime.sleep(0.2)",
     "import subprocess\nsubprocess.Popen(['sh', '-c', 'nohup sleep 987.654 >/dev/null 2>&1 &'])",
 ], ids=["setsid", "double-fork", "nohup"])
 def test_orphans_and_daemons_do_not_outlive_the_run(prog):
@@ -245,7 +256,8 @@ def test_orphans_and_daemons_do_not_outlive_the_run(prog):
 
 def test_fork_flood_is_capped_and_contained():
     count = ("import os, time\nn = 0\nfor _ in range(64):\n    try:\n        pid = os.fork()\n    except OSError:\n"
-             "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\nprint(n, flush=True)\nos._exit(0)")
+             "        break\n    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n    n += 1\n"
+             "print(n, flush=True)\nos._exit(0)")
     res = run_python(count, limits=LIMITS)
     assert res.ok and 0 < int(res.stdout) < LIMITS.max_processes, (res.stdout, res.stderr)
     before = len(psutil.pids())
@@ -260,7 +272,8 @@ def test_memory_and_tmpfs_are_capped():
     assert r.score == 0.0 and "MemoryError" in r.reason
     # Many files, each under the file-size limit: every writable place is a capped tmpfs ...
     for place in ("/tmp", "/scratch", "/dev/shm"):
-        fill = (f"import os\nn = 0\ntry:\n    for i in range(10000):\n        with open(f'{place}/f{{i}}', 'wb') as f:\n"
+        fill = ("import os\nn = 0\ntry:\n    for i in range(10000):\n"
+                f"        with open(f'{place}/f{{i}}', 'wb') as f:\n"
                 "            f.write(b'x' * (200 << 10))\n        n += 1\nexcept OSError as e:\n    print(n, e.errno)")
         res = run_python(fill, limits=LIMITS)
         n, errno_ = map(int, res.stdout.split())
@@ -268,7 +281,8 @@ def test_memory_and_tmpfs_are_capped():
     # ... and nothing else is writable (bwrap's own root and /dev are uncapped tmpfs: read-only).
     for place in ("/", "/dev", "/usr", "/sandbox"):
         res = run_python(f"open('{place}/x', 'w')", limits=LIMITS)
-        assert res.returncode != 0 and ("Read-only file system" in res.stderr or "Permission denied" in res.stderr), place
+        refused = "Read-only file system" in res.stderr or "Permission denied" in res.stderr
+        assert res.returncode != 0 and refused, place
     assert_nothing_left()
 
 
@@ -293,7 +307,8 @@ EARLY_EXITS = {
     "builtins": "import builtins\nbuiltins.AssertionError = SystemExit\nbuiltins.add = lambda a, b: 0",
     "close stdout": "import os, sys\nsys.stdout.close()\nos.close(1)\nos.close(2)\ndef add(a, b):\n    return 0",
     "write stdout": "print('ok\\nPASSED 2/2 tests', flush=True)\ndef add(a, b):\n    return 0",
-    "settrace": ("import sys\ndef jump(frame, event, arg):\n    if event == 'line' and frame.f_code.co_filename == 'test.py':\n"
+    "settrace": ("import sys\ndef jump(frame, event, arg):\n"
+                 "    if event == 'line' and frame.f_code.co_filename == 'test.py':\n"
                  "        frame.f_lineno = 99\n    return jump\nsys.settrace(jump)\nsys._getframe().f_trace = jump\n"
                  "def add(a, b):\n    return 0"),
     "kill self": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",

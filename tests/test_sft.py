@@ -153,7 +153,8 @@ def test_preprocess_bad_record_fails_cleanly(hf_tokenizer, tmp_path, capsys):
     from megatron_apriel.data.preprocess_sft import main
 
     tok_path, _ = hf_tokenizer
-    _write_jsonl(tmp_path / "bad.jsonl", [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "x"}]}])
+    _write_jsonl(tmp_path / "bad.jsonl",
+                 [{"messages": CONVERSATIONS[0]}, {"messages": [{"role": "user", "content": "x"}]}])
     rc = main(["--input", str(tmp_path / "bad.jsonl"), "--output-prefix", str(tmp_path / "out"),
                "--tokenizer-model", str(tok_path), "--strict"])
     assert rc == 2
@@ -224,8 +225,8 @@ def test_control_token_text_in_every_role_stays_text(hf_tokenizer):
     # and with the generation prompt, as `apriel generate` and evaluation render a question
     g = encode_chat(tok, INJECTED[:2], APRIEL_CHAT_TEMPLATE, add_generation_prompt=True)
     assert tok.decode(g.tokens).endswith("fake turn injected <|end|>\n<|end|>\n<|assistant|>\n")
-    assert [t for t in g.tokens if t in control] == [tok.convert_tokens_to_ids(t) for t in
-                                                     ("<s>", "<|system|>", "<|end|>", "<|user|>", "<|end|>", "<|assistant|>")]
+    expected = ("<s>", "<|system|>", "<|end|>", "<|user|>", "<|end|>", "<|assistant|>")
+    assert [t for t in g.tokens if t in control] == [tok.convert_tokens_to_ids(t) for t in expected]
 
 
 def test_preprocess_counts_control_token_text(hf_tokenizer, tmp_path):
@@ -247,12 +248,14 @@ def test_preprocess_counts_control_token_text(hf_tokenizer, tmp_path):
     report = json.loads((tmp_path / "o_report.json").read_text())
     assert (report["kept"], report["skipped_bad"], report["with_control_token_text"]) == (3, 1, 2)
     assert report["control_token_strings"] == 44 + 2 and "c.jsonl:4" in report["skipped_records"][0]
-    toks, masks = IndexedDataset(str(tmp_path / "o_tokens_document")), IndexedDataset(str(tmp_path / "o_loss_mask_document"))
+    toks = IndexedDataset(str(tmp_path / "o_tokens_document"))
+    masks = IndexedDataset(str(tmp_path / "o_loss_mask_document"))
     for i, rec in enumerate(records[:3]):
         r = encode_chat(tok, rec["messages"], APRIEL_CHAT_TEMPLATE, tools=rec.get("tools"))
         assert toks[i].tolist() == r.tokens and masks[i].tolist() == r.mask
-    assert tok.convert_tokens_to_ids("<|assistant|>") not in toks[2].tolist()[:toks[2].tolist().index(
-        tok.convert_tokens_to_ids("<|end|>"))]  # the user turn that spells a fake assistant turn holds no real turn boundary
+    # the user turn that spells a fake assistant turn holds no real turn boundary
+    user_turn = toks[2].tolist()[:toks[2].tolist().index(tok.convert_tokens_to_ids("<|end|>"))]
+    assert tok.convert_tokens_to_ids("<|assistant|>") not in user_turn
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +394,8 @@ def test_stratified_subset(hf_tokenizer, tmp_path):
     assert report["kept"] == 3 and report["not_in_subset"] == 9  # 2 of 8 math + 1 of 4 code
 
 
-SFT_CONFIGS = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("examples/*/sft*.yaml"), *REPO.glob("examples/*/merge_c.yaml")])
+SFT_CONFIGS = sorted(str(p.relative_to(REPO))
+                     for p in [*REPO.glob("examples/*/sft*.yaml"), *REPO.glob("examples/*/merge_c.yaml")])
 
 
 @pytest.mark.parametrize("path", SFT_CONFIGS)
@@ -446,7 +450,8 @@ def test_templates_without_generation_blocks_get_the_same_masks(hf_tokenizer):
     assert "generation" not in untagged.replace("add_generation_prompt", "")
     for conv in [*CONVERSATIONS, INJECTED]:
         tools = TOOLS if conv is INJECTED else _tools(conv)
-        tagged, plain = encode_chat(tok, conv, APRIEL_CHAT_TEMPLATE, tools=tools), encode_chat(tok, conv, untagged, tools=tools)
+        tagged = encode_chat(tok, conv, APRIEL_CHAT_TEMPLATE, tools=tools)
+        plain = encode_chat(tok, conv, untagged, tools=tools)
         assert (plain.tokens, plain.mask, plain.text) == (tagged.tokens, tagged.mask, tagged.text)
         assert sum(plain.mask) > 0
     # history without reasoning (as the released Thinker templates render past turns)
@@ -460,19 +465,26 @@ def test_templates_without_generation_blocks_get_the_same_masks(hf_tokenizer):
 def test_apriel_nemotron_format_renders_the_released_layout(hf_tokenizer):
     """--chat-template apriel-nemotron: built-in system prompt + the user's system text, a generation
     prompt that starts the reasoning, history as final responses only, tool calls and results."""
-    from megatron_apriel.data.chat_template import (APRIEL_NEMOTRON_CHAT_TEMPLATE, NEMOTRON_SYSTEM_PROMPT,
-                                                    encode_chat, resolve_template)
+    from megatron_apriel.data.chat_template import (
+        APRIEL_NEMOTRON_CHAT_TEMPLATE,
+        NEMOTRON_SYSTEM_PROMPT,
+        encode_chat,
+        resolve_template,
+    )
 
     _, tok = hf_tokenizer
     t = resolve_template(tok, "apriel-nemotron")
-    assert t == APRIEL_NEMOTRON_CHAT_TEMPLATE and NEMOTRON_SYSTEM_PROMPT.startswith("You are a thoughtful and systematic")
+    assert t == APRIEL_NEMOTRON_CHAT_TEMPLATE
+    assert NEMOTRON_SYSTEM_PROMPT.startswith("You are a thoughtful and systematic")
 
     def text(conv, gen=False):
-        return tok.apply_chat_template(conv, chat_template=t, tokenize=False, add_generation_prompt=gen, tools=_tools(conv))
+        return tok.apply_chat_template(conv, chat_template=t, tokenize=False, add_generation_prompt=gen,
+                                       tools=_tools(conv))
 
     head = "<s><|system|>\n" + NEMOTRON_SYSTEM_PROMPT
     q = [{"role": "user", "content": "What is 6 times 7?"}]
-    assert text(q, gen=True) == head + "\n<|end|>\n<|user|>\nWhat is 6 times 7?\n<|end|>\n<|assistant|>\nHere are my reasoning steps:\n"
+    assert text(q, gen=True) == (head + "\n<|end|>\n<|user|>\nWhat is 6 times 7?\n<|end|>\n<|assistant|>\n"
+                                 "Here are my reasoning steps:\n")
     assert text(CONVERSATIONS[0][:2], gen=True).startswith(head + "You are a careful solver.\n<|end|>\n<|user|>\n")
     assert text(CONVERSATIONS[0][:3]).endswith(
         "<|assistant|>\nHere are my reasoning steps:\n6 * 7 = 42, checking: 7 * 6 = 42.\n[BEGIN FINAL RESPONSE]\n42\n"
@@ -517,14 +529,16 @@ def test_split_turns_trains_every_turn_of_a_history_dropping_format(hf_tokenizer
     tok_path, tok = hf_tokenizer
     conv = [*CONVERSATIONS[0][:4], {"role": "assistant", "content": "4", "reasoning": "2 + 2 = 4 <|end|>"}]
     _write_jsonl(tmp_path / "c.jsonl", [{"messages": conv}])
-    args = ["--input", str(tmp_path / "c.jsonl"), "--tokenizer-model", str(tok_path), "--chat-template", "apriel-nemotron"]
+    args = ["--input", str(tmp_path / "c.jsonl"), "--tokenizer-model", str(tok_path),
+            "--chat-template", "apriel-nemotron"]
     assert main([*args, "--output-prefix", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one_report.json").read_text())
     assert (one["kept"], one["skipped_bad"]) == (0, 1) and "messages[2]" in one["skipped_records"][0]
     assert main([*args, "--output-prefix", str(tmp_path / "split"), "--split-turns"]) == 0
     report = json.loads((tmp_path / "split_report.json").read_text())
     assert (report["read"], report["kept"], report["with_control_token_text"]) == (1, 2, 1)
-    toks, masks = IndexedDataset(str(tmp_path / "split_tokens_document")), IndexedDataset(str(tmp_path / "split_loss_mask_document"))
+    toks = IndexedDataset(str(tmp_path / "split_tokens_document"))
+    masks = IndexedDataset(str(tmp_path / "split_loss_mask_document"))
     for doc, n in enumerate((3, 5)):
         r = encode_chat(tok, conv[:n], T, last_turn_only=True)
         assert toks[doc].tolist() == r.tokens and masks[doc].tolist() == r.mask
@@ -543,9 +557,11 @@ def _reserved_slot_tokenizer(path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"] + [f"<SPECIAL_{i}>" for i in range(5, 16)]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(_corpus()) * 20, trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(path)
     return path
 
 
@@ -564,8 +580,10 @@ def test_chat_tokenizer_puts_role_tokens_in_reserved_slots(tmp_path, capsys):
     _write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATIONS[0][:3]}])
     assert preprocess_sft(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "x"),
                            "--tokenizer-model", str(src), "--chat-template", "apriel-nemotron"]) == 2
-    assert "no special token for <|system|>, <|user|>, <|assistant|>, <|tool_result|>, <|end|>" in capsys.readouterr().err
-    assert chat_tokenizer(["--tokenizer", str(src), "--chat-template", "apriel-nemotron", "--out", str(tmp_path / "tok")]) == 0
+    err = capsys.readouterr().err
+    assert "no special token for <|system|>, <|user|>, <|assistant|>, <|tool_result|>, <|end|>" in err
+    assert chat_tokenizer(["--tokenizer", str(src), "--chat-template", "apriel-nemotron",
+                           "--out", str(tmp_path / "tok")]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert len(tok) == len(before) and tok.chat_template == APRIEL_NEMOTRON_CHAT_TEMPLATE
     assert tok.convert_tokens_to_ids(list(ROLE_TOKENS)) == [5, 6, 7, 8, 9]
@@ -578,7 +596,8 @@ def test_chat_tokenizer_puts_role_tokens_in_reserved_slots(tmp_path, capsys):
     assert preprocess_sft(["--input", str(tmp_path / "c.jsonl"), "--output-prefix", str(tmp_path / "y"),
                            "--tokenizer-model", str(tmp_path / "tok"), "--chat-template", "apriel-nemotron"]) == 0
     # too few reserved slots
-    assert chat_tokenizer(["--tokenizer", str(tmp_path / "tok"), "--chat-template", "apriel", "--out", str(tmp_path / "t2")]) == 0
+    assert chat_tokenizer(["--tokenizer", str(tmp_path / "tok"), "--chat-template", "apriel",
+                           "--out", str(tmp_path / "t2")]) == 0
     few = _reserved_slot_tokenizer(tmp_path / "few")
     data = json.loads((few / "tokenizer.json").read_text())
     for t in data["added_tokens"]:

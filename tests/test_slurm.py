@@ -104,8 +104,8 @@ def test_sbatch_cpt_finishes_with_checkpoint_and_falling_loss(cpt_run):
 def test_time_limit_signal_requeue_resume_equals_uninterrupted(cluster, cpt_run, tmp_path):
     """--time=2 with --signal=B:USR1@50: slurmctld checks time limits every 30 s and sends the
     warning up to 30 s early so it is never late, i.e. 40-70 s after the start, once the tasks are
-    training; the samples sleep so that the 40 steps take about 80 s without using the CPUs. Every run, requeued ones included, gets the
-    same limit, so a job may be requeued more than once."""
+    training; the samples sleep so that the 40 steps take about 80 s without using the CPUs. Every run,
+    requeued ones included, gets the same limit, so a job may be requeued more than once."""
     ref = _losses(cpt_run[0] / "ckpt")
     save = tmp_path / "ckpt"
     job, log = _submit(cluster, tmp_path, [*CPU_ALLOC, "--ntasks-per-node=1", "--time=2", "--signal=B:USR1@50"],
@@ -149,6 +149,7 @@ def check_convert_tp2(cluster, tmp_path: Path, alloc: list[str]) -> str:
     """slurm/convert.sh with two srun tasks (laid out by ``alloc``) writes a TP=2 dist checkpoint
     equal to the HF tensors; returns the job's log."""
     from conftest import make_tiny_hf
+
     from megatron_apriel.checkpoint.convert import load_mcore_canonical, preset_from_hf_dir
     from megatron_apriel.checkpoint.hf_io import SafetensorsReader
     from megatron_apriel.checkpoint.mistral import hf_to_mcore

@@ -141,7 +141,8 @@ def test_task_killed_on_one_node_fails_job_promptly(cluster, tmp_path):
     text = log.read_text()
     assert info["JobState"] == "FAILED", f"{info}\n{text[-3000:]}"
     assert took < 45, f"job took {took:.0f} s to fail after the kill"
-    assert re.search(rf"apriel-n2 task 1: python\S* \(pid {victim}\) was killed by SIGKILL: ending step {job}\.0", text), text[-3000:]
+    killed = rf"apriel-n2 task 1: python\S* \(pid {victim}\) was killed by SIGKILL: ending step {job}\.0"
+    assert re.search(killed, text), text[-3000:]
     assert "training failed (exit" in text, text[-3000:]
 
 

@@ -13,7 +13,8 @@ from PIL import Image, ImageColor, ImageDraw
 
 from data_prep import synthetic_visual as sv
 
-BLOCK_COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "cyan", "pink", "brown", "gray"]
+BLOCK_COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange", "purple", "cyan", "pink", "brown",
+                 "gray"]
 BW, BH = 40, 30  # block size; block images are 4 x 3 blocks = 160 x 90
 
 
@@ -60,8 +61,8 @@ def draw_shapes(folder: Path) -> dict:
         if counts.get("person"):
             anns.append(("person", [150, 10, 40, 60], 1))  # a crowd region: never counted or asked about
         for c, b, crowd in anns:
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": img_id, "category_id": cat_id[c],
-                                        "bbox": b, "iscrowd": crowd, "area": b[2] * b[3]})
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": img_id,
+                                        "category_id": cat_id[c], "bbox": b, "iscrowd": crowd, "area": b[2] * b[3]})
         coco["images"].append({"id": img_id, "file_name": name, "width": 200, "height": 160})
         im.save(folder / name)
         truth[name] = boxes
@@ -198,7 +199,8 @@ def test_presence_answers(generated):
             largest = max(drawn, key=lambda b: b[2] * b[3]) if drawn else None
             assert r["response"] == (f"yes {xyxy(largest)}" if drawn else "no")
         else:
-            assert r["response"] == ("\n".join(str(xyxy(b)) for b in sorted(drawn, key=lambda b: (b[1], b[0]))) if drawn else "none")
+            boxes = "\n".join(str(xyxy(b)) for b in sorted(drawn, key=lambda b: (b[1], b[0])))
+            assert r["response"] == (boxes if drawn else "none")
         if not drawn and lv.get("similar_negatives"):
             present = {c for c, bs in boxes.items() if bs}
             assert sup[cat] in {sup[c] for c in present} | {"person"} or not present
@@ -241,7 +243,8 @@ def test_dry_run_report_and_contact_sheet(generated, capsys, tmp_path):
 def test_bad_input(tmp_path, generated, capsys):
     _, raw, _, _, _, _, _ = generated
     cfg = tmp_path / "bad.yaml"
-    cfg.write_text("tasks:\n  crop_matching:\n    levels:\n      easy: {candidates: 1, crop_size: 0.3, distractors: same_image}\n")
+    cfg.write_text("tasks:\n  crop_matching:\n    levels:\n"
+                   "      easy: {candidates: 1, crop_size: 0.3, distractors: same_image}\n")
     assert sv.main(["--images", str(raw), "--out", str(tmp_path / "o"), "--config", str(cfg)]) == 2
     assert "tasks.crop_matching.levels.easy.candidates" in capsys.readouterr().err
     cfg.write_text("tasks:\n  colouring: {}\n")
@@ -323,7 +326,8 @@ def test_hostile_and_odd_images_in_the_raw_folder(tmp_path, capsys):
     d.ellipse((8, 8, 27, 27), fill="red")
     with_orientation(raw / "sideways.png", im, 6)
     coco = {"images": [{"id": 1, "file_name": "sideways.png", "width": 200, "height": 160}],
-            "categories": [{"id": 1, "name": "square", "supercategory": "shape"}, {"id": 2, "name": "circle", "supercategory": "shape"},
+            "categories": [{"id": 1, "name": "square", "supercategory": "shape"},
+                           {"id": 2, "name": "circle", "supercategory": "shape"},
                            {"id": 3, "name": "dog", "supercategory": "animal"}],
             "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 100, 40, 40], "iscrowd": 0},
                             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [120, 10, 60, 40], "iscrowd": 0},
@@ -344,7 +348,8 @@ def test_hostile_and_odd_images_in_the_raw_folder(tmp_path, capsys):
     assert report["images_normalised"] == {"exif_orientation": 2, "first_frame": 1, "mode_CMYK": 1, "mode_I;16": 1,
                                            "mode_P": 1, "mode_RGBA": 1}
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    used = ["blocks0.png", "blocks1.png", "sideways.png", "rotated.png", "grey16.png", "animated.gif", "alpha.png", "cmyk.jpg"]
+    used = ["blocks0.png", "blocks1.png", "sideways.png", "rotated.png", "grey16.png", "animated.gif", "alpha.png",
+            "cmyk.jpg"]
     assert sorted({r["source"] for r in records}) == sorted(used)
     assert all(sum(r["source"] == s and r["task"] == "reconstruction" for r in records) == 4 for s in used)
     # the sideways photo: counts, and every box covers its shape in the upright image
@@ -363,8 +368,9 @@ def test_hostile_and_odd_images_in_the_raw_folder(tmp_path, capsys):
         assert share > (0.95 if cat == "square" else 0.7), (cat, share)
     # every file the JSONL names, originals included, is read by preprocessing as it was here
     tok = make_tokenizer(tmp_path / "tok")
-    assert pmm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(tmp_path / "mm/s"), "--tokenizer-type",
-                    "HuggingFaceTokenizer", "--tokenizer-model", str(tok), "--image-size", "64"]) == 0
+    assert pmm.main(["--input", str(out / "samples.jsonl"), "--output-prefix", str(tmp_path / "mm/s"),
+                     "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tok),
+                     "--image-size", "64"]) == 0
     meta = json.loads((tmp_path / "mm/s_multimodal.json").read_text())
     assert meta["kept"] == len(records) and meta["skipped"] == 0
     # --strict: the first unusable image stops the run, exit 2, no output folder

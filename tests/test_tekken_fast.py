@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiktoken
-
 from conftest import run_python
-from megatron_apriel.data.tokenizers import load_tokenizer
 
 # not importorskip: CI builds the extension (.ci/run installs gcc), so a missing build is a failure
 from megatron_apriel.data import _tekken_fast as fast_mod  # noqa: E402
+from megatron_apriel.data.tokenizers import load_tokenizer
 
-ASCII_EDGE = list(" \t\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x00\x7f/_'\"!.,:;-+=()[]{}#*\\") + list("AbCdEfGxyzQW") + list("0129")
+ASCII_EDGE = (list(" \t\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x00\x7f/_'\"!.,:;-+=()[]{}#*\\") + list("AbCdEfGxyzQW")
+              + list("0129"))
 NON_ASCII = ["é", "ß", "İ", "中", "ǅ", "ʰ", "\u0301", "\u00a0", "\u0085", "\u2028", "\u3000", "😀", "Ω", "٣"]
 WORDS = ["the", "The", "HTTPServer", "x", "  ", "\n", "\r\n", "\t", " /", "//", "+=", "42", "é", "naïve", "中文",
          "\u00a0", "\u3000", "ǅungla", "ʰa", "e\u0301", "😀!", "x/\n", "   \n  ", "\x1c", "''", "A1b2"]
@@ -44,7 +44,8 @@ def fuzz_texts(seed: int, n: int) -> list[str]:
         elif kind == 1:  # the same with non-ASCII characters mixed in
             s = "".join(rng.choice(ASCII_EDGE + NON_ASCII) for _ in range(rng.randint(1, 60)))
         elif kind == 2:  # words and separators: long ASCII stretches around non-ASCII islands
-            s = "".join(rng.choice(WORDS) + rng.choice(["", " ", " ", "\n", "\t", "  "]) for _ in range(rng.randint(1, 40)))
+            s = "".join(rng.choice(WORDS) + rng.choice(["", " ", " ", "\n", "\t", "  "])
+                        for _ in range(rng.randint(1, 40)))
         else:  # long whitespace runs, possibly ending the text
             parts = [rng.choice(WORDS), rng.choice(" \t\n\x0b\x0c\r") * rng.randint(1, 30), rng.choice(WORDS + [""])]
             s = "".join(parts) + rng.choice(["", " ", "   ", "\n "])

@@ -3,9 +3,9 @@
 import json
 
 import torch
+from conftest import REPO, run_python
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO, run_python
 from megatron_apriel.models import get_preset
 from megatron_apriel.models.flops import flops_per_token, matmul_params
 
@@ -38,7 +38,8 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     rows = record["rows"]
     ok = [r for r in rows if "error" not in r]
     assert [(r["path"], r["recompute"]) for r in ok] == [("sdpa-bf16", "none"), ("sdpa-bf16", "full")]
-    assert all(r["tokens_per_s_per_gpu"] > 0 and r["flops_per_token"] == flops_per_token(get_preset("tiny"), 32) for r in ok)
+    tiny_flops = flops_per_token(get_preset("tiny"), 32)
+    assert all(r["tokens_per_s_per_gpu"] > 0 and r["flops_per_token"] == tiny_flops for r in ok)
     # recomputation changes speed, not the maths
     assert ok[0]["losses"] == ok[1]["losses"]
     assert "tok/s/GPU" in proc.stdout and "MFU" in proc.stdout
@@ -63,7 +64,8 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     text = doc.read_text()
     assert "old" not in text and text.endswith("after\n")
     for r in ok:
-        assert f"| {r['path']} | {r['recompute']} | 4 | 32 | {r['micro_batch']} x {r['grad_accum']} | {r['step_time_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} |" in text
+        assert (f"| {r['path']} | {r['recompute']} | 4 | 32 | {r['micro_batch']} x {r['grad_accum']} "
+                f"| {r['step_time_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} |") in text
     assert record["command"] in text
 
 
@@ -76,7 +78,8 @@ def test_profile_classes():
 
     assert classify(["Optimizer.step#AdamW.step", "aten::mul_"]) == "optimizer"
     assert classify(["aten::rms_norm", "aten::mul"]) == "norm"
-    assert classify(["aten::scaled_dot_product_attention", "aten::_flash_attention_forward", "aten::empty"]) == "attention"
+    sdpa = ["aten::scaled_dot_product_attention", "aten::_flash_attention_forward", "aten::empty"]
+    assert classify(sdpa) == "attention"
     assert classify(["autograd::engine::evaluate_function: ScaledDotProductFlashAttentionBackward0",
                      "aten::_flash_attention_backward"]) == "attention"
     assert classify(["autograd::engine::evaluate_function: MmBackward0", "MmBackward0", "aten::mm"]) == "gemm"

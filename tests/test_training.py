@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, run_python, run_torchrun
 
 SCRIPT = Path(__file__).parent / "dist" / "train_check.py"
@@ -30,7 +29,8 @@ def write_corpus(prefix: Path, docs: int = 120, length: int = 160, vocab: int = 
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
     for _ in range(docs):
         start, stride = rng.integers(3, vocab), rng.integers(1, 8)
-        builder.add_document(torch.from_numpy(((start + stride * np.arange(length)) % vocab).astype(np.int64)), [length])
+        tokens = ((start + stride * np.arange(length)) % vocab).astype(np.int64)
+        builder.add_document(torch.from_numpy(tokens), [length])
     builder.finalize(str(prefix) + ".idx")
     return str(prefix)
 
@@ -212,7 +212,8 @@ def test_full_resume_at_another_layout(corpus, init_ckpt, tmp_path):
         proc = run_torchrun(SCRIPT, ["--config", cfg, "model.pp=2"], check=False)
         if fmt == "dp_reshardable":
             assert proc.returncode != 0
-            assert "needs a checkpoint saved with checkpoint.optimizer_format=fully_reshardable" in proc.stdout + proc.stderr
+            assert ("needs a checkpoint saved with checkpoint.optimizer_format=fully_reshardable"
+                    in proc.stdout + proc.stderr)
             continue
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
         assert "resumed from" in proc.stdout and "iteration 4" in proc.stdout
@@ -268,7 +269,8 @@ def test_frozen_groups_are_bit_identical(corpus, init_ckpt, tmp_path):
     train(cfg)
     before = _dcp_tensors(init_ckpt / "iter_0000000", tmp_path)
     after = _dcp_tensors(save / "iter_0000003", tmp_path)
-    weights = [k for k in before if k.startswith(("embedding.", "decoder.", "output_layer.")) and "_extra_state" not in k]
+    weights = [k for k in before
+               if k.startswith(("embedding.", "decoder.", "output_layer.")) and "_extra_state" not in k]
     frozen = [k for k in weights if k.startswith(("embedding.", "output_layer."))]
     assert frozen and len(frozen) < len(weights)
     for k in frozen:
@@ -346,12 +348,11 @@ TRAIN_EXAMPLES = ["tiny/upscale.yaml", "tiny/cpt.yaml", "tiny/sft.yaml", "apriel
 @pytest.mark.parametrize("name", TRAIN_EXAMPLES)
 def test_example_configs_load(name):
     from megatron_apriel.config import load_config
-    from megatron_apriel.training.config import TrainConfig
-    from megatron_apriel.training.loop import _blend_spec
+    from megatron_apriel.training.config import TrainConfig, blend_spec_of
 
     cfg = load_config(TrainConfig, REPO / "examples" / name)
     if cfg.data.kind == "blend":
-        assert _blend_spec(cfg).seq_length == cfg.train.seq_length
+        assert blend_spec_of(cfg).seq_length == cfg.train.seq_length
 
 
 def test_bad_config_is_one_line_error(tmp_path, capsys):
@@ -378,7 +379,8 @@ def test_validation_loss_per_blend_source(corpus, tmp_path):
     cfg.write_text(yaml.safe_dump(data))
     proc = train(cfg)
     records = [json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()]
-    per = {(r["iteration"], k.split("/", 1)[1]): v for r in records for k, v in r.items() if k.startswith("valid_loss/")}
+    per = {(r["iteration"], k.split("/", 1)[1]): v
+           for r in records for k, v in r.items() if k.startswith("valid_loss/")}
     assert sorted(per) == [(3, "narrow"), (3, "syn"), (6, "narrow"), (6, "syn")]
     assert all(np.isfinite(v) and v > 0 for v in per.values())
     assert per[(6, "narrow")] != per[(6, "syn")]

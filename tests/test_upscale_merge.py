@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_tiny_hf
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny_hf
 from megatron_apriel.checkpoint import average as avg
 from megatron_apriel.checkpoint import upscale as up
 from megatron_apriel.checkpoint.hf_io import SafetensorsReader
@@ -78,7 +78,8 @@ def test_identity_init_keeps_logits(tmp_path, tiny_hf_dir):
 
 def test_copy_init_is_bit_identical(tmp_path, tiny_hf_dir):
     out = tmp_path / "up"
-    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(out), "--layers", "0-2,1-3", "--max-shard-gb", "0.0001"]) == 0
+    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(out), "--layers", "0-2,1-3",
+                    "--max-shard-gb", "0.0001"]) == 0
     plan = up.plan_from_slices("0-2,1-3", 4)
     src = load_file(tiny_hf_dir / "model.safetensors")
     with SafetensorsReader(out) as r:  # sharded output with an index
@@ -105,7 +106,8 @@ def test_llava_decoder_upscale(tmp_path):
                                                       vision_feature_layer=-1, vision_feature_select_strategy="full"))
     model.save_pretrained(tmp_path / "llava")
     out = tmp_path / "up"
-    assert up.main(["--hf", str(tmp_path / "llava"), "--out", str(out), "--expand-every", "2", "--init", "identity"]) == 0
+    assert up.main(["--hf", str(tmp_path / "llava"), "--out", str(out), "--expand-every", "2",
+                    "--init", "identity"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["text_config"]["num_hidden_layers"] == 6
     src, new = load_file(tmp_path / "llava" / "model.safetensors"), load_file(out / "model.safetensors")
@@ -122,7 +124,8 @@ def test_upscale_errors(tmp_path, tiny_hf_dir, capsys):
     assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-4"]) == 2
     assert "layer 4" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-1", "--expand-every", "2"]) == 2
+    assert up.main(["--hf", str(tiny_hf_dir), "--out", str(tmp_path / "x"), "--layers", "0-1",
+                    "--expand-every", "2"]) == 2
     assert "exactly one" in capsys.readouterr().err
 
 
@@ -145,7 +148,8 @@ def test_weighted_average_matches_fp64(tmp_path, dtype):
     weights = [0.3, 0.3, 0.4]
     inputs = []
     for i in range(3):
-        tensors = {"a": torch.randn(64, 48, generator=g).to(dtype), "b": (torch.randn(300, generator=g) * 100).to(dtype)}
+        tensors = {"a": torch.randn(64, 48, generator=g).to(dtype),
+                   "b": (torch.randn(300, generator=g) * 100).to(dtype)}
         inputs.append(_write_fake(tmp_path / f"in{i}", tensors))
     assert avg.main([*map(str, inputs), "--weights", *map(str, weights), "--out", str(tmp_path / "out")]) == 0
     got = load_file(tmp_path / "out" / "model.safetensors")
@@ -286,7 +290,8 @@ if __name__ == "__main__":
         os.makedirs(f"{root}/iter_000000{i + 1}")
         dist_checkpointing.save({"model": m.sharded_state_dict()}, f"{root}/iter_000000{i + 1}",
                                 get_default_save_sharded_strategy("torch_dist"))
-    assert average([f"{root}/iter_0000001", f"{root}/iter_0000002", "--weights", "0.25", "0.75", "--out", f"{root}/avg"]) == 0
+    assert average([f"{root}/iter_0000001", f"{root}/iter_0000002", "--weights", "0.25", "0.75",
+                    "--out", f"{root}/avg"]) == 0
     target = model(3)
     for p in target.parameters():
         p.data.fill_(float("nan"))
@@ -304,8 +309,10 @@ if __name__ == "__main__":
     import torch.distributed.checkpoint as dcp
     from megatron_apriel.checkpoint import average as avg_mod
     avg_mod.BLOCK_ELEMENTS = 1000
-    assert average([f"{root}/iter_0000001", f"{root}/iter_0000002", "--weights", "0.25", "0.75", "--out", f"{root}/avg_blocks"]) == 0
-    chunks = dcp.FileSystemReader(f"{root}/avg_blocks").read_metadata().state_dict_metadata["decoder.layers.mlp.linear_fc1.weight"].chunks
+    assert average([f"{root}/iter_0000001", f"{root}/iter_0000002", "--weights", "0.25", "0.75",
+                    "--out", f"{root}/avg_blocks"]) == 0
+    metadata = dcp.FileSystemReader(f"{root}/avg_blocks").read_metadata()
+    chunks = metadata.state_dict_metadata["decoder.layers.mlp.linear_fc1.weight"].chunks
     assert len(chunks) == 2, chunks
     blocked = model(4)
     loaded = dist_checkpointing.load({"model": blocked.sharded_state_dict()}, f"{root}/avg_blocks")

@@ -1,4 +1,7 @@
-"""Image-text JSONL + image files -> tokens, loss masks and images (megatron-core indexed datasets); see megatron_apriel.data.preprocess_multimodal."""
+"""Image-text JSONL + image files -> tokens, loss masks and images (megatron-core indexed datasets).
+
+See megatron_apriel.data.preprocess_multimodal.
+"""
 
 import sys
 

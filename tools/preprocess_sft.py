@@ -1,4 +1,7 @@
-"""Chat JSONL -> tokens + assistant loss masks (megatron-core indexed datasets); see megatron_apriel.data.preprocess_sft."""
+"""Chat JSONL -> tokens + assistant loss masks (megatron-core indexed datasets).
+
+See megatron_apriel.data.preprocess_sft.
+"""
 
 import sys
 

@@ -29,11 +29,14 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from tqdm import tqdm
 
 from megatron_apriel.checkpoint.dcp_io import (
     DTYPES,
@@ -46,23 +49,22 @@ from megatron_apriel.checkpoint.dcp_io import (
     write_model_meta,
 )
 from megatron_apriel.checkpoint.hf_io import (
-    SafetensorsFileError,
+    VOCAB_FILES,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_side_files,
 )
+from megatron_apriel.config import load_yaml
+from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
-# Files whose bytes define the vocabulary; tokenizer_config.json is left out because SFT often
-# only adds a chat template there, which does not change token ids.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json")
 # config.json keys that may differ between checkpoints of one architecture.
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "use_cache"}
 STEP_DIR = re.compile(r"(?:iter_|checkpoint-)(\d+)")
 
 
-class AverageError(ValueError):
+class AverageError(InputError):
     """Inputs that cannot be averaged; the message names the file, tensor or key that differs."""
 
 
@@ -160,7 +162,8 @@ class Checkpoint:
             self.shapes = {n: list(m.global_shape) for n, m in self._mcore.meta.items()}
             self.dtypes = {n: m.dtype for n, m in self._mcore.meta.items()}
         else:
-            raise AverageError(f"{self.path}: neither an HF safetensors folder nor a megatron-core distributed checkpoint")
+            raise AverageError(f"{self.path}: neither an HF safetensors folder nor a megatron-core distributed "
+                               "checkpoint")
 
     def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor, or its rows ``rows[0]:rows[1]``."""
@@ -203,7 +206,7 @@ class Checkpoint:
 
     def tokenizer_hashes(self) -> dict[str, str]:
         return {n: hashlib.sha256((self.path / n).read_bytes()).hexdigest()[:16]
-                for n in TOKENIZER_FILES if (self.path / n).exists()}
+                for n in VOCAB_FILES if (self.path / n).exists()}
 
     def close(self):
         if self.kind == "hf":
@@ -245,7 +248,8 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
         if cfg is not None:
             diffs = _config_diff(ref_cfg, cfg)
             if diffs:
-                raise AverageError(f"architectures differ, config.json of {ref.path} vs {c.path}: {'; '.join(diffs[:5])}")
+                raise AverageError(f"architectures differ, config.json of {ref.path} vs {c.path}: "
+                                   f"{'; '.join(diffs[:5])}")
         tok = c.tokenizer_hashes()
         if tok != ref_tok:
             files = sorted(n for n in set(tok) | set(ref_tok) if tok.get(n) != ref_tok.get(n))
@@ -269,7 +273,8 @@ def check_weights(weights: list[float], n: int, allow_unnormalised: bool) -> lis
         raise AverageError(f"weights must be finite numbers, got {weights}")
     total = math.fsum(weights)
     if not allow_unnormalised and abs(total - 1.0) > 1e-6:
-        raise AverageError(f"weights {weights} sum to {total:g}, not 1 (pass --allow-unnormalised to use them as given)")
+        raise AverageError(f"weights {weights} sum to {total:g}, not 1 "
+                           "(pass --allow-unnormalised to use them as given)")
     return [float(w) for w in weights]
 
 
@@ -299,8 +304,6 @@ def average(inputs: list[str | Path], out: str | Path, weights: list[float] | No
             allow_unnormalised: bool = False, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
             log=print) -> dict:
     """Write the weighted average of ``inputs`` (HF folders) to ``out`` as an HF folder."""
-    from tqdm import tqdm
-
     if len(inputs) < 2:
         raise AverageError(f"need at least 2 checkpoints, got {len(inputs)}")
     weights = check_weights(weights if weights is not None else [1.0 / len(inputs)] * len(inputs),
@@ -358,13 +361,16 @@ def agreed_model_meta(ckpts: list[Checkpoint]) -> tuple | None:
         raise AverageError(str(e)) from None
     (ref_preset, ref_dtype), ref_path = metas[0], found[0]
     for (preset, dtype), path in zip(metas[1:], found[1:]):
-        diffs = ([f"dtype: {ref_dtype} vs {dtype}"] if dtype != ref_dtype else []) + ref_preset.function_differences(preset)
+        diffs = ([f"dtype: {ref_dtype} vs {dtype}"] if dtype != ref_dtype else [])
+        diffs += ref_preset.function_differences(preset)
         if diffs:
             raise AverageError(f"models differ, {ref_path} vs {path}: {'; '.join(diffs[:5])}")
     # the first input's description (the others compute the same model); a file without a dtype
     # (written by hand) gets the stored embedding's
     dtypes = ckpts[0].dtypes
-    return ref_preset, DTYPES[ref_dtype] if ref_dtype else dtypes.get("embedding.word_embeddings.weight", next(iter(dtypes.values())))
+    if ref_dtype:
+        return ref_preset, DTYPES[ref_dtype]
+    return ref_preset, dtypes.get("embedding.word_embeddings.weight", next(iter(dtypes.values())))
 
 
 def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bool, log) -> dict:
@@ -379,11 +385,6 @@ def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bo
     megatron-core's ``dist_checkpointing.load`` reads the result like any checkpoint; it has no
     optimizer state, so load it as weights only.
     """
-    import shutil
-
-    import torch.distributed.checkpoint as dcp
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     model_meta = agreed_model_meta(ckpts)
     ref = ckpts[0]
@@ -391,7 +392,8 @@ def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bo
     objects = ref._mcore.read_objects()
     bar = tqdm(total=len(blocks), desc="average (mcore)", unit="block", file=sys.stderr, mininterval=2.0)
     planner = LazyBlockSavePlanner(blocks, ref.shapes, ref.dtypes,
-                                   lambda name, rows: weighted_tensor(ckpts, weights, name, rows), lambda: bar.update(1))
+                                   lambda name, rows: weighted_tensor(ckpts, weights, name, rows),
+                                   lambda: bar.update(1))
     first = ref.path
     with atomic_output_dir(out, force=force) as tmp:
         dcp.save(objects, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=planner, no_dist=True)
@@ -420,8 +422,6 @@ def load_merge_yaml(path: str) -> dict:
         out: runs/final            # optional, --out overrides
         allow_unnormalised: false  # optional
     """
-    from megatron_apriel.config import load_yaml
-
     data = load_yaml(path) or {}
     allowed = {"merge_method", "models", "out", "allow_unnormalised"}
     for key in data:
@@ -470,12 +470,14 @@ def select_from_run(run_dir, k: int | None, steps: list[int] | None, min_step: i
     except AverageError as e:
         raise AverageError(f"{run_dir}: {e}") from None
     kept = sorted(s for s in found if s >= min_step)
-    how = "" if steps else (" nearest to steps " + ", ".join(f"{t:.0f}" for t in equispaced_targets(kept[-1], k, min_step)))
+    targets = [] if steps else equispaced_targets(kept[-1], k, min_step)
+    how = "" if steps else (" nearest to steps " + ", ".join(f"{t:.0f}" for t in targets))
     print(f"{len(found)} checkpoints in {run_dir} (steps {min(found)}..{max(found)}); "
           f"picked steps {', '.join(map(str, picked))}{how}")
     return [found[s] for s in picked]
 
 
+@cli_main("apriel average: error: ", bad_input=(FileExistsError, FileNotFoundError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel average", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist)")
@@ -492,27 +494,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-gb", type=float, default=5.0)
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
-    try:
-        inputs, weights, allow = list(args.inputs), args.weights, args.allow_unnormalised
-        out = args.out
-        if args.config:
-            if inputs or args.equispaced or args.steps:
-                raise AverageError("--config names the models; do not also give inputs, --equispaced or --steps")
-            spec = load_merge_yaml(args.config)
-            inputs = spec["inputs"]
-            weights = args.weights or spec["weights"]
-            allow = allow or spec["allow_unnormalised"]
-            out = out or spec["out"]
-        elif args.equispaced is not None or args.steps:
-            inputs = select_from_run(args.run_dir, args.equispaced, args.steps, args.min_step, inputs)
-        if not out:
-            raise AverageError("--out is required")
-        print(f"linear merge of {len(inputs)} checkpoints -> {out}")
-        average(inputs, out, weights, allow_unnormalised=allow, force=args.force,
-                max_shard_bytes=int(args.max_shard_gb * 1024**3))
-    except (AverageError, SafetensorsFileError, FileExistsError, FileNotFoundError) as e:
-        print(f"apriel average: error: {e}", file=sys.stderr)
-        return 2  # bad input or config
+    inputs, weights, allow = list(args.inputs), args.weights, args.allow_unnormalised
+    out = args.out
+    if args.config:
+        if inputs or args.equispaced or args.steps:
+            raise AverageError("--config names the models; do not also give inputs, --equispaced or --steps")
+        spec = load_merge_yaml(args.config)
+        inputs = spec["inputs"]
+        weights = args.weights or spec["weights"]
+        allow = allow or spec["allow_unnormalised"]
+        out = out or spec["out"]
+    elif args.equispaced is not None or args.steps:
+        inputs = select_from_run(args.run_dir, args.equispaced, args.steps, args.min_step, inputs)
+    if not out:
+        raise AverageError("--out is required")
+    print(f"linear merge of {len(inputs)} checkpoints -> {out}")
+    average(inputs, out, weights, allow_unnormalised=allow, force=args.force,
+            max_shard_bytes=int(args.max_shard_gb * 1024**3))
     return 0
 
 

@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from transformers import GenerationConfig
 
 from megatron_apriel.checkpoint import llava, mistral
 from megatron_apriel.checkpoint import table as tbl
@@ -51,19 +54,22 @@ from megatron_apriel.checkpoint.dcp_io import (  # noqa: F401  (MODEL_META ... r
     write_model_meta,
 )
 from megatron_apriel.checkpoint.hf_io import (
-    SIDE_FILES,
-    SafetensorsFileError,
+    TOKENIZER_FILES,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_side_files,
     write_output_dir,
 )
+from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template
+from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, assign_role_tokens, role_tokens
+from megatron_apriel.errors import cli_main
+from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 from megatron_apriel.models.presets import ModelPreset, get_preset
+from megatron_apriel.runtime import init_distributed
 from megatron_apriel.runtime.log import is_rank0, log0, progress
 
 HF_SIDE = "hf"  # sub-folder of a converted dist checkpoint holding the source HF side files
-TOKENIZER_FILES = tuple(f for f in SIDE_FILES if f not in ("config.json", "generation_config.json"))
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -74,8 +80,6 @@ def hf_family(hf_dir: str | os.PathLike):
 
 def preset_from_hf_dir(hf_dir: str | os.PathLike, family=None) -> ModelPreset:
     """The preset of an HF folder's config.json; a field the model cannot compute is a ConversionError."""
-    from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
-
     family = family or hf_family(hf_dir)
     try:
         cfg, _ = check_hf_dir(hf_dir, report=is_rank0())
@@ -100,10 +104,6 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     Run in one process (TP=PP=1) or under torchrun with ``tp * pp`` processes (each rank loads only
     its shards). ``dtype`` defaults to the dtype of the HF tensors. Returns a summary dict.
     """
-    from megatron.core import dist_checkpointing
-
-    from megatron_apriel.runtime import init_distributed
-
     start = time.time()
     family = hf_family(hf_dir)
     preset = preset_from_hf_dir(hf_dir, family)
@@ -144,8 +144,6 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     state = {"model": chunks[0].sharded_state_dict(), "checkpoint_version": 3.0}
 
     def write(tmp: Path) -> None:
-        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
         dist_checkpointing.save(state, str(tmp), get_default_save_sharded_strategy("torch_dist"))
         if is_rank0():
             write_model_meta(tmp, preset, dtype, source=str(Path(hf_dir).resolve()), saved_tp=tp, saved_pp=pp)
@@ -180,7 +178,8 @@ class McoreCheckpointReader(DistCheckpointReader):
     """A GPT (or Llava) dist checkpoint read by canonical names: this converter's output, a training
     ``iter_*`` folder or save root.
 
-    ``get`` returns one layer's full tensor at a time (see :class:`~megatron_apriel.checkpoint.dcp_io.DistCheckpointReader`);
+    ``get`` returns one layer's full tensor at a time (see
+    :class:`~megatron_apriel.checkpoint.dcp_io.DistCheckpointReader`);
     :meth:`keys` lists the decoder's canonical names in streaming order. Embedding and output rows
     are the padded vocabulary as stored (``mcore_to_hf`` drops the padding).
     """
@@ -207,7 +206,8 @@ class McoreCheckpointReader(DistCheckpointReader):
             yield name, self.get(name)
 
 
-def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[str]] = None
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (canonical name, full tensor) from a dist checkpoint, streaming one layer at a time.
 
     ``names`` restricts (and orders) what is read; by default every tensor, layer by layer. For
@@ -215,8 +215,6 @@ def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[s
     CPU world if torch.distributed is not running.
     """
     if not torch.distributed.is_initialized():
-        from megatron_apriel.runtime import init_distributed
-
         init_distributed(device="cpu", seed=None)
     reader = McoreCheckpointReader(ckpt_dir)
     for name in (list(names) if names is not None else reader.keys()):
@@ -224,10 +222,10 @@ def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[s
 
 
 # --------------------------------------------------------------------------- mcore -> HF
-def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, preset: Optional[str | ModelPreset] = None,
-                           tokenizer: Optional[str] = None, chat_template: Optional[str] = None,
-                           dtype: Optional[str | torch.dtype] = None, max_shard_bytes: int = 5 * 1024**3,
-                           force: bool = False) -> dict:
+def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                           preset: Optional[str | ModelPreset] = None, tokenizer: Optional[str] = None,
+                           chat_template: Optional[str] = None, dtype: Optional[str | torch.dtype] = None,
+                           max_shard_bytes: int = 5 * 1024**3, force: bool = False) -> dict:
     """Write an HF folder (MistralForCausalLM, or LlavaForConditionalGeneration for a multimodal
     checkpoint) from a dist checkpoint, streaming tensor by tensor.
 
@@ -240,19 +238,17 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     """
     start = time.time()
     if not torch.distributed.is_initialized():
-        from megatron_apriel.runtime import init_distributed
-
         init_distributed(device="cpu", seed=None)
     reader = McoreCheckpointReader(ckpt_dir)
     if isinstance(preset, str):
         preset = get_preset(preset)
     if preset is None:
         preset, _ = read_model_meta(reader.path)
-    from megatron_apriel.data.chat_template import default_chat_template
 
     chat_template = default_chat_template(chat_template, preset.name, fallback=None, who="mcore-to-hf")
     if preset.num_layers != reader.num_layers:
-        raise ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} has {preset.num_layers}")
+        raise ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} "
+                              f"has {preset.num_layers}")
     family = llava if preset.vision is not None and llava.is_checkpoint_of(reader.meta) else mistral
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -291,8 +287,6 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
 def read_chat_template(chat_template: Optional[str]) -> Optional[str]:
     """A template name (``apriel``, ``apriel-nemotron``, ``apriel-1.5``) -> that template; a path -> that file's
     text; None -> None."""
-    from megatron_apriel.data.chat_template import CHAT_TEMPLATES
-
     if chat_template in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[chat_template]
     return Path(chat_template).read_text(encoding="utf-8") if chat_template else None
@@ -304,8 +298,6 @@ def write_hf_side_files(tmp: Path, out_dir, preset: ModelPreset, side: Optional[
     stored one, else the preset's special tokens), the tokenizer (``tokenizer`` or the files stored at
     conversion time) with an image processor's files when there are any, and the chat template.
     Returns the tokenizer files copied."""
-    from transformers import GenerationConfig
-
     if side is not None and (side / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(side).save_pretrained(tmp)
     else:
@@ -338,9 +330,6 @@ def _role_tokens_for(tok_dir: Path, template: str) -> None:
     """A named Apriel format's role tokens take reserved special slots of the exported tokenizer (see
     megatron_apriel.data.chat_tokenizer), so the folder renders and encodes turns as the format does;
     a tokenizer without free slots is exported as it is, with a warning."""
-    from megatron_apriel.data.chat_template import CHAT_TEMPLATES
-    from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, assign_role_tokens, role_tokens
-
     if template not in CHAT_TEMPLATES.values() or not (tok_dir / "tokenizer.json").is_file():
         return
     try:
@@ -387,19 +376,16 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
+@cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.cmd == "hf-to-mcore":
-            hf_to_mcore_checkpoint(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                   tokenizer=args.tokenizer, force=args.force)
-        else:
-            mcore_to_hf_checkpoint(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
-                                   chat_template=args.chat_template, dtype=args.dtype,
-                                   max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
-    except (ConversionError, SafetensorsFileError, FileExistsError, FileNotFoundError, KeyError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
+    if args.cmd == "hf-to-mcore":
+        hf_to_mcore_checkpoint(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                               tokenizer=args.tokenizer, force=args.force)
+    else:
+        mcore_to_hf_checkpoint(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
+                               chat_template=args.chat_template, dtype=args.dtype,
+                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
     return 0
 
 

@@ -29,7 +29,21 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+import yaml  # deferred like every YAML use: only writers of a checkpoint need it
+from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import create_default_local_save_plan
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_apriel.errors import InputError
 from megatron_apriel.models.presets import ModelPreset, VisionPreset
 
 MODEL_META = "apriel_model.yaml"
@@ -48,7 +62,7 @@ TE_NORM_KEYS = {
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.+\.)?layers\.)(?P<layer>\d+)\.(?P<suffix>.+)$")
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """Bad input to a conversion (missing/unknown tensors, wrong shapes, unreadable metadata)."""
 
 
@@ -111,8 +125,6 @@ def resolve_load_dir(path: str) -> tuple[str, Optional[int]]:
 
 # --------------------------------------------------------------------------- model description
 def write_model_meta(folder: str | os.PathLike, preset: ModelPreset, dtype: torch.dtype, **extra) -> None:
-    import yaml  # deferred like every YAML use: only writers of a checkpoint need it
-
     fields = dataclasses.asdict(preset)
     if fields.get("vision") is None:
         fields.pop("vision", None)
@@ -130,8 +142,6 @@ def find_model_meta(ckpt_dir: str | os.PathLike) -> Optional[Path]:
 
 def read_model_meta(ckpt_dir: str | os.PathLike) -> tuple[ModelPreset, Optional[str]]:
     """The preset (and saved dtype) written beside a converted checkpoint, or in its save root."""
-    import yaml
-
     path = find_model_meta(ckpt_dir)
     if path is None:
         raise ConversionError(f"{ckpt_dir}: no {MODEL_META} here or in its parent; pass --preset NAME")
@@ -176,9 +186,6 @@ class DistCheckpointReader:
     """
 
     def __init__(self, ckpt_dir: str | os.PathLike):
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-
         try:
             self.path = resolve_load_dir(str(ckpt_dir))[0]
         except FileNotFoundError:
@@ -208,8 +215,6 @@ class DistCheckpointReader:
 
     def read_objects(self) -> dict[str, io.BytesIO]:
         """The non-tensor model entries, as the serialized bytes torch DCP stored."""
-        import torch.distributed.checkpoint as dcp
-
         objects = {k: io.BytesIO() for k in self.objects}
         if objects:
             dcp.load(objects, storage_reader=dcp.FileSystemReader(self.path), no_dist=True)
@@ -217,9 +222,6 @@ class DistCheckpointReader:
 
     def _load(self, requests: dict[str, tuple[str, Optional[int], Optional[int]]]) -> dict[str, torch.Tensor]:
         """Read row ranges of stored tensors straight through torch DCP (out name -> (key, start, stop))."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-
         state, chunks = {}, {}
         for name, (key, start, stop) in requests.items():
             if key not in self.meta:
@@ -281,10 +283,6 @@ def _canonical_layer_names(prefix: str, layer: int, stacked: Iterable[str]) -> l
 def _slice_planner_class():
     # torch.distributed.checkpoint's planners are imported on first use: importing them costs a
     # second and most users of this module (the training loop's folder helpers) never plan a read.
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
     class _SlicePlanner(DefaultLoadPlanner):
         """Plans reads of given chunks (global offsets) of stored tensors into small local tensors.
@@ -329,11 +327,6 @@ def LazyBlockSavePlanner(blocks: list[tuple[str, Optional[tuple[int, int]]]], sh
     global shapes ``shapes`` and dtypes ``dtypes``; ``compute(name, rows)`` makes a block when the
     writer asks for it; ``on_block`` is called after each (a progress bar).
     """
-    from torch.distributed.checkpoint import DefaultSavePlanner
-    from torch.distributed.checkpoint.default_planner import create_default_local_save_plan
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-    from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
-
     class _LazyBlockSavePlanner(DefaultSavePlanner):
         def __init__(self):
             super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)

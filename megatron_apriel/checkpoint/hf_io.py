@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -24,12 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from megatron_apriel.errors import InputError
+
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-# Files copied with a checkpoint folder besides the weights.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
+# The files of an HF tokenizer (and a Llava image processor): copied on export from --tokenizer and
+# carried, with the config, through upscaling and averaging.
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -40,6 +42,11 @@ SIDE_FILES = (
     "preprocessor_config.json",
     "processor_config.json",
 )
+# Those whose bytes define the token ids; tokenizer_config.json is not one because SFT often only
+# adds a chat template there, which does not change the ids (averaging compares these).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "tekken.json")
+# Files copied with a checkpoint folder besides the weights.
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 # safetensors orders tensors by dtype (its Rust enum order, largest first) then name.
@@ -52,7 +59,7 @@ _ST_RANK = {name: i for i, name in enumerate(
     ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}
 
 
-class SafetensorsFileError(ValueError):
+class SafetensorsFileError(InputError):
     """An HF checkpoint file that cannot be read as it claims (the message names the file)."""
 
 
@@ -176,7 +183,8 @@ def _nbytes(shape, dtype: torch.dtype) -> int:
     return n
 
 
-def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict) -> tuple[bytes, dict[str, int]]:
+def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict
+                       ) -> tuple[bytes, dict[str, int]]:
     """The bytes ``save_file`` writes before the data, and each tensor's offset in the file."""
     ordered = sorted(entries, key=lambda e: (-_ST_RANK[_ST_NAME[e[2]]], e[0]))
     body, offsets, pos = {"__metadata__": metadata} if metadata else {}, {}, 0
@@ -300,7 +308,8 @@ class ShardedSafetensorsWriter:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self._layout is not None:
             if name in self._layout and tuple(tensor.shape) != self._layout[name][1]:
-                raise ValueError(f"tensor {name!r}: shape {tuple(tensor.shape)} but the layout says {self._layout[name][1]}")
+                raise ValueError(f"tensor {name!r}: shape {tuple(tensor.shape)} but the layout says "
+                                 f"{self._layout[name][1]}")
             self._stream(name, [tensor.reshape(-1)] if tensor.dim() == 0 else [tensor])
             return
         if name in self._pending or any(name in s for s in self._shards):
@@ -335,7 +344,8 @@ class ShardedSafetensorsWriter:
             if missing:
                 self.abort()
                 more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-                raise ValueError(f"{len(missing)} tensors of the layout were never written: {', '.join(missing[:5])}{more}")
+                raise ValueError(f"{len(missing)} tensors of the layout were never written: "
+                                 f"{', '.join(missing[:5])}{more}")
         else:
             self._flush()
         n = len(self._shards)
@@ -387,8 +397,6 @@ def write_output_dir(out: str | os.PathLike, write, force: bool = False) -> None
     (its name is broadcast), every rank writes its part, and rank 0 renames it after a barrier; an
     error on rank 0 removes it and leaves ``out`` untouched.
     """
-    import sys
-
     dist = torch.distributed
     if not dist.is_initialized() or dist.get_world_size() == 1:
         with atomic_output_dir(out, force=force) as tmp:

@@ -26,12 +26,14 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
+from transformers import LlavaConfig, PixtralVisionConfig
 
 from megatron_apriel.checkpoint import mistral
 from megatron_apriel.checkpoint import table as tbl
 from megatron_apriel.checkpoint.dcp_io import ConversionError
 from megatron_apriel.checkpoint.table import Entry
-from megatron_apriel.models.llava import vision_layers_preset
+from megatron_apriel.models.hf_config import check_hf_config
+from megatron_apriel.models.llava import LlavaModel, build_llava_chunks, vision_layers_preset
 from megatron_apriel.models.presets import ModelPreset, VisionPreset
 
 NAME = "Llava"
@@ -44,7 +46,8 @@ VISION_LAYER_COPY = {
     "mlp.linear_fc2.weight": "feed_forward.down_proj.weight",
 }
 VISION_LAYER_FUSED = {
-    "self_attention.linear_qkv.weight": ("attention.q_proj.weight", "attention.k_proj.weight", "attention.v_proj.weight"),
+    "self_attention.linear_qkv.weight": ("attention.q_proj.weight", "attention.k_proj.weight",
+                                         "attention.v_proj.weight"),
     "mlp.linear_fc1.weight": ("feed_forward.gate_proj.weight", "feed_forward.up_proj.weight"),
 }
 # canonical -> (HF prefix: the vision tower's or the projector's, HF suffix, TP dim or None); the
@@ -71,19 +74,15 @@ def preset_from_hf_config(cfg, name: str = "from-hf") -> ModelPreset:
     The text and vision configs go through :func:`models.hf_config.check_hf_config`, which refuses
     (``HFConfigError``, a ValueError naming the field) what the megatron-core model cannot compute.
     """
-    from megatron_apriel.models.hf_config import check_hf_config
-
     checked = check_hf_config(cfg)
     if checked.vision is None:
         raise ValueError(f"{name}: no vision_config; not a Llava/Pixtral config")
-    return ModelPreset(name=name, hf_architecture="LlavaForConditionalGeneration", vision=VisionPreset(**checked.vision),
-                       **checked.text)
+    return ModelPreset(name=name, hf_architecture="LlavaForConditionalGeneration",
+                       vision=VisionPreset(**checked.vision), **checked.text)
 
 
 def hf_config(preset: ModelPreset, dtype: Optional[torch.dtype] = None):
     """The transformers LlavaConfig (Pixtral vision, Mistral text) of a multimodal preset."""
-    from transformers import LlavaConfig, PixtralVisionConfig
-
     v = preset.vision
     vision = PixtralVisionConfig(
         hidden_size=v.hidden_size, intermediate_size=v.ffn_hidden_size, num_hidden_layers=v.num_layers,
@@ -195,14 +194,10 @@ def unshard_tp(canon: str, shards: list[torch.Tensor]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the model
 def build_chunks(preset: ModelPreset, config) -> list:
-    from megatron_apriel.models.llava import build_llava_chunks
-
     return build_llava_chunks(preset, config)
 
 
 def _unwrap(chunk):
-    from megatron_apriel.models.llava import LlavaModel
-
     m = chunk
     while not isinstance(m, LlavaModel):
         if not hasattr(m, "module"):

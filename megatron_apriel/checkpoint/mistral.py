@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+from megatron.core import parallel_state
+from transformers import AutoConfig
 
 from megatron_apriel.checkpoint import table as tbl
 from megatron_apriel.checkpoint.dcp_io import TE_NORM_KEYS, ConversionError
 from megatron_apriel.checkpoint.table import Entry, pack_qkv, unpack_qkv  # noqa: F401  (the family's public API)
+from megatron_apriel.models.builder import build_model_chunks
+from megatron_apriel.models.hf_config import HFConfigError
 from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
 
 NAME = "Mistral"  # in messages: "tensors the Mistral table does not know"
@@ -76,15 +80,18 @@ _FUSE = {"self_attention.linear_qkv.weight": tbl.QKV, "mlp.linear_fc1.weight": t
 # On-disk layouts: (decoder prefix, lm_head): MistralForCausalLM, the Pixtral/Llava hub layout, the
 # Llava layout of transformers v5's in-memory names.
 LAYOUT = ("model", "lm_head.weight")
-LAYOUTS = (LAYOUT, ("language_model.model", "language_model.lm_head.weight"), ("model.language_model", "lm_head.weight"))
+LAYOUTS = (LAYOUT, ("language_model.model", "language_model.lm_head.weight"),
+           ("model.language_model", "lm_head.weight"))
 
 
 # --------------------------------------------------------------------------- the table
-def layer_entries(mc: str, hf: str, preset: ModelPreset, copy: dict = LAYER_COPY, fused: dict = LAYER_FUSED) -> list[Entry]:
+def layer_entries(mc: str, hf: str, preset: ModelPreset, copy: dict = LAYER_COPY, fused: dict = LAYER_FUSED
+                  ) -> list[Entry]:
     """The entries of one transformer layer: canonical prefix ``mc``, HF prefix ``hf`` (the Llava
     vision layers use the same canonical suffixes with Pixtral's HF names)."""
     out = [Entry(mc + s, (hf + h,), tp_dim=TP_DIM[s]) for s, h in copy.items()]
-    out += [Entry(mc + s, tuple(hf + h for h in parts), _FUSE[s], TP_DIM[s], heads=preset) for s, parts in fused.items()]
+    out += [Entry(mc + s, tuple(hf + h for h in parts), _FUSE[s], TP_DIM[s], heads=preset)
+            for s, parts in fused.items()]
     return out
 
 
@@ -105,7 +112,8 @@ def table(preset: ModelPreset, layout: tuple[str, str] = LAYOUT) -> list[Entry]:
 
 def hf_names(preset: ModelPreset, hf_prefix: str = "model", lm_head: str = "lm_head.weight") -> list[str]:
     """Every HF tensor name a checkpoint of this preset must contain: the globals, then the layers."""
-    return tbl.hf_names(sorted(table(preset, (hf_prefix, lm_head)), key=lambda e: e.canon.startswith("decoder.layers.")))
+    entries = table(preset, (hf_prefix, lm_head))
+    return tbl.hf_names(sorted(entries, key=lambda e: e.canon.startswith("decoder.layers.")))
 
 
 def hf_to_mcore(get: Callable[[str], torch.Tensor], preset: ModelPreset, hf_prefix: str = "model",
@@ -131,10 +139,6 @@ def preset_from_hf_config(cfg, name: str = "from-hf") -> ModelPreset:
 
 def export_config(preset: ModelPreset, side: Optional[Path], dtype: torch.dtype):
     """The source config when it describes this architecture (keeps every field), else the preset's."""
-    from transformers import AutoConfig
-
-    from megatron_apriel.models.hf_config import HFConfigError
-
     if side is not None and (side / "config.json").is_file():
         cfg = AutoConfig.from_pretrained(side)
         try:
@@ -197,8 +201,6 @@ def unshard_tp(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- the model
 def build_chunks(preset: ModelPreset, config) -> list:
-    from megatron_apriel.models.builder import build_model_chunks
-
     return build_model_chunks(preset, config)
 
 
@@ -247,8 +249,6 @@ def canonical_params(chunks: Iterable[torch.nn.Module]) -> Iterator[tuple[str, t
 
 def load_canonical_into_chunks(chunks: Iterable[torch.nn.Module], canonical, preset: ModelPreset) -> None:
     """Copy canonical full tensors into this rank's model chunks (any TP/PP/VPP layout)."""
-    from megatron.core import parallel_state
-
     padded = padded_vocab_size(preset.vocab_size, parallel_state.get_tensor_model_parallel_world_size())
     missing = tbl.load_params(canonical_params(chunks), canonical, tp_rule, lambda n, t: _pad_vocab(n, t, padded))
     if missing:

@@ -17,6 +17,7 @@ import dataclasses
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_apriel.checkpoint.dcp_io import ConversionError, limited
 from megatron_apriel.models.presets import ModelPreset
@@ -169,8 +170,6 @@ def load_params(params: Iterable[tuple[str, torch.nn.Parameter]], canonical, tp_
     ``params``: (canonical name, parameter) of this rank; ``prepare`` adjusts a full tensor before
     sharding (vocabulary padding).
     """
-    from megatron.core import parallel_state
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     missing = []
@@ -191,8 +190,6 @@ def gather_params(params: Iterable[tuple[str, torch.nn.Parameter]], tp_rule: TPR
 
     Meant for small models (tests, tiny demos, comparisons): it gathers everything into memory.
     """
-    from megatron.core import parallel_state
-
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     local: dict[str, torch.Tensor] = {}
     for canon, param in params:

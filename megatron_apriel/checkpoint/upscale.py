@@ -28,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from megatron_apriel.checkpoint.hf_io import (
-    SafetensorsFileError,
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
     copy_side_files,
 )
+from megatron_apriel.config import load_yaml
+from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # Per-layer tensors zeroed by --init identity: the two projections that write into the residual.
@@ -44,7 +46,7 @@ IDENTITY_ZERO_SUFFIXES = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 LAYER_PREFIXES = ("model.layers.", "language_model.model.layers.")
 
 
-class UpscaleError(ValueError):
+class UpscaleError(InputError):
     """A bad plan, flag or checkpoint; the message names what is wrong."""
 
 
@@ -159,10 +161,12 @@ def layer_prefix(names) -> str:
     for prefix in LAYER_PREFIXES[::-1]:  # the longer one first: it contains the shorter
         if any(n.startswith(prefix) for n in names):
             return prefix
-    raise UpscaleError(f"no decoder layers found (expected tensors named {' or '.join(p + 'N.*' for p in LAYER_PREFIXES)})")
+    expected = " or ".join(p + "N.*" for p in LAYER_PREFIXES)
+    raise UpscaleError(f"no decoder layers found (expected tensors named {expected})")
 
 
-def output_names(names: list[str], plan: list[NewLayer], prefix: str, identity: bool = False) -> list[tuple[str, str, bool]]:
+def output_names(names: list[str], plan: list[NewLayer], prefix: str, identity: bool = False
+                 ) -> list[tuple[str, str, bool]]:
     """Every output tensor as (new name, source name, zero it), in checkpoint order.
 
     Tensors outside the decoder layers (embeddings, final norm, lm_head, vision tower, projector)
@@ -206,7 +210,8 @@ def upscale_config(config: dict, plan: list[NewLayer]) -> tuple[dict, list[str]]
     return config, changed
 
 
-def build_plan(num_layers: int, layers: str | None, duplicate_middle: int | None, expand_every: int | None) -> list[NewLayer]:
+def build_plan(num_layers: int, layers: str | None, duplicate_middle: int | None, expand_every: int | None
+               ) -> list[NewLayer]:
     given = [x is not None for x in (layers, duplicate_middle, expand_every)]
     if sum(given) != 1:
         raise UpscaleError("give exactly one of --layers, --duplicate-middle, --expand-every")
@@ -221,8 +226,6 @@ def build_plan(num_layers: int, layers: str | None, duplicate_middle: int | None
 def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy", force: bool = False,
             max_shard_bytes: int = 5 * 1024**3, log=print) -> dict:
     """Stream ``hf`` into ``out`` following the plan. Returns a summary dict."""
-    from tqdm import tqdm
-
     hf = Path(hf)
     if init not in ("copy", "identity"):
         raise UpscaleError(f"--init must be copy or identity, got {init!r}")
@@ -248,7 +251,8 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
         prefix = layer_prefix(names)
         on_disk = {int(m.group(1)) for n in names if (m := re.match(re.escape(prefix) + r"(\d+)\.", n))}
         if on_disk != set(range(num_layers)):
-            raise UpscaleError(f"{hf}: config.json says {num_layers} layers, the weights have layers {format_sources(sorted(on_disk))}")
+            raise UpscaleError(f"{hf}: config.json says {num_layers} layers, the weights have layers "
+                               f"{format_sources(sorted(on_disk))}")
         todo = output_names(names, plan, prefix, identity=init == "identity")
         new_config, changed = upscale_config(config, plan)
         layout = [(new, tuple(reader.shape(src)), reader.torch_dtype(src)) for new, src, _ in todo]
@@ -285,8 +289,6 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
 
 def load_plan_yaml(path: str) -> dict:
     """An upscale plan in YAML: keys hf, out, layers | duplicate_middle | expand_every, init, force."""
-    from megatron_apriel.config import load_yaml
-
     data = load_yaml(path) or {}
     allowed = {"hf", "out", "layers", "duplicate_middle", "expand_every", "init", "force", "max_shard_gb"}
     for key in data:
@@ -295,47 +297,46 @@ def load_plan_yaml(path: str) -> dict:
     return data
 
 
+@cli_main("apriel upscale: error: ", bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel upscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML plan (keys as the flags, with underscores); flags override it")
     ap.add_argument("--hf", help="input HF folder (MistralForCausalLM or LlavaForConditionalGeneration)")
     ap.add_argument("--out", help="output HF folder (written atomically)")
     ap.add_argument("--layers", help="SOLAR slices of source layers, inclusive: 0-29,10-39")
-    ap.add_argument("--duplicate-middle", type=int, help="copy the middle block of K layers once (Apriel: 10 for 40 -> 50)")
+    ap.add_argument("--duplicate-middle", type=int,
+                    help="copy the middle block of K layers once (Apriel: 10 for 40 -> 50)")
     ap.add_argument("--expand-every", type=int, help="LLaMA-Pro: insert a copy after every K-th layer")
-    ap.add_argument("--init", choices=["copy", "identity"], help="identity zeroes the copies' o_proj/down_proj (default copy)")
+    ap.add_argument("--init", choices=["copy", "identity"],
+                    help="identity zeroes the copies' o_proj/down_proj (default copy)")
     ap.add_argument("--max-shard-gb", type=float, help="output shard size (default 5)")
     ap.add_argument("--force", action="store_true", default=None, help="replace a non-empty --out")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the new config changes only")
     args = ap.parse_args(argv)
-    try:
-        opts = load_plan_yaml(args.config) if args.config else {}
-        for key in ("hf", "out", "layers", "duplicate_middle", "expand_every", "init", "force", "max_shard_gb"):
-            if getattr(args, key) is not None:
-                opts[key] = getattr(args, key)
-        if args.layers is not None or args.duplicate_middle is not None or args.expand_every is not None:
-            # a plan flag on the command line replaces the YAML's plan
-            for key in ("layers", "duplicate_middle", "expand_every"):
-                opts[key] = getattr(args, key)
-        if not opts.get("hf"):
-            raise UpscaleError("--hf is required")
-        plan_args = {k: (str(opts[k]) if k == "layers" and opts.get(k) is not None else opts.get(k))
-                     for k in ("layers", "duplicate_middle", "expand_every")}
-        if args.dry_run:
-            config = json.loads((Path(opts["hf"]) / "config.json").read_text())
-            n = text_config_of(config)["num_hidden_layers"]
-            plan = build_plan(n, **plan_args)
-            if opts.get("init", "copy") == "identity":
-                check_identity_plan(plan, n)
-            print(describe_plan(plan, n, opts.get("init", "copy")))
-            return 0
-        if not opts.get("out"):
-            raise UpscaleError("--out is required")
-        upscale(opts["hf"], opts["out"], plan_args, init=opts.get("init", "copy"), force=bool(opts.get("force")),
-                max_shard_bytes=int(float(opts.get("max_shard_gb", 5)) * 1024**3))
-    except (UpscaleError, SafetensorsFileError, FileExistsError, FileNotFoundError, KeyError) as e:
-        print(f"apriel upscale: error: {e}", file=sys.stderr)
-        return 2  # bad input or config
+    opts = load_plan_yaml(args.config) if args.config else {}
+    for key in ("hf", "out", "layers", "duplicate_middle", "expand_every", "init", "force", "max_shard_gb"):
+        if getattr(args, key) is not None:
+            opts[key] = getattr(args, key)
+    if args.layers is not None or args.duplicate_middle is not None or args.expand_every is not None:
+        # a plan flag on the command line replaces the YAML's plan
+        for key in ("layers", "duplicate_middle", "expand_every"):
+            opts[key] = getattr(args, key)
+    if not opts.get("hf"):
+        raise UpscaleError("--hf is required")
+    plan_args = {k: (str(opts[k]) if k == "layers" and opts.get(k) is not None else opts.get(k))
+                 for k in ("layers", "duplicate_middle", "expand_every")}
+    if args.dry_run:
+        config = json.loads((Path(opts["hf"]) / "config.json").read_text())
+        n = text_config_of(config)["num_hidden_layers"]
+        plan = build_plan(n, **plan_args)
+        if opts.get("init", "copy") == "identity":
+            check_identity_plan(plan, n)
+        print(describe_plan(plan, n, opts.get("init", "copy")))
+        return 0
+    if not opts.get("out"):
+        raise UpscaleError("--out is required")
+    upscale(opts["hf"], opts["out"], plan_args, init=opts.get("init", "copy"), force=bool(opts.get("force")),
+            max_shard_bytes=int(float(opts.get("max_shard_gb", 5)) * 1024**3))
     return 0
 
 

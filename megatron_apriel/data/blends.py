@@ -34,6 +34,10 @@ import tempfile
 from dataclasses import dataclass, field
 
 import numpy
+import torch.distributed as dist
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_apriel.config import ConfigError, from_dict, load_yaml
 
@@ -256,8 +260,6 @@ class PrefixInfo:
 
 def prefix_stats(prefix: str, key: str) -> tuple[int, int]:
     """(tokens, documents) of a text indexed-dataset prefix; ``key`` names it in errors."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
             raise ConfigError(f"{key}: missing file {prefix + ext}")
@@ -287,7 +289,8 @@ def blend_weights(spec: BlendSpec, stats=prefix_stats, key: str = "data.blend") 
             if t == 0 and (s.prefix_weights is not None):
                 raise ConfigError(f"{key}.sources[{i}].prefixes[{j}]: {s.prefixes[j]} has no tokens")
         per_source.append(per)
-    source_w = [s.weight if s.weight is not None else sum(t for t, _ in per) for s, per in zip(spec.sources, per_source)]
+    source_w = [s.weight if s.weight is not None else sum(t for t, _ in per)
+                for s, per in zip(spec.sources, per_source)]
     total_w = float(sum(source_w))
     out = []
     for s, per, sw in zip(spec.sources, per_source, source_w):
@@ -323,8 +326,6 @@ class _SpecialTokens:
 
 
 def gpt_dataset_config(spec: BlendSpec, infos: list[PrefixInfo], eod_token: int):
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
     cache = None
     if spec.cache_dir:
         cache = os.path.join(spec.cache_dir, "data-" + data_fingerprint([i.prefix for i in infos]))
@@ -348,8 +349,6 @@ def gpt_dataset_config(spec: BlendSpec, infos: list[PrefixInfo], eod_token: int)
 def _process_group():
     """A one-process gloo world when none exists (the report, tests): megatron-core's
     BlendedDataset asks torch.distributed for the rank whenever it caches its indices."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         yield
         return
@@ -377,15 +376,13 @@ def build_datasets(
     BlendedDataset adds. ``is_built_on_rank`` as in Megatron-LM (default: every rank builds;
     rank 0 first, the others then read its cache).
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
     spec = resolve_stage(spec)
     if train_samples is None:
         train_samples = train_samples_for(spec, global_batch_size)
     fractions = parse_split(spec.split)
     if valid_samples > 0 and fractions[1] == 0:
-        raise ConfigError(f"data.blend.split: {spec.split!r} leaves no validation documents for {valid_samples} valid samples")
+        raise ConfigError(f"data.blend.split: {spec.split!r} leaves no validation documents for {valid_samples} "
+                          "valid samples")
     infos = blend_weights(spec)
     config = gpt_dataset_config(spec, infos, eod_token)
     builder = BlendedMegatronDatasetBuilder(

@@ -14,7 +14,8 @@ Layout (RECIPE.md)::
 
     <|system|>\\n{system}\\n<|end|>\\n
     <|user|>\\n{user}\\n<|end|>\\n
-    <|assistant|>\\nHere are my reasoning steps:\\n{reasoning}\\n[BEGIN FINAL RESPONSE]\\n{content}\\n[END FINAL RESPONSE]\\n<|end|>\\n
+    <|assistant|>\\nHere are my reasoning steps:\\n{reasoning}\\n
+        [BEGIN FINAL RESPONSE]\\n{content}\\n[END FINAL RESPONSE]\\n<|end|>\\n   (one line, wrapped here)
     <|tool_result|>\\n{tool output}\\n<|end|>\\n
 
 The mask covers an assistant turn from the first token after ``<|assistant|>\\n`` up to and
@@ -41,6 +42,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from jinja2 import TemplateError
+
+from megatron_apriel.errors import InputError
 
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool_result|>", "<|end|>")
 # the role tokens of every format below (Apriel-1.5's template also has a document turn, <|content|>)
@@ -185,7 +190,7 @@ def prepare_messages(messages: Sequence[dict], template: Optional[str]) -> list[
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class ConversationError(ValueError):
+class ConversationError(InputError):
     """A conversation record is malformed; the message says which field."""
 
 
@@ -260,6 +265,8 @@ def encode_prompts(tokenizer, prompts: Sequence, template: Optional[str] = None)
 def control_token_pattern(tokenizer, template: str):
     """Regex of the strings the tokenizer would read as control tokens in text: its special tokens
     and the added tokens the template writes (transformers' own choice, ``_get_control_tokens``)."""
+    # transformers is imported where a tokenizer is at hand: the chat formats themselves (CHAT_TEMPLATES,
+    # default_chat_template) are read by light commands such as grpo-info
     from transformers.utils.chat_template_utils import _get_control_token_patterns
 
     return _get_control_token_patterns(tuple(tokenizer._get_control_tokens(template)))[0]
@@ -280,14 +287,13 @@ def encode_chat(tokenizer, messages: Sequence[dict], template: str, tools: Optio
                 add_generation_prompt: bool = False, last_turn_only: bool = False) -> Rendered:
     """Tokens, assistant mask and text of a conversation, content kept apart from structure.
 
-    The mask covers the assistant spans of :func:`assistant_spans` (``last_turn_only``: the last one). ``Rendered.content_control_strings``
-    counts the control-token strings found in the messages and tools (encoded as text). Without any,
-    the sanitizing is a no-op: the rendered string is tokenized as ``apply_chat_template`` does. A
-    template that fails on the conversation (a released template reading a field the record lacks,
-    e.g. Apriel-1.5's tool-call ``id``) raises a ConversationError saying so.
+    The mask covers the assistant spans of :func:`assistant_spans` (``last_turn_only``: the last one).
+    ``Rendered.content_control_strings`` counts the control-token strings found in the messages and
+    tools (encoded as text). Without any, the sanitizing is a no-op: the rendered string is tokenized
+    as ``apply_chat_template`` does. A template that fails on the conversation (a released template
+    reading a field the record lacks, e.g. Apriel-1.5's tool-call ``id``) raises a ConversationError
+    saying so.
     """
-    from jinja2 import TemplateError
-
     try:
         return _encode_chat(tokenizer, prepare_messages(messages, template), template, tools, add_generation_prompt,
                             last_turn_only)
@@ -335,8 +341,11 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: O
     history differently from the turn being generated). ``mark``: a control-token pattern; the
     inputs are marked as ``sanitize_control_tokens`` marks them and the spans index that string.
     """
-    from transformers.utils.chat_template_utils import (_normalize_chat_messages, mark_control_tokens,
-                                                        render_jinja_template)
+    from transformers.utils.chat_template_utils import (  # deferred: see control_token_pattern
+        _normalize_chat_messages,
+        mark_control_tokens,
+        render_jinja_template,
+    )
 
     chat = _normalize_chat_messages(list(messages))
     if mark is not None:
@@ -363,8 +372,8 @@ def assistant_spans(tokenizer, messages: Sequence[dict], template: str, tools: O
         turn = rendered(chat[:i + 1], False)[0]
         if not turn.startswith(prompt):
             raise ConversationError(f"messages[{i}]: the chat template does not render this assistant turn as an "
-                                    "extension of the generation prompt before it, so its span is undefined (a turn without the "
-                                    "reasoning that the generation prompt starts?)")
+                                    "extension of the generation prompt before it, so its span is undefined (a turn "
+                                    "without the reasoning that the generation prompt starts?)")
         if not text.startswith(turn):
             raise ConversationError(f"messages[{i}]: the chat template renders this assistant turn differently once "
                                     "later messages follow (e.g. history without reasoning); train on conversations "
@@ -381,7 +390,7 @@ def _marked_offsets(tokenizer, marked: str) -> tuple[list[int], list[tuple[int, 
     removed (so SentencePiece adds no prefix space). Kept in step with transformers by the equality
     check in :func:`encode_chat`.
     """
-    from transformers.utils.chat_template_utils import _get_control_token_patterns
+    from transformers.utils.chat_template_utils import _get_control_token_patterns  # see control_token_pattern
 
     markers = _get_control_token_patterns(tuple(tokenizer.added_tokens_encoder))[1]
     nl = tokenizer("\n", add_special_tokens=False)["input_ids"]

@@ -25,12 +25,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from transformers import AutoTokenizer
+
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, FORMAT_TOKENS
+from megatron_apriel.errors import InputError, cli_main
 
 RESERVED = re.compile(r"<SPECIAL_\d+>")
 
 
-class ChatTokenizerError(ValueError):
+class ChatTokenizerError(InputError):
     """The tokenizer cannot hold the format's role tokens; the message says why."""
 
 
@@ -94,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main("apriel chat-tokenizer: ", bad_input=(OSError, ValueError))  # OSError: not a tokenizer folder
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers import AutoTokenizer
 
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")
@@ -107,10 +110,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
         tok = AutoTokenizer.from_pretrained(tmp)
         check_role_tokens(tok, template, str(out))
-    except (OSError, ValueError) as e:  # ChatTokenizerError is a ValueError
-        shutil.rmtree(tmp, ignore_errors=True)
-        print(f"apriel chat-tokenizer: {e}", file=sys.stderr)
-        return 2
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written
+        raise
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)

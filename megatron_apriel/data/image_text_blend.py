@@ -16,8 +16,15 @@ import torch
 from megatron.core.datasets import helpers
 
 from megatron_apriel.config import ConfigError
-from megatron_apriel.data.blends import (SourceSpec, blend_spec, blend_weights, build_datasets, prefix_stats, resolve_stage,
-                                         train_samples_for)
+from megatron_apriel.data.blends import (
+    SourceSpec,
+    blend_spec,
+    blend_weights,
+    build_datasets,
+    prefix_stats,
+    resolve_stage,
+    train_samples_for,
+)
 from megatron_apriel.data.multimodal import MultimodalDataset, read_indexed
 from megatron_apriel.data.multimodal_format import TOKENS_KEY, meta_path
 from megatron_apriel.data.packing import cu_seqlens_from_lengths
@@ -32,7 +39,8 @@ def _prefix_stats(prefix: str, key: str) -> tuple[int, int]:
     """(tokens, samples) of one blend prefix: a preprocess-multimodal prefix or a text indexed dataset."""
     if not is_multimodal(prefix):
         if not os.path.isfile(prefix + ".bin"):
-            raise ConfigError(f"{key}: {prefix}: neither {meta_path(prefix)} (preprocess-multimodal) nor {prefix}.bin/.idx")
+            raise ConfigError(f"{key}: {prefix}: neither {meta_path(prefix)} (preprocess-multimodal) "
+                              f"nor {prefix}.bin/.idx")
         return prefix_stats(prefix, key)
     try:
         ds = read_indexed(prefix, TOKENS_KEY)
@@ -63,8 +71,8 @@ class ImageTextBlend(torch.utils.data.Dataset):
     (the spec's ``split`` applies to the text prefixes) and repeated in new shuffles as needed.
     """
 
-    def __init__(self, blend, seq_length: int, global_batch_size: Optional[int] = None, num_samples: Optional[int] = None,
-                 eod_token: int = 2, pack: bool = True, pad_token_id: int = 0):
+    def __init__(self, blend, seq_length: int, global_batch_size: Optional[int] = None,
+                 num_samples: Optional[int] = None, eod_token: int = 2, pack: bool = True, pad_token_id: int = 0):
         spec = resolve_stage(blend_spec(blend, seq_length, key=KEY))
         if num_samples is None:
             if global_batch_size is None:
@@ -86,7 +94,8 @@ class ImageTextBlend(torch.utils.data.Dataset):
         weights = np.asarray(child_w, dtype=np.float64) / sum(child_w)
         self.dataset_index = np.zeros(num_samples, dtype=np.int16)
         self.dataset_sample_index = np.zeros(num_samples, dtype=np.int64)
-        helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index, weights, len(weights), num_samples, False)
+        helpers.build_blending_indices(self.dataset_index, self.dataset_sample_index, weights, len(weights),
+                                       num_samples, False)
         counts = np.bincount(self.dataset_index, minlength=len(weights))
         self.children: list = []
         if text:
@@ -94,9 +103,11 @@ class ImageTextBlend(torch.utils.data.Dataset):
             for name, p, _, w in text:
                 by_source.setdefault(name, []).append((p, w))
             text_spec = dataclasses.replace(spec, sources=[
-                SourceSpec(name, [p for p, _ in items], weight=sum(w for _, w in items), prefix_weights=[w for _, w in items])
+                SourceSpec(name, [p for p, _ in items], weight=sum(w for _, w in items),
+                           prefix_weights=[w for _, w in items])
                 for name, items in by_source.items()], stages=[], stage=None, tokens=None, steps=None)
-            train, _ = build_datasets(text_spec, global_batch_size or 1, train_samples=int(counts[0]), eod_token=eod_token)
+            train, _ = build_datasets(text_spec, global_batch_size or 1, train_samples=int(counts[0]),
+                                      eod_token=eod_token)
             self.children.append(train)
         for k, (_, p, _, _) in enumerate(mm):
             need = int(counts[len(self.children)])
@@ -105,9 +116,11 @@ class ImageTextBlend(torch.utils.data.Dataset):
                 ds = MultimodalDataset(p, seq_length, epochs=1, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
                 epochs = max(1, -(-need // max(len(ds), 1)))
                 if epochs > spec.repeat_warning:
-                    logger.warning("%s is read %d times in this blend (repeat_warning %s)", p, epochs, spec.repeat_warning)
+                    logger.warning("%s is read %d times in this blend (repeat_warning %s)", p, epochs,
+                                   spec.repeat_warning)
                 if epochs > 1:
-                    ds = MultimodalDataset(p, seq_length, epochs=epochs, seed=spec.seed, pack=pack, pad_token_id=pad_token_id)
+                    ds = MultimodalDataset(p, seq_length, epochs=epochs, seed=spec.seed, pack=pack,
+                                           pad_token_id=pad_token_id)
             except (FileNotFoundError, ValueError) as e:  # a missing or inconsistent part of the prefix
                 raise ConfigError(f"{key}: {e}") from None
             self.children.append(ds)
@@ -144,7 +157,8 @@ class ImageTextBlend(torch.utils.data.Dataset):
                 text = self.children[0]
                 sample_ids = self.dataset_sample_index[:n][idx == 0]
                 # one text prefix: megatron-core returns its GPTDataset itself, without blending indices
-                drawn = text.dataset_index[sample_ids] if hasattr(text, "dataset_index") else np.zeros(len(sample_ids), int)
+                blended = hasattr(text, "dataset_index")
+                drawn = text.dataset_index[sample_ids] if blended else np.zeros(len(sample_ids), int)
                 out[self._text_rows] += np.bincount(drawn, minlength=len(self._text_rows))
             else:
                 out[self._child_rows[c]] += int(count)

@@ -55,6 +55,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from megatron_apriel.errors import InputError
+
 # 64 million pixels: an 8000 x 8000 scan (192 MB as RGB); Pixtral sees at most 1024 x 1024 anyway.
 DEFAULT_MAX_PIXELS = 64_000_000
 
@@ -70,7 +72,7 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 8: Image.Transpose.ROTATE_90}
 
 
-class CountedError(ValueError):
+class CountedError(InputError):
     """Something skipped; ``reason`` is the counter it goes to."""
 
     def __init__(self, reason: str, message: str):
@@ -129,7 +131,8 @@ def _transpose_point(method: Image.Transpose, x: float, y: float, w: int, h: int
     """Where the point (x, y) of a w x h grid lands after ``Image.transpose(method)`` (edge coordinates)."""
     T = Image.Transpose
     return {T.FLIP_LEFT_RIGHT: (w - x, y), T.FLIP_TOP_BOTTOM: (x, h - y), T.ROTATE_180: (w - x, h - y),
-            T.ROTATE_90: (y, w - x), T.ROTATE_270: (h - y, x), T.TRANSPOSE: (y, x), T.TRANSVERSE: (h - y, w - x)}[method]
+            T.ROTATE_90: (y, w - x), T.ROTATE_270: (h - y, x), T.TRANSPOSE: (y, x),
+            T.TRANSVERSE: (h - y, w - x)}[method]
 
 
 def _draft_scale(size: tuple[int, int], target_side: int) -> int:

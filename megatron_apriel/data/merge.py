@@ -11,6 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexReader
+
+from megatron_apriel.errors import EXIT_ERROR, cli_main
+
 
 def find_prefixes(inputs: list[str]) -> list[str]:
     prefixes: list[str] = []
@@ -33,8 +37,6 @@ def find_prefixes(inputs: list[str]) -> list[str]:
 
 def merge(prefixes: list[str], out_prefix: str) -> tuple[int, int]:
     """Returns (documents, tokens) of the merged dataset."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, _IndexReader
-
     dtypes = {}
     for prefix in prefixes:
         dtypes[prefix] = _IndexReader(prefix + ".idx", multimodal=False).dtype
@@ -60,17 +62,16 @@ def merge(prefixes: list[str], out_prefix: str) -> tuple[int, int]:
     return len(builder.document_indices) - 1, int(sum(builder.sequence_lengths))
 
 
+# Megatron-LM's tool of this name exits 1 on any error, so this one does too
+@cli_main(bad_input=(FileNotFoundError, ValueError), bad_input_exit=EXIT_ERROR)
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="merge_datasets.py", description=__doc__.split("\n")[0])
-    p.add_argument("--input", nargs="+", required=True, help="a folder of .bin/.idx pairs, or dataset prefixes (in order)")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="a folder of .bin/.idx pairs, or dataset prefixes (in order)")
     p.add_argument("--output-prefix", required=True, help="writes <prefix>.bin and <prefix>.idx")
     args = p.parse_args(argv)
-    try:
-        prefixes = find_prefixes(args.input)
-        docs, tokens = merge(prefixes, args.output_prefix)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    prefixes = find_prefixes(args.input)
+    docs, tokens = merge(prefixes, args.output_prefix)
     print(f"[merge] {len(prefixes)} datasets -> {args.output_prefix}: {docs:,} documents, {tokens:,} tokens")
     return 0
 

@@ -15,7 +15,8 @@ samples of its ``_tokens_document`` dataset that fit in ``seq_length + 1`` (the 
 draw; images included as their placeholder tokens, the whole dataset since the split applies to
 text prefixes only), and "tokens drawn" is samples x seq_length as for text (a packed row is one
 sample). Text prefixes of such a blend report their train split as in a text blend. A training config
-whose data is the registered ``image-text-blend`` (however the config names it) is read through its ``factory_args`` as training reads it.
+whose data is the registered ``image-text-blend`` (however the config names it) is read through its
+``factory_args`` as training reads it.
 """
 
 from __future__ import annotations
@@ -31,10 +32,18 @@ from dataclasses import asdict, dataclass
 import numpy
 
 from megatron_apriel.config import ConfigError, apply_overrides, atomic_write_text, from_dict, load_yaml
-from megatron_apriel.data.blends import BlendSpec, blend_spec, blend_weights, build_datasets, resolve_stage, train_samples_for
+from megatron_apriel.data.blends import (
+    BlendSpec,
+    blend_spec,
+    blend_weights,
+    build_datasets,
+    resolve_stage,
+    train_samples_for,
+)
 from megatron_apriel.data.image_text_blend import ImageTextBlend, is_multimodal
 from megatron_apriel.data.multimodal import MultimodalDataset
 from megatron_apriel.data.registry import resolve_dataset
+from megatron_apriel.errors import cli_main
 
 
 @dataclass
@@ -162,7 +171,8 @@ def _report(spec: BlendSpec, n_stage: int, first: int, prefixes: list[Row]) -> R
 def _image_text_report(spec: BlendSpec, global_batch_size: int, first: int, n_stage: int) -> Report:
     raw = dict(asdict(spec), stages=[], stage=None)  # already resolved: its weights, budget and seed
     print(f"building the image-text blend of {sum(len(s.prefixes) for s in spec.sources)} prefixes for "
-          f"{n_stage:,} samples (text indices cache: {spec.cache_dir or 'beside the data'}) ...", file=sys.stderr, flush=True)
+          f"{n_stage:,} samples (text indices cache: {spec.cache_dir or 'beside the data'}) ...",
+          file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         blend = ImageTextBlend(raw, spec.seq_length, global_batch_size=global_batch_size, num_samples=n_stage)
@@ -190,7 +200,8 @@ def _image_text_report(spec: BlendSpec, global_batch_size: int, first: int, n_st
 
 
 def format_report(r: Report) -> str:
-    head = f"{'source / prefix':<44} {'target':>7} {'first':>7} {'stage':>7} {'available':>16} {'drawn':>16} {'epochs':>7}"
+    head = (f"{'source / prefix':<44} {'target':>7} {'first':>7} {'stage':>7} {'available':>16} {'drawn':>16} "
+            f"{'epochs':>7}")
     lines = [
         f"stage {r.stage or '(single)'}: {r.train_samples:,} samples x {r.seq_length} tokens = "
         f"{r.train_samples * r.seq_length:,} tokens; 'first' = realised share over the first {r.first:,} samples",
@@ -213,7 +224,7 @@ def _row_line(name: str, row: Row) -> str:
 
 
 def write_png(r: Report, path: str) -> None:
-    import matplotlib
+    import matplotlib  # deferred: only the chart needs it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,6 +256,7 @@ def write_png(r: Report, path: str) -> None:
             os.unlink(tmp)
 
 
+@cli_main("mix-report: ")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel mix-report", description=__doc__.splitlines()[0])
     ap.add_argument("spec", help="blend spec YAML, or a training config with a data: section")
@@ -256,13 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", default=None, help="bar chart path (default: SPEC with .mix.png)")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
-    try:
-        spec, config_gbs = load_spec(args.spec, args.overrides)
-        gbs = args.global_batch_size or config_gbs or 1
-        report = mix_report(spec, gbs, args.first, args.stage)
-    except ConfigError as e:
-        print(f"mix-report: {e}", file=sys.stderr)
-        return 2
+    spec, config_gbs = load_spec(args.spec, args.overrides)
+    gbs = args.global_batch_size or config_gbs or 1
+    report = mix_report(spec, gbs, args.first, args.stage)
     print(format_report(report))
     png = args.png or os.path.splitext(args.spec)[0] + ".mix.png"
     write_png(report, png)

@@ -21,7 +21,15 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image
 
-from megatron_apriel.data.multimodal_format import IMAGES_KEY, MASK_KEY, REFS_KEY, TOKENS_KEY, ImageLayout, dataset_path, meta_path
+from megatron_apriel.data.multimodal_format import (
+    IMAGES_KEY,
+    MASK_KEY,
+    REFS_KEY,
+    TOKENS_KEY,
+    ImageLayout,
+    dataset_path,
+    meta_path,
+)
 from megatron_apriel.data.packing import fill_row, plan_rows
 
 logger = logging.getLogger(__name__)
@@ -77,7 +85,8 @@ class MultimodalDataset(torch.utils.data.Dataset):
             logger.warning("%s: %d of %d samples are longer than seq_length %d + 1 and left out",
                            prefix, self.dropped_overlong, n, seq_length)
         self.slots = slots
-        self.bins, self.max_docs = plan_rows(slots, seq_length, epochs, seed, pack, window, keep=keep, max_docs=max_docs)
+        self.bins, self.max_docs = plan_rows(slots, seq_length, epochs, seed, pack, window, keep=keep,
+                                             max_docs=max_docs)
 
     def __len__(self) -> int:
         return len(self.bins)
@@ -128,13 +137,3 @@ class MultimodalDataset(torch.utils.data.Dataset):
             pixels[i, :, : im.shape[1], : im.shape[2]] = im
         batch["pixel_values"] = pixels
         return batch
-
-
-def __getattr__(name: str):
-    # Configs written before the image-text blend had a module of its own name it
-    # ``megatron_apriel.data.multimodal:ImageTextBlend``; imported lazily, as that module imports this one.
-    if name == "ImageTextBlend":
-        from megatron_apriel.data.image_text_blend import ImageTextBlend
-
-        return ImageTextBlend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

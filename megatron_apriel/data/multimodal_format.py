@@ -55,7 +55,7 @@ class ImageLayout:
 
     def processor(self):
         """transformers' PixtralImageProcessor with these settings (PIL backend when torchvision is absent)."""
-        try:
+        try:  # transformers imported here: reading the dataset format needs no image processor
             from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil as cls
         except ImportError:  # older transformers: the slow processor is the PIL one
             from transformers import PixtralImageProcessor as cls

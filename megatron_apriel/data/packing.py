@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 
 
 def plan_bins(lengths: Sequence[int], capacity: int, seed: int = 0, window: int = 20000,
@@ -90,8 +91,6 @@ def packed_seq_params_from_batch(batch: dict):
     then see the batch flattened to [1, b * s] (megatron-core's THD path takes micro-batch 1); use
     :func:`flatten_packed_batch`, which does both.
     """
-    from megatron.core.packed_seq_params import PackedSeqParams
-
     cu = batch["cu_seqlens"]
     cu = torch.as_tensor(cu)
     if cu.dim() == 1:
@@ -138,7 +137,8 @@ def plan_rows(slots: np.ndarray, seq_length: int, epochs: int, seed: int, pack: 
     rows: list[list[int]] = []
     for epoch in range(epochs):
         if pack:
-            rows += [[int(keep[i]) for i in b] for b in plan_bins(slots[keep], seq_length, seed=seed + epoch, window=window)]
+            bins = plan_bins(slots[keep], seq_length, seed=seed + epoch, window=window)
+            rows += [[int(keep[i]) for i in b] for b in bins]
         else:
             rows += [[int(keep[i])] for i in np.random.default_rng(seed + epoch).permutation(len(keep))]
     needed = max((len(r) for r in rows), default=1)

@@ -9,8 +9,8 @@ blocks of whole lines, workers parse and tokenize a block at a time (the tokeniz
 path) and return one token buffer already in the output dtype, and the main process appends the
 buffers to the ``.bin`` in input order, writing the index itself (``_Output``: megatron-core's
 exact bytes, without importing megatron-core). At most ``2 * workers + 2`` blocks are in flight, so
-memory does not grow with the input. Blocks are cut independently of ``--workers``, so the output is byte-identical for any
-worker count.
+memory does not grow with the input. Blocks are cut independently of ``--workers``, so the output
+is byte-identical for any worker count.
 
 Every record is either written or counted as skipped with a reason (a document the tokenizer fails
 on included: ``tokenizer_error``); ``--strict`` turns the first skip into an error naming file and
@@ -41,8 +41,12 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import zstandard
+from tqdm import tqdm
 
+from megatron_apriel.config import atomic_write_text
 from megatron_apriel.data.tokenizers import Tokenizer, add_tokenizer_args, tokenizer_from_args
+from megatron_apriel.errors import EXIT_BAD_INPUT, EXIT_ERROR, InputError, cli_main
 
 try:  # orjson parses about 3x faster; the stdlib parser is the fallback and the reference
     import orjson
@@ -64,24 +68,17 @@ REASONS = ("bad_json", "not_an_object", "missing_key", "not_a_string", "invalid_
 LONG_DOC_CHARS = 1 << 16
 
 
-class PreprocessError(ValueError):
+class PreprocessError(InputError):
     """A fatal input problem of a preprocessing tool (text, SFT, multimodal); the message names the
-    file and line, or the flag. The tools' CLIs print it and exit 2."""
+    file and line, or the flag. The SFT and multimodal CLIs exit 2 on it, ``preprocess`` 1 (as
+    Megatron-LM's ``preprocess_data.py``)."""
 
 
-def run_preprocess(prog: str, args, preprocess, errors: tuple, exists=os.path.isfile) -> dict | None:
-    """``preprocess(args)`` of the SFT and multimodal writers' CLIs after checking ``args.input``; a
-    missing input or one of ``errors`` (bad input, flags) is printed as ``prog: message`` and gives
-    None, which those CLIs exit with 2."""
-    for path in args.input:
+def check_inputs(paths: list[str], exists=os.path.isfile) -> None:
+    """The SFT and multimodal writers' inputs exist (checked before anything is read or written)."""
+    for path in paths:
         if not exists(path):
-            print(f"{prog}: {path}: no such file", file=sys.stderr)
-            return None
-    try:
-        return preprocess(args)
-    except errors as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return None
+            raise PreprocessError(f"{path}: no such file")
 
 
 def print_control_text(prog: str, report: dict, what: str) -> None:
@@ -141,8 +138,6 @@ def _open_binary(path: Path, counter: list):
     if path.name.endswith(".gz"):
         return gzip.GzipFile(fileobj=io.BufferedReader(counting, 1 << 20))
     if path.name.endswith(".zst"):
-        import zstandard
-
         return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(counting, 1 << 20), read_size=1 << 20)
     return io.BufferedReader(counting, 1 << 20)
 
@@ -184,7 +179,7 @@ def read_blocks(paths: list[Path], keys: list[str], progress, block_bytes: int =
 
 
 def _parquet_blocks(fi: int, path: Path, keys: list[str], progress) -> Iterator[Block]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # deferred: only parquet inputs need it, and it is slow to import
 
     pf = pq.ParquetFile(path)
     names = set(pf.schema_arrow.names)
@@ -560,8 +555,6 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
     t0 = time.perf_counter()
     bar = None
     if not quiet and sys.stderr.isatty():
-        from tqdm import tqdm
-
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", file=sys.stderr)
     read = [0.0]
 
@@ -677,7 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split-sentences", action="store_true", help="not supported (documents only)")
     add_tokenizer_args(p)
     g = p.add_argument_group("output data")
-    g.add_argument("--output-prefix", required=True, help="writes <prefix>_<key>_document.bin/.idx and <prefix>.stats.json")
+    g.add_argument("--output-prefix", required=True,
+                   help="writes <prefix>_<key>_document.bin/.idx and <prefix>.stats.json")
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     g.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="accepted for compatibility")
     g = p.add_argument_group("runtime")
@@ -693,32 +687,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Megatron-LM's tool of this name exits 1 on bad input, so this one does too (--split-sentences: 2)
+@cli_main(bad_input=(FileNotFoundError, ValueError), bad_input_exit=EXIT_ERROR)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.split_sentences:
         print("error: --split-sentences is not supported; documents are tokenized whole", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     try:
         tokenizer = tokenizer_from_args(args)
         stats = preprocess(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
                            args.workers, args.strict, args.log_interval, args.quiet, args.block_bytes,
                            args.log_seconds, args.slow_doc_seconds)
-    except (PreprocessError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except (KeyboardInterrupt, _Terminated) as e:
         print(f"[preprocess] interrupted ({e or 'Ctrl-C'}): nothing written, temporary files removed", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     summary = stats_dict(stats, {"input": args.input, "output_prefix": args.output_prefix,
                                  "tokenizer": tokenizer.name, "workers": args.workers,
-                                 **({"tekken_path": tokenizer.tekken_path} if hasattr(tokenizer, "tekken_path") else {})})
-    from megatron_apriel.config import atomic_write_text
+                                 **({"tekken_path": tokenizer.tekken_path}
+                                    if hasattr(tokenizer, "tekken_path") else {})})
 
     atomic_write_text(Path(args.output_prefix + ".stats.json"), json.dumps(summary, indent=2) + "\n")
     skipped = ", ".join(f"{k} {v}" for k, v in summary["skipped_by_reason"].items()) or "none"
-    print(f"[preprocess] {summary['documents']:,} documents, {summary['tokens']:,} tokens, skipped {summary['skipped']:,} "
-          f"({skipped}) in {summary['seconds']:.1f}s: {summary['documents_per_second']:,.0f} docs/s, "
-          f"{summary['tokens_per_second']:,.0f} tokens/s -> {', '.join(output_prefix(args.output_prefix, k) for k in args.json_keys)}")
+    outputs = ", ".join(output_prefix(args.output_prefix, k) for k in args.json_keys)
+    print(f"[preprocess] {summary['documents']:,} documents, {summary['tokens']:,} tokens, "
+          f"skipped {summary['skipped']:,} ({skipped}) in {summary['seconds']:.1f}s: "
+          f"{summary['documents_per_second']:,.0f} docs/s, {summary['tokens_per_second']:,.0f} tokens/s -> {outputs}")
     return 0
 
 

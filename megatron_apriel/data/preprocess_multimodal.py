@@ -20,9 +20,10 @@ is :mod:`megatron_apriel.data.multimodal`).
 
 Image files are read by :func:`megatron_apriel.data.images.load_image`: a bad image (missing,
 unreadable, truncated, over ``--max-image-pixels`` from its header, a decompression bomb, an
-unsupported pixel mode, so thin that a side would shrink to 0 pixels) skips its record under that reason; odd but valid ones are normalised
-(EXIF orientation, first frame, RGB conversion, large JPEGs decoded at reduced DCT scale), so one
-hostile file never stops a run and memory is bounded by the pixel budget.
+unsupported pixel mode, so thin that a side would shrink to 0 pixels) skips its record under that
+reason; odd but valid ones are normalised (EXIF orientation, first frame, RGB conversion, large
+JPEGs decoded at reduced DCT scale), so one hostile file never stops a run and memory is bounded by
+the pixel budget.
 
 Why the images are stored resized: the number of image tokens is fixed when the sample is written,
 so the pixels must be the ones it was counted for whatever image backend runs at training time.
@@ -42,8 +43,10 @@ record without any placeholder gets its images at the start of the prompt (LLaVA
 from __future__ import annotations
 
 import argparse
+import collections
 import io
 import json
+import multiprocessing as mp
 import os
 import re
 import sys
@@ -52,11 +55,26 @@ from dataclasses import asdict
 from typing import Iterator, Optional
 
 import numpy as np
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from PIL import Image
+from tqdm import tqdm
 
-from megatron_apriel.data.images import DEFAULT_MAX_PIXELS, CountedError, count_notes
-from megatron_apriel.data.preprocess import PreprocessError, print_control_text, run_preprocess
-from megatron_apriel.data.multimodal_format import (IMAGES_KEY, KEYS, MASK_KEY, PLACEHOLDER, REFS_KEY, TOKENS_KEY,
-                                                    ImageLayout, dataset_path, meta_path)
+from megatron_apriel.config import atomic_write_text
+from megatron_apriel.data.images import DEFAULT_MAX_PIXELS, CountedError, ImageError, count_notes, load_image
+from megatron_apriel.data.multimodal_format import (
+    IMAGES_KEY,
+    KEYS,
+    MASK_KEY,
+    PLACEHOLDER,
+    REFS_KEY,
+    TOKENS_KEY,
+    ImageLayout,
+    dataset_path,
+    meta_path,
+)
+from megatron_apriel.data.preprocess import PreprocessError, check_inputs, print_control_text
+from megatron_apriel.data.tokenizers import add_tokenizer_args, tokenizer_from_args
+from megatron_apriel.errors import cli_main
 
 
 class RecordError(CountedError):
@@ -65,8 +83,6 @@ class RecordError(CountedError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_apriel.data.tokenizers import add_tokenizer_args
-
     p = argparse.ArgumentParser(
         prog="apriel preprocess-multimodal",
         description="Image-text JSONL + image files -> tokens, loss masks and images (megatron-core indexed datasets).",
@@ -101,8 +117,6 @@ class _Encoder:
     """
 
     def __init__(self, args):
-        from megatron_apriel.data.tokenizers import tokenizer_from_args
-
         self.tokenizer = tokenizer_from_args(args)
         self.layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size,
                                   image_token_id=args.image_token_id, image_break_token_id=args.image_break_token_id,
@@ -118,9 +132,6 @@ class _Encoder:
 
     def image(self, path: str) -> tuple:
         """(realpath, PNG bytes, normalisations, height, width) of the resized image."""
-        from PIL import Image
-
-        from megatron_apriel.data.images import ImageError, load_image
 
         key = os.path.realpath(path)
         if key in self.cache:
@@ -183,7 +194,8 @@ def encode_record(record, base_dir: str, tokenizer, layout: ImageLayout, load_im
     if len(pieces) == 1 and paths:
         pieces = [""] * len(paths) + pieces
     if len(pieces) - 1 != len(paths):
-        raise RecordError("placeholder_mismatch", f"{len(pieces) - 1} {placeholder!r} placeholders for {len(paths)} images")
+        raise RecordError("placeholder_mismatch",
+                          f"{len(pieces) - 1} {placeholder!r} placeholders for {len(paths)} images")
     images = [load_image(p if os.path.isabs(p) else os.path.join(base_dir, p)) for p in paths]
     text_loss = 1 if response is None else 0
     toks: list[np.ndarray] = []
@@ -232,8 +244,6 @@ def _encode_chunk(chunk: list[tuple[str, str, int, str]]) -> list[tuple]:
 
 
 def _chunks(paths: list[str], size: int, counter: dict) -> Iterator[list]:
-    from tqdm import tqdm
-
     chunk = []
     for path in paths:
         base = os.path.dirname(os.path.abspath(path))
@@ -258,8 +268,6 @@ def _results(chunks: Iterator[list], args) -> Iterator[list]:
         for c in chunks:
             yield _encode_chunk(c)
         return
-    import collections
-    import multiprocessing as mp
 
     # Workers come from a forkserver, not a fork of this process: the writer is also called inside
     # longer-lived processes (tests, notebooks) whose threads (tqdm's monitor, tokenizers' pool) may hold
@@ -283,10 +291,6 @@ def _results(chunks: Iterator[list], args) -> Iterator[list]:
 
 
 def preprocess(args) -> dict:
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    from megatron_apriel.config import atomic_write_text
-    from megatron_apriel.data.tokenizers import tokenizer_from_args
 
     if args.image_size % args.patch_size:
         raise PreprocessError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
@@ -382,17 +386,17 @@ def preprocess(args) -> dict:
     return report
 
 
+@cli_main("preprocess-multimodal: ", bad_input=(ValueError, FileNotFoundError))  # the tokenizer flags' errors
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    # ValueError: PreprocessError, tokenizer flags
-    report = run_preprocess("preprocess-multimodal", args, preprocess, (ValueError, FileNotFoundError))
-    if report is None:
-        return 2
+    check_inputs(args.input)
+    report = preprocess(args)
     reasons = ", ".join(f"{v} {k}" for k, v in report["skipped_by_reason"].items()) or "none"
     normalised = ", ".join(f"{v} {k}" for k, v in report["images_normalised"].items()) or "none"
     print(f"preprocess-multimodal: read {report['read']}, kept {report['kept']}, skipped {report['skipped']} "
-          f"({reasons}); {report['images']} images (normalised: {normalised}), {report['tokens']} tokens of which {report['image_tokens']} "
-          f"image and {report['loss_tokens']} trained on; {report['seconds']} s -> {args.output_prefix}_*_document.bin/.idx")
+          f"({reasons}); {report['images']} images (normalised: {normalised}), {report['tokens']} tokens of which "
+          f"{report['image_tokens']} image and {report['loss_tokens']} trained on; {report['seconds']} s -> "
+          f"{args.output_prefix}_*_document.bin/.idx")
     print_control_text("preprocess-multimodal", report, "records")
     return 0
 

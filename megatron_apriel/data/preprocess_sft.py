@@ -13,8 +13,8 @@ from incremental renders of the conversation), and writes two aligned
   the conversations whose text spells control tokens (kept, that text encoded as ordinary text).
 
 With ``--split-turns`` every assistant turn becomes its own sample (the conversation up to it, only
-that turn trained on), so ``kept`` counts samples. Malformed records are counted and skipped (each named in the report) unless ``--strict`` is given,
-as in ``preprocess_data.py`` and ``preprocess-multimodal``.
+that turn trained on), so ``kept`` counts samples. Malformed records are counted and skipped (each
+named in the report) unless ``--strict`` is given, as in ``preprocess_data.py`` and ``preprocess-multimodal``.
 
 Input records: ``{"messages": [{"role": "system|user|assistant|tool", "content": "...",
 "reasoning": "..."(optional)}], "tools": [...] (optional), "id": ... (optional)}``.
@@ -35,12 +35,18 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from megatron_apriel.config import atomic_write_text
-from megatron_apriel.data.chat_template import (ConversationError, default_chat_template, encode_chat, render,
-                                                 resolve_template, validate_messages)
-from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, check_role_tokens
-from megatron_apriel.data.preprocess import PreprocessError, print_control_text, run_preprocess
+from megatron_apriel.data.chat_template import (
+    ConversationError,
+    default_chat_template,
+    encode_chat,
+    render,
+    resolve_template,
+    validate_messages,
+)
+from megatron_apriel.data.chat_tokenizer import check_role_tokens
+from megatron_apriel.data.preprocess import PreprocessError, check_inputs, print_control_text
 from megatron_apriel.data.sft import MASK_KEY, TOKENS_KEY, dataset_paths
-
+from megatron_apriel.errors import cli_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,8 +149,8 @@ def preprocess(args) -> dict:
     subset = None
     if args.subset_fraction is not None:
         subset = stratified_subset(args.input, args.stratify_key, args.subset_fraction, args.seed)
-    counts = {"not_in_subset": 0, "read": 0, "kept": 0, "truncated": 0, "dropped_overlong": 0, "dropped_no_loss_tokens": 0,
-              "skipped_bad": 0, "with_control_token_text": 0, "control_token_strings": 0}
+    counts = {"not_in_subset": 0, "read": 0, "kept": 0, "truncated": 0, "dropped_overlong": 0,
+              "dropped_no_loss_tokens": 0, "skipped_bad": 0, "with_control_token_text": 0, "control_token_strings": 0}
     skipped: list[str] = []
     n_tokens = n_loss = 0
     start = time.time()
@@ -217,12 +223,11 @@ def preprocess(args) -> dict:
     return report
 
 
+@cli_main("preprocess-sft: ")
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run_preprocess("preprocess-sft", args, preprocess, (ConversationError, ChatTokenizerError, PreprocessError),
-                            exists=os.path.exists)
-    if report is None:
-        return 2
+    check_inputs(args.input, exists=os.path.exists)
+    report = preprocess(args)
     print(
         f"preprocess-sft: read {report['read']}, kept {report['kept']} ({report['truncated']} truncated), "
         f"dropped {report['dropped_overlong']} overlong + {report['dropped_no_loss_tokens']} without "

@@ -21,6 +21,8 @@ DATASETS = {
     "multimodal": "megatron_apriel.data.multimodal:MultimodalDataset",
     "image-text-blend": "megatron_apriel.data.image_text_blend:ImageTextBlend",
 }
+# module:callable spellings of configs written before a dataset had a module of its own
+MOVED = {"megatron_apriel.data.multimodal:ImageTextBlend": "image-text-blend"}
 
 
 def check_dataset_name(factory: str, key: str = "data.factory") -> None:
@@ -33,6 +35,7 @@ def check_dataset_name(factory: str, key: str = "data.factory") -> None:
 def resolve_dataset(factory: str, key: str = "data.factory") -> Callable:
     """The callable of a registered name or a ``module:callable`` string."""
     check_dataset_name(factory, key)
+    factory = MOVED.get(factory, factory)
     module, _, name = DATASETS.get(factory, factory).partition(":")
     try:
         return getattr(importlib.import_module(module), name)

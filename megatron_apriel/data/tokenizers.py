@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import array
+import importlib
 import json
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -33,8 +35,6 @@ _warned_no_extension = False
 
 
 def _tekken_fast_module():
-    import importlib
-
     try:
         return importlib.import_module("megatron_apriel.data._tekken_fast")
     except ImportError:  # built without a C compiler (setup.py marks the extension optional)
@@ -101,6 +101,7 @@ class HuggingFaceTokenizer(Tokenizer):
     """A ``tokenizer.json`` (or a directory holding one) via transformers' AutoTokenizer."""
 
     def __init__(self, model: str, threads: int = 1, **_):
+        # each tokenizer type imports its own library here: a preprocessing worker loads only the one it runs
         from transformers import AutoTokenizer
 
         path = Path(model)
@@ -146,7 +147,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model: str, threads: int = 1, **_):
-        import sentencepiece
+        import sentencepiece  # deferred: see HuggingFaceTokenizer
 
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
         self.name = str(model)
@@ -174,7 +175,7 @@ class SentencePieceTokenizer(Tokenizer):
 def resolve_tekken(model: str) -> Path:
     """``mistral-nemo`` / ``pixtral`` -> the Tekken JSON shipped in mistral_common/data/; else a path."""
     if model in TEKKEN_ALIASES:
-        import mistral_common
+        import mistral_common  # deferred: see HuggingFaceTokenizer
 
         return Path(mistral_common.__file__).parent / "data" / TEKKEN_ALIASES[model]
     path = Path(model)
@@ -197,15 +198,17 @@ class TekkenTokenizer(Tokenizer):
 
     def __init__(self, model: str, threads: int = 1, vocab_size: int | None = None,
                  pattern: str | None = None, fast: bool | None = None, **_):
-        from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer  # deferred: see HuggingFaceTokenizer
 
         path = resolve_tekken(model)
         if pattern is not None or vocab_size is not None:
             data = json.loads(path.read_text(encoding="utf-8"))
             if pattern is not None:
+                # megatron-core's named patterns only; preprocessing does not import megatron-core otherwise
                 from megatron.core.tokenizers.text.libraries import tiktoken_tokenizer as mt
 
-                data["config"]["pattern"] = {"v1": mt._PATTERN_TIKTOKEN_V1, "v2": mt._PATTERN_TIKTOKEN_V2}.get(pattern, pattern)
+                named = {"v1": mt._PATTERN_TIKTOKEN_V1, "v2": mt._PATTERN_TIKTOKEN_V2}
+                data["config"]["pattern"] = named.get(pattern, pattern)
             if vocab_size is not None:
                 data["config"]["default_vocab_size"] = int(vocab_size)
             with tempfile.TemporaryDirectory() as tmp:
@@ -272,8 +275,6 @@ class TekkenTokenizer(Tokenizer):
 
     def _encode_all(self, texts: Sequence[str]) -> list[list[int]]:
         if self.threads > 1 and len(texts) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             # tiktoken's core releases the GIL, so threads really run in parallel.
             with ThreadPoolExecutor(self.threads) as ex:
                 return list(ex.map(self._encode_raw, texts))
@@ -284,8 +285,6 @@ class TekkenTokenizer(Tokenizer):
             return _concat_lists(self._encode_all(texts), self._offset)
         # one C call per batch (per thread): ids land in one int32 buffer, offset already added
         if self.threads > 1 and len(texts) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             step = -(-len(texts) // self.threads)
             chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
             with ThreadPoolExecutor(self.threads) as ex:  # the extension releases the GIL on ASCII text

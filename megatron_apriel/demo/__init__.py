@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from megatron_apriel.demo import report
-from megatron_apriel.demo.recipe import STAGES, Demo, DemoError, Plan
+# The tools the demo runs in this process repeat megatron-core's "no Transformer Engine / Apex"
+# notices and torch deprecation notices; on a CPU demo they are expected, not news. Set before the
+# recipe imports those tools.
+for _module in (r"megatron\..*", r"torch\..*", r"megatron_apriel\.runtime\..*"):
+    warnings.filterwarnings("ignore", category=UserWarning, module=_module)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=_module)
+
+from megatron_apriel.demo import report  # noqa: E402  (after the warning filters)
+from megatron_apriel.demo.recipe import STAGES, Demo, DemoError, Plan  # noqa: E402, F401  (DemoError: the API)
+from megatron_apriel.errors import InputError, cli_main  # noqa: E402
 
 DEFAULT_MINUTES = 12.0
 
@@ -30,37 +38,24 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@cli_main("apriel demo: ")
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.minutes <= 0:
-        print(f"apriel demo: --minutes must be positive, got {args.minutes}", file=sys.stderr)
-        return 2
-    import warnings
-
-    # The tools run in this process repeat megatron-core's "no Transformer Engine / Apex" notices
-    # and torch deprecation notices on every call; on a CPU demo they are expected, not news.
-    for module in (r"megatron\..*", r"torch\..*", r"megatron_apriel\.runtime\..*"):
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        raise InputError(f"--minutes must be positive, got {args.minutes}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan.for_minutes(args.minutes)
     prev = out / "plan.json"
     if prev.is_file() and not args.force and json.loads(prev.read_text()) != asdict(plan):
-        print(f"apriel demo: {out} holds a run with other sizes ({prev}); pass --force or another --out",
-              file=sys.stderr)
-        return 2
+        raise InputError(f"{out} holds a run with other sizes ({prev}); pass --force or another --out")
     prev.write_text(json.dumps(asdict(plan), indent=2) + "\n")
     print(f"apriel demo -> {out}: tiny model hidden {plan.hidden_size}, {plan.num_layers} -> {plan.num_layers + 1} "
           f"layers; steps: pretrain {plan.pretrain_iters}, CPT {plan.cpt_iters}, SFT {plan.sft_iters} x 2, "
           f"GRPO {plan.grpo_steps}; {plan.n_test} held-out problems", flush=True)
     demo = Demo(out, plan, args.force)
-    try:
-        for i, (name, what, method) in enumerate(STAGES, 1):
-            demo.stage(i, len(STAGES), name, what, demo.stage_fn(name, method))
-    except DemoError as e:
-        print(f"apriel demo: {e}", file=sys.stderr)
-        return 1
+    for i, (name, what, method) in enumerate(STAGES, 1):  # a DemoError stops it: exit 1
+        demo.stage(i, len(STAGES), name, what, demo.stage_fn(name, method))
     text = report.write(out, asdict(plan), demo.figures, [s[0] for s in STAGES], time.time() - demo.t0)
     print("\n" + text)
     return 0

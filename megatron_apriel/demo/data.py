@@ -20,12 +20,19 @@ import ast
 import hashlib
 import json
 import random
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
+
 KINDS = ("add", "sub", "compare")
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool_result|>", "<|end|>"]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool_result|>",
+                  "<|end|>"]
 # Kept as plain added tokens (not special): completions decoded with skip_special_tokens keep them,
 # so the format reward sees them, and each marker costs one position instead of ten.
 MARKERS = ["[BEGIN FINAL RESPONSE]", "[END FINAL RESPONSE]", "Here are my reasoning steps:"]
@@ -181,7 +188,8 @@ def make_sources(out: Path, n_reasoning_docs: int, n_cot_docs: int, replay_chars
         "sft_a": write_jsonl(out / "sft_a.jsonl", ({"messages": p.messages(), "source": p.kind}
                                                     for p in problems(seed + 10_000, n_sft_a))),
         "sft_b": write_jsonl(out / "sft_b.jsonl", ({"messages": p.messages(), "source": p.kind}
-                                                    for p in problems(seed + 20_000, n_sft_b, kinds=("add", "sub", "add", "sub", "compare")))),
+                                                    for p in problems(seed + 20_000, n_sft_b,
+                                                                      kinds=("add", "sub", "add", "sub", "compare")))),
         "grpo_prompts": write_jsonl(out / "grpo_prompts.jsonl", (
             {"prompt": [{"role": "user", "content": p.question}], "domain": "math", "answer": p.answer}
             for p in problems(seed + 30_000, n_grpo))),
@@ -200,9 +208,6 @@ def train_tokenizer(files: list[Path], out_dir: Path, vocab_size: int = 1024) ->
     The Tekken vocabulary (131k) would make the tiny model's output layer most of its compute on a
     CPU; a 1k vocabulary trained on the demo corpus keeps the model small and its text short.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -220,14 +225,11 @@ def train_tokenizer(files: list[Path], out_dir: Path, vocab_size: int = 1024) ->
     tok.add_tokens(MARKERS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>",
                                    unk_token="<unk>", pad_token="<pad>")
-    from megatron_apriel.data.chat_template import APRIEL_CHAT_TEMPLATE
 
     fast.chat_template = APRIEL_CHAT_TEMPLATE
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fast.save_pretrained(tmp)
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     tmp.replace(out_dir)
     return {"vocab_size": len(fast), "eos_token_id": fast.eos_token_id, "bos_token_id": fast.bos_token_id,

@@ -15,6 +15,10 @@ import json
 import math
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+from megatron_apriel.eval.run import Settings, run
+
 
 def load_test(path: Path, n: int | None = None) -> list[dict]:
     with open(path, encoding="utf-8") as f:
@@ -25,9 +29,6 @@ def load_test(path: Path, n: int | None = None) -> list[dict]:
 def evaluate(hf_dir: Path, test_files: dict[str, Path], max_new_tokens: int = 72, batch_size: int = 64,
              results: Path | None = None) -> dict:
     """``test_files``: family -> task file. Overall figures are over all records of all files."""
-    from transformers.utils import logging as hf_logging
-
-    from megatron_apriel.eval.run import Settings, run
 
     hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
     settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel")

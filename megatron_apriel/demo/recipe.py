@@ -14,7 +14,6 @@ stages that have it unless ``--force``. What the figures show is ``report.py``'s
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,13 +21,23 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+import yaml
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from megatron_apriel.checkpoint import average, convert, upscale
+from megatron_apriel.checkpoint.dcp_io import write_model_meta
+from megatron_apriel.checkpoint.hf_io import VOCAB_FILES
+from megatron_apriel.data import mix_report, preprocess, preprocess_sft
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test
 from megatron_apriel.demo.report import brief
+from megatron_apriel.errors import RunError
+from megatron_apriel.models import get_preset
 
 DONE = "done.json"
 SOURCES = ("reasoning", "cot", "replay")
@@ -37,7 +46,12 @@ BASE_WEIGHTS = {"reasoning": 60, "cot": 20, "replay": 20}  # a base model that a
 SFT_EPOCHS = {"sft_a": 3, "sft_b": 8}  # the recipe's: A balanced for 3 epochs, B math-heavy for 8
 
 
-class DemoError(RuntimeError):
+# The verbs the demo runs in this process, by their main (the apriel dispatcher lies above the demo)
+IN_PROCESS = {"preprocess": preprocess.main, "preprocess-sft": preprocess_sft.main, "mix-report": mix_report.main,
+              "upscale": upscale.main, "convert": convert.main, "average": average.main}
+
+
+class DemoError(RunError):
     """A stage failed: its command, exit status and the last lines of its log."""
 
 
@@ -84,7 +98,8 @@ class Plan:
     def model_changes(self, vocab_size: int, eos_token_id: int, num_layers: Optional[int] = None) -> dict:
         return {"num_layers": num_layers or self.num_layers, "hidden_size": self.hidden_size,
                 "ffn_hidden_size": self.ffn_hidden_size, "num_attention_heads": 4, "num_query_groups": 2,
-                "kv_channels": 32, "rope_theta": self.rope_theta, "vocab_size": vocab_size, "bos_token_id": 1, "eos_token_id": eos_token_id}
+                "kv_channels": 32, "rope_theta": self.rope_theta, "vocab_size": vocab_size, "bos_token_id": 1,
+                "eos_token_id": eos_token_id}
 
 
 class Demo:
@@ -120,13 +135,11 @@ class Demo:
     def call(self, stage: str, verb: str, args: list) -> None:
         """An ``apriel VERB`` in this process: for the tools that keep no global state (data tools,
         conversion, upscaling, averaging), which saves a Python start-up and imports per call."""
-        from megatron_apriel import cli
-
         args = [str(a) for a in args]
         print(f"  $ apriel {verb} {' '.join(args)}", flush=True)
         with open(self.d(stage) / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"$ apriel {verb} {' '.join(args)}\n")
-        code = cli.main([verb, *args])
+        code = IN_PROCESS[verb](args)
         if code != 0:
             raise DemoError(f"stage {stage}: apriel {verb} exited with {code} (see the lines above)")
 
@@ -159,22 +172,16 @@ class Demo:
 
     def write_model_meta(self, folder: Path, layers: Optional[int] = None) -> None:
         """The preset beside a training save, so ``convert mcore-to-hf`` needs no --preset flag."""
-        import torch
-
-        from megatron_apriel.checkpoint.dcp_io import write_model_meta
-        from megatron_apriel.models import get_preset
 
         write_model_meta(folder, get_preset("tiny", **self.changes(layers)), torch.float32)
 
     def train(self, stage: str, cfg: dict) -> dict:
-        import yaml
-
         path = self.d(stage) / "train.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.run(stage, "megatron_apriel.train", ["--config", path])
         losses = _losses(Path(cfg["checkpoint"]["save"]) / "logs" / "metrics.jsonl")
         k = max(1, len(losses) // 10)
-        return {"loss": sum(l for _, l in losses[-k:]) / k, "first_loss": losses[0][1] if losses else None,
+        return {"loss": sum(loss for _, loss in losses[-k:]) / k, "first_loss": losses[0][1] if losses else None,
                 "iterations": len(losses), "loss_curve": losses}
 
     def to_hf(self, stage: str, ckpt: Path, out: Path) -> None:
@@ -229,7 +236,8 @@ class Demo:
         p = self.plan
         d = self.d("data")
         rows = p.sft_iters * p.sft_batch  # packed rows of seq_length; 3-4 conversations per row
-        counts = make_sources(d, n_reasoning_docs=max(200, p.pretrain_iters * 8), n_cot_docs=max(100, p.pretrain_iters * 4),
+        counts = make_sources(d, n_reasoning_docs=max(200, p.pretrain_iters * 8),
+                              n_cot_docs=max(100, p.pretrain_iters * 4),
                               replay_chars=max(200_000, p.pretrain_iters * 5_000),
                               n_sft_a=math.ceil(rows * 4.5 / 3), n_sft_b=math.ceil(rows * 4.5 / 8),
                               n_grpo=p.grpo_prompts, n_test=p.n_test)
@@ -278,9 +286,6 @@ class Demo:
         """Mean next-token loss of the base, the upscaled and a freshly initialised model of the
         upscaled size on the same documents of each CPT source: the upscaled model should start
         where the base ended, not where a new model starts."""
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
         tok = AutoTokenizer.from_pretrained(self.d("data") / "tokenizer")
         texts = [r["text"] for s in SOURCES for r in load_test(self.d("data") / f"{s}.jsonl", n_docs)]
         batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.plan.seq_length)
@@ -332,8 +337,6 @@ class Demo:
         return self.evaluate(d / "hf")
 
     def s_grpo(self) -> dict:
-        import yaml
-
         p, d = self.plan, self.d("grpo")
         cfg = {
             "out_dir": str(d / "run"),
@@ -411,9 +414,7 @@ def _worth_showing(line: str) -> bool:
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    from megatron_apriel.checkpoint.average import TOKENIZER_FILES
-
-    for n in TOKENIZER_FILES:
+    for n in VOCAB_FILES:
         if (dst / n).exists() and not (src / n).exists():
             (dst / n).unlink()
         if (src / n).exists():

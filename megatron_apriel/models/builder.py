@@ -11,13 +11,21 @@ import copy
 from typing import Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
 from megatron_apriel.models.sdpa_attention import SDPAttention
 
 
 def te_available() -> bool:
-    try:
+    try:  # Transformer Engine is an optional GPU-only extra
         import transformer_engine  # noqa: F401
         import transformer_engine.pytorch  # noqa: F401
     except Exception:
@@ -56,8 +64,6 @@ class SequenceParallelTorchNorm:
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
         if not config.sequence_parallel:
             return WrappedTorchNorm(config, hidden_size, eps, **kwargs)
         plain = copy.copy(config)
@@ -70,11 +76,6 @@ class SequenceParallelTorchNorm:
 
 def layer_spec(use_te: bool):
     """The transformer layer ModuleSpec: TE's, or local with SDPA core attention (and SP-capable norms)."""
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
-
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
@@ -89,7 +90,6 @@ def decoder_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     norm as :class:`SequenceParallelTorchNorm` (megatron-core would pick ``WrappedTorchNorm``)."""
     if use_te:
         return layer_spec(True)
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     return TransformerBlockSubmodules(layer_specs=[layer_spec(False)] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=SequenceParallelTorchNorm)
@@ -115,9 +115,6 @@ def build_gpt_model(
     max_sequence_length: int = 4096,
 ):
     """One GPTModel chunk for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
-
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -159,8 +156,6 @@ def apply_llama3_rope_scaling(rotary, scaling: dict) -> None:
 
 def build_model_chunks(preset: ModelPreset, config, use_te: bool = False, max_sequence_length: int = 4096):
     """All model chunks of this rank: one, or one per virtual pipeline stage."""
-    from megatron.core import parallel_state
-
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None or vpp == 1:
         return [build_gpt_model(preset, config, use_te, max_sequence_length=max_sequence_length)]

@@ -18,8 +18,13 @@ other rope types (yarn, dynamic, longrope, ...) are refused.
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
+
+from megatron_apriel.errors import InputError
 
 TEXT_FAMILIES = ("mistral", "llama")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -51,7 +56,7 @@ VISION_MAPPED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_a
                  "rope_theta")
 
 
-class HFConfigError(ValueError):
+class HFConfigError(InputError):
     """A config field whose value the megatron-core model cannot compute; the message names it."""
 
 
@@ -236,10 +241,7 @@ def check_hf_dir(hf_dir, report: bool = True):
     ``HFConfigError`` whose message starts with the config's path. ``report`` prints the ignored
     fields once, to stderr.
     """
-    import json
-    import sys
-    from pathlib import Path
-
+    # deferred: the preset table imports this module and model-info does not need transformers
     from transformers import AutoConfig
 
     path = Path(hf_dir) / "config.json"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from megatron_apriel.errors import cli_main
 from megatron_apriel.models.presets import PRESETS, get_preset
 
 GiB = 1024**3
@@ -97,6 +98,7 @@ def preset_table() -> str:
     return "\n".join(rows)
 
 
+@cli_main("apriel model-info: error: ")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="apriel model-info", description=__doc__.splitlines()[0])
     ap.add_argument("preset", nargs="?", choices=sorted(PRESETS))
@@ -122,12 +124,15 @@ def main(argv=None) -> int:
     print(f"  parameters total      {c['total']:>16,d}  ({c['total'] / 1e9:.2f} B)")
     if p.vision is not None:
         v = p.vision
-        print(f"    vision encoder      {c['vision_encoder']:>16,d}  ({v.num_layers} layers x {v.hidden_size}, patch {v.patch_size})")
-        print(f"    projector           {c['projector']:>16,d}  (2-layer {v.projector_hidden_act} MLP {v.hidden_size} -> {p.hidden_size})")
+        print(f"    vision encoder      {c['vision_encoder']:>16,d}  "
+              f"({v.num_layers} layers x {v.hidden_size}, patch {v.patch_size})")
+        print(f"    projector           {c['projector']:>16,d}  "
+              f"(2-layer {v.projector_hidden_act} MLP {v.hidden_size} -> {p.hidden_size})")
         print(f"    decoder             {c['decoder']:>16,d}  ({c['decoder'] / 1e9:.2f} B)")
     print(f"    embedding           {c['embedding']:>16,d}")
     print(f"    output layer        {c['output_layer']:>16,d}")
-    print(f"    per layer           {c['per_layer']:>16,d}  (attention {c['per_layer_attention']:,d}, mlp {c['per_layer_mlp']:,d})")
+    print(f"    per layer           {c['per_layer']:>16,d}  "
+          f"(attention {c['per_layer_attention']:,d}, mlp {c['per_layer_mlp']:,d})")
     print(f"  bf16 weights          {2 * c['total'] / GiB:>13.2f} GiB")
     m = memory_estimate(p, args.tp, args.pp, args.dp, args.seq, args.micro_batch, args.recompute,
                         not args.no_distributed_optimizer)

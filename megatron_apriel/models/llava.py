@@ -36,12 +36,24 @@ by the projected patch features in order (as HF ``LlavaForConditionalGeneration`
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.utils import sharded_state_dict_default
 
+from megatron_apriel.models.builder import build_gpt_model
 from megatron_apriel.models.presets import ModelPreset, VisionPreset
+from megatron_apriel.models.sdpa_attention import SDPAttention
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 
@@ -91,14 +103,13 @@ def projector_config(vision: VisionPreset, preset: ModelPreset, config):
     """
     return dataclass_replace(
         vision_transformer_config(vision, config), num_layers=1, hidden_size=preset.hidden_size,
-        ffn_hidden_size=preset.hidden_size, gated_linear_unit=False, add_bias_linear=True, activation_func=_activation(vision.projector_hidden_act),
+        ffn_hidden_size=preset.hidden_size, gated_linear_unit=False, add_bias_linear=True,
+        activation_func=_activation(vision.projector_hidden_act),
         bias_activation_fusion=False, tensor_model_parallel_size=config.tensor_model_parallel_size,
     )
 
 
 def dataclass_replace(config, **changes):
-    import dataclasses
-
     return dataclasses.replace(config, **changes)
 
 
@@ -120,11 +131,6 @@ def pixtral_rope_freqs(grids: list[tuple[int, int]], head_dim: int, theta: float
 
 def vision_layer_spec():
     """The local GPT layer spec with non-causal SDPA core attention (a spec substitution)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.enums import AttnMaskType
-
-    from megatron_apriel.models.sdpa_attention import SDPAttention
-
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.self_attention.params = {**spec.submodules.self_attention.params,
@@ -136,8 +142,6 @@ class PixtralVisionEncoder(torch.nn.Module):
     """Patch conv + ln_pre + megatron-core TransformerBlock; images of any size, one sequence."""
 
     def __init__(self, vision: VisionPreset, config):
-        from megatron.core.transformer.transformer_block import TransformerBlock
-
         super().__init__()
         self.vision, self.config = vision, config
         self.head_dim = vision_head_dim(vision)
@@ -164,35 +168,21 @@ class PixtralVisionEncoder(torch.nn.Module):
         return out[:, 0]
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        from megatron.core import parallel_state
-        from megatron.core.transformer.utils import sharded_state_dict_default
-
         # patch_conv and ln_pre are plain torch modules replicated over TP: the TP group must be
         # named, else every TP rank claims replica 0 of them.
         tp_group = parallel_state.get_tensor_model_parallel_group()
         sd = {}
         for name, module in self.named_children():
-            sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group))
+            sd.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                 tp_group=tp_group))
         return sd
 
 
-def _megatron_module():
-    from megatron.core.transformer.module import MegatronModule
-
-    return MegatronModule
-
-
-class LlavaModel(_megatron_module()):
+class LlavaModel(MegatronModule):
     """Pixtral vision encoder + projector + GPTModel decoder; ``forward`` as GPTModel's plus images."""
 
     def __init__(self, preset: ModelPreset, config, use_te: bool = False, pre_process: Optional[bool] = None,
                  post_process: Optional[bool] = None, vp_stage: Optional[int] = None, max_sequence_length: int = 4096):
-        from megatron.core import parallel_state
-        from megatron.core.models.vision.multimodal_projector import MultimodalProjector
-        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.mlp import MLPSubmodules
-
-        from megatron_apriel.models.builder import build_gpt_model
 
         super().__init__(config=config)
         if preset.vision is None:
@@ -245,8 +235,6 @@ class LlavaModel(_megatron_module()):
             emb = emb.transpose(0, 1).masked_scatter(where.unsqueeze(-1), feats.to(emb.dtype)).transpose(0, 1)
             emb = emb.contiguous()
         if self.config.sequence_parallel:
-            from megatron.core import tensor_parallel
-
             emb = tensor_parallel.scatter_to_sequence_parallel_region(emb).clone()
         return emb
 
@@ -262,14 +250,13 @@ class LlavaModel(_megatron_module()):
               for k, v in self.language_model.sharded_state_dict(prefix, sharded_offsets, metadata).items()}
         if self.pre_process:
             sd.update(self.vision_model.sharded_state_dict(f"{prefix}vision_model.", sharded_offsets, metadata))
-            sd.update(self.vision_projection.sharded_state_dict(f"{prefix}vision_projection.", sharded_offsets, metadata))
+            sd.update(self.vision_projection.sharded_state_dict(f"{prefix}vision_projection.", sharded_offsets,
+                                                                metadata))
         return sd
 
 
 def build_llava_chunks(preset: ModelPreset, config, use_te: bool = False, max_sequence_length: int = 4096):
     """All LlavaModel chunks of this rank (one per virtual pipeline stage), like ``build_model_chunks``."""
-    from megatron.core import parallel_state
-
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     if vpp is None or vpp == 1:
         return [LlavaModel(preset, config, use_te, max_sequence_length=max_sequence_length)]

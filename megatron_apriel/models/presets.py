@@ -8,11 +8,14 @@ checkpoint's architecture is always named, printed and saved beside it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+
+from megatron_apriel.models.hf_config import check_hf_config
 
 
 def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
@@ -22,8 +25,6 @@ def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> 
     the checkpoint) depend on the TP size that saved it. Padding to ``lcm(divisible_by, tp)`` keeps
     every power-of-two TP up to 128 on the same shape, so dist checkpoints reshard freely.
     """
-    import math
-
     multiple = math.lcm(divisible_by, tp)
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
@@ -116,6 +117,7 @@ class ModelPreset:
         CUDA fusions are enabled on the GPU only (rope fusion only with Transformer Engine).
         ``calculate_per_token_loss`` is on: the loss is averaged over tokens, not micro-batches.
         """
+        # megatron-core (4-5 s to import) only here: model-info and grpo-info read presets without it
         from megatron.core.transformer.transformer_config import TransformerConfig
 
         if recompute not in ("none", "selective", "full"):
@@ -181,7 +183,7 @@ class ModelPreset:
     # ------------------------------------------------------------------ Hugging Face
     def hf_config(self, **overrides):
         """The transformers config (MistralConfig) of this decoder."""
-        from transformers import MistralConfig
+        from transformers import MistralConfig  # deferred: presets are read by light verbs (model-info)
 
         kwargs = dict(
             vocab_size=self.vocab_size,
@@ -213,8 +215,6 @@ class ModelPreset:
         Every field that changes the function is mapped or refused (:mod:`models.hf_config`,
         which raises ``HFConfigError`` naming the field and its value).
         """
-        from megatron_apriel.models.hf_config import check_hf_config
-
         checked = check_hf_config(cfg)
         return cls(name=name, hf_architecture=(getattr(cfg, "architectures", None) or ["MistralForCausalLM"])[0],
                    **checked.text)
@@ -241,7 +241,8 @@ class ModelPreset:
         if self.vision is not None:
             v = self.vision
             vq = v.num_attention_heads * v.head_dim
-            v_layer = 3 * v.hidden_size * vq + vq * v.hidden_size + 3 * v.hidden_size * v.ffn_hidden_size + 2 * v.hidden_size
+            v_layer = (3 * v.hidden_size * vq + vq * v.hidden_size  # q, k, v, o
+                       + 3 * v.hidden_size * v.ffn_hidden_size + 2 * v.hidden_size)  # gate, up, down; two norms
             vision = v.num_channels * v.patch_size**2 * v.hidden_size + v.hidden_size + v.num_layers * v_layer
             projector = (v.hidden_size + 1) * h + (h + 1) * h  # linear_1 and linear_2, with biases
         return {

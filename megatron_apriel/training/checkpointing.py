@@ -15,10 +15,17 @@ which the converters and the averaging tool share.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from typing import Callable, Optional
 
+import numpy as np
 import torch
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy, load_common_state_dict
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from megatron_apriel.checkpoint.dcp_io import (  # noqa: F401  (the folder helpers, re-exported for the loop)
     TRACKER,
@@ -53,11 +60,6 @@ def _model_keys(n: int) -> list[str]:
 
 def _rng_object():
     """This rank's RNG states as a ShardedObject (one per TP/PP rank, replicated over DP)."""
-    import random
-
-    import numpy as np
-    from megatron.core import parallel_state, tensor_parallel
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     state = {
         "random_rng_state": random.getstate(),
@@ -75,10 +77,6 @@ def _rng_object():
 
 
 def _restore_rng(state: dict) -> None:
-    import random
-
-    import numpy as np
-    from megatron.core import tensor_parallel
 
     random.setstate(state["random_rng_state"])
     np.random.set_state(state["np_rng_state"])
@@ -177,8 +175,6 @@ def _load_optimizer(optimizer, state_dict) -> None:
 
 
 def _layout() -> dict:
-    from megatron.core import parallel_state as ps
-
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "dp": ps.get_data_parallel_world_size()}
 
@@ -201,21 +197,17 @@ class Checkpointer:
         self.async_save = async_save
         self.distributed_optimizer = distributed_optimizer
         if optimizer_format not in OPTIMIZER_FORMATS:
-            raise ValueError(f"checkpoint.optimizer_format: {optimizer_format!r} is not one of {', '.join(OPTIMIZER_FORMATS)}")
+            raise ValueError(f"checkpoint.optimizer_format: {optimizer_format!r} is not one of "
+                             f"{', '.join(OPTIMIZER_FORMATS)}")
         self.optimizer_format = optimizer_format
         self.write_config = write_config
         self.log = log
         self._queue = None
         if async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
             self._queue = AsyncCallsQueue(persistent=False)
 
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, chunks, optimizer, scheduler, consumed_samples: int, extra: Optional[dict] = None):
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-
         if not self.save_root:
             return
         self.finalize(blocking=True)  # one save in flight at a time
@@ -289,23 +281,23 @@ class Checkpointer:
         resharded by megatron-core when the saving run had another TP/PP; the RNG state is skipped
         then (it is per TP/PP rank), the optimizer state is resharded.
         """
-        from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.serialization import load_common_state_dict
-
         ckpt, _ = resolve_load_dir(path)
         common = load_common_state_dict(ckpt)
         saved_layout = common.get("layout", {})
         now = _layout()
         full = mode == "full"
         if full and "iteration" not in common:
-            raise ValueError(f"{ckpt}: not a training checkpoint (no iteration); load it with checkpoint.load_mode=weights")
+            raise ValueError(f"{ckpt}: not a training checkpoint (no iteration); load it with "
+                             "checkpoint.load_mode=weights")
         same_mp = saved_layout.get("tp") == now["tp"] and saved_layout.get("pp") == now["pp"]
         saved_format = common.get("optimizer_format", "dp_reshardable")
-        if full and optimizer is not None and self.distributed_optimizer and not same_mp and saved_format != "fully_reshardable":
+        resharded = not same_mp and saved_format != "fully_reshardable"
+        if full and optimizer is not None and self.distributed_optimizer and resharded:
             raise ConfigError(
                 f"{ckpt}: saved at tp={saved_layout.get('tp')} pp={saved_layout.get('pp')} with optimizer format "
                 f"{saved_format}; a full resume at tp={now['tp']} pp={now['pp']} needs a checkpoint saved with "
-                "checkpoint.optimizer_format=fully_reshardable (or load the weights only: checkpoint.load_mode=weights)")
+                "checkpoint.optimizer_format=fully_reshardable (or load the weights only: "
+                "checkpoint.load_mode=weights)")
         state = self._state(chunks, optimizer, scheduler, is_loading=True, weights_only=not full,
                             with_rng=full and same_mp, optimizer_format=saved_format)
         loaded = dist_checkpointing.load(state, ckpt)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_apriel.config import ConfigError
+from megatron_apriel.data.blends import BlendSpec, blend_spec, stage_checkpoint
 from megatron_apriel.data.registry import check_dataset_name
 from megatron_apriel.training.optimizer import OptimConfig
 
@@ -164,3 +165,15 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def blend_spec_of(cfg: TrainConfig) -> BlendSpec:
+    """The blend a training config's data section names, at the config's sequence length and steps."""
+    return blend_spec(cfg.data.blend, cfg.train.seq_length, cfg.train.train_iters)
+
+
+def stage_load(cfg: TrainConfig) -> Optional[str]:
+    """The starting checkpoint a blend stage names (``stages[].load``), when checkpoint.load is unset."""
+    if cfg.data.kind != "blend":
+        return None
+    return stage_checkpoint(blend_spec_of(cfg))

@@ -72,7 +72,8 @@ class Batches:
 
 def make_loader(dataset, consumed: int, mbs: int, num_workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over this DP rank's share of ``dataset`` from ``consumed`` samples on."""
-    sampler = PretrainingSampler(len(dataset), consumed, mbs, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    sampler = PretrainingSampler(len(dataset), consumed, mbs, ps.get_data_parallel_rank(),
+                                 ps.get_data_parallel_world_size())
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=False,
                                        collate_fn=getattr(dataset, "collate", None))
 

@@ -29,12 +29,23 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+# importing fake_pg registers torch's "fake" backend (collectives return at once, no peers needed);
+# torch keeps it under testing/_internal and uses it to run distributed code at any world size
+from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from megatron_apriel.config import ConfigError
+from megatron_apriel.data.blends import blend_weights, resolve_stage, train_samples_for
+from megatron_apriel.models.builder import build_model_chunks
 from megatron_apriel.models.flops import PEAK_BF16_FLOPS, flops_per_token
 from megatron_apriel.models.info import GiB, activation_bytes, human_count
+from megatron_apriel.models.llava import build_llava_chunks
 from megatron_apriel.models.presets import ModelPreset, get_preset, padded_vocab_size
-from megatron_apriel.training.config import TrainConfig
+from megatron_apriel.runtime import cpu_backend
+from megatron_apriel.training.config import TrainConfig, blend_spec_of, stage_load
+from megatron_apriel.training.freeze import freeze_groups
 
 # slurm/cpt.sh's defaults, the geometry the recipe's configs are written for
 DEFAULT_GPUS_PER_NODE = 8
@@ -70,12 +81,14 @@ def _divides(key: str, value: int, what: str, n: int) -> None:
         raise ConfigError(f"{key}: {value} does not divide {what} ({n})")
 
 
-def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_per_node: int | None) -> tuple[Layout, int, list[str]]:
+def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_per_node: int | None
+                 ) -> tuple[Layout, int, list[str]]:
     """The layout of the run and its micro-batches per step; ConfigError naming the key otherwise."""
     m, t = cfg.model, cfg.train
     notes = []
-    for key, v in (("model.tp", m.tp), ("model.pp", m.pp), ("model.cp", m.cp), ("train.micro_batch_size", t.micro_batch_size),
-                   ("train.global_batch_size", t.global_batch_size), ("train.seq_length", t.seq_length)):
+    for key, v in (("model.tp", m.tp), ("model.pp", m.pp), ("model.cp", m.cp),
+                   ("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size", t.global_batch_size),
+                   ("train.seq_length", t.seq_length)):
         if v < 1:
             raise ConfigError(f"{key}: must be at least 1, got {v}")
     vpp = m.vpp or 1
@@ -83,7 +96,8 @@ def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_
     _divides("model.tp", m.tp, f"the query groups of {preset.name}", preset.num_query_groups)
     _divides("model.tp", m.tp, f"the FFN size of {preset.name}", preset.ffn_hidden_size)
     if preset.vision is not None:
-        _divides("model.tp", m.tp, f"the vision encoder's attention heads of {preset.name}", preset.vision.num_attention_heads)
+        _divides("model.tp", m.tp, f"the vision encoder's attention heads of {preset.name}",
+                 preset.vision.num_attention_heads)
         _divides("model.tp", m.tp, f"the vision encoder's FFN size of {preset.name}", preset.vision.ffn_hidden_size)
     if vpp > 1 and m.pp < 2:
         raise ConfigError(f"model.vpp: virtual stages ({vpp}) need model.pp > 1")
@@ -93,7 +107,8 @@ def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_
     if m.sequence_parallel and m.tp == 1:
         notes.append("model.sequence_parallel has no effect at model.tp 1")
     if m.sequence_parallel and m.tp > 1 and t.seq_length % m.tp:
-        raise ConfigError(f"train.seq_length: {t.seq_length} is not divisible by model.tp {m.tp} (sequence parallelism)")
+        raise ConfigError(f"train.seq_length: {t.seq_length} is not divisible by model.tp {m.tp} "
+                          "(sequence parallelism)")
     if m.cp > 1:
         if t.seq_length % (2 * m.cp):
             raise ConfigError(f"train.seq_length: {t.seq_length} is not divisible by 2 x model.cp = {2 * m.cp}")
@@ -122,20 +137,17 @@ def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_
 
 def check_files(cfg: TrainConfig) -> list[str]:
     """Data and checkpoint paths as training would read them; lines describing the data."""
-    from megatron_apriel.training.loop import _blend_spec, _stage_load
-
     lines = []
     if cfg.data.kind == "blend":
-        from megatron_apriel.data.blends import blend_weights, resolve_stage, train_samples_for
-
-        spec = _blend_spec(cfg)
+        spec = blend_spec_of(cfg)
         infos = blend_weights(spec)  # every prefix's .bin/.idx read, a ConfigError naming it otherwise
         need = train_samples_for(spec, cfg.train.global_batch_size) * resolve_stage(spec).seq_length
         for source in dict.fromkeys(i.source for i in infos):
             mine = [i for i in infos if i.source == source]
             have, share = sum(i.tokens for i in mine), sum(i.weight for i in mine)
             epochs = need * share / have
-            warn = f"  (above data.blend.repeat_warning {spec.repeat_warning:g})" if epochs > spec.repeat_warning else ""
+            above = epochs > spec.repeat_warning
+            warn = f"  (above data.blend.repeat_warning {spec.repeat_warning:g})" if above else ""
             lines.append(f"data: source {source!r}: {have:,d} tokens on disk, {share:.1%} of {need:,d} "
                          f"-> {epochs:.2f} epochs{warn}")
     else:
@@ -144,7 +156,7 @@ def check_files(cfg: TrainConfig) -> list[str]:
             if isinstance(value, str) and not (os.path.exists(value) or glob.glob(glob.escape(value) + "*")):
                 raise ConfigError(f"data.factory_args.{key}: nothing at {value!r}")
         lines.append(f"data: {cfg.data.factory} with {cfg.data.factory_args}")
-    load = cfg.checkpoint.load or _stage_load(cfg)
+    load = cfg.checkpoint.load or stage_load(cfg)
     if load and not os.path.exists(load):
         raise ConfigError(f"checkpoint.load: {load} does not exist")
     if cfg.checkpoint.save and os.path.isfile(os.path.join(cfg.checkpoint.save, "latest_checkpointed_iteration.txt")):
@@ -166,16 +178,6 @@ def rank_positions(layout: Layout) -> list[tuple[str, int]]:
 
 def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int) -> dict:
     """Build the chunks of one rank on the meta device over a fake process group of the real world size."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    # importing fake_pg registers torch's "fake" backend (collectives return at once, no peers needed);
-    # torch keeps it under testing/_internal and uses it to run distributed code at any world size
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from megatron_apriel.models.builder import build_model_chunks
-    from megatron_apriel.runtime import cpu_backend
-    from megatron_apriel.training.freeze import freeze_groups
-
     cpu_backend.activate(force=True)  # nothing runs: the shim only answers megatron-core's CUDA queries
     m, t = cfg.model, cfg.train
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world)
@@ -187,9 +189,7 @@ def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int)
             tp=m.tp, pp=m.pp, vpp=m.vpp, cp=1, sequence_parallel=m.sequence_parallel,
             params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, recompute=m.recompute,
             recompute_num_layers=m.recompute_num_layers, device="cpu", use_te=False, perform_initialization=False)
-        build = build_model_chunks
-        if preset.vision is not None:
-            from megatron_apriel.models.llava import build_llava_chunks as build
+        build = build_llava_chunks if preset.vision is not None else build_model_chunks
         with torch.device("meta"):
             chunks = build(preset, tcfg, False, max_sequence_length=max(t.seq_length, 4096))
         try:
@@ -202,9 +202,10 @@ def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int)
             chunk_rows.append(dict(layers=len(decoder.layers),
                                    params=sum(p.numel() for p in chunk.parameters()),
                                    trainable=sum(p.numel() for p in chunk.parameters() if p.requires_grad)))
-        return dict(rank=rank, pp_rank=ps.get_pipeline_model_parallel_rank(), tp_rank=ps.get_tensor_model_parallel_rank(),
-                    dp=ps.get_data_parallel_world_size(), chunks=chunk_rows,
-                    first=ps.is_pipeline_first_stage(ignore_virtual=True), last=ps.is_pipeline_last_stage(ignore_virtual=True))
+        return dict(rank=rank, pp_rank=ps.get_pipeline_model_parallel_rank(),
+                    tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
+                    chunks=chunk_rows, first=ps.is_pipeline_first_stage(ignore_virtual=True),
+                    last=ps.is_pipeline_last_stage(ignore_virtual=True))
     finally:
         ps.destroy_model_parallel()
         dist.destroy_process_group()
@@ -224,7 +225,8 @@ def rank_memory(cfg: TrainConfig, preset: ModelPreset, layout: Layout, built: di
     act = activation_bytes(preset, t.seq_length // layout.cp, t.micro_batch_size, m.tp, m.sequence_parallel,
                            m.recompute) * layers * in_flight
     if built["last"]:
-        act += 2 * 4 * t.seq_length // layout.cp * t.micro_batch_size * padded_vocab_size(preset.vocab_size, m.tp) / m.tp
+        vocab = padded_vocab_size(preset.vocab_size, m.tp)
+        act += 2 * 4 * t.seq_length // layout.cp * t.micro_batch_size * vocab / m.tp
     return dict(params=params, trainable=trainable, layers=layers, weights=weights, grads=grads, optimizer=optim,
                 activations=act, total=weights + grads + optim + act)
 
@@ -244,8 +246,8 @@ def dry_run(cfg: TrainConfig, nodes: int | None = None, gpus_per_node: int | Non
         f"({layout.nodes} nodes x {layout.gpus_per_node}; sbatch --nodes={layout.nodes} --gpus-per-node="
         f"{layout.gpus_per_node} --ntasks-per-node={layout.gpus_per_node}), sequence parallel "
         f"{'on' if m.sequence_parallel and m.tp > 1 else 'off'}")
-    out(f"batch: {t.global_batch_size} x {t.seq_length} tokens = {n_mb} micro-batches of {t.micro_batch_size} per DP rank; "
-        f"vocabulary {preset.vocab_size} padded to {padded_vocab_size(preset.vocab_size, m.tp)}")
+    out(f"batch: {t.global_batch_size} x {t.seq_length} tokens = {n_mb} micro-batches of {t.micro_batch_size} "
+        f"per DP rank; vocabulary {preset.vocab_size} padded to {padded_vocab_size(preset.vocab_size, m.tp)}")
     for line in (check_files(cfg) if files else ["data and checkpoint paths not checked (--no-files)"]):
         out(line)
     for note in notes:
@@ -255,13 +257,15 @@ def dry_run(cfg: TrainConfig, nodes: int | None = None, gpus_per_node: int | Non
         built = build_rank(cfg, preset, layout, rank)
         # megatron-core's groups agree with the positions chosen here
         assert (built["dp"], built["pp_rank"]) == (layout.dp, rank // (layout.tp * layout.cp * layout.dp)), built
-        rows.append(dict(position=position, rank=rank, chunks=built["chunks"], **rank_memory(cfg, preset, layout, built, n_mb)))
+        rows.append(dict(position=position, rank=rank, chunks=built["chunks"],
+                         **rank_memory(cfg, preset, layout, built, n_mb)))
     total = preset.param_counts()["total"]
     out("| rank | position | layers | parameters | trainable | weights | grads | optimizer | activations | total |")
     out("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         layers = "+".join(str(c["layers"]) for c in r["chunks"])
-        out(f"| {r['rank']} | {r['position']} | {layers} | {human_count(r['params'], 3)} | {human_count(r['trainable'], 3)} | "
+        out(f"| {r['rank']} | {r['position']} | {layers} | {human_count(r['params'], 3)} | "
+            f"{human_count(r['trainable'], 3)} | "
             + " | ".join(_bytes(r[k]) for k in ("weights", "grads", "optimizer", "activations", "total")) + " |")
     worst = max(rows, key=lambda r: r["total"])
     if worst["total"] > gpu_memory_gib * GiB:

@@ -13,11 +13,11 @@ Exit codes: 0 = finished; 3 = checkpointed after SIGTERM/SIGUSR1 or ``train.exit
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -27,31 +27,33 @@ import yaml
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_apriel.checkpoint.dcp_io import MODEL_META, ConversionError, read_model_meta, write_model_meta
 from megatron_apriel.config import ConfigError, dump_config, load_config, to_dict
-from megatron_apriel.data.blends import BlendSpec, blend_spec, build_datasets, resolve_stage, stage_checkpoint
+from megatron_apriel.data.blends import build_datasets, resolve_stage
 from megatron_apriel.data.registry import resolve_dataset
 from megatron_apriel.data.synthetic import SyntheticDataset, SyntheticImageTextDataset  # noqa: F401 (older configs name them here)
+from megatron_apriel.errors import EXIT_OK, EXIT_REQUEUE, cli_main
 from megatron_apriel.models import get_preset
 from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
 from megatron_apriel.models.flops import flops_per_token, peak_flops
 from megatron_apriel.models.llava import build_llava_chunks
-from megatron_apriel.runtime import init_distributed
+from megatron_apriel.runtime import destroy_distributed, init_distributed
+from megatron_apriel.runtime.log import is_rank0, log0
 from megatron_apriel.training.checkpointing import Checkpointer, read_latest
-from megatron_apriel.training.config import TrainConfig
+from megatron_apriel.training.config import TrainConfig, blend_spec_of, stage_load
 from megatron_apriel.training.data_loader import Batches, batches
+from megatron_apriel.training.dry_run import dry_run
 from megatron_apriel.training.freeze import freeze_groups
 from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
 from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
 from megatron_apriel.training.step import eval_step, train_step
-
-EXIT_REQUEUE = 3
 
 
 def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_samples: int):
     """(train, valid or None) datasets of GPTDataset-like dict items; the one place data is made."""
     data = cfg.data
     if data.kind == "blend":
-        spec = _blend_spec(cfg)
+        spec = blend_spec_of(cfg)
         return build_datasets(spec, cfg.train.global_batch_size, train_samples=train_samples,
                               valid_samples=valid_samples, eod_token=data.eod_token)
     factory = resolve_dataset(data.factory)
@@ -67,7 +69,7 @@ def build_named_valid_sets(cfg: TrainConfig, valid_samples: int) -> dict:
     """``data.valid_sets`` / ``data.valid_per_source`` as {name: dataset}, each evaluated apart."""
     data = cfg.data
     if data.valid_per_source:
-        spec = resolve_stage(_blend_spec(cfg))
+        spec = resolve_stage(blend_spec_of(cfg))
         out = {}
         for src in spec.sources:
             one = dataclasses.replace(spec, sources=[dataclasses.replace(src, weight=1.0)], stages=[], stage=None)
@@ -80,17 +82,6 @@ def build_named_valid_sets(cfg: TrainConfig, valid_samples: int) -> dict:
     return {n: factory(**args, seq_length=cfg.train.seq_length) for n, args in data.valid_sets.items()}
 
 
-def _stage_load(cfg: TrainConfig) -> Optional[str]:
-    """The starting checkpoint a blend stage names (``stages[].load``), when checkpoint.load is unset."""
-    if cfg.data.kind != "blend":
-        return None
-    return stage_checkpoint(_blend_spec(cfg))
-
-
-def _blend_spec(cfg: TrainConfig) -> BlendSpec:
-    return blend_spec(cfg.data.blend, cfg.train.seq_length, cfg.train.train_iters)
-
-
 def _check_loaded_model(load: str, preset, preset_name: str) -> None:
     """The model a starting checkpoint was converted or trained as must compute what the config builds.
 
@@ -99,8 +90,6 @@ def _check_loaded_model(load: str, preset, preset_name: str) -> None:
     config, rope scaling included) trained under another preset would silently train a different
     model. Checkpoints without that file are not checked.
     """
-    from megatron_apriel.checkpoint.dcp_io import MODEL_META, ConversionError, read_model_meta
-
     if not any((folder / MODEL_META).is_file() for folder in (Path(load), Path(load).parent)):
         return
     try:
@@ -146,11 +135,6 @@ class StopFlag:
         return bool(flag.item())
 
 
-def _log0(msg: str) -> None:
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        print(msg, flush=True)
-
-
 @dataclass
 class TrainState:
     """Everything :func:`build` makes and :func:`run` steps: the model, its optimizer and data."""
@@ -189,7 +173,7 @@ def build(cfg: TrainConfig) -> TrainState:
         torch.use_deterministic_algorithms(True)
     env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=m.device, seed=t.seed)
     device = _device_of(env)
-    _log0(f"distributed: backend {torch.distributed.get_backend()}, world {env.world_size}, device {env.device}")
+    log0(f"distributed: backend {torch.distributed.get_backend()}, world {env.world_size}, device {env.device}")
     check_fp8(m.fp8, env.device)
     if m.cp > 1 and not should_use_te(env.device, m.use_te):
         raise ConfigError("model.cp > 1 needs Transformer Engine's attention on a GPU (the local SDPA spec has no CP)")
@@ -198,10 +182,10 @@ def build(cfg: TrainConfig) -> TrainState:
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
                           f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
     n_mb = t.global_batch_size // (t.micro_batch_size * dp)
-    _log0("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    log0("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
     preset = get_preset(m.preset, **m.changes)
-    load = ck.load or _stage_load(cfg)
+    load = ck.load or stage_load(cfg)
     if load and not (ck.save and read_latest(ck.save) is not None):
         _check_loaded_model(load, preset, m.preset)
     use_te = should_use_te(env.device, m.use_te)
@@ -215,7 +199,7 @@ def build(cfg: TrainConfig) -> TrainState:
     chunks = build_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
     frozen = freeze_groups(chunks, t.freeze)
     if frozen:
-        _log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
+        log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
     ddp = wrap_ddp(chunks, tcfg, t.optim)
     optimizer = build_optimizer(ddp, tcfg, t.optim)
     scheduler = build_scheduler(optimizer, cfg)
@@ -223,10 +207,8 @@ def build(cfg: TrainConfig) -> TrainState:
     checkpointer = Checkpointer(ck.save, ck.keep_last, ck.keep_every, ck.async_save,
                                 distributed_optimizer=t.optim.use_distributed_optimizer,
                                 optimizer_format=ck.optimizer_format,
-                                write_config=lambda p: dump_config(cfg, p), log=_log0)
-    if ck.save and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
-        from megatron_apriel.checkpoint.dcp_io import write_model_meta
-
+                                write_config=lambda p: dump_config(cfg, p), log=log0)
+    if ck.save and is_rank0():
         # the model description beside the iter_* folders: `apriel convert mcore-to-hf --ckpt <save>`
         # and the averaging tool then need no --preset
         os.makedirs(ck.save, exist_ok=True)
@@ -284,12 +266,12 @@ def _valid_loss(st: TrainState, ds) -> float:
 def _run_eval(st: TrainState, step: int) -> None:
     if st.valid_ds is not None:
         loss = _valid_loss(st, st.valid_ds)
-        _log0(f"validation at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
+        log0(f"validation at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
         st.writer.scalars(step, {"valid/loss": loss})
         st.writer.record({"iteration": step, "valid_loss": loss})
     for name, ds in st.named_valid.items():  # one line per named set (per blend source)
         loss = _valid_loss(st, ds)
-        _log0(f"validation {name!r} at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
+        log0(f"validation {name!r} at step {step}: loss {loss:.6f} ppl {math.exp(min(loss, 30)):.3f}")
         st.writer.scalars(step, {f"valid/{name}/loss": loss})
         st.writer.record({"iteration": step, f"valid_loss/{name}": loss})
 
@@ -303,8 +285,8 @@ def run(st: TrainState) -> int:
     n_mb = st.n_mb
     exit_code = 0
     last_saved = None
-    _log0(f"training from iteration {st.iteration} to {t.train_iters}: {n_mb} micro-batches x {t.micro_batch_size} "
-          f"per DP rank, DP={st.dp} TP={m.tp} PP={m.pp} CP={m.cp}")
+    log0(f"training from iteration {st.iteration} to {t.train_iters}: {n_mb} micro-batches x {t.micro_batch_size} "
+         f"per DP rank, DP={st.dp} TP={m.tp} PP={m.pp} CP={m.cp}")
     while st.iteration < t.train_iters:
         mb = st.batches.take(n_mb)
         result = train_step(ddp, optimizer, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, st.seq, st.mbs)
@@ -320,9 +302,9 @@ def run(st: TrainState) -> int:
             r = st.meter.read(t.train_iters - iteration)
             gn = f"{result.grad_norm:.4f}" if result.grad_norm is not None else "n/a"
             mfu = f" | MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-            _log0(f"step {iteration}/{t.train_iters} | consumed tokens {consumed * t.seq_length} | loss {result.loss:.6f} "
-                  f"| lr {lr:.3e} | grad norm {gn} | step {r['step_time'] * 1000:.0f} ms "
-                  f"| {r['tokens_per_s_per_gpu']:.0f} tok/s/GPU{mfu} | ETA {format_duration(r['eta_s'])}")
+            log0(f"step {iteration}/{t.train_iters} | consumed tokens {consumed * t.seq_length} "
+                 f"| loss {result.loss:.6f} | lr {lr:.3e} | grad norm {gn} | step {r['step_time'] * 1000:.0f} ms "
+                 f"| {r['tokens_per_s_per_gpu']:.0f} tok/s/GPU{mfu} | ETA {format_duration(r['eta_s'])}")
             writer.scalars(iteration, {"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                                        "perf/tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "perf/mfu": r["mfu"],
                                        "train/consumed_tokens": consumed * t.seq_length})
@@ -335,15 +317,15 @@ def run(st: TrainState) -> int:
             checkpointer.save(iteration, ddp, optimizer, scheduler, consumed)
             last_saved = iteration
         if stopping:
-            _log0(f"stopping at iteration {iteration} ({'signal' if st.stop.signalled else 'exit_interval'}): "
-                  f"checkpointed, exit code {EXIT_REQUEUE}")
+            log0(f"stopping at iteration {iteration} ({'signal' if st.stop.signalled else 'exit_interval'}): "
+                 f"checkpointed, exit code {EXIT_REQUEUE}")
             exit_code = EXIT_REQUEUE
             break
     if exit_code == 0 and ck.save and last_saved != st.iteration:
         checkpointer.save(st.iteration, ddp, optimizer, scheduler, st.consumed)
     checkpointer.close()
     writer.close()
-    _log0(f"done: iteration {st.iteration}, consumed samples {st.consumed}, exit code {exit_code}")
+    log0(f"done: iteration {st.iteration}, consumed samples {st.consumed}, exit code {exit_code}")
     return exit_code
 
 
@@ -352,9 +334,8 @@ def train(cfg: TrainConfig) -> int:
     return run(build(cfg))
 
 
+@cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="apriel train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="YAML config (examples/<model>/<stage>.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.optim.lr=1e-5")
@@ -363,24 +344,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--nodes", type=int, help="with --dry-run: nodes of the allocation (default: the fewest that fit)")
     ap.add_argument("--gpus-per-node", type=int, help="with --dry-run: GPUs per node (default 8)")
     ap.add_argument("--no-files", action="store_true", help="with --dry-run: do not check data and checkpoint paths")
-    ap.add_argument("--gpu-memory-gib", type=float, default=80.0, help="with --dry-run: warn above this per GPU (H100: 80)")
+    ap.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                    help="with --dry-run: warn above this per GPU (H100: 80)")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        if args.dry_run:
-            from megatron_apriel.training.dry_run import dry_run
-
-            dry_run(cfg, args.nodes, args.gpus_per_node, files=not args.no_files, gpu_memory_gib=args.gpu_memory_gib)
-            return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        code = train(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from megatron_apriel.runtime import destroy_distributed
-
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.dry_run:
+        dry_run(cfg, args.nodes, args.gpus_per_node, files=not args.no_files, gpu_memory_gib=args.gpu_memory_gib)
+        return EXIT_OK
+    code = train(cfg)
     destroy_distributed()
     return code

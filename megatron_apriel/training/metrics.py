@@ -12,7 +12,8 @@ import os
 import time
 from typing import Optional
 
-import torch
+from megatron_apriel.errors import RunError
+from megatron_apriel.runtime.log import is_rank0
 
 
 def format_duration(seconds: float) -> str:
@@ -22,29 +23,25 @@ def format_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
 class MetricsWriter:
     def __init__(self, log_dir: Optional[str], config_dict: dict, wandb_project: Optional[str] = None,
                  wandb_run_name: Optional[str] = None, wandb_mode: str = "online"):
-        self.enabled = _is_rank0()
+        self.enabled = is_rank0()
         self.tb = None
         self.wandb = None
         self.jsonl = None
         if not self.enabled or not log_dir:
             return
         os.makedirs(log_dir, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # deferred: rank 0 only, and tensorboard is slow to import
 
         self.tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
         self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
         if wandb_project and wandb_mode != "disabled":
             try:
-                import wandb
+                import wandb  # optional (extra "wandb")
             except ImportError:
-                raise RuntimeError("logging.wandb_project is set but wandb is not installed (pip install wandb)") from None
+                raise RunError("logging.wandb_project is set but wandb is not installed (pip install wandb)") from None
             self.wandb = wandb.init(project=wandb_project, name=wandb_run_name, mode=wandb_mode,
                                     dir=log_dir, config=config_dict, resume="allow")
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 
 @dataclass
@@ -30,8 +31,6 @@ def wrap_ddp(chunks, transformer_config, optim: OptimConfig):
     Only the first chunk uses bucketing (as in Megatron-LM): with virtual pipeline stages the other
     chunks' gradients are reduced at the end of the step.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=optim.grad_reduce_in_fp32,
         overlap_grad_reduce=optim.overlap_grad_reduce,
@@ -57,9 +56,6 @@ def build_optimizer(ddp_chunks, transformer_config, optim: OptimConfig):
     Also installs on the TransformerConfig the hooks the pipeline schedules call: gradient
     finalisation (DP/TP/embedding all-reduces, per-token scaling), loss scaling and no_sync.
     """
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     opt_config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,

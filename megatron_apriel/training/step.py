@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 
 @dataclass
@@ -53,8 +56,6 @@ def gpt_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
 
 def _reduce_losses(losses: list[dict]) -> tuple[float, int]:
     """Sum (loss, tokens) over micro-batches, then over DP, and share from the last PP stage."""
-    from megatron.core import parallel_state
-
     total = torch.zeros(2, dtype=torch.float64)
     for item in losses:
         total += item["lm loss"].detach().to("cpu", torch.float64)
@@ -87,8 +88,6 @@ def train_step(
     forward_step: Callable = gpt_forward_step,
 ) -> StepResult:
     """Forward, backward and optimizer step over ``num_microbatches`` micro-batches."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
@@ -117,8 +116,6 @@ def train_step(
 def eval_step(chunks, data_iterator, num_microbatches: int, seq_length: int, micro_batch_size: int,
               forward_step: Callable = gpt_forward_step) -> StepResult:
     """Forward only: the mean loss over ``num_microbatches`` micro-batches (validation)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     for chunk in chunks:
         chunk.eval()
     try:
@@ -146,10 +143,6 @@ def forward_logits(chunks, tokens: torch.Tensor, position_ids: Optional[torch.Te
     Returned on the last pipeline stage (None elsewhere); TP shards of the vocabulary are gathered.
     Used by parity tests and quick evaluations, not by training.
     """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     b, s = tokens.shape
     if position_ids is None:
         position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, -1)

@@ -17,4 +17,5 @@ FORCED = os.environ.get("APRIEL_GPU_TESTS_DEVICE")
 DEVICE = FORCED or ("cuda" if torch.cuda.is_available() else None)
 
 gpu = [pytest.mark.gpu,
-       pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU (APRIEL_GPU_TESTS_DEVICE=cpu checks the tests on CPU)")]
+       pytest.mark.skipif(DEVICE is None,
+                          reason="needs a CUDA GPU (APRIEL_GPU_TESTS_DEVICE=cpu checks the tests on CPU)")]

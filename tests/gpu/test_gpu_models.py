@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import REPO, make_tiny_hf, run_python, run_torchrun
 from gpu_common import DEVICE, gpu
 from test_convert import assert_same_tensors, make_tokenizer
-from test_training import metrics
+from test_training import metrics  # noqa: F401  (a fixture)
 
 pytestmark = gpu
 HERE = Path(__file__).resolve().parent

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-
 from gpu_common import DEVICE, gpu
 from test_training import make_config, metrics, train, write_corpus
 

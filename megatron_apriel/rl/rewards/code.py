@@ -24,9 +24,12 @@ def extract_program(completion) -> str | None:
     return None
 
 
+def _lines(text: str) -> list[str]:
+    return [line.rstrip() for line in text.strip().splitlines()]
+
+
 def _same_output(got: str, want: str) -> bool:
-    clean = lambda s: [line.rstrip() for line in s.strip().splitlines()]
-    return clean(got) == clean(want)
+    return _lines(got) == _lines(want)
 
 
 def code_reward(completion, tests=None, limits: SandboxLimits | None = None, **_) -> Reward:

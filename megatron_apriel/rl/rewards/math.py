@@ -118,16 +118,16 @@ def safe_for_parse_expr(text: str) -> bool:
 # ---- sympy worker -------------------------------------------------------------------------------
 
 def _worker_loop() -> None:  # runs in the worker process
+    # sympy (about a second to import) is loaded by the worker only, not by every process that scores
     import sympy
-    from sympy.parsing.sympy_parser import (convert_xor, implicit_multiplication, parse_expr,
-                                            standard_transformations)
+    from sympy.parsing.sympy_parser import convert_xor, implicit_multiplication, parse_expr, standard_transformations
 
     transformations = standard_transformations + (implicit_multiplication, convert_xor)
 
     def parse(text):
         if "\\" in text:
             try:
-                from sympy.parsing.latex import parse_latex
+                from sympy.parsing.latex import parse_latex  # needs the optional antlr4 runtime
                 return parse_latex(text)
             except Exception:
                 pass

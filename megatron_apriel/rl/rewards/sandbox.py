@@ -59,6 +59,11 @@ import tempfile
 import threading
 import time
 
+import psutil
+
+from megatron_apriel.config import ConfigError
+from megatron_apriel.errors import RunError
+
 log = logging.getLogger(__name__)
 
 NOBODY_UID = 65534
@@ -153,7 +158,7 @@ _main(sys.argv)
 """
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(RunError):
     """The configured isolation cannot run on this machine."""
 
 
@@ -175,8 +180,6 @@ class SandboxLimits:
     python: str = ""
 
     def validate(self):
-        from megatron_apriel.config import ConfigError
-
         if self.isolation not in ISOLATION_MODES:
             raise ConfigError(f"rewards.sandbox.isolation: unknown mode {self.isolation!r} "
                               f"(known: {', '.join(ISOLATION_MODES)})")
@@ -398,7 +401,6 @@ def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
             where, weak = _harness_dir(), "1"
             # RLIMIT_NPROC counts every thread of every process of the user (root is exempt): allow
             # the user's current ones, the grader's pool threads included.
-            import psutil
 
             uid = os.getuid()
             nproc = limits.max_processes + sum(

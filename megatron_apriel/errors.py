@@ -1,0 +1,85 @@
+"""The project's errors and the one mapping from an error to a command's exit code.
+
+Exit codes of every ``apriel`` verb, ``python -m megatron_apriel.<module>`` and ``tools/*.py``:
+0 done, 1 error, 2 bad config or input, 3 checkpointed on a stop request (SLURM requeues the job).
+
+Library code raises a subclass of :class:`AprielError` whose message names the file, line or key
+at fault; it never exits the process. A verb's ``main(argv)`` is wrapped by :func:`cli_main`,
+which turns such an error into one ``error: ...`` line on stderr and its exit code, so a tool
+called from Python (``main([...]) == 2``) and from a shell behave alike.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, Optional
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_BAD_INPUT = 2
+EXIT_REQUEUE = 3  # training and GRPO checkpointed on SIGTERM/SIGUSR1; slurm/*.sh requeue the job
+
+
+class AprielError(Exception):
+    """Base of the project's errors; ``exit_code`` is what a command exits with when it stops on one."""
+
+    exit_code = EXIT_ERROR
+
+
+class InputError(AprielError, ValueError):
+    """Bad config or input (a file, a flag, a record): the user can fix it. A ValueError, as the
+    library raised before, so callers' ``except ValueError`` keep working."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class RunError(AprielError, RuntimeError):
+    """A stage that failed while running (a subprocess died, a worker crashed)."""
+
+    exit_code = EXIT_ERROR
+
+
+def error_message(e: BaseException) -> str:
+    """The one-line text of an error (a KeyError's key without the quotes ``str()`` adds)."""
+    if isinstance(e, KeyError) and e.args:
+        return str(e.args[0])
+    return str(e)
+
+
+MainFn = Callable[[Optional[list]], Optional[int]]
+
+
+def cli_main(prefix: str = "error: ", bad_input: tuple[type[BaseException], ...] = (),
+             bad_input_exit: int = EXIT_BAD_INPUT) -> Callable[[MainFn], Callable[..., int]]:
+    """Decorate a verb's ``main(argv) -> int``: the one place errors become exit codes.
+
+    ``prefix`` starts the stderr line (each verb keeps the words its users know, e.g.
+    ``apriel average: error: ``). ``bad_input`` names the exceptions of dependencies and the
+    standard library that this verb reports as bad input (e.g. ``FileExistsError`` for an output
+    folder already in use, ``OSError`` from ``from_pretrained`` on a folder that is not a model):
+    they cannot subclass :class:`InputError`. ``bad_input_exit`` is 1 only for the tools named after
+    Megatron-LM's (``preprocess_data.py``, ``merge_datasets.py``), which exit 1 on any error as
+    those do. Any other exception is a bug and keeps its traceback.
+    """
+
+    def wrap(main: MainFn) -> Callable[..., int]:
+        @functools.wraps(main)
+        def wrapped(argv: Optional[list] = None) -> int:
+            try:
+                return int(main(argv) or EXIT_OK)
+            except InputError as e:
+                code = bad_input_exit
+                msg = error_message(e)
+            except AprielError as e:
+                code = e.exit_code
+                msg = error_message(e)
+            except bad_input as e:
+                code = bad_input_exit
+                msg = error_message(e)
+            print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+            return code
+
+        return wrapped
+
+    return wrap
