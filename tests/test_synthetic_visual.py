@@ -199,8 +199,8 @@ def test_presence_answers(generated):
             largest = max(drawn, key=lambda b: b[2] * b[3]) if drawn else None
             assert r["response"] == (f"yes {xyxy(largest)}" if drawn else "no")
         else:
-            boxes = "\n".join(str(xyxy(b)) for b in sorted(drawn, key=lambda b: (b[1], b[0])))
-            assert r["response"] == (boxes if drawn else "none")
+            listed = "\n".join(str(xyxy(b)) for b in sorted(drawn, key=lambda b: (b[1], b[0])))
+            assert r["response"] == (listed if drawn else "none")
         if not drawn and lv.get("similar_negatives"):
             present = {c for c, bs in boxes.items() if bs}
             assert sup[cat] in {sup[c] for c in present} | {"person"} or not present
