@@ -46,7 +46,7 @@ setup(
         "eval": ["lm-eval>=0.4.13,<0.5", "datasets"],
         # ruff and import-linter: .ci/run checks the code style and the layering before the tests
         "dev": ["pytest", "pytest-timeout", "trl>=0.20", "accelerate", "datasets", "wandb", "lm-eval>=0.4.13,<0.5",
-                "ruff>=0.4", "import-linter>=2.16,<3"],
+                "ruff>=0.17,<0.18", "import-linter>=2.16,<3"],
     },
     entry_points={"console_scripts": ["apriel=megatron_apriel.cli:main"]},
 )
