@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron_apriel.models.hf_config import check_hf_config
+from megatron_apriel.models.torch_fusions import install as install_torch_fusions
 
 
 def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
@@ -109,6 +110,7 @@ class ModelPreset:
         recompute_num_layers: int = 1,
         device: str = "cpu",
         use_te: bool = False,
+        torch_fusions: Iterable[str] = (),
         **overrides: Any,
     ):
         """The megatron-core ``TransformerConfig`` of this preset at a parallel layout.
@@ -116,6 +118,9 @@ class ModelPreset:
         ``recompute``: ``none``, ``selective`` (core attention) or ``full`` (every layer, uniform).
         CUDA fusions are enabled on the GPU only (rope fusion only with Transformer Engine).
         ``calculate_per_token_loss`` is on: the loss is averaged over tokens, not micro-batches.
+        ``torch_fusions`` (CUDA, local spec): the stand-ins of ``models.torch_fusions`` to install;
+        ``wgrad`` turns on gradient-accumulation fusion, so the model must be trained through
+        megatron-core's DistributedDataParallel (its ``main_grad`` buffers).
         """
         # megatron-core (4-5 s to import) only here: model-info and grpo-info read presets without it
         from megatron.core.transformer.transformer_config import TransformerConfig
@@ -123,6 +128,7 @@ class ModelPreset:
         if recompute not in ("none", "selective", "full"):
             raise ValueError(f"recompute must be none, selective or full, got {recompute!r}")
         gpu_te = device == "cuda" and use_te
+        fused = install_torch_fusions(torch_fusions, device) if not gpu_te else ()
         kwargs = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -148,7 +154,7 @@ class ModelPreset:
             pipeline_dtype=params_dtype,
             bf16=bf16,
             use_cpu_initialization=device == "cpu",
-            gradient_accumulation_fusion=False,
+            gradient_accumulation_fusion="wgrad" in fused,
             # SwiGLU and bias-dropout-add fusions are megatron-core's torch.compile kernels: they
             # need CUDA, not Transformer Engine (rope fusion does need TE).
             bias_activation_fusion=device == "cuda",

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from megatron_apriel.config import ConfigError
 from megatron_apriel.data.blends import BlendSpec, blend_spec, stage_checkpoint
 from megatron_apriel.data.registry import check_dataset_name
+from megatron_apriel.models import torch_fusions
 from megatron_apriel.training.optimizer import OptimConfig
 
 FREEZE_GROUPS = ("embeddings", "decoder", "output_layer", "vision_encoder", "projector")
@@ -37,6 +38,16 @@ class ModelConfig:
     # deterministic_mode): on a GPU, attention backward and some reductions otherwise use atomics, so
     # two runs of the same steps differ in the last bits. Slower; for checks, not production runs.
     deterministic: bool = False
+    # torch-native stand-ins, on CUDA without apex/TE, for the fused kernels megatron-core would take
+    # from them (models/torch_fusions.py): "default" (wgrad,adam,gradnorm), "none", or a list of
+    # wgrad, adam, gradnorm, rope. Same math; measured by benchmarks/train_throughput.py --fusions.
+    torch_fusions: Any = "default"
+
+    def validate(self):
+        try:
+            torch_fusions.parse(self.torch_fusions)
+        except ValueError as e:
+            raise ConfigError(f"model.torch_fusions: {e}") from None
 
 
 @dataclass

@@ -33,7 +33,7 @@ from megatron_apriel.data.blends import build_datasets, resolve_stage
 from megatron_apriel.data.registry import resolve_dataset
 from megatron_apriel.data.synthetic import SyntheticDataset, SyntheticImageTextDataset  # noqa: F401 (older configs name them here)
 from megatron_apriel.errors import EXIT_OK, EXIT_REQUEUE, cli_main
-from megatron_apriel.models import get_preset
+from megatron_apriel.models import get_preset, torch_fusions
 from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
 from megatron_apriel.models.flops import flops_per_token, peak_flops
 from megatron_apriel.models.llava import build_llava_chunks
@@ -189,11 +189,15 @@ def build(cfg: TrainConfig) -> TrainState:
     if load and not (ck.save and read_latest(ck.save) is not None):
         _check_loaded_model(load, preset, m.preset)
     use_te = should_use_te(env.device, m.use_te)
+    fusions = torch_fusions.parse(m.torch_fusions) if env.device == "cuda" and not use_te else ()
     tcfg = preset.transformer_config(
         tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
         params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
         fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
-        device=env.device, use_te=use_te, deterministic_mode=m.deterministic)
+        device=env.device, use_te=use_te, deterministic_mode=m.deterministic,
+        torch_fusions=fusions)
+    if fusions:
+        log0(f"torch fusions (no TE/apex): {', '.join(fusions)}")
     # Pixtral/LLaVA: vision encoder + projector + the decoder
     build_chunks = build_llava_chunks if preset.vision is not None else build_model_chunks
     chunks = build_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
@@ -201,7 +205,7 @@ def build(cfg: TrainConfig) -> TrainState:
     if frozen:
         log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
     ddp = wrap_ddp(chunks, tcfg, t.optim)
-    optimizer = build_optimizer(ddp, tcfg, t.optim)
+    optimizer = build_optimizer(ddp, tcfg, t.optim, fused_adam="adam" in fusions)
     scheduler = build_scheduler(optimizer, cfg)
 
     checkpointer = Checkpointer(ck.save, ck.keep_last, ck.keep_every, ck.async_save,

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+from megatron_apriel.models import torch_fusions
+
 
 @dataclass
 class OptimConfig:
@@ -50,8 +52,11 @@ def wrap_ddp(chunks, transformer_config, optim: OptimConfig):
     ]
 
 
-def build_optimizer(ddp_chunks, transformer_config, optim: OptimConfig):
+def build_optimizer(ddp_chunks, transformer_config, optim: OptimConfig, fused_adam: bool = False):
     """megatron-core's AdamW (mixed precision when bf16) over the chunks' trainable parameters.
+
+    ``fused_adam``: where megatron-core fell back to torch's AdamW (no TE/apex), run torch's fused
+    CUDA kernel instead of its foreach one (``models.torch_fusions.fuse_adam``).
 
     Also installs on the TransformerConfig the hooks the pipeline schedules call: gradient
     finalisation (DP/TP/embedding all-reduces, per-token scaling), loss scaling and no_sync.
@@ -72,6 +77,8 @@ def build_optimizer(ddp_chunks, transformer_config, optim: OptimConfig):
         overlap_param_gather_with_optimizer_step=False,
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    if fused_adam:
+        torch_fusions.fuse_adam(optimizer)
     transformer_config.finalize_model_grads_func = finalize_model_grads
     transformer_config.grad_scale_func = optimizer.scale_loss
     no_sync = [c.no_sync for c in ddp_chunks]
