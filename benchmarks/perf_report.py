@@ -24,10 +24,11 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
 def _row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['path']} | {r['recompute']} | unavailable: {r['error']} | | | | | | | |"
+        return f"| {r['path']} | {r['recompute']} | {r.get('fusions', '-')} | unavailable: {r['error']} | | | | | | | |"
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
     mem = f"{r['peak_mem_GiB']:.1f}" if r.get("peak_mem_GiB") is not None else "-"
-    return (f"| {r['path']} | {r['recompute']} | {r['layers']} | {r['seq']} | {r['micro_batch']} x {r['grad_accum']} "
+    return (f"| {r['path']} | {r['recompute']} | {r.get('fusions', '-')} | {r['layers']} | {r['seq']} "
+            f"| {r['micro_batch']} x {r['grad_accum']} "
             f"| {r['step_time_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tflops_per_gpu']:.1f} | {mfu} "
             f"| {mem} |")
 
@@ -47,16 +48,17 @@ def record_table(record: dict, name: str) -> str:
         record["command"],
         "```",
         "",
-        "| path | recompute | layers | seq | micro-batch x accum | step s (median) | tokens/s/GPU | TFLOP/s | MFU "
-        "| peak GiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| path | recompute | torch fusions | layers | seq | micro-batch x accum | step s (median) | tokens/s/GPU "
+        "| TFLOP/s | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *(_row(r) for r in record["rows"]),
     ]
     for r in record["rows"]:
         prof = r.get("profile")
         if not prof:
             continue
-        lines += ["", f"Time by op class, {r['path']} recompute={r['recompute']} ({prof['steps']} profiled steps):", "",
+        lines += ["", f"Time by op class, {r['path']} recompute={r['recompute']} fusions={r.get('fusions', '-')} "
+                  f"micro-batch {r['micro_batch']} x {r['grad_accum']} ({prof['steps']} profiled steps):", "",
                   "| op class | ms/step | share of step |", "|---|---|---|"]
         for cls, ms in sorted(prof["classes_ms_per_step"].items(), key=lambda kv: -kv[1]):
             if ms > 0:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -79,7 +80,7 @@ def environment() -> dict:
 def run_one(args) -> dict:
     import torch
 
-    from megatron_apriel.models import get_preset
+    from megatron_apriel.models import get_preset, torch_fusions
     from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
     from megatron_apriel.models.flops import flops_per_token, mfu, peak_flops
     from megatron_apriel.runtime import init_distributed
@@ -99,13 +100,15 @@ def run_one(args) -> dict:
     check_fp8(fp8, device)
     bf16 = device == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    fusions = torch_fusions.parse(args.fusion_set) if device == "cuda" and not use_te else ()
     config = preset.transformer_config(
         params_dtype=dtype, bf16=bf16, device=device, use_te=use_te, fp8=fp8, recompute=args.recompute,
+        torch_fusions=fusions,
     )
     chunks = build_model_chunks(preset, config, use_te=use_te, max_sequence_length=args.seq)
     optim = OptimConfig(lr=1e-5, use_distributed_optimizer=True)
     ddp = wrap_ddp(chunks, config, optim)
-    optimizer = build_optimizer(ddp, config, optim)
+    optimizer = build_optimizer(ddp, config, optim, fused_adam="adam" in fusions)
 
     mbs, s = args.micro_batch, args.seq
     dev = "cuda" if device == "cuda" else "cpu"
@@ -148,6 +151,7 @@ def run_one(args) -> dict:
     out = {
         "path": args.path,
         "recompute": args.recompute,
+        "fusions": ",".join(fusions) or "none",
         "layers": preset.num_layers,
         "seq": s,
         "micro_batch": mbs,
@@ -182,15 +186,21 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU smoke run)")
     ap.add_argument("--paths", default="sdpa-bf16,te-bf16,te-fp8")
     ap.add_argument("--recomputes", default="none,selective,full")
+    ap.add_argument("--fusions", default="default",
+                    help="';'-separated variants of the torch-native fusions used without TE/apex, each "
+                         "'none', 'default' or a comma list of wgrad,adam,gradnorm,rope (a row per variant)")
     ap.add_argument("--json", default=None, help="write the raw record of the run to this file")
     ap.add_argument("--results", action="store_true",
                     help="write the raw record to benchmarks/results/train_throughput-<device>-<UTC time>.json")
     ap.add_argument("--profile", dest="profile_steps", nargs="?", const=3, type=int, default=0,
                     help="profile N more steps (default 3) per row and print the time by op class")
+    ap.add_argument("--row-timeout", type=float, default=None,
+                    help="seconds a row may take (start-up included); one that takes longer is recorded as failed")
     ap.add_argument("--trace", action="store_true", help="with --profile, keep each row's chrome trace")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--path", default="sdpa-bf16", help=argparse.SUPPRESS)
     ap.add_argument("--recompute", default="none", help=argparse.SUPPRESS)
+    ap.add_argument("--fusion-set", default="default", help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -200,6 +210,7 @@ def main(argv=None) -> int:
             json.dump(res, f)
         return 0
 
+    from megatron_apriel.models import torch_fusions
     from megatron_apriel.models.builder import te_available
 
     rows = []
@@ -212,48 +223,62 @@ def main(argv=None) -> int:
             raw.pop(0)
         elif a != "--results" and not a.startswith("--json="):
             base.append(a)
-    for path in args.paths.split(","):
-        for rc in args.recomputes.split(","):
-            if path.startswith("te") and not te_available():
-                rows.append({"path": path, "recompute": rc, "error": "Transformer Engine is not installed"})
-                continue
-            result = f"/tmp/throughput-{os.getpid()}-{path}-{rc}.json"
-            cmd = [sys.executable, os.path.abspath(__file__), *base, "--one", "--path", path,
-                   "--recompute", rc, "--result", result]
-            print(f"== {path} recompute={rc}", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True,
+    variants = [v.strip() for v in args.fusions.split(";") if v.strip()]
+    for name in variants:
+        torch_fusions.parse(name)  # a typo fails here, not in every row
+    for path, rc, fu in itertools.product(args.paths.split(","), args.recomputes.split(","), variants):
+        if path.startswith("te") and not te_available():
+            rows.append({"path": path, "recompute": rc, "fusions": fu, "error": "Transformer Engine is not installed"})
+            continue
+        result = f"/tmp/throughput-{os.getpid()}-{path}-{rc}-{len(rows)}.json"
+        cmd = [sys.executable, os.path.abspath(__file__), *base, "--one", "--path", path,
+               "--recompute", rc, "--fusion-set", fu, "--result", result]
+        print(f"== {path} recompute={rc} fusions={fu}", flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout,
                                   env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                       [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])})
-            if proc.returncode != 0:
-                lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error:" in ln]
-                last = lines[-1:] or ["failed (exit %d)" % proc.returncode]
-                rows.append({"path": path, "recompute": rc, "error": last[0][-160:]})
-                continue
-            with open(result) as f:
-                rows.append(json.load(f))
-            os.unlink(result)
-            if args.trace and os.path.exists(result + ".trace.json"):
-                rows[-1]["trace"] = result + ".trace.json"
+        except subprocess.TimeoutExpired as e:
+            rows.append({"path": path, "recompute": rc, "fusions": fu,
+                         "error": f"took longer than --row-timeout {args.row_timeout:g} s",
+                         "stderr_tail": (e.stderr or b"")[-4000:].decode(errors="replace")})
+            continue
+        if proc.returncode != 0:
+            lines = [ln for ln in proc.stderr.splitlines() if "Error" in ln or "error:" in ln]
+            last = lines[-1:] or ["failed (exit %d)" % proc.returncode]
+            rows.append({"path": path, "recompute": rc, "fusions": fu, "error": last[0][-160:],
+                         "stderr_tail": proc.stderr[-4000:]})
+            print(proc.stderr[-2000:], file=sys.stderr)
+            continue
+        with open(result) as f:
+            rows.append(json.load(f))
+        os.unlink(result)
+        if args.trace and os.path.exists(result + ".trace.json"):
+            rows[-1]["trace"] = result + ".trace.json"
 
-    header = (f"{'path':<10} {'recompute':<10} {'layers':>6} {'seq':>6} {'step s':>8} {'tok/s/GPU':>10} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9}")
+    header = (f"{'path':<10} {'recompute':<10} {'fusions':<24} {'layers':>6} {'seq':>6} {'mbs x acc':>9} "
+              f"{'step s':>8} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'loss 1st/last':>14}")
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['path']:<10} {r['recompute']:<10} unavailable: {r['error']}")
+            print(f"{r['path']:<10} {r['recompute']:<10} {r.get('fusions', '-'):<24} unavailable: {r['error']}")
             continue
         m = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_GiB']:.1f}" if r["peak_mem_GiB"] is not None else "-"
-        print(f"{r['path']:<10} {r['recompute']:<10} {r['layers']:>6} {r['seq']:>6} {r['step_time_s']:>8.3f} "
-              f"{r['tokens_per_s_per_gpu']:>10.0f} {r['tflops_per_gpu']:>8.1f} {m:>6} {mem:>9}")
+        acc = f"{r['micro_batch']} x {r['grad_accum']}"
+        loss = f"{r['losses'][0]:.3f}/{r['losses'][-1]:.3f}"
+        print(f"{r['path']:<10} {r['recompute']:<10} {r.get('fusions', '-'):<24} {r['layers']:>6} {r['seq']:>6} "
+              f"{acc:>9} {r['step_time_s']:>8.3f} {r['tokens_per_s_per_gpu']:>10.0f} {r['tflops_per_gpu']:>8.1f} "
+              f"{m:>6} {mem:>9} {loss:>14}")
     if rows and "device" in next((r for r in rows if "device" in r), {}):
         print(f"device: {next(r for r in rows if 'device' in r)['device']}")
     for r in rows:
         if "profile" in r:
             from profile_summary import format_breakdown
 
-            print(f"\n{r['path']} recompute={r['recompute']}: time by op class "
+            print(f"\n{r['path']} recompute={r['recompute']} fusions={r.get('fusions', '-')} "
+                  f"micro-batch {r['micro_batch']} x {r['grad_accum']}: time by op class "
                   f"({r['profile']['steps']} profiled steps)")
             print(format_breakdown(r["profile"]))
     record = {

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# the checkout first, then whatever the caller had (packages installed with --target, say)
+REPO_PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def free_port() -> int:
@@ -25,7 +27,7 @@ def run_torchrun(script: str | os.PathLike, args: list[str], nproc: int = 2, tim
     """Run ``script`` under torchrun with ``nproc`` processes on this machine (gloo, CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", str(script), *map(str, args)]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_PYTHONPATH, **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"torchrun {script} {args} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
@@ -35,7 +37,7 @@ def run_torchrun(script: str | os.PathLike, args: list[str], nproc: int = 2, tim
 
 def run_python(args: list[str], timeout: int = 600, env: dict | None = None, check: bool = True
                ) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, **(env or {})}
     proc = subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:

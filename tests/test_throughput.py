@@ -64,7 +64,7 @@ def test_benchmark_smoke_on_cpu(tmp_path):
     text = doc.read_text()
     assert "old" not in text and text.endswith("after\n")
     for r in ok:
-        assert (f"| {r['path']} | {r['recompute']} | 4 | 32 | {r['micro_batch']} x {r['grad_accum']} "
+        assert (f"| {r['path']} | {r['recompute']} | none | 4 | 32 | {r['micro_batch']} x {r['grad_accum']} "
                 f"| {r['step_time_s']:.3f} | {r['tokens_per_s_per_gpu']:,.0f} |") in text
     assert record["command"] in text
 

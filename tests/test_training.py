@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_python, run_torchrun
+from conftest import REPO, REPO_PYTHONPATH, run_python, run_torchrun
 
 SCRIPT = Path(__file__).parent / "dist" / "train_check.py"
 
@@ -145,7 +145,7 @@ def test_tp2_pp2_and_virtual_stages_agree_over_10_steps(corpus, init_ckpt, tmp_p
 
 
 def _start(config: Path, *overrides):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "megatron_apriel.train", "--config", str(config), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
 

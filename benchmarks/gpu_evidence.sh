@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Everything this repository checks on one GPU, in one go (about 8 minutes on an H100/H200):
+#   1. the throughput benchmark at the 8-layer Nemo-width slice, one row per torch-fusion variant,
+#      each with its profile by op class (the "before" row is fusions=none);
+#   2. the GPU test suite (tests/gpu);
+#   3. the same slice at a longer gradient accumulation and at micro-batch 2 with selective recompute.
+# Raw records land in benchmarks/results/ (and are copied to OUTDIR with the logs); make the tables
+# of docs/performance.md from them with `python benchmarks/perf_report.py --update docs/performance.md`.
+#
+#   bash benchmarks/gpu_evidence.sh [OUTDIR]
+#
+# Each part has its own time limit, so one that hangs cannot take the others' time.
+set -u
+OUTDIR=${1:-gpu_evidence_out}
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+PY=${PYTHON:-python3}
+BENCH=(benchmarks/train_throughput.py --layers 8 --seq 4096 --paths sdpa-bf16 --results --row-timeout 80)
+t0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
+
+stamp "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+$PY -c "import torch, megatron.core, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'megatron-core', megatron.core.__version__, 'transformers', transformers.__version__)" || exit 1
+$PY -c "
+from megatron_apriel.models import torch_fusions
+print('torch fusions in effect:', torch_fusions.install(torch_fusions.KNOWN, 'cuda'))"
+
+stamp "throughput: fusion variants, profiled"
+timeout 420 $PY "${BENCH[@]}" --recomputes none --grad-accum 4 --steps 5 --warmup 2 --profile 2 \
+    --fusions "none;adam;wgrad;default;default,rope" 2>&1 | tee "$OUTDIR/bench_fusions.log"
+
+stamp "GPU tests"
+timeout 250 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu -x --durations=10 2>&1 \
+    | tee "$OUTDIR/tests_gpu.log" | tail -40
+
+stamp "throughput: accumulation and micro-batch"
+timeout 90 $PY "${BENCH[@]}" --recomputes none --grad-accum 16 --steps 3 --warmup 1 --fusions default 2>&1 \
+    | tee "$OUTDIR/bench_accum16.log" | tail -4
+timeout 90 $PY "${BENCH[@]}" --recomputes selective --micro-batch 2 --grad-accum 2 --steps 4 --warmup 2 \
+    --fusions default 2>&1 | tee "$OUTDIR/bench_mbs2.log" | tail -4
+
+cp benchmarks/results/train_throughput-*.json "$OUTDIR/" 2>/dev/null
+stamp "done"
+ls -la "$OUTDIR"
