@@ -7,10 +7,14 @@ outermost deciding: every kernel launched under ``Optimizer.step`` is optimizer 
 under ``aten::scaled_dot_product_attention`` is attention, whatever the kernel is called, and a
 multiply inside ``aten::rms_norm`` is norm time, not elementwise.
 
-On CUDA the summed time is each op's *self device time* (its kernels' durations, without those of
-its children), so the classes add up to the time the GPU was busy; the rest of the step is
-reported as ``idle`` (launch gaps, host-side Python, synchronisation), the share that CUDA graphs
-or fewer, larger kernels would reclaim. On a CPU the summed time is self CPU time.
+On CUDA every kernel (and device copy) is counted once, with its own duration, and classified by
+the scopes of the op that launched it, then by the kernel's own name (a cuBLAS/CUTLASS GEMM, a
+flash/cuDNN attention kernel, a norm kernel), then by the nearest enclosing op that names a class;
+the classes add up to the time the GPU was busy, and the rest of the step is reported as ``idle``
+(launch gaps, host-side Python, synchronisation), the share that CUDA graphs or fewer, larger
+kernels would reclaim. CUPTI's own bookkeeping records ("Command Buffer Full": the launch queue
+was full, i.e. the host was ahead of the GPU) are not GPU work and are left out. On a CPU the
+summed time is each op's self CPU time.
 
     from profile_summary import profile_steps, format_breakdown
     summary = profile_steps(lambda: train_step(...), steps=3, device="cuda")
@@ -43,6 +47,39 @@ ELEMENTWISE_HINTS = ("aten::", "elementwise", "vectorized", "unrolled", "reduce_
                      "softmax", "cross_entropy", "crossentropy", "nll_loss", "swiglu", "rotary", "rope")
 
 
+# records CUPTI adds to a trace about itself, with durations that are not kernel time
+CUPTI_OVERHEAD = ("command buffer full", "activity buffer request", "activity buffer flush", "buffer flush")
+# the scopes that decide for every kernel inside them, however the kernel is named
+OUTER_CLASSES = ("optimizer", "communication")
+KERNEL_CLASSES: list[tuple[str, tuple[str, ...]]] = [  # first match wins: cuDNN's attention names carry sm90_
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated")),
+    ("gemm", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_", "ampere_", "hopper_")),
+    ("norm", ("norm",)),
+    ("memcpy", ("memcpy", "memset")),
+]
+
+
+def classify_kernel(names: list[str], kernel: str) -> str:
+    """Class of a GPU kernel given the scope chain of the op that launched it (outermost first)."""
+    lowered = [n.lower() for n in names]
+    for name in lowered:
+        for cls, keys in SCOPE_CLASSES:
+            if cls in OUTER_CLASSES and any(k in name for k in keys):
+                return cls
+    k = kernel.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(key in k for key in keys):
+            return cls
+    for name in reversed(lowered):  # the nearest enclosing op that names a class
+        for cls, keys in SCOPE_CLASSES:
+            if any(key in name for key in keys):
+                return cls
+    if any(h in k for h in ("elementwise", "vectorized", "unrolled", "reduce", "triton", "foreach")) or any(
+            h in lowered[-1] for h in ELEMENTWISE_HINTS):
+        return "elementwise"
+    return "other"
+
+
 def classify(names: list[str]) -> str:
     """Class of an op given its scope chain, outermost first, the op's own name last."""
     lowered = [n.lower() for n in names]
@@ -69,18 +106,25 @@ def summarize(prof, device: str, steps: int, wall_s: float) -> dict:
     from torch.autograd import DeviceType
 
     per_class = {c: 0.0 for c in CLASSES}
-    top: dict[str, list] = {}
+    top: dict[tuple[str, str], list] = {}
+
+    def count(cls: str, name: str, chain: list[str], us: float) -> None:
+        per_class[cls] += us
+        entry = top.setdefault((cls, name), [0.0, " > ".join(c[:48] for c in chain[-4:])])
+        entry[0] += us
+
     for ev in prof.events():
         if ev.device_type != DeviceType.CPU:
             continue  # device-side events are counted through the CPU op that launched them
-        us = ev.self_device_time_total if device == "cuda" else ev.self_cpu_time_total
-        if us <= 0:
+        if ev.name.lower().startswith(CUPTI_OVERHEAD):
             continue
-        cls = classify(_scope_chain(ev))
-        per_class[cls] += us
-        key = ev.name
-        entry = top.setdefault(key, [cls, 0.0])
-        entry[1] += us
+        chain = _scope_chain(ev)
+        if device == "cuda":
+            for k in ev.kernels:
+                if k.duration > 0:
+                    count(classify_kernel(chain, k.name), ev.name, chain, k.duration)
+        elif ev.self_cpu_time_total > 0:
+            count(classify(chain), ev.name, chain, ev.self_cpu_time_total)
     busy_us = sum(per_class.values())
     step_ms = 1e3 * wall_s / steps
     out = {
@@ -89,8 +133,8 @@ def summarize(prof, device: str, steps: int, wall_s: float) -> dict:
         "step_ms": step_ms,
         "busy_ms_per_step": busy_us / 1e3 / steps,
         "classes_ms_per_step": {c: v / 1e3 / steps for c, v in per_class.items()},
-        "top_ops": [{"name": k, "class": c, "ms_per_step": us / 1e3 / steps}
-                    for k, (c, us) in sorted(top.items(), key=lambda kv: -kv[1][1])[:15]],
+        "top_ops": [{"name": name, "class": cls, "ms_per_step": us / 1e3 / steps, "scopes": scopes}
+                    for (cls, name), (us, scopes) in sorted(top.items(), key=lambda kv: -kv[1][0])[:25]],
     }
     if device == "cuda":  # time the GPU sat idle within the step
         out["classes_ms_per_step"]["idle"] = max(0.0, step_ms - out["busy_ms_per_step"])

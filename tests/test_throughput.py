@@ -86,3 +86,18 @@ def test_profile_classes():
     assert classify(["nccl:all_reduce"]) == "communication"
     assert classify(["aten::silu"]) == "elementwise"
     assert classify(["SomethingElse"]) == "other"
+
+    # CUDA kernels: an enclosing optimizer/communication scope first, then the kernel's own name, then
+    # the nearest op that names a class (kernel names of the kinds a CUDA trace of the benchmark shows)
+    from profile_summary import classify_kernel
+
+    hook = ["autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", "aten::add_"]
+    assert classify_kernel(hook, "void at::native::vectorized_elementwise_kernel<4, CUDAFunctor_add<float>>") \
+        == "elementwise"
+    assert classify_kernel(["aten::rms_norm", "aten::mul"], "vectorized_elementwise_kernel<4, mul>") == "norm"
+    assert classify_kernel(["Optimizer.step#AdamW.step", "aten::_fused_adamw_"], "multi_tensor_apply_kernel") \
+        == "optimizer"
+    assert classify_kernel(["aten::mm"], "nvjet_tst_256x128_64x4_1x2_h_bz_coopB_TNT") == "gemm"
+    assert classify_kernel(["aten::_cudnn_attention_backward"], "cudnn_generated_fort_native_sdpa_sm90_flash_bprop") \
+        == "attention"
+    assert classify_kernel(["aten::copy_"], "Memcpy DtoD (Device -> Device)") == "memcpy"

@@ -206,7 +206,7 @@ def build_chunks(preset: ModelPreset, config) -> list:
 
 def _pad_vocab(name: str, t: torch.Tensor, padded: int) -> torch.Tensor:
     if name in VOCAB_TENSORS and t.shape[0] < padded:
-        pad = torch.zeros(padded - t.shape[0], *t.shape[1:], dtype=t.dtype)
+        pad = t.new_zeros((padded - t.shape[0], *t.shape[1:]))  # on t's device: GPU tensors load too
         return torch.cat([t, pad], dim=0)
     return t
 
