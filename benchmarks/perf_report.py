@@ -57,6 +57,12 @@ def record_table(record: dict, name: str) -> str:
         prof = r.get("profile")
         if not prof:
             continue
+        if prof.get("device") == "cuda" and not all("scopes" in t for t in prof.get("top_ops", [])):
+            # the first CUDA summaries summed each op's self device time, which counted CUPTI's own
+            # records ("Command Buffer Full") as GPU time; their step times are unaffected
+            lines += ["", f"(Profile of {r['path']} fusions={r.get('fusions', '-')} not shown: recorded by the "
+                      "summary that counted CUPTI's records as GPU time.)"]
+            continue
         lines += ["", f"Time by op class, {r['path']} recompute={r['recompute']} fusions={r.get('fusions', '-')} "
                   f"micro-batch {r['micro_batch']} x {r['grad_accum']} ({prof['steps']} profiled steps):", "",
                   "| op class | ms/step | share of step |", "|---|---|---|"]

@@ -101,3 +101,21 @@ def test_profile_classes():
     assert classify_kernel(["aten::_cudnn_attention_backward"], "cudnn_generated_fort_native_sdpa_sm90_flash_bprop") \
         == "attention"
     assert classify_kernel(["aten::copy_"], "Memcpy DtoD (Device -> Device)") == "memcpy"
+
+
+def test_docs_tables_are_generated_from_the_committed_records():
+    """docs/performance.md's recorded-runs section is exactly what perf_report makes of benchmarks/results/."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from perf_report import BEGIN, END, load_records, render
+
+    records = load_records([str(REPO / "benchmarks" / "results")])
+    assert records, "no raw records committed"
+    doc = (REPO / "docs" / "performance.md").read_text()
+    assert doc.split(BEGIN, 1)[1].split(END, 1)[0].strip() == render(records).strip()
+    # the H100 summary quoted above the generated tables is the record's
+    h100 = next(rec for _, rec in records if "H100" in (rec["environment"].get("gpu") or ""))
+    mfu = {r["fusions"]: f"{100 * r['mfu']:.1f}%" for r in h100["rows"]}
+    assert mfu == {"none": "39.6%", "wgrad,adam,gradnorm": "45.1%", "wgrad,adam,gradnorm,rope": "45.9%"}
+    assert all(f"| {m} |" in doc or f"**{m}**" in doc for m in mfu.values())

@@ -123,7 +123,7 @@ def _install_rope() -> bool:
 
     fn = rope_utils._apply_rotary_pos_emb_bshd
     if not getattr(fn, "_apriel_compiled", False):
-        compiled = torch.compile(fn, dynamic=False)
+        compiled = torch.compile(fn)  # packed (THD) sequences call it per sequence length: let it go dynamic
         compiled._apriel_compiled = True
         rope_utils._apply_rotary_pos_emb_bshd = compiled
     return True
