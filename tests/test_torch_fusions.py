@@ -93,3 +93,31 @@ def test_switching_a_built_adamw_to_fused_is_the_fused_kernel():
     start = torch.randn(64, 33, generator=torch.Generator().manual_seed(0))
     assert not torch.equal(ours[0], start)  # it did update
     assert all(isinstance(s["step"], torch.Tensor) for s in opt.state.values())
+
+
+def test_compiled_rope_equals_megatron_rope_on_batches_and_packed_sequences(monkeypatch):
+    """The ``rope`` fusion swaps megatron-core's unfused rotary function for its torch.compile'd self:
+    the same numbers for [s, b, h, d] batches and for packed sequences of changing lengths (which
+    reach it with a new shape per batch). Compiled here on the CPU; on CUDA it is the same graph."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_bshd
+    monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", original)  # restored after the test
+    assert torch_fusions._install_rope()
+    compiled = rope_utils._apply_rotary_pos_emb_bshd
+    assert compiled is not original and compiled._apriel_compiled
+    assert torch_fusions._install_rope() and rope_utils._apply_rotary_pos_emb_bshd is compiled  # once only
+
+    g = torch.Generator().manual_seed(0)
+    freqs = torch.randn(64, 1, 1, 16, generator=g)
+    for shape in ((64, 2, 4, 16), (40, 1, 4, 16)):  # bshd
+        t = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(compiled(t, freqs[: shape[0]]), original(t, freqs[: shape[0]]),
+                                   rtol=1e-6, atol=1e-6)
+    for lengths in ((10, 22, 32), (5, 50), (17,)):  # packed: total length changes per batch
+        t = torch.randn(sum(lengths), 4, 16, generator=g)
+        packed = torch.cat([freqs[:n] for n in lengths])
+        ours = compiled(t.unsqueeze(1), packed).squeeze(1)
+        theirs = original(t.unsqueeze(1), packed).squeeze(1)
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ours, t)  # it rotated
