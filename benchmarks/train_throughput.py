@@ -100,7 +100,8 @@ def run_one(args) -> dict:
     check_fp8(fp8, device)
     bf16 = device == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    fusions = torch_fusions.parse(args.fusion_set) if device == "cuda" and not use_te else ()
+    # the fusions in effect (none off CUDA; one this torch cannot do stays off)
+    fusions = torch_fusions.install(torch_fusions.parse(args.fusion_set), device) if not use_te else ()
     config = preset.transformer_config(
         params_dtype=dtype, bf16=bf16, device=device, use_te=use_te, fp8=fp8, recompute=args.recompute,
         torch_fusions=fusions,

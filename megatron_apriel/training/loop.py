@@ -189,7 +189,8 @@ def build(cfg: TrainConfig) -> TrainState:
     if load and not (ck.save and read_latest(ck.save) is not None):
         _check_loaded_model(load, preset, m.preset)
     use_te = should_use_te(env.device, m.use_te)
-    fusions = torch_fusions.parse(m.torch_fusions) if env.device == "cuda" and not use_te else ()
+    # what is in effect: a fusion this torch cannot do (the wgrad GEMM's probe) stays off
+    fusions = torch_fusions.install(torch_fusions.parse(m.torch_fusions), env.device) if not use_te else ()
     tcfg = preset.transformer_config(
         tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
         params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
