@@ -13,7 +13,7 @@ import pytest
 from conftest import run_python
 
 N_TEST = 126  # --minutes 3: 42 held-out problems per family
-STAGES = ["data", "preprocess", "pretrain", "upscale", "cpt", "average", "sft_a", "sft_b", "merge", "grpo",
+STAGES = ["data", "preprocess", "pretrain", "upscale", "cpt", "average", "sft", "sft_a", "sft_b", "merge", "grpo",
           "final", "generate"]
 
 
@@ -38,7 +38,7 @@ def test_stages_show_their_effect(demo):
     shares = {k: v["share"] for k, v in st["cpt"]["mix"].items()}
     assert shares == pytest.approx({"reasoning": 0.60, "cot": 0.25, "replay": 0.15}, abs=0.02)
     assert st["average"]["format_rate"] == 0.0  # the CPT model has never seen the chat template
-    for name in ("sft_a", "sft_b", "merge", "final"):
+    for name in ("sft", "sft_a", "sft_b", "merge", "final"):
         assert st[name]["format_rate"] >= 0.85, (name, st[name]["format_rate"])
         if name.startswith("sft"):
             assert st[name]["loss"] < 0.6 < st[name]["first_loss"], name
@@ -57,11 +57,11 @@ def test_every_stage_done_and_summarised(demo):
     for name in STAGES:
         assert (out / name / "done.json").is_file(), name
         assert summary["stages"][name]["seconds"] >= 0
-    for name in ("pretrain", "average", "sft_a", "sft_b", "merge", "grpo", "final"):
+    for name in ("pretrain", "average", "sft", "sft_a", "sft_b", "merge", "grpo", "final"):
         f = summary["stages"][name]
         assert 0.0 <= f["accuracy"] <= 1.0 and 0.0 <= f["format_rate"] <= 1.0 and f["eval_n"] == N_TEST, name
         assert set(f["families"]) == {"add", "sub", "compare"}, name
-    for name in ("pretrain", "cpt", "sft_a", "sft_b"):
+    for name in ("pretrain", "cpt", "sft", "sft_a", "sft_b"):
         curve = summary["stages"][name]["loss_curve"]
         assert len(curve) == summary["stages"][name]["iterations"] > 0
         assert all(x == x and x > 0 for _, x in curve), name  # finite, positive
@@ -83,7 +83,7 @@ def test_data_and_indexed_datasets_load(demo):
         assert len(ds) == stats["documents"] > 0 and stats["skipped"] == 0
         assert int(ds[0][-1]) == tok.eos_token_id  # --append-eod
         assert int(ds.sequence_lengths.sum()) == stats["tokens"]
-    for spec in ("sft_a", "sft_b"):
+    for spec in ("sft", "sft_a", "sft_b"):
         toks = _indexed(out / "preprocess" / f"{spec}_tokens_document")
         mask = _indexed(out / "preprocess" / f"{spec}_loss_mask_document")
         assert len(toks) == len(mask) > 0
@@ -93,7 +93,7 @@ def test_data_and_indexed_datasets_load(demo):
     test = [json.loads(line)["question"] for k in ("add", "sub", "compare")
             for line in (out / "data" / f"test_{k}.jsonl").read_text().splitlines()]
     train_text = "".join((out / "data" / f).read_text()
-                         for f in ("reasoning.jsonl", "cot.jsonl", "sft_a.jsonl", "sft_b.jsonl"))
+                         for f in ("reasoning.jsonl", "cot.jsonl", "sft.jsonl", "sft_a.jsonl", "sft_b.jsonl"))
     assert test and not [q for q in test if q in train_text]
 
 
@@ -102,14 +102,14 @@ def test_checkpoints_load(demo):
     import torch
     from transformers import AutoModelForCausalLM
 
-    for run in ("pretrain", "cpt", "sft_a", "sft_b"):
+    for run in ("pretrain", "cpt", "sft", "sft_a", "sft_b"):
         latest = (out / run / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip()
         assert (out / run / "ckpt" / f"iter_{int(latest):07d}").is_dir(), run
     cpt_iters = sorted((out / "cpt" / "ckpt").glob("iter_*"))
     assert len(cpt_iters) >= 3  # the average takes 3 equispaced ones
     assert (out / "average" / "mcore" / "metadata.json").is_file()
     layers = {}
-    for hf in ("pretrain/hf", "upscale/hf", "average/hf", "sft_a/hf", "sft_b/hf", "merge/hf", "final/hf"):
+    for hf in ("pretrain/hf", "upscale/hf", "average/hf", "sft/hf", "sft_a/hf", "sft_b/hf", "merge/hf", "final/hf"):
         model = AutoModelForCausalLM.from_pretrained(out / hf)
         layers[hf] = model.config.num_hidden_layers
         logits = model(torch.tensor([[1, 5, 9]])).logits

@@ -51,7 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise InputError(f"{out} holds a run with other sizes ({prev}); pass --force or another --out")
     prev.write_text(json.dumps(asdict(plan), indent=2) + "\n")
     print(f"apriel demo -> {out}: tiny model hidden {plan.hidden_size}, {plan.num_layers} -> {plan.num_layers + 1} "
-          f"layers; steps: pretrain {plan.pretrain_iters}, CPT {plan.cpt_iters}, SFT {plan.sft_iters} x 2, "
+          f"layers; steps: pretrain {plan.pretrain_iters}, CPT {plan.cpt_iters}, "
+          f"SFT {plan.sft_iters} + {plan.spec_iters} x 2, "
           f"GRPO {plan.grpo_steps}; {plan.n_test} held-out problems", flush=True)
     demo = Demo(out, plan, args.force)
     for i, (name, what, method) in enumerate(STAGES, 1):  # a DemoError stops it: exit 1

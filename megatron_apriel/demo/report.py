@@ -11,8 +11,8 @@ from pathlib import Path
 
 FAMILIES = ("add", "sub", "compare")
 # The stages whose model is trained (loss curves) and those that are scored (accuracy bars).
-TRAINING = ("pretrain", "cpt", "sft_a", "sft_b", "grpo")
-SCORED = ("pretrain", "average", "sft_a", "sft_b", "merge", "grpo", "final")
+TRAINING = ("pretrain", "cpt", "sft", "sft_a", "sft_b", "grpo")
+SCORED = ("pretrain", "average", "sft", "sft_a", "sft_b", "merge", "grpo", "final")
 
 
 def interval(acc: float, stderr: float) -> tuple[float, float]:
@@ -67,9 +67,10 @@ def effects(figures: dict) -> list[str]:
     if mix:
         out.append("CPT blend realised: " + ", ".join(f"{k} {100 * v['share']:.1f}% (target {100 * v['target']:.0f}%)"
                                                        for k, v in mix.items()))
-    if all(k in figures and "accuracy" in figures[k] for k in ("average", "sft_a", "sft_b", "merge")):
-        out.append(f"SFT: accuracy {g('average')['accuracy']:.3f} -> A {g('sft_a')['accuracy']:.3f}, "
-                   f"B {g('sft_b')['accuracy']:.3f}")
+    if all(k in figures and "accuracy" in figures[k] for k in ("average", "sft", "sft_a", "sft_b", "merge")):
+        out.append(f"SFT: accuracy {g('average')['accuracy']:.3f} -> generalist {g('sft')['accuracy']:.3f} -> "
+                   f"specialists A {g('sft_a')['accuracy']:.3f}, B {g('sft_b')['accuracy']:.3f} -> merge "
+                   f"{g('merge')['accuracy']:.3f}")
         kept = []
         for k in FAMILIES:
             best = max(g("sft_a")["families"][k], g("sft_b")["families"][k])
