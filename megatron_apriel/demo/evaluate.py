@@ -27,11 +27,13 @@ def load_test(path: Path, n: int | None = None) -> list[dict]:
 
 
 def evaluate(hf_dir: Path, test_files: dict[str, Path], max_new_tokens: int = 72, batch_size: int = 64,
-             results: Path | None = None) -> dict:
-    """``test_files``: family -> task file. Overall figures are over all records of all files."""
+             results: Path | None = None, temperature: float = 0.0) -> dict:
+    """``test_files``: family -> task file. Overall figures are over all records of all files.
+    ``temperature`` 0 is greedy; above it, one sampled answer per problem (seeded)."""
 
     hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
-    settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel")
+    settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel",
+                        temperature=temperature)
     out = results or Path(hf_dir) / "eval.json"
     r = run([str(hf_dir)], [f"math={p}" for p in test_files.values()], str(out), settings, log=lambda *_: None)
     scores, rows = r["results"][str(hf_dir)], r["samples"][str(hf_dir)]
