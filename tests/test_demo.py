@@ -47,6 +47,10 @@ def test_stages_show_their_effect(demo):
         # at least 5 of 84 held-out problems right, where the CPT model gets none
         assert st[name]["accuracy"] >= 0.06, (name, st[name]["accuracy"])
     assert st["sft"]["loss"] < 0.3 < st["sft"]["first_loss"]
+    # GRPO's held-out effect, paired over the same problems (sampled at its temperature)
+    pd = st["grpo"]["sampled_paired_difference"]
+    assert pd["n"] == N_TEST and pd["low"] <= pd["mean"] <= pd["high"]
+    assert pd["mean"] == pytest.approx(st["grpo"]["sampled_accuracy"] - st["merge"]["sampled_accuracy"], abs=1e-9)
     # the specialists start from the generalist: from its loss, not from the CPT model's
     assert max(st["sft_a"]["first_loss"], st["sft_b"]["first_loss"]) < 0.3
 

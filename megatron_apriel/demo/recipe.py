@@ -36,7 +36,7 @@ from megatron_apriel.checkpoint.dcp_io import write_model_meta
 from megatron_apriel.checkpoint.hf_io import VOCAB_FILES
 from megatron_apriel.data import mix_report, preprocess, preprocess_sft
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
-from megatron_apriel.demo.evaluate import evaluate, load_test
+from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
 from megatron_apriel.errors import RunError
 from megatron_apriel.models import get_preset
@@ -412,10 +412,13 @@ class Demo:
         for ck in (d / "run").glob("checkpoint-*"):
             _copy_tokenizer_files(self.d("merge") / "hf", ck)
         q = max(1, len(rewards) // 4)  # one step's reward is a few prompts: compare quarters of the run
-        return {"loss": curve[-1][1] if curve else None, "loss_curve": curve, "reward_curve": rewards,
+        held_out = self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True)
+        paired = paired_difference(self.d("merge") / "eval_sampled.json", d / "run" / "eval_sampled.json")
+        return {"sampled_paired_difference": paired, "loss": curve[-1][1] if curve else None, "loss_curve": curve,
+                "reward_curve": rewards,
                 "first_reward": sum(r for _, r in rewards[:q]) / q if rewards else None,
                 "last_reward": sum(r for _, r in rewards[-q:]) / q if rewards else None,
-                **self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True)}
+                **held_out}
 
     def s_final(self) -> dict:
         p, d = self.plan, self.d("final")

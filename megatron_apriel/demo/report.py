@@ -86,6 +86,9 @@ def effects(figures: dict) -> list[str]:
         if "sampled_accuracy" in gr and "sampled_accuracy" in g("merge"):
             sampled = (f"; sampled at its temperature {_with_interval(g('merge'), 'sampled_accuracy')} -> "
                        f"{_with_interval(gr, 'sampled_accuracy')}")
+            pd = gr.get("sampled_paired_difference")
+            if pd:
+                sampled += f" (paired difference {pd['mean']:+.3f} [{pd['low']:+.3f}, {pd['high']:+.3f}])"
         out.append(f"GRPO: held-out greedy accuracy {_with_interval(g('merge'), 'accuracy')} -> "
                    f"{_with_interval(gr, 'accuracy')}{sampled}; mean training reward "
                    f"{_fmt(gr.get('first_reward'))} (first quarter of steps) -> {_fmt(gr.get('last_reward'))} "
