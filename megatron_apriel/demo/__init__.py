@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/demo", help="output folder, one subfolder per stage")
     ap.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
-                    help=f"scales steps and data (default {DEFAULT_MINUTES:g}: about 12 minutes of CPU time, 0.8 GB; "
-                         "3 for a quick look that learns the answer format, not yet the arithmetic)")
+                    help=f"scales steps and data (default {DEFAULT_MINUTES:g}: about 11 minutes of CPU time, 1.2 GB, "
+                         "held-out accuracy about 0.87; 2 for a quick look: the answer format and about 0.15)")
     ap.add_argument("--force", action="store_true", help="redo every stage, even those already done")
     return ap
 
@@ -51,7 +51,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise InputError(f"{out} holds a run with other sizes ({prev}); pass --force or another --out")
     prev.write_text(json.dumps(asdict(plan), indent=2) + "\n")
     print(f"apriel demo -> {out}: tiny model hidden {plan.hidden_size}, {plan.num_layers} -> {plan.num_layers + 1} "
-          f"layers; steps: pretrain {plan.pretrain_iters}, CPT {plan.cpt_iters}, SFT {plan.sft_iters} x 2, "
+          f"layers; steps: pretrain {plan.pretrain_iters}, CPT {plan.cpt_iters}, "
+          f"SFT {plan.sft_iters} + {plan.spec_iters} x 2, "
           f"GRPO {plan.grpo_steps}; {plan.n_test} held-out problems", flush=True)
     demo = Demo(out, plan, args.force)
     for i, (name, what, method) in enumerate(STAGES, 1):  # a DemoError stops it: exit 1

@@ -171,9 +171,11 @@ def write_jsonl(path: Path, records) -> int:
     return n
 
 
-def make_sources(out: Path, n_reasoning_docs: int, n_cot_docs: int, replay_chars: int, n_sft_a: int,
-                 n_sft_b: int, n_grpo: int, n_test: int, seed: int = 0) -> dict:
-    """Write {reasoning,cot,replay}.jsonl, sft_{a,b}.jsonl, grpo_prompts.jsonl, test_{add,sub,compare}.jsonl."""
+def make_sources(out: Path, n_reasoning_docs: int, n_cot_docs: int, replay_chars: int, sft: dict[str, tuple],
+                 n_grpo: int, n_test: int, seed: int = 0) -> dict:
+    """Write {reasoning,cot,replay}.jsonl, one ``<name>.jsonl`` per SFT set, grpo_prompts.jsonl and
+    test_{add,sub,compare}.jsonl. ``sft``: name -> (conversations, kinds in turn), e.g. a balanced
+    ``KINDS`` or a specialist's ``("add", "add", "add", "sub", "compare")``."""
     out.mkdir(parents=True, exist_ok=True)
     per_doc = 4
     train = problems(seed, n_reasoning_docs * per_doc)
@@ -183,17 +185,15 @@ def make_sources(out: Path, n_reasoning_docs: int, n_cot_docs: int, replay_chars
         "cot": write_jsonl(out / "cot.jsonl", (
             {"text": "\n".join(p.cot for p in problems(seed + 1 + i, 6))} for i in range(n_cot_docs))),
         "replay": write_jsonl(out / "replay.jsonl", ({"text": d} for d in stdlib_docstrings(replay_chars))),
-        # A: balanced over the three kinds; B: math-heavy (addition and subtraction, some comparison:
-        # a specialist that forgets a kind entirely drags the merge down on it).
-        "sft_a": write_jsonl(out / "sft_a.jsonl", ({"messages": p.messages(), "source": p.kind}
-                                                    for p in problems(seed + 10_000, n_sft_a))),
-        "sft_b": write_jsonl(out / "sft_b.jsonl", ({"messages": p.messages(), "source": p.kind}
-                                                    for p in problems(seed + 20_000, n_sft_b,
-                                                                      kinds=("add", "sub", "add", "sub", "compare")))),
         "grpo_prompts": write_jsonl(out / "grpo_prompts.jsonl", (
             {"prompt": [{"role": "user", "content": p.question}], "domain": "math", "answer": p.answer}
             for p in problems(seed + 30_000, n_grpo))),
     }
+    # each SFT set draws its own problems (its own seed), so the sets overlap only by chance
+    for i, (name, (n, kinds)) in enumerate(sft.items()):
+        counts[name] = write_jsonl(out / f"{name}.jsonl", ({"messages": p.messages(), "source": p.kind}
+                                                          for p in problems(seed + 10_000 * (i + 1) + 50_000, n,
+                                                                            kinds=kinds)))
     # one held-out file per family, so ``apriel eval`` scores each family on its own
     for kind in KINDS:
         counts[f"test_{kind}"] = write_jsonl(out / f"test_{kind}.jsonl", (

@@ -27,11 +27,13 @@ def load_test(path: Path, n: int | None = None) -> list[dict]:
 
 
 def evaluate(hf_dir: Path, test_files: dict[str, Path], max_new_tokens: int = 72, batch_size: int = 64,
-             results: Path | None = None) -> dict:
-    """``test_files``: family -> task file. Overall figures are over all records of all files."""
+             results: Path | None = None, temperature: float = 0.0) -> dict:
+    """``test_files``: family -> task file. Overall figures are over all records of all files.
+    ``temperature`` 0 is greedy; above it, one sampled answer per problem (seeded)."""
 
     hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
-    settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel")
+    settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel",
+                        temperature=temperature)
     out = results or Path(hf_dir) / "eval.json"
     r = run([str(hf_dir)], [f"math={p}" for p in test_files.values()], str(out), settings, log=lambda *_: None)
     scores, rows = r["results"][str(hf_dir)], r["samples"][str(hf_dir)]
@@ -48,3 +50,20 @@ def evaluate(hf_dir: Path, test_files: dict[str, Path], max_new_tokens: int = 72
     acc = correct / n
     return {"accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / max(1, n - 1)),
             "format_rate": formatted / n, "n": n, "families": fam, "families_stderr": fam_se, "samples": samples}
+
+
+def paired_difference(before: Path, after: Path) -> dict:
+    """Accuracy of ``after`` minus ``before`` on the same problems (two ``apriel eval`` results
+    JSONs of the same task files), with its 95% normal interval over the per-problem differences:
+    pairing removes the spread of problem difficulty that two separate intervals both carry."""
+    def flags(path: Path) -> dict:
+        rows = next(iter(json.loads(Path(path).read_text())["samples"].values()))
+        return {(task, x["line"]): float(x["correct"][0]) for task, recs in rows.items() for x in recs}
+
+    a, b = flags(before), flags(after)
+    d = [b[k] - a[k] for k in a]
+    n = len(d)
+    mean = sum(d) / n
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / max(1, n - 1) / n)
+    return {"mean": mean, "low": mean - 1.96 * se, "high": mean + 1.96 * se, "n": n}
+

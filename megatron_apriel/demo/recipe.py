@@ -2,7 +2,9 @@
 
 make sources -> tokenizer -> preprocess -> pretrain base -> depth upscale (4 -> 5 layers, the
 40 -> 50 plan scaled down) -> CPT on the 60/25/15 blend -> average of 3 equispaced checkpoints
--> HF -> SFT specialists A and B (chat template, loss on answers) -> merge C = 0.5 A + 0.5 B ->
+-> HF -> SFT generalist on every family (chat template, loss on answers) -> specialists A
+(addition, comparison) and B (subtraction, comparison), short fine-tunes of the generalist ->
+merge C = 0.5 A + 0.5 B ->
 GRPO on C with the format and math rewards (checkpoints F, G) -> final = 0.3 C + 0.3 F + 0.4 G ->
 generate.
 
@@ -34,7 +36,7 @@ from megatron_apriel.checkpoint.dcp_io import write_model_meta
 from megatron_apriel.checkpoint.hf_io import VOCAB_FILES
 from megatron_apriel.data import mix_report, preprocess, preprocess_sft
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
-from megatron_apriel.demo.evaluate import evaluate, load_test
+from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
 from megatron_apriel.errors import RunError
 from megatron_apriel.models import get_preset
@@ -43,12 +45,35 @@ DONE = "done.json"
 SOURCES = ("reasoning", "cot", "replay")
 CPT_WEIGHTS = {"reasoning": 60, "cot": 25, "replay": 15}
 BASE_WEIGHTS = {"reasoning": 60, "cot": 20, "replay": 20}  # a base model that already knows the arithmetic
-SFT_EPOCHS = {"sft_a": 3, "sft_b": 8}  # the recipe's: A balanced for 3 epochs, B math-heavy for 8
+# The recipe's SFT: a generalist on every family, then specialists fine-tuned briefly from it on
+# their own family with a replay of the others. Two short fine-tunes of one model stay close in
+# weight space, so their average keeps nearly all of each; two long SFTs from the CPT model each
+# went their own way (their 0.5/0.5 merge kept about 70% of the better one's accuracy per family).
+# Every set is one epoch of fresh problems: more epochs over fewer problems fit the training set
+# and generalise less (3 epochs reached 0.73 held-out, 8 epochs 0.68, at the same step count).
+SFT_SETS = {  # name: (kinds in turn, the checkpoint it starts from)
+    "sft": (KINDS, "average"),
+    # comparison, whose answer is a copy of whichever operand is larger, is the family the
+    # generalist learns last: both specialists give it 2/5 of their problems
+    "sft_a": (("add", "compare", "add", "compare", "sub"), "sft"),
+    "sft_b": (("sub", "compare", "sub", "compare", "add"), "sft"),
+}
+CONVERSATIONS_PER_ROW = 4.5  # a 256-token packed row holds 4-5 of the demo's conversations
 
 
 # The verbs the demo runs in this process, by their main (the apriel dispatcher lies above the demo)
 IN_PROCESS = {"preprocess": preprocess.main, "preprocess-sft": preprocess_sft.main, "mix-report": mix_report.main,
               "upscale": upscale.main, "convert": convert.main, "average": average.main}
+
+# One thread per process unless OMP_NUM_THREADS says otherwise: the demo's model is too small for
+# a second thread to pay. Measured: GRPO's generation-bound steps (20 of 4 prompts x 8 completions)
+# 88 s with two threads on a loaded machine, 18 s with one; SFT steps 205 ms with two, 191 ms
+# with one; pretraining steps 106-116 ms with two, 134 ms with one. One thread also leaves the
+# second core to whatever else runs: two threads fighting other jobs for two cores made one
+# 510-problem evaluation take 352 s instead of 5-30 s.
+THREADS = "1"
+
+GRPO_PROMPTS_PER_STEP, GRPO_GENERATIONS, GRPO_TEMPERATURE = 8, 8, 0.7
 
 
 class DemoError(RunError):
@@ -61,9 +86,13 @@ class Plan:
 
     Small batches and many steps: a tiny model learns the digit facts and the fixed-offset copies
     of the traces per step far more than per token. Measured on SFT alone from scratch (hidden 128,
-    5 layers): 150 steps of 16 packed rows reached loss 0.42 and 3% held-out accuracy, 600 steps of
-    4 rows (the same tokens) loss 0.16 and 25%, 1200 steps of 4 rows loss 0.04 and 47%. In the
-    demo, RoPE base 1e4 and 700 SFT steps of 4 rows took specialist A from 0.15 to 0.73.
+    5 layers): 150 steps of 16 packed rows reached 3% held-out accuracy, 600 steps of 4 rows (the
+    same tokens) 25%. In the demo the generalist SFT reached 0.67 after 1100 steps of 4 rows and
+    0.80 after 1400 (the rest of the run unchanged): the steps go to SFT. SFT at lr 2e-3 instead
+    of 1e-3: 0.58 after 1100 steps. GRPO (30 steps of 8 prompts x 8) at temperature 1.0 left the
+    held-out accuracy of answers sampled at that temperature where it was (0.594 -> 0.588); at 0.7
+    it raised it (0.684 -> 0.727, greedy 0.857 -> 0.863). At lr 5e-5 instead of 2e-5 greedy
+    accuracy fell (0.78 -> 0.72); two optimisation passes per batch at 3e-5: 0.857 -> 0.798.
     """
 
     minutes: float
@@ -78,11 +107,13 @@ class Plan:
     pretrain_lr: float = 3e-3
     cpt_lr: float = 1e-3
     sft_lr: float = 1e-3
+    spec_lr: float = 3e-4  # the specialists: a short fine-tune that stays near the generalist
     grpo_lr: float = 2e-5  # 1e-4 took the merge from 0.55 to 0.37 held-out accuracy in 20 steps
     pretrain_iters: int = 0
     cpt_iters: int = 0
     cpt_saves: int = 6
     sft_iters: int = 0
+    spec_iters: int = 0
     sft_batch: int = 4
     grpo_steps: int = 0
     grpo_prompts: int = 0
@@ -91,9 +122,13 @@ class Plan:
     @classmethod
     def for_minutes(cls, minutes: float) -> "Plan":
         s = minutes / 12.0
-        return cls(minutes=minutes, pretrain_iters=max(12, round(600 * s)), cpt_iters=max(12, round(200 * s)),
-                   sft_iters=max(6, round(700 * s)), grpo_steps=max(2, 2 * round(10 * s)),
-                   grpo_prompts=max(4, round(16 * 20 * s)), n_test=max(48, min(510, 3 * round(170 * s))))
+        # SFT steps scale with the square root of the budget, the others linearly: accuracy comes
+        # from SFT steps, so a short run keeps more of them
+        r = math.sqrt(s)
+        return cls(minutes=minutes, pretrain_iters=max(12, round(450 * s)), cpt_iters=max(12, round(150 * s)),
+                   sft_iters=max(6, round(1400 * r)), spec_iters=max(4, round(100 * r)),
+                   grpo_steps=max(2, 2 * round(15 * s)), grpo_prompts=max(4, round(GRPO_PROMPTS_PER_STEP * 30 * s)),
+                   n_test=max(48, min(510, 3 * round(170 * s))))
 
     def model_changes(self, vocab_size: int, eos_token_id: int, num_layers: Optional[int] = None) -> dict:
         return {"num_layers": num_layers or self.num_layers, "hidden_size": self.hidden_size,
@@ -105,6 +140,8 @@ class Plan:
 class Demo:
     def __init__(self, out: Path, plan: Plan, force: bool):
         self.out, self.plan, self.force = out, plan, force
+        # the evaluations and conversions that run in this process: the same one thread
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or THREADS))
         self.figures: dict[str, dict] = {}
         self.t0 = time.time()
 
@@ -120,7 +157,7 @@ class Demo:
         with open(log, "a", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n")
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={"OMP_NUM_THREADS": THREADS, **os.environ, "PYTHONUNBUFFERED": "1"})
             tail: list[str] = []
             for line in proc.stdout:
                 f.write(line)
@@ -194,8 +231,15 @@ class Demo:
         cfg["pad_token_id"] = self.figures["data"]["tokenizer"]["pad_token_id"]
         cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
-    def evaluate(self, hf: Path) -> dict:
+    def evaluate(self, hf: Path, sampled: bool = False) -> dict:
+        """Greedy held-out figures; with ``sampled`` also the accuracy of one answer per problem
+        sampled at GRPO's temperature, the held-out counterpart of the reward GRPO raises."""
         tests = {k: self.d("data") / f"test_{k}.jsonl" for k in KINDS}
+        extra = {}
+        if sampled:
+            t = evaluate(hf, tests, results=hf.parent / "eval_sampled.json", temperature=GRPO_TEMPERATURE)
+            extra = {"sampled_accuracy": t["accuracy"], "sampled_accuracy_stderr": t["accuracy_stderr"]}
+            print(f"  held-out, sampled at temperature {GRPO_TEMPERATURE:g}: accuracy {t['accuracy']:.3f}", flush=True)
         r = evaluate(hf, tests, results=hf.parent / "eval.json")
         s = r["samples"][0]
         print(f"  held-out: accuracy {r['accuracy']:.3f} ("
@@ -204,9 +248,10 @@ class Demo:
               f"e.g. {s['question']!r} -> {s['completion'][:120]!r}", flush=True)
         return {"accuracy": r["accuracy"], "accuracy_stderr": r["accuracy_stderr"], "format_rate": r["format_rate"],
                 "families": r["families"], "families_stderr": r["families_stderr"], "eval_n": r["n"],
-                "eval_samples": r["samples"]}
+                "eval_samples": r["samples"], **extra}
 
-    def train_cfg(self, save: Path, data: dict, iters: int, lr: float, layers: Optional[int] = None,
+    def train_cfg(self, save: Path, data: dict, iters: int, lr: float, min_lr: Optional[float] = None,
+                  layers: Optional[int] = None,
                   load: Optional[Path] = None, save_interval: Optional[int] = None, mbs: Optional[int] = None,
                   gbs: Optional[int] = None, seq: Optional[int] = None) -> dict:
         p = self.plan
@@ -215,8 +260,8 @@ class Demo:
             "data": {**data, "eod_token": self.figures["data"]["tokenizer"]["eos_token_id"]},
             "train": {"seq_length": seq or p.seq_length, "micro_batch_size": mbs or p.micro_batch_size,
                       "global_batch_size": gbs or p.global_batch_size, "train_iters": iters, "seed": 1234,
-                      "optim": {"lr": lr, "min_lr": lr / 10, "weight_decay": 0.01, "clip_grad": 1.0,
-                                "use_distributed_optimizer": True},
+                      "optim": {"lr": lr, "min_lr": lr / 10 if min_lr is None else min_lr, "weight_decay": 0.01,
+                                "clip_grad": 1.0, "use_distributed_optimizer": True},
                       "schedule": {"warmup_iters": max(1, iters // 20), "decay_style": "cosine"}},
             "checkpoint": {"save": str(save), "load": str(load) if load else None, "load_mode": "weights",
                            "save_interval": save_interval},
@@ -235,12 +280,12 @@ class Demo:
     def s_data(self) -> dict:
         p = self.plan
         d = self.d("data")
-        rows = p.sft_iters * p.sft_batch  # packed rows of seq_length; 3-4 conversations per row
+        sft = {name: (math.ceil(self.sft_iters(name) * p.sft_batch * CONVERSATIONS_PER_ROW), kinds)
+               for name, (kinds, _) in SFT_SETS.items()}
         counts = make_sources(d, n_reasoning_docs=max(200, p.pretrain_iters * 8),
                               n_cot_docs=max(100, p.pretrain_iters * 4),
                               replay_chars=max(200_000, p.pretrain_iters * 5_000),
-                              n_sft_a=math.ceil(rows * 4.5 / 3), n_sft_b=math.ceil(rows * 4.5 / 8),
-                              n_grpo=p.grpo_prompts, n_test=p.n_test)
+                              sft=sft, n_grpo=p.grpo_prompts, n_test=p.n_test)
         for k, v in counts.items():
             print(f"  {k}: {v} records -> {d / (k + '.jsonl')}", flush=True)
         tok = train_tokenizer([d / f"{s}.jsonl" for s in SOURCES], d / "tokenizer")
@@ -256,7 +301,7 @@ class Demo:
                 "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-type", "HuggingFaceTokenizer",
                 "--tokenizer-model", tok, "--append-eod", "--workers", "0", "--strict"])
             tokens[s] = json.loads((out / f"{s}.stats.json").read_text()).get("tokens")
-        for s in ("sft_a", "sft_b"):
+        for s in SFT_SETS:
             self.call("preprocess", "preprocess-sft", [
                 "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-model", tok,
                 "--seq-length", self.plan.sft_seq_length, "--log-interval", 100000])
@@ -316,15 +361,20 @@ class Demo:
         self.to_hf("average", d / "mcore", d / "hf")
         return self.evaluate(d / "hf")
 
-    def s_sft(self, name: str, epochs: int) -> Callable[[], dict]:
+    def sft_iters(self, name: str) -> int:
+        return self.plan.sft_iters if name == "sft" else self.plan.spec_iters
+
+    def s_sft(self, name: str) -> Callable[[], dict]:
         def go() -> dict:
             p, d = self.plan, self.d(name)
+            start = SFT_SETS[name][1]
             data = {"kind": "dataset", "factory": "sft",
-                    "factory_args": {"prefix": str(self.d("preprocess") / name), "epochs": epochs, "seed": 0,
+                    "factory_args": {"prefix": str(self.d("preprocess") / name), "epochs": 1, "seed": 0,
                                      "pack": True, "pad_token_id": self.figures["data"]["tokenizer"]["pad_token_id"]}}
-            fig = self.train(name, self.train_cfg(d / "ckpt", data, p.sft_iters, lr=p.sft_lr, layers=p.num_layers + 1,
-                                                  load=self.d("average") / "mcore", mbs=p.sft_batch, gbs=p.sft_batch,
-                                                  seq=p.sft_seq_length))
+            fig = self.train(name, self.train_cfg(
+                d / "ckpt", data, self.sft_iters(name), lr=p.sft_lr if name == "sft" else p.spec_lr,
+                layers=p.num_layers + 1, load=self.d(start) / ("mcore" if start == "average" else "ckpt"),
+                mbs=p.sft_batch, gbs=p.sft_batch, seq=p.sft_seq_length))
             self.write_model_meta(d / "ckpt", p.num_layers + 1)
             self.to_hf(name, d / "ckpt", d / "hf")
             return {**fig, **self.evaluate(d / "hf")}
@@ -334,7 +384,7 @@ class Demo:
         d = self.d("merge")
         self.call("merge", "average", [
             self.d("sft_a") / "hf", self.d("sft_b") / "hf", "--weights", 0.5, 0.5, "--out", d / "hf"])
-        return self.evaluate(d / "hf")
+        return self.evaluate(d / "hf", sampled=True)
 
     def s_grpo(self) -> dict:
         p, d = self.plan, self.d("grpo")
@@ -342,8 +392,9 @@ class Demo:
             "out_dir": str(d / "run"),
             "model": {"path": str(self.d("merge") / "hf"), "dtype": "float32", "chat_template": "apriel"},
             "data": {"train_file": str(self.d("data") / "grpo_prompts.jsonl")},
-            "grpo": {"num_generations": 8, "beta": 0.0, "epsilon": 0.2, "max_completion_length": 72,
-                     "temperature": 1.0, "learning_rate": p.grpo_lr, "per_device_train_batch_size": 16,
+            "grpo": {"num_generations": GRPO_GENERATIONS, "beta": 0.0, "epsilon": 0.2, "max_completion_length": 72,
+                     "temperature": GRPO_TEMPERATURE, "learning_rate": p.grpo_lr,
+                     "per_device_train_batch_size": GRPO_PROMPTS_PER_STEP * GRPO_GENERATIONS,
                      "gradient_accumulation_steps": 1, "max_steps": p.grpo_steps, "save_steps": p.grpo_steps // 2,
                      "save_only_model": True, "logging_steps": 1, "use_vllm": "false",
                      "gradient_checkpointing": False, "report_to": "none", "seed": 1234},
@@ -360,9 +411,14 @@ class Demo:
         # so the final merge's "same tokenizer" check compares the same bytes.
         for ck in (d / "run").glob("checkpoint-*"):
             _copy_tokenizer_files(self.d("merge") / "hf", ck)
-        return {"loss": curve[-1][1] if curve else None, "loss_curve": curve, "reward_curve": rewards,
-                "first_reward": rewards[0][1] if rewards else None, "last_reward": rewards[-1][1] if rewards else None,
-                **self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}")}
+        q = max(1, len(rewards) // 4)  # one step's reward is a few prompts: compare quarters of the run
+        held_out = self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True)
+        paired = paired_difference(self.d("merge") / "eval_sampled.json", d / "run" / "eval_sampled.json")
+        return {"sampled_paired_difference": paired, "loss": curve[-1][1] if curve else None, "loss_curve": curve,
+                "reward_curve": rewards,
+                "first_reward": sum(r for _, r in rewards[:q]) / q if rewards else None,
+                "last_reward": sum(r for _, r in rewards[-q:]) / q if rewards else None,
+                **held_out}
 
     def s_final(self) -> dict:
         p, d = self.plan, self.d("final")
@@ -370,7 +426,7 @@ class Demo:
         self.call("final", "average", [
             self.d("merge") / "hf", run / f"checkpoint-{p.grpo_steps // 2}", run / f"checkpoint-{p.grpo_steps}",
             "--weights", 0.3, 0.3, 0.4, "--out", d / "hf"])
-        return self.evaluate(d / "hf")
+        return self.evaluate(d / "hf", sampled=True)
 
     def s_generate(self) -> dict:
         test = [load_test(self.d("data") / f"test_{k}.jsonl", 1)[0] for k in KINDS]
@@ -382,7 +438,7 @@ class Demo:
 
 
     def stage_fn(self, name: str, method: Optional[str]) -> Callable[[], dict]:
-        return getattr(self, method) if method else self.s_sft(name, SFT_EPOCHS[name])
+        return getattr(self, method) if method else self.s_sft(name)
 
 
 STAGES = [
@@ -392,8 +448,9 @@ STAGES = [
     ("upscale", "depth upscaling 4 -> 5 layers (apriel upscale), HF -> megatron-core", "s_upscale"),
     ("cpt", "continual pretraining on the 60/25/15 reasoning/cot/replay blend", "s_cpt"),
     ("average", "average of 3 equispaced CPT checkpoints (apriel average), -> HF", "s_average"),
-    ("sft_a", "SFT specialist A: balanced tasks, 3 epochs, loss on answers", None),
-    ("sft_b", "SFT specialist B: math-heavy, 8 epochs", None),
+    ("sft", "SFT generalist: every family, chat template, loss on answers", None),
+    ("sft_a", "SFT specialist A from the generalist: addition and comparison, some subtraction", None),
+    ("sft_b", "SFT specialist B from the generalist: subtraction and comparison, some addition", None),
     ("merge", "C = 0.5 A + 0.5 B", "s_merge"),
     ("grpo", "GRPO on C with the format and math rewards (TRL)", "s_grpo"),
     ("final", "final = 0.3 C + 0.3 GRPO mid-run + 0.4 GRPO last", "s_final"),

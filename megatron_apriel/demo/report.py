@@ -11,8 +11,8 @@ from pathlib import Path
 
 FAMILIES = ("add", "sub", "compare")
 # The stages whose model is trained (loss curves) and those that are scored (accuracy bars).
-TRAINING = ("pretrain", "cpt", "sft_a", "sft_b", "grpo")
-SCORED = ("pretrain", "average", "sft_a", "sft_b", "merge", "grpo", "final")
+TRAINING = ("pretrain", "cpt", "sft", "sft_a", "sft_b", "grpo")
+SCORED = ("pretrain", "average", "sft", "sft_a", "sft_b", "merge", "grpo", "final")
 
 
 def interval(acc: float, stderr: float) -> tuple[float, float]:
@@ -35,20 +35,24 @@ def brief(f: dict) -> str:
     return ", ".join(parts)
 
 
+def _with_interval(f: dict, key: str) -> str:
+    if f.get(key) is None:
+        return "-"
+    lo, hi = interval(f[key], f.get(key + "_stderr", 0.0))
+    return f"{f[key]:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
 def table(figures: dict, stages: list[str]) -> str:
-    """Seconds, last training loss, held-out accuracy with its 95% interval, per-family accuracy
-    and format rate of every stage, as aligned text."""
-    head = ("stage", "seconds", "loss", "held-out acc [95% CI]", *FAMILIES, "format")
+    """Seconds, last training loss, held-out accuracy with its 95% interval, per-family accuracy,
+    format rate and (around GRPO) the accuracy of answers sampled at GRPO's temperature, as aligned text."""
+    head = ("stage", "seconds", "loss", "held-out acc [95% CI]", *FAMILIES, "format", "sampled acc [95% CI]")
     rows = [head]
     for name in stages:
         f = figures.get(name, {})
-        acc = "-"
-        if f.get("accuracy") is not None:
-            lo, hi = interval(f["accuracy"], f.get("accuracy_stderr", 0.0))
-            acc = f"{f['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]"
         fam = f.get("families", {})
-        rows.append((name, _fmt(f.get("seconds"), ".0f"), _fmt(f.get("loss")), acc,
-                     *(_fmt(fam.get(k), ".2f") for k in FAMILIES), _fmt(f.get("format_rate"))))
+        rows.append((name, _fmt(f.get("seconds"), ".0f"), _fmt(f.get("loss")), _with_interval(f, "accuracy"),
+                     *(_fmt(fam.get(k), ".2f") for k in FAMILIES), _fmt(f.get("format_rate")),
+                     _with_interval(f, "sampled_accuracy")))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -67,9 +71,10 @@ def effects(figures: dict) -> list[str]:
     if mix:
         out.append("CPT blend realised: " + ", ".join(f"{k} {100 * v['share']:.1f}% (target {100 * v['target']:.0f}%)"
                                                        for k, v in mix.items()))
-    if all(k in figures and "accuracy" in figures[k] for k in ("average", "sft_a", "sft_b", "merge")):
-        out.append(f"SFT: accuracy {g('average')['accuracy']:.3f} -> A {g('sft_a')['accuracy']:.3f}, "
-                   f"B {g('sft_b')['accuracy']:.3f}")
+    if all(k in figures and "accuracy" in figures[k] for k in ("average", "sft", "sft_a", "sft_b", "merge")):
+        out.append(f"SFT: accuracy {g('average')['accuracy']:.3f} -> generalist {g('sft')['accuracy']:.3f} -> "
+                   f"specialists A {g('sft_a')['accuracy']:.3f}, B {g('sft_b')['accuracy']:.3f} -> merge "
+                   f"{g('merge')['accuracy']:.3f}")
         kept = []
         for k in FAMILIES:
             best = max(g("sft_a")["families"][k], g("sft_b")["families"][k])
@@ -77,8 +82,17 @@ def effects(figures: dict) -> list[str]:
         out.append("merge keeps of the better specialist, per family: " + ", ".join(kept))
     gr = g("grpo", {})
     if "accuracy" in gr and "merge" in figures:
-        out.append(f"GRPO: accuracy {g('merge')['accuracy']:.3f} -> {gr['accuracy']:.3f}; mean reward "
-                   f"{_fmt(gr.get('first_reward'))} (first steps) -> {_fmt(gr.get('last_reward'))} (last steps)")
+        sampled = ""
+        if "sampled_accuracy" in gr and "sampled_accuracy" in g("merge"):
+            sampled = (f"; sampled at its temperature {_with_interval(g('merge'), 'sampled_accuracy')} -> "
+                       f"{_with_interval(gr, 'sampled_accuracy')}")
+            pd = gr.get("sampled_paired_difference")
+            if pd:
+                sampled += f" (paired difference {pd['mean']:+.3f} [{pd['low']:+.3f}, {pd['high']:+.3f}])"
+        out.append(f"GRPO: held-out greedy accuracy {_with_interval(g('merge'), 'accuracy')} -> "
+                   f"{_with_interval(gr, 'accuracy')}{sampled}; mean training reward "
+                   f"{_fmt(gr.get('first_reward'))} (first quarter of steps) -> {_fmt(gr.get('last_reward'))} "
+                   "(last quarter)")
     if "final" in figures and "pretrain" in figures:
         out.append(f"held-out accuracy: base {g('pretrain')['accuracy']:.3f} -> final {g('final')['accuracy']:.3f}; "
                    f"format rate before SFT {g('average')['format_rate']:.3f} -> final {g('final')['format_rate']:.3f}")
