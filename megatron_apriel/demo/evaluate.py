@@ -27,17 +27,19 @@ def load_test(path: Path, n: int | None = None) -> list[dict]:
 
 
 def evaluate(hf_dir: Path, test_files: dict[str, Path], max_new_tokens: int = 72, batch_size: int = 64,
-             results: Path | None = None, temperature: float = 0.0) -> dict:
+             results: Path | None = None, temperature: float = 0.0, samples: int = 1) -> dict:
     """``test_files``: family -> task file. Overall figures are over all records of all files.
-    ``temperature`` 0 is greedy; above it, one sampled answer per problem (seeded)."""
+    ``temperature`` 0 is greedy; above it, ``samples`` sampled answers per problem (seeded), and a
+    problem scores the share of its answers that are right (its interval over problems, not answers:
+    answers to one problem are not independent)."""
 
     hf_logging.disable_progress_bar()  # one weight-loading bar per evaluated checkpoint is noise here
     settings = Settings(max_gen_toks=max_new_tokens, batch_size=batch_size, chat_template="apriel",
-                        temperature=temperature)
+                        temperature=temperature, samples=samples)
     out = results or Path(hf_dir) / "eval.json"
     r = run([str(hf_dir)], [f"math={p}" for p in test_files.values()], str(out), settings, log=lambda *_: None)
     scores, rows = r["results"][str(hf_dir)], r["samples"][str(hf_dir)]
-    fam, fam_se, n, correct, formatted, samples = {}, {}, 0, 0.0, 0.0, []
+    fam, fam_se, n, correct, formatted, shown, per_problem = {}, {}, 0, 0.0, 0.0, [], []
     for family, path in test_files.items():
         s = scores[Path(path).stem]
         fam[family], fam_se[family] = s["pass@1"], s.get("pass@1_stderr", 0.0)
@@ -45,11 +47,18 @@ def evaluate(hf_dir: Path, test_files: dict[str, Path], max_new_tokens: int = 72
         correct += s["pass@1"] * s["records"]
         formatted += s["format"] * s["records"]
         tests = load_test(path)  # the demo's files have no blank lines: record i is on line i + 1
-        samples += [{"question": tests[x["line"] - 1]["question"], "answer": tests[x["line"] - 1]["answer"],
-                     "completion": x["completions"][0], "correct": x["correct"][0]} for x in rows[Path(path).stem][:1]]
+        shown += [{"question": tests[x["line"] - 1]["question"], "answer": tests[x["line"] - 1]["answer"],
+                   "completion": x["completions"][0], "correct": x["correct"][0]} for x in rows[Path(path).stem][:1]]
+        per_problem += [_share_right(x) for x in rows[Path(path).stem]]
     acc = correct / n
-    return {"accuracy": acc, "accuracy_stderr": math.sqrt(acc * (1 - acc) / max(1, n - 1)),
-            "format_rate": formatted / n, "n": n, "families": fam, "families_stderr": fam_se, "samples": samples}
+    # over problems: with one answer each this is sqrt(acc (1 - acc) / (n - 1))
+    spread = sum((x - acc) ** 2 for x in per_problem) / max(1, len(per_problem) - 1)
+    return {"accuracy": acc, "accuracy_stderr": math.sqrt(spread / max(1, len(per_problem))),
+            "format_rate": formatted / n, "n": n, "families": fam, "families_stderr": fam_se, "samples": shown}
+
+
+def _share_right(record: dict) -> float:
+    return sum(map(float, record["correct"])) / len(record["correct"])
 
 
 def paired_difference(before: Path, after: Path) -> dict:
@@ -58,7 +67,7 @@ def paired_difference(before: Path, after: Path) -> dict:
     pairing removes the spread of problem difficulty that two separate intervals both carry."""
     def flags(path: Path) -> dict:
         rows = next(iter(json.loads(Path(path).read_text())["samples"].values()))
-        return {(task, x["line"]): float(x["correct"][0]) for task, recs in rows.items() for x in recs}
+        return {(task, x["line"]): _share_right(x) for task, recs in rows.items() for x in recs}
 
     a, b = flags(before), flags(after)
     d = [b[k] - a[k] for k in a]
