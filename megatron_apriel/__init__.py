@@ -1,3 +1,12 @@
 """megatron-apriel: the Apriel training recipe on megatron-core."""
 
+import warnings
+
+# megatron-core warns at import, once per module that looks for them (four to six lines per command,
+# `--help` included), that Transformer Engine and Apex are not installed. Without them (a CPU machine,
+# a GPU one without the wheels) this project uses megatron-core's local layer spec and torch
+# fallbacks on purpose; `apriel train` says so in one line of its own ("torch fusions (no TE/apex)").
+warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
+                        category=UserWarning)
+
 __version__ = "0.1.0"
