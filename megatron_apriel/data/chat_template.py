@@ -171,9 +171,10 @@ def default_chat_template(chat_template: Optional[str], preset: Optional[str], f
                           who: str = "apriel") -> Optional[str]:
     """``chat_template`` when given, else the format of ``preset``'s released model, else ``fallback``;
     the choice is printed (stderr) so a run's log says which format its data or prompts are in.
-    A preset that is not one, or a template that is neither a known name nor a file, is an error
-    naming the flag (a mistyped name must not silently write or read the default format)."""
-    check_preset_and_template(preset, chat_template)
+    A template that is neither a known name nor a file is an error naming the flag (a mistyped name
+    must not silently write or read the default format); the CLIs check ``--preset`` themselves
+    (:func:`check_preset_and_template`), since a converted checkpoint's preset is named after its folder."""
+    check_preset_and_template(None, chat_template)
     if chat_template is not None:
         return chat_template
     name = PRESET_CHAT_TEMPLATES.get(preset or "", fallback)

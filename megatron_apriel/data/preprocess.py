@@ -139,6 +139,41 @@ class _Counting(io.RawIOBase):
         return n
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames. zstandard's ``stream_reader``
+    ends quietly where a truncated file ends; this reader raises EOFError if the last frame is
+    incomplete, as gzip does for a truncated .gz."""
+
+    def __init__(self, f):
+        self.f, self.buf = f, bytearray()  # bytearray: deleting from its front is O(1) in CPython
+        self.dobj, self.started = zstandard.ZstdDecompressor().decompressobj(), False
+
+    def readable(self):
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            chunk = self.f.read(1 << 20)
+            if not chunk:
+                if self.started and not self.dobj.eof:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                break
+            while chunk:
+                self.buf += self.dobj.decompress(chunk)
+                self.started = True
+                chunk = self.dobj.unused_data if self.dobj.eof else b""
+                if chunk:  # the next frame
+                    self.dobj, self.started = zstandard.ZstdDecompressor().decompressobj(), False
+        n = len(self.buf) if n < 0 else min(n, len(self.buf))
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
 def _open_binary(path: Path, counter: list):
     raw = open(path, "rb")
     counting = _Counting(raw)
@@ -146,7 +181,7 @@ def _open_binary(path: Path, counter: list):
     if path.name.endswith(".gz"):
         return gzip.GzipFile(fileobj=io.BufferedReader(counting, 1 << 20))
     if path.name.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(counting, 1 << 20), read_size=1 << 20)
+        return _ZstdFrames(io.BufferedReader(counting, 1 << 20))
     return io.BufferedReader(counting, 1 << 20)
 
 

@@ -30,6 +30,7 @@ from megatron_apriel.config import atomic_write_text, load_yaml
 from megatron_apriel.data.chat_template import (
     CHAT_TEMPLATES,
     SANITIZE,
+    check_preset_and_template,
     control_token_pattern,
     count_control_strings,
     default_chat_template,
@@ -480,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_args(ap)
     args = ap.parse_args(argv)
     # before any model is loaded: an evaluation must not run to the end only to fail writing its result
+    check_preset_and_template(args.preset, args.chat_template)
     check_output_file(args.out, "--out")
     png = args.plot or (str(Path(args.out).with_suffix(".png")) if len(args.hf) > 1 else None)
     if png:

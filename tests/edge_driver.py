@@ -1,0 +1,91 @@
+"""Run several ``apriel`` verbs in one process and report each one's exit code and stderr (JSON).
+
+Used by tests/test_edges.py for what needs a process of its own: real signals and file systems that
+are full or read-only (under bubblewrap). Paying the imports once for many verbs keeps those tests
+fast. ``python tests/edge_driver.py JOBS.json RESULTS.json``; a job is ``{"argv": [verb, ...]}``
+(or ``{"fill": FILE}``: fill FILE's file system to the last byte; ``{"list": DIR}``: report what
+DIR holds), with optional ``"signal": "SIGINT" | "SIGTERM"`` and ``"marker"``: the process sends itself that
+signal (a real one, through ``os.kill``) at the moment the verb first opens for writing a path
+containing ``marker`` (a Python audit hook), i.e. while its output is half-written. A job with
+``"exit": true`` ends the process with the verb's exit code (``sys.exit(main())``, as the
+``apriel`` command does), so the caller also sees the code of the process itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import sys
+
+_ARMED: dict = {}
+
+
+def _writes(args) -> bool:
+    path, mode, flags = (list(args) + [None, None, None])[:3]
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return False
+    if isinstance(mode, str):
+        return any(c in mode for c in "wax+")
+    return isinstance(flags, int) and bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+
+def _nothing() -> None:
+    """A Python call: the interpreter runs the pending signal's handler at its start."""
+
+
+def _hook(event: str, args) -> None:
+    if not _ARMED or event != "open" or not _writes(args):
+        return
+    if _ARMED["marker"] not in os.fsdecode(args[0]):
+        return
+    sig = _ARMED.pop("signal")
+    _ARMED.clear()
+    os.kill(os.getpid(), sig)
+    _nothing()
+
+
+def main() -> None:
+    jobs = json.loads(open(sys.argv[1]).read())
+    sys.addaudithook(_hook)
+    from megatron_apriel.cli import main as apriel
+
+    results = []
+    for job in jobs:
+        if job.get("list"):  # what is left in a folder (e.g. a tmpfs that is gone once the process ends)
+            root = job["list"]
+            results.append({"rc": 0, "stderr": "", "fired": False, "listing": sorted(
+                os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files)})
+            continue
+        if job.get("fill"):  # fill a file system to the last byte (a disk that is already full)
+            with open(job["fill"], "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                        f.flush()
+                except OSError:
+                    pass
+            results.append({"rc": 0, "stderr": "", "fired": False})
+            continue
+        if job.get("signal"):
+            _ARMED.update(signal=getattr(signal, job["signal"]), marker=job.get("marker", ".tmp"))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                rc = apriel(job["argv"])
+            except SystemExit as e:  # argparse
+                rc = e.code
+        fired = job.get("signal") is not None and not _ARMED
+        _ARMED.clear()
+        results.append({"rc": rc, "stderr": err.getvalue(), "fired": fired})
+        with open(sys.argv[2], "w") as f:
+            json.dump(results, f)
+        if job.get("exit"):
+            sys.stderr.write(err.getvalue())
+            sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()
