@@ -8,5 +8,8 @@ import warnings
 # fallbacks on purpose; `apriel train` says so in one line of its own ("torch fusions (no TE/apex)").
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Apex is) not installed",
                         category=UserWarning)
+# and, for every TransformerConfig built without CUDA graphs (conversion included), that a default it
+# sets itself is deprecated: nothing a user can act on
+warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 
 __version__ = "0.1.0"

@@ -5,7 +5,8 @@ are full or read-only (under bubblewrap). Paying the imports once for many verbs
 fast. ``python tests/edge_driver.py JOBS.json RESULTS.json``; a job is ``{"argv": [verb, ...]}``
 (or ``{"fill": FILE}``: fill FILE's file system to the last byte; ``{"list": DIR}``: report what
 DIR holds), with optional ``"signal": "SIGINT" | "SIGTERM"`` and ``"marker"``: the process sends itself that
-signal (a real one, through ``os.kill``) at the moment the verb first opens for writing a path
+signal (``marker``: a string or a list of strings the path must all hold; a real one, to its whole process group as Ctrl-C and schedulers send it: start the driver
+in a session of its own) at the moment the verb first opens for writing a path
 containing ``marker`` (a Python audit hook), i.e. while its output is half-written. A job with
 ``"exit": true`` ends the process with the verb's exit code (``sys.exit(main())``, as the
 ``apriel`` command does), so the caller also sees the code of the process itself.
@@ -21,6 +22,7 @@ import signal
 import sys
 
 _ARMED: dict = {}
+_ARMED_FILE = ""
 
 
 def _writes(args) -> bool:
@@ -39,16 +41,20 @@ def _nothing() -> None:
 def _hook(event: str, args) -> None:
     if not _ARMED or event != "open" or not _writes(args):
         return
-    if _ARMED["marker"] not in os.fsdecode(args[0]):
+    markers = _ARMED["marker"] if isinstance(_ARMED["marker"], list) else [_ARMED["marker"]]
+    if not all(m in os.fsdecode(args[0]) for m in markers):
         return
     sig = _ARMED.pop("signal")
     _ARMED.clear()
-    os.kill(os.getpid(), sig)
+    open(_ARMED_FILE, "w").close()  # a worker process may be the one that writes: tell the driver
+    os.killpg(os.getpgid(0), sig)  # as Ctrl-C and a scheduler do: the whole process group
     _nothing()
 
 
 def main() -> None:
+    global _ARMED_FILE
     jobs = json.loads(open(sys.argv[1]).read())
+    _ARMED_FILE = sys.argv[2] + ".fired"
     sys.addaudithook(_hook)
     from megatron_apriel.cli import main as apriel
 
@@ -77,7 +83,9 @@ def main() -> None:
                 rc = apriel(job["argv"])
             except SystemExit as e:  # argparse
                 rc = e.code
-        fired = job.get("signal") is not None and not _ARMED
+        fired = os.path.exists(_ARMED_FILE)
+        if fired:
+            os.remove(_ARMED_FILE)
         _ARMED.clear()
         results.append({"rc": rc, "stderr": err.getvalue(), "fired": fired})
         with open(sys.argv[2], "w") as f:

