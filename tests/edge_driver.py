@@ -2,14 +2,16 @@
 
 Used by tests/test_edges.py for what needs a process of its own: real signals and file systems that
 are full or read-only (under bubblewrap). Paying the imports once for many verbs keeps those tests
-fast. ``python tests/edge_driver.py JOBS.json RESULTS.json``; a job is ``{"argv": [verb, ...]}``
-(or ``{"fill": FILE}``: fill FILE's file system to the last byte; ``{"list": DIR}``: report what
-DIR holds), with optional ``"signal": "SIGINT" | "SIGTERM"`` and ``"marker"``: the process sends itself that
-signal (``marker``: a string or a list of strings the path must all hold; a real one, to its whole process group as Ctrl-C and schedulers send it: start the driver
-in a session of its own) at the moment the verb first opens for writing a path
-containing ``marker`` (a Python audit hook), i.e. while its output is half-written. A job with
-``"exit": true`` ends the process with the verb's exit code (``sys.exit(main())``, as the
-``apriel`` command does), so the caller also sees the code of the process itself.
+fast. ``python tests/edge_driver.py JOBS.json RESULTS.json``; a job is one of
+
+- ``{"argv": [verb, ...]}``, with optional ``"signal": "SIGINT" | "SIGTERM"`` and ``"marker"`` (a
+  string, or a list of strings that must all occur): the process sends that signal, a real one, to
+  its whole process group (as Ctrl-C and schedulers do; start the driver in a session of its own)
+  at the moment the verb first opens for writing a path holding the marker (a Python audit hook),
+  i.e. while its output is half-written; ``"exit": true`` ends the process with the verb's exit
+  code (``sys.exit(main())``, as the ``apriel`` command does), so the caller sees that code too;
+- ``{"fill": FILE}``: fill FILE's file system to the last byte;
+- ``{"list": DIR}``: report what DIR holds (inside mounts that end with the process).
 """
 
 from __future__ import annotations
@@ -66,13 +68,13 @@ def main() -> None:
                 os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files)})
             continue
         if job.get("fill"):  # fill a file system to the last byte (a disk that is already full)
-            with open(job["fill"], "wb") as f:
-                try:
+            try:
+                with open(job["fill"], "wb") as f:
                     while True:
                         f.write(b"\0" * 4096)
                         f.flush()
-                except OSError:
-                    pass
+            except OSError:  # full: from a write, or from the flush on closing
+                pass
             results.append({"rc": 0, "stderr": "", "fired": False})
             continue
         if job.get("signal"):
