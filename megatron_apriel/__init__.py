@@ -1,5 +1,6 @@
 """megatron-apriel: the Apriel training recipe on megatron-core."""
 
+import logging
 import warnings
 
 # megatron-core warns at import, once per module that looks for them (four to six lines per command,
@@ -13,3 +14,8 @@ warnings.filterwarnings("ignore", message=r"(Transformer Engine and Apex are|Ape
 warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 
 __version__ = "0.1.0"
+
+# torchao (imported by transformers and the fp8 path) logs one "Failed to load .../_C_*.so" line per
+# CUDA kernel library it cannot load on a machine without those GPUs: expected, and nothing to act on.
+logging.getLogger("torchao").addFilter(
+    lambda record: not (record.getMessage().startswith("Failed to load") and "/torchao/_C" in record.getMessage()))

@@ -80,13 +80,20 @@ def _existing_ancestor(path: Path, what: str) -> Path:
     return p
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale / 10:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,.0f} bytes"
+
+
 def check_free_space(folder: Path, expected_bytes: Optional[int], what: str) -> None:
     if not expected_bytes:
         return
     free = shutil.disk_usage(folder).free
     if free < expected_bytes * SPACE_MARGIN:
-        raise OutputError(f"{what}: {folder} has {free / 1e9:,.2f} GB free, the output needs about "
-                          f"{expected_bytes / 1e9:,.2f} GB: no space left on device")
+        raise OutputError(f"{what}: {folder} has {_size(free)} free, the output needs about "
+                          f"{_size(expected_bytes)}: no space left on device")
 
 
 def check_output_file(path: str | os.PathLike, what: str, expected_bytes: Optional[int] = None) -> Path:

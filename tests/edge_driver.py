@@ -11,7 +11,7 @@ fast. ``python tests/edge_driver.py JOBS.json RESULTS.json``; a job is one of
   i.e. while its output is half-written; ``"exit": true`` ends the process with the verb's exit
   code (``sys.exit(main())``, as the ``apriel`` command does), so the caller sees that code too;
 - ``{"fill": FILE}``: fill FILE's file system to the last byte;
-- ``{"list": DIR}``: report what DIR holds (inside mounts that end with the process).
+- ``{"list": DIR}``: report the files under DIR (inside mounts that end with the process).
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ def _hook(event: str, args) -> None:
     _nothing()
 
 
+def _save(results: list) -> None:
+    with open(sys.argv[2], "w") as f:
+        json.dump(results, f)
+
+
 def main() -> None:
     global _ARMED_FILE
     jobs = json.loads(open(sys.argv[1]).read())
@@ -65,7 +70,8 @@ def main() -> None:
         if job.get("list"):  # what is left in a folder (e.g. a tmpfs that is gone once the process ends)
             root = job["list"]
             results.append({"rc": 0, "stderr": "", "fired": False, "listing": sorted(
-                os.path.relpath(os.path.join(d, n), root) for d, dirs, files in os.walk(root) for n in dirs + files)})
+                os.path.relpath(os.path.join(d, n), root) for d, _, files in os.walk(root) for n in files)})
+            _save(results)
             continue
         if job.get("fill"):  # fill a file system to the last byte (a disk that is already full)
             try:
@@ -76,6 +82,7 @@ def main() -> None:
             except OSError:  # full: from a write, or from the flush on closing
                 pass
             results.append({"rc": 0, "stderr": "", "fired": False})
+            _save(results)
             continue
         if job.get("signal"):
             _ARMED.update(signal=getattr(signal, job["signal"]), marker=job.get("marker", ".tmp"))
@@ -90,8 +97,7 @@ def main() -> None:
             os.remove(_ARMED_FILE)
         _ARMED.clear()
         results.append({"rc": rc, "stderr": err.getvalue(), "fired": fired})
-        with open(sys.argv[2], "w") as f:
-            json.dump(results, f)
+        _save(results)
         if job.get("exit"):
             sys.stderr.write(err.getvalue())
             sys.exit(rc)

@@ -49,6 +49,7 @@ from megatron_apriel.errors import EXIT_BAD_INPUT, EXIT_ERROR, InputError, Termi
 from megatron_apriel.outputs import (
     ArgumentParser,
     check_output_prefix,
+    disk_error,
     nonnegative_float,
     nonnegative_int,
     positive_float,
@@ -665,9 +666,12 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
         with _signals_deferred():
             for out in outs:
                 out.finish()
-    except BaseException:
+    except BaseException as e:
         for out in outs:
             out.abort()
+        err = disk_error(e, out_prefix) if isinstance(e, Exception) else None
+        if err is not None:  # a write's ENOSPC names no file: name the output
+            raise err from None
         raise
     finally:
         results_iter.close()

@@ -76,7 +76,7 @@ from megatron_apriel.data.multimodal_format import (
 from megatron_apriel.data.preprocess import PreprocessError, check_inputs, print_control_text
 from megatron_apriel.data.tokenizers import add_tokenizer_args, tokenizer_from_args
 from megatron_apriel.errors import cli_main
-from megatron_apriel.outputs import ArgumentParser, check_output_prefix, nonnegative_int, positive_int
+from megatron_apriel.outputs import ArgumentParser, check_output_prefix, disk_error, nonnegative_int, positive_int
 
 
 class RecordError(CountedError):
@@ -359,7 +359,7 @@ def preprocess(args) -> dict:
         for key in KEYS:
             for ext in (".bin", ".idx"):
                 os.replace(tmp[key] + ext, final[key] + ext)
-    except BaseException:
+    except BaseException as e:
         results.close()  # stop the worker pool now, not at interpreter exit
         for b in builders.values():
             b.data_file.close()
@@ -367,6 +367,9 @@ def preprocess(args) -> dict:
             for ext in (".bin", ".idx"):
                 if os.path.exists(tmp[key] + ext):
                     os.remove(tmp[key] + ext)
+        err = disk_error(e, args.output_prefix) if isinstance(e, Exception) else None
+        if err is not None:  # a write's ENOSPC names no file: name the output
+            raise err from None
         raise
     report = {
         **counts,

@@ -52,6 +52,7 @@ from megatron_apriel.errors import cli_main
 from megatron_apriel.outputs import (
     ArgumentParser,
     check_output_prefix,
+    disk_error,
     fraction,
     nonnegative_int,
     positive_int,
@@ -207,13 +208,16 @@ def preprocess(args) -> dict:
                         print(f"[preprocess-sft] {counts['read']} conversations, {rate:.0f}/s", file=sys.stderr)
         for key in (TOKENS_KEY, MASK_KEY):
             builders[key].finalize(tmp[key] + ".idx")
-    except BaseException:
+    except BaseException as e:
         for b in builders.values():
             b.data_file.close()
         for key in tmp:
             for ext in (".bin", ".idx"):
                 if os.path.exists(tmp[key] + ext):
                     os.remove(tmp[key] + ext)
+        err = disk_error(e, args.output_prefix) if isinstance(e, Exception) else None
+        if err is not None:  # a write's ENOSPC names no file: name the output
+            raise err from None
         raise
     for key in (TOKENS_KEY, MASK_KEY):
         for ext in (".bin", ".idx"):
