@@ -50,6 +50,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import py_compile
 import secrets
 import select
 import shutil
@@ -275,8 +276,12 @@ def _harness_dir() -> str:
         if _HARNESS_DIR is None or not os.path.exists(os.path.join(_HARNESS_DIR, "harness.py")):
             folder = tempfile.mkdtemp(prefix="apriel-sandbox-harness-")
             shutil.copyfile(_HARNESS_SOURCE, os.path.join(folder, "harness.py"))
-            os.chmod(os.path.join(folder, "harness.py"), 0o644)
-            os.chmod(folder, 0o755)
+            # Compiled once here (every sandbox then loads the bytecode, not ~800 lines of source);
+            # an interpreter of another version compiles it itself.
+            cached = py_compile.compile(os.path.join(folder, "harness.py"), doraise=True)
+            for path, mode in ((folder, 0o755), (os.path.dirname(cached), 0o755), (cached, 0o644),
+                               (os.path.join(folder, "harness.py"), 0o644)):
+                os.chmod(path, mode)
             atexit.register(shutil.rmtree, folder, True)
             _HARNESS_DIR = folder
         return _HARNESS_DIR
@@ -316,7 +321,8 @@ class _Sandbox:
             cwd = tempfile.mkdtemp(prefix="apriel-sandbox-")
             stack.callback(_remove_tree, cwd)
             cmd, extra = [], {}
-        cmd += [python, "-I", "-S", "-B", f"{where}/harness.py", mode, str(cpu_seconds), str(limits.memory_bytes),
+        boot = f"import sys; sys.path.insert(0, {where!r}); import harness; harness.main(sys.argv)"
+        cmd += [python, "-I", "-S", "-B", "-c", boot, mode, str(cpu_seconds), str(limits.memory_bytes),
                 str(nproc), str(limits.max_file_bytes), weak, str(src.fileno()), *map(str, fds)]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": cwd}
         passed = (src.fileno(), *(fd for fd in fds if isinstance(fd, int)))

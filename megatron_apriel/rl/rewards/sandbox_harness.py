@@ -32,7 +32,7 @@ import sys
 import time
 
 MAX_DEPTH = 100
-MAX_ITEMS = 1_000_000
+MAX_ITEMS = 250_000  # pure-Python encoding: about a second at the limit on a busy core
 MAX_FRAME = 16 << 20
 MAX_NAMES = 8  # class names carried by an object handle (its program-defined MRO)
 _HEAP = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class written in Python (by the program)
@@ -68,10 +68,10 @@ def encode(value, handle=None) -> bytes:
     def enc(v, depth):
         nonlocal count
         if depth > MAX_DEPTH:
-            raise CodecError(f"nested deeper than {MAX_DEPTH} levels")
+            raise CodecError(f"a structure nested deeper than {MAX_DEPTH} levels")
         count += 1
         if count > MAX_ITEMS or len(out) > MAX_FRAME:
-            raise CodecError(f"larger than the limit ({MAX_ITEMS} items, {MAX_FRAME >> 20} MiB)")
+            raise CodecError(f"a value over the size limit ({MAX_ITEMS} items, {MAX_FRAME >> 20} MiB)")
         t = type(v)
         if v is None:
             out.extend(b"N")
@@ -102,11 +102,11 @@ def encode(value, handle=None) -> bytes:
         elif handle is not None:
             out.extend(handle(v))
         else:
-            raise CodecError(f"{describe(v)} is not a value")
+            raise CodecError(f"{describe(v)}, which is not a value")
 
     enc(value, 0)
     if len(out) > MAX_FRAME:
-        raise CodecError(f"larger than the limit ({MAX_FRAME >> 20} MiB)")
+        raise CodecError(f"a value over the size limit ({MAX_FRAME >> 20} MiB)")
     return bytes(out)
 
 
@@ -261,7 +261,7 @@ def _serve_program(source, call_r, answer_w, wall):
                                 [c.__name__ for c in t.__mro__[:-1]])
         if not t.__flags__ & _HEAP and hasattr(t, "__next__"):  # generators, map, zip, iterators
             return handle_bytes("i", register(v))
-        raise CodecError(f"{describe(v)} is not a value")
+        raise CodecError(f"{describe(v)}, which is not a value")
 
     g = {"__name__": "__main__", "__file__": "program.py", "__builtins__": builtins}
     try:
@@ -512,7 +512,7 @@ class _Connection:
         if isinstance(v, _Handle):
             get = object.__getattribute__
             return handle_bytes(get(v, "_kind"), get(v, "_id"), get(v, "_names"))
-        raise CodecError(f"{describe(v)} is not a value")
+        raise CodecError(f"{describe(v)}, which is not a value")
 
 
 _CONN = None
