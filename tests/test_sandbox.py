@@ -712,18 +712,26 @@ def test_honest_programs_score_one():
 
 
 def test_program_objects_cross_as_handles_only():
-    prog = ("class Box:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, other):\n"
-            "        return True\n    def get(self):\n        return self.v\n"
+    prog = ("class I(int):\n    def __eq__(self, other):\n        return True\n"
+            "class Box:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, other):\n"
+            "        return True\n    def get(self):\n        return self.v\n    def __len__(self):\n"
+            "        return I(3)\n    def __getattr__(self, name):\n        return Box(name)\n"
             "def make(v):\n    return Box(v)\ndef apply(fn, x):\n    return fn(x)")
     checks = [
-        "assert make(3).get() == 3 and make([1]).v == [1]",  # methods and attributes answer values
+        # methods and attributes answer values; the class is a class for isinstance
+        "assert make(3).get() == 3 and make([1]).v == [1] and isinstance(make(1), Box)",
         "assert make(3) == make(3)",  # the program's __eq__ never runs in the test process
         "b = make(1)\nb.v = 2",  # attributes are not set from the test
         "assert apply(lambda x: x, 1) == 1",  # a function of the test does not cross either
         "assert {make(1): 1}",  # hashable by identity, but not truth-tested
+        "assert len(make(1)) == 3",  # a protocol's answer is a value like any other
+        "assert make(1).anything == 'x'",  # __getattr__ answers with an object: a handle, not equal
+        "try:\n    assert make(1) != 2\nexcept BaseException:\n    pass",  # swallowing the refusal fails too
     ]
     res = run_python(prog, limits=LIMITS, check=checks)
-    assert [ok for ok, _ in res.outcomes] == [True, False, False, False, True], res.outcomes
+    assert [ok for ok, _ in res.outcomes] == [True, False, False, False, True, False, False, False], res.outcomes
     assert "objects of the program are not values" in res.outcomes[1][1]
     assert "cannot be set" in res.outcomes[2][1]
     assert "does not cross" in res.outcomes[3][1] and "function" in res.outcomes[3][1]
+    assert "a I (a subclass of int)" in res.outcomes[5][1]
+    assert all("objects of the program are not values" in why for _, why in res.outcomes[6:])

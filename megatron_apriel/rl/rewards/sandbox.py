@@ -16,7 +16,7 @@ user namespaces are enabled (most clusters).
   ``/tmp``, ``/dev/shm`` and the scratch directory ``/scratch`` (its cwd and $HOME), everything else
   read-only, and ``/sandbox`` with the
   harness's code, read-only. The grader's files, other runs' scratch, /root and homes do not exist
-  there. The program and its test code arrive through an unlinked file the harness closes before
+  there. The program (in the test process: the test code) arrives through an unlinked file closed before
   the program runs, and stdin/stdout/stderr are unlinked files too. A clean environment, a new
   session (no terminal injection), ``--die-with-parent``;
 - when the grader is root, bwrap itself runs as ``nobody`` (65534): a root-owned namespace would
@@ -29,16 +29,21 @@ user namespaces are enabled (most clusters).
 It must be chosen by name and warns once: the rlimits, a PEP 578 audit hook (sockets, writes outside
 the scratch dir, signals) and a process-group kill are all there is; a child process or ctypes goes
 around the hook, so the network, the filesystem (the shared harness file included, so the verdicts
-of later runs too) and the grader's processes are not protected.
+of later runs too), the test process of an assert run (same user, no namespaces) and the grader's
+processes are not protected.
 
-The verdict of an assert-style test cannot come from the program's exit status, which the program
-controls (``sys.exit(0)``, ``os._exit(0)``, an atexit handler...). The grader hands the harness a
-random per-run token in a pipe and keeps the read end of a second pipe; only after the program *and*
-the test code have run to their end does the harness move the token between the two pipes with
-``splice`` (the token never enters the process's memory). Any early exit leaves the verdict pipe
-empty. Limit: the program runs in the same process as its tests, so one written against this
-harness's source could splice the token itself; no exit route or Python-level trick does it by
-accident, but the verdict is as strong as that, not stronger.
+The verdict of an assert test cannot come from the program's exit status, which the program
+controls (``sys.exit(0)``, ``os._exit(0)``, an atexit handler...), nor from asserts that run in the
+program's interpreter (an object whose ``__eq__`` always returns True passes ``assert f(x) == y``; a
+program that knows the harness can forge whatever the harness would report). ``run_asserts`` therefore
+uses two sandboxes per completion, joined only by two pipes: the program's process answers calls with
+values encoded by a strict codec, and a test process, which the program's process can neither see nor
+reach (other namespaces, no descriptor in common), runs the test code and writes the verdicts to a file
+only it and the grader hold. sandbox_harness.py describes the protocol and what crosses.
+
+A program run alone (stdin/stdout tests) reports ``completed`` when it returned: the grader hands the
+harness a random token in a pipe, which the harness splices into a second pipe after the program
+(the token never enters the process's memory), so an early exit by any route leaves it unset.
 """
 
 from __future__ import annotations
