@@ -444,7 +444,7 @@ def run_asserts(code: str, checks: list[str], limits: SandboxLimits | None = Non
             why = (f"timed out after {(n + 1) * (limits.wall_seconds + 3):g}s" if timed_out else
                    "the test process ended without a verdict" + (f" ({err[-1][:200]})" if err else ""))
             outcomes += [(False, why)] * (n - len(outcomes))
-        program_timed_out = any("timed out" in why for ok, why in outcomes if not ok)
+        program_timed_out = any(why.startswith("timed out after") for ok, why in outcomes if not ok)
         return SandboxResult(returncode=program.proc.returncode, stdout=_read_capped(program.stdout,
                              limits.max_output_bytes), stderr=_read_capped(program.stderr, limits.max_output_bytes),
                              timed_out=timed_out or program_timed_out, wall_seconds=time.monotonic() - start,

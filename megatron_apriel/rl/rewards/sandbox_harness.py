@@ -404,7 +404,7 @@ class _Connection:
         try:
             frame = decode(read_frame(self.answer_r, self.deadline), self.make_handle)
         except TimeoutError:
-            self._break(f"the program did not answer within {self.wall + 2:g}s")
+            self._break(f"timed out after {self.wall + 2:g}s: the program's process did not answer")
         except EOFError:
             self._break("the program's process ended")
         except CodecError as e:
@@ -419,7 +419,12 @@ class _Connection:
 
     def ready(self):
         self.deadline = _now() + self.wall + 2
-        i, _, status, payload = self._read()
+        try:
+            i, _, status, payload = self._read()
+        except _Broken:
+            if self.broken.startswith("timed out"):
+                self.broken = f"timed out after {self.wall + 2:g}s: the program's top level did not finish"
+            raise
         if status == "raise":
             self._break(f"the program raised {self.exception(payload)!r} at its top level")
         if i != -1 or status != "ready" or type(payload) is not tuple:
@@ -621,6 +626,11 @@ def _builtin_exception(names):
     return Exception
 
 
+# Standard modules whose import does something (opens a browser, a window, prints): a program's
+# `import this` is not repeated in the test process.
+_NOT_IMPORTED = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "webbrowser", "pydoc"}
+
+
 def _stand_ins(conn, entries) -> dict:
     """The test's view of the program's top-level names. Built-in names are never shadowed (a
     program's own ``all`` or ``isinstance`` would otherwise decide the test)."""
@@ -635,7 +645,8 @@ def _stand_ins(conn, entries) -> dict:
             g[name] = payload
         elif kind == "x" and type(payload) is str:
             g[name] = _Uncrossable(name, payload[:300])
-        elif kind == "m" and type(payload) is str and payload in sys.stdlib_module_names:
+        elif kind == "m" and type(payload) is str and payload in sys.stdlib_module_names and \
+                payload not in _NOT_IMPORTED:
             try:
                 g[name] = __import__(payload)
             except Exception:
