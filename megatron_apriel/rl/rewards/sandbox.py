@@ -224,8 +224,9 @@ def isolation_mode(limits: SandboxLimits | None = None) -> str:
                 log.warning("\n%s\nCODE SANDBOX IN rlimits-only MODE: programs are limited in CPU, memory, processes "
                             "and file size, and a Python audit hook refuses sockets, writes outside the scratch dir "
                             "and signals; a child process or ctypes goes around that hook, so the NETWORK, the "
-                            "FILESYSTEM and the GRADER'S PROCESSES ARE NOT PROTECTED, and a process that leaves "
-                            "its session may outlive the run. Use isolation: bwrap wherever it can run.\n%s",
+                            "FILESYSTEM, the GRADER'S PROCESSES and the VERDICTS OF ASSERT TESTS ARE NOT PROTECTED, "
+                            "and a process that leaves its session may outlive the run. Use isolation: bwrap "
+                            "wherever it can run.\n%s",
                             "!" * 100, "!" * 100)
         return "rlimits-only"
     python = choose_python(limits)
@@ -305,7 +306,7 @@ class _Sandbox:
     """One sandboxed harness process: its command, descriptors and captured output (unlinked files)."""
 
     def __init__(self, mode: str, source: bytes, stdin: str, limits: SandboxLimits, isolation: str,
-                 stack: contextlib.ExitStack, fds: tuple, cpu_seconds: int):
+                 stack: contextlib.ExitStack, fds: tuple, cpu_seconds: int, user_nproc: int = 0):
         python = choose_python(limits)
         src = _unlinked(source, stack)
         fin = _unlinked(stdin.encode(), stack)
@@ -317,12 +318,7 @@ class _Sandbox:
             cwd, extra = "/", _as_nobody()
         else:
             where, weak = _harness_dir(), "1"
-            # RLIMIT_NPROC counts every thread of every process of the user (root is exempt): allow
-            # the user's current ones, the grader's pool threads included.
-            uid = os.getuid()
-            nproc = limits.max_processes + sum(
-                p.info["num_threads"] or 1 for p in psutil.process_iter(["uids", "num_threads"])
-                if p.info["uids"] and p.info["uids"].real == uid)
+            nproc = user_nproc or _user_nproc(limits)
             cwd = tempfile.mkdtemp(prefix="apriel-sandbox-")
             stack.callback(_remove_tree, cwd)
             cmd, extra = [], {}
@@ -343,6 +339,14 @@ class _Sandbox:
             except (ProcessLookupError, PermissionError):
                 pass
         self.proc.wait()
+
+
+def _user_nproc(limits: SandboxLimits) -> int:
+    """RLIMIT_NPROC for the rlimits-only mode: it counts every thread of every process of the user
+    (root is exempt), so allow the user's current ones, the grader's pool threads included."""
+    uid = os.getuid()
+    return limits.max_processes + sum(p.info["num_threads"] or 1 for p in psutil.process_iter(["uids", "num_threads"])
+                                      if p.info["uids"] and p.info["uids"].real == uid)
 
 
 def _closing(fds: set[int], stack: contextlib.ExitStack):
@@ -422,12 +426,13 @@ def run_asserts(code: str, checks: list[str], limits: SandboxLimits | None = Non
         verdicts = stack.enter_context(tempfile.TemporaryFile())
         start = time.monotonic()
         wall = f"{float(limits.wall_seconds)!r}"
+        nproc = _user_nproc(limits) if mode == "rlimits-only" else 0  # once for both (a scan of all processes)
         program = _Sandbox("program", code.encode(), stdin, limits, mode, stack, (call_r, answer_w, wall),
-                           limits.cpu_seconds)
+                           limits.cpu_seconds, nproc)
         stack.callback(program.kill)
         close(call_r, answer_w)
         tests = _Sandbox("test", _codec().encode(tuple(checks)), "", limits, mode, stack,
-                         (call_w, answer_r, verdicts.fileno(), wall), limits.cpu_seconds * max(1, n))
+                         (call_w, answer_r, verdicts.fileno(), wall), limits.cpu_seconds * max(1, n), nproc)
         close(call_w, answer_r)
         try:
             # Each test has wall_seconds (the program's process stops a child past it) and the test
