@@ -455,10 +455,12 @@ CHEATS = {
     "recursive dict": ("def f(x):\n    v = {}\n    v[1] = [v]\n    return v", "recursive structure"),
     "unsolicited at the top": (FORGE + "import os\ndef f(x):\n    return 0\n"
                                "for fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n"
-                               "        h.write_frame(fd, h.encode((0, bytes(8), 'ok', 4)))\n    except OSError:\n"
+                               "        h.write_frame(fd, h.encode((0, bytes(8), 'ok', 4, None)))\n"
+                               "    except OSError:\n"
                                "        pass", "a frame it was not asked for"),
     "unsolicited in a call": (FORGE + "import os\ndef f(x):\n    for fd in map(int, os.listdir('/proc/self/fd')):\n"
-                              "        try:\n            h.write_frame(fd, h.encode((0, bytes(8), 'ok', x * x)))\n"
+                              "        try:\n"
+                              "            h.write_frame(fd, h.encode((0, bytes(8), 'ok', x * x, None)))\n"
                               "        except OSError:\n            pass\n    return 0",
                               "an answer to a call it was not asked"),
     # the attack on the single-process harness: every pipe in /proc/self/fdinfo spliced into every other
@@ -597,6 +599,11 @@ def scaled(xs, by=1):
     return [x * by for x in xs], {"n": len(xs)}
 
 
+def sort_in_place(xs, seen):
+    xs.sort()
+    seen.update(xs)
+
+
 class EmptyError(ValueError):
     pass
 
@@ -684,6 +691,7 @@ HONEST_ASSERTS = [
     "g = squares(10)\nassert next(g) == 0 and next(g) == 1\nassert [x for x in g if x % 2] == [9, 25, 49, 81]",
     "import itertools\nassert list(itertools.islice(naturals(), 4)) == [0, 1, 2, 3]",
     "assert scaled([1, 2], by=3) == ([3, 6], {'n': 2}) and LIMIT == 10",
+    "xs, seen = [3, 1, 2], {0}\nassert sort_in_place(xs, seen) is None and xs == [1, 2, 3] and seen == {0, 1, 2, 3}",
     "assert TABLE == {'a': [1, 2.5, None, True], (1, 2): {b'x', frozenset({3})}}",
     "assert math.isclose(math.sqrt(fib(4) ** 2 + 4 ** 2), 5.0)",
     "s = Stack(1)\ns.push(2).push(3)\nassert s.pop() == 3 and len(s) == 2 and s.pushes == 2\n"
@@ -716,7 +724,8 @@ def test_program_objects_cross_as_handles_only():
             "class Box:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, other):\n"
             "        return True\n    def get(self):\n        return self.v\n    def __len__(self):\n"
             "        return I(3)\n    def __getattr__(self, name):\n        return Box(name)\n"
-            "def make(v):\n    return Box(v)\ndef apply(fn, x):\n    return fn(x)")
+            "def make(v):\n    return Box(v)\ndef apply(fn, x):\n    return fn(x)\ndef sneak(xs):\n"
+            "    xs.append(Box(0))")
     checks = [
         # methods and attributes answer values; the class is a class for isinstance
         "assert make(3).get() == 3 and make([1]).v == [1] and isinstance(make(1), Box)",
@@ -727,9 +736,11 @@ def test_program_objects_cross_as_handles_only():
         "assert len(make(1)) == 3",  # a protocol's answer is a value like any other
         "assert make(1).anything == 'x'",  # __getattr__ answers with an object: a handle, not equal
         "try:\n    assert make(1) != 2\nexcept BaseException:\n    pass",  # swallowing the refusal fails too
+        "xs = []\nsneak(xs)\nassert xs == [0]",  # what a call put in the test's list is a handle too
     ]
     res = run_python(prog, limits=LIMITS, check=checks)
-    assert [ok for ok, _ in res.outcomes] == [True, False, False, False, True, False, False, False], res.outcomes
+    assert [ok for ok, _ in res.outcomes] == [True, False, False, False, True, False, False, False, False], \
+        res.outcomes
     assert "objects of the program are not values" in res.outcomes[1][1]
     assert "cannot be set" in res.outcomes[2][1]
     assert "does not cross" in res.outcomes[3][1] and "function" in res.outcomes[3][1]

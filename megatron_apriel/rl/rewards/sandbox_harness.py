@@ -21,7 +21,9 @@ carry but that a test may still drive cross as opaque handles: instances of clas
 defined, functions and methods, iterators and generators (consumed item by item, each item a value).
 In the test process a handle can be called, iterated, measured (``len``), indexed, printed (``str``)
 and have its attributes read, each one a call answered with a value; it can never be compared, hashed
-by value or truth-tested (those are the "always equal" routes): doing so fails the test.
+by value or truth-tested (those are the "always equal" routes): doing so fails the test. Arguments
+cross as copies; lists, dicts and sets among them come back as they are after the call and replace
+the test's contents, so functions that work in place can be tested.
 """
 
 import builtins
@@ -267,7 +269,7 @@ def _serve_program(source, call_r, answer_w, wall):
     try:
         exec(compile(source, "program.py", "exec"), g)
     except BaseException as e:
-        write_frame(answer_w, encode((-1, b"", "raise", _exception_payload(e, handle))))
+        write_frame(answer_w, encode((-1, b"", "raise", _exception_payload(e, handle), None)))
         return
     for stream in (sys.stdout, sys.stderr):  # or a child would print the top level's output again
         try:
@@ -290,7 +292,7 @@ def _serve_program(source, call_r, answer_w, wall):
                 entries.append((name, "v", v))
             except CodecError as e:
                 entries.append((name, "x", f"{describe(v)}: {e}"))
-    write_frame(answer_w, encode((-1, b"", "ready", tuple(entries)), handle))
+    write_frame(answer_w, encode((-1, b"", "ready", tuple(entries), None), handle))
     test = 0
     while True:
         pid = os.fork()
@@ -312,7 +314,7 @@ def _serve_program(source, call_r, answer_w, wall):
         else:
             why = f"the program's process exited (status {os.WEXITSTATUS(status)}) during the test"
         try:
-            write_frame(answer_w, encode((test, b"", "died", why)))
+            write_frame(answer_w, encode((test, b"", "died", why, None)))
         except BrokenPipeError:  # the test process is done
             return
         test += 1
@@ -362,10 +364,19 @@ def _serve_test_calls(test, table, handle, call_r, answer_w):
                     answer = ("stop", None)
         except BaseException as e:
             answer = ("raise", _exception_payload(e, handle))
+        # Lists, dicts and sets passed to the program go back as they are after the call, so a test
+        # of a function that works in place sees its effect (as values, like everything else).
+        back = None
+        if answer[0] == "ok" and any(type(a) in (list, dict, set) for a in args):
+            back = tuple(a if type(a) in (list, dict, set) else None for a in args)
+            try:
+                encode(back, handle)
+            except CodecError:
+                back = None
         try:
-            data = encode((i, nonce) + answer, handle)
+            data = encode((i, nonce) + answer + (back,), handle)
         except CodecError as e:
-            data = encode((i, nonce, "bad", str(e)))
+            data = encode((i, nonce, "bad", str(e), None))
         write_frame(answer_w, data)
 
 
@@ -409,7 +420,7 @@ class _Connection:
             self._break("the program's process ended")
         except CodecError as e:
             self._break(f"the program sent {e}")
-        if type(frame) is not tuple or len(frame) != 4 or type(frame[0]) is not int or type(frame[2]) is not str:
+        if type(frame) is not tuple or len(frame) != 5 or type(frame[0]) is not int or type(frame[2]) is not str:
             self._break("the program sent a frame that is no answer")
         return frame
 
@@ -420,7 +431,7 @@ class _Connection:
     def ready(self):
         self.deadline = _now() + self.wall + 2
         try:
-            i, _, status, payload = self._read()
+            i, _, status, payload, _ = self._read()
         except _Broken:
             if self.broken.startswith("timed out"):
                 self.broken = f"timed out after {self.wall + 2:g}s: the program's top level did not finish"
@@ -436,7 +447,7 @@ class _Connection:
         poller = select.poll()
         poller.register(self.answer_r, select.POLLIN)
         while poller.poll(0):
-            i, nonce, status, payload = self._read()
+            i, nonce, status, payload, _ = self._read()
             if i < self.test:
                 continue
             if status == "died":
@@ -463,7 +474,7 @@ class _Connection:
         except BrokenPipeError:
             self._break("the program's process ended")
         while True:
-            i, got, status, payload = self._read()
+            i, got, status, payload, back = self._read()
             if i < self.test:
                 continue
             if status == "died":
@@ -472,6 +483,13 @@ class _Connection:
                 self._break("the program sent an answer to a call it was not asked")
             break
         if status == "ok":
+            if type(back) is tuple and len(back) == len(args):
+                for sent, now in zip(args, back):
+                    if type(sent) is list and type(now) is list:
+                        sent[:] = now
+                    elif type(sent) in (dict, set) and type(now) is type(sent):
+                        sent.clear()
+                        sent.update(now)
             return payload
         if status == "stop":
             raise StopIteration
