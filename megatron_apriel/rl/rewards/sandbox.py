@@ -78,8 +78,9 @@ NOBODY_GID = 65534
 ISOLATION_MODES = ("bwrap", "rlimits-only")
 TOKEN_BYTES = 32
 
-# The harness (sandbox_harness.py) is copied into a directory bound read-only as /sandbox; it is
-# never imported here, so it stays free of this package's imports.
+# The harness (sandbox_harness.py) is copied into a directory bound read-only as /sandbox. It imports
+# nothing of this package (it runs alone in the sandbox); the grader loads it only for its codec, which
+# carries the test code to the test process.
 _HARNESS_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
 
 
