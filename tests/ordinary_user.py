@@ -31,7 +31,9 @@ INSTALL = ("useradd --system --no-create-home --shell /usr/sbin/nologin apriel-c
 def require_teammates() -> tuple[pwd.struct_passwd, pwd.struct_passwd]:
     """The two users (created here when root and missing, as .ci/run does); skip where that cannot be."""
     if os.geteuid() != 0:
-        pytest.skip("running as another user needs root (CI runs as root)")
+        missing = [n for n in (USER_A, USER_B) if n not in {u.pw_name for u in pwd.getpwall()}]
+        pytest.skip("running as other users needs root (CI runs as root)"
+                    + (f"; and the users: {INSTALL}" if missing else ""))
     for tool in ("unshare", "setpriv", "useradd"):
         if not any(Path(d, tool).exists() for d in ("/usr/bin", "/usr/sbin", "/bin", "/sbin")):
             pytest.skip(f"{tool} missing (util-linux / passwd)")

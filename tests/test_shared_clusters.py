@@ -65,6 +65,15 @@ def test_atomic_writes_and_shards_follow_the_umask(umask, tmp_path, mask):
     assert _mode(tmp_path / "hf" / "model.safetensors") == 0o666 & ~mask
 
 
+def test_umask_without_proc_is_read_once_and_restored(umask, monkeypatch):
+    import megatron_apriel.config as config
+
+    umask(0o027)
+    monkeypatch.setattr(config, "_umask_from_proc", lambda: None)
+    assert config._umask_at_import() == 0o027
+    assert os.umask(0o027) == 0o027  # set back as it was
+
+
 def test_a_failed_atomic_write_leaves_nothing(tmp_path):
     (tmp_path / "x.txt").write_text("old")
     with pytest.raises(RuntimeError), atomic_path(tmp_path / "x.txt") as tmp:
