@@ -87,6 +87,7 @@ def world(tmp_path_factory):
     cfg["intermediate_size"] += 8
     (r / "bad_shapes" / "config.json").write_text(json.dumps(cfg))
     _jsonl(r / "math.jsonl", [{"question": "What is 2 + 2?", "answer": "4"}, {"question": "1 + 1?", "answer": "2"}])
+    _with_bad_byte(r / "math_bad.jsonl", [{"question": "What is 2 + 2?", "answer": "4"}], at=1)
     return r
 
 
@@ -204,8 +205,8 @@ CASES = [
      ["--max-gen-toks"]),
     ("eval-batch-size-0", EVAL + " --out {O}/r.json --batch-size 0", 2, ["--batch-size"]),
     ("eval-limit-0", EVAL + " --out {O}/r.json --limit 0", 2, ["--limit"]),
-    ("eval-task-file-not-utf8", EVAL.replace("math.jsonl", "text_bad.jsonl") + " --out {O}/r.json", 2,
-     ["{W}/text_bad.jsonl:3", "UTF-8"]),
+    ("eval-task-file-not-utf8", EVAL.replace("math.jsonl", "math_bad.jsonl") + " --out {O}/r.json", 2,
+     ["{W}/math_bad.jsonl", "line 1"]),
     ("eval-preset-typo", EVAL + " --out {O}/r.json --preset tiny2", 2, ["--preset", "tiny2"]),
     ("ms-out-dir-is-file", MS + " --out-dir {O}/file", 2, ["--out-dir", "{O}/file", "is a file"]),
     ("ms-grid-0", MS + " --out-dir {O}/out --grid 0", 2, ["--grid"]),
