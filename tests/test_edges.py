@@ -118,7 +118,7 @@ CASES = [
     ("pp-log-interval-0", PP + " --log-interval 0", 2, ["--log-interval"]),
     ("pp-workers-negative", PP + " --workers -1", 2, ["--workers"]),
     ("pp-log-seconds-negative", PP + " --log-seconds -1", 2, ["--log-seconds"]),
-    ("pp-slow-doc-seconds-0", PP + " --slow-doc-seconds 0", 2, ["--slow-doc-seconds"]),
+    ("pp-slow-doc-seconds-negative", PP + " --slow-doc-seconds -1", 2, ["--slow-doc-seconds"]),
     ("pp-prefix-under-file", PP.replace("{O}/out/p", "{O}/file/p"), 2, ["{O}/file", "is a file"]),
     ("pp-prefix-is-dir", PP.replace("{O}/out/p", "{O}/dir"), 2, ["--output-prefix", "folder"]),
     ("pp-bin-is-dir", PP.replace("{O}/out/p", "{O}/full/x"), 2, ["{O}/full/x_text_document.bin", "directory"]),

@@ -52,7 +52,6 @@ from megatron_apriel.outputs import (
     disk_error,
     nonnegative_float,
     nonnegative_int,
-    positive_float,
     positive_int,
     signals_deferred,
 )
@@ -720,7 +719,7 @@ def build_parser(prog: str = "preprocess_data.py") -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=positive_int, default=100_000, help="documents between log lines (no TTY)")
     g.add_argument("--log-seconds", type=nonnegative_float, default=30.0,
                    help="seconds between log lines (no TTY), and before naming a block still being tokenized")
-    g.add_argument("--slow-doc-seconds", type=positive_float, default=10.0,
+    g.add_argument("--slow-doc-seconds", type=nonnegative_float, default=10.0,
                    help="name in the log every document (file:line, length) that takes this long to tokenize")
     g.add_argument("--strict", action="store_true", help="any skipped record is an error naming file and line")
     g.add_argument("--quiet", action="store_true", help="no progress output")
