@@ -386,7 +386,7 @@ def preprocess(args) -> dict:
     return report
 
 
-@cli_main("preprocess-multimodal: ", bad_input=(ValueError, FileNotFoundError))  # the tokenizer flags' errors
+@cli_main(bad_input=(ValueError, FileNotFoundError))  # the tokenizer flags' errors
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_inputs(args.input)

@@ -449,7 +449,7 @@ def train(cfg: GRPORunConfig) -> dict:
     return summary
 
 
-@cli_main("apriel grpo: ")
+@cli_main()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apriel grpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (examples/*/grpo.yaml)")
