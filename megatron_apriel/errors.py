@@ -55,8 +55,9 @@ def cli_main(bad_input: tuple[type[BaseException], ...] = (),
     """Decorate a verb's ``main(argv) -> int``: the one place errors become exit codes.
 
     Every verb spells an error the same way, ``error: <what>`` on one stderr line (the message
-    names the file, key or flag; argparse's own usage errors keep argparse's form). ``bad_input`` names the exceptions of dependencies and the
-    standard library that this verb reports as bad input (e.g. ``FileExistsError`` for an output
+    names the file, key or flag; argparse's own usage errors keep argparse's form). ``bad_input``
+    names the exceptions of dependencies and the standard library that this verb reports as bad
+    input (e.g. ``FileExistsError`` for an output
     folder already in use, ``OSError`` from ``from_pretrained`` on a folder that is not a model):
     they cannot subclass :class:`InputError`. ``bad_input_exit`` is 1 only for the tools named after
     Megatron-LM's (``preprocess_data.py``, ``merge_datasets.py``), which exit 1 on any error as

@@ -17,19 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from megatron_apriel.models.presets import ModelPreset
-
-
-@dataclass(frozen=True)
-class ImageLayout:
-    """How images become decoder positions: one token per ``patch_size`` square, an [IMG_BREAK]
-    after each row of patches, [IMG_END] after the last, images scaled to fit ``image_size``."""
-
-    patch_size: int
-    image_size: int
-    image_token_id: int
-    image_break_token_id: int
-    image_end_token_id: int
+from megatron_apriel.models.presets import ImageLayout, ModelPreset
 
 
 @dataclass(frozen=True)
@@ -65,11 +53,6 @@ def _llava_tp(preset: ModelPreset) -> list[tuple[str, int]]:
                                ("the hidden size (projector)", preset.hidden_size)]
 
 
-def _pixtral_layout(preset: ModelPreset) -> ImageLayout:
-    v = preset.vision
-    return ImageLayout(v.patch_size, v.image_size, v.image_token_id, v.image_break_token_id, v.image_end_token_id)
-
-
 def _build_text(preset, config, use_te: bool = False, max_sequence_length: int = 4096):
     from megatron_apriel.models.builder import build_model_chunks  # megatron-core: only when building
 
@@ -94,7 +77,7 @@ LLAVA = ModelFamily(
     name="llava", description="LLaVA: Pixtral vision encoder, 2-layer projector, Mistral decoder",
     claims=lambda p: p.vision is not None, claims_hf_config=lambda cfg: "vision_config" in cfg,
     build_chunks=_build_llava, tp_divides=_llava_tp, freeze_groups=TEXT_GROUPS + ("vision_encoder", "projector"),
-    checkpoint_driver="megatron_apriel.checkpoint.llava", image_layout=_pixtral_layout)
+    checkpoint_driver="megatron_apriel.checkpoint.llava", image_layout=lambda p: p.vision.image_layout())
 
 # newest first: a family registered later may claim presets an older one would take
 FAMILIES: list[ModelFamily] = [LLAVA, TEXT]
