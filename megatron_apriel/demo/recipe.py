@@ -32,7 +32,6 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_apriel.checkpoint import average, convert, upscale
-from megatron_apriel.checkpoint.hf_io import VOCAB_FILES
 from megatron_apriel.config import load_config
 from megatron_apriel.data import mix_report, preprocess, preprocess_sft
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
@@ -410,10 +409,6 @@ class Demo:
         hist = [h for h in state["log_history"] if "reward" in h]
         curve = [(h["step"], h.get("loss", 0.0)) for h in hist]
         rewards = [(h["step"], h["reward"]) for h in hist]
-        # TRL re-serialises the tokenizer: put back the exact files of the model GRPO started from,
-        # so the final merge's "same tokenizer" check compares the same bytes.
-        for ck in (d / "run").glob("checkpoint-*"):
-            _copy_tokenizer_files(self.d("merge") / "hf", ck)
         q = max(1, len(rewards) // 4)  # one step's reward is a few prompts: compare quarters of the run
         held_out = self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True)
         paired = paired_difference(self.d("merge") / "eval_sampled.json", d / "run" / "eval_sampled.json")
@@ -471,14 +466,6 @@ def _worth_showing(line: str) -> bool:
     if line.startswith((" ", "\t")) and not s.startswith("###"):
         return False
     return not s.endswith(":") or s.startswith("config")
-
-
-def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for n in VOCAB_FILES:
-        if (dst / n).exists() and not (src / n).exists():
-            (dst / n).unlink()
-        if (src / n).exists():
-            shutil.copyfile(src / n, dst / n)
 
 
 def _losses(path: Path) -> list[tuple[int, float]]:
