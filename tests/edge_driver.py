@@ -62,6 +62,9 @@ def main() -> None:
     global _ARMED_FILE
     jobs = json.loads(open(sys.argv[1]).read())
     _ARMED_FILE = sys.argv[2] + ".fired"
+    # a shell starts background jobs with SIGINT ignored, and Python then keeps it ignored: restore
+    # what an interactive user's process has, whatever ran the tests
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.addaudithook(_hook)
     from megatron_apriel.cli import main as apriel
 
