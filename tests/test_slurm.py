@@ -21,6 +21,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import INSTALL_HINT  # noqa: E402
 from slurm_cluster import SlurmCluster, missing_binaries  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ def require_slurm(missing_tools: list[str] = ()) -> None:
     """Skip where the SLURM packages (or other ``missing_tools``) are absent or we are not root."""
     missing = missing_binaries() + list(missing_tools)
     if missing:
-        pytest.skip(f"missing {', '.join(missing)}: apt-get install slurmctld slurmd slurm-client munge iproute2")
+        pytest.skip(f"missing {', '.join(missing)}: {INSTALL_HINT} "
+                    "(apt-get install slurmctld slurmd slurm-client munge iproute2)")
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root")
 
