@@ -55,6 +55,7 @@ from megatron_apriel.checkpoint.hf_io import (
     atomic_output_dir,
     copy_side_files,
 )
+from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, merge_card
 from megatron_apriel.config import load_yaml
 from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
@@ -302,8 +303,9 @@ def weighted_tensor(ckpts: list[Checkpoint], weights: list[float], name: str,
 
 def average(inputs: list[str | Path], out: str | Path, weights: list[float] | None = None,
             allow_unnormalised: bool = False, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
-            log=print) -> dict:
-    """Write the weighted average of ``inputs`` (HF folders) to ``out`` as an HF folder."""
+            log=print, card: dict | None = None) -> dict:
+    """Write the weighted average of ``inputs`` (HF folders) to ``out`` as an HF folder, with a model
+    card (``card``: its options, see :func:`megatron_apriel.checkpoint.model_card.merge_card`)."""
     if len(inputs) < 2:
         raise AverageError(f"need at least 2 checkpoints, got {len(inputs)}")
     weights = check_weights(weights if weights is not None else [1.0 / len(inputs)] * len(inputs),
@@ -335,6 +337,7 @@ def average(inputs: list[str | Path], out: str | Path, weights: list[float] | No
             copied = copy_side_files(ckpts[0].path, tmp)
             record = {"method": "linear", "inputs": [str(Path(p).resolve()) for p in inputs], "weights": weights}
             (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+            merge_card(tmp, inputs, weights, **(card or {}))
         seconds = time.perf_counter() - t0
     finally:
         for c in ckpts:
@@ -493,7 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="mergekit-style YAML (merge_method: linear, models: [...])")
     ap.add_argument("--max-shard-gb", type=float, default=5.0)
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    add_card_args(ap)
     args = ap.parse_args(argv)
+    check_card_args(args.model_card_extra, args.eval_results)
     inputs, weights, allow = list(args.inputs), args.weights, args.allow_unnormalised
     out = args.out
     if args.config:
@@ -510,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
         raise AverageError("--out is required")
     print(f"linear merge of {len(inputs)} checkpoints -> {out}")
     average(inputs, out, weights, allow_unnormalised=allow, force=args.force,
-            max_shard_bytes=int(args.max_shard_gb * 1024**3))
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            card=dict(license=args.license, base_model=args.base_model, extra=args.model_card_extra,
+                      eval_results=args.eval_results))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_apriel.checkpoint.model_card import weights_sha256
 from megatron_apriel.config import load_yaml
 from megatron_apriel.data.chat_template import (
     CHAT_TEMPLATES,
@@ -70,15 +70,9 @@ class Settings:
 
 # ------------------------------------------------------------------------------ models
 def model_hash(hf_dir: Path) -> str:
-    """sha256 over the weight files (names and bytes, in name order): the same weights, the same hash."""
-    h = hashlib.sha256()
-    files = sorted(p for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 over the weight files (names and bytes, in name order): the same weights, the same hash
+    (the one model cards match results by)."""
+    return weights_sha256(hf_dir)
 
 
 def check_models(paths: list[str]) -> list[dict]:
