@@ -18,10 +18,6 @@ from megatron_apriel.checkpoint.model_card import weights_sha256
 ITERS, GBS, SEQ = 4, 8, 64  # examples/tiny/cpt.yaml's batch and sequence: 4 * 8 * 64 tokens
 
 
-def apriel(*args, check=True):
-    return run_python(["-m", "megatron_apriel.cli", *map(str, args)], check=check, timeout=300)
-
-
 def verb(*args) -> int:
     """An ``apriel`` verb in this process (as the demo runs conversion and averaging): no interpreter start."""
     from megatron_apriel.cli import main
@@ -31,11 +27,15 @@ def verb(*args) -> int:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A base model where the Hub cache keeps it (so its repo id is known), trained 4 steps, exported."""
+    """A base model given by its Hub repo id (found in a Hub cache, offline), trained 4 steps, exported."""
     root = tmp_path_factory.mktemp("card")
     snapshot = root / "hub" / "models--test-org--tiny-base" / "snapshots" / ("a" * 40)
     make_tiny_hf(snapshot)
-    apriel("convert", "hf-to-mcore", "--hf", snapshot, "--out", root / "base_mcore")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    hub = {"HF_HUB_CACHE": str(root / "hub"), "HF_HUB_OFFLINE": "1"}
+    run_python(["-m", "megatron_apriel.cli", "convert", "hf-to-mcore", "--hf", "test-org/tiny-base", "--out",
+                root / "base_mcore"], env=hub)
     run_python(["-m", "megatron_apriel.train", "--config", "examples/tiny/cpt.yaml", f"checkpoint.save={root / 'cpt'}",
                 f"checkpoint.load={root / 'base_mcore'}", f"train.train_iters={ITERS}",
                 f"checkpoint.save_interval={ITERS}", "logging.eval_interval=null", "model.changes.vocab_size=500"])

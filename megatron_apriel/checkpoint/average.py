@@ -58,6 +58,7 @@ from megatron_apriel.checkpoint.hf_io import (
 from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, merge_card
 from megatron_apriel.config import load_yaml
 from megatron_apriel.errors import InputError, cli_main
+from megatron_apriel.hub import resolve_model
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # config.json keys that may differ between checkpoints of one architecture.
@@ -483,7 +484,7 @@ def select_from_run(run_dir, k: int | None, steps: list[int] | None, min_step: i
 @cli_main("apriel average: error: ", bad_input=(FileExistsError, FileNotFoundError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel average", description=__doc__.split("\n\n")[0])
-    ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist)")
+    ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist) or Hub repo ids")
     ap.add_argument("--out", help="output folder (written atomically)")
     ap.add_argument("--weights", type=float, nargs="+", help="one weight per input (default uniform)")
     ap.add_argument("--allow-unnormalised", action="store_true", help="accept weights that do not sum to 1")
@@ -513,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = select_from_run(args.run_dir, args.equispaced, args.steps, args.min_step, inputs)
     if not out:
         raise AverageError("--out is required")
+    inputs = [resolve_model(p, "input") for p in inputs]
     print(f"linear merge of {len(inputs)} checkpoints -> {out}")
     average(inputs, out, weights, allow_unnormalised=allow, force=args.force,
             max_shard_bytes=int(args.max_shard_gb * 1024**3),

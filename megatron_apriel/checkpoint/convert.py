@@ -65,6 +65,7 @@ from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template
 from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, assign_role_tokens, role_tokens
 from megatron_apriel.errors import cli_main
+from megatron_apriel.hub import check_push_target, push_folder, resolve_model
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 from megatron_apriel.models.presets import ModelPreset, get_preset
 from megatron_apriel.runtime import init_distributed
@@ -349,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel convert", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors folder -> megatron-core dist checkpoint")
-    a.add_argument("--hf", required=True, help="HF folder (config.json + safetensors)")
+    a.add_argument("--hf", required=True, help="HF folder (config.json + safetensors) or Hub repo id org/name[@rev]")
     a.add_argument("--out", required=True)
     a.add_argument("--tp", type=int, default=1, help="run under torchrun with tp*pp processes when > 1")
     a.add_argument("--pp", type=int, default=1)
@@ -369,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
     b.add_argument("--force", action="store_true")
     add_card_args(b)
+    b.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="then upload the folder to this Hub model repo (org/name; created private if missing; "
+                        "token from HF_TOKEN or `hf auth login`)")
     return ap
 
 
@@ -384,16 +388,22 @@ def parse_size(text: str) -> int:
 @cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tokenizer:
+        args.tokenizer = resolve_model(args.tokenizer, "--tokenizer")
     if args.cmd == "hf-to-mcore":
+        args.hf = resolve_model(args.hf, "--hf")
         hf_to_mcore_checkpoint(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                tokenizer=args.tokenizer, force=args.force)
     else:
         check_card_args(args.model_card_extra, args.eval_results)
+        check_push_target(args.push_to_hub)
         card = dict(license=args.license, base_model=args.base_model, extra=args.model_card_extra,
                     eval_results=args.eval_results)
         mcore_to_hf_checkpoint(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
                                chat_template=args.chat_template, dtype=args.dtype,
                                max_shard_bytes=parse_size(args.max_shard_size), force=args.force, card=card)
+        if args.push_to_hub:
+            push_folder(args.out, args.push_to_hub)
     return 0
 
 

@@ -36,6 +36,7 @@ from megatron_apriel.data.chat_template import (
 )
 from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.eval.tasks import BuiltTask, TaskFileError, TaskSpec, outcome_counts, parse_task_arg, read_records
+from megatron_apriel.hub import resolve_model
 
 
 class EvalError(InputError):
@@ -468,11 +469,12 @@ def settings_from_args(args) -> Settings:
 @cli_main("apriel eval: error: ")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf", nargs="+", required=True, help="HF checkpoint folder(s)")
+    ap.add_argument("--hf", nargs="+", required=True, help="HF checkpoint folder(s) or Hub repo ids (org/name[@rev])")
     ap.add_argument("--out", required=True, help="results JSON (written when every model is done)")
     ap.add_argument("--plot", help="PNG of scores per checkpoint (default: beside --out when several --hf)")
     add_settings_args(ap)
     args = ap.parse_args(argv)
+    args.hf = [resolve_model(h, "--hf") for h in args.hf]
     run(args.hf, args.tasks, args.out, settings_from_args(args), args.plot)
     return 0
 
