@@ -9,6 +9,7 @@
 #   bubblewrap                           the code reward's sandbox (the namespaces Flatpak uses, no root)
 #   gcc                                  the compiled Tekken path (setup.py's optional extension)
 #   apriel-ci (a user)                   tests/test_sandbox.py reruns the hostile programs as an ordinary user
+#   apriel-ci2 (in apriel-ci's group)    its teammate: runs shared between users (test_shared_clusters.py, SLURM)
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -42,5 +43,10 @@ fi
 if ! id apriel-ci >/dev/null 2>&1; then
   useradd --system --no-create-home --shell /usr/sbin/nologin apriel-ci
   echo "added user apriel-ci"
+fi
+# its teammate in the same group: tests/test_shared_clusters.py and the SLURM tests share runs between them
+if ! id apriel-ci2 >/dev/null 2>&1; then
+  useradd --system --no-create-home --shell /usr/sbin/nologin -g apriel-ci apriel-ci2
+  echo "added user apriel-ci2"
 fi
 echo "system packages: ok"
