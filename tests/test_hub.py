@@ -64,6 +64,11 @@ def test_verbs_take_repo_ids(offline_cache, tmp_path):
     merge = json.loads((tmp_path / "avg" / "merge.json").read_text())
     assert merge["inputs"] == [str(snaps["test-org/tiny"].resolve()), str(snaps["test-org/tiny-b"].resolve())]
     assert ModelCard.load(tmp_path / "avg" / "README.md").data.base_model == ["test-org/tiny", "test-org/tiny-b"]
+    cfg = tmp_path / "merge.yaml"  # the merge YAML (average --config, merge-search) names repo ids too
+    cfg.write_text("merge_method: linear\nmodels:\n  - model: test-org/tiny\n    parameters: {weight: 0.5}\n"
+                   "  - model: test-org/tiny-b@main\n    parameters: {weight: 0.5}\n")
+    assert verb("average", "--config", cfg, "--out", tmp_path / "avg_yaml") == 0
+    assert json.loads((tmp_path / "avg_yaml" / "merge.json").read_text())["inputs"] == merge["inputs"]
     assert verb("convert", "hf-to-mcore", "--hf", "test-org/tiny", "--out", tmp_path / "mcore") == 0
     meta = yaml.safe_load((tmp_path / "mcore" / "apriel_model.yaml").read_text())
     assert meta["source"] == str(snaps["test-org/tiny"].resolve())

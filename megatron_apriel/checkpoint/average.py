@@ -58,7 +58,7 @@ from megatron_apriel.checkpoint.hf_io import (
 from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, merge_card
 from megatron_apriel.config import load_yaml
 from megatron_apriel.errors import InputError, cli_main
-from megatron_apriel.hub import resolve_model
+from megatron_apriel.hub import parse_repo_id, resolve_model
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # config.json keys that may differ between checkpoints of one architecture.
@@ -454,6 +454,9 @@ def load_merge_yaml(path: str) -> dict:
         except (TypeError, ValueError):
             raise AverageError(f"{where}.parameters.weight: not a number ({params['weight']!r})") from None
         model = Path(str(m["model"]))
+        if not model.exists() and parse_repo_id(str(m["model"])):
+            paths.append(str(m["model"]))  # a Hub repo id: the callers resolve it (megatron_apriel.hub)
+            continue
         paths.append(model if model.is_absolute() else Path.cwd() / model)
     return dict(inputs=paths, weights=weights, out=data.get("out"),
                 allow_unnormalised=bool(data.get("allow_unnormalised", False)))

@@ -38,6 +38,7 @@ from megatron_apriel.eval.run import (
     settings_from_args,
 )
 from megatron_apriel.eval.tasks import TaskSpec, parse_task_arg, read_records
+from megatron_apriel.hub import resolve_model
 
 MAX_CANDIDATES = 200
 
@@ -63,7 +64,7 @@ def objective(scores: dict) -> float:
 def search(config: str, task_args: list[str], grid: float, out_dir: str, settings, keep: bool = False,
            log=print, card: dict | None = None) -> dict:
     spec = load_merge_yaml(config)
-    inputs = [str(p) for p in spec["inputs"]]
+    inputs = [resolve_model(str(p), "models[].model") for p in spec["inputs"]]  # folders or Hub repo ids
     check_models(inputs)
     tasks = [parse_task_arg(a, settings.samples, settings.require_final_response) for a in task_args]
     for t in tasks:
