@@ -38,7 +38,7 @@ def exported(tmp_path_factory):
                 root / "base_mcore"], env=hub)
     run_python(["-m", "megatron_apriel.train", "--config", "examples/tiny/cpt.yaml", f"checkpoint.save={root / 'cpt'}",
                 f"checkpoint.load={root / 'base_mcore'}", f"train.train_iters={ITERS}",
-                f"checkpoint.save_interval={ITERS}", "logging.eval_interval=null", "model.changes.vocab_size=500"])
+                f"checkpoint.save_interval={ITERS // 2}", "logging.eval_interval=null", "model.changes.vocab_size=500"])
     extra = root / "extra.md"
     extra.write_text("## Intended use\n\nTesting the card.\n")
     out = root / "cpt_export" / "hf"
@@ -55,7 +55,7 @@ def test_export_card_metadata_stages_and_tokens(exported):
     assert card.data.library_name == "transformers" and {"megatron-apriel", "mcore-to-hf"} <= set(card.data.tags)
     assert "# cpt_export" in card.text.splitlines()  # the run's folder (out is cpt_export/hf)
     tokens = ITERS * GBS * SEQ
-    assert f"{tokens:,} tokens seen in all" in card.text
+    assert f"1 training run(s), {tokens:,} tokens seen in all" in card.text
     row = next(line for line in card.text.splitlines() if line.startswith("| 1 |"))
     assert f"| {ITERS} | {tokens:,} | dataset `synthetic` |" in row and "base_mcore" in row
     assert "global_batch_size: 8" in card.text  # the stage's run_config.yaml
@@ -100,3 +100,17 @@ def test_average_card_lists_inputs_weights_and_bases(exported, tmp_path):
     assert f"| `{base.resolve()}` | 0.25 |" in card.text and f"| `{other.resolve()}` | 0.75 |" in card.text
     assert json.loads((merged / "merge.json").read_text())["weights"] == [0.25, 0.75]
     assert card.text.rstrip().endswith("merged.")
+
+
+def test_export_of_an_average_names_it_and_the_run_behind_it(exported, tmp_path):
+    root, _, _ = exported
+    cpt = root / "cpt"
+    assert verb("average", cpt / "iter_0000002", cpt / "iter_0000004", "--out", tmp_path / "avg_mcore") == 0
+    assert verb("convert", "mcore-to-hf", "--ckpt", tmp_path / "avg_mcore", "--out", tmp_path / "avg_hf") == 0
+    card = ModelCard.load(tmp_path / "avg_hf" / "README.md")
+    tokens = ITERS * GBS * SEQ  # the history of the run's last checkpoint; the average adds none
+    assert f"1 training run(s) and 1 average(s), {tokens:,} tokens seen in all" in card.text
+    rows = [line for line in card.text.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert "iter_0000004" in rows[0] and f"| {tokens:,} |" in rows[0]
+    assert "| - | 0 | average of 2: `iter_0000002` 0.5, `iter_0000004` 0.5 |" in rows[1]
+    assert card.data.base_model == "test-org/tiny-base"

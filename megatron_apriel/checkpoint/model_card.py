@@ -91,15 +91,29 @@ def training_stages(ckpt_dir: str | os.PathLike) -> list[dict]:
             break
         iter_path = Path(iter_path).resolve()
         cfg_file = iter_path / "run_config.yaml"
-        if iter_path in seen or not cfg_file.is_file():
+        if iter_path in seen:
             break
         seen.add(iter_path)
+        merge_file = iter_path / "merge.json"
+        if merge_file.is_file():  # `apriel average` of dist checkpoints: no tokens of its own
+            rec = json.loads(merge_file.read_text())
+            shares = ", ".join(f"`{Path(p).name}` {w:g}" for p, w in zip(rec["inputs"], rec["weights"]))
+            stages.append({"checkpoint": str(iter_path), "iteration": "-", "config": None, "tokens": 0,
+                           "start": ", ".join(f"`{p}`" for p in rec["inputs"]),
+                           "data": f"average of {len(rec['inputs'])}: {shares}"})
+            # the inputs of one run's average share its history; the last input has the longest
+            path = rec["inputs"][-1] if rec["inputs"] else None
+            continue
+        if not cfg_file.is_file():
+            break
         cfg = yaml.safe_load(cfg_file.read_text()) or {}
         train = cfg.get("train") or {}
         seq = int(train.get("seq_length") or 0)
         consumed = _consumed_samples(iter_path)
         line, shares = _blend_summary(cfg.get("data") or {})
+        start = (cfg.get("checkpoint") or {}).get("load")
         stages.append({"checkpoint": str(iter_path), "iteration": iteration, "config": cfg,
+                       "start": f"`{start}`" if start else "random initialisation",
                        "seq_length": seq, "consumed_samples": consumed,
                        "tokens": consumed * seq if consumed is not None and seq else None,
                        "data": line, "blend": shares})
@@ -115,9 +129,10 @@ def stages_markdown(stages: list[dict]) -> str:
              "|---|---|---|---|---|---|"]
     for i, s in enumerate(reversed(stages), 1):
         tokens = f"{s['tokens']:,}" if s["tokens"] is not None else "unknown"
-        start = (s["config"].get("checkpoint") or {}).get("load") or "random initialisation"
-        lines.append(f"| {i} | `{start}` | `{s['checkpoint']}` | {s['iteration']} | {tokens} | {s['data']} |")
+        lines.append(f"| {i} | {s['start']} | `{s['checkpoint']}` | {s['iteration']} | {tokens} | {s['data']} |")
     for i, s in enumerate(reversed(stages), 1):
+        if s["config"] is None:
+            continue
         lines += ["", f"<details><summary>stage {i}: run_config.yaml</summary>", "", "```yaml",
                   yaml.safe_dump(s["config"], sort_keys=False).rstrip(), "```", "", "</details>"]
     return "\n".join(lines)
@@ -288,7 +303,8 @@ def export_card(out_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, preset_
 
     stages = training_stages(ckpt_dir)
     if base_model is None:  # the first stage's starting checkpoint, converted from an HF model
-        start = (stages[-1]["config"].get("checkpoint") or {}).get("load") if stages else ckpt_dir
+        first = stages[-1]["config"] if stages else None
+        start = (first.get("checkpoint") or {}).get("load") if first else None if stages else ckpt_dir
         meta = find_model_meta(start) if start and Path(start).exists() else None
         source = (yaml.safe_load(meta.read_text()) or {}).get("source") if meta else None
         base_model = (card_base_models(source) or [None])[0] if source and Path(source).is_dir() else None
@@ -297,7 +313,9 @@ def export_card(out_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, preset_
             f"`{Path(ckpt_dir).resolve()}`: preset `{preset_name}`, {dtype}.")
     if stages:
         seen = f"{sum(tokens):,} tokens" if all(t is not None for t in tokens) else "tokens partly unknown"
-        what += f" {len(stages)} training stage(s), {seen} seen in all."
+        runs = sum(s["config"] is not None for s in stages)
+        averages = f" and {len(stages) - runs} average(s)" if len(stages) > runs else ""
+        what += f" {runs} training run(s){averages}, {seen} seen in all."
     return write_model_card(out_dir, title=model_name(out_dir), what=what, sections=[stages_markdown(stages)],
                             base_model=base_model, license=license, tags=["mcore-to-hf"],
                             eval_results=eval_results_for(eval_results, out_dir) if eval_results else None,
