@@ -206,6 +206,9 @@ def test_broken_images_are_counted_skips(evaluated, vl_dir):
     assert reasons[7].startswith("placeholder_mismatch")
     assert "'images' must be a list" in reasons[8]
     assert reasons[9].startswith("image_token_in_text")
+    assert r["skip_reasons"] == {"image_missing": 1, "image_unreadable": 1 + reasons[6].startswith("image_unreadable"),
+                                 "placeholder_mismatch": 1, "invalid_record": 1, "image_token_in_text": 1,
+                                 **({"image_truncated": 1} if reasons[6].startswith("image_truncated") else {})}
     line = next(m for m in evaluated["logs"] if "skipped 6 bad record(s)" in m)
     assert f"{evaluated['out'] / 'mc.jsonl'}:4: image_missing" in line
 

@@ -36,7 +36,15 @@ from megatron_apriel.data.chat_template import (
 )
 from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.eval.images import image_hflm, is_vision_checkpoint
-from megatron_apriel.eval.tasks import BuiltTask, TaskFileError, TaskSpec, outcome_counts, parse_task_arg, read_records
+from megatron_apriel.eval.tasks import (
+    BuiltTask,
+    TaskFileError,
+    TaskSpec,
+    outcome_counts,
+    parse_task_arg,
+    read_records,
+    skip_counts,
+)
 
 
 class EvalError(InputError):
@@ -308,7 +316,8 @@ def evaluate_model(hf_dir: str, tasks: list, settings: Settings, log=print) -> t
                         if k != "alias" and isinstance(v, (int, float))}
     for b in built:
         s = scores.setdefault(b.spec.task, {})
-        s.update(kind=b.spec.kind, file=str(b.spec.path), records=b.n_records, skipped=b.skipped)
+        s.update(kind=b.spec.kind, file=str(b.spec.path), records=b.n_records, skipped=b.skipped,
+                 skip_reasons=skip_counts(b.skipped))
         if b.details:
             s["outcomes"] = outcome_counts(b.details)
     for name, rows in out.get("samples", {}).items():

@@ -455,6 +455,13 @@ def _jsonable(x):
         return str(x)
 
 
+def skip_counts(skipped: list[dict]) -> dict[str, int]:
+    """Skipped records per reason: the counter a reason starts with (``image_missing: ...``), else
+    ``invalid_record``."""
+    return dict(collections.Counter(m.group(1) if (m := re.match(r"([a-z_]+):", s["reason"])) else "invalid_record"
+                                    for s in skipped))
+
+
 def outcome_counts(details: dict[int, dict]) -> dict[str, int]:
     c = collections.Counter(o for d in details.values() for o in d["outcome"])
     return {k: c.get(k, 0) for k in ("right", "wrong", "malformed", "no_answer")}
