@@ -126,15 +126,17 @@ def evaluated(vl_dir, reference, tmp_path_factory):
     # generation reference: greedy completions of transformers for each question and image
     questions = [(f"How many shapes are there in picture {i}?", [imgs[i]]) for i in range(5)]
     questions.append(("Compare <image> with <image>: how many shapes in all?", [imgs[0], imgs[3]]))
+    texts = [("How many sides has a square?", []), ("What is 2 + 3?", [])]  # a text-only task in the same run
     completions = []
-    for q, paths in questions:
-        enc = proc(text=render(tok, q, len(paths)), images=[pil[p] for p in paths], return_tensors="pt")
+    for q, paths in questions + texts:
+        enc = proc(text=render(tok, q, len(paths)), images=[pil[p] for p in paths] or None, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, pad_token_id=tok.pad_token_id)
         completions.append(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     # even records ask for the number transformers answered (right), odd ones for another (wrong)
     math = [{"question": q, "images": paths, "answer": (extract_answer(c) or "7") if k % 2 == 0 else "123456"}
             for k, ((q, paths), c) in enumerate(zip(questions, completions))]
+    text_only = [{"question": q, "answer": "4"} for q, _ in texts]
     mc = [{"question": "Which colour is the shape?", "images": [imgs[k]], "choices": ["red", "blue", "green",
            "yellow"], "answer": k % 4} for k in range(5)]
     mc.append({"question": "Is <image> like <image>?", "images": [imgs[1], imgs[2]], "choices": ["yes", "no"],
@@ -148,25 +150,31 @@ def evaluated(vl_dir, reference, tmp_path_factory):
            {"question": "Colour?", "images": "img/0.png", "choices": ["a", "b"], "answer": 0},
            {"question": "What does [IMG] mean?", "images": [imgs[0]], "choices": ["a", "b"], "answer": 0}]
     _write_jsonl(d / "math.jsonl", math)
+    _write_jsonl(d / "text.jsonl", text_only)
     _write_jsonl(d / "mc.jsonl", mc[:3] + bad + mc[3:])
     logs = []
     settings = ev.Settings(max_gen_toks=MAX_NEW, chat_template="apriel-1.5", batch_size=2,
                            require_final_response=False)
-    result = ev.run([str(vl_dir)], [f"math={d / 'math.jsonl'}", f"choice_ll={d / 'mc.jsonl'}"],
+    result = ev.run([str(vl_dir)], [f"math={d / 'math.jsonl'}", f"choice_ll={d / 'mc.jsonl'}",
+                                    f"math={d / 'text.jsonl'}"],
                     str(d / "results.json"), settings, log=logs.append)
     return dict(result=result, completions=completions, math=math, mc=mc, pil=pil, out=d, logs=logs)
 
 
 def test_generation_accuracy_equals_transformers_count(evaluated, vl_dir):
     r = evaluated["result"]["results"][str(vl_dir)]["math"]
+    completions = evaluated["completions"][:len(evaluated["math"])]
     expected = [extract_answer(c) is not None and extract_answer(c) == str(rec["answer"])
-                for c, rec in zip(evaluated["completions"], evaluated["math"])]
+                for c, rec in zip(completions, evaluated["math"])]
     assert sum(expected) >= 2 and not all(expected)  # right and wrong both occur under transformers' own output
     assert r["pass@1"] == pytest.approx(sum(expected) / len(expected))
     samples = evaluated["result"]["samples"][str(vl_dir)]["math"]
-    assert [s["completions"][0] for s in samples] == evaluated["completions"]
+    assert [s["completions"][0] for s in samples] == completions
     assert [s["correct"][0] for s in samples] == expected
     assert samples[-1]["images"] == evaluated["math"][-1]["images"]
+    # a text-only task in the same run (lm-eval sends all tasks' requests in one call) is answered without images
+    text = evaluated["result"]["samples"][str(vl_dir)]["text"]
+    assert [s["completions"][0] for s in text] == evaluated["completions"][len(completions):]
 
 
 def test_loglikelihood_accuracy_equals_transformers_count(evaluated, reference, vl_dir):

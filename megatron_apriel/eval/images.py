@@ -180,9 +180,20 @@ def image_hflm():
                 raise ImageEvalError(f"the chat template renders an image chunk as {n} {self.image_token}, not 1; "
                                      "use a template that renders images (--chat-template apriel-1.5)")
 
+        @staticmethod
+        def _with_images(requests):
+            """lm-eval sends the requests of all tasks in one call, and its multimodal backend takes the path of
+            the first; a text task's requests get an empty image list, so every request takes the image path."""
+            for r in requests:
+                if len(r.arguments) < 3:
+                    r.arguments = (*r.arguments, {"visual": []})
+            return requests
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return super().generate_until(self._with_images(requests), disable_tqdm=disable_tqdm)
+
         def loglikelihood(self, requests, disable_tqdm: bool = False):
-            if requests and len(requests[0].args) < 3:
-                return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+            requests = self._with_images(requests)
             out = []
             for start in range(0, len(requests), self.batch_size):
                 out += self._score_batch([r.args for r in requests[start:start + self.batch_size]])
