@@ -2,7 +2,7 @@
 
 The engine is lm-evaluation-harness's multimodal HF backend (``hf-multimodal``, ``HFMultimodalLM``):
 it collects each document's images (``doc_to_image``), renders the chat with one image chunk per
-``<image>`` placeholder, batches, generates and cuts at the stop strings. Two parts of it do not fit
+``<image>`` placeholder, batches, generates and cuts at the stop strings. Three parts of it do not fit
 a Pixtral checkpoint, and this module replaces only those:
 
 - the processor. lm-eval loads ``AutoProcessor``, and transformers' ``PixtralProcessor`` imports
@@ -15,7 +15,10 @@ a Pixtral checkpoint, and this module replaces only those:
 - log-likelihood. lm-eval's multimodal ``loglikelihood`` raises ``NotImplementedError`` (its body
   is unfinished), so :meth:`ImageHFLM.loglikelihood` scores each continuation after its context and
   images itself, with lm-eval's conventions (a context's trailing blanks are scored with the
-  continuation; the sum of the continuation's token log-probabilities; greedy = every token argmax).
+  continuation; the sum of the continuation's token log-probabilities; greedy = every token argmax);
+- mixed calls. lm-eval hands a backend the requests of every task in one call and its multimodal
+  backend takes the text or the image path by the first request, so a text task beside an image
+  task failed; text requests get an empty image list here and take the image path too.
 """
 
 from __future__ import annotations
@@ -160,7 +163,7 @@ def image_hflm():
 
     class ImageHFLM(HFMultimodalLM):
         def __init__(self, pretrained: str, **kwargs):
-            # A Pixtral prompt has one placeholder per image; the chat template renders it from an image chunk.
+            # decoder-only: lm-eval's text fallbacks slice logits as for a causal LM
             super().__init__(pretrained, backend="causal", **kwargs)
 
         def _create_tokenizer(self, pretrained, tokenizer, revision="main", trust_remote_code=False, **kwargs):
