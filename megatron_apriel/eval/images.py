@@ -29,8 +29,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from megatron_apriel.data.multimodal_format import PLACEHOLDER, ImageLayout
+from megatron_apriel.data.multimodal_format import PLACEHOLDER
 from megatron_apriel.errors import InputError
+from megatron_apriel.models.families import family_of_hf_config
+from megatron_apriel.models.presets import ImageLayout
 
 IMAGE_BREAK, IMAGE_END = "[IMG_BREAK]", "[IMG_END]"  # PixtralProcessor's defaults
 
@@ -40,9 +42,9 @@ class ImageEvalError(InputError):
 
 
 def is_vision_checkpoint(hf_dir: str | Path) -> bool:
-    """A Llava-style folder: its config.json has a vision_config."""
+    """A folder whose model family (the registry's answer for its config.json) takes images."""
     try:
-        return "vision_config" in json.loads((Path(hf_dir) / "config.json").read_text())
+        return family_of_hf_config(json.loads((Path(hf_dir) / "config.json").read_text())).has_images
     except (OSError, ValueError):
         return False
 
