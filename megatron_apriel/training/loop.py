@@ -33,8 +33,8 @@ from megatron_apriel.data.blends import build_datasets, resolve_stage
 from megatron_apriel.data.registry import resolve_dataset
 from megatron_apriel.data.synthetic import SyntheticDataset, SyntheticImageTextDataset  # noqa: F401 (older configs name them here)
 from megatron_apriel.errors import EXIT_OK, EXIT_REQUEUE, cli_main
-from megatron_apriel.models import get_preset, torch_fusions
-from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
+from megatron_apriel.models import float8, get_preset, torch_fusions
+from megatron_apriel.models.builder import build_model_chunks, check_fp8, float8_layers, should_use_te
 from megatron_apriel.models.flops import flops_per_token, peak_flops
 from megatron_apriel.models.llava import build_llava_chunks
 from megatron_apriel.runtime import destroy_distributed, init_distributed
@@ -174,7 +174,10 @@ def build(cfg: TrainConfig) -> TrainState:
     env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=m.device, seed=t.seed)
     device = _device_of(env)
     log0(f"distributed: backend {torch.distributed.get_backend()}, world {env.world_size}, device {env.device}")
-    check_fp8(m.fp8, env.device)
+    try:
+        fp8 = check_fp8(m.fp8, env.device)
+    except ValueError as e:
+        raise ConfigError(f"model.fp8: {e}") from None
     if m.cp > 1 and not should_use_te(env.device, m.use_te):
         raise ConfigError("model.cp > 1 needs Transformer Engine's attention on a GPU (the local SDPA spec has no CP)")
     dp = ps.get_data_parallel_world_size()
@@ -193,7 +196,7 @@ def build(cfg: TrainConfig) -> TrainState:
     fusions = torch_fusions.install(torch_fusions.parse(m.torch_fusions), env.device) if not use_te else ()
     tcfg = preset.transformer_config(
         tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
-        params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
+        params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=float8.te_format(fp8),
         fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
         device=env.device, use_te=use_te, deterministic_mode=m.deterministic,
         torch_fusions=fusions)
@@ -201,7 +204,15 @@ def build(cfg: TrainConfig) -> TrainState:
         log0(f"torch fusions (no TE/apex): {', '.join(fusions)}")
     # Pixtral/LLaVA: vision encoder + projector + the decoder
     build_chunks = build_llava_chunks if preset.vision is not None else build_model_chunks
-    chunks = build_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
+    fp8_kwargs = {}
+    if float8.torchao_recipe(fp8):
+        if preset.vision is not None:
+            raise ConfigError(f"model.fp8: {fp8} is not available for the multimodal model yet (use te-hybrid or none)")
+        layers = float8_layers(tcfg, fp8, m.fp8_bf16_first_layers, m.fp8_bf16_last_layers)
+        log0(f"float8 ({fp8}{', emulated' if env.device != 'cuda' else ''}): the linears of {len(layers)} of "
+             f"{tcfg.num_layers} layers")
+        fp8_kwargs = dict(fp8=fp8, fp8_layers=layers)
+    chunks = build_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096), **fp8_kwargs)
     frozen = freeze_groups(chunks, t.freeze)
     if frozen:
         log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
