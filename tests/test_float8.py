@@ -7,9 +7,11 @@ dynamic scales, the dequantised product in float32); what differs on a GPU is on
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import run_python, run_torchrun
 from test_training import SCRIPT, make_config, metrics, train, write_corpus
 
 pytest.importorskip("torchao.float8")
@@ -213,3 +215,22 @@ def test_gpu_below_capability_8_9_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert float8.check("torchao-rowwise", "cuda", te_available=False) == "torchao-rowwise"
     assert float8.check(None, "cpu", te_available=False) == "none"
+
+
+def test_dry_run_builds_the_float8_model(tmp_path):
+    """The dry run builds each rank's float8 linears (here TP=2 x PP=2 with the first layer kept in
+    bf16: stage 0 has one float8 layer, stage 1 two, four linears each) with the bf16 memory figures."""
+    from test_dry_run import SCRIPT as DRY_RUN
+
+    cfg = make_config(tmp_path / "c.yaml", str(tmp_path / "corpus"),
+                      model={"tp": 2, "pp": 2, "changes": {"vocab_size": 500, "num_layers": 4}})
+    jobs = []
+    for fp8 in ("none", "torchao-tensorwise"):
+        jobs.append([str(cfg), None, [f"model.fp8={fp8}", "model.fp8_bf16_first_layers=1"]])
+    proc = run_python(["-c", DRY_RUN, json.dumps(jobs)])
+    plain, fp8 = (json.loads(line) for line in proc.stdout.strip().splitlines()[-2:])
+    assert [c["float8_linears"] for r in plain["rows"] for c in r["chunks"]] == [0, 0]
+    assert [c["float8_linears"] for r in fp8["rows"] for c in r["chunks"]] == [4, 8]
+    strip = ("chunks",)
+    assert [{k: v for k, v in r.items() if k not in strip} for r in fp8["rows"]] == \
+        [{k: v for k, v in r.items() if k not in strip} for r in plain["rows"]]

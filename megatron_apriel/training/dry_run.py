@@ -38,7 +38,8 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from megatron_apriel.config import ConfigError
 from megatron_apriel.data.blends import blend_weights, resolve_stage, train_samples_for
-from megatron_apriel.models.builder import build_model_chunks
+from megatron_apriel.models import float8
+from megatron_apriel.models.builder import build_model_chunks, float8_layers
 from megatron_apriel.models.flops import PEAK_BF16_FLOPS, flops_per_token
 from megatron_apriel.models.info import GiB, activation_bytes, human_count
 from megatron_apriel.models.llava import build_llava_chunks
@@ -190,8 +191,10 @@ def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int)
             params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, recompute=m.recompute,
             recompute_num_layers=m.recompute_num_layers, device="cpu", use_te=False, perform_initialization=False)
         build = build_llava_chunks if preset.vision is not None else build_model_chunks
+        fp8 = {} if preset.vision is not None or not float8.torchao_recipe(m.fp8) else dict(
+            fp8=m.fp8, fp8_layers=float8_layers(tcfg, m.fp8, m.fp8_bf16_first_layers, m.fp8_bf16_last_layers))
         with torch.device("meta"):
-            chunks = build(preset, tcfg, False, max_sequence_length=max(t.seq_length, 4096))
+            chunks = build(preset, tcfg, False, max_sequence_length=max(t.seq_length, 4096), **fp8)
         try:
             freeze_groups(chunks, t.freeze)
         except ValueError as e:
@@ -201,7 +204,8 @@ def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int)
             decoder = getattr(chunk, "language_model", chunk).decoder
             chunk_rows.append(dict(layers=len(decoder.layers),
                                    params=sum(p.numel() for p in chunk.parameters()),
-                                   trainable=sum(p.numel() for p in chunk.parameters() if p.requires_grad)))
+                                   trainable=sum(p.numel() for p in chunk.parameters() if p.requires_grad),
+                                   float8_linears=sum(hasattr(mod, "float8_recipe") for mod in chunk.modules())))
         return dict(rank=rank, pp_rank=ps.get_pipeline_model_parallel_rank(),
                     tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
                     chunks=chunk_rows, first=ps.is_pipeline_first_stage(ignore_virtual=True),
@@ -260,6 +264,12 @@ def dry_run(cfg: TrainConfig, nodes: int | None = None, gpus_per_node: int | Non
         rows.append(dict(position=position, rank=rank, chunks=built["chunks"],
                          **rank_memory(cfg, preset, layout, built, n_mb)))
     total = preset.param_counts()["total"]
+    if float8.torchao_recipe(m.fp8):
+        # torchao's recipes save the bf16 input and weight for the backward pass and cast them again
+        # there, so the float8 copies live only through one GEMM: the estimate is the bf16 one
+        n = sum(c["float8_linears"] for r in rows for c in r["chunks"])
+        out(f"float8 ({m.fp8}): {n} linears in float8 in the rank positions below; memory as bf16 (the float8 "
+            f"copies of a linear's operands are transient)")
     out("| rank | position | layers | parameters | trainable | weights | grads | optimizer | activations | total |")
     out("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
