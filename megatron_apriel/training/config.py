@@ -47,7 +47,8 @@ class ModelConfig:
     deterministic: bool = False
     # torch-native stand-ins, on CUDA without apex/TE, for the fused kernels megatron-core would take
     # from them (models/torch_fusions.py): "default" (wgrad,adam,gradnorm), "none", or a list of
-    # wgrad, adam, gradnorm, rope. Same math; measured by benchmarks/train_throughput.py --fusions.
+    # wgrad, adam, gradnorm, rope, layer (each decoder layer under torch.compile). Same math; measured
+    # by benchmarks/train_throughput.py --fusions.
     torch_fusions: Any = "default"
 
     def validate(self):

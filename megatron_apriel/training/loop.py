@@ -213,6 +213,8 @@ def build(cfg: TrainConfig) -> TrainState:
              f"{tcfg.num_layers} layers")
         fp8_kwargs = dict(fp8=fp8, fp8_layers=layers)
     chunks = build_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096), **fp8_kwargs)
+    if "layer" in fusions:
+        torch_fusions.compile_layers(chunks)
     frozen = freeze_groups(chunks, t.freeze)
     if frozen:
         log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
