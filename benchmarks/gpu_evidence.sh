@@ -26,6 +26,8 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 PY=${PYTHON:-python3}
 BENCH=(benchmarks/train_throughput.py --layers 8 --seq 4096 --paths sdpa-bf16 --results --row-timeout 80)
 t0=$(date +%s)
+STARTED=$(mktemp)  # the records this run writes are the ones newer than this file
+new_records() { find benchmarks/results -maxdepth 1 -name 'train_throughput-*.json' -newer "$STARTED" -exec cp {} "$OUTDIR/" \; ; }
 stamp() { echo "== [$(( $(date +%s) - t0 )) s] $*"; }
 
 stamp "machine"
@@ -41,7 +43,7 @@ float8_part() {
     stamp "throughput: bf16 and float8 (torchao), default fusions"
     timeout 200 $PY "${BENCH[@]}" --paths sdpa-bf16,torchao-tensorwise,torchao-rowwise --recomputes none \
         --grad-accum 4 --steps 5 --warmup 2 --fusions default 2>&1 | tee "$OUTDIR/bench_float8.log" | tail -8
-    cp benchmarks/results/train_throughput-*.json "$OUTDIR/" 2>/dev/null
+    new_records
 
     stamp "GPU tests: float8 against bf16 over 200 steps, save/resume, the wgrad GEMM, fused vs unfused"
     timeout 260 $PY -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu_training.py -rA --durations=10 \
@@ -52,7 +54,7 @@ float8_part() {
     timeout 170 $PY benchmarks/train_throughput.py --layers 8 --seq 4096 --results --row-timeout 150 \
         --paths sdpa-bf16,torchao-tensorwise --recomputes none --grad-accum 4 --steps 5 --warmup 3 \
         --fusions default,layer 2>&1 | tee "$OUTDIR/bench_layer.log" | tail -6
-    cp benchmarks/results/train_throughput-*.json "$OUTDIR/" 2>/dev/null
+    new_records
 }
 
 if [ "$PART" = float8 ]; then
@@ -77,6 +79,6 @@ timeout 90 $PY "${BENCH[@]}" --recomputes selective --micro-batch 2 --grad-accum
     --fusions default 2>&1 | tee "$OUTDIR/bench_mbs2.log" | tail -4
 
 float8_part
-cp benchmarks/results/train_throughput-*.json "$OUTDIR/" 2>/dev/null
+new_records
 stamp "done"
 ls -la "$OUTDIR"
