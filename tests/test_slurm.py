@@ -113,6 +113,17 @@ def test_sbatch_cpt_finishes_with_checkpoint_and_falling_loss(cpt_run):
     assert sorted(losses) == list(range(1, 41))
 
 
+def test_a_bad_config_fails_at_the_preflight_before_srun(cluster, tmp_path):
+    """The batch shell makes the run plan before any task starts: one error line, exit 2, no srun step."""
+    job, log = _submit(cluster, tmp_path, [*CPU_ALLOC, "--ntasks-per-node=1", "--time=10"], ["model.tp=3"])
+    info = cluster.wait(job, timeout=240)
+    text = log.read_text() if log.exists() else "(no log)"
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{info}\n{text[-3000:]}"
+    assert text.count("error: model.tp: 3 does not divide the attention heads of tiny (4)") == 1, text[-3000:]
+    assert "pre-flight: the run plan refused the config (exit 2)" in text
+    assert "] srun " not in text and "distributed:" not in text
+
+
 def test_time_limit_signal_requeue_resume_equals_uninterrupted(cluster, cpt_run, tmp_path):
     """--time=2 with --signal=B:USR1@50: slurmctld checks time limits every 30 s and sends the
     warning up to 30 s early so it is never late, i.e. 40-70 s after the start, once the tasks are

@@ -477,7 +477,7 @@ def select_from_run(run_dir, k: int | None, steps: list[int] | None, min_step: i
     return [found[s] for s in picked]
 
 
-@cli_main("apriel average: error: ", bad_input=(FileExistsError, FileNotFoundError))
+@cli_main(bad_input=(FileExistsError, FileNotFoundError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel average", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist)")

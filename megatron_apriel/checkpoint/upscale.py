@@ -297,7 +297,7 @@ def load_plan_yaml(path: str) -> dict:
     return data
 
 
-@cli_main("apriel upscale: error: ", bad_input=(FileExistsError, FileNotFoundError, KeyError))
+@cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel upscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML plan (keys as the flags, with underscores); flags override it")

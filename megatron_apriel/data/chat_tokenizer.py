@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli_main("apriel chat-tokenizer: ", bad_input=(OSError, ValueError))  # OSError: not a tokenizer folder
+@cli_main(bad_input=(OSError, ValueError))  # OSError: not a tokenizer folder
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
 

@@ -153,7 +153,7 @@ def draw_search(rows: list[dict], inputs: list[str], png: Path) -> None:
     tmp.replace(png)
 
 
-@cli_main("apriel merge-search: error: ", bad_input=(FileNotFoundError,))
+@cli_main(bad_input=(FileNotFoundError,))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel merge-search", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="merge YAML (as apriel average --config reads it)")

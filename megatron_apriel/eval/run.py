@@ -471,7 +471,7 @@ def settings_from_args(args) -> Settings:
                     require_final_response=not args.no_final_response)
 
 
-@cli_main("apriel eval: error: ")
+@cli_main()
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", nargs="+", required=True, help="HF checkpoint folder(s)")
