@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ordinary_user as ou  # noqa: E402
+from conftest import INSTALL_HINT  # noqa: E402
 from slurm_cluster import SlurmCluster, missing_binaries  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +42,8 @@ def require_slurm(missing_tools: list[str] = ()) -> None:
     """Skip where the SLURM packages (or other ``missing_tools``) are absent or we are not root."""
     missing = missing_binaries() + list(missing_tools)
     if missing:
-        pytest.skip(f"missing {', '.join(missing)}: apt-get install slurmctld slurmd slurm-client munge iproute2")
+        pytest.skip(f"missing {', '.join(missing)}: {INSTALL_HINT} "
+                    "(apt-get install slurmctld slurmd slurm-client munge iproute2)")
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root")
 

@@ -63,9 +63,11 @@ from megatron_apriel.checkpoint.hf_io import (
     copy_side_files,
     write_output_dir,
 )
+from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, export_card
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template
 from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, assign_role_tokens, role_tokens
 from megatron_apriel.errors import cli_main
+from megatron_apriel.hub import check_push_target, push_folder, resolve_model
 from megatron_apriel.models.families import ModelFamily, family_of, family_of_hf_config
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 from megatron_apriel.models.presets import ModelPreset, get_preset
@@ -237,7 +239,8 @@ def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[s
 def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                            preset: Optional[str | ModelPreset] = None, tokenizer: Optional[str] = None,
                            chat_template: Optional[str] = None, dtype: Optional[str | torch.dtype] = None,
-                           max_shard_bytes: int = 5 * 1024**3, force: bool = False) -> dict:
+                           max_shard_bytes: int = 5 * 1024**3, force: bool = False, card: Optional[dict] = None
+                           ) -> dict:
     """Write an HF folder (MistralForCausalLM, or LlavaForConditionalGeneration for a multimodal
     checkpoint) from a dist checkpoint, streaming tensor by tensor.
 
@@ -247,6 +250,7 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     take reserved special slots of the exported tokenizer) or a path to a .jinja file, written as
     ``chat_template.jinja``; default: the released format of the preset (apriel-nemotron-15b,
     apriel-1.5-15b), else the tokenizer's own.
+    ``card``: the model card's options (:func:`megatron_apriel.checkpoint.model_card.export_card`).
     """
     start = time.time()
     if not torch.distributed.is_initialized():
@@ -289,6 +293,7 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
         bar.close()
         family.export_config(preset, side, dtype).save_pretrained(tmp)
         copied = write_hf_side_files(tmp, out_dir, preset, side, tokenizer, template)
+        export_card(tmp, reader.path, preset.name, dtype_name(dtype), **(card or {}))
     summary = {"tensors": writer.num_tensors, "bytes": writer.total_bytes, "dtype": dtype_name(dtype),
                "seconds": round(time.time() - start, 2), "tokenizer_files": copied}
     log0(f"mcore-to-hf{family.LABEL}: {writer.num_tensors} tensors, {writer.total_bytes / 1e9:.3f} GB, "
@@ -357,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel convert", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors folder -> megatron-core dist checkpoint")
-    a.add_argument("--hf", required=True, help="HF folder (config.json + safetensors)")
+    a.add_argument("--hf", required=True, help="HF folder (config.json + safetensors) or Hub repo id org/name[@rev]")
     a.add_argument("--out", required=True)
     a.add_argument("--tp", type=int, default=1, help="run under torchrun with tp*pp processes when > 1")
     a.add_argument("--pp", type=int, default=1)
@@ -376,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
     b.add_argument("--force", action="store_true")
+    add_card_args(b)
+    b.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="then upload the folder to this Hub model repo (org/name; created private if missing; "
+                        "token from HF_TOKEN or `hf auth login`)")
     return ap
 
 
@@ -391,13 +400,22 @@ def parse_size(text: str) -> int:
 @cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tokenizer:
+        args.tokenizer = resolve_model(args.tokenizer, "--tokenizer")
     if args.cmd == "hf-to-mcore":
+        args.hf = resolve_model(args.hf, "--hf")
         hf_to_mcore_checkpoint(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                tokenizer=args.tokenizer, force=args.force)
     else:
+        check_card_args(args.model_card_extra, args.eval_results)
+        check_push_target(args.push_to_hub)
+        card = dict(license=args.license, base_model=args.base_model, extra=args.model_card_extra,
+                    eval_results=args.eval_results)
         mcore_to_hf_checkpoint(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
                                chat_template=args.chat_template, dtype=args.dtype,
-                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force, card=card)
+        if args.push_to_hub:
+            push_folder(args.out, args.push_to_hub)
     return 0
 
 

@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from megatron_apriel.checkpoint import average, convert, upscale
 from megatron_apriel.config import load_config
 from megatron_apriel.data import mix_report, preprocess, preprocess_sft
+from megatron_apriel.demo.card import write_demo_card
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
@@ -424,7 +425,10 @@ class Demo:
         self.call("final", "average", [
             self.d("merge") / "hf", run / f"checkpoint-{p.grpo_steps // 2}", run / f"checkpoint-{p.grpo_steps}",
             "--weights", 0.3, 0.3, 0.4, "--out", d / "hf"])
-        return self.evaluate(d / "hf", sampled=True)
+        figures = self.evaluate(d / "hf", sampled=True)
+        write_demo_card(d / "hf", [self.d("merge") / "hf", run / f"checkpoint-{p.grpo_steps // 2}",
+                                   run / f"checkpoint-{p.grpo_steps}"], [0.3, 0.3, 0.4], figures)
+        return figures
 
     def s_generate(self) -> dict:
         test = [load_test(self.d("data") / f"test_{k}.jsonl", 1)[0] for k in KINDS]

@@ -42,6 +42,7 @@ from megatron_apriel.checkpoint.hf_io import copy_vocab_files
 from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, SANITIZE, default_chat_template, encode_prompts
 from megatron_apriel.errors import EXIT_OK, EXIT_REQUEUE, cli_main
+from megatron_apriel.hub import resolve_model
 from megatron_apriel.jsonl import iter_jsonl
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
@@ -404,6 +405,7 @@ def train(cfg: GRPORunConfig) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer
 
+    cfg.model.path = resolve_model(cfg.model.path, "model.path")
     records = load_prompts(cfg.data.train_file, cfg.rewards, cfg.data.system_prompt)
     print(f"grpo: {len(records)} prompts from {cfg.data.train_file}", flush=True)
     check_prompt_rendering(cfg, records)
