@@ -15,18 +15,24 @@ from typing import Optional
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template, encode_prompts
+from megatron_apriel.data.chat_template import (
+    CHAT_TEMPLATES,
+    check_preset_and_template,
+    default_chat_template,
+    encode_prompts,
+)
 from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.hub import resolve_model
+from megatron_apriel.outputs import ArgumentParser, fraction, nonnegative_float, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="apriel generate", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="apriel generate", description=__doc__.split("\n")[0])
     ap.add_argument("--hf", required=True, help="HF model folder, or Hub repo id org/name[@revision]")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+    ap.add_argument("--temperature", type=nonnegative_float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=fraction, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chat", action="store_true", help="wrap each prompt as a user message")
     ap.add_argument("--chat-template", default=None,
@@ -43,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    check_preset_and_template(args.preset, args.chat_template)  # before the model loads
     args.hf = resolve_model(args.hf, "--hf")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

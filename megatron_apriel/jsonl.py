@@ -31,17 +31,18 @@ def iter_jsonl(path: str | Path, on_bad: Optional[Callable[[int, ValueError], No
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # each line decoded alone: a byte that is not UTF-8 is that line's error
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record: Any = json.loads(line)
+                record: Any = json.loads(line.decode("utf-8"))
                 if not isinstance(record, dict):
                     raise ValueError("not a JSON object")
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
+            except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if on_bad is None:
-                    why = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+                    why = (f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else
+                           f"not UTF-8 ({e.reason} at byte {e.start})" if isinstance(e, UnicodeDecodeError) else str(e))
                     raise error(f"{path}:{lineno}: {why}") from None
                 on_bad(lineno, e)
                 continue

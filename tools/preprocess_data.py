@@ -3,7 +3,7 @@
 
 import sys
 
-from megatron_apriel.data.preprocess import main
+from megatron_apriel.data.preprocess import tool_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,6 @@ conversion and a further merge read the result like any checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -53,13 +52,17 @@ from megatron_apriel.checkpoint.hf_io import (
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    check_output_folder,
+    check_shapes_against_config,
     copy_side_files,
+    tensor_nbytes,
 )
 from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, merge_card
 from megatron_apriel.config import load_yaml
 from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.hub import parse_repo_id, resolve_model
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
+from megatron_apriel.outputs import ArgumentParser, nonnegative_int, positive_float, positive_int
 
 # config.json keys that may differ between checkpoints of one architecture.
 VOLATILE_CONFIG_KEYS = {"_name_or_path", "transformers_version", "use_cache"}
@@ -238,9 +241,10 @@ def check_compatible(ckpts: list[Checkpoint]) -> None:
     ref_cfg, ref_tok = ref.config(), ref.tokenizer_hashes()
     if ref.kind == "hf" and ref_cfg is not None:
         try:
-            check_hf_dir(ref.path, report=True)
+            hf_config, _ = check_hf_dir(ref.path, report=True)
         except HFConfigError as e:
             raise AverageError(str(e)) from None
+        check_shapes_against_config(ref.path, ref.shapes, hf_config)  # the others must equal it (below)
     for c in ckpts[1:]:
         if c.kind != ref.kind:
             raise AverageError(f"{c.path} is a {c.kind} checkpoint but {ref.path} is {ref.kind}")
@@ -321,7 +325,8 @@ def average(inputs: list[str | Path], out: str | Path, weights: list[float] | No
         t0 = time.perf_counter()
         ref = ckpts[0]
         layout = [(n, tuple(ref.shapes[n]), ref.dtypes[n]) for n in ref.names]
-        with atomic_output_dir(out, force=force) as tmp:
+        n_out = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in layout)
+        with atomic_output_dir(out, force=force, expected_bytes=n_out) as tmp:
             # shards laid out up front: each block goes to its place in the output as it is computed
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
             try:
@@ -486,19 +491,20 @@ def select_from_run(run_dir, k: int | None, steps: list[int] | None, min_step: i
 
 @cli_main(bad_input=(FileExistsError, FileNotFoundError))
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="apriel average", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="apriel average", description=__doc__.split("\n\n")[0])
     ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist) or Hub repo ids")
     ap.add_argument("--out", help="output folder (written atomically)")
     ap.add_argument("--weights", type=float, nargs="+", help="one weight per input (default uniform)")
     ap.add_argument("--allow-unnormalised", action="store_true", help="accept weights that do not sum to 1")
-    ap.add_argument("--equispaced", type=int, metavar="K",
+    ap.add_argument("--equispaced", type=positive_int, metavar="K",
                     help="from --run-dir, the K checkpoints whose steps are nearest to K evenly spaced steps "
                          "ending at the last one")
     ap.add_argument("--steps", type=int, nargs="+", metavar="STEP", help="from --run-dir, exactly these steps")
     ap.add_argument("--run-dir", help="training run directory with iter_NNNNNNN/ (Megatron) or checkpoint-N/ (HF/TRL)")
-    ap.add_argument("--min-step", type=int, default=0, help="with --equispaced: ignore checkpoints before this step")
+    ap.add_argument("--min-step", type=nonnegative_int, default=0,
+                    help="with --equispaced: ignore checkpoints before this step")
     ap.add_argument("--config", help="mergekit-style YAML (merge_method: linear, models: [...])")
-    ap.add_argument("--max-shard-gb", type=float, default=5.0)
+    ap.add_argument("--max-shard-gb", type=positive_float, default=5.0)
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
     add_card_args(ap)
     args = ap.parse_args(argv)
@@ -517,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = select_from_run(args.run_dir, args.equispaced, args.steps, args.min_step, inputs)
     if not out:
         raise AverageError("--out is required")
+    check_output_folder(out, args.force)  # before any input is read
     inputs = [resolve_model(p, "input") for p in inputs]
     print(f"linear merge of {len(inputs)} checkpoints -> {out}")
     average(inputs, out, weights, allow_unnormalised=allow, force=args.force,

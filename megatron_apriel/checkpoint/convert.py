@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -60,6 +61,7 @@ from megatron_apriel.checkpoint.hf_io import (
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    check_output_folder,
     copy_side_files,
     write_output_dir,
 )
@@ -71,6 +73,7 @@ from megatron_apriel.hub import check_push_target, push_folder, resolve_model
 from megatron_apriel.models.families import ModelFamily, family_of, family_of_hf_config
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 from megatron_apriel.models.presets import ModelPreset, get_preset
+from megatron_apriel.outputs import ArgumentParser, check_output_dir, positive_int, signals_deferred
 from megatron_apriel.runtime import init_distributed
 from megatron_apriel.runtime.log import is_rank0, log0, progress
 
@@ -132,8 +135,10 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     if preset.num_layers % pp:
         raise ConversionError(f"pp={pp} does not divide num_layers={preset.num_layers}")
     out = Path(out_dir)
-    if is_rank0() and out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+    n_out = canonical.hf_bytes * dtype.itemsize // max(_safetensors_dtype(
+        reader, canonical.entries[mistral.EMBEDDING].hf[0]).itemsize, 1)
+    if is_rank0():  # before the model is built: the folder, its free space for the tensors
+        check_output_folder(out, force, n_out)
 
     init_distributed(tp=tp, pp=pp, device="cpu", seed=None)
     config = preset.transformer_config(tp=tp, pp=pp, params_dtype=dtype, bf16=dtype == torch.bfloat16,
@@ -158,7 +163,11 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     state = {"model": chunks[0].sharded_state_dict(), "checkpoint_version": 3.0}
 
     def write(tmp: Path) -> None:
-        dist_checkpointing.save(state, str(tmp), get_default_save_sharded_strategy("torch_dist"))
+        # megatron-core writes the shards from forked workers through a multiprocessing manager; a
+        # Ctrl-C that reaches them mid-way leaves this process waiting on the dead manager forever. So
+        # SIGINT/SIGTERM wait (the workers inherit the mask) until the shards are written, then act.
+        with signals_deferred():
+            dist_checkpointing.save(state, str(tmp), get_default_save_sharded_strategy("torch_dist"))
         if is_rank0():
             write_model_meta(tmp, preset, dtype, source=str(Path(hf_dir).resolve()), saved_tp=tp, saved_pp=pp)
             side = tmp / HF_SIDE
@@ -167,7 +176,7 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
             if tokenizer:
                 _copy_tokenizer(tokenizer, side)
 
-    write_output_dir(out, write, force=force)
+    write_output_dir(out, write, force=force, expected_bytes=n_out)
     summary = {"tensors": n_params, "bytes": canonical.hf_bytes, "dtype": dtype_name(dtype), "tp": tp, "pp": pp,
                "seconds": round(time.time() - start, 2)}
     log0(f"hf-to-mcore{family.LABEL}: {n_params} tensors per rank, {canonical.hf_bytes / 1e9:.3f} GB read, "
@@ -278,7 +287,8 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     entries = family.table(preset, family.LAYOUT)
     layout = [(name, tuple(t.shape), dtype) for name, t in tbl.mcore_to_hf(
         lambda n: torch.empty(reader.shape_dtype(n)[0], dtype=reader.shape_dtype(n)[1], device="meta"), entries)]
-    with atomic_output_dir(out_dir, force=force) as tmp:
+    n_out = sum(math.prod(shape) for _, shape, _ in layout) * dtype.itemsize
+    with atomic_output_dir(out_dir, force=force, expected_bytes=n_out) as tmp:
         writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
         bar = progress(len(layout), "mcore-to-hf" + family.LABEL)
         try:
@@ -359,13 +369,13 @@ def _role_tokens_for(tok_dir: Path, template: str) -> None:
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="apriel convert", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="apriel convert", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors folder -> megatron-core dist checkpoint")
     a.add_argument("--hf", required=True, help="HF folder (config.json + safetensors) or Hub repo id org/name[@rev]")
     a.add_argument("--out", required=True)
-    a.add_argument("--tp", type=int, default=1, help="run under torchrun with tp*pp processes when > 1")
-    a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--tp", type=positive_int, default=1, help="run under torchrun with tp*pp processes when > 1")
+    a.add_argument("--pp", type=positive_int, default=1)
     a.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the HF tensors' dtype")
     a.add_argument("--tokenizer", default=None, help="tokenizer folder to store instead of the HF folder's")
     a.add_argument("--force", action="store_true", help="replace a non-empty --out")
@@ -379,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the preset, apriel-nemotron-15b -> apriel-nemotron, apriel-1.5-15b -> apriel-1.5; else the "
                         "tokenizer's own)")
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
-    b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
+    b.add_argument("--max-shard-size", default="5GB", type=shard_size, help="safetensors shard size (e.g. 5GB, 500MB)")
     b.add_argument("--force", action="store_true")
     add_card_args(b)
     b.add_argument("--push-to-hub", default=None, metavar="REPO",
@@ -397,9 +407,21 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
+def shard_size(text: str) -> int:
+    """``--max-shard-size``: a positive size such as 5GB or 500MB."""
+    try:
+        n = parse_size(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 5GB or 500MB, got {text!r}")
+    return n
+
+
 @cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    check_output_dir(args.out, "--out")  # before torch.distributed starts and the checkpoint is read
     if args.tokenizer:
         args.tokenizer = resolve_model(args.tokenizer, "--tokenizer")
     if args.cmd == "hf-to-mcore":
@@ -413,7 +435,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     eval_results=args.eval_results)
         mcore_to_hf_checkpoint(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
                                chat_template=args.chat_template, dtype=args.dtype,
-                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force, card=card)
+                               max_shard_bytes=args.max_shard_size, force=args.force, card=card)
         if args.push_to_hub:
             push_folder(args.out, args.push_to_hub)
     return 0

@@ -12,6 +12,7 @@ would write (tensors ordered by dtype, then name; header padded with spaces to 8
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import re
@@ -19,13 +20,14 @@ import shutil
 import struct
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from megatron_apriel.errors import InputError
+from megatron_apriel.errors import InputError, Terminated
+from megatron_apriel.outputs import check_output_dir, disk_error, remove_stale, signals_deferred, writing
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -176,7 +178,7 @@ class SafetensorsReader:
         return False
 
 
-def _nbytes(shape, dtype: torch.dtype) -> int:
+def tensor_nbytes(shape, dtype: torch.dtype) -> int:
     n = dtype.itemsize
     for s in shape:
         n *= int(s)
@@ -189,7 +191,7 @@ def safetensors_header(entries: list[tuple[str, tuple[int, ...], torch.dtype]], 
     ordered = sorted(entries, key=lambda e: (-_ST_RANK[_ST_NAME[e[2]]], e[0]))
     body, offsets, pos = {"__metadata__": metadata} if metadata else {}, {}, 0
     for name, shape, dtype in ordered:
-        size = _nbytes(shape, dtype)
+        size = tensor_nbytes(shape, dtype)
         body[name] = {"dtype": _ST_NAME[dtype], "shape": [int(s) for s in shape], "data_offsets": [pos, pos + size]}
         offsets[name] = pos
         pos += size
@@ -245,7 +247,7 @@ class ShardedSafetensorsWriter:
                 raise ValueError(f"tensor {name!r} listed twice in the layout")
             if dtype not in _ST_NAME:
                 raise ValueError(f"tensor {name!r}: dtype {dtype} has no safetensors name")
-            nbytes = _nbytes(shape, dtype)
+            nbytes = tensor_nbytes(shape, dtype)
             if shard and size + nbytes > self.max_shard_bytes:
                 self._shards.append(shard)
                 shard, size = [], 0
@@ -269,7 +271,7 @@ class ShardedSafetensorsWriter:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             self._fds[idx] = fd
             _pwrite_all(fd, memoryview(header), 0)
-            os.ftruncate(fd, len(header) + sum(_nbytes(*self._layout[n][1:]) for n in names))
+            os.ftruncate(fd, len(header) + sum(tensor_nbytes(*self._layout[n][1:]) for n in names))
         return self._fds[idx]
 
     def _stream(self, name: str, parts: Iterable[torch.Tensor]) -> None:
@@ -279,7 +281,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"tensor {name!r} written twice")
         idx, shape, dtype = self._layout[name]
         fd = self._open_shard(idx)
-        pos, end = self._offsets[name], self._offsets[name] + _nbytes(shape, dtype)
+        pos, end = self._offsets[name], self._offsets[name] + tensor_nbytes(shape, dtype)
         for part in parts:
             if part.dtype != dtype or tuple(part.shape[1:]) != shape[1:]:
                 raise ValueError(f"tensor {name!r}: got a {part.dtype} block of shape {tuple(part.shape)} "
@@ -293,7 +295,7 @@ class ShardedSafetensorsWriter:
         if pos != end:
             raise ValueError(f"tensor {name!r}: {end - pos} bytes short of its shape {shape}")
         self._written.add(name)
-        self.total_bytes += _nbytes(shape, dtype)
+        self.total_bytes += tensor_nbytes(shape, dtype)
         self.num_tensors += 1
         self._left[idx] -= 1
         if self._left[idx] == 0:
@@ -362,36 +364,81 @@ class ShardedSafetensorsWriter:
             json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, f, indent=2)
 
 
+def _shape_key(name: str) -> str:
+    """A tensor name without the ``model.``/``language_model.`` parts that the LLaVA layouts of
+    transformers versions place differently (``language_model.model.layers`` vs
+    ``model.language_model.layers``)."""
+    return ".".join(p for p in name.split(".") if p not in ("model", "language_model"))
+
+
+def check_shapes_against_config(hf_dir: str | os.PathLike, shapes: dict[str, list[int]], config) -> None:
+    """Every tensor of ``hf_dir`` has the shape transformers builds from its ``config`` (a
+    PretrainedConfig): a checkpoint whose weights disagree with its config.json would be written
+    out (upscaled, averaged) as a model transformers refuses to load. The model is built on the meta
+    device, so this costs no memory."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText  # deferred: heavy
+
+    auto = AutoModelForImageTextToText if getattr(config, "vision_config", None) is not None else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    expected = {_shape_key(n): list(t.shape) for n, t in model.state_dict().items()}
+    for name, shape in shapes.items():
+        want = expected.get(_shape_key(name))
+        if want is not None and list(shape) != want:
+            raise InputError(f"{hf_dir}: tensor {name} has shape {list(shape)} but its config.json gives {want}")
+
+
+def check_output_folder(out: str | os.PathLike, force: bool = False, expected_bytes: Optional[int] = None,
+                        what: str = "--out") -> Path:
+    """What a checkpoint writer checks before it reads or computes anything: ``out`` is not a file,
+    can be created and written (:func:`megatron_apriel.outputs.check_output_dir`, with the free
+    space for ``expected_bytes``), and is empty unless ``force``."""
+    out = Path(out)
+    check_output_dir(out, what, expected_bytes)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+    return out
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike, force: bool = False,
+                      expected_bytes: Optional[int] = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``out``; rename it to ``out`` only if the block succeeds.
 
     A non-empty ``out`` is refused unless ``force`` (then it is replaced only after the new one is
-    complete). On any error the temporary folder is removed and ``out`` is untouched.
+    complete); ``out`` is checked as :func:`check_output_folder` does. On any error or interrupt the
+    temporary folder is removed and ``out`` is untouched; a full or read-only disk is one
+    :class:`~megatron_apriel.outputs.OutputError` naming ``out`` (torch's ``inline_container.cc``
+    wording included). The temporary folders of a killed earlier run are removed first.
     """
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+    out = check_output_folder(out, force, expected_bytes)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for pattern in (".{}.tmp-*", ".{}.old-*"):
+        remove_stale(str(out.parent / pattern.format(glob.escape(out.name))))
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    with writing(out):
+        tmp.mkdir()
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = disk_error(e, out) if not isinstance(e, (KeyboardInterrupt, SystemExit, Terminated)) else None
+        if err is not None:
+            raise err from None
         raise
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    with signals_deferred():  # an interrupt between the two renames would leave neither folder at ``out``
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
 
 
-def write_output_dir(out: str | os.PathLike, write, force: bool = False) -> None:
+def write_output_dir(out: str | os.PathLike, write, force: bool = False, expected_bytes: Optional[int] = None) -> None:
     """``write(folder)`` on every rank into one temporary folder that becomes ``out`` when all are done.
 
     One process: :func:`atomic_output_dir`. Under torch.distributed, rank 0 owns the temporary folder
@@ -400,11 +447,11 @@ def write_output_dir(out: str | os.PathLike, write, force: bool = False) -> None
     """
     dist = torch.distributed
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        with atomic_output_dir(out, force=force) as tmp:
+        with atomic_output_dir(out, force=force, expected_bytes=expected_bytes) as tmp:
             write(tmp)
         return
     box = [None]
-    ctx = atomic_output_dir(out, force=force) if dist.get_rank() == 0 else None
+    ctx = atomic_output_dir(out, force=force, expected_bytes=expected_bytes) if dist.get_rank() == 0 else None
     if ctx is not None:
         box[0] = str(ctx.__enter__())
     dist.broadcast_object_list(box, src=0)

@@ -19,7 +19,6 @@ function as long as the first occurrences keep every source layer in order.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -34,12 +33,16 @@ from megatron_apriel.checkpoint.hf_io import (
     SafetensorsReader,
     ShardedSafetensorsWriter,
     atomic_output_dir,
+    check_output_folder,
+    check_shapes_against_config,
     copy_side_files,
+    tensor_nbytes,
 )
 from megatron_apriel.config import load_yaml
 from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.hub import resolve_model
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
+from megatron_apriel.outputs import ArgumentParser, positive_float, positive_int
 
 # Per-layer tensors zeroed by --init identity: the two projections that write into the residual.
 IDENTITY_ZERO_SUFFIXES = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
@@ -234,7 +237,7 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
     if not config_path.exists():
         raise UpscaleError(f"{config_path}: missing (an HF checkpoint folder is needed)")
     try:  # an upscaled model is trained by megatron-core: refuse what it cannot compute before any work
-        check_hf_dir(hf, report=True)
+        hf_config, _ = check_hf_dir(hf, report=True)
     except HFConfigError as e:
         raise UpscaleError(str(e)) from None
     config = json.loads(config_path.read_text())
@@ -254,10 +257,12 @@ def upscale(hf: str | Path, out: str | Path, plan_args: dict, init: str = "copy"
         if on_disk != set(range(num_layers)):
             raise UpscaleError(f"{hf}: config.json says {num_layers} layers, the weights have layers "
                                f"{format_sources(sorted(on_disk))}")
+        check_shapes_against_config(hf, {n: reader.shape(n) for n in names}, hf_config)
         todo = output_names(names, plan, prefix, identity=init == "identity")
         new_config, changed = upscale_config(config, plan)
         layout = [(new, tuple(reader.shape(src)), reader.torch_dtype(src)) for new, src, _ in todo]
-        with atomic_output_dir(out, force=force) as tmp:
+        n_out = sum(tensor_nbytes(shape, dtype) for _, shape, dtype in layout)
+        with atomic_output_dir(out, force=force, expected_bytes=n_out) as tmp:
             # every shard is laid out up front, so each tensor goes to disk as soon as it is read
             writer = ShardedSafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, layout=layout)
             try:
@@ -300,18 +305,18 @@ def load_plan_yaml(path: str) -> dict:
 
 @cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="apriel upscale", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="apriel upscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML plan (keys as the flags, with underscores); flags override it")
     ap.add_argument("--hf", help="input HF folder (MistralForCausalLM or LlavaForConditionalGeneration) or Hub "
                                  "repo id org/name[@revision]")
     ap.add_argument("--out", help="output HF folder (written atomically)")
     ap.add_argument("--layers", help="SOLAR slices of source layers, inclusive: 0-29,10-39")
-    ap.add_argument("--duplicate-middle", type=int,
+    ap.add_argument("--duplicate-middle", type=positive_int,
                     help="copy the middle block of K layers once (Apriel: 10 for 40 -> 50)")
-    ap.add_argument("--expand-every", type=int, help="LLaMA-Pro: insert a copy after every K-th layer")
+    ap.add_argument("--expand-every", type=positive_int, help="LLaMA-Pro: insert a copy after every K-th layer")
     ap.add_argument("--init", choices=["copy", "identity"],
                     help="identity zeroes the copies' o_proj/down_proj (default copy)")
-    ap.add_argument("--max-shard-gb", type=float, help="output shard size (default 5)")
+    ap.add_argument("--max-shard-gb", type=positive_float, help="output shard size (default 5)")
     ap.add_argument("--force", action="store_true", default=None, help="replace a non-empty --out")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the new config changes only")
     args = ap.parse_args(argv)
@@ -338,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not opts.get("out"):
         raise UpscaleError("--out is required")
+    check_output_folder(opts["out"], bool(opts.get("force")))  # before the input is read
     upscale(opts["hf"], opts["out"], plan_args, init=opts.get("init", "copy"), force=bool(opts.get("force")),
             max_shard_bytes=int(float(opts.get("max_shard_gb", 5)) * 1024**3))
     return 0

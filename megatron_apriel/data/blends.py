@@ -258,6 +258,20 @@ class PrefixInfo:
     weight: float  # share of the whole blend
 
 
+def check_bin_length(prefix: str, ds, key: str) -> None:
+    """The ``.bin`` holds every byte its ``.idx`` points at. A partial copy (the ``.idx`` arrived whole,
+    the ``.bin`` not) would otherwise pass every check and stop training partway with megatron-core's
+    ``offset must be non-negative``, naming no file."""
+    index = ds.index
+    if not len(index.sequence_lengths):
+        return
+    need = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    have = os.path.getsize(prefix + ".bin")
+    if have < need:
+        raise ConfigError(f"{key}: {prefix}.bin is {have:,} bytes but its .idx needs {need:,} "
+                          "(truncated copy? copy the .bin again)")
+
+
 def prefix_stats(prefix: str, key: str) -> tuple[int, int]:
     """(tokens, documents) of a text indexed-dataset prefix; ``key`` names it in errors."""
     for ext in (".bin", ".idx"):
@@ -269,6 +283,7 @@ def prefix_stats(prefix: str, key: str) -> tuple[int, int]:
         ds = IndexedDataset(prefix, multimodal=False, mmap=True)
     except Exception as e:  # a truncated or foreign .idx
         raise ConfigError(f"{key}: cannot read {prefix}.idx as an indexed dataset ({e})") from None
+    check_bin_length(prefix, ds, key)
     tokens = int(ds.sequence_lengths.sum(dtype=numpy.int64))
     return tokens, int(len(ds.sequence_lengths))
 

@@ -150,10 +150,30 @@ CHAT_TEMPLATES = {"apriel": APRIEL_CHAT_TEMPLATE, "apriel-nemotron": APRIEL_NEMO
 PRESET_CHAT_TEMPLATES = {"apriel-nemotron-15b": "apriel-nemotron", "apriel-1.5-15b": "apriel-1.5"}
 
 
+def check_preset_and_template(preset: Optional[str], chat_template: Optional[str]) -> None:
+    """``--preset`` names a model preset; ``--chat-template`` a format, 'tokenizer'/'none' or a file."""
+    import difflib
+
+    from megatron_apriel.models.presets import PRESETS  # deferred: only the CLIs' checks need it
+
+    if preset is not None and preset not in PRESETS:
+        near = difflib.get_close_matches(preset.lower(), list(PRESETS), n=1)
+        raise InputError(f"--preset {preset}: unknown model preset"
+                         + (f" (did you mean {near[0]}?)" if near else f" (known: {', '.join(PRESETS)})"))
+    if chat_template is not None and chat_template not in (*CHAT_TEMPLATES, "tokenizer", "none") \
+            and not Path(chat_template).is_file():
+        raise InputError(f"--chat-template {chat_template}: neither a format ({', '.join(CHAT_TEMPLATES)}, "
+                         f"tokenizer) nor a .jinja file")
+
+
 def default_chat_template(chat_template: Optional[str], preset: Optional[str], fallback: Optional[str] = "apriel",
                           who: str = "apriel") -> Optional[str]:
     """``chat_template`` when given, else the format of ``preset``'s released model, else ``fallback``;
-    the choice is printed (stderr) so a run's log says which format its data or prompts are in."""
+    the choice is printed (stderr) so a run's log says which format its data or prompts are in.
+    A template that is neither a known name nor a file is an error naming the flag (a mistyped name
+    must not silently write or read the default format); the CLIs check ``--preset`` themselves
+    (:func:`check_preset_and_template`), since a converted checkpoint's preset is named after its folder."""
+    check_preset_and_template(None, chat_template)
     if chat_template is not None:
         return chat_template
     name = PRESET_CHAT_TEMPLATES.get(preset or "", fallback)

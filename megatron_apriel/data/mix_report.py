@@ -21,7 +21,6 @@ whose data is the registered ``image-text-blend`` (however the config names it) 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -43,6 +42,7 @@ from megatron_apriel.data.image_text_blend import ImageTextBlend, is_multimodal
 from megatron_apriel.data.multimodal import MultimodalDataset
 from megatron_apriel.data.registry import resolve_dataset
 from megatron_apriel.errors import cli_main
+from megatron_apriel.outputs import ArgumentParser, check_output_file, positive_int
 
 
 @dataclass
@@ -251,21 +251,24 @@ def write_png(r: Report, path: str) -> None:
 
 @cli_main()
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="apriel mix-report", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="apriel mix-report", description=__doc__.splitlines()[0])
     ap.add_argument("spec", help="blend spec YAML, or a training config with a data: section")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seed=7 (data.seed=7 for a training config)")
     ap.add_argument("--stage", default=None, help="stage of a staged curriculum (default: the spec's)")
-    ap.add_argument("--global-batch-size", type=int, default=None,
+    ap.add_argument("--global-batch-size", type=positive_int, default=None,
                     help="rounds a token budget up to whole steps (default: the training config's, or 1)")
-    ap.add_argument("--first", type=int, default=1000, help="samples of the early-share column")
+    ap.add_argument("--first", type=positive_int, default=1000, help="samples of the early-share column")
     ap.add_argument("--png", default=None, help="bar chart path (default: SPEC with .mix.png)")
     ap.add_argument("--json", default=None, help="also write the numbers as JSON")
     args = ap.parse_args(argv)
+    png = args.png or os.path.splitext(args.spec)[0] + ".mix.png"
+    check_output_file(png, "--png" if args.png else "--png (default: beside the spec)")
+    if args.json:
+        check_output_file(args.json, "--json")
     spec, config_gbs = load_spec(args.spec, args.overrides)
     gbs = args.global_batch_size or config_gbs or 1
     report = mix_report(spec, gbs, args.first, args.stage)
     print(format_report(report))
-    png = args.png or os.path.splitext(args.spec)[0] + ".mix.png"
     write_png(report, png)
     print(f"wrote {png}")
     if args.json:

@@ -21,6 +21,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image
 
+from megatron_apriel.data.blends import check_bin_length
 from megatron_apriel.data.multimodal_format import (
     IMAGES_KEY,
     MASK_KEY,
@@ -43,7 +44,9 @@ def read_indexed(prefix: str, key: str):
         raise FileNotFoundError(f"{path}.bin/.idx: missing (run apriel preprocess-multimodal)")
     if os.path.getsize(path + ".bin") == 0:
         return None
-    return IndexedDataset(path)
+    ds = IndexedDataset(path)
+    check_bin_length(path, ds, prefix)
+    return ds
 
 
 class MultimodalDataset(torch.utils.data.Dataset):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import glob
 import gzip
 import io
@@ -46,7 +45,16 @@ from tqdm import tqdm
 
 from megatron_apriel.config import atomic_write_text
 from megatron_apriel.data.tokenizers import Tokenizer, add_tokenizer_args, tokenizer_from_args
-from megatron_apriel.errors import EXIT_BAD_INPUT, EXIT_ERROR, InputError, cli_main
+from megatron_apriel.errors import EXIT_BAD_INPUT, EXIT_ERROR, InputError, Terminated, cli_main, raise_terminated
+from megatron_apriel.outputs import (
+    ArgumentParser,
+    check_output_prefix,
+    disk_error,
+    nonnegative_float,
+    nonnegative_int,
+    positive_int,
+    signals_deferred,
+)
 
 try:  # orjson parses about 3x faster; the stdlib parser is the fallback and the reference
     import orjson
@@ -131,6 +139,41 @@ class _Counting(io.RawIOBase):
         return n
 
 
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file of one or more frames. zstandard's ``stream_reader``
+    ends quietly where a truncated file ends; this reader raises EOFError if the last frame is
+    incomplete, as gzip does for a truncated .gz."""
+
+    def __init__(self, f):
+        self.f, self.buf = f, bytearray()  # bytearray: deleting from its front is O(1) in CPython
+        self.dobj, self.started = zstandard.ZstdDecompressor().decompressobj(), False
+
+    def readable(self):
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            chunk = self.f.read(1 << 20)
+            if not chunk:
+                if self.started and not self.dobj.eof:
+                    raise EOFError("compressed file ended before the end-of-stream marker was reached")
+                break
+            while chunk:
+                self.buf += self.dobj.decompress(chunk)
+                self.started = True
+                chunk = self.dobj.unused_data if self.dobj.eof else b""
+                if chunk:  # the next frame
+                    self.dobj, self.started = zstandard.ZstdDecompressor().decompressobj(), False
+        n = len(self.buf) if n < 0 else min(n, len(self.buf))
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
 def _open_binary(path: Path, counter: list):
     raw = open(path, "rb")
     counting = _Counting(raw)
@@ -138,7 +181,7 @@ def _open_binary(path: Path, counter: list):
     if path.name.endswith(".gz"):
         return gzip.GzipFile(fileobj=io.BufferedReader(counting, 1 << 20))
     if path.name.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(io.BufferedReader(counting, 1 << 20), read_size=1 << 20)
+        return _ZstdFrames(io.BufferedReader(counting, 1 << 20))
     return io.BufferedReader(counting, 1 << 20)
 
 
@@ -161,7 +204,7 @@ def read_blocks(paths: list[Path], keys: list[str], progress, block_bytes: int =
         with _open_binary(path, counters) as f:
             done = 0
             while True:
-                chunk = f.read(block_bytes)
+                chunk = _read_named(f, block_bytes, path)
                 progress(counters[0].pos - done)
                 done = counters[0].pos
                 if not chunk:
@@ -176,6 +219,14 @@ def read_blocks(paths: list[Path], keys: list[str], progress, block_bytes: int =
                 line_no += lines.count(b"\n") + 1
         if any(rest):
             yield Block(fi, line_no, lines=b"".join(rest))
+
+
+def _read_named(f, n: int, path: Path) -> bytes:
+    """``f.read(n)``; a truncated or corrupt .gz/.zst (a partial download or copy) names the file."""
+    try:
+        return f.read(n)
+    except (EOFError, OSError, zstandard.ZstdError) as e:  # gzip.BadGzipFile is an OSError
+        raise PreprocessError(f"{path}: truncated or corrupt compressed file ({e})") from None
 
 
 def _parquet_blocks(fi: int, path: Path, keys: list[str], progress) -> Iterator[Block]:
@@ -505,27 +556,13 @@ def _longest_line(block: Block) -> tuple[int, int]:
     return block.first_line + i, lengths[i]
 
 
-@contextlib.contextmanager
-def _signals_deferred():
-    """SIGINT and SIGTERM held back (in the main thread) until the block ends: an interrupt inside
-    Pool() or apply_async can leave a task registered but never sent, and joining the pool then waits
-    for it forever."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+# SIGINT and SIGTERM held back until the block ends: an interrupt inside Pool() or apply_async can
+# leave a task registered but never sent, and joining the pool then waits for it forever.
+_signals_deferred = signals_deferred
 
 
-class _Terminated(Exception):
-    """SIGTERM, turned into an exception so the outputs' temporary files are removed on the way out."""
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated(f"stopped by signal {signum}")
+# SIGTERM, turned into an exception so the outputs' temporary files are removed on the way out
+_Terminated, _raise_terminated = Terminated, raise_terminated
 
 
 def output_prefix(prefix: str, key: str, level: str = "document") -> str:
@@ -628,9 +665,12 @@ def preprocess(inputs: str, out_prefix: str, tokenizer: Tokenizer, json_keys=("t
         with _signals_deferred():
             for out in outs:
                 out.finish()
-    except BaseException:
+    except BaseException as e:
         for out in outs:
             out.abort()
+        err = disk_error(e, out_prefix) if isinstance(e, Exception) else None
+        if err is not None:  # a write's ENOSPC names no file: name the output
+            raise err from None
         raise
     finally:
         results_iter.close()
@@ -661,8 +701,8 @@ def stats_dict(stats: Stats, args_like: dict) -> dict:
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="preprocess_data.py", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "preprocess_data.py") -> argparse.ArgumentParser:
+    p = ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, help="a file, a glob or a directory (comma-separated for several): "
                                                   ".jsonl, .jsonl.gz, .jsonl.zst, .parquet")
@@ -675,32 +715,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--append-eod", action="store_true", help="append the end-of-document token to every document")
     g.add_argument("--dataset-impl", default="mmap", choices=["mmap"], help="accepted for compatibility")
     g = p.add_argument_group("runtime")
-    g.add_argument("--workers", type=int, default=1, help="tokenizer processes (0: in the main process)")
-    g.add_argument("--log-interval", type=int, default=100_000, help="documents between log lines (no TTY)")
-    g.add_argument("--log-seconds", type=float, default=30.0,
+    g.add_argument("--workers", type=nonnegative_int, default=1, help="tokenizer processes (0: in the main process)")
+    g.add_argument("--log-interval", type=positive_int, default=100_000, help="documents between log lines (no TTY)")
+    g.add_argument("--log-seconds", type=nonnegative_float, default=30.0,
                    help="seconds between log lines (no TTY), and before naming a block still being tokenized")
-    g.add_argument("--slow-doc-seconds", type=float, default=10.0,
+    g.add_argument("--slow-doc-seconds", type=nonnegative_float, default=10.0,
                    help="name in the log every document (file:line, length) that takes this long to tokenize")
     g.add_argument("--strict", action="store_true", help="any skipped record is an error naming file and line")
     g.add_argument("--quiet", action="store_true", help="no progress output")
-    g.add_argument("--block-bytes", type=int, default=BLOCK_BYTES, help="bytes of whole lines per worker task")
+    g.add_argument("--block-bytes", type=positive_int, default=BLOCK_BYTES, help="bytes of whole lines per worker task")
     return p
 
 
-# Megatron-LM's tool of this name exits 1 on bad input, so this one does too (--split-sentences: 2)
-@cli_main(bad_input=(FileNotFoundError, ValueError), bad_input_exit=EXIT_ERROR)
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def check_outputs(prefix: str, keys: list[str]) -> None:
+    """The output prefix takes every file this run writes; a killed run's temporary files go."""
+    names = [output_prefix(prefix, k) + ext for k in keys for ext in (".bin", ".idx")] + [prefix + ".stats.json"]
+    check_output_prefix(prefix, "--output-prefix", names,
+                        stale=tuple(glob.escape(output_prefix(prefix, k)) + ".*.tmp" for k in keys))
+
+
+def _main(argv: list[str] | None, prog: str) -> int:
+    args = build_parser(prog).parse_args(argv)
     if args.split_sentences:
         print("error: --split-sentences is not supported; documents are tokenized whole", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
+        expand_inputs(args.input)
+        check_outputs(args.output_prefix, args.json_keys)
         tokenizer = tokenizer_from_args(args)
         stats = preprocess(args.input, args.output_prefix, tokenizer, args.json_keys, args.append_eod,
                            args.workers, args.strict, args.log_interval, args.quiet, args.block_bytes,
                            args.log_seconds, args.slow_doc_seconds)
     except (KeyboardInterrupt, _Terminated) as e:
-        print(f"[preprocess] interrupted ({e or 'Ctrl-C'}): nothing written, temporary files removed", file=sys.stderr)
+        which = "SIGTERM" if isinstance(e, _Terminated) else "SIGINT"
+        print(f"[preprocess] interrupted by {which}: nothing written, temporary files removed", file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     summary = stats_dict(stats, {"input": args.input, "output_prefix": args.output_prefix,
                                  "tokenizer": tokenizer.name, "workers": args.workers,
@@ -716,5 +764,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@cli_main(bad_input=(FileNotFoundError, ValueError))
+def main(argv: list[str] | None = None) -> int:
+    """``apriel preprocess``: bad input exits 2, as every ``apriel`` verb."""
+    return _main(argv, "apriel preprocess")
+
+
+# Megatron-LM's tool of this name exits 1 on bad input, so tools/preprocess_data.py does too
+# (--split-sentences: 2)
+@cli_main(bad_input=(FileNotFoundError, ValueError), bad_input_exit=EXIT_ERROR)
+def tool_main(argv: list[str] | None = None) -> int:
+    return _main(argv, "preprocess_data.py")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(tool_main())

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import io
 import json
 import multiprocessing as mp
@@ -76,6 +77,7 @@ from megatron_apriel.data.preprocess import PreprocessError, check_inputs, print
 from megatron_apriel.data.tokenizers import add_tokenizer_args, tokenizer_from_args
 from megatron_apriel.errors import cli_main
 from megatron_apriel.models.presets import PIXTRAL_LAYOUT
+from megatron_apriel.outputs import ArgumentParser, check_output_prefix, disk_error, nonnegative_int, positive_int
 
 
 class RecordError(CountedError):
@@ -84,7 +86,7 @@ class RecordError(CountedError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="apriel preprocess-multimodal",
         description="Image-text JSONL + image files -> tokens, loss masks and images (megatron-core indexed datasets).",
     )
@@ -93,22 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_tokenizer_args(p)
     p.add_argument("--image-placeholder", default=PLACEHOLDER, help="placeholder of an image in text/prompt")
     pixtral = PIXTRAL_LAYOUT
-    p.add_argument("--patch-size", type=int, default=pixtral.patch_size)
-    p.add_argument("--image-size", type=int, default=pixtral.image_size,
+    p.add_argument("--patch-size", type=positive_int, default=pixtral.patch_size)
+    p.add_argument("--image-size", type=positive_int, default=pixtral.image_size,
                    help=f"longest edge after resize (Pixtral: {pixtral.image_size})")
-    p.add_argument("--image-token-id", type=int, default=pixtral.image_token_id)
-    p.add_argument("--image-break-token-id", type=int, default=pixtral.image_break_token_id)
-    p.add_argument("--image-end-token-id", type=int, default=pixtral.image_end_token_id)
-    p.add_argument("--seq-length", type=int, default=None,
+    p.add_argument("--image-token-id", type=nonnegative_int, default=pixtral.image_token_id)
+    p.add_argument("--image-break-token-id", type=nonnegative_int, default=pixtral.image_break_token_id)
+    p.add_argument("--image-end-token-id", type=nonnegative_int, default=pixtral.image_end_token_id)
+    p.add_argument("--seq-length", type=positive_int, default=None,
                    help="training length: longer samples are skipped (an image cannot be cut)")
     p.add_argument("--no-bos", action="store_true", help="do not start samples with the tokenizer's BOS")
     p.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-image-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help="most pixels decoded per image, checked from the file header: larger images are skipped as "
                    "image_too_large (JPEGs are first decoded at 1/2..1/8 scale when that fits)")
-    p.add_argument("--workers", type=int, default=1, help="processes that decode, resize and encode images and "
-                   "tokenize (output identical for any number)")
-    p.add_argument("--log-interval", type=int, default=10000)
+    p.add_argument("--workers", type=nonnegative_int, default=1,
+                   help="processes that decode, resize, encode images and tokenize (output identical for any number)")
+    p.add_argument("--log-interval", type=nonnegative_int, default=10000)
     return p
 
 
@@ -161,9 +163,13 @@ class _Encoder:
         self.cache[key] = (key, buf.getvalue(), loaded.notes, pixels.shape[0], pixels.shape[1])
         return self.cache[key]
 
-    def line(self, line: str, base_dir: str) -> tuple:
+    def line(self, line: bytes, base_dir: str) -> tuple:
         try:
-            record = json.loads(line)
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:  # one bad byte is one skipped record, not the end of the run
+            raise RecordError("invalid_utf8", f"not UTF-8 ({e.reason} at byte {e.start})") from None
+        try:
+            record = json.loads(text)
         except ValueError as e:
             raise RecordError("bad_json", f"bad JSON ({e})") from None
         tokens, mask, images = encode_record(record, base_dir, self.tokenizer, self.layout, self.image,
@@ -254,7 +260,7 @@ def _chunks(paths: list[str], size: int, counter: dict) -> Iterator[list]:
     chunk = []
     for path in paths:
         base = os.path.dirname(os.path.abspath(path))
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # lines decoded one by one in _Encoder.line
             for lineno, line in enumerate(tqdm(f, desc=os.path.basename(path), unit=" rec", mininterval=2.0,
                                                disable=None), start=1):
                 if not line.strip():
@@ -309,12 +315,7 @@ def preprocess(args) -> dict:
     final = {k: dataset_path(args.output_prefix, k) for k in KEYS}
     tmp = {k: v + f".tmp{os.getpid()}" for k, v in final.items()}
     tok_dtype = DType.optimal_dtype(max(tokenizer.vocab_size, max(layout.token_ids) + 1))
-    builders = {
-        TOKENS_KEY: IndexedDatasetBuilder(tmp[TOKENS_KEY] + ".bin", dtype=tok_dtype),
-        MASK_KEY: IndexedDatasetBuilder(tmp[MASK_KEY] + ".bin", dtype=np.uint8),
-        IMAGES_KEY: IndexedDatasetBuilder(tmp[IMAGES_KEY] + ".bin", dtype=np.uint8),
-        REFS_KEY: IndexedDatasetBuilder(tmp[REFS_KEY] + ".bin", dtype=np.int32),
-    }
+    builders = {}
     rows: dict[str, int] = {}  # realpath of an image file -> its row in the images dataset
     counts = {"read": 0, "kept": 0, "with_control_token_text": 0, "control_token_strings": 0}
     skipped: dict[str, int] = {}
@@ -324,6 +325,8 @@ def preprocess(args) -> dict:
     start = time.time()
     results = _results(_chunks(args.input, 16, counts), args)
     try:
+        for key, dtype in ((TOKENS_KEY, tok_dtype), (MASK_KEY, np.uint8), (IMAGES_KEY, np.uint8), (REFS_KEY, np.int32)):
+            builders[key] = IndexedDatasetBuilder(tmp[key] + ".bin", dtype=dtype)
         for chunk in results:
             for where, res in chunk:
                 if isinstance(res, RecordError):
@@ -362,12 +365,17 @@ def preprocess(args) -> dict:
         for key in KEYS:
             for ext in (".bin", ".idx"):
                 os.replace(tmp[key] + ext, final[key] + ext)
-    except BaseException:
+    except BaseException as e:
         results.close()  # stop the worker pool now, not at interpreter exit
+        for b in builders.values():
+            b.data_file.close()
         for key in KEYS:
             for ext in (".bin", ".idx"):
                 if os.path.exists(tmp[key] + ext):
                     os.remove(tmp[key] + ext)
+        err = disk_error(e, args.output_prefix) if isinstance(e, Exception) else None
+        if err is not None:  # a write's ENOSPC names no file: name the output
+            raise err from None
         raise
     report = {
         **counts,
@@ -396,6 +404,9 @@ def preprocess(args) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_inputs(args.input)
+    names = [dataset_path(args.output_prefix, k) + ext for k in KEYS for ext in (".bin", ".idx")]
+    check_output_prefix(args.output_prefix, "--output-prefix", names + [meta_path(args.output_prefix)],
+                        stale=tuple(glob.escape(dataset_path(args.output_prefix, k)) + ".tmp*" for k in KEYS))
     report = preprocess(args)
     reasons = ", ".join(f"{v} {k}" for k, v in report["skipped_by_reason"].items()) or "none"
     normalised = ", ".join(f"{v} {k}" for k, v in report["images_normalised"].items()) or "none"

@@ -23,6 +23,7 @@ Input records: ``{"messages": [{"role": "system|user|assistant|tool", "content":
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from transformers import AutoTokenizer
 from megatron_apriel.config import atomic_write_text
 from megatron_apriel.data.chat_template import (
     ConversationError,
+    check_preset_and_template,
     default_chat_template,
     encode_chat,
     render,
@@ -47,10 +49,18 @@ from megatron_apriel.data.chat_tokenizer import check_role_tokens
 from megatron_apriel.data.preprocess import PreprocessError, check_inputs, print_control_text
 from megatron_apriel.data.sft import MASK_KEY, TOKENS_KEY, dataset_paths
 from megatron_apriel.errors import cli_main
+from megatron_apriel.outputs import (
+    ArgumentParser,
+    check_output_prefix,
+    disk_error,
+    fraction,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="apriel preprocess-sft",
         description="Chat JSONL -> tokens + assistant loss masks (megatron-core indexed datasets).",
     )
@@ -64,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None,
                    help="model preset the data is for: picks its released model's chat format by default "
                         "(apriel-nemotron-15b -> apriel-nemotron, apriel-1.5-15b -> apriel-1.5)")
-    p.add_argument("--seq-length", type=int, default=None,
+    p.add_argument("--seq-length", type=positive_int, default=None,
                    help="training length; longer conversations are dropped or truncated (--overlong)")
     p.add_argument("--overlong", choices=("drop", "truncate"), default="drop")
     p.add_argument("--split-turns", action="store_true",
@@ -73,17 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true",
                    help="stop at the first malformed record (default: count it, name it in the report, go on)")
     p.add_argument("--skip-bad", action="store_true", help="the default; kept for older command lines")
-    p.add_argument("--subset-fraction", type=float, default=None,
+    p.add_argument("--subset-fraction", type=fraction, default=None,
                    help="keep this fraction of the records, stratified by --stratify-key (Apriel-1.5's 25%% run)")
     p.add_argument("--stratify-key", default="source",
                    help="record field whose values are the strata of --subset-fraction (missing = one stratum)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stratified subset")
-    p.add_argument("--log-interval", type=int, default=10000)
+    p.add_argument("--log-interval", type=nonnegative_int, default=10000, help="0: no progress lines")
     return p
 
 
 def _load_tokenizer(path: str):
-    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # not a tokenizer folder: transformers' several-line advice, shortened
+        raise PreprocessError(f"--tokenizer-model {path}: not an HF tokenizer folder "
+                              f"({str(e).strip().splitlines()[0][:160]})") from None
     if not getattr(tok, "is_fast", False):
         raise PreprocessError(f"{path}: a fast (tokenizers-backed) tokenizer is needed for token offsets")
     return tok
@@ -95,13 +109,13 @@ def stratified_subset(paths: list[str], key: str, fraction: float, seed: int) ->
         raise PreprocessError(f"--subset-fraction must be in (0, 1], got {fraction}")
     strata: dict[str, list[tuple[int, int]]] = {}
     for fi, path in enumerate(paths):
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is a malformed record, not a crash
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
                 try:
                     value = json.loads(line).get(key)
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
                     value = None  # malformed records are reported by the main pass
                 strata.setdefault(json.dumps(value), []).append((fi, lineno))
     rng = np.random.default_rng(seed)
@@ -142,21 +156,20 @@ def preprocess(args) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     final = {k: dataset_paths(args.output_prefix, k) for k in (TOKENS_KEY, MASK_KEY)}
     tmp = {k: v + f".tmp{os.getpid()}" for k, v in final.items()}
-    builders = {
-        TOKENS_KEY: IndexedDatasetBuilder(tmp[TOKENS_KEY] + ".bin", dtype=tok_dtype),
-        MASK_KEY: IndexedDatasetBuilder(tmp[MASK_KEY] + ".bin", dtype=np.uint8),
-    }
     subset = None
     if args.subset_fraction is not None:
         subset = stratified_subset(args.input, args.stratify_key, args.subset_fraction, args.seed)
+    builders = {}
     counts = {"not_in_subset": 0, "read": 0, "kept": 0, "truncated": 0, "dropped_overlong": 0,
               "dropped_no_loss_tokens": 0, "skipped_bad": 0, "with_control_token_text": 0, "control_token_strings": 0}
     skipped: list[str] = []
     n_tokens = n_loss = 0
     start = time.time()
     try:
+        builders[TOKENS_KEY] = IndexedDatasetBuilder(tmp[TOKENS_KEY] + ".bin", dtype=tok_dtype)
+        builders[MASK_KEY] = IndexedDatasetBuilder(tmp[MASK_KEY] + ".bin", dtype=np.uint8)
         for fi, path in enumerate(args.input):
-            with open(path, encoding="utf-8") as f:
+            with open(path, "rb") as f:  # each line decoded alone: one bad byte is one malformed record
                 for lineno, line in enumerate(tqdm(f, desc=os.path.basename(path), unit=" conv",
                                                    mininterval=2.0, disable=None), start=1):
                     if not line.strip():
@@ -166,7 +179,7 @@ def preprocess(args) -> dict:
                         counts["not_in_subset"] += 1
                         continue
                     try:
-                        record = json.loads(line)
+                        record = json.loads(line.decode("utf-8"))
                         if not isinstance(record, dict):
                             raise ConversationError("record is not a JSON object")
                         messages = validate_messages(record.get("messages"))
@@ -176,7 +189,7 @@ def preprocess(args) -> dict:
                                                    last_turn_only=True) for n in ends]
                         else:
                             samples = [render(tokenizer, messages, template, tools=record.get("tools"))]
-                    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+                    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
                         where = f"{path}:{lineno}"
                         if args.strict:
                             raise PreprocessError(f"{where}: {e}") from None
@@ -195,11 +208,16 @@ def preprocess(args) -> dict:
                         print(f"[preprocess-sft] {counts['read']} conversations, {rate:.0f}/s", file=sys.stderr)
         for key in (TOKENS_KEY, MASK_KEY):
             builders[key].finalize(tmp[key] + ".idx")
-    except BaseException:
+    except BaseException as e:
+        for b in builders.values():
+            b.data_file.close()
         for key in tmp:
             for ext in (".bin", ".idx"):
                 if os.path.exists(tmp[key] + ext):
                     os.remove(tmp[key] + ext)
+        err = disk_error(e, args.output_prefix) if isinstance(e, Exception) else None
+        if err is not None:  # a write's ENOSPC names no file: name the output
+            raise err from None
         raise
     for key in (TOKENS_KEY, MASK_KEY):
         for ext in (".bin", ".idx"):
@@ -223,10 +241,20 @@ def preprocess(args) -> dict:
     return report
 
 
+def check_outputs(prefix: str, keys, report_suffix: str) -> None:
+    """The output prefix takes the datasets and the report (checked before the tokenizer loads); the
+    temporary files of a killed run with this prefix are removed."""
+    names = [dataset_paths(prefix, k) + ext for k in keys for ext in (".bin", ".idx")] + [prefix + report_suffix]
+    check_output_prefix(prefix, "--output-prefix", names,
+                        stale=tuple(glob.escape(dataset_paths(prefix, k)) + ".tmp*" for k in keys))
+
+
 @cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_inputs(args.input, exists=os.path.exists)
+    check_preset_and_template(args.preset, args.chat_template)
+    check_outputs(args.output_prefix, (TOKENS_KEY, MASK_KEY), "_report.json")
     report = preprocess(args)
     print(
         f"preprocess-sft: read {report['read']}, kept {report['kept']} ({report['truncated']} truncated), "

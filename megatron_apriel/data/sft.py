@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_apriel.data.blends import check_bin_length
 from megatron_apriel.data.packing import fill_row, packing_efficiency, plan_rows
 
 TOKENS_KEY = "tokens"
@@ -41,6 +42,8 @@ class SFTDataset(torch.utils.data.Dataset):
                  window: int = 20000, pad_token_id: int = 0, max_docs: Optional[int] = None):
         self.tokens = IndexedDataset(dataset_paths(prefix, TOKENS_KEY))
         self.masks = IndexedDataset(dataset_paths(prefix, MASK_KEY))
+        for key, ds in ((TOKENS_KEY, self.tokens), (MASK_KEY, self.masks)):
+            check_bin_length(dataset_paths(prefix, key), ds, prefix)
         if len(self.tokens) != len(self.masks):
             raise ValueError(f"{prefix}: {len(self.tokens)} token documents but {len(self.masks)} masks")
         self.seq_length = seq_length

@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from megatron_apriel.errors import InputError
+
 # MEGATRON_APRIEL_TEKKEN_FAST=0 turns the compiled Tekken path off (tiktoken alone, same ids)
 FAST_ENV = "MEGATRON_APRIEL_TEKKEN_FAST"
 _warned_no_extension = False
@@ -303,6 +305,11 @@ _CLASSES = {"HuggingFaceTokenizer": HuggingFaceTokenizer, "SentencePieceTokenize
             "TikTokenizer": TekkenTokenizer}
 
 
+_EXPECTED = {"HuggingFaceTokenizer": "expected a tokenizer.json or an HF tokenizer folder",
+             "SentencePieceTokenizer": "expected a SentencePiece .model file",
+             "TikTokenizer": "expected a Mistral Tekken JSON file, 'mistral-nemo' or 'pixtral'"}
+
+
 def load_tokenizer(tokenizer_type: str, tokenizer_model: str, **kw) -> Tokenizer:
     """Build a tokenizer; ``kw``: ``threads``, and for TikTokenizer ``vocab_size``, ``pattern``."""
     kind = TOKENIZER_ALIASES.get(tokenizer_type, tokenizer_type)
@@ -315,7 +322,14 @@ def load_tokenizer(tokenizer_type: str, tokenizer_model: str, **kw) -> Tokenizer
     if kind != "TikTokenizer":
         kw.pop("vocab_size", None)
         kw.pop("pattern", None)
-    return _CLASSES[kind](tokenizer_model, **kw)
+    try:
+        return _CLASSES[kind](tokenizer_model, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        # a file or folder of another kind: the libraries' own errors (sentencepiece's RuntimeError,
+        # mistral-common's KeyError, transformers' five-line conversion advice) name neither flag nor kind
+        first = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)).strip().splitlines()
+        raise InputError(f"--tokenizer-model {tokenizer_model}: not a {kind} model ({_EXPECTED[kind]}"
+                         + (f"; {first[0][:160]}" if first else "") + ")") from None
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -15,7 +15,6 @@ log-likelihood tasks); ties go to the candidate nearest the YAML's own weights.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import shutil
@@ -39,6 +38,7 @@ from megatron_apriel.eval.run import (
 )
 from megatron_apriel.eval.tasks import TaskSpec, parse_task_arg, read_records
 from megatron_apriel.hub import resolve_model
+from megatron_apriel.outputs import ArgumentParser, check_output_dir, fraction
 
 MAX_CANDIDATES = 200
 
@@ -159,15 +159,16 @@ def draw_search(rows: list[dict], inputs: list[str], png: Path) -> None:
 
 @cli_main(bad_input=(FileNotFoundError,))
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="apriel merge-search", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="apriel merge-search", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="merge YAML (as apriel average --config reads it)")
-    ap.add_argument("--grid", type=float, default=0.1, help="weight step; each candidate's weights sum to 1")
+    ap.add_argument("--grid", type=fraction, default=0.1, help="weight step; each candidate's weights sum to 1")
     ap.add_argument("--out-dir", required=True, help="table, JSON, PNG and best_merge.yaml go here")
     ap.add_argument("--keep", action="store_true",
                     help="keep every candidate checkpoint (default: deleted once scored)")
     add_settings_args(ap)
     add_card_args(ap, eval_results=False)
     args = ap.parse_args(argv)
+    check_output_dir(args.out_dir, "--out-dir")  # before the first candidate is merged and scored
     check_card_args(args.model_card_extra)
     search(args.config, args.tasks, args.grid, args.out_dir, settings_from_args(args), keep=args.keep,
            card=dict(license=args.license, base_model=args.base_model, extra=args.model_card_extra))

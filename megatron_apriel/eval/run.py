@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 from megatron_apriel.checkpoint.model_card import weights_sha256
-from megatron_apriel.config import load_yaml
+from megatron_apriel.config import atomic_write_text, load_yaml
 from megatron_apriel.data.chat_template import (
     CHAT_TEMPLATES,
     SANITIZE,
+    check_preset_and_template,
     control_token_pattern,
     count_control_strings,
     default_chat_template,
@@ -46,6 +47,7 @@ from megatron_apriel.eval.tasks import (
     skip_counts,
 )
 from megatron_apriel.hub import resolve_model
+from megatron_apriel.outputs import ArgumentParser, check_output_file, fraction, nonnegative_float, positive_int
 
 
 class EvalError(InputError):
@@ -462,9 +464,7 @@ def draw(result: dict, png: Path) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=str) + "\n")  # nothing left behind on an error
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -473,10 +473,11 @@ def add_settings_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tasks", nargs="+", required=True,
                     help="KIND=FILE.jsonl (kinds: math, choice, choice_ll, code, instructions, tools), a task "
                          "YAML with kind/path keys, or an lm-evaluation-harness task name or YAML")
-    ap.add_argument("--samples", type=int, default=d.samples, help="completions per prompt (pass@1 averaged, maj@n)")
-    ap.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=d.top_p)
-    ap.add_argument("--max-gen-toks", type=int, default=d.max_gen_toks)
+    ap.add_argument("--samples", type=positive_int, default=d.samples,
+                    help="completions per prompt (pass@1 averaged, maj@n)")
+    ap.add_argument("--temperature", type=nonnegative_float, default=d.temperature, help="0 = greedy")
+    ap.add_argument("--top-p", type=fraction, default=d.top_p)
+    ap.add_argument("--max-gen-toks", type=positive_int, default=d.max_gen_toks)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--chat-template", default=d.chat_template,
                     help="tokenizer (its own), apriel, apriel-nemotron, apriel-1.5, none (raw prompts), or a .jinja "
@@ -485,10 +486,10 @@ def add_settings_args(ap: argparse.ArgumentParser) -> None:
                     help="model preset of the checkpoints: its released model's chat format is the default template")
     ap.add_argument("--dtype", default=d.dtype, help="auto: bfloat16 on GPU, float32 on CPU")
     ap.add_argument("--device", default=d.device)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size, help="hf backend (vllm batches by itself)")
+    ap.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="hf backend (vllm batches by itself)")
     ap.add_argument("--backend", choices=["hf", "vllm"], default=d.backend)
-    ap.add_argument("--gpu-memory-utilization", type=float, help="vllm: default 0.9 on GPU, 0.1 (of RAM) on CPU")
-    ap.add_argument("--limit", type=int, help="first N records of each task (quick checks)")
+    ap.add_argument("--gpu-memory-utilization", type=fraction, help="vllm: default 0.9 on GPU, 0.1 (of RAM) on CPU")
+    ap.add_argument("--limit", type=positive_int, help="first N records of each task (quick checks)")
     ap.add_argument("--no-final-response", action="store_true",
                     help="read answers from the whole completion (base models without the reasoning format)")
 
@@ -507,12 +508,18 @@ def settings_from_args(args) -> Settings:
 
 @cli_main()
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="apriel eval", description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog="apriel eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--hf", nargs="+", required=True, help="HF checkpoint folder(s) or Hub repo ids (org/name[@rev])")
     ap.add_argument("--out", required=True, help="results JSON (written when every model is done)")
     ap.add_argument("--plot", help="PNG of scores per checkpoint (default: beside --out when several --hf)")
     add_settings_args(ap)
     args = ap.parse_args(argv)
+    # before any model is loaded: an evaluation must not run to the end only to fail writing its result
+    check_preset_and_template(args.preset, args.chat_template)
+    check_output_file(args.out, "--out")
+    png = args.plot or (str(Path(args.out).with_suffix(".png")) if len(args.hf) > 1 else None)
+    if png:
+        check_output_file(png, "--plot" if args.plot else "--out (its .png beside)")
     args.hf = [resolve_model(h, "--hf") for h in args.hf]
     run(args.hf, args.tasks, args.out, settings_from_args(args), args.plot)
     return 0

@@ -16,12 +16,12 @@ The first pipeline stage holds ``pp`` micro-batches of activations in flight und
 
 from __future__ import annotations
 
-import argparse
 import math
 
-from megatron_apriel.errors import cli_main
+from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.models.families import family_of
 from megatron_apriel.models.presets import PRESETS, get_preset
+from megatron_apriel.outputs import ArgumentParser, positive_int
 
 GiB = 1024**3
 
@@ -101,14 +101,14 @@ def preset_table() -> str:
 
 @cli_main()
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="apriel model-info", description=__doc__.splitlines()[0])
+    ap = ArgumentParser(prog="apriel model-info", description=__doc__.splitlines()[0])
     ap.add_argument("preset", nargs="?", choices=sorted(PRESETS))
     ap.add_argument("--table", action="store_true", help="print the markdown table of all presets (the README's)")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--dp", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=4096)
-    ap.add_argument("--micro-batch", type=int, default=1)
+    ap.add_argument("--tp", type=positive_int, default=1)
+    ap.add_argument("--pp", type=positive_int, default=1)
+    ap.add_argument("--dp", type=positive_int, default=1)
+    ap.add_argument("--seq", type=positive_int, default=4096)
+    ap.add_argument("--micro-batch", type=positive_int, default=1)
     ap.add_argument("--recompute", choices=["none", "selective", "full"], default="selective")
     ap.add_argument("--no-distributed-optimizer", action="store_true")
     args = ap.parse_args(argv)
@@ -118,6 +118,13 @@ def main(argv=None) -> int:
     if args.preset is None:
         ap.error("give a preset (or --table)")
     p = get_preset(args.preset)
+    # a layout megatron-core would refuse is not given a memory figure
+    for flag, n, what in (("--tp", p.num_attention_heads, "attention heads"),
+                          ("--tp", p.num_query_groups, "query groups"),
+                          ("--pp", p.num_layers, "layers")):
+        if n % (args.tp if flag == "--tp" else args.pp):
+            raise InputError(f"{flag} {args.tp if flag == '--tp' else args.pp}: does not divide the {n} {what} "
+                             f"of {p.name}")
     c = p.param_counts()
     family = family_of(p)
     print(f"preset {p.name}: {p.description} (family {family.name}: {family.description})")
