@@ -205,7 +205,8 @@ def test_disk_full_names_space_and_intact_iteration(corpus, tmp_path):
         assert "the save of iteration 4 will likely not fit" in proc.stdout
         line = [x for x in proc.stderr.splitlines() if x.startswith("error: ")][-1]
         assert line.startswith(f"error: disk full while saving iteration 4 to {save}: a checkpoint needs about "
-                               "0.01 GiB (the last one's size)"), line
+                               "5."), line
+        assert " MiB (the last one's size), " in line and " MiB free after removing the partial iter_0000004" in line
         assert f"the last intact checkpoint is iteration 2 ({save}/iter_0000002)" in line
         assert not (save / "iter_0000004").exists()
         subprocess.run(["mount", "-o", "remount,size=40m", str(disk)], check=True)

@@ -113,8 +113,10 @@ def _enospc(e: BaseException) -> bool:
     return False
 
 
-def _gib(n: Optional[float]) -> str:
-    return "unknown" if n is None else f"{n / 2**30:.2f} GiB"
+def _size(n: Optional[float]) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 class Faults:
@@ -281,12 +283,17 @@ class Faults:
         need = self.last_ckpt_bytes
         free = shutil.disk_usage(self.save_root).free if os.path.isdir(self.save_root) else None
         if need is not None and free is not None and free < need:
-            log0(f"WARNING: {self.save_root} has {_gib(free)} free, the last checkpoint took {_gib(need)}: "
+            log0(f"WARNING: {self.save_root} has {_size(free)} free, the last checkpoint took {_size(need)}: "
                  f"the save of iteration {iteration} will likely not fit")
         try:
             checkpointer.save(iteration, *args)
-        except Exception as e:
-            if not _enospc(e):
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            # torch's writer reports a full disk as "enforce fail at inline_container.cc ... unexpected
+            # pos", with no errno: judge by the space left once the write failed
+            usage = shutil.disk_usage(self.save_root)
+            if not (_enospc(e) or usage.free < 0.02 * usage.total or (need and usage.free < need)):
                 raise
             self._disk_full(iteration, need)
         if checkpointer.last_bytes is not None:
@@ -306,7 +313,7 @@ class Faults:
         intact = (f"the last intact checkpoint is iteration {latest} ({iter_dir(self.save_root, latest)})"
                   if latest is not None else "no checkpoint is intact")
         raise RunError(f"disk full while saving iteration {iteration} to {self.save_root}: a checkpoint needs "
-                       f"about {_gib(need)} (the last one's size), {_gib(free)} free after removing the partial "
+                       f"about {_size(need)} (the last one's size), {_size(free)} free after removing the partial "
                        f"{os.path.basename(folder)}; {intact}; free space and run again to resume") from None
 
     def _corrupt(self, folder: str) -> None:
