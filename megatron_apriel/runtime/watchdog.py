@@ -60,6 +60,15 @@ class Heartbeat:
         return Heartbeat(**json.loads(text))
 
 
+def culprits(beats: dict[int, Heartbeat], world: int, now: float, stale_s: float) -> list[int]:
+    """The ranks :func:`culprit_report` names: silent, missing, or behind the others."""
+    line = culprit_report(beats, world, now, stale_s)
+    silent = [r for r, b in beats.items() if now - b.published > stale_s]
+    missing = [r for r in range(world) if r not in beats]
+    behind = [r for r in beats if f"rank {r} on {beats[r].host}: behind" in line]
+    return sorted(set(silent + missing + behind))
+
+
 def culprit_report(beats: dict[int, Heartbeat], world: int, now: float, stale_s: float) -> str:
     """One line naming the ranks that are behind (silent, or at an earlier step/phase) and where the
     others wait, from every rank's last heartbeat. ``stale_s``: a heartbeat older than this is silent."""
@@ -105,7 +114,7 @@ class Watchdog:
 
     def __init__(self, budgets: dict[str, float], rank: int = 0, world: int = 1, store=None,
                  heartbeat_s: float = 2.0, exit_code: int = EXIT_HANG, log: Callable[[str], None] = None,
-                 exit_fn: Callable[[int], None] = os._exit):
+                 exit_fn: Callable[[int], None] = os._exit, on_fire: Optional[Callable[[dict], None]] = None):
         self.budgets = dict(budgets)
         self.rank, self.world, self.store = rank, world, store
         self.host = socket.gethostname()
@@ -113,6 +122,7 @@ class Watchdog:
         self.exit_code = exit_code
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.exit_fn = exit_fn
+        self.on_fire = on_fire  # called with what was found (for the launcher's account) before exiting
         self._phase, self._step, self._since = "startup", 0, time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -181,6 +191,7 @@ class Watchdog:
         sys.stderr.flush()
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        hosts, step = [self.host], b.step
         if self.store is not None and self.world > 1:
             self._publish()
             beats = self._read_beats(timeout=10)
@@ -188,11 +199,20 @@ class Watchdog:
                 report = ("the heartbeat store did not answer in 10 s (its host, rank 0 under srun, may be "
                           "the one stuck)")
             else:
-                report = culprit_report(beats, self.world, time.time(), stale_s=max(3 * self.heartbeat_s, 5))
+                now, stale = time.time(), max(3 * self.heartbeat_s, 5)
+                report = culprit_report(beats, self.world, now, stale_s=stale)
+                hosts = sorted({beats[r].host for r in culprits(beats, self.world, now, stale) if r in beats})
+                step = max(x.step for x in beats.values())
         else:
             report = f"rank {self.rank} on {self.host} is the only rank"
         self.fired = report
         self.log(f"fault: hang detected: {report}")
+        if self.on_fire is not None:
+            try:
+                self.on_fire({"kind": "hang", "time": time.time(), "detected_after_s": round(time.time() - b.since, 1),
+                              "step": step, "culprit_hosts": hosts, "report": report})
+            except Exception as e:  # the account is a courtesy; the exit must happen
+                self.log(f"fault: could not write the fault report: {e}")
         self.log(f"fault: rank {self.rank} exits with code {self.exit_code} (hang); resume from the last checkpoint")
         sys.stdout.flush()
         sys.stderr.flush()

@@ -19,6 +19,7 @@ What the training loop calls (small hooks; the logic lives here):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -32,7 +33,7 @@ import torch
 
 from megatron_apriel.checkpoint.dcp_io import iter_dir, read_latest
 from megatron_apriel.checkpoint.manifest import checkpoint_bytes, newest_verified
-from megatron_apriel.config import ConfigError
+from megatron_apriel.config import ConfigError, atomic_write_text
 from megatron_apriel.errors import RunError
 from megatron_apriel.runtime import guardian
 from megatron_apriel.runtime.log import log0
@@ -127,7 +128,7 @@ class Faults:
         self.nan_policy, self.nan_skip_limit = nan_policy, nan_skip_limit
         self.skipped: list[int] = []
         self.guardian = guardian.start()
-        self.watchdog = Watchdog(self._budgets(first_step=True), log=self._log)
+        self.watchdog = Watchdog(self._budgets(first_step=True), log=self._log, on_fire=write_fault_report)
         self.rank, self.world, self.hosts = 0, 1, [socket.gethostname()]
         self._compute: list[float] = []
         self._t0 = self._entered_reduce = None
@@ -157,6 +158,17 @@ class Faults:
 
     def phase(self, name: str, step: Optional[int] = None) -> None:
         self.watchdog.phase(name, step)
+
+    def resumed(self, iteration: int) -> None:
+        """After a resume under a launcher that recorded a fault: how many steps it cost."""
+        report = read_fault_report()
+        if not report or self.rank != 0:
+            return
+        hosts = ", ".join(report.get("culprit_hosts") or []) or "unknown node"
+        lost = (f"{max(report['step'] - iteration, 0)} steps recomputed (the fault was at step {report['step']})"
+                if report.get("step") else "the steps since it are recomputed")
+        log0(f"restart after {report.get('kind', 'a fault')} on {hosts}: resumed at iteration {iteration}, {lost}, "
+             f"{time.time() - float(report.get('time', time.time())):.0f} s after the fault was detected")
 
     def resume_folder(self) -> Optional[str]:
         """The newest verified checkpoint of ``checkpoint.save`` (rank 0 checks, every rank agrees)."""
@@ -200,6 +212,9 @@ class Faults:
         self._t0, self._entered_reduce = time.perf_counter(), None
         for spec in self._drills(step, ("hang", "slow", "crash")):
             if spec.kind == "slow":
+                if step == spec.step:
+                    self._log(f"fault drill: rank {self.rank} slows down by {spec.seconds:g} s per step "
+                              f"from step {step}")
                 time.sleep(spec.seconds)
                 continue
             self._mark(spec)
@@ -350,6 +365,23 @@ class Faults:
 
     def close(self) -> None:
         self.watchdog.stop()
+
+
+def write_fault_report(report: dict) -> None:
+    """What a fault was, for the SLURM launcher's one-line account and its node exclusion: written to
+    ``$APRIEL_FAULT_REPORT`` (set by slurm/common.sh) when set."""
+    path = os.environ.get("APRIEL_FAULT_REPORT")
+    if path:
+        atomic_write_text(path, json.dumps(report) + "\n")
+
+
+def read_fault_report() -> Optional[dict]:
+    """The previous run's report (``$APRIEL_FAULT_PREV``, where the launcher moved it on restart)."""
+    path = os.environ.get("APRIEL_FAULT_PREV")
+    try:
+        return json.loads(open(path).read()) if path else None
+    except (OSError, ValueError):
+        return None
 
 
 def check_nan_policy(policy: str, limit: int) -> None:

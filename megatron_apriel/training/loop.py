@@ -232,6 +232,7 @@ def build(cfg: TrainConfig) -> TrainState:
         # A complete checkpoint of this run (requeue, crash): always a full resume.
         faults.phase("load")
         iteration, consumed = checkpointer.load(resume, ddp, optimizer, scheduler, mode="full")
+        faults.resumed(iteration)
     elif load:
         faults.phase("load")
         mode = "full" if ck.load_mode == "full" else "weights"
