@@ -206,6 +206,10 @@ apriel_requeue_on_exit() {
         apriel_requeue_fault "$rc" "$kind" "$report"
         rc=$?
       else
+        # the failing task's own code (srun reports the highest, often a peer ended by the wrapper)
+        local first_rc=""
+        [ -z "$report" ] || first_rc=$(apriel_report_field rc "$report")
+        rc=${first_rc:-$rc}
         apriel_log "$what failed (exit $rc)"
       fi ;;
   esac
