@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 import unicodedata
 from typing import Iterable, Optional
@@ -99,39 +98,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"decontaminate: {len(index)} {args.n}-grams from {len(per_eval)} evaluation sets", file=sys.stderr)
 
     kept = dropped = 0
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".decontam.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            for path in args.input:
-                for lineno, line, record in read_jsonl(path):
-                    words = normalize(" ".join(record_texts(record)))
-                    hits: set[str] = set()
-                    for h in ngrams(words, args.n):
-                        if h in index:
-                            hits |= index[h]
-                    if hits:
-                        dropped += 1
-                        rid = record.get("id", f"{os.path.basename(path)}:{lineno}")
-                        for name in sorted(hits):
-                            per_eval[name]["dropped"] += 1
-                            per_eval[name]["ids"].append(rid)
-                    else:
-                        kept += 1
-                        out.write(line if line.endswith("\n") else line + "\n")
-                    if (kept + dropped) % 100000 == 0:
-                        rate = (kept + dropped) / max(time.time() - start, 1e-9)
-                        print(f"decontaminate: {kept + dropped} records, {rate:.0f}/s", file=sys.stderr)
-        os.replace(tmp, args.output)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from megatron_apriel.config import atomic_path, atomic_write_text
+
+    with atomic_path(os.path.abspath(args.output)) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for path in args.input:
+            for lineno, line, record in read_jsonl(path):
+                words = normalize(" ".join(record_texts(record)))
+                hits: set[str] = set()
+                for h in ngrams(words, args.n):
+                    if h in index:
+                        hits |= index[h]
+                if hits:
+                    dropped += 1
+                    rid = record.get("id", f"{os.path.basename(path)}:{lineno}")
+                    for name in sorted(hits):
+                        per_eval[name]["dropped"] += 1
+                        per_eval[name]["ids"].append(rid)
+                else:
+                    kept += 1
+                    out.write(line if line.endswith("\n") else line + "\n")
+                if (kept + dropped) % 100000 == 0:
+                    rate = (kept + dropped) / max(time.time() - start, 1e-9)
+                    print(f"decontaminate: {kept + dropped} records, {rate:.0f}/s", file=sys.stderr)
     report = {"n": args.n, "kept": kept, "dropped": dropped, "per_eval_set": per_eval,
               "inputs": args.input, "evals": args.eval, "output": args.output}
-    from megatron_apriel.config import atomic_write_text
-
     atomic_write_text(args.report, json.dumps(report, indent=2) + "\n")
     summary = ", ".join(f"{k}: {v['dropped']}" for k, v in per_eval.items())
     print(f"decontaminate: kept {kept}, dropped {dropped} ({summary}) -> {args.output}; report {args.report}")

@@ -8,12 +8,13 @@ silent default. ``dump_config`` writes the fully resolved config (saved beside e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
 import types
 import typing
-from typing import Any, Iterable, Literal, Union
+from typing import Any, Iterable, Iterator, Literal, Union
 
 import yaml
 
@@ -173,20 +174,71 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
+def _umask_from_proc() -> int | None:
+    """The process umask as /proc reports it (Linux >= 4.7): reading it changes nothing, unlike
+    ``os.umask``, which can only be read by setting it and so races with other threads' files."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    mask = _umask_from_proc()
+    if mask is None:  # no /proc: set and restore once, while importing, before any thread writes
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def current_umask() -> int:
+    """The umask now (a job may change it after import), without touching it."""
+    mask = _umask_from_proc()
+    return _UMASK_AT_IMPORT if mask is None else mask
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode ``open()`` (0666) or ``mkdir`` (0777) would give a new file or folder here."""
+    return (0o777 if directory else 0o666) & ~current_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[str]:
+    """Yield a temporary file name in ``path``'s folder; rename it to ``path`` if the block succeeds.
+
+    The temporary file gets the mode the umask asks for, as ``open()`` would give ``path``:
+    ``mkstemp`` makes it 0600, and renaming keeps that, so on a shared cluster a teammate of the
+    same group could not read a checkpoint's marker file while the tensors beside it are readable.
+    On any error the temporary file is removed and ``path`` is untouched.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix or os.path.basename(path))
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, umask_mode())
+    finally:
+        os.close(fd)
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a file under a temporary name in the same folder, then rename it into place."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def dump_config(obj, path: str | os.PathLike) -> None:

@@ -14,6 +14,8 @@ daemon by the pid in its pid file, leaving nothing running.
 from __future__ import annotations
 
 import os
+import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -53,8 +55,11 @@ class SlurmError(RuntimeError):
 
 
 class SlurmCluster:
-    def __init__(self, root: Path, cpus: int | None = None, start_timeout: float = 60.0):
+    def __init__(self, root: Path, cpus: int | None = None, start_timeout: float = 60.0, for_users: bool = False):
         self.root = Path(root).resolve()
+        # for_users: jobs of ordinary users can run this interpreter (slurmd starts in the mount
+        # namespace of tests/ordinary_user.py) and reach the clients' config and munge socket.
+        self.for_users = for_users
         self.host = socket.gethostname().split(".")[0]
         # The tests need two tasks on the node even on a one-core machine: config_overrides makes
         # slurmd use these numbers instead of what it detects.
@@ -92,6 +97,9 @@ class SlurmCluster:
         d = self.root
         for sub in ("state", "spool", "log", "munge"):
             (d / sub).mkdir(parents=True, exist_ok=True)
+        if self.for_users:  # the clients of every user read the config and talk to munged
+            for sub in ("", "munge"):
+                os.chmod(d / sub, 0o755)
         mem = max(1000, int(_mem_mb() * 0.8))
         self.conf.write_text(f"""\
 ClusterName=apriel-test
@@ -151,12 +159,20 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
         self._wait_for(self._node_idle, f"node(s) {self.nodes} to become idle")
 
     def start_slurmd(self, env: dict) -> None:
-        self._run([_which("slurmd"), "-f", str(self.conf)], env=env)
+        cmd = [_which("slurmd"), "-f", str(self.conf)]
+        if self.for_users:
+            from ordinary_user import in_namespace
+
+            cmd = in_namespace(f"exec {shlex.join(cmd)}", self.root / "stash")
+        self._run(cmd, env=env)
 
     def stop(self) -> None:
         """Cancel every job, then end slurmd, slurmctld and munged by their pids."""
         if self.conf.exists() and self._pid("slurmctld"):
-            subprocess.run(["scancel", "--full", "--user", "root"], env=self.env(), capture_output=True, timeout=30)
+            jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env(), capture_output=True, text=True,
+                                  timeout=30).stdout.split()
+            if jobs:  # every user's
+                subprocess.run(["scancel", "--full", *jobs], env=self.env(), capture_output=True, timeout=30)
             deadline = time.time() + 30
             while time.time() < deadline and self._ok(["squeue", "-h", "-t", "running,completing"], need_output=True):
                 time.sleep(0.5)
@@ -180,6 +196,17 @@ PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE St
                               capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
             raise SlurmError(f"sbatch {args} failed: {proc.stderr.strip()}")
+        return int(proc.stdout.strip().split(";")[0])
+
+    def sbatch_as(self, user: pwd.struct_passwd, umask: int, args: list[str], cwd: Path, env: dict) -> int:
+        """sbatch as ``user`` with ``umask`` (sbatch passes it on to the job) and only ``env`` exported."""
+        from ordinary_user import as_user
+
+        cmd = as_user(user, ["sbatch", "--parsable", *map(str, args)], umask, cwd,
+                                    {**env, "SLURM_CONF": str(self.conf)})
+        proc = subprocess.run(["sh", "-c", cmd], capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise SlurmError(f"sbatch {args} as {user.pw_name} failed: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
 
     def job(self, job_id: int) -> dict:

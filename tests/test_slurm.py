@@ -4,7 +4,9 @@
 - a job whose time limit is shorter than its work gets USR1, checkpoints, is requeued, resumes and
   completes, and its per-step losses equal the uninterrupted job's bit for bit;
 - two srun tasks form a TP=2 group and train the same model (same losses as TP=1 up to reduction
-  order).
+  order);
+- ordinary users: one trains, a teammate converts the checkpoint; each job runs as its user and
+  writes files owned by that user with the modes its umask asks for.
 
 Skipped only where Debian's slurm packages are absent or not root (.ci/run installs them as root).
 """
@@ -14,13 +16,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ordinary_user as ou  # noqa: E402
 from slurm_cluster import SlurmCluster, missing_binaries  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,10 +47,17 @@ def require_slurm(missing_tools: list[str] = ()) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster():
     require_slurm()
-    with SlurmCluster(tmp_path_factory.mktemp("slurm")) as c:
-        yield c
+    # Not under pytest's tmp folders, which only root may enter: ordinary users' clients read the
+    # config and talk to munged here too.
+    base = Path(tempfile.mkdtemp(prefix="apriel-slurm-"))
+    os.chmod(base, 0o755)
+    try:
+        with SlurmCluster(base / "slurm", for_users=True) as c:
+            yield c
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _env(**extra) -> dict:
@@ -139,6 +151,49 @@ def test_two_srun_tasks_form_tp2_group(cluster, cpt_run, tmp_path):
     assert losses[1] == pytest.approx(ref[1], rel=1e-5)
     for step in ref:
         assert losses[step] == pytest.approx(ref[step], rel=2e-3), step
+
+
+def test_ordinary_users_train_and_convert_for_their_team(cluster):
+    """In a setgid group folder, user A (umask 002) trains with `sbatch slurm/cpt.sh`; then B, of the
+    same group, with umask 022, converts A's checkpoint to HF with `sbatch slurm/convert.sh`. Each job
+    completes as its user; every file it writes has that owner, the folder's group and the mode of its
+    umask (A's teammates may write beside A's files; B's are read-only to the group).
+    Runtime: ~30 s on two idle cores."""
+    a, b = ou.require_teammates()
+    base = Path(tempfile.mkdtemp(prefix="apriel-team-"))
+    try:
+        os.chmod(base, 0o711)
+        team = ou.group_folder(base / "team", a.pw_gid)
+        ou.group_folder(team / "logs", a.pw_gid)
+        before = set(ou.modes(team))
+
+        def env(user):
+            return ou.user_env(ou.home(base, user), DEVICE="cpu", PYTHON=sys.executable,
+                               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+
+        train = cluster.sbatch_as(a, 0o002, [*CPU_ALLOC, "--ntasks-per-node=1", "--time=30", CPT, TINY,
+                                             "checkpoint.save=ckpt", "train.train_iters=10",
+                                             "checkpoint.save_interval=10", "logging.eval_interval=0"],
+                                  cwd=team, env=env(a))
+        info = _finished(cluster, train, team / "logs" / f"apriel-cpt-{train}.out")
+        assert info["UserId"] == f"{a.pw_name}({a.pw_uid})", info
+        by_a = set(ou.modes(team)) - before
+        convert = cluster.sbatch_as(b, 0o022, ["--cpus-per-task=1", "--time=30", REPO / "slurm" / "convert.sh",
+                                               "mcore-to-hf", "--ckpt", "ckpt", "--out", "hf"], cwd=team, env=env(b))
+        info = _finished(cluster, convert, team / "logs" / f"apriel-convert-{convert}.out")
+        assert info["UserId"] == f"{b.pw_name}({b.pw_uid})", info
+        written = ou.modes(team)
+        by_b = set(written) - before - by_a
+        assert {"ckpt/latest_checkpointed_iteration.txt", "ckpt/iter_0000010/run_config.yaml",
+                f"logs/apriel-cpt-{train}.out"} <= by_a, sorted(by_a)
+        assert {"hf/model.safetensors", "hf/config.json", f"logs/apriel-convert-{convert}.out"} <= by_b, sorted(by_b)
+        group = a.pw_name  # apriel-ci2's primary group is apriel-ci
+        for paths, user, mask in ((by_a, a, 0o002), (by_b, b, 0o022)):
+            for path in paths:
+                want = 0o2000 | 0o777 & ~mask if (team / path).is_dir() else 0o666 & ~mask
+                assert written[path] == (want, user.pw_name, group), (path, oct(written[path][0]))
+    finally:
+        shutil.rmtree(base)
 
 
 def test_sbatch_convert_two_tasks_tp2(cluster, tmp_path):

@@ -399,7 +399,7 @@ def _average_mcore(ckpts: list[Checkpoint], weights: list[float], out, force: bo
         dcp.save(objects, storage_writer=dcp.FileSystemWriter(str(tmp)), planner=planner, no_dist=True)
         for side in first.iterdir():
             if side.is_file() and side.suffix != ".distcp" and side.name != ".metadata":
-                shutil.copy2(side, tmp / side.name)
+                shutil.copyfile(side, tmp / side.name)  # the mode from the umask, not the input's
         if model_meta is not None:
             write_model_meta(tmp, *model_meta)
         record = {"method": "linear", "inputs": [str(c.path.resolve()) for c in ckpts], "weights": weights}

@@ -265,7 +265,8 @@ class ShardedSafetensorsWriter:
             header, offsets = safetensors_header([(n, *self._layout[n][1:]) for n in names], self.metadata)
             self._offsets.update(offsets)
             path = self.folder / f".shard-{idx:05d}.safetensors"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # 0666 less the umask, as open() gives (not a fixed 0644: a group-shared run asks 0664)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             self._fds[idx] = fd
             _pwrite_all(fd, memoryview(header), 0)
             os.ftruncate(fd, len(header) + sum(_nbytes(*self._layout[n][1:]) for n in names))
@@ -427,6 +428,6 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, skip: tuple[
             continue
         path = Path(src) / name
         if path.exists():
-            shutil.copy2(path, Path(dst) / name)
+            shutil.copyfile(path, Path(dst) / name)  # the mode from the umask, not the source's
             copied.append(name)
     return copied

@@ -25,13 +25,12 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 
 import numpy
 
-from megatron_apriel.config import ConfigError, apply_overrides, atomic_write_text, from_dict, load_yaml
+from megatron_apriel.config import ConfigError, apply_overrides, atomic_path, atomic_write_text, from_dict, load_yaml
 from megatron_apriel.data.blends import (
     BlendSpec,
     blend_spec,
@@ -243,17 +242,11 @@ def write_png(r: Report, path: str) -> None:
     ax.set_title(f"blend{' stage ' + r.stage if r.stage else ''}: target vs realised token shares")
     ax.legend()
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
+        with atomic_path(os.path.abspath(path), suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @cli_main("mix-report: ")
