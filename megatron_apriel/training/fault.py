@@ -120,6 +120,17 @@ def _size(n: Optional[float]) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
+_LIVE: list["Faults"] = []
+
+
+def close_all() -> None:
+    """Stop the watchdog of every run of this process that did not reach :meth:`Faults.close` (a
+    build or run that raised): in a process that goes on (a test, a notebook) a forgotten watchdog
+    would end it with exit 4 once its budget ran out."""
+    for f in list(_LIVE):
+        f.close()
+
+
 class Faults:
     """The loop's fault handling for one run (see the module docstring)."""
 
@@ -134,6 +145,7 @@ class Faults:
         self._t0 = self._entered_reduce = None
         self._first_step = True
         self.last_ckpt_bytes: Optional[int] = None
+        _LIVE.append(self)
 
     def _budgets(self, first_step: bool = False) -> dict[str, float]:
         fc = self.fc
@@ -365,6 +377,8 @@ class Faults:
 
     def close(self) -> None:
         self.watchdog.stop()
+        if self in _LIVE:
+            _LIVE.remove(self)
 
 
 def write_fault_report(report: dict) -> None:

@@ -44,7 +44,7 @@ from megatron_apriel.training.checkpointing import Checkpointer, read_latest
 from megatron_apriel.training.config import TrainConfig, blend_spec_of, stage_load
 from megatron_apriel.training.data_loader import Batches, batches
 from megatron_apriel.training.dry_run import dry_run
-from megatron_apriel.training.fault import Faults, process_group_timeout_minutes
+from megatron_apriel.training.fault import Faults, close_all, process_group_timeout_minutes
 from megatron_apriel.training.freeze import freeze_groups
 from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
 from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
@@ -364,7 +364,10 @@ def run(st: TrainState) -> int:
 
 def train(cfg: TrainConfig) -> int:
     """:func:`build` then :func:`run`: the whole training of ``cfg``; returns the exit code."""
-    return run(build(cfg))
+    try:
+        return run(build(cfg))
+    finally:
+        close_all()  # the watchdog of a build or run that raised
 
 
 @cli_main()
