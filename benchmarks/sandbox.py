@@ -1,10 +1,13 @@
 """Throughput and per-run overhead of the code reward's sandbox, next to a bare interpreter start.
 
-A trivial program (``pass``) is graded through ``run_python`` (one sandbox at a time) and through
-the pool ``run_many`` (N at once); the baseline is ``python -c pass`` (and ``python -I -S -c pass``,
-the flags the harness uses) started with the same interpreter by the same ``subprocess`` call, one
-at a time. "latency" is one run's wall time as the grader sees it (files, bwrap, harness, cleanup);
-"x bare" divides its median by the median bare ``python -c pass``.
+A trivial program (``pass``) is graded through ``run_python`` (one sandbox at a time) and on N
+threads at once, as the pool ``run_many`` does; the baseline is ``python -c pass`` (and ``python -I -S
+-c pass``, the flags the harness uses) started with the same interpreter by the same ``subprocess``
+call, one at a time. The "asserts" rows grade a trivial function against three assert tests: one
+program's process and one test process (two sandboxes) per program, three calls answered with values.
+"latency" is one run's wall time as the grader sees it (files, bwrap, harness, cleanup); "x bare"
+divides its median by the median bare ``python -c pass``. The "sandbox" and "asserts" rows of one
+setting are measured alternately, ten runs at a time.
 
     python benchmarks/sandbox.py                     # 1 and os.cpu_count() workers
     python benchmarks/sandbox.py --runs 200 --workers 1 4 8 --json sandbox.json
@@ -36,13 +39,20 @@ def bare(python: str, flags: list[str], runs: int) -> list[float]:
     return times
 
 
-def sandboxed(limits: SandboxLimits, runs: int) -> tuple[float, list[float]]:
+ASSERT_PROGRAM = "def f(x):\n    return x + 1"
+ASSERTS = ["assert f(1) == 2", "assert f(-1) == 0", "assert [f(i) for i in range(3)] == [1, 2, 3]"]
+
+
+def sandboxed(limits: SandboxLimits, runs: int, asserts: bool = False) -> tuple[float, list[float]]:
     """(seconds for all runs, per-run latencies) of ``runs`` trivial programs on ``limits.workers``
     threads each calling run_python, as the pool of run_many does (timed per call here)."""
     def one(_):
         t = time.perf_counter()
-        res = run_python("pass", "", limits, check="")
-        if not (res.ok and res.completed):
+        if asserts:
+            res = run_python(ASSERT_PROGRAM, "", limits, check=ASSERTS)
+        else:
+            res = run_python("pass", "", limits)
+        if not res.completed or (not asserts and not res.ok):
             raise SystemExit(f"a trivial program failed in the sandbox: {res}")
         return time.perf_counter() - t
 
@@ -73,14 +83,21 @@ def main(argv=None) -> int:
     ref = statistics.median(base["python -c pass"])
     rows = [{"what": name, "workers": 1, "runs": len(t), "programs_per_s": len(t) / sum(t),
              "median_ms": 1e3 * statistics.median(t), "p95_ms": 1e3 * percentile(t, 0.95)} for name, t in base.items()]
+    # The two kinds alternate in chunks of 10 runs, so a change of load on a shared machine falls on both.
     for mode in args.isolation:
         for n in workers:
             limits = SandboxLimits(workers=n, isolation=mode)
             isolation_mode(limits)
-            total, lat = sandboxed(limits, args.runs)
-            rows.append({"what": f"sandbox ({mode})", "workers": n, "runs": args.runs,
-                         "programs_per_s": args.runs / total,
-                         "median_ms": 1e3 * statistics.median(lat), "p95_ms": 1e3 * percentile(lat, 0.95)})
+            measured = {"sandbox": [0.0, []], "asserts": [0.0, []]}
+            for start in range(0, args.runs, 10):
+                for what, acc in measured.items():
+                    total, lat = sandboxed(limits, min(10, args.runs - start), asserts=what == "asserts")
+                    acc[0] += total
+                    acc[1] += lat
+            for what, (total, lat) in measured.items():
+                rows.append({"what": f"{what} ({mode})", "workers": n, "runs": args.runs,
+                             "programs_per_s": args.runs / total,
+                             "median_ms": 1e3 * statistics.median(lat), "p95_ms": 1e3 * percentile(lat, 0.95)})
     for r in rows:
         r["per_core"] = r["programs_per_s"] / min(r["workers"], cores)
         r["x_bare"] = r["median_ms"] / (1e3 * ref)

@@ -156,10 +156,10 @@ def test_the_program_cannot_read_its_tests():
     prog = ("import glob, os, stat\nseen = ''\nfor p in glob.glob('/sandbox/*') + glob.glob('/proc/*/cmdline') + "
             "glob.glob('/proc/self/fd/*') + glob.glob('/scratch/*') + glob.glob('/tmp/*'):\n    try:\n"
             "        if not stat.S_ISFIFO(os.stat(p).st_mode):\n            seen += open(p, errors='replace').read()\n"
-            "    except OSError:\n        pass\nprint(os.listdir('/sandbox'), 'SECRET-77' in seen)\n"
+            "    except OSError:\n        pass\nprint(sorted(os.listdir('/sandbox')), 'SECRET-77' in seen)\n"
             "def add(a, b):\n    return 'SECRET-77' if 'SECRET-77' in seen else 0")
     res = run_python(prog, limits=LIMITS, check="assert add(2, 3) == 'SECRET-77'")
-    assert res.stdout.strip() == "['harness.py'] False" and not res.completed, (res.stdout, res.stderr)
+    assert res.stdout.strip() == "['__pycache__', 'harness.py'] False" and not res.completed, (res.stdout, res.stderr)
 
 
 def test_another_runs_scratch_is_out_of_reach():
@@ -425,3 +425,324 @@ def test_hostile_programs_as_an_ordinary_user():
     passed = int(re.search(r"(\d+) passed", summary).group(1))
     assert passed >= 30 and "failed" not in summary and "error" not in summary, tail
     assert "1 skipped" in summary or "skipped" not in summary, tail  # only this test skips itself there
+
+
+# ---- assert tests: the verdict is decided in a process the program cannot reach -------------------
+
+SQUARE_TESTS = [{"assert": "assert f(2) == 4"}, {"assert": "assert not (f(3) != 9)"}, {"assert": "assert f(2)"}]
+# A program's own "harness" import reaches the harness module of its process (sys.path has /sandbox).
+FORGE = "import harness as h\n"
+CHEATS = {
+    # value: (program, expected reason fragment); every one is graded against SQUARE_TESTS
+    "always equal": ("class AE:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+                     "        return False\n    def __bool__(self):\n        return True\n    __hash__ = None\n"
+                     "def f(x):\n    return AE()", "objects of the program are not values"),
+    "always equal in a list": ("class AE:\n    def __eq__(self, other):\n        return True\n"
+                               "    def __getattr__(self, name):\n        return self\n"
+                               "def f(x):\n    return [AE()]", "objects of the program are not values"),
+    "int subclass": ("class I(int):\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
+                     "        return False\n    __hash__ = int.__hash__\ndef f(x):\n    return I(1)",
+                     "a I (a subclass of int), which is not a value"),
+    "str subclass": ("class S(str):\n    def __eq__(self, other):\n        return True\ndef f(x):\n    return S('')",
+                     "a S (a subclass of str)"),
+    "list subclass in a dict": ("class L(list):\n    def __eq__(self, other):\n        return True\n"
+                                "def f(x):\n    return {'v': L()}", "a L (a subclass of list)"),
+    "too deep": ("def f(x):\n    v = []\n    for _ in range(500):\n        v = [v]\n    return v", "nested deeper"),
+    "too large": ("def f(x):\n    return 'x' * (20 << 20)", "over the size limit"),
+    "shared bomb": ("def f(x):\n    v = [x]\n    for _ in range(64):\n        v = [v, v]\n    return v",
+                    "over the size limit"),
+    "recursive list": ("def f(x):\n    v = [x]\n    v.append(v)\n    return v", "recursive structure"),
+    "recursive dict": ("def f(x):\n    v = {}\n    v[1] = [v]\n    return v", "recursive structure"),
+    "unsolicited at the top": (FORGE + "import os\ndef f(x):\n    return 0\n"
+                               "for fd in map(int, os.listdir('/proc/self/fd')):\n    try:\n"
+                               "        h.write_frame(fd, h.encode((0, bytes(8), 'ok', 4, None)))\n"
+                               "    except OSError:\n"
+                               "        pass", "a frame it was not asked for"),
+    "unsolicited in a call": (FORGE + "import os\ndef f(x):\n    for fd in map(int, os.listdir('/proc/self/fd')):\n"
+                              "        try:\n"
+                              "            h.write_frame(fd, h.encode((0, bytes(8), 'ok', x * x, None)))\n"
+                              "        except OSError:\n            pass\n    return 0",
+                              "an answer to a call it was not asked"),
+    # the attack on the single-process harness: every pipe in /proc/self/fdinfo spliced into every other
+    "token through fdinfo": ("import os\nfds = [int(fd) for fd in os.listdir('/proc/self/fdinfo')]\nfor fd in fds:\n"
+                             "    for other in fds:\n        try:\n"
+                             "            os.splice(fd, other, 64, flags=os.SPLICE_F_NONBLOCK)\n"
+                             "        except OSError:\n            pass\n    try:\n"
+                             "        os.write(fd, b'P\\nP\\nP\\n')\n    except OSError:\n"
+                             "        pass\nos._exit(0)", ""),
+    "forged verdicts everywhere": (FORGE + "import glob, os\nfor p in glob.glob('/proc/*/fd/*'):\n    try:\n"
+                                   "        fd = os.open(p, os.O_WRONLY | os.O_NONBLOCK)\n"
+                                   "        os.write(fd, b'P\\nP\\nP\\n')\n    except OSError:\n        pass\n"
+                                   "def f(x):\n    return 0", ""),
+    "shadowed builtins": ("import builtins\nall = any = isinstance = lambda *a: True\nlen = lambda *a: 3\n"
+                          "builtins.all = all\nAssertionError = SystemExit\ndef f(x):\n    return 0", ""),
+    "patched stand-ins": (FORGE + "h._stand_ins = lambda *a: {'f': lambda x: x * x}\nh.ProgramObject.__eq__ = "
+                          "lambda *a: True\nh._Connection.call = lambda *a, **k: 4\ndef f(x):\n    return 0", ""),
+    "never answers": ("import time\ndef f(x):\n    time.sleep(100)", "timed out after 2s"),
+    "spins": ("def f(x):\n    while True:\n        pass", "timed out after 2s"),
+    "exits in the call": ("import os\ndef f(x):\n    os._exit(0)", "exited"),
+    "exception to the test": ("def f(x):\n    raise SystemExit(0)", "ProgramError"),
+}
+OTHER_TESTS = {
+    "shadowed builtins": [{"assert": "assert all(v == 4 for v in [f(2)])"}, {"assert": "assert isinstance(f(2), str)"},
+                          {"assert": "assert len([f(2)]) == 3 and any([f(2)])"}],
+    "always equal in a list": [{"assert": "assert f(2) == [4]"}, {"assert": "assert f(3).real == [9]"}],
+}
+
+
+def grade_all(cases: dict, limits=QUICK) -> dict:
+    """Grade many completions at once (the sandbox pool is shared, as TRLReward uses it)."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        return dict(zip(cases, ex.map(lambda c: grade(c[0], c[1], limits), cases.values())))
+
+
+def test_cheating_values_and_forged_answers_score_zero_with_a_reason():
+    cases = {name: (prog, OTHER_TESTS.get(name, SQUARE_TESTS)) for name, (prog, _) in CHEATS.items()}
+    results = grade_all(cases)
+    for name, r in results.items():
+        assert r.score == 0.0, (name, r.reason)
+        assert CHEATS[name][1] in r.reason and "test 0 " in r.reason, (name, r.reason)
+    # The same grader still passes the honest square, next to them.
+    assert grade("def f(x):\n    return x * x", SQUARE_TESTS, QUICK).score == 1.0
+    assert_nothing_left()
+
+
+def test_the_program_cannot_reach_the_test_code_or_the_verdict():
+    # Everything the program's process can see: every process (/proc/*), their descriptors, memory
+    # maps and environments, its own objects and the harness's frames. The secret is in the test only.
+    # The needle is never spelled out in the program (its own source sits in the harness's frame).
+    prog = ("import gc, glob, os, sys\ndef key():\n    return bytes(b ^ 1 for b in b'RDBSDU,66')\n"
+            "seen = [sys.stdin.buffer.read()]\n"
+            "for p in glob.glob('/proc/*/cmdline') + glob.glob('/proc/*/environ') + glob.glob('/proc/*/fd/*') + "
+            "glob.glob('/proc/*/fdinfo/*') + glob.glob('/proc/*/maps') + glob.glob('/sandbox/*'):\n    try:\n"
+            "        if os.path.isfile(p) or p.startswith('/proc/'):\n"
+            "            fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK)\n            seen.append(os.read(fd, 1 << 20))\n"
+            "    except OSError:\n        pass\n"
+            "seen += [repr(o).encode() for o in gc.get_objects() if isinstance(o, (str, bytes, dict))]\n"
+            "frame = sys._getframe()\nwhile frame:\n    seen.append(repr(frame.f_locals).encode())\n"
+            "    frame = frame.f_back\n"
+            "pids = sorted(set(p.split('/')[2] for p in glob.glob('/proc/[0-9]*')))\n"
+            "found = any(key() in s for s in seen)\nprint(pids, found, len(seen) > 10)\n"
+            "def add(a, b):\n    return key().decode() if found else 0")
+    res = run_python(prog, limits=LIMITS, check=["assert add(2, 3) == 'SECRET-77'"])
+    assert res.stdout.strip() == "['1', '2'] False True" and not res.completed, (res.stdout, res.stderr)
+    assert res.outcomes == [(False, "AssertionError at line 1: assert add(2, 3) == 'SECRET-77'")]
+    # The search itself works: given the secret where it may look (its stdin), the program finds it.
+    res = run_python(prog, "SECRET-77", limits=LIMITS, check=["assert add(2, 3) == 'SECRET-77'"])
+    assert res.stdout.strip() == "['1', '2'] True True" and res.completed, (res.stdout, res.outcomes)
+
+
+def test_the_codec_carries_exact_values_only():
+    codec = sandbox._codec()
+    value = [None, True, 0, 1, -(1 << 200), 2.5, float("inf"), -0.0, "\u00e9\ud800", b"\x00", (1, [2]), {3, "x"},
+             frozenset({(1, 2)}), {"k": {1: [b""]}, (1, None): ()}, [], {}]
+    back = codec.decode(codec.encode(value))
+    assert back == value and [type(v) for v in back] == [type(v) for v in value]
+    assert type(codec.decode(codec.encode(True))) is bool and type(codec.decode(codec.encode(1))) is int
+    nan = codec.decode(codec.encode(float("nan")))
+    assert nan != nan
+    import collections
+    import enum
+    for bad, why in ((collections.OrderedDict(), "subclass of dict"), (enum.IntEnum("E", "A").A, "subclass of int"),
+                     (collections.namedtuple("P", "x")(1), "subclass of tuple"), (bytearray(b"x"), "bytearray"),
+                     (object(), "object"), ([len], "builtin_function_or_method")):
+        with pytest.raises(codec.CodecError, match=why):
+            codec.encode(bad)
+    deep = []
+    for _ in range(codec.MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(codec.CodecError, match="nested deeper"):
+        codec.encode(deep)
+    with pytest.raises(codec.CodecError, match="size limit"):
+        codec.encode([0] * (codec.MAX_ITEMS + 1))
+    loop = {}
+    loop["self"] = (loop,)
+    with pytest.raises(codec.CodecError, match="recursive"):
+        codec.encode(loop)
+    shared = [1]
+    assert codec.decode(codec.encode([shared, shared])) == [[1], [1]]  # shared is not recursive
+    good = codec.encode([1, "a"])
+    for frame in (good[:-1], good + b"N", b"X", b"l\xff\xff\xff\xff", b"S\x00\x00\x00\x01l\x00\x00\x00\x00",
+                  b"d\x00\x00\x00\x01l\x00\x00\x00\x00N", b"f\x03xyz", b"s\x00\x00\x00\x01\xff",
+                  b"H" + b"o\x00\x00\x00\x01\x00"):  # a handle where none may be
+        with pytest.raises(codec.CodecError):
+            codec.decode(frame)
+
+
+PROGRAM = '''
+import math
+from collections import deque
+
+LIMIT = 10
+TABLE = {"a": [1, 2.5, None, True], (1, 2): {b"x", frozenset({3})}}
+
+
+def fib(n):
+    return n if n < 2 else fib(n - 1) + fib(n - 2)
+
+
+def squares(n):
+    for i in range(n):
+        yield i * i
+
+
+def naturals():
+    n = 0
+    while True:
+        yield n
+        n += 1
+
+
+def scaled(xs, by=1):
+    return [x * by for x in xs], {"n": len(xs)}
+
+
+def sort_in_place(xs, seen):
+    xs.sort()
+    seen.update(xs)
+
+
+class EmptyError(ValueError):
+    pass
+
+
+class Stack:
+    def __init__(self, *items):
+        self.items = deque(items)
+        self.pushes = 0
+
+    def push(self, x):
+        self.items.append(x)
+        self.pushes += 1
+        return self
+
+    def pop(self):
+        if not self.items:
+            raise EmptyError("pop from an empty stack")
+        return self.items.pop()
+
+    def __len__(self):
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(list(self.items))
+
+    def __str__(self):
+        return f"Stack{list(self.items)}"
+
+
+class Node:
+    def __init__(self, val, next=None):
+        self.val, self.next = val, next
+
+
+def build(values):
+    head = None
+    for v in reversed(values):
+        head = Node(v, head)
+    return head
+
+
+def reverse(head):
+    prev = None
+    while head:
+        head.next, prev, head = prev, head, head.next
+    return prev
+
+
+def to_list(head):
+    out = []
+    while head:
+        out.append(head.val)
+        head = head.next
+    return out
+
+
+class Countdown:
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.n <= 0:
+            raise StopIteration
+        self.n -= 1
+        return self.n + 1
+
+
+class Solution:
+    def twoSum(self, nums, target):
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return [seen[target - x], i]
+            seen[x] = i
+
+
+shared = Stack()
+'''
+HONEST_ASSERTS = [
+    "assert fib(15) == 610 and [fib(i) for i in range(6)] == [0, 1, 1, 2, 3, 5]",
+    "assert list(squares(4)) == [0, 1, 4, 9] and sum(squares(3)) == 5",
+    "g = squares(10)\nassert next(g) == 0 and next(g) == 1\nassert [x for x in g if x % 2] == [9, 25, 49, 81]",
+    "import itertools\nassert list(itertools.islice(naturals(), 4)) == [0, 1, 2, 3]",
+    "assert scaled([1, 2], by=3) == ([3, 6], {'n': 2}) and LIMIT == 10",
+    "xs, seen = [3, 1, 2], {0}\nassert sort_in_place(xs, seen) is None and xs == [1, 2, 3] and seen == {0, 1, 2, 3}",
+    "assert TABLE == {'a': [1, 2.5, None, True], (1, 2): {b'x', frozenset({3})}}",
+    "assert math.isclose(math.sqrt(fib(4) ** 2 + 4 ** 2), 5.0)",
+    "s = Stack(1)\ns.push(2).push(3)\nassert s.pop() == 3 and len(s) == 2 and s.pushes == 2\n"
+    "assert list(s) == [1, 2] and str(s) == 'Stack[1, 2]' and isinstance(s, Stack)",
+    "s = Stack()\ntry:\n    s.pop()\nexcept EmptyError as e:\n    assert str(e) == 'pop from an empty stack'\n"
+    "else:\n    assert False\ntry:\n    s.pop()\nexcept ValueError:\n    pass\nelse:\n    assert False",
+    "head = reverse(build([1, 2, 3]))\nassert to_list(head) == [3, 2, 1] and head.val == 3 and head.next.val == 2",
+    "assert list(Countdown(3)) == [3, 2, 1]",
+    "assert Solution().twoSum([2, 7, 11, 15], 9) == [0, 1]",
+    # each test sees the program as its top level left it
+    "shared.push(1)\nassert len(shared) == 1",
+    "shared.push(2)\nassert len(shared) == 1 and shared.pop() == 2",
+    "try:\n    fib('x')\nexcept TypeError:\n    pass\nelse:\n    assert False",
+]
+
+
+def test_honest_programs_score_one():
+    tests = [{"assert": a} for a in HONEST_ASSERTS]
+    r = grade(PROGRAM, tests, LIMITS)
+    assert r.score == 1.0, r.reason
+    # The same tests against a wrong program fail one by one, each with its reason.
+    wrong = PROGRAM.replace("return n if n < 2", "return 1 if n < 2").replace("i * i", "i + i")
+    res = run_python(wrong, limits=LIMITS, check=HONEST_ASSERTS[:3])
+    assert [ok for ok, _ in res.outcomes] == [False, False, False], res.outcomes
+    assert res.outcomes[0][1].startswith("AssertionError at line 1: assert fib(15) == 610")
+
+
+def test_program_objects_cross_as_handles_only():
+    prog = ("class I(int):\n    def __eq__(self, other):\n        return True\n"
+            "class Box:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, other):\n"
+            "        return True\n    def get(self):\n        return self.v\n    def __len__(self):\n"
+            "        return I(3)\n    def __getattr__(self, name):\n        return Box(name)\n"
+            "def make(v):\n    return Box(v)\ndef apply(fn, x):\n    return fn(x)\ndef sneak(xs):\n"
+            "    xs.append(Box(0))")
+    checks = [
+        # methods and attributes answer values; the class is a class for isinstance
+        "assert make(3).get() == 3 and make([1]).v == [1] and isinstance(make(1), Box)",
+        "assert make(3) == make(3)",  # the program's __eq__ never runs in the test process
+        "b = make(1)\nb.v = 2",  # attributes are not set from the test
+        "assert apply(lambda x: x, 1) == 1",  # a function of the test does not cross either
+        "assert {make(1): 1}",  # hashable by identity, but not truth-tested
+        "assert len(make(1)) == 3",  # a protocol's answer is a value like any other
+        "assert make(1).anything == 'x'",  # __getattr__ answers with an object: a handle, not equal
+        "try:\n    assert make(1) != 2\nexcept BaseException:\n    pass",  # swallowing the refusal fails too
+        "xs = []\nsneak(xs)\nassert xs == [0]",  # what a call put in the test's list is a handle too
+    ]
+    res = run_python(prog, limits=LIMITS, check=checks)
+    assert [ok for ok, _ in res.outcomes] == [True, False, False, False, True, False, False, False, False], \
+        res.outcomes
+    assert "objects of the program are not values" in res.outcomes[1][1]
+    assert "cannot be set" in res.outcomes[2][1]
+    assert "does not cross" in res.outcomes[3][1] and "function" in res.outcomes[3][1]
+    assert "a I (a subclass of int)" in res.outcomes[5][1]
+    assert all("objects of the program are not values" in why for _, why in res.outcomes[6:])

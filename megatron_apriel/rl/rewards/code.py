@@ -1,11 +1,12 @@
 """Code reward: the fraction of test cases a completion's program passes, each run in the sandbox.
 
 A test case is ``{"input": stdin, "output": expected stdout}`` (compared after stripping trailing
-whitespace per line) or ``{"assert": "python statements"}`` run after the program in its namespace.
-An assert test passes only when the sandbox's harness saw the program and the statements run to
-their end (``SandboxResult.completed``): the exit status is the program's to choose, so
-``sys.exit(0)`` before the asserts passes nothing. A completion's tests run concurrently on the
-sandbox pool.
+whitespace per line) or ``{"assert": "python statements"}``. Each stdin/stdout test runs the program
+in a sandbox of its own; the output is compared here. A completion's assert tests run together in two
+sandboxes (``sandbox.run_asserts``): the program's process answers calls with values, the test code
+runs in the test process with stand-ins for the program's names, and that process's verdict per test
+is what counts. The program never holds an object the asserts compare, nor a way to the verdict. The
+jobs of a completion run concurrently on the sandbox pool.
 """
 
 from __future__ import annotations
@@ -38,24 +39,26 @@ def code_reward(completion, tests=None, limits: SandboxLimits | None = None, **_
     program = extract_program(completion)
     if program is None:
         return Reward(0.0, "no python code block")
-    jobs = [(program, "", case["assert"]) if "assert" in case else (program, str(case.get("input", "")), None)
-            for case in tests]
-    passed, first_failure = 0, ""
-    for i, (case, result) in enumerate(zip(tests, run_many(jobs, limits))):
-        if "assert" in case:
-            ok = result.completed and not result.timed_out
+    stdio = [i for i, case in enumerate(tests) if "assert" not in case]
+    asserts = [i for i, case in enumerate(tests) if "assert" in case]
+    jobs = [(program, str(tests[i].get("input", "")), None) for i in stdio]
+    if asserts:
+        jobs.append((program, "", [str(tests[i]["assert"]) for i in asserts]))
+    results = run_many(jobs, limits)
+    outcome: dict[int, tuple[bool, str]] = {}
+    for i, result in zip(stdio, results):
+        ok = result.ok and _same_output(result.stdout, str(tests[i].get("output", "")))
+        err = result.stderr.strip().splitlines()
+        if result.timed_out:
+            why = f"timed out after {(limits or SandboxLimits()).wall_seconds:g}s"
+        elif result.returncode and err:
+            why = f"exit {result.returncode}: {err[-1][:80]}"
         else:
-            ok = result.ok and _same_output(result.stdout, str(case.get("output", "")))
-        passed += ok
-        if not ok and not first_failure:
-            err = result.stderr.strip().splitlines()
-            if result.timed_out:
-                why = f"timed out after {(limits or SandboxLimits()).wall_seconds:g}s"
-            elif result.returncode and err:
-                why = f"exit {result.returncode}: {err[-1][:80]}"
-            elif "assert" in case:
-                why = f"left before the test code finished (exit {result.returncode})"
-            else:
-                why = "wrong output"
-            first_failure = f"; test {i} {why}"
+            why = "wrong output"
+        outcome[i] = (ok, why)
+    if asserts:
+        outcome.update(zip(asserts, results[-1].outcomes))
+    passed = sum(outcome[i][0] for i in range(len(tests)))
+    failed = [i for i in range(len(tests)) if not outcome[i][0]]
+    first_failure = f"; test {failed[0]} {outcome[failed[0]][1]}" if failed else ""
     return Reward(passed / len(tests), f"{passed}/{len(tests)} tests passed{first_failure}")

@@ -16,7 +16,7 @@ user namespaces are enabled (most clusters).
   ``/tmp``, ``/dev/shm`` and the scratch directory ``/scratch`` (its cwd and $HOME), everything else
   read-only, and ``/sandbox`` with the
   harness's code, read-only. The grader's files, other runs' scratch, /root and homes do not exist
-  there. The program and its test code arrive through an unlinked file the harness closes before
+  there. The program (in the test process: the test code) arrives through an unlinked file closed before
   the program runs, and stdin/stdout/stderr are unlinked files too. A clean environment, a new
   session (no terminal injection), ``--die-with-parent``;
 - when the grader is root, bwrap itself runs as ``nobody`` (65534): a root-owned namespace would
@@ -29,16 +29,21 @@ user namespaces are enabled (most clusters).
 It must be chosen by name and warns once: the rlimits, a PEP 578 audit hook (sockets, writes outside
 the scratch dir, signals) and a process-group kill are all there is; a child process or ctypes goes
 around the hook, so the network, the filesystem (the shared harness file included, so the verdicts
-of later runs too) and the grader's processes are not protected.
+of later runs too), the test process of an assert run (same user, no namespaces) and the grader's
+processes are not protected.
 
-The verdict of an assert-style test cannot come from the program's exit status, which the program
-controls (``sys.exit(0)``, ``os._exit(0)``, an atexit handler...). The grader hands the harness a
-random per-run token in a pipe and keeps the read end of a second pipe; only after the program *and*
-the test code have run to their end does the harness move the token between the two pipes with
-``splice`` (the token never enters the process's memory). Any early exit leaves the verdict pipe
-empty. Limit: the program runs in the same process as its tests, so one written against this
-harness's source could splice the token itself; no exit route or Python-level trick does it by
-accident, but the verdict is as strong as that, not stronger.
+The verdict of an assert test cannot come from the program's exit status, which the program
+controls (``sys.exit(0)``, ``os._exit(0)``, an atexit handler...), nor from asserts that run in the
+program's interpreter (an object whose ``__eq__`` always returns True passes ``assert f(x) == y``; a
+program that knows the harness can forge whatever the harness would report). ``run_asserts`` therefore
+uses two sandboxes per completion, joined only by two pipes: the program's process answers calls with
+values encoded by a strict codec, and a test process, which the program's process can neither see nor
+reach (other namespaces, no descriptor in common), runs the test code and writes the verdicts to a file
+only it and the grader hold. sandbox_harness.py describes the protocol and what crosses.
+
+A program run alone (stdin/stdout tests) reports ``completed`` when it returned: the grader hands the
+harness a random token in a pipe, which the harness splices into a second pipe after the program
+(the token never enters the process's memory), so an early exit by any route leaves it unset.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ import atexit
 import concurrent.futures
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
+import py_compile
 import secrets
 import select
 import shutil
@@ -71,91 +78,10 @@ NOBODY_GID = 65534
 ISOLATION_MODES = ("bwrap", "rlimits-only")
 TOKEN_BYTES = 32
 
-# The harness: the first Python code in the sandboxed process. It sets the rlimits, runs the
-# program, then the test code, then splices the token. Only sys/os/resource/builtins are imported
-# so it starts fast and exposes nothing new to the program; everything it needs later is bound to
-# locals before the program runs, so a program that replaces os.splice or builtins cannot change it.
-_HARNESS = r"""
-import builtins, os, resource, sys
-
-def _audit(root):
-    # rlimits-only mode: a Python-level guard that a child process or ctypes walks around.
-    WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    def inside(p):
-        try:
-            p = os.fsdecode(p) if not isinstance(p, int) else None
-        except Exception:
-            return False
-        if p is None:
-            return True
-        p = os.path.realpath(os.path.join(root, p))
-        return p == root or p.startswith(root + os.sep)
-    def hook(event, args):
-        if event.startswith("socket.") or event == "_socket.__new__":
-            raise PermissionError("network access is disabled in the sandbox")
-        if event in ("os.kill", "os.killpg") and args[0] not in (0, os.getpid(), os.getpgid(0)):
-            raise PermissionError("signalling other processes is disabled in the sandbox")
-        if event == "open":
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & WRITE)
-            if writing and not inside(path):
-                raise PermissionError(f"writing outside the scratch directory is disabled: {path}")
-        elif event in ("os.rename", "os.remove", "os.rmdir", "os.mkdir", "os.symlink", "os.link",
-                       "os.chmod", "os.chown", "os.truncate", "shutil.rmtree", "shutil.move",
-                       "shutil.copyfile", "os.utime"):
-            paths = [a for a in args if isinstance(a, (str, bytes, os.PathLike))]
-            if event in ("shutil.copyfile", "os.symlink", "os.link") and paths:
-                paths = paths[1:]
-            if event == "os.rename" and paths:
-                paths = paths[:2]
-            for p in paths:
-                if not inside(p):
-                    raise PermissionError(f"{event} outside the scratch directory is disabled: {p}")
-    sys.addaudithook(hook)
-
-def _main(argv):
-    cpu, mem, nproc, fsize, tok, out, src, n = map(int, argv[1:9])
-    has_test, weak = argv[9] == "1", argv[10] == "1"
-    for lim, v in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
-                   (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
-        if v >= 0:
-            resource.setrlimit(lim, (v, v))
-    # Program and test code come through an unlinked file, closed before the program runs: the
-    # asserts (and their expected values) are nowhere the program could open them.
-    with os.fdopen(src, "rb") as f:
-        data = f.read()
-    code = compile(data[:n], "program.py", "exec")
-    test = compile(data[n:], "test.py", "exec") if has_test else None
-    del data
-    run, splice, settrace, setprofile, real_builtins = exec, os.splice, sys.settrace, sys.setprofile, builtins
-    table = vars(builtins)
-    snapshot, clear, update = dict(table), dict.clear, dict.update
-    stdout, stderr = sys.stdout, sys.stderr
-    if weak:
-        _audit(os.path.realpath(os.getcwd()))
-    del argv[:]
-    sys.argv = ["program.py"]
-    g = {"__name__": "__main__", "__file__": "program.py", "__builtins__": builtins}
-    run(code, g)
-    if test is not None:
-        # The test code runs with the builtins, trace and profile hooks the program found, not
-        # the ones it left behind.
-        settrace(None)
-        setprofile(None)
-        clear(table)
-        update(table, snapshot)
-        g["__builtins__"] = real_builtins
-        run(test, g)
-    for stream in (stdout, stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    splice(tok, out, 64)
-
-_main(sys.argv)
-"""
+# The harness (sandbox_harness.py) is copied into a directory bound read-only as /sandbox. It imports
+# nothing of this package (it runs alone in the sandbox); the grader loads it only for its codec, which
+# carries the test code to the test process.
+_HARNESS_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
 
 
 class SandboxUnavailable(RunError):
@@ -198,7 +124,10 @@ class SandboxResult:
     timed_out: bool
     wall_seconds: float
     isolation: str  # "bwrap" or "rlimits-only": which containment was active for this run
-    completed: bool = False  # the harness ran the program and the test code to their end
+    # run mode: the harness saw the program return; assert runs: every test passed
+    completed: bool = False
+    # assert runs: (passed, why not) per test, in order
+    outcomes: list[tuple[bool, str]] | None = None
 
     @property
     def isolated(self) -> bool:
@@ -296,8 +225,9 @@ def isolation_mode(limits: SandboxLimits | None = None) -> str:
                 log.warning("\n%s\nCODE SANDBOX IN rlimits-only MODE: programs are limited in CPU, memory, processes "
                             "and file size, and a Python audit hook refuses sockets, writes outside the scratch dir "
                             "and signals; a child process or ctypes goes around that hook, so the NETWORK, the "
-                            "FILESYSTEM and the GRADER'S PROCESSES ARE NOT PROTECTED, and a process that leaves "
-                            "its session may outlive the run. Use isolation: bwrap wherever it can run.\n%s",
+                            "FILESYSTEM, the GRADER'S PROCESSES and the VERDICTS OF ASSERT TESTS ARE NOT PROTECTED, "
+                            "and a process that leaves its session may outlive the run. Use isolation: bwrap "
+                            "wherever it can run.\n%s",
                             "!" * 100, "!" * 100)
         return "rlimits-only"
     python = choose_python(limits)
@@ -352,10 +282,13 @@ def _harness_dir() -> str:
     with _LOCK:
         if _HARNESS_DIR is None or not os.path.exists(os.path.join(_HARNESS_DIR, "harness.py")):
             folder = tempfile.mkdtemp(prefix="apriel-sandbox-harness-")
-            with open(os.path.join(folder, "harness.py"), "w") as f:
-                f.write(_HARNESS)
-            os.chmod(os.path.join(folder, "harness.py"), 0o644)
-            os.chmod(folder, 0o755)
+            shutil.copyfile(_HARNESS_SOURCE, os.path.join(folder, "harness.py"))
+            # Compiled once here (every sandbox then loads the bytecode, not ~800 lines of source);
+            # an interpreter of another version compiles it itself.
+            cached = py_compile.compile(os.path.join(folder, "harness.py"), doraise=True)
+            for path, mode in ((folder, 0o755), (os.path.dirname(cached), 0o755), (cached, 0o644),
+                               (os.path.join(folder, "harness.py"), 0o644)):
+                os.chmod(path, mode)
             atexit.register(shutil.rmtree, folder, True)
             _HARNESS_DIR = folder
         return _HARNESS_DIR
@@ -370,71 +303,158 @@ def _unlinked(data: bytes, stack: contextlib.ExitStack):
     return f
 
 
-def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
-               check: str | None = None) -> SandboxResult:
-    """Run ``code`` as a Python program with ``stdin``; returns its (truncated) output.
+class _Sandbox:
+    """One sandboxed harness process: its command, descriptors and captured output (unlinked files)."""
 
-    With ``check`` (test code such as asserts), that code runs after the program in the same
-    namespace, and ``completed`` says whether both ran to their end. Program, test code, stdin,
-    stdout and stderr are unlinked files: nothing of a run has a name the program could open."""
-    limits = limits or SandboxLimits()
-    mode = isolation_mode(limits)
-    python = choose_python(limits)
-    with contextlib.ExitStack() as stack:
-        program = code.encode()
-        source = _unlinked(program + (check or "").encode(), stack)
+    def __init__(self, mode: str, source: bytes, stdin: str, limits: SandboxLimits, isolation: str,
+                 stack: contextlib.ExitStack, fds: tuple, cpu_seconds: int, user_nproc: int = 0):
+        python = choose_python(limits)
+        src = _unlinked(source, stack)
         fin = _unlinked(stdin.encode(), stack)
-        fout = stack.enter_context(tempfile.TemporaryFile())
-        ferr = stack.enter_context(tempfile.TemporaryFile())
-        token = secrets.token_bytes(TOKEN_BYTES)
-        tok_r, tok_w = os.pipe()
-        verdict_r, verdict_w = os.pipe()
-        # Each descriptor is closed exactly once: a second close could hit another thread's new one.
-        open_fds = {tok_r, tok_w, verdict_r, verdict_w}
-        stack.callback(lambda: [os.close(fd) for fd in open_fds])
-        os.write(tok_w, token)
-        if mode == "bwrap":
+        self.stdout = stack.enter_context(tempfile.TemporaryFile())
+        self.stderr = stack.enter_context(tempfile.TemporaryFile())
+        if isolation == "bwrap":
             where, nproc, weak = "/sandbox", limits.max_processes, "0"
             cmd = _bwrap_base(python, limits, _harness_dir())
             cwd, extra = "/", _as_nobody()
         else:
             where, weak = _harness_dir(), "1"
-            # RLIMIT_NPROC counts every thread of every process of the user (root is exempt): allow
-            # the user's current ones, the grader's pool threads included.
-
-            uid = os.getuid()
-            nproc = limits.max_processes + sum(
-                p.info["num_threads"] or 1 for p in psutil.process_iter(["uids", "num_threads"])
-                if p.info["uids"] and p.info["uids"].real == uid)
+            nproc = user_nproc or _user_nproc(limits)
             cwd = tempfile.mkdtemp(prefix="apriel-sandbox-")
             stack.callback(_remove_tree, cwd)
             cmd, extra = [], {}
-        cmd += [python, "-I", "-S", "-B", f"{where}/harness.py", str(limits.cpu_seconds), str(limits.memory_bytes),
-                str(nproc), str(limits.max_file_bytes), str(tok_r), str(verdict_w), str(source.fileno()),
-                str(len(program)), "1" if check is not None else "0", weak]
-        start = time.monotonic()
+        boot = f"import sys; sys.path.insert(0, {where!r}); import harness; harness.main(sys.argv)"
+        cmd += [python, "-I", "-S", "-B", "-c", boot, mode, str(cpu_seconds), str(limits.memory_bytes),
+                str(nproc), str(limits.max_file_bytes), weak, str(src.fileno()), *map(str, fds)]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": cwd}
-        proc = subprocess.Popen(cmd, stdin=fin, stdout=fout, stderr=ferr, cwd=cwd, env=env, close_fds=True,
-                                pass_fds=(tok_r, verdict_w, source.fileno()), start_new_session=True, **extra)
-        for fd in (tok_w, verdict_w):  # the verdict pipe must have no writer left but the sandbox's
-            open_fds.discard(fd)
-            os.close(fd)
-        try:
-            timed_out = not _wait_exit(proc, limits.wall_seconds)
-        finally:
-            # bwrap's session; its init takes the whole PID namespace down with it. In the
-            # rlimits-only mode this is the program's session.
+        passed = (src.fileno(), *(fd for fd in fds if isinstance(fd, int)))
+        self.proc = subprocess.Popen(cmd, stdin=fin, stdout=self.stdout, stderr=self.stderr, cwd=cwd, env=env,
+                                     close_fds=True, pass_fds=passed, start_new_session=True, **extra)
+
+    def kill(self):
+        """bwrap's session (its init takes the whole PID namespace down with it), or in the
+        rlimits-only mode the program's session. Once only: the id could be reused after the wait."""
+        if self.proc.returncode is None:
             try:
-                os.killpg(proc.pid, 9)
+                os.killpg(self.proc.pid, 9)
             except (ProcessLookupError, PermissionError):
                 pass
-            proc.wait()
-        elapsed = time.monotonic() - start
+        self.proc.wait()
+
+
+def _user_nproc(limits: SandboxLimits) -> int:
+    """RLIMIT_NPROC for the rlimits-only mode: it counts every thread of every process of the user
+    (root is exempt), so allow the user's current ones, the grader's pool threads included."""
+    uid = os.getuid()
+    return limits.max_processes + sum(p.info["num_threads"] or 1 for p in psutil.process_iter(["uids", "num_threads"])
+                                      if p.info["uids"] and p.info["uids"].real == uid)
+
+
+def _closing(fds: set[int], stack: contextlib.ExitStack):
+    # Each descriptor is closed exactly once: a second close could hit another thread's new one.
+    stack.callback(lambda: [os.close(fd) for fd in fds])
+
+    def close(*some):
+        for fd in some:
+            fds.discard(fd)
+            os.close(fd)
+    return close
+
+
+def run_python(code: str, stdin: str = "", limits: SandboxLimits | None = None,
+               check: str | list[str] | None = None) -> SandboxResult:
+    """Run ``code`` as a Python program with ``stdin``; returns its (truncated) output.
+
+    With ``check`` (the test code of one assert test, or a list of them) the program runs in a
+    process of its own and each test's code in a second sandbox that reaches the program only
+    through calls answered with values (``run_asserts``); ``completed`` says whether every test
+    passed and ``outcomes`` why each failed. Program, test code, stdin, stdout and stderr are
+    unlinked files: nothing of a run has a name the program could open."""
+    limits = limits or SandboxLimits()
+    if check is not None:
+        return run_asserts(code, [check] if isinstance(check, str) else list(check), limits, stdin)
+    mode = isolation_mode(limits)
+    with contextlib.ExitStack() as stack:
+        token = secrets.token_bytes(TOKEN_BYTES)
+        tok_r, tok_w = os.pipe()
+        verdict_r, verdict_w = os.pipe()
+        close = _closing({tok_r, tok_w, verdict_r, verdict_w}, stack)
+        os.write(tok_w, token)
+        start = time.monotonic()
+        box = _Sandbox("run", code.encode(), stdin, limits, mode, stack, (tok_r, verdict_w), limits.cpu_seconds)
+        close(tok_w, verdict_w)  # the verdict pipe must have no writer left but the sandbox's
+        try:
+            timed_out = not _wait_exit(box.proc, limits.wall_seconds)
+        finally:
+            box.kill()
         completed = _read_verdict(verdict_r) == token
-        return SandboxResult(returncode=None if timed_out else proc.returncode,
-                             stdout=_read_capped(fout, limits.max_output_bytes),
-                             stderr=_read_capped(ferr, limits.max_output_bytes),
-                             timed_out=timed_out, wall_seconds=elapsed, isolation=mode, completed=completed)
+        return SandboxResult(returncode=None if timed_out else box.proc.returncode,
+                             stdout=_read_capped(box.stdout, limits.max_output_bytes),
+                             stderr=_read_capped(box.stderr, limits.max_output_bytes),
+                             timed_out=timed_out, wall_seconds=time.monotonic() - start, isolation=mode,
+                             completed=completed)
+
+
+def _codec():
+    """The harness module, loaded from its file (the grader encodes the test code with its codec)."""
+    global _CODEC
+    if _CODEC is None:
+        spec = importlib.util.spec_from_file_location("_apriel_sandbox_harness", _HARNESS_SOURCE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _CODEC = module
+    return _CODEC
+
+
+_CODEC = None
+
+
+def run_asserts(code: str, checks: list[str], limits: SandboxLimits | None = None, stdin: str = "") -> SandboxResult:
+    """Grade ``code`` against assert tests (``checks``: each test's code) in two sandboxes.
+
+    The program's process runs the program and, for each test, a child forked from it answers calls
+    (a function name and arguments) with values; the test process runs each test's code with
+    stand-ins that forward those calls, and writes one verdict line per test to a file that only it
+    and the grader hold. The two are joined by two pipes and nothing else (separate namespaces under
+    bwrap): the program decides no verdict and never sees the test code. See sandbox_harness.py."""
+    limits = limits or SandboxLimits()
+    mode = isolation_mode(limits)
+    n = len(checks)
+    with contextlib.ExitStack() as stack:
+        call_r, call_w = os.pipe()
+        answer_r, answer_w = os.pipe()
+        close = _closing({call_r, call_w, answer_r, answer_w}, stack)
+        verdicts = stack.enter_context(tempfile.TemporaryFile())
+        start = time.monotonic()
+        wall = f"{float(limits.wall_seconds)!r}"
+        nproc = _user_nproc(limits) if mode == "rlimits-only" else 0  # once for both (a scan of all processes)
+        program = _Sandbox("program", code.encode(), stdin, limits, mode, stack, (call_r, answer_w, wall),
+                           limits.cpu_seconds, nproc)
+        stack.callback(program.kill)
+        close(call_r, answer_w)
+        tests = _Sandbox("test", _codec().encode(tuple(checks)), "", limits, mode, stack,
+                         (call_w, answer_r, verdicts.fileno(), wall), limits.cpu_seconds * max(1, n), nproc)
+        close(call_w, answer_r)
+        try:
+            # Each test has wall_seconds (the program's process stops a child past it) and the test
+            # process waits 2 s more before it gives up on an answer; this is the backstop.
+            timed_out = not _wait_exit(tests.proc, (n + 1) * (limits.wall_seconds + 3))
+        finally:
+            tests.kill()
+            program.kill()
+        verdicts.seek(0)
+        lines = verdicts.read().decode("utf-8", "replace").splitlines()[:n]
+        outcomes = [(line == "P", "" if line == "P" else line[2:]) for line in lines]
+        if len(outcomes) < n:
+            err = _read_capped(tests.stderr, 2000).strip().splitlines()
+            why = (f"timed out after {(n + 1) * (limits.wall_seconds + 3):g}s" if timed_out else
+                   "the test process ended without a verdict" + (f" ({err[-1][:200]})" if err else ""))
+            outcomes += [(False, why)] * (n - len(outcomes))
+        program_timed_out = any(why.startswith("timed out after") for ok, why in outcomes if not ok)
+        return SandboxResult(returncode=program.proc.returncode, stdout=_read_capped(program.stdout,
+                             limits.max_output_bytes), stderr=_read_capped(program.stderr, limits.max_output_bytes),
+                             timed_out=timed_out or program_timed_out, wall_seconds=time.monotonic() - start,
+                             isolation=mode, completed=all(ok for ok, _ in outcomes), outcomes=outcomes)
 
 
 def _wait_exit(proc: subprocess.Popen, seconds: float) -> bool:
@@ -478,8 +498,10 @@ def pool_size(limits: SandboxLimits) -> int:
     return limits.workers if limits.workers > 0 else (os.cpu_count() or 1)
 
 
-def run_many(jobs: list[tuple[str, str, str | None]], limits: SandboxLimits | None = None) -> list[SandboxResult]:
-    """Run ``(code, stdin, check)`` jobs concurrently on a pool of ``limits.workers`` sandboxes.
+def run_many(jobs: list[tuple[str, str, str | list[str] | None]],
+             limits: SandboxLimits | None = None) -> list[SandboxResult]:
+    """Run ``(code, stdin, check)`` jobs (see ``run_python``) concurrently on a pool of
+    ``limits.workers`` sandboxes (an assert job is one pair of them).
 
     The pool is threads, each waiting on one sandbox process: the work happens in the children."""
     limits = limits or SandboxLimits()
