@@ -41,7 +41,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-@cli_main("apriel: ")
+@cli_main()
 def main(argv: list[str] | None = None) -> int:
     """Run one verb; its own ``main`` (wrapped by :func:`megatron_apriel.errors.cli_main`) reports its errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
-        print(f"apriel: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        print(f"error: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return EXIT_BAD_INPUT
     module_name, _ = VERBS[verb]
     try:

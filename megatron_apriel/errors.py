@@ -53,13 +53,14 @@ def error_message(e: BaseException) -> str:
 MainFn = Callable[[Optional[list]], Optional[int]]
 
 
-def cli_main(prefix: str = "error: ", bad_input: tuple[type[BaseException], ...] = (),
+def cli_main(bad_input: tuple[type[BaseException], ...] = (),
              bad_input_exit: int = EXIT_BAD_INPUT) -> Callable[[MainFn], Callable[..., int]]:
     """Decorate a verb's ``main(argv) -> int``: the one place errors become exit codes.
 
-    ``prefix`` starts the stderr line (each verb keeps the words its users know, e.g.
-    ``apriel average: error: ``). ``bad_input`` names the exceptions of dependencies and the
-    standard library that this verb reports as bad input (e.g. ``FileExistsError`` for an output
+    Every verb spells an error the same way, ``error: <what>`` on one stderr line (the message
+    names the file, key or flag; argparse's own usage errors keep argparse's form). ``bad_input``
+    names the exceptions of dependencies and the standard library that this verb reports as bad
+    input (e.g. ``FileExistsError`` for an output
     folder already in use, ``OSError`` from ``from_pretrained`` on a folder that is not a model):
     they cannot subclass :class:`InputError`. ``bad_input_exit`` is 1 only for the tools named after
     Megatron-LM's (``preprocess_data.py``, ``merge_datasets.py``), which exit 1 on any error as
@@ -80,7 +81,7 @@ def cli_main(prefix: str = "error: ", bad_input: tuple[type[BaseException], ...]
             except bad_input as e:
                 code = bad_input_exit
                 msg = error_message(e)
-            print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+            print(f"error: {msg}", file=sys.stderr, flush=True)
             return code
 
         return wrapped

@@ -17,11 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template, encode_prompts
 from megatron_apriel.errors import InputError, cli_main
+from megatron_apriel.hub import resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel generate", description=__doc__.split("\n")[0])
-    ap.add_argument("--hf", required=True, help="HF model folder")
+    ap.add_argument("--hf", required=True, help="HF model folder, or Hub repo id org/name[@revision]")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.hf = resolve_model(args.hf, "--hf")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:

@@ -165,6 +165,20 @@ apriel_srun() {
   return "$rc"
 }
 
+# The run plan of the config at this allocation (megatron_apriel.training.plan: every check the real
+# run makes before it starts, data and checkpoint paths read), once, on the batch node, before any
+# task starts: a bad config fails the job with one `error: <key>: ...` line instead of one per task.
+# Skipped with CONTAINER_IMAGE (the batch shell is outside the image) or APRIEL_PREFLIGHT=0.
+# Usage: apriel_preflight CONFIG [key=value ...]
+apriel_preflight() {
+  if [ -n "${CONTAINER_IMAGE:-}" ] || [ "${APRIEL_PREFLIGHT:-1}" = 0 ]; then return 0; fi
+  local nodes=${SLURM_JOB_NUM_NODES:-1} tasks=${SLURM_NTASKS:-1}
+  local config=$1; shift
+  "$PYTHON" -m megatron_apriel.train --config "$config" "$@" --check \
+    --nodes "$nodes" --gpus-per-node "$((tasks / nodes))" || {
+    local rc=$?; apriel_log "pre-flight: the run plan refused the config (exit $rc)"; return "$rc"; }
+}
+
 # Run the training loop on every task and act on its exit code (apriel_requeue_on_exit).
 # Usage: apriel_train DEFAULT_CONFIG [CONFIG] [key=value ...]
 apriel_train() {
@@ -177,6 +191,7 @@ apriel_train() {
   local -a overrides=(${OVERRIDES:-} "$@")
   if [ "${DEVICE:-}" = cpu ]; then overrides+=(model.device=cpu); fi
   local rc=0
+  apriel_preflight "$config" "${overrides[@]}" || return $?
   apriel_srun "$PYTHON" -m megatron_apriel.train --config "$config" "${overrides[@]}" || rc=$?
   apriel_requeue_on_exit "$rc" training
 }

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +17,50 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # the checkout first, then whatever the caller had (packages installed with --target, say)
 REPO_PYTHONPATH = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+# What a test that needs a missing system package says when it skips: the one script that installs
+# them all (.ci/run runs it too), and the Debian package itself.
+INSTALL_HINT = "sudo scripts/install-system-packages.sh"
+
+
+def skip_unless_system(binaries: tuple[str, ...] = (), packages: str = "", user: str | None = None) -> None:
+    """Skip the calling test where a system binary or user it needs is absent, naming the install line."""
+    missing = [b for b in binaries if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    if user is not None:
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            missing.append(f"the user {user}")
+    if missing:
+        apt = f" (apt-get install {packages})" if packages else ""
+        pytest.skip(f"missing {', '.join(missing)}: {INSTALL_HINT}{apt}")
+
+
+@functools.lru_cache(maxsize=1)
+def _bwrap_unavailable() -> str:
+    """Why the code sandbox cannot use bubblewrap here ('' when it can): the sandbox's own check."""
+    from megatron_apriel.rl.rewards import sandbox
+
+    try:
+        sandbox.isolation_mode()
+    except sandbox.SandboxUnavailable as e:
+        return str(e)
+    return ""
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.bwrap``: the test runs programs in the bubblewrap sandbox; where bwrap is not
+    installed (or cannot start) it skips with the install line rather than failing. The closest
+    marker wins, so ``bwrap(False)`` exempts one test of a module marked as a whole."""
+    marker = item.get_closest_marker("bwrap")
+    if marker is None or (marker.args and not marker.args[0]):
+        return
+    if shutil.which("bwrap") is None:
+        pytest.skip(f"missing bwrap: {INSTALL_HINT} (apt-get install bubblewrap)")
+    why = _bwrap_unavailable()
+    if why:
+        pytest.skip(why)
 
 
 def free_port() -> int:

@@ -273,7 +273,7 @@ def test_average_writes_the_model_description_training_accepts(tp1, tmp_path, ca
     from megatron_apriel.checkpoint.average import main as average
     from megatron_apriel.checkpoint.dcp_io import MODEL_META, read_model_meta, write_model_meta
     from megatron_apriel.config import ConfigError
-    from megatron_apriel.training.loop import _check_loaded_model
+    from megatron_apriel.training.plan import check_loaded_model
 
     run = tmp_path / "run"  # a training save root: the description beside the iter_* folders
     for it in ("iter_0000001", "iter_0000002"):
@@ -285,9 +285,9 @@ def test_average_writes_the_model_description_training_accepts(tp1, tmp_path, ca
     written = yaml.safe_load((tmp_path / "avg" / MODEL_META).read_text())
     assert written == yaml.safe_load((run / MODEL_META).read_text())
     assert read_model_meta(tmp_path / "avg") == (preset, dtype) == (preset, "float32")
-    _check_loaded_model(str(tmp_path / "avg"), preset, preset.name)  # what training checks before a load
+    check_loaded_model(str(tmp_path / "avg"), preset, preset.name)  # what training checks before a load
     with pytest.raises(ConfigError, match="rope_theta"):
-        _check_loaded_model(str(tmp_path / "avg"), dataclasses.replace(preset, rope_theta=1.0), "other")
+        check_loaded_model(str(tmp_path / "avg"), dataclasses.replace(preset, rope_theta=1.0), "other")
 
     # an input that describes another model: refused with both files named, nothing written
     write_model_meta(run / "iter_0000002", dataclasses.replace(preset, rope_theta=1.0), torch.float32)

@@ -131,6 +131,13 @@ def test_checkpoints_load(demo):
     assert [p.name for p in grpo] == [f"checkpoint-{steps // 2}", f"checkpoint-{steps}"]
     merge = json.loads((out / "final" / "hf" / "merge.json").read_text())
     assert merge["weights"] == [0.3, 0.3, 0.4]
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "final" / "hf" / "README.md")  # the final model's card: merge and held-out figures
+    final = json.loads((out / "final" / "done.json").read_text())
+    assert card.data.pipeline_tag == "text-generation" and "merge" in card.data.tags
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results}["accuracy"] == final["accuracy"]
+    assert "| 0.4 |" in card.text and "## Recipe" in card.text
 
 
 def test_rerun_skips_every_stage(demo):

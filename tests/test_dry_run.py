@@ -128,21 +128,24 @@ def test_broken_config_exits_2_naming_the_key():
      "train.seq_length: 16386 is not divisible by model.tp 8 (sequence parallelism)"),
     (["model.cp=3", "model.sequence_parallel=false"], 6,
      "train.seq_length: 16384 is not divisible by 2 x model.cp = 6"),
-    ([], 3, "--nodes x --gpus-per-node: 3 x 8 = 24 GPUs is not a multiple of model.tp x model.pp x model.cp = 16"),
+    ([], 3, "model.tp x model.pp x model.cp: 16 does not divide the world of 24 GPUs (--nodes 3 x --gpus-per-node 8)"),
 ])
 def test_layout_checks_name_the_key(overrides, nodes, message):
-    from megatron_apriel.training.dry_run import _preset, check_layout
+    from megatron_apriel.training.plan import check_layout, preset_of
 
     cfg = load_config(TrainConfig, REPO / "examples/apriel_nemotron_15b/cpt.yaml", overrides)
     with pytest.raises(ConfigError) as e:
-        check_layout(cfg, _preset(cfg), nodes, None)
+        check_layout(cfg, preset_of(cfg), nodes, None)
     assert str(e.value) == message
 
 
 def test_files_are_checked_as_training_reads_them(tmp_path, monkeypatch):
     from test_blends import write_prefix
 
-    from megatron_apriel.training.dry_run import check_files
+    from megatron_apriel.training.plan import make_plan
+
+    def check_files(cfg):
+        return make_plan(cfg, device="cuda").data_lines
 
     monkeypatch.chdir(REPO)
     cfg = load_config(TrainConfig, "examples/apriel_nemotron_15b/cpt.yaml")

@@ -27,8 +27,8 @@ def raising(exc):
 
 
 def test_cli_main_maps_each_kind_to_its_exit_code(capsys):
-    assert cli_main("apriel x: error: ")(raising(InputError("a.yaml: key 'lr': not a number")))([]) == EXIT_BAD_INPUT
-    assert capsys.readouterr().err == "apriel x: error: a.yaml: key 'lr': not a number\n"
+    assert cli_main()(raising(InputError("a.yaml: key 'lr': not a number")))([]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == "error: a.yaml: key 'lr': not a number\n"
     assert cli_main()(raising(ConfigError("train.lr: expected a number")))([]) == 2
     assert capsys.readouterr().err == "error: train.lr: expected a number\n"
     assert cli_main()(raising(RunError("stage 3 died")))([]) == EXIT_ERROR
@@ -77,5 +77,5 @@ def test_a_verb_from_the_shell_prints_one_line_and_exits_2(tmp_path):
                        "--out", str(tmp_path / "o")], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
-    assert proc.stderr.startswith("apriel average: error: ") and str(tmp_path / "a") in proc.stderr
+    assert proc.stderr.startswith("error: ") and str(tmp_path / "a") in proc.stderr
     assert not (tmp_path / "o").exists()

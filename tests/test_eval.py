@@ -293,6 +293,15 @@ def test_merge_search_table_yaml_and_rescore(model_dir, tmp_path, capsys):
     scores, _, _ = ev.evaluate_model(str(tmp_path / "final"), [ev.parse_task_arg(f"choice_ll={tasks}")], settings,
                                      log=lambda *_: None)
     assert scores["mc"]["acc"] == best["scores"]["mc"]["acc"]
+    # the search's results go into the rebuilt merge's model card (matched by the weights' sha256)
+    assert average_main(["--config", str(chosen), "--force", "--eval-results",
+                         str(tmp_path / "search" / "merge_search.json")]) == 0
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "final" / "README.md")
+    assert [(r.dataset_name, r.metric_type, r.metric_value) for r in card.data.eval_results
+            if r.metric_type == "acc"] == [("mc", "acc", best["scores"]["mc"]["acc"])]
+    assert f"| `{other.resolve()}` | {best['weights'][1]:g} |" in card.text
 
 
 def test_several_checkpoints_are_drawn_and_tabled(evaluated, model_dir, tmp_path):

@@ -68,6 +68,9 @@ def test_grpo_raises_mean_reward(tmp_path):
     assert (tmp_path / "run" / f"checkpoint-{cfg.grpo.save_steps}" / "model.safetensors").exists()
     assert (Path(summary["final"]) / "model.safetensors").exists()
     assert (tmp_path / "run" / "grpo_config.yaml").exists()
+    # ... carrying the starting model's vocabulary files byte for byte (merges compare them)
+    for folder in (tmp_path / "run" / f"checkpoint-{cfg.grpo.save_steps}", Path(summary["final"])):
+        assert (folder / "tokenizer.json").read_bytes() == (Path(cfg.model.path) / "tokenizer.json").read_bytes()
 
 
 def test_keep_by_pass_rate_rule():

@@ -241,6 +241,7 @@ def sft_code_format(model, tok, rng, steps: int = 300, right: float = 0.3):
 
 
 @pytest.mark.slow
+@pytest.mark.bwrap
 def test_grpo_on_code_reward_raises_heldout_reward(tmp_path):
     """GRPO with the code reward alone, each completion's program run in the bubblewrap sandbox against an
     assert: a tiny model SFT'd on the answer format (300 steps) then 20 GRPO steps of 8 prompts

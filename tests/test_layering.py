@@ -56,7 +56,7 @@ def test_family_drivers_offer_what_the_conversion_loop_asks():
     from megatron_apriel.checkpoint import convert, llava, mistral
 
     asked = ("NAME", "LABEL", "LAYOUT", "preset_from_hf_config", "export_config", "table", "hf_canonical",
-             "tp_divisors", "build_chunks", "load_canonical")
+             "build_chunks", "load_canonical")
     for name in asked:
         assert f"``{name}``" in convert.__doc__, name
     for family in (mistral, llava):

@@ -149,7 +149,7 @@ def test_missing_image_text_prefix_is_named(data, corpus, tmp_path, capsys):  # 
     ], tmp_path / "cache")
     assert mix_report.main([spec, "--json", str(js), "--png", str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
-    assert err.startswith("mix-report: data.blend.sources[1].prefixes[1]: ") and "nope_multimodal.json" in err
+    assert err.startswith("error: data.blend.sources[1].prefixes[1]: ") and "nope_multimodal.json" in err
 
     # the settings file is there, its tokens dataset is not
     assert run_preprocess(root, tok, [good], tmp_path / "broken") == 0
@@ -160,6 +160,6 @@ def test_missing_image_text_prefix_is_named(data, corpus, tmp_path, capsys):  # 
     ], tmp_path / "cache")
     assert mix_report.main([spec, "--json", str(js), "--png", str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("mix-report: data.blend.sources[1].prefixes[1]: ")
+    assert err.startswith("error: data.blend.sources[1].prefixes[1]: ")
     assert "broken_tokens_document.bin/.idx: missing" in err
     assert not png.exists() and not js.exists()

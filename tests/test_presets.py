@@ -48,10 +48,10 @@ def test_readme_preset_table_is_the_code_s():
 
 def test_recipe_numbers():
     nemo, apriel = get_preset("mistral-nemo-12b"), get_preset("apriel-nemotron-15b")
-    mm = get_preset("apriel-1.5-15b-text")
+    mm = get_preset("apriel-1.5-15b")
     assert (nemo.num_layers, apriel.num_layers, mm.num_layers) == (40, 50, 48)
     assert nemo.kv_channels * nemo.num_attention_heads == 4096 != nemo.hidden_size
-    assert get_preset("pixtral-12b-text").rope_theta == 1e9 and nemo.rope_theta == 1e6
+    assert get_preset("pixtral-12b").rope_theta == 1e9 and nemo.rope_theta == 1e6
     # 12.2B and 15.0B as published
     assert round(nemo.param_counts()["total"] / 1e9, 1) == 12.2
     assert round(apriel.param_counts()["total"] / 1e9, 1) == 15.0

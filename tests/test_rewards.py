@@ -129,6 +129,7 @@ def code_answer(body: str) -> str:
     return apriel(f"```python\n{body}\n```")
 
 
+@pytest.mark.bwrap
 def test_code_right_partial_wrong():
     assert code_reward(code_answer("a, b = map(int, input().split())\nprint(a + b)"), tests=TESTS,
                        limits=LIMITS).score == 1.0
@@ -141,6 +142,7 @@ def test_code_right_partial_wrong():
     assert code_reward(code_answer("def add(a, b):\n    return a - b"), tests=asserts, limits=LIMITS).score == 0.5
 
 
+@pytest.mark.bwrap
 def test_code_malformed_and_adversarial():
     assert code_reward(apriel("just print the sum"), tests=TESTS, limits=LIMITS).score == 0.0
     assert code_reward(code_answer("def f(:\n"), tests=TESTS, limits=LIMITS).score == 0.0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import skip_unless_system
 
 from megatron_apriel.config import ConfigError
 from megatron_apriel.rl.rewards import (
@@ -39,6 +40,9 @@ ADD_TESTS = [{"input": "2 3\n", "output": "5\n"}, {"input": "10 -4\n", "output":
 ASSERT_TESTS = [{"assert": "assert add(2, 3) == 5"}, {"assert": "assert add(10, -4) == 6"}]
 HONEST = "a, b = map(int, input().split())\nprint(a + b)"
 USER = "apriel-ci"
+# Every test here runs programs under bubblewrap unless marked bwrap(False) (conftest: skipped with the
+# install line where bwrap is missing).
+pytestmark = pytest.mark.bwrap
 
 
 def answer(program: str) -> str:
@@ -325,7 +329,7 @@ def test_assert_tests_pass_only_when_the_asserts_ran(route):
     assert_nothing_left()
 
 
-@pytest.mark.parametrize("mode", ["bwrap", "rlimits-only"])
+@pytest.mark.parametrize("mode", ["bwrap", pytest.param("rlimits-only", marks=pytest.mark.bwrap(False))])
 def test_nothing_is_left_on_the_host(monkeypatch, tmp_path, mode):
     # Everything the grader makes for a run goes under tempfile's directory: point it at an empty one.
     sandbox._harness_dir()
@@ -342,6 +346,7 @@ def test_exit_status_after_the_asserts_does_not_matter():
     assert grade(prog, ASSERT_TESTS).score == 1.0
 
 
+@pytest.mark.bwrap(False)
 def test_without_bwrap_the_code_reward_refuses_unless_told(monkeypatch, tmp_path):
     """A machine without bwrap (here: PATH without it) refuses; the weaker mode must be named."""
     monkeypatch.setenv("PATH", str(tmp_path))
@@ -354,6 +359,7 @@ def test_without_bwrap_the_code_reward_refuses_unless_told(monkeypatch, tmp_path
         SandboxLimits(isolation="none").validate()
 
 
+@pytest.mark.bwrap(False)
 def test_rlimits_only_mode_warns_once_and_still_limits(monkeypatch, caplog, host_dir):
     import logging
 
@@ -409,11 +415,7 @@ def test_hostile_programs_as_an_ordinary_user():
     if os.geteuid() != 0:
         assert grade(HONEST).score == 1.0  # already an ordinary user: the module itself is that run
         return
-    try:
-        pwd.getpwnam(USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True)
-    assert shutil.which("unshare") and shutil.which("setpriv")
+    skip_unless_system(("unshare", "setpriv"), packages="util-linux", user=USER)
     command, work = _unprivileged_command(USER)
     try:
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -534,6 +536,7 @@ def test_the_program_cannot_reach_the_test_code_or_the_verdict():
     assert res.stdout.strip() == "['1', '2'] True True" and res.completed, (res.stdout, res.outcomes)
 
 
+@pytest.mark.bwrap(False)
 def test_the_codec_carries_exact_values_only():
     codec = sandbox._codec()
     value = [None, True, 0, 1, -(1 << 200), 2.5, float("inf"), -0.0, "\u00e9\ud800", b"\x00", (1, [2]), {3, "x"},

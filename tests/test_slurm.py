@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ordinary_user as ou  # noqa: E402
+from conftest import INSTALL_HINT  # noqa: E402
 from slurm_cluster import SlurmCluster, missing_binaries  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ def require_slurm(missing_tools: list[str] = ()) -> None:
     """Skip where the SLURM packages (or other ``missing_tools``) are absent or we are not root."""
     missing = missing_binaries() + list(missing_tools)
     if missing:
-        pytest.skip(f"missing {', '.join(missing)}: apt-get install slurmctld slurmd slurm-client munge iproute2")
+        pytest.skip(f"missing {', '.join(missing)}: {INSTALL_HINT} "
+                    "(apt-get install slurmctld slurmd slurm-client munge iproute2)")
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster needs root")
 
@@ -112,6 +114,17 @@ def test_sbatch_cpt_finishes_with_checkpoint_and_falling_loss(cpt_run):
     assert logged[-1] < logged[0] - 0.5, logged
     losses = _losses(ckpt)
     assert sorted(losses) == list(range(1, 41))
+
+
+def test_a_bad_config_fails_at_the_preflight_before_srun(cluster, tmp_path):
+    """The batch shell makes the run plan before any task starts: one error line, exit 2, no srun step."""
+    job, log = _submit(cluster, tmp_path, [*CPU_ALLOC, "--ntasks-per-node=1", "--time=10"], ["model.tp=3"])
+    info = cluster.wait(job, timeout=240)
+    text = log.read_text() if log.exists() else "(no log)"
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", f"{info}\n{text[-3000:]}"
+    assert text.count("error: model.tp: 3 does not divide the attention heads of tiny (4)") == 1, text[-3000:]
+    assert "pre-flight: the run plan refused the config (exit 2)" in text
+    assert "] srun " not in text and "distributed:" not in text
 
 
 def test_time_limit_signal_requeue_resume_equals_uninterrupted(cluster, cpt_run, tmp_path):

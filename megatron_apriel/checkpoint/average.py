@@ -55,8 +55,10 @@ from megatron_apriel.checkpoint.hf_io import (
     atomic_output_dir,
     copy_side_files,
 )
+from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, merge_card
 from megatron_apriel.config import load_yaml
 from megatron_apriel.errors import InputError, cli_main
+from megatron_apriel.hub import parse_repo_id, resolve_model
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # config.json keys that may differ between checkpoints of one architecture.
@@ -302,8 +304,9 @@ def weighted_tensor(ckpts: list[Checkpoint], weights: list[float], name: str,
 
 def average(inputs: list[str | Path], out: str | Path, weights: list[float] | None = None,
             allow_unnormalised: bool = False, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
-            log=print) -> dict:
-    """Write the weighted average of ``inputs`` (HF folders) to ``out`` as an HF folder."""
+            log=print, card: dict | None = None) -> dict:
+    """Write the weighted average of ``inputs`` (HF folders) to ``out`` as an HF folder, with a model
+    card (``card``: its options, see :func:`megatron_apriel.checkpoint.model_card.merge_card`)."""
     if len(inputs) < 2:
         raise AverageError(f"need at least 2 checkpoints, got {len(inputs)}")
     weights = check_weights(weights if weights is not None else [1.0 / len(inputs)] * len(inputs),
@@ -335,6 +338,7 @@ def average(inputs: list[str | Path], out: str | Path, weights: list[float] | No
             copied = copy_side_files(ckpts[0].path, tmp)
             record = {"method": "linear", "inputs": [str(Path(p).resolve()) for p in inputs], "weights": weights}
             (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+            merge_card(tmp, inputs, weights, **(card or {}))
         seconds = time.perf_counter() - t0
     finally:
         for c in ckpts:
@@ -450,6 +454,9 @@ def load_merge_yaml(path: str) -> dict:
         except (TypeError, ValueError):
             raise AverageError(f"{where}.parameters.weight: not a number ({params['weight']!r})") from None
         model = Path(str(m["model"]))
+        if not model.exists() and parse_repo_id(str(m["model"])):
+            paths.append(str(m["model"]))  # a Hub repo id: the callers resolve it (megatron_apriel.hub)
+            continue
         paths.append(model if model.is_absolute() else Path.cwd() / model)
     return dict(inputs=paths, weights=weights, out=data.get("out"),
                 allow_unnormalised=bool(data.get("allow_unnormalised", False)))
@@ -477,10 +484,10 @@ def select_from_run(run_dir, k: int | None, steps: list[int] | None, min_step: i
     return [found[s] for s in picked]
 
 
-@cli_main("apriel average: error: ", bad_input=(FileExistsError, FileNotFoundError))
+@cli_main(bad_input=(FileExistsError, FileNotFoundError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel average", description=__doc__.split("\n\n")[0])
-    ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist)")
+    ap.add_argument("inputs", nargs="*", help="checkpoint folders (HF or megatron-core dist) or Hub repo ids")
     ap.add_argument("--out", help="output folder (written atomically)")
     ap.add_argument("--weights", type=float, nargs="+", help="one weight per input (default uniform)")
     ap.add_argument("--allow-unnormalised", action="store_true", help="accept weights that do not sum to 1")
@@ -493,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="mergekit-style YAML (merge_method: linear, models: [...])")
     ap.add_argument("--max-shard-gb", type=float, default=5.0)
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    add_card_args(ap)
     args = ap.parse_args(argv)
+    check_card_args(args.model_card_extra, args.eval_results)
     inputs, weights, allow = list(args.inputs), args.weights, args.allow_unnormalised
     out = args.out
     if args.config:
@@ -508,9 +517,12 @@ def main(argv: list[str] | None = None) -> int:
         inputs = select_from_run(args.run_dir, args.equispaced, args.steps, args.min_step, inputs)
     if not out:
         raise AverageError("--out is required")
+    inputs = [resolve_model(p, "input") for p in inputs]
     print(f"linear merge of {len(inputs)} checkpoints -> {out}")
     average(inputs, out, weights, allow_unnormalised=allow, force=args.force,
-            max_shard_bytes=int(args.max_shard_gb * 1024**3))
+            max_shard_bytes=int(args.max_shard_gb * 1024**3),
+            card=dict(license=args.license, base_model=args.base_model, extra=args.model_card_extra,
+                      eval_results=args.eval_results))
     return 0
 
 

@@ -1,14 +1,15 @@
 """HF <-> megatron-core distributed checkpoints, at any TP/PP, tensor by tensor: one driver loop
 for every model family.
 
-A family (:mod:`~megatron_apriel.checkpoint.mistral` for MistralForCausalLM,
+A family's checkpoint driver (:mod:`~megatron_apriel.checkpoint.mistral` for MistralForCausalLM,
 :mod:`~megatron_apriel.checkpoint.llava` for Llava/Pixtral) is a module holding its HF config
-mapping, its name table, its model builder and loader and its TP rules; the two functions here run
-either family in one direction each, and pick it from the input (a ``vision_config`` in the HF
-config.json, vision tensors in the dist checkpoint). What the loop asks of a family module:
-``NAME``/``LABEL`` (messages), ``LAYOUT`` (the HF layout written), ``preset_from_hf_config``,
-``export_config``, ``table`` (its :class:`~megatron_apriel.checkpoint.table.Entry` rows),
-``hf_canonical`` (the lazy HF reader), ``tp_divisors``, ``build_chunks`` and ``load_canonical``.
+mapping, its name table and its model loader; the two functions here run any family in one
+direction each, and look it up in the model-family registry (:mod:`megatron_apriel.models.families`:
+from the HF config.json one way, from the checkpoint's preset the other), which also gives the TP
+rules. What the loop asks of a driver module: ``NAME``/``LABEL`` (messages), ``LAYOUT`` (the HF
+layout written), ``preset_from_hf_config``, ``export_config``, ``table`` (its
+:class:`~megatron_apriel.checkpoint.table.Entry` rows), ``hf_canonical`` (the lazy HF reader),
+``build_chunks`` and ``load_canonical``.
 
 ``hf-to-mcore`` builds the family's model at the requested layout (no random init), copies HF
 tensors into it one at a time from memory-mapped safetensors through the family's table, and saves
@@ -28,6 +29,7 @@ independent of the TP/PP that saved the checkpoint.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -40,7 +42,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from transformers import GenerationConfig
 
-from megatron_apriel.checkpoint import llava, mistral
+from megatron_apriel.checkpoint import mistral
 from megatron_apriel.checkpoint import table as tbl
 from megatron_apriel.checkpoint.dcp_io import (  # noqa: F401  (MODEL_META ... read_model_meta: this module's API too)
     DTYPES,
@@ -61,9 +63,12 @@ from megatron_apriel.checkpoint.hf_io import (
     copy_side_files,
     write_output_dir,
 )
+from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, export_card
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, default_chat_template
 from megatron_apriel.data.chat_tokenizer import ChatTokenizerError, assign_role_tokens, role_tokens
 from megatron_apriel.errors import cli_main
+from megatron_apriel.hub import check_push_target, push_folder, resolve_model
+from megatron_apriel.models.families import ModelFamily, family_of, family_of_hf_config
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 from megatron_apriel.models.presets import ModelPreset, get_preset
 from megatron_apriel.runtime import init_distributed
@@ -73,9 +78,18 @@ HF_SIDE = "hf"  # sub-folder of a converted dist checkpoint holding the source H
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+def driver_of(family: ModelFamily):
+    """The checkpoint driver module a registered family names."""
+    return importlib.import_module(family.checkpoint_driver)
+
+
 def hf_family(hf_dir: str | os.PathLike):
-    """The family driver of an HF folder: Llava/Pixtral when its config has a vision_config."""
-    return llava if llava.is_llava_hf_dir(hf_dir) else mistral
+    """The family driver of an HF folder, as the registry reads its config.json."""
+    try:
+        cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}  # the text family's driver then names what is wrong with the folder
+    return driver_of(family_of_hf_config(cfg))
 
 
 def preset_from_hf_dir(hf_dir: str | os.PathLike, family=None) -> ModelPreset:
@@ -112,9 +126,9 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or _safetensors_dtype(reader, canonical.entries[mistral.EMBEDDING].hf[0])
-    for what, n in family.tp_divisors(preset):
+    for what, n in family_of(preset).tp_divides(preset):
         if n % tp:
-            raise ConversionError(f"tp={tp} does not divide the {what} ({n}) of {hf_dir}")
+            raise ConversionError(f"tp={tp} does not divide {what} ({n}) of {hf_dir}")
     if preset.num_layers % pp:
         raise ConversionError(f"pp={pp} does not divide num_layers={preset.num_layers}")
     out = Path(out_dir)
@@ -225,7 +239,8 @@ def load_mcore_canonical(ckpt_dir: str | os.PathLike, names: Optional[Iterable[s
 def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
                            preset: Optional[str | ModelPreset] = None, tokenizer: Optional[str] = None,
                            chat_template: Optional[str] = None, dtype: Optional[str | torch.dtype] = None,
-                           max_shard_bytes: int = 5 * 1024**3, force: bool = False) -> dict:
+                           max_shard_bytes: int = 5 * 1024**3, force: bool = False, card: Optional[dict] = None
+                           ) -> dict:
     """Write an HF folder (MistralForCausalLM, or LlavaForConditionalGeneration for a multimodal
     checkpoint) from a dist checkpoint, streaming tensor by tensor.
 
@@ -235,6 +250,7 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     take reserved special slots of the exported tokenizer) or a path to a .jinja file, written as
     ``chat_template.jinja``; default: the released format of the preset (apriel-nemotron-15b,
     apriel-1.5-15b), else the tokenizer's own.
+    ``card``: the model card's options (:func:`megatron_apriel.checkpoint.model_card.export_card`).
     """
     start = time.time()
     if not torch.distributed.is_initialized():
@@ -249,7 +265,7 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     if preset.num_layers != reader.num_layers:
         raise ConversionError(f"{reader.path}: {reader.num_layers} layers stored but preset {preset.name} "
                               f"has {preset.num_layers}")
-    family = llava if preset.vision is not None and llava.is_checkpoint_of(reader.meta) else mistral
+    family = driver_of(family_of(preset))
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
     dtype = dtype or reader.meta[mistral.EMBEDDING].dtype
@@ -277,6 +293,7 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
         bar.close()
         family.export_config(preset, side, dtype).save_pretrained(tmp)
         copied = write_hf_side_files(tmp, out_dir, preset, side, tokenizer, template)
+        export_card(tmp, reader.path, preset.name, dtype_name(dtype), **(card or {}))
     summary = {"tensors": writer.num_tensors, "bytes": writer.total_bytes, "dtype": dtype_name(dtype),
                "seconds": round(time.time() - start, 2), "tokenizer_files": copied}
     log0(f"mcore-to-hf{family.LABEL}: {writer.num_tensors} tensors, {writer.total_bytes / 1e9:.3f} GB, "
@@ -345,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel convert", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors folder -> megatron-core dist checkpoint")
-    a.add_argument("--hf", required=True, help="HF folder (config.json + safetensors)")
+    a.add_argument("--hf", required=True, help="HF folder (config.json + safetensors) or Hub repo id org/name[@rev]")
     a.add_argument("--out", required=True)
     a.add_argument("--tp", type=int, default=1, help="run under torchrun with tp*pp processes when > 1")
     a.add_argument("--pp", type=int, default=1)
@@ -364,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: the stored dtype")
     b.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 5GB, 500MB)")
     b.add_argument("--force", action="store_true")
+    add_card_args(b)
+    b.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="then upload the folder to this Hub model repo (org/name; created private if missing; "
+                        "token from HF_TOKEN or `hf auth login`)")
     return ap
 
 
@@ -379,13 +400,22 @@ def parse_size(text: str) -> int:
 @cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tokenizer:
+        args.tokenizer = resolve_model(args.tokenizer, "--tokenizer")
     if args.cmd == "hf-to-mcore":
+        args.hf = resolve_model(args.hf, "--hf")
         hf_to_mcore_checkpoint(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                tokenizer=args.tokenizer, force=args.force)
     else:
+        check_card_args(args.model_card_extra, args.eval_results)
+        check_push_target(args.push_to_hub)
+        card = dict(license=args.license, base_model=args.base_model, extra=args.model_card_extra,
+                    eval_results=args.eval_results)
         mcore_to_hf_checkpoint(args.ckpt, args.out, preset=args.preset, tokenizer=args.tokenizer,
                                chat_template=args.chat_template, dtype=args.dtype,
-                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force)
+                               max_shard_bytes=parse_size(args.max_shard_size), force=args.force, card=card)
+        if args.push_to_hub:
+            push_folder(args.out, args.push_to_hub)
     return 0
 
 

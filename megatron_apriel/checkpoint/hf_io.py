@@ -431,3 +431,13 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike, skip: tuple[
             shutil.copyfile(path, Path(dst) / name)  # the mode from the umask, not the source's
             copied.append(name)
     return copied
+
+
+def copy_vocab_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Make ``dst``'s vocabulary files (:data:`VOCAB_FILES`) byte copies of ``src``'s: a file ``src``
+    lacks is removed from ``dst``. Averaging compares these bytes ("same tokenizer")."""
+    for name in VOCAB_FILES:
+        if (Path(dst) / name).exists() and not (Path(src) / name).exists():
+            (Path(dst) / name).unlink()
+        if (Path(src) / name).exists():
+            shutil.copyfile(Path(src) / name, Path(dst) / name)

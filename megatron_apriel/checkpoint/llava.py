@@ -20,8 +20,6 @@ of Pixtral-12B. Only ``vision_feature_layer = -1`` with strategy ``full`` (Pixtr
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -106,20 +104,6 @@ def export_config(preset: ModelPreset, side: Optional[Path], dtype: torch.dtype)
     return hf_config(preset, dtype)
 
 
-def is_llava_hf_dir(hf_dir: str | os.PathLike) -> bool:
-    path = Path(hf_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return "vision_config" in cfg
-
-
-def is_checkpoint_of(meta) -> bool:
-    """A dist checkpoint holding the vision encoder (else its decoder is read as a text model)."""
-    return "vision_model.patch_conv.weight" in meta
-
-
 # --------------------------------------------------------------------------- the table
 def _hf_global(canon: str, layout) -> str:
     where, suffix, _ = VISION_GLOBAL[canon]
@@ -167,12 +151,6 @@ def detect_layout(keys: Iterable[str], folder=None) -> tuple[str, str, str, str]
 def hf_canonical(reader, preset: ModelPreset) -> tbl.HFCanonical:
     """The lazy canonical view of an HF Llava folder (refuses missing or unknown tensors)."""
     return tbl.HFCanonical(reader, table(preset, detect_layout(reader.keys(), reader.folder)), NAME, preset.num_layers)
-
-
-def tp_divisors(preset: ModelPreset) -> list[tuple[str, int]]:
-    v = preset.vision
-    return mistral.tp_divisors(preset) + [("vision heads", v.num_attention_heads), ("vision ffn", v.ffn_hidden_size),
-                                          ("hidden (projector)", preset.hidden_size)]
 
 
 # --------------------------------------------------------------------------- TP shards of vision tensors

@@ -4,8 +4,9 @@ This module is the family's driver for :mod:`megatron_apriel.checkpoint.convert`
 mapping (:func:`preset_from_hf_config`, :func:`export_config`), its one name table
 (:data:`LAYER_COPY`, :data:`LAYER_FUSED`, :data:`GLOBAL_COPY`, :data:`TP_DIM`, turned into
 :class:`~megatron_apriel.checkpoint.table.Entry` rows by :func:`table`), its model builder and
-loader (:func:`build_chunks`, :func:`load_canonical_into_chunks`) and its TP rules
-(:func:`tp_divisors`, :func:`shard_tp`). The Llava family reuses this table for its decoder.
+loader (:func:`build_chunks`, :func:`load_canonical_into_chunks`) and its TP layout
+(:func:`shard_tp`; what TP must divide is the family's, :mod:`megatron_apriel.models.families`).
+The Llava family reuses this table for its decoder.
 
 Layouts that differ from HF (checked against transformers, see tests/test_parity.py):
 
@@ -167,12 +168,6 @@ def hf_canonical(reader, preset: ModelPreset) -> tbl.HFCanonical:
     entries = table(preset, detect_layout(reader.keys(), reader.folder))
     ignore = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
     return tbl.HFCanonical(reader, entries, NAME, preset.num_layers, ignore)
-
-
-def tp_divisors(preset: ModelPreset) -> list[tuple[str, int]]:
-    """What TP must divide: (what, size)."""
-    return [("heads", preset.num_attention_heads), ("query groups", preset.num_query_groups),
-            ("ffn", preset.ffn_hidden_size)]
 
 
 # --------------------------------------------------------------------------- TP

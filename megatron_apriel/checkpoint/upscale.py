@@ -38,6 +38,7 @@ from megatron_apriel.checkpoint.hf_io import (
 )
 from megatron_apriel.config import load_yaml
 from megatron_apriel.errors import InputError, cli_main
+from megatron_apriel.hub import resolve_model
 from megatron_apriel.models.hf_config import HFConfigError, check_hf_dir
 
 # Per-layer tensors zeroed by --init identity: the two projections that write into the residual.
@@ -297,11 +298,12 @@ def load_plan_yaml(path: str) -> dict:
     return data
 
 
-@cli_main("apriel upscale: error: ", bad_input=(FileExistsError, FileNotFoundError, KeyError))
+@cli_main(bad_input=(FileExistsError, FileNotFoundError, KeyError))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel upscale", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", help="YAML plan (keys as the flags, with underscores); flags override it")
-    ap.add_argument("--hf", help="input HF folder (MistralForCausalLM or LlavaForConditionalGeneration)")
+    ap.add_argument("--hf", help="input HF folder (MistralForCausalLM or LlavaForConditionalGeneration) or Hub "
+                                 "repo id org/name[@revision]")
     ap.add_argument("--out", help="output HF folder (written atomically)")
     ap.add_argument("--layers", help="SOLAR slices of source layers, inclusive: 0-29,10-39")
     ap.add_argument("--duplicate-middle", type=int,
@@ -323,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             opts[key] = getattr(args, key)
     if not opts.get("hf"):
         raise UpscaleError("--hf is required")
+    opts["hf"] = resolve_model(opts["hf"], "--hf")
     plan_args = {k: (str(opts[k]) if k == "layers" and opts.get(k) is not None else opts.get(k))
                  for k in ("layers", "duplicate_middle", "expand_every")}
     if args.dry_run:

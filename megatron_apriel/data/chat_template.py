@@ -147,8 +147,7 @@ CHAT_TEMPLATES = {"apriel": APRIEL_CHAT_TEMPLATE, "apriel-nemotron": APRIEL_NEMO
 
 # The format the released model of a preset speaks, the default --chat-template wherever it has one;
 # presets not listed keep the project's own template (or the command's own default).
-PRESET_CHAT_TEMPLATES = {"apriel-nemotron-15b": "apriel-nemotron", "apriel-1.5-15b": "apriel-1.5",
-                         "apriel-1.5-15b-text": "apriel-1.5"}
+PRESET_CHAT_TEMPLATES = {"apriel-nemotron-15b": "apriel-nemotron", "apriel-1.5-15b": "apriel-1.5"}
 
 
 def default_chat_template(chat_template: Optional[str], preset: Optional[str], fallback: Optional[str] = "apriel",

@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, FORMAT_TOKENS
 from megatron_apriel.errors import InputError, cli_main
+from megatron_apriel.hub import resolve_model
 
 RESERVED = re.compile(r"<SPECIAL_\d+>")
 
@@ -91,15 +92,17 @@ def check_role_tokens(tokenizer, template: str, where: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="apriel chat-tokenizer", description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", required=True, help="HF tokenizer folder (fast tokenizer, tokenizer.json)")
+    p.add_argument("--tokenizer", required=True,
+                   help="HF tokenizer folder (fast tokenizer, tokenizer.json) or Hub repo id")
     p.add_argument("--chat-template", required=True, choices=sorted(CHAT_TEMPLATES))
     p.add_argument("--out", required=True)
     return p
 
 
-@cli_main("apriel chat-tokenizer: ", bad_input=(OSError, ValueError))  # OSError: not a tokenizer folder
+@cli_main(bad_input=(OSError, ValueError))  # OSError: not a tokenizer folder
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    args.tokenizer = resolve_model(args.tokenizer, "--tokenizer")
 
     out = Path(args.out)
     tmp = out.with_name(out.name + ".tmp")

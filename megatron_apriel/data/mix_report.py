@@ -249,7 +249,7 @@ def write_png(r: Report, path: str) -> None:
         plt.close(fig)
 
 
-@cli_main("mix-report: ")
+@cli_main()
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel mix-report", description=__doc__.splitlines()[0])
     ap.add_argument("spec", help="blend spec YAML, or a training config with a data: section")

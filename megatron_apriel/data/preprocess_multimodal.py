@@ -75,6 +75,7 @@ from megatron_apriel.data.multimodal_format import (
 from megatron_apriel.data.preprocess import PreprocessError, check_inputs, print_control_text
 from megatron_apriel.data.tokenizers import add_tokenizer_args, tokenizer_from_args
 from megatron_apriel.errors import cli_main
+from megatron_apriel.models.presets import PIXTRAL_LAYOUT
 
 
 class RecordError(CountedError):
@@ -91,11 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True)
     add_tokenizer_args(p)
     p.add_argument("--image-placeholder", default=PLACEHOLDER, help="placeholder of an image in text/prompt")
-    p.add_argument("--patch-size", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=1024, help="longest edge after resize (Pixtral: 1024)")
-    p.add_argument("--image-token-id", type=int, default=10)
-    p.add_argument("--image-break-token-id", type=int, default=12)
-    p.add_argument("--image-end-token-id", type=int, default=13)
+    pixtral = PIXTRAL_LAYOUT
+    p.add_argument("--patch-size", type=int, default=pixtral.patch_size)
+    p.add_argument("--image-size", type=int, default=pixtral.image_size,
+                   help=f"longest edge after resize (Pixtral: {pixtral.image_size})")
+    p.add_argument("--image-token-id", type=int, default=pixtral.image_token_id)
+    p.add_argument("--image-break-token-id", type=int, default=pixtral.image_break_token_id)
+    p.add_argument("--image-end-token-id", type=int, default=pixtral.image_end_token_id)
     p.add_argument("--seq-length", type=int, default=None,
                    help="training length: longer samples are skipped (an image cannot be cut)")
     p.add_argument("--no-bos", action="store_true", help="do not start samples with the tokenizer's BOS")
@@ -109,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def layout_of(args) -> ImageLayout:
+    """The image layout the flags describe."""
+    return ImageLayout(patch_size=args.patch_size, image_size=args.image_size, image_token_id=args.image_token_id,
+                       image_break_token_id=args.image_break_token_id, image_end_token_id=args.image_end_token_id)
+
+
 class _Encoder:
     """Turns JSONL lines into (tokens, loss mask, images); one per worker process.
 
@@ -118,9 +127,7 @@ class _Encoder:
 
     def __init__(self, args):
         self.tokenizer = tokenizer_from_args(args)
-        self.layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size,
-                                  image_token_id=args.image_token_id, image_break_token_id=args.image_break_token_id,
-                                  image_end_token_id=args.image_end_token_id)
+        self.layout = layout_of(args)
         self.proc = self.layout.processor()
         self.placeholder = args.image_placeholder
         self.bos = not args.no_bos
@@ -297,8 +304,7 @@ def preprocess(args) -> dict:
     if args.max_image_pixels < 1:
         raise PreprocessError(f"--max-image-pixels {args.max_image_pixels}: must be positive")
     tokenizer = tokenizer_from_args(args)  # flag errors here, before any worker starts
-    layout = ImageLayout(patch_size=args.patch_size, image_size=args.image_size, image_token_id=args.image_token_id,
-                         image_break_token_id=args.image_break_token_id, image_end_token_id=args.image_end_token_id)
+    layout = layout_of(args)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     final = {k: dataset_path(args.output_prefix, k) for k in KEYS}
     tmp = {k: v + f".tmp{os.getpid()}" for k, v in final.items()}
@@ -386,7 +392,7 @@ def preprocess(args) -> dict:
     return report
 
 
-@cli_main("preprocess-multimodal: ", bad_input=(ValueError, FileNotFoundError))  # the tokenizer flags' errors
+@cli_main(bad_input=(ValueError, FileNotFoundError))  # the tokenizer flags' errors
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_inputs(args.input)

@@ -223,7 +223,7 @@ def preprocess(args) -> dict:
     return report
 
 
-@cli_main("preprocess-sft: ")
+@cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_inputs(args.input, exists=os.path.exists)

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-@cli_main("apriel demo: ")
+@cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.minutes <= 0:

@@ -32,14 +32,15 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_apriel.checkpoint import average, convert, upscale
-from megatron_apriel.checkpoint.dcp_io import write_model_meta
-from megatron_apriel.checkpoint.hf_io import VOCAB_FILES
+from megatron_apriel.config import load_config
 from megatron_apriel.data import mix_report, preprocess, preprocess_sft
+from megatron_apriel.demo.card import write_demo_card
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
 from megatron_apriel.errors import RunError
-from megatron_apriel.models import get_preset
+from megatron_apriel.training.config import TrainConfig
+from megatron_apriel.training.plan import make_plan
 
 DONE = "done.json"
 SOURCES = ("reasoning", "cot", "replay")
@@ -211,16 +212,15 @@ class Demo:
         tok = self.figures["data"]["tokenizer"]
         return self.plan.model_changes(tok["vocab_size"], tok["eos_token_id"], layers)
 
-    def write_model_meta(self, folder: Path, layers: Optional[int] = None) -> None:
-        """The preset beside a training save, so ``convert mcore-to-hf`` needs no --preset flag."""
-
-        write_model_meta(folder, get_preset("tiny", **self.changes(layers)), torch.float32)
-
     def train(self, stage: str, cfg: dict) -> dict:
+        """One training run of the stage. Its run plan is made here first, as ``apriel train`` makes
+        it (a config the run would refuse stops the demo before it starts a process); the run writes
+        ``apriel_model.yaml`` beside its checkpoints, which ``convert mcore-to-hf`` reads."""
         path = self.d(stage) / "train.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        plan = make_plan(load_config(TrainConfig, path), world=1)
         self.run(stage, "megatron_apriel.train", ["--config", path])
-        losses = _losses(Path(cfg["checkpoint"]["save"]) / "logs" / "metrics.jsonl")
+        losses = _losses(Path(plan.cfg.checkpoint.save) / "logs" / "metrics.jsonl")
         k = max(1, len(losses) // 10)
         return {"loss": sum(loss for _, loss in losses[-k:]) / k, "first_loss": losses[0][1] if losses else None,
                 "iterations": len(losses), "loss_curve": losses}
@@ -318,7 +318,6 @@ class Demo:
         p, d = self.plan, self.d("pretrain")
         fig = self.train("pretrain", self.train_cfg(d / "ckpt", self.blend("pretrain", BASE_WEIGHTS, p.pretrain_iters),
                                                    p.pretrain_iters, lr=p.pretrain_lr))
-        self.write_model_meta(d / "ckpt")
         self.to_hf("pretrain", d / "ckpt", d / "hf")
         return {**fig, **self.evaluate(d / "hf")}
 
@@ -380,7 +379,6 @@ class Demo:
                 d / "ckpt", data, self.sft_iters(name), lr=p.sft_lr if name == "sft" else p.spec_lr,
                 layers=p.num_layers + 1, load=self.d(start) / ("mcore" if start == "average" else "ckpt"),
                 mbs=p.sft_batch, gbs=p.sft_batch, seq=p.sft_seq_length))
-            self.write_model_meta(d / "ckpt", p.num_layers + 1)
             self.to_hf(name, d / "ckpt", d / "hf")
             return {**fig, **self.evaluate(d / "hf")}
         return go
@@ -412,10 +410,6 @@ class Demo:
         hist = [h for h in state["log_history"] if "reward" in h]
         curve = [(h["step"], h.get("loss", 0.0)) for h in hist]
         rewards = [(h["step"], h["reward"]) for h in hist]
-        # TRL re-serialises the tokenizer: put back the exact files of the model GRPO started from,
-        # so the final merge's "same tokenizer" check compares the same bytes.
-        for ck in (d / "run").glob("checkpoint-*"):
-            _copy_tokenizer_files(self.d("merge") / "hf", ck)
         q = max(1, len(rewards) // 4)  # one step's reward is a few prompts: compare quarters of the run
         held_out = self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True)
         paired = paired_difference(self.d("merge") / "eval_sampled.json", d / "run" / "eval_sampled.json")
@@ -431,7 +425,10 @@ class Demo:
         self.call("final", "average", [
             self.d("merge") / "hf", run / f"checkpoint-{p.grpo_steps // 2}", run / f"checkpoint-{p.grpo_steps}",
             "--weights", 0.3, 0.3, 0.4, "--out", d / "hf"])
-        return self.evaluate(d / "hf", sampled=True)
+        figures = self.evaluate(d / "hf", sampled=True)
+        write_demo_card(d / "hf", [self.d("merge") / "hf", run / f"checkpoint-{p.grpo_steps // 2}",
+                                   run / f"checkpoint-{p.grpo_steps}"], [0.3, 0.3, 0.4], figures)
+        return figures
 
     def s_generate(self) -> dict:
         test = [load_test(self.d("data") / f"test_{k}.jsonl", 1)[0] for k in KINDS]
@@ -473,14 +470,6 @@ def _worth_showing(line: str) -> bool:
     if line.startswith((" ", "\t")) and not s.startswith("###"):
         return False
     return not s.endswith(":") or s.startswith("config")
-
-
-def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    for n in VOCAB_FILES:
-        if (dst / n).exists() and not (src / n).exists():
-            (dst / n).unlink()
-        if (src / n).exists():
-            shutil.copyfile(src / n, dst / n)
 
 
 def _losses(path: Path) -> list[tuple[int, float]]:

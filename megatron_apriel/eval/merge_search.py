@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from megatron_apriel.checkpoint.average import average, load_merge_yaml
+from megatron_apriel.checkpoint.model_card import add_card_args, check_card_args, merge_card
 from megatron_apriel.errors import cli_main
 from megatron_apriel.eval.run import (
     EvalError,
@@ -37,6 +38,7 @@ from megatron_apriel.eval.run import (
     settings_from_args,
 )
 from megatron_apriel.eval.tasks import TaskSpec, parse_task_arg, read_records
+from megatron_apriel.hub import resolve_model
 
 MAX_CANDIDATES = 200
 
@@ -60,9 +62,9 @@ def objective(scores: dict) -> float:
 
 
 def search(config: str, task_args: list[str], grid: float, out_dir: str, settings, keep: bool = False,
-           log=print) -> dict:
+           log=print, card: dict | None = None) -> dict:
     spec = load_merge_yaml(config)
-    inputs = [str(p) for p in spec["inputs"]]
+    inputs = [resolve_model(str(p), "models[].model") for p in spec["inputs"]]  # folders or Hub repo ids
     check_models(inputs)
     tasks = [parse_task_arg(a, settings.samples, settings.require_final_response) for a in task_args]
     for t in tasks:
@@ -85,8 +87,10 @@ def search(config: str, task_args: list[str], grid: float, out_dir: str, setting
         log(f"[{i}/{len(candidates)}] weights {', '.join(f'{x:g}' for x in w)}")
         if path.exists():
             shutil.rmtree(path)  # a candidate left by an interrupted search is rebuilt, never trusted
-        average(inputs, path, list(w), log=lambda *_: None)
+        average(inputs, path, list(w), log=lambda *_: None, card=card)
         scores, _, runtime = evaluate_model(str(path), tasks, settings, log=log)
+        if keep:  # a kept candidate's card carries its scores
+            merge_card(path, inputs, list(w), eval_results=scores, **(card or {}))
         rows.append({"weights": list(w), "objective": objective(scores), "sha256": model_hash(path),
                      "scores": scores, "seconds": runtime["seconds"]})
         log(f"  objective {rows[-1]['objective']:.4f}")
@@ -153,7 +157,7 @@ def draw_search(rows: list[dict], inputs: list[str], png: Path) -> None:
     tmp.replace(png)
 
 
-@cli_main("apriel merge-search: error: ", bad_input=(FileNotFoundError,))
+@cli_main(bad_input=(FileNotFoundError,))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel merge-search", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="merge YAML (as apriel average --config reads it)")
@@ -162,8 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true",
                     help="keep every candidate checkpoint (default: deleted once scored)")
     add_settings_args(ap)
+    add_card_args(ap, eval_results=False)
     args = ap.parse_args(argv)
-    search(args.config, args.tasks, args.grid, args.out_dir, settings_from_args(args), keep=args.keep)
+    check_card_args(args.model_card_extra)
+    search(args.config, args.tasks, args.grid, args.out_dir, settings_from_args(args), keep=args.keep,
+           card=dict(license=args.license, base_model=args.base_model, extra=args.model_card_extra))
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import importlib.metadata as md
 import importlib.util
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_apriel.checkpoint.model_card import weights_sha256
 from megatron_apriel.config import load_yaml
 from megatron_apriel.data.chat_template import (
     CHAT_TEMPLATES,
@@ -36,6 +36,7 @@ from megatron_apriel.data.chat_template import (
 )
 from megatron_apriel.errors import InputError, cli_main
 from megatron_apriel.eval.tasks import BuiltTask, TaskFileError, TaskSpec, outcome_counts, parse_task_arg, read_records
+from megatron_apriel.hub import resolve_model
 
 
 class EvalError(InputError):
@@ -70,15 +71,9 @@ class Settings:
 
 # ------------------------------------------------------------------------------ models
 def model_hash(hf_dir: Path) -> str:
-    """sha256 over the weight files (names and bytes, in name order): the same weights, the same hash."""
-    h = hashlib.sha256()
-    files = sorted(p for p in hf_dir.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
-    for p in files:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+    """sha256 over the weight files (names and bytes, in name order): the same weights, the same hash
+    (the one model cards match results by)."""
+    return weights_sha256(hf_dir)
 
 
 def check_models(paths: list[str]) -> list[dict]:
@@ -471,14 +466,15 @@ def settings_from_args(args) -> Settings:
                     require_final_response=not args.no_final_response)
 
 
-@cli_main("apriel eval: error: ")
+@cli_main()
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apriel eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hf", nargs="+", required=True, help="HF checkpoint folder(s)")
+    ap.add_argument("--hf", nargs="+", required=True, help="HF checkpoint folder(s) or Hub repo ids (org/name[@rev])")
     ap.add_argument("--out", required=True, help="results JSON (written when every model is done)")
     ap.add_argument("--plot", help="PNG of scores per checkpoint (default: beside --out when several --hf)")
     add_settings_args(ap)
     args = ap.parse_args(argv)
+    args.hf = [resolve_model(h, "--hf") for h in args.hf]
     run(args.hf, args.tasks, args.out, settings_from_args(args), args.plot)
     return 0
 

@@ -20,6 +20,7 @@ import argparse
 import math
 
 from megatron_apriel.errors import cli_main
+from megatron_apriel.models.families import family_of
 from megatron_apriel.models.presets import PRESETS, get_preset
 
 GiB = 1024**3
@@ -87,7 +88,7 @@ def preset_table() -> str:
         c = p.param_counts()
         cls = p.hf_architecture
         params = human_count(c["total"])
-        if p.vision is not None:
+        if family_of(p).has_images:
             v = p.vision
             cls += f" (Pixtral vision {v.num_layers} x {v.hidden_size}, patch {v.patch_size}, + 2-layer GELU projector)"
             params += (f" (decoder {human_count(c['decoder'])} + vision {human_count(c['vision_encoder'])}"
@@ -98,7 +99,7 @@ def preset_table() -> str:
     return "\n".join(rows)
 
 
-@cli_main("apriel model-info: error: ")
+@cli_main()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="apriel model-info", description=__doc__.splitlines()[0])
     ap.add_argument("preset", nargs="?", choices=sorted(PRESETS))
@@ -118,11 +119,12 @@ def main(argv=None) -> int:
         ap.error("give a preset (or --table)")
     p = get_preset(args.preset)
     c = p.param_counts()
-    print(f"preset {p.name}: {p.description}")
+    family = family_of(p)
+    print(f"preset {p.name}: {p.description} (family {family.name}: {family.description})")
     print(f"  layers {p.num_layers}, hidden {p.hidden_size}, heads {p.num_attention_heads}/{p.num_query_groups} "
           f"(head_dim {p.kv_channels}), ffn {p.ffn_hidden_size}, vocab {p.vocab_size}, rope_theta {p.rope_theta:g}")
     print(f"  parameters total      {c['total']:>16,d}  ({c['total'] / 1e9:.2f} B)")
-    if p.vision is not None:
+    if family.has_images:
         v = p.vision
         print(f"    vision encoder      {c['vision_encoder']:>16,d}  "
               f"({v.num_layers} layers x {v.hidden_size}, patch {v.patch_size})")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +32,49 @@ def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> 
 
 
 @dataclass
+class ImageLayout:
+    """How images become pixels and tokens (Pixtral-12B's values by default): one image token per
+    ``patch_size`` square, ``[IMG_BREAK]`` after each row of patches, ``[IMG_END]`` after the last.
+
+    The one place the Pixtral geometry is written: :class:`VisionPreset` takes its defaults from
+    :data:`PIXTRAL_LAYOUT`, ``apriel preprocess-multimodal`` its flags' defaults, and the image-text
+    datasets store and read it (``data/multimodal_format.py``)."""
+
+    patch_size: int = 16
+    image_size: int = 1024  # longest edge after resize
+    image_token_id: int = 10
+    image_break_token_id: int = 12
+    image_end_token_id: int = 13
+    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+
+    @property
+    def token_ids(self) -> set[int]:
+        return {self.image_token_id, self.image_break_token_id, self.image_end_token_id}
+
+    def image_tokens(self, height: int, width: int) -> np.ndarray:
+        """The tokens of one resized image (PixtralProcessor.replace_image_token, as ids)."""
+        rows, cols = height // self.patch_size, width // self.patch_size
+        grid = np.full((rows, cols + 1), self.image_token_id, dtype=np.int64)
+        grid[:, -1] = self.image_break_token_id
+        out = grid.reshape(-1)
+        out[-1] = self.image_end_token_id
+        return out
+
+    def processor(self):
+        """transformers' PixtralImageProcessor with these settings (PIL backend when torchvision is absent)."""
+        try:  # transformers imported here: reading the dataset format needs no image processor
+            from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil as cls
+        except ImportError:  # older transformers: the slow processor is the PIL one
+            from transformers import PixtralImageProcessor as cls
+        return cls(size={"longest_edge": self.image_size}, patch_size=self.patch_size,
+                   image_mean=list(self.image_mean), image_std=list(self.image_std))
+
+
+PIXTRAL_LAYOUT = ImageLayout()
+
+
+@dataclass
 class VisionPreset:
     """The Pixtral vision encoder and LLaVA projector (used by the multimodal presets)."""
 
@@ -39,16 +83,21 @@ class VisionPreset:
     num_attention_heads: int = 16
     head_dim: int = 64
     ffn_hidden_size: int = 4096
-    patch_size: int = 16
-    image_size: int = 1024
+    patch_size: int = PIXTRAL_LAYOUT.patch_size
+    image_size: int = PIXTRAL_LAYOUT.image_size
     rope_theta: float = 10000.0
     num_channels: int = 3
     norm_epsilon: float = 1e-5
-    image_token_id: int = 10
-    image_break_token_id: int = 12
-    image_end_token_id: int = 13
+    image_token_id: int = PIXTRAL_LAYOUT.image_token_id
+    image_break_token_id: int = PIXTRAL_LAYOUT.image_break_token_id
+    image_end_token_id: int = PIXTRAL_LAYOUT.image_end_token_id
     projector_hidden_act: str = "gelu"
     hidden_act: str = "silu"  # the encoder's gated MLP (Pixtral-12B: silu)
+
+    def image_layout(self) -> ImageLayout:
+        """The layout of the images this encoder reads (normalisation: Pixtral's)."""
+        return ImageLayout(patch_size=self.patch_size, image_size=self.image_size, image_token_id=self.image_token_id,
+                           image_break_token_id=self.image_break_token_id, image_end_token_id=self.image_end_token_id)
 
 
 @dataclass
@@ -308,24 +357,6 @@ PRESETS: dict[str, ModelPreset] = {
             num_layers=50,
             rope_theta=1e6,
             description="Mistral-Nemo depth-upscaled 40 -> 50 layers",
-            **_NEMO,
-        ),
-        ModelPreset(
-            name="pixtral-12b-text",
-            num_layers=40,
-            rope_theta=1e9,
-            hf_architecture="LlavaForConditionalGeneration",
-            vision=VisionPreset(),
-            description="decoder of Pixtral-12B-Base-2409",
-            **_NEMO,
-        ),
-        ModelPreset(
-            name="apriel-1.5-15b-text",
-            num_layers=48,
-            rope_theta=1e9,
-            hf_architecture="LlavaForConditionalGeneration",
-            vision=VisionPreset(),
-            description="Pixtral decoder depth-upscaled 40 -> 48 layers",
             **_NEMO,
         ),
         ModelPreset(

@@ -38,9 +38,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from megatron_apriel.checkpoint.hf_io import copy_vocab_files
 from megatron_apriel.config import ConfigError, atomic_write_text, dump_config, load_config
 from megatron_apriel.data.chat_template import CHAT_TEMPLATES, SANITIZE, default_chat_template, encode_prompts
 from megatron_apriel.errors import EXIT_OK, EXIT_REQUEUE, cli_main
+from megatron_apriel.hub import resolve_model
 from megatron_apriel.jsonl import iter_jsonl
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
@@ -376,6 +378,21 @@ def stop_callback(accelerator):
     return callback
 
 
+def keep_tokenizer_files(model_path: str):
+    """A TrainerCallback: each checkpoint GRPO saves carries the vocabulary files of the model it
+    started from, byte for byte. TRL re-serialises the tokenizer (the same vocabulary in other
+    bytes), and a merge of GRPO checkpoints with their starting model compares those bytes."""
+    from transformers import TrainerCallback  # deferred (see check_prompt_rendering); the class is made here
+
+    class KeepTokenizerFiles(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                copy_vocab_files(model_path, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            return control
+
+    return KeepTokenizerFiles()
+
+
 def latest_checkpoint(out_dir: str) -> str | None:
     """The newest ``checkpoint-N`` TRL wrote in ``out_dir`` with its trainer state, or None."""
     from transformers.trainer_utils import get_last_checkpoint  # deferred (see check_prompt_rendering)
@@ -389,6 +406,7 @@ def train(cfg: GRPORunConfig) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer
 
+    cfg.model.path = resolve_model(cfg.model.path, "model.path")
     records = load_prompts(cfg.data.train_file, cfg.rewards, cfg.data.system_prompt)
     print(f"grpo: {len(records)} prompts from {cfg.data.train_file}", flush=True)
     check_prompt_rendering(cfg, records)
@@ -417,6 +435,7 @@ def train(cfg: GRPORunConfig) -> dict:
                           train_dataset=Dataset.from_list(records), processing_class=tokenizer, **extra)
     stop = stop_callback(trainer.accelerator)
     trainer.add_callback(stop)
+    trainer.add_callback(keep_tokenizer_files(cfg.model.path))
     resume = latest_checkpoint(cfg.out_dir) if cfg.grpo.resume else None
     if resume:
         print(f"grpo: resuming from {resume}", flush=True)
@@ -432,6 +451,7 @@ def train(cfg: GRPORunConfig) -> dict:
     trainer.save_model(final)  # gathers the full state dict under FSDP
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(final)
+        copy_vocab_files(cfg.model.path, final)
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     summary = {"steps": trainer.state.global_step, "rewards": rewards, "final": final,
                "seconds": time.time() - start, "kl": [h["kl"] for h in trainer.state.log_history if "kl" in h],
@@ -450,7 +470,7 @@ def train(cfg: GRPORunConfig) -> dict:
     return summary
 
 
-@cli_main("apriel grpo: ")
+@cli_main()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="apriel grpo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML config (examples/*/grpo.yaml)")

@@ -63,7 +63,7 @@ def grpo_memory(preset, g, gpus: int, prompt_len: int = 2048, gpu_GiB: float = 8
     return out
 
 
-@cli_main("apriel grpo-info: ")
+@cli_main()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="apriel grpo-info", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="GRPO config (examples/*/grpo.yaml)")

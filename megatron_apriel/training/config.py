@@ -7,7 +7,7 @@ dotted overrides; printed in full at start and saved beside every checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from megatron_apriel.config import ConfigError
 from megatron_apriel.data.blends import BlendSpec, blend_spec, stage_checkpoint
@@ -21,7 +21,7 @@ FREEZE_GROUPS = ("embeddings", "decoder", "output_layer", "vision_encoder", "pro
 
 @dataclass
 class ModelConfig:
-    preset: str = "tiny"
+    preset: Optional[str] = None  # a name of models.presets.PRESETS; required (the run plan says so)
     changes: dict[str, Any] = field(default_factory=dict)  # preset fields replaced (num_layers: 5)
     tp: int = 1
     pp: int = 1
@@ -31,10 +31,10 @@ class ModelConfig:
     bf16: bool = False
     fp8: Optional[str] = None  # hybrid | e4m3 (needs TE and a GPU)
     fp8_recipe: str = "delayed"
-    recompute: str = "none"  # none | selective | full
+    recompute: Literal["none", "selective", "full"] = "none"
     recompute_num_layers: int = 1
     use_te: Optional[bool] = None  # None: TE when on CUDA and importable
-    device: str = "auto"  # auto | cuda | cpu
+    device: Literal["auto", "cuda", "cpu"] = "auto"
     # Bitwise-reproducible kernels (torch.use_deterministic_algorithms, megatron-core's
     # deterministic_mode): on a GPU, attention backward and some reductions otherwise use atomics, so
     # two runs of the same steps differ in the last bits. Slower; for checks, not production runs.
@@ -64,7 +64,7 @@ class DataConfig:
     ``valid_factory_args`` builds the validation set the same way.
     """
 
-    kind: str = "blend"  # blend | dataset
+    kind: Literal["blend", "dataset"] = "blend"
     blend: Any = field(default_factory=dict)  # a BlendSpec mapping, or the path of its YAML
     factory: Optional[str] = None
     factory_args: dict[str, Any] = field(default_factory=dict)
@@ -79,8 +79,6 @@ class DataConfig:
     num_workers: int = 0
 
     def validate(self):
-        if self.kind not in ("blend", "dataset"):
-            raise ConfigError(f"data.kind: {self.kind!r} is not one of blend, dataset")
         if self.kind == "dataset" and not self.factory:
             raise ConfigError("data.factory: needed when data.kind is dataset (a registered name or module:callable)")
         if self.kind == "dataset":
@@ -98,16 +96,11 @@ class DataConfig:
 @dataclass
 class ScheduleConfig:
     warmup_iters: int = 0
-    decay_style: str = "cosine"  # cosine | linear | constant | WSD | inverse-square-root
+    decay_style: Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"] = "cosine"
     decay_iters: Optional[int] = None  # default: train_iters
     wsd_decay_iters: Optional[int] = None
-    wsd_decay_style: str = "linear"
+    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
     init_lr: float = 0.0
-
-    def validate(self):
-        if self.decay_style not in ("cosine", "linear", "constant", "WSD", "inverse-square-root"):
-            raise ConfigError(f"train.schedule.decay_style: {self.decay_style!r} is not one of "
-                              "cosine, linear, constant, WSD, inverse-square-root")
 
 
 @dataclass
@@ -146,21 +139,14 @@ class CheckpointConfig:
 
     save: Optional[str] = None
     load: Optional[str] = None  # save root with a marker, or one iter_* / dist checkpoint folder
-    load_mode: str = "auto"  # auto | full | weights
+    load_mode: Literal["auto", "full", "weights"] = "auto"
     save_interval: Optional[int] = None
     keep_last: Optional[int] = None  # None keeps all
     keep_every: Optional[int] = None  # also keep every iteration divisible by this
     async_save: bool = False
     # dp_reshardable: Megatron-LM's default, a full resume needs the same TP/PP;
     # fully_reshardable: the optimizer state is saved in model space, resumable at any TP/PP/DP
-    optimizer_format: str = "dp_reshardable"
-
-    def validate(self):
-        if self.load_mode not in ("auto", "full", "weights"):
-            raise ConfigError(f"checkpoint.load_mode: {self.load_mode!r} is not one of auto, full, weights")
-        if self.optimizer_format not in ("dp_reshardable", "fully_reshardable"):
-            raise ConfigError(f"checkpoint.optimizer_format: {self.optimizer_format!r} is not one of "
-                              "dp_reshardable, fully_reshardable")
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
 
 
 @dataclass
@@ -172,7 +158,7 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None  # per GPU, for MFU; default: the GPU's dense bf16 peak (models.flops)
     wandb_project: Optional[str] = None
     wandb_run_name: Optional[str] = None
-    wandb_mode: str = "online"  # online | offline | disabled
+    wandb_mode: Literal["online", "offline", "disabled"] = "online"
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``apriel train --dry-run CONFIG [--nodes N --gpus-per-node G]``: a config proven at its real layout, without GPUs.
 
-What the first GPU hours of a 15B run would otherwise find out: every check training makes on the
-config (heads, query groups, FFN and layers against TP/PP/VPP/CP; sequence length against SP and
+What the first GPU hours of a 15B run would otherwise find out: the run plan
+(:func:`megatron_apriel.training.plan.make_plan`, the very checks ``apriel train`` makes before it
+starts: heads, query groups, FFN and layers against TP/PP/VPP/CP; sequence length against SP and
 CP; batch and micro-batches against DP and the pipeline schedule; data paths and the blend's budget
 against the tokens on disk; load/save paths; the SLURM geometry), then, for every distinct rank
 position of the layout (first, middle and last pipeline stage with all their virtual stages), the
@@ -23,11 +24,6 @@ line naming the key at fault.
 
 from __future__ import annotations
 
-import glob
-import math
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -36,132 +32,15 @@ from megatron.core import parallel_state as ps
 # torch keeps it under testing/_internal and uses it to run distributed code at any world size
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from megatron_apriel.config import ConfigError
-from megatron_apriel.data.blends import blend_weights, resolve_stage, train_samples_for
-from megatron_apriel.models.builder import build_model_chunks
 from megatron_apriel.models.flops import PEAK_BF16_FLOPS, flops_per_token
 from megatron_apriel.models.info import GiB, activation_bytes, human_count
-from megatron_apriel.models.llava import build_llava_chunks
-from megatron_apriel.models.presets import ModelPreset, get_preset, padded_vocab_size
+from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
 from megatron_apriel.runtime import cpu_backend
-from megatron_apriel.training.config import TrainConfig, blend_spec_of, stage_load
+from megatron_apriel.training.config import TrainConfig
 from megatron_apriel.training.freeze import freeze_groups
+from megatron_apriel.training.plan import Layout, RunPlan, make_plan
 
-# slurm/cpt.sh's defaults, the geometry the recipe's configs are written for
-DEFAULT_GPUS_PER_NODE = 8
 ASSUMED_MFU = 0.4
-
-
-@dataclass
-class Layout:
-    tp: int
-    pp: int
-    vpp: int
-    cp: int
-    dp: int
-    nodes: int
-    gpus_per_node: int
-
-    @property
-    def world(self) -> int:
-        return self.nodes * self.gpus_per_node
-
-
-def _preset(cfg: TrainConfig) -> ModelPreset:
-    try:
-        return get_preset(cfg.model.preset, **cfg.model.changes)
-    except KeyError as e:
-        raise ConfigError(f"model.preset: {e.args[0]}") from None
-    except TypeError as e:
-        raise ConfigError(f"model.changes: {e}") from None
-
-
-def _divides(key: str, value: int, what: str, n: int) -> None:
-    if n % value:
-        raise ConfigError(f"{key}: {value} does not divide {what} ({n})")
-
-
-def check_layout(cfg: TrainConfig, preset: ModelPreset, nodes: int | None, gpus_per_node: int | None
-                 ) -> tuple[Layout, int, list[str]]:
-    """The layout of the run and its micro-batches per step; ConfigError naming the key otherwise."""
-    m, t = cfg.model, cfg.train
-    notes = []
-    for key, v in (("model.tp", m.tp), ("model.pp", m.pp), ("model.cp", m.cp),
-                   ("train.micro_batch_size", t.micro_batch_size), ("train.global_batch_size", t.global_batch_size),
-                   ("train.seq_length", t.seq_length)):
-        if v < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {v}")
-    vpp = m.vpp or 1
-    _divides("model.tp", m.tp, f"the attention heads of {preset.name}", preset.num_attention_heads)
-    _divides("model.tp", m.tp, f"the query groups of {preset.name}", preset.num_query_groups)
-    _divides("model.tp", m.tp, f"the FFN size of {preset.name}", preset.ffn_hidden_size)
-    if preset.vision is not None:
-        _divides("model.tp", m.tp, f"the vision encoder's attention heads of {preset.name}",
-                 preset.vision.num_attention_heads)
-        _divides("model.tp", m.tp, f"the vision encoder's FFN size of {preset.name}", preset.vision.ffn_hidden_size)
-    if vpp > 1 and m.pp < 2:
-        raise ConfigError(f"model.vpp: virtual stages ({vpp}) need model.pp > 1")
-    key = "model.vpp" if vpp > 1 else "model.pp"
-    _divides(key, m.pp * vpp, f"the layers of {preset.name} (model.pp x model.vpp = {m.pp * vpp})"
-             if vpp > 1 else f"the layers of {preset.name}", preset.num_layers)
-    if m.sequence_parallel and m.tp == 1:
-        notes.append("model.sequence_parallel has no effect at model.tp 1")
-    if m.sequence_parallel and m.tp > 1 and t.seq_length % m.tp:
-        raise ConfigError(f"train.seq_length: {t.seq_length} is not divisible by model.tp {m.tp} "
-                          "(sequence parallelism)")
-    if m.cp > 1:
-        if t.seq_length % (2 * m.cp):
-            raise ConfigError(f"train.seq_length: {t.seq_length} is not divisible by 2 x model.cp = {2 * m.cp}")
-        notes.append("model.cp > 1 needs Transformer Engine's attention (GPU)")
-    mp = m.tp * m.pp * m.cp
-    # default: the smallest allocation of the layout, data-parallel size 1
-    g = gpus_per_node or min(mp, DEFAULT_GPUS_PER_NODE)
-    n = nodes if nodes is not None else max(1, math.ceil(mp / g))
-    if (n * g) % mp:
-        raise ConfigError(f"--nodes x --gpus-per-node: {n} x {g} = {n * g} GPUs is not a multiple of "
-                          f"model.tp x model.pp x model.cp = {mp}")
-    if m.tp > g:
-        notes.append(f"model.tp {m.tp} spans nodes ({g} GPUs per node): TP traffic leaves NVLink")
-    dp = n * g // mp
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size "
-                          f"{t.micro_batch_size} x data-parallel size {dp}")
-    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
-    if vpp > 1 and n_mb % m.pp:
-        raise ConfigError(f"train.global_batch_size: {n_mb} micro-batches per step is not a multiple of model.pp "
-                          f"{m.pp}, as the interleaved (virtual-stage) schedule needs")
-    if m.pp > 1 and n_mb < m.pp:
-        notes.append(f"{n_mb} micro-batches per step < model.pp {m.pp}: the pipeline never fills")
-    return Layout(m.tp, m.pp, vpp, m.cp, dp, n, g), n_mb, notes
-
-
-def check_files(cfg: TrainConfig) -> list[str]:
-    """Data and checkpoint paths as training would read them; lines describing the data."""
-    lines = []
-    if cfg.data.kind == "blend":
-        spec = blend_spec_of(cfg)
-        infos = blend_weights(spec)  # every prefix's .bin/.idx read, a ConfigError naming it otherwise
-        need = train_samples_for(spec, cfg.train.global_batch_size) * resolve_stage(spec).seq_length
-        for source in dict.fromkeys(i.source for i in infos):
-            mine = [i for i in infos if i.source == source]
-            have, share = sum(i.tokens for i in mine), sum(i.weight for i in mine)
-            epochs = need * share / have
-            above = epochs > spec.repeat_warning
-            warn = f"  (above data.blend.repeat_warning {spec.repeat_warning:g})" if above else ""
-            lines.append(f"data: source {source!r}: {have:,d} tokens on disk, {share:.1%} of {need:,d} "
-                         f"-> {epochs:.2f} epochs{warn}")
-    else:
-        for key in ("prefix", "blend"):
-            value = cfg.data.factory_args.get(key)
-            if isinstance(value, str) and not (os.path.exists(value) or glob.glob(glob.escape(value) + "*")):
-                raise ConfigError(f"data.factory_args.{key}: nothing at {value!r}")
-        lines.append(f"data: {cfg.data.factory} with {cfg.data.factory_args}")
-    load = cfg.checkpoint.load or stage_load(cfg)
-    if load and not os.path.exists(load):
-        raise ConfigError(f"checkpoint.load: {load} does not exist")
-    if cfg.checkpoint.save and os.path.isfile(os.path.join(cfg.checkpoint.save, "latest_checkpointed_iteration.txt")):
-        lines.append(f"checkpoint.save: {cfg.checkpoint.save} holds a checkpoint: the run would resume it")
-    return lines
 
 
 def rank_positions(layout: Layout) -> list[tuple[str, int]]:
@@ -176,26 +55,21 @@ def rank_positions(layout: Layout) -> list[tuple[str, int]]:
     return [(("only" if layout.pp == 1 else names.get(s, "middle")) + f" stage {s}", s * per_stage) for s in stages]
 
 
-def build_rank(cfg: TrainConfig, preset: ModelPreset, layout: Layout, rank: int) -> dict:
+def build_rank(plan: RunPlan, rank: int) -> dict:
     """Build the chunks of one rank on the meta device over a fake process group of the real world size."""
     cpu_backend.activate(force=True)  # nothing runs: the shim only answers megatron-core's CUDA queries
-    m, t = cfg.model, cfg.train
+    m, t, layout = plan.cfg.model, plan.cfg.train, plan.layout
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=layout.world)
     try:
         ps.initialize_model_parallel(m.tp, m.pp, virtual_pipeline_model_parallel_size=m.vpp if layout.vpp > 1 else None,
                                      context_parallel_size=m.cp, create_gloo_process_groups=False)
-        # cp=1 in the layer config: the local spec's attention has no CP, and CP changes no shape
-        tcfg = preset.transformer_config(
-            tp=m.tp, pp=m.pp, vpp=m.vpp, cp=1, sequence_parallel=m.sequence_parallel,
-            params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, recompute=m.recompute,
-            recompute_num_layers=m.recompute_num_layers, device="cpu", use_te=False, perform_initialization=False)
-        build = build_llava_chunks if preset.vision is not None else build_model_chunks
+        # the plan's config on the local spec: cp=1 (its attention has no CP, and CP changes no
+        # shape), no FP8 and no fusions (both GPU-only, neither changes a shape), no initialisation
+        tcfg = plan.transformer_config(cp=1, device="cpu", use_te=False, fp8=None, torch_fusions=(),
+                                       perform_initialization=False)
         with torch.device("meta"):
-            chunks = build(preset, tcfg, False, max_sequence_length=max(t.seq_length, 4096))
-        try:
-            freeze_groups(chunks, t.freeze)
-        except ValueError as e:
-            raise ConfigError(f"train.freeze: {e}") from None
+            chunks = plan.family.build_chunks(plan.preset, tcfg, False, max_sequence_length=max(t.seq_length, 4096))
+        freeze_groups(chunks, t.freeze)  # the plan checked the groups against the family
         chunk_rows = []
         for chunk in chunks:
             decoder = getattr(chunk, "language_model", chunk).decoder
@@ -237,9 +111,9 @@ def _bytes(n: float) -> str:
 
 def dry_run(cfg: TrainConfig, nodes: int | None = None, gpus_per_node: int | None = None, files: bool = True,
             gpu_memory_gib: float = 80.0, out=print) -> dict:
-    """Run every check and build every rank position; prints the report, returns its figures."""
-    preset = _preset(cfg)
-    layout, n_mb, notes = check_layout(cfg, preset, nodes, gpus_per_node)
+    """Make the run plan (every check the real run makes), build every rank position; prints the report."""
+    plan = make_plan(cfg, nodes=nodes, gpus_per_node=gpus_per_node, files=files, device="cuda")
+    preset, layout, n_mb, notes = plan.preset, plan.layout, plan.microbatches, plan.notes
     m, t = cfg.model, cfg.train
     vp = f" x VPP {layout.vpp}" if layout.vpp > 1 else ""
     out(f"dry run of {preset.name} at TP {m.tp} x PP {m.pp}{vp} x CP {m.cp} x DP {layout.dp} = {layout.world} GPUs "
@@ -248,13 +122,13 @@ def dry_run(cfg: TrainConfig, nodes: int | None = None, gpus_per_node: int | Non
         f"{'on' if m.sequence_parallel and m.tp > 1 else 'off'}")
     out(f"batch: {t.global_batch_size} x {t.seq_length} tokens = {n_mb} micro-batches of {t.micro_batch_size} "
         f"per DP rank; vocabulary {preset.vocab_size} padded to {padded_vocab_size(preset.vocab_size, m.tp)}")
-    for line in (check_files(cfg) if files else ["data and checkpoint paths not checked (--no-files)"]):
+    for line in (plan.data_lines if files else ["data and checkpoint paths not checked (--no-files)"]):
         out(line)
     for note in notes:
         out(f"note: {note}")
     rows = []
     for position, rank in rank_positions(layout):
-        built = build_rank(cfg, preset, layout, rank)
+        built = build_rank(plan, rank)
         # megatron-core's groups agree with the positions chosen here
         assert (built["dp"], built["pp_rank"]) == (layout.dp, rank // (layout.tp * layout.cp * layout.dp)), built
         rows.append(dict(position=position, rank=rank, chunks=built["chunks"],

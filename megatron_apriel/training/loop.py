@@ -20,7 +20,6 @@ import math
 import os
 import signal
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,34 +27,35 @@ import yaml
 from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_apriel.checkpoint.dcp_io import MODEL_META, ConversionError, read_model_meta, write_model_meta
+from megatron_apriel.checkpoint.dcp_io import write_model_meta
 from megatron_apriel.config import ConfigError, dump_config, load_config, to_dict
 from megatron_apriel.data.blends import build_datasets, resolve_stage
 from megatron_apriel.data.registry import resolve_dataset
 from megatron_apriel.data.synthetic import SyntheticDataset, SyntheticImageTextDataset  # noqa: F401 (older configs name them here)
 from megatron_apriel.errors import EXIT_OK, EXIT_REQUEUE, cli_main
-from megatron_apriel.models import get_preset, torch_fusions
-from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
+from megatron_apriel.models import torch_fusions
 from megatron_apriel.models.flops import flops_per_token, peak_flops
-from megatron_apriel.models.llava import build_llava_chunks
 from megatron_apriel.runtime import destroy_distributed, init_distributed
 from megatron_apriel.runtime.log import is_rank0, log0
-from megatron_apriel.training.checkpointing import Checkpointer, read_latest
-from megatron_apriel.training.config import TrainConfig, blend_spec_of, stage_load
+from megatron_apriel.training.checkpointing import Checkpointer
+from megatron_apriel.training.config import TrainConfig, blend_spec_of
 from megatron_apriel.training.data_loader import Batches, batches
 from megatron_apriel.training.dry_run import dry_run
 from megatron_apriel.training.fault import Faults, close_all, process_group_timeout_minutes
 from megatron_apriel.training.freeze import freeze_groups
 from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
 from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
+from megatron_apriel.training.plan import RunPlan, launch_world_size, make_plan
 from megatron_apriel.training.step import eval_step, train_step
 
 
-def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_samples: int):
-    """(train, valid or None) datasets of GPTDataset-like dict items; the one place data is made."""
+def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_samples: int, blend=None):
+    """(train, valid or None) datasets of GPTDataset-like dict items; the one place data is made.
+
+    ``blend``: the plan's parsed ``data.blend`` (parsed here when not given)."""
     data = cfg.data
     if data.kind == "blend":
-        spec = blend_spec_of(cfg)
+        spec = blend if blend is not None else blend_spec_of(cfg)
         return build_datasets(spec, cfg.train.global_batch_size, train_samples=train_samples,
                               valid_samples=valid_samples, eod_token=data.eod_token)
     factory = resolve_dataset(data.factory)
@@ -67,11 +67,11 @@ def build_datasets_from_config(cfg: TrainConfig, train_samples: int, valid_sampl
     return train, valid
 
 
-def build_named_valid_sets(cfg: TrainConfig, valid_samples: int) -> dict:
+def build_named_valid_sets(cfg: TrainConfig, valid_samples: int, blend=None) -> dict:
     """``data.valid_sets`` / ``data.valid_per_source`` as {name: dataset}, each evaluated apart."""
     data = cfg.data
     if data.valid_per_source:
-        spec = resolve_stage(blend_spec_of(cfg))
+        spec = resolve_stage(blend if blend is not None else blend_spec_of(cfg))
         out = {}
         for src in spec.sources:
             one = dataclasses.replace(spec, sources=[dataclasses.replace(src, weight=1.0)], stages=[], stage=None)
@@ -82,26 +82,6 @@ def build_named_valid_sets(cfg: TrainConfig, valid_samples: int) -> dict:
         return {}
     factory = resolve_dataset(data.factory)
     return {n: factory(**args, seq_length=cfg.train.seq_length) for n, args in data.valid_sets.items()}
-
-
-def _check_loaded_model(load: str, preset, preset_name: str) -> None:
-    """The model a starting checkpoint was converted or trained as must compute what the config builds.
-
-    Dist checkpoints catch shape mismatches, not a rope scaling, rope theta or norm epsilon that
-    differs: a checkpoint converted from HF (its ``apriel_model.yaml`` keeps the preset of the HF
-    config, rope scaling included) trained under another preset would silently train a different
-    model. Checkpoints without that file are not checked.
-    """
-    if not any((folder / MODEL_META).is_file() for folder in (Path(load), Path(load).parent)):
-        return
-    try:
-        stored, _ = read_model_meta(load)
-    except ConversionError as e:
-        raise ConfigError(f"checkpoint.load: {e}") from None
-    diffs = stored.function_differences(preset)
-    if diffs:
-        raise ConfigError(f"checkpoint.load {load}: its {MODEL_META} describes another model than model.preset "
-                          f"{preset_name} (+ model.changes): {'; '.join(diffs)} (checkpoint vs config)")
 
 
 def _device_of(env) -> str:
@@ -164,8 +144,11 @@ class TrainState:
     mbs: int = 0
 
 
-def build(cfg: TrainConfig) -> TrainState:
-    """Distributed start-up, model, optimizer, resume and data of ``cfg``; ready to :func:`run`."""
+def build(plan: RunPlan | TrainConfig) -> TrainState:
+    """Distributed start-up, model, optimizer, resume and data of a plan; ready to :func:`run`."""
+    if isinstance(plan, TrainConfig):
+        plan = make_plan(plan, world=launch_world_size())
+    cfg, preset = plan.cfg, plan.preset
     m, t, ck, lg = cfg.model, cfg.train, cfg.checkpoint, cfg.logging
     # Before anything slow: a SLURM time-limit signal arriving during start-up (rendezvous, model
     # build, checkpoint load) must not kill the job; it is acted on at the first step boundary.
@@ -176,39 +159,25 @@ def build(cfg: TrainConfig) -> TrainState:
         # cuBLAS reads this when its first handle is made, i.e. before the first matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=m.device, seed=t.seed,
+    env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=plan.device, seed=t.seed,
                            timeout_minutes=process_group_timeout_minutes(cfg.fault))
     faults.distributed_ready()
     device = _device_of(env)
     log0(f"distributed: backend {torch.distributed.get_backend()}, world {env.world_size}, device {env.device}")
-    check_fp8(m.fp8, env.device)
-    if m.cp > 1 and not should_use_te(env.device, m.use_te):
-        raise ConfigError("model.cp > 1 needs Transformer Engine's attention on a GPU (the local SDPA spec has no CP)")
     dp = ps.get_data_parallel_world_size()
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by "
-                          f"micro_batch_size {t.micro_batch_size} x data-parallel size {dp}")
-    n_mb = t.global_batch_size // (t.micro_batch_size * dp)
+    assert dp == plan.layout.dp, (dp, plan.layout)  # megatron-core's groups are the plan's
+    n_mb = plan.microbatches
     log0("config:\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    for note in plan.notes:
+        log0(f"note: {note}")
 
-    preset = get_preset(m.preset, **m.changes)
-    load = ck.load or stage_load(cfg)
-    if load and not (ck.save and read_latest(ck.save) is not None):
-        _check_loaded_model(load, preset, m.preset)
-    use_te = should_use_te(env.device, m.use_te)
+    load = plan.load
     # what is in effect: a fusion this torch cannot do (the wgrad GEMM's probe) stays off
-    fusions = torch_fusions.install(torch_fusions.parse(m.torch_fusions), env.device) if not use_te else ()
-    tcfg = preset.transformer_config(
-        tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
-        params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
-        fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
-        device=env.device, use_te=use_te, deterministic_mode=m.deterministic,
-        torch_fusions=fusions)
+    fusions = torch_fusions.install(plan.torch_fusions, env.device)
+    tcfg = plan.transformer_config(torch_fusions=fusions)
     if fusions:
         log0(f"torch fusions (no TE/apex): {', '.join(fusions)}")
-    # Pixtral/LLaVA: vision encoder + projector + the decoder
-    build_chunks = build_llava_chunks if preset.vision is not None else build_model_chunks
-    chunks = build_chunks(preset, tcfg, use_te, max_sequence_length=max(t.seq_length, 4096))
+    chunks = plan.family.build_chunks(preset, tcfg, plan.use_te, max_sequence_length=max(t.seq_length, 4096))
     frozen = freeze_groups(chunks, t.freeze)
     if frozen:
         log0(f"frozen {t.freeze}: {frozen} parameters on this rank")
@@ -227,7 +196,7 @@ def build(cfg: TrainConfig) -> TrainState:
         os.makedirs(ck.save, exist_ok=True)
         write_model_meta(ck.save, preset, torch.bfloat16 if m.bf16 else torch.float32)
     iteration, consumed = 0, 0
-    resume = faults.resume_folder()  # the newest checkpoint of this run that verifies
+    resume = faults.resume_folder() if plan.resumes else None  # the newest checkpoint that verifies
     if resume:
         # A complete checkpoint of this run (requeue, crash): always a full resume.
         faults.phase("load")
@@ -245,11 +214,11 @@ def build(cfg: TrainConfig) -> TrainState:
     train_ds = valid_ds = train_batches = None
     named_valid: dict = {}
     if iteration < t.train_iters:  # (train_iters 0: only convert/save the starting point)
-        train_ds, valid_ds = build_datasets_from_config(cfg, train_samples, valid_samples)
+        train_ds, valid_ds = build_datasets_from_config(cfg, train_samples, valid_samples, plan.blend)
         if len(train_ds) < train_samples:
             raise ConfigError(f"the training data has {len(train_ds)} samples < train.train_iters x "
                               f"global_batch_size = {train_samples}")
-        named_valid = build_named_valid_sets(cfg, valid_samples) if lg.eval_interval else {}
+        named_valid = build_named_valid_sets(cfg, valid_samples, plan.blend) if lg.eval_interval else {}
         for name, ds in [("", valid_ds), *named_valid.items()]:
             if ds is not None and lg.eval_interval and len(ds) < valid_samples:
                 raise ConfigError(f"the validation data{f' {name!r}' if name else ''} has {len(ds)} samples < "
@@ -362,10 +331,10 @@ def run(st: TrainState) -> int:
     return exit_code
 
 
-def train(cfg: TrainConfig) -> int:
-    """:func:`build` then :func:`run`: the whole training of ``cfg``; returns the exit code."""
+def train(plan: RunPlan | TrainConfig) -> int:
+    """:func:`build` then :func:`run`: the whole training of a plan (or a config); returns the exit code."""
     try:
-        return run(build(cfg))
+        return run(build(plan))
     finally:
         close_all()  # the watchdog of a build or run that raised
 
@@ -382,11 +351,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--no-files", action="store_true", help="with --dry-run: do not check data and checkpoint paths")
     ap.add_argument("--gpu-memory-gib", type=float, default=80.0,
                     help="with --dry-run: warn above this per GPU (H100: 80)")
+    ap.add_argument("--check", action="store_true",
+                    help="make the run plan at --nodes x --gpus-per-node (every check of the real run, data and "
+                         "checkpoint paths read; nothing built) and exit: the SLURM launchers' pre-flight")
     args = ap.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    if args.check:
+        device = "cuda" if cfg.model.device == "auto" else cfg.model.device  # the allocation's, not this shell's
+        plan = make_plan(cfg, nodes=args.nodes, gpus_per_node=args.gpus_per_node, device=device)
+        lay = plan.layout
+        print(f"plan: {plan.preset.name} ({plan.family.name}) at TP {lay.tp} x PP {lay.pp} x VPP {lay.vpp} "
+              f"x CP {lay.cp} x DP {lay.dp} = {lay.world} processes, {plan.microbatches} micro-batches per step"
+              + (f", resuming {cfg.checkpoint.save}" if plan.resumes else f", from {plan.load}" if plan.load else ""))
+        return EXIT_OK
     if args.dry_run:
         dry_run(cfg, args.nodes, args.gpus_per_node, files=not args.no_files, gpu_memory_gib=args.gpu_memory_gib)
         return EXIT_OK
-    code = train(cfg)
+    # every config error ends here, before any process joins the rendezvous
+    plan = make_plan(cfg, world=launch_world_size())
+    code = train(plan)
     destroy_distributed()
     return code

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+from megatron_apriel.config import ConfigError
 from megatron_apriel.models import torch_fusions
 
 
@@ -25,6 +26,20 @@ class OptimConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
     grad_reduce_in_fp32: bool = True
+
+    def validate(self):
+        # checked at load, so the dry run refuses them too (torch's Adam would refuse some only
+        # once the model is built, with a traceback)
+        for key in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.optim.{key}: must not be negative, got {getattr(self, key)}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.optim.min_lr: {self.min_lr} is above train.optim.lr {self.lr}")
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ConfigError(f"train.optim.{key}: must be in [0, 1), got {getattr(self, key)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"train.optim.adam_eps: must be positive, got {self.adam_eps}")
 
 
 def wrap_ddp(chunks, transformer_config, optim: OptimConfig):

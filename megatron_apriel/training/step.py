@@ -10,6 +10,7 @@ layout and micro-batch split.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -96,6 +97,25 @@ def _iterators(data_iterator, n_chunks):
     return data_iterator if isinstance(data_iterator, list) else [data_iterator] * n_chunks
 
 
+def _schedule(chunks, forward_step: Callable, data_iterator, num_microbatches: int, seq_length: int,
+              micro_batch_size: int, forward_only: bool) -> list:
+    """megatron-core's pipeline schedule over the chunks: the one call every step makes. A
+    forward-only pass runs with the chunks in eval mode and leaves them in train mode."""
+    run = functools.partial(
+        get_forward_backward_func(), forward_step_func=forward_step, data_iterator=data_iterator,
+        model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=num_microbatches, seq_length=seq_length,
+        micro_batch_size=micro_batch_size, decoder_seq_length=seq_length, forward_only=forward_only)
+    if not forward_only:
+        return run()
+    for chunk in chunks:
+        chunk.eval()
+    try:
+        return run()
+    finally:
+        for chunk in chunks:
+            chunk.train()
+
+
 def train_step(
     chunks,
     optimizer,
@@ -113,16 +133,8 @@ def train_step(
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=_iterators(data_iterator, len(chunks)),
-        model=chunks if len(chunks) > 1 else chunks[0],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        decoder_seq_length=seq_length,
-        forward_only=False,
-    )
+    losses = _schedule(chunks, forward_step, _iterators(data_iterator, len(chunks)), num_microbatches, seq_length,
+                       micro_batch_size, forward_only=False)
     if after_backward is not None:
         after_backward(chunks)
     loss, n = _reduce_losses(losses)
@@ -143,22 +155,8 @@ def train_step(
 def eval_step(chunks, data_iterator, num_microbatches: int, seq_length: int, micro_batch_size: int,
               forward_step: Callable = gpt_forward_step) -> StepResult:
     """Forward only: the mean loss over ``num_microbatches`` micro-batches (validation)."""
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        losses = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=_iterators(data_iterator, len(chunks)),
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            decoder_seq_length=seq_length,
-            forward_only=True,
-        )
-    finally:
-        for chunk in chunks:
-            chunk.train()
+    losses = _schedule(chunks, forward_step, _iterators(data_iterator, len(chunks)), num_microbatches, seq_length,
+                       micro_batch_size, forward_only=True)
     loss, n = _reduce_losses(losses)
     return StepResult(loss=loss, num_tokens=n)
 
@@ -190,22 +188,8 @@ def forward_logits(chunks, tokens: torch.Tensor, position_ids: Optional[torch.Te
 
         return out, keep
 
-    for chunk in chunks:
-        chunk.eval()
-    try:
-        get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(batches) if len(chunks) == 1 else [iter(batches) for _ in chunks],
-            model=chunks if len(chunks) > 1 else chunks[0],
-            num_microbatches=len(batches),
-            seq_length=s,
-            micro_batch_size=mbs,
-            decoder_seq_length=s,
-            forward_only=True,
-        )
-    finally:
-        for chunk in chunks:
-            chunk.train()
+    _schedule(chunks, step, iter(batches) if len(chunks) == 1 else [iter(batches) for _ in chunks], len(batches), s,
+              mbs, forward_only=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return torch.cat(store, dim=0)
