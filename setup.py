@@ -37,6 +37,9 @@ setup(
         "pillow",
         "sympy",
         "jsonschema",
+        # model.fp8: torchao-tensorwise | torchao-rowwise (float8 GEMMs in the local layer spec;
+        # emulated on the CPU backend, which the tests use); tested on 0.18.0
+        "torchao>=0.18,<0.19",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]"],

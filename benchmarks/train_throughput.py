@@ -2,8 +2,10 @@
 
 Runs N steps of a decoder with the Nemo shapes (hidden 5120, 32/8 heads, head_dim 128, FFN 14336,
 vocab 131072) and as many layers as fit one GPU, for each available path: the local spec with
-torch SDPA attention in bf16; Transformer Engine bf16 and FP8 when TE is installed; with and
-without activation recomputation. Prints a table and writes JSON.
+torch SDPA attention in bf16; the same with its linears in float8 through torchao
+(``torchao-tensorwise``, ``torchao-rowwise``: ``model.fp8``, emulated on the CPU); Transformer Engine
+bf16 and FP8 when TE is installed; with and without activation recomputation. Prints a table and
+writes JSON.
 
     python benchmarks/train_throughput.py --layers 8 --seq 4096 --steps 10 --json perf.json
     python benchmarks/train_throughput.py --tiny --device cpu        # CPU smoke run
@@ -33,6 +35,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# the model.fp8 value of each path that computes in float8 (others: none)
+FP8_OF_PATH = {"te-fp8": "te-hybrid", "torchao-tensorwise": "torchao-tensorwise", "torchao-rowwise": "torchao-rowwise"}
 RESULTS_DIR = HERE / "results"
 
 
@@ -80,7 +84,7 @@ def environment() -> dict:
 def run_one(args) -> dict:
     import torch
 
-    from megatron_apriel.models import get_preset, torch_fusions
+    from megatron_apriel.models import float8, get_preset, torch_fusions
     from megatron_apriel.models.builder import build_model_chunks, check_fp8, should_use_te
     from megatron_apriel.models.flops import flops_per_token, mfu, peak_flops
     from megatron_apriel.runtime import init_distributed
@@ -94,19 +98,20 @@ def run_one(args) -> dict:
     else:
         preset = get_preset("mistral-nemo-12b", num_layers=args.layers)
     use_te = args.path.startswith("te")
-    fp8 = "hybrid" if args.path == "te-fp8" else None
+    fp8 = check_fp8(FP8_OF_PATH.get(args.path), device)
     if use_te:
         should_use_te(device, True)
-    check_fp8(fp8, device)
     bf16 = device == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
     # the fusions in effect (none off CUDA; one this torch cannot do stays off)
     fusions = torch_fusions.install(torch_fusions.parse(args.fusion_set), device) if not use_te else ()
     config = preset.transformer_config(
-        params_dtype=dtype, bf16=bf16, device=device, use_te=use_te, fp8=fp8, recompute=args.recompute,
-        torch_fusions=fusions,
+        params_dtype=dtype, bf16=bf16, device=device, use_te=use_te, fp8=float8.te_format(fp8),
+        recompute=args.recompute, torch_fusions=fusions,
     )
-    chunks = build_model_chunks(preset, config, use_te=use_te, max_sequence_length=args.seq)
+    chunks = build_model_chunks(preset, config, use_te=use_te, max_sequence_length=args.seq, fp8=fp8)
+    if "layer" in fusions:
+        torch_fusions.compile_layers(chunks)
     optim = OptimConfig(lr=1e-5, use_distributed_optimizer=True)
     ddp = wrap_ddp(chunks, config, optim)
     optimizer = build_optimizer(ddp, config, optim, fused_adam="adam" in fusions)
@@ -185,11 +190,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset (CPU smoke run)")
-    ap.add_argument("--paths", default="sdpa-bf16,te-bf16,te-fp8")
+    ap.add_argument("--paths", default="sdpa-bf16,te-bf16,te-fp8",
+                    help="comma list of sdpa-bf16, torchao-tensorwise, torchao-rowwise, te-bf16, te-fp8")
     ap.add_argument("--recomputes", default="none,selective,full")
     ap.add_argument("--fusions", default="default",
                     help="';'-separated variants of the torch-native fusions used without TE/apex, each "
-                         "'none', 'default' or a comma list of wgrad,adam,gradnorm,rope (a row per variant)")
+                         "'none', 'default' or a comma list of wgrad,adam,gradnorm,rope,layer (a row per variant)")
     ap.add_argument("--json", default=None, help="write the raw record of the run to this file")
     ap.add_argument("--results", action="store_true",
                     help="write the raw record to benchmarks/results/train_throughput-<device>-<UTC time>.json")
@@ -257,19 +263,19 @@ def main(argv=None) -> int:
         if args.trace and os.path.exists(result + ".trace.json"):
             rows[-1]["trace"] = result + ".trace.json"
 
-    header = (f"{'path':<10} {'recompute':<10} {'fusions':<24} {'layers':>6} {'seq':>6} {'mbs x acc':>9} "
+    header = (f"{'path':<18} {'recompute':<10} {'fusions':<24} {'layers':>6} {'seq':>6} {'mbs x acc':>9} "
               f"{'step s':>8} {'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} {'loss 1st/last':>14}")
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['path']:<10} {r['recompute']:<10} {r.get('fusions', '-'):<24} unavailable: {r['error']}")
+            print(f"{r['path']:<18} {r['recompute']:<10} {r.get('fusions', '-'):<24} unavailable: {r['error']}")
             continue
         m = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         mem = f"{r['peak_mem_GiB']:.1f}" if r["peak_mem_GiB"] is not None else "-"
         acc = f"{r['micro_batch']} x {r['grad_accum']}"
         loss = f"{r['losses'][0]:.3f}/{r['losses'][-1]:.3f}"
-        print(f"{r['path']:<10} {r['recompute']:<10} {r.get('fusions', '-'):<24} {r['layers']:>6} {r['seq']:>6} "
+        print(f"{r['path']:<18} {r['recompute']:<10} {r.get('fusions', '-'):<24} {r['layers']:>6} {r['seq']:>6} "
               f"{acc:>9} {r['step_time_s']:>8.3f} {r['tokens_per_s_per_gpu']:>10.0f} {r['tflops_per_gpu']:>8.1f} "
               f"{m:>6} {mem:>9} {loss:>14}")
     if rows and "device" in next((r for r in rows if "device" in r), {}):

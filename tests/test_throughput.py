@@ -32,16 +32,21 @@ def test_flop_formula_matches_counted_flops(dist_world_of_one):
 def test_benchmark_smoke_on_cpu(tmp_path):
     out = tmp_path / "perf.json"
     proc = run_python([REPO / "benchmarks" / "train_throughput.py", "--tiny", "--device", "cpu", "--seq", "32",
-                       "--steps", "2", "--warmup", "1", "--grad-accum", "2", "--paths", "sdpa-bf16,te-bf16",
+                       "--steps", "2", "--warmup", "1", "--grad-accum", "2",
+                       "--paths", "sdpa-bf16,te-bf16,torchao-tensorwise",
                        "--recomputes", "none,full", "--profile", "2", "--json", out], env={"OMP_NUM_THREADS": "1"})
     record = json.loads(out.read_text())
     rows = record["rows"]
     ok = [r for r in rows if "error" not in r]
-    assert [(r["path"], r["recompute"]) for r in ok] == [("sdpa-bf16", "none"), ("sdpa-bf16", "full")]
+    assert [(r["path"], r["recompute"]) for r in ok] == [("sdpa-bf16", "none"), ("sdpa-bf16", "full"),
+                                                         ("torchao-tensorwise", "none"), ("torchao-tensorwise", "full")]
     tiny_flops = flops_per_token(get_preset("tiny"), 32)
     assert all(r["tokens_per_s_per_gpu"] > 0 and r["flops_per_token"] == tiny_flops for r in ok)
     # recomputation changes speed, not the maths
-    assert ok[0]["losses"] == ok[1]["losses"]
+    assert ok[0]["losses"] == ok[1]["losses"] and ok[2]["losses"] == ok[3]["losses"]
+    # the float8 rows (emulated here) computed in float8: near the fp32 losses, not equal to them
+    assert ok[2]["losses"] != ok[0]["losses"]
+    assert all(abs(a - b) < 0.05 for a, b in zip(ok[2]["losses"], ok[0]["losses"])), (ok[2]["losses"], ok[0]["losses"])
     assert "tok/s/GPU" in proc.stdout and "MFU" in proc.stdout
     # the raw record: every timed step, the stack's versions and the command that made it
     assert all(len(r["step_times_s"]) == 2 and r["step_time_s"] in r["step_times_s"] for r in ok)

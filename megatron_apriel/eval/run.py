@@ -35,7 +35,16 @@ from megatron_apriel.data.chat_template import (
     default_chat_template,
 )
 from megatron_apriel.errors import InputError, cli_main
-from megatron_apriel.eval.tasks import BuiltTask, TaskFileError, TaskSpec, outcome_counts, parse_task_arg, read_records
+from megatron_apriel.eval.images import image_hflm, is_vision_checkpoint
+from megatron_apriel.eval.tasks import (
+    BuiltTask,
+    TaskFileError,
+    TaskSpec,
+    outcome_counts,
+    parse_task_arg,
+    read_records,
+    skip_counts,
+)
 from megatron_apriel.hub import resolve_model
 
 
@@ -102,6 +111,16 @@ def check_models(paths: list[str]) -> list[dict]:
                 raise EvalError(f"{info['path']}: {key} {info[key]!r} differs from {ref['path']}'s {ref[key]!r}; "
                                 "evaluate different architectures in separate runs")
     return infos
+
+
+def check_image_models(infos: list[dict], task_files: list[str], backend: str) -> None:
+    """Tasks whose records carry images need a checkpoint with a vision tower, on the hf backend."""
+    if backend != "hf":
+        raise EvalError(f"--backend {backend}: {task_files[0]} has images; image tasks run on --backend hf")
+    for info in infos:
+        if not is_vision_checkpoint(info["path"]):
+            raise EvalError(f"{info['path']}: {task_files[0]} has images but the checkpoint has no vision tower "
+                            "(no vision_config in config.json)")
 
 
 def resolve_chat_template(name: str) -> str | None:
@@ -234,6 +253,8 @@ def load_lm(hf_dir: str, settings: Settings):
                   gpu_memory_utilization=util, enforce_eager=not on_gpu, max_gen_toks=settings.max_gen_toks)
         if template is not None:
             lm.hf_chat_template = template
+    elif settings.backend == "hf" and is_vision_checkpoint(hf_dir):  # Llava/Pixtral: prompts may carry images
+        lm = image_hflm()(pretrained=hf_dir, device=device, dtype=dtype, batch_size=settings.batch_size)
     elif settings.backend == "hf":
         lm = _content_safe_hflm()(pretrained=hf_dir, device=device, dtype=dtype, batch_size=settings.batch_size)
     else:
@@ -257,11 +278,17 @@ def evaluate_model(hf_dir: str, tasks: list, settings: Settings, log=print) -> t
 
     _quiet_lm_eval()
     lm, runtime = load_lm(hf_dir, settings)
-    built = [BuiltTask(t, settings.gen_kwargs()) for t in tasks if isinstance(t, TaskSpec)]
+    image_token = getattr(lm, "image_token", None) if getattr(lm, "MULTIMODAL", False) else None
+    built = [BuiltTask(t, settings.gen_kwargs(), image_token) for t in tasks if isinstance(t, TaskSpec)]
+    if any(b.images for b in built):
+        if image_token is None:
+            raise EvalError(f"{hf_dir}: the tasks have images but the checkpoint has no vision tower")
+        if settings.chat_template != "none":
+            lm.check_chat_template()  # a template that drops the images would score the text alone
     for b in built:
         if b.skipped:
-            log(f"  {b.spec.task}: skipped {len(b.skipped)} bad record(s) of {b.spec.path}: "
-                + "; ".join(f"line {s['line']}: {s['reason']}" for s in b.skipped[:3])
+            log(f"  {b.spec.task}: skipped {len(b.skipped)} bad record(s): "
+                + "; ".join(f"{b.spec.path}:{s['line']}: {s['reason']}" for s in b.skipped[:3])
                 + (" ..." if len(b.skipped) > 3 else ""))
     named = [t for t in tasks if not isinstance(t, TaskSpec)]
     include = sorted({str(Path(t).resolve().parent) for t in named if t.endswith((".yaml", ".yml"))})
@@ -284,7 +311,8 @@ def evaluate_model(hf_dir: str, tasks: list, settings: Settings, log=print) -> t
                         if k != "alias" and isinstance(v, (int, float))}
     for b in built:
         s = scores.setdefault(b.spec.task, {})
-        s.update(kind=b.spec.kind, file=str(b.spec.path), records=b.n_records, skipped=b.skipped)
+        s.update(kind=b.spec.kind, file=str(b.spec.path), records=b.n_records, skipped=b.skipped,
+                 skip_reasons=skip_counts(b.skipped))
         if b.details:
             s["outcomes"] = outcome_counts(b.details)
     for name, rows in out.get("samples", {}).items():
@@ -303,6 +331,10 @@ def _quiet_lm_eval() -> None:
         logger.addFilter(drop)
 
 
+def _rec_of(doc: dict) -> dict:
+    return json.loads(doc["_json"]) if "_json" in doc else doc
+
+
 def _yaml_task_name(path: str) -> str:
     data = load_yaml(path) or {}
     if "task" not in data:
@@ -314,6 +346,8 @@ def _sample_record(row: dict, built: BuiltTask | None) -> dict:
     """One document as the results JSON keeps it: prompt, completion(s), extracted answer, right or not."""
     doc = row.get("doc", {})
     rec = {"doc_id": row.get("doc_id"), "prompt": row["arguments"][0][0] if row.get("arguments") else None}
+    if built is not None and "images" in _rec_of(doc):
+        rec["images"] = _rec_of(doc)["images"]
     if built is not None and built.kind.prompt is not None:
         rec.update(built.details.get(doc["_line"], {}))
     elif built is not None:  # log-likelihood: the choice log-probabilities and which was taken
@@ -338,10 +372,15 @@ def run(models: list[str], task_args: list[str], out: str, settings: Settings, p
     names = [t.task if isinstance(t, TaskSpec) else t for t in tasks]
     if len(set(names)) != len(names):
         raise EvalError(f"--tasks: task names repeat ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    with_images = []
     for t in tasks:
         if isinstance(t, TaskSpec):
             t.limit = t.limit or settings.limit
-            read_records(t.path, t.kind)  # a missing or empty task file fails before any model loads
+            # a missing or empty task file fails before any model loads; bad images are counted here too
+            if any(r.get("_images") for r in read_records(t.path, t.kind)[0]):
+                with_images.append(t.path)
+    if with_images:
+        check_image_models(infos, with_images, settings.backend)
     out_path = Path(out)
     if out_path.parent and not out_path.parent.exists():
         raise EvalError(f"--out {out}: folder {out_path.parent} does not exist")

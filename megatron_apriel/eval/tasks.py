@@ -16,6 +16,13 @@ Every generated completion gets one outcome:
 
 Only ``right`` scores 1. Records of a task file that cannot be read are counted and reported with
 their line number, never silently dropped.
+
+Any record may carry ``"images": ["a.png", ...]`` (paths relative to the task file, or absolute):
+its prompt then holds one ``<image>`` per image where the image goes, or none and the images come
+first (the LLaVA convention of ``apriel preprocess-multimodal``). Images are read by the loader
+preprocessing uses (:func:`megatron_apriel.data.images.load_image`), so a missing, unreadable,
+truncated or oversized image skips its record under the same counted reason, named with its line.
+Such tasks need a Llava/Pixtral checkpoint (:mod:`megatron_apriel.eval.images`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from megatron_apriel.config import load_yaml
+from megatron_apriel.data.images import ImageError, load_image
+from megatron_apriel.data.multimodal_format import PLACEHOLDER
 from megatron_apriel.errors import InputError
 from megatron_apriel.jsonl import iter_jsonl
 from megatron_apriel.rl.rewards import (
@@ -213,9 +222,36 @@ KINDS: dict[str, Kind] = {
 }
 
 
+# ------------------------------------------------------------------------------ images
+def user_text(rec: dict, kind: str) -> str:
+    """The user turn of a record as lm-eval is given it, ``<image>`` placeholders included."""
+    text = choice_prompt(rec) + "\nAnswer:" if KINDS[kind].prompt is None else KINDS[kind].prompt(rec)
+    n = len(rec.get("images", []))
+    return PLACEHOLDER * n + text if n and PLACEHOLDER not in text else text
+
+
+def load_record_images(rec: dict, kind: str, base: Path) -> list:
+    """The record's images as RGB PIL images; ValueError names the first that cannot be used."""
+    paths = rec["images"]
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError("'images' must be a list of file paths")
+    found = user_text(rec, kind).count(PLACEHOLDER)
+    if found != len(paths):
+        raise ValueError(f"placeholder_mismatch: {found} {PLACEHOLDER} for {len(paths)} images")
+    images = []
+    for p in paths:
+        full = Path(p) if Path(p).is_absolute() else base / p
+        try:
+            images.append(load_image(str(full)).image)
+        except ImageError as e:
+            raise ValueError(f"{e.reason}: {p} ({e})") from None
+    return images
+
+
 # ------------------------------------------------------------------------------ reading task files
 def read_records(path: str | Path, kind: str) -> tuple[list[dict], list[dict]]:
-    """Valid records (each with its ``_line``) and the skipped ones as ``{"line", "reason"}``.
+    """Valid records (each with its ``_line``, and ``_images`` when it has images) and the skipped ones
+    as ``{"line", "reason"}``.
 
     A missing file, or a file with no valid record at all, is a :class:`TaskFileError`.
     """
@@ -231,10 +267,20 @@ def read_records(path: str | Path, kind: str) -> tuple[list[dict], list[dict]]:
     for lineno, rec in iter_jsonl(path, on_bad=skip):
         try:
             check(rec)
+            images = load_record_images(rec, kind, path.parent) if "images" in rec else None
         except ValueError as e:
             skip(lineno, e)
             continue
-        records.append({**rec, "_line": lineno})
+        records.append({**rec, "_line": lineno, **({"_images": images} if images is not None else {})})
+    if any("_images" in r for r in records):  # a task with images: lm-eval reads every <image> as one
+        kept = []
+        for r in records:
+            if "_images" not in r and PLACEHOLDER in user_text(r, kind):
+                skip(r["_line"], ValueError(f"placeholder_mismatch: {PLACEHOLDER} in a record without images"))
+            else:
+                kept.append(r)
+        records = kept
+        skipped.sort(key=lambda s: s["line"])
     if not records:
         why = f"; first problem: line {skipped[0]['line']}: {skipped[0]['reason']}" if skipped else ""
         raise TaskFileError(f"{path}: no valid {kind} record ({len(skipped)} skipped){why}")
@@ -298,9 +344,13 @@ def parse_task_arg(arg: str, samples: int = 1, require_final_response: bool = Tr
 
 
 class BuiltTask:
-    """A TaskSpec made into an lm-eval ConfigurableTask; keeps the per-sample details it scored."""
+    """A TaskSpec made into an lm-eval ConfigurableTask; keeps the per-sample details it scored.
 
-    def __init__(self, spec: TaskSpec, gen_kwargs: dict):
+    ``image_token``: the image token string of the checkpoint (``[IMG]``) when it takes images; a
+    record whose text spells it would read as an image there, so it is skipped and counted.
+    """
+
+    def __init__(self, spec: TaskSpec, gen_kwargs: dict, image_token: str | None = None):
         # lm-evaluation-harness and datasets are optional (extra "eval"): reading task files needs neither
         from datasets import Dataset, DatasetDict
         from lm_eval.api.task import ConfigurableTask
@@ -308,10 +358,18 @@ class BuiltTask:
         self.spec = spec
         self.kind = KINDS[spec.kind]
         records, self.skipped = read_records(spec.path, spec.kind)
+        if image_token:
+            spelled = [r for r in records if image_token in user_text(r, spec.kind)
+                       or any(image_token in c for c in r.get("choices", []))]
+            self.skipped = sorted(self.skipped + [{"line": r["_line"], "reason": f"image_token_in_text: the text "
+                                                   f"spells the image token {image_token}"} for r in spelled],
+                                  key=lambda s: s["line"])
+            records = [r for r in records if r not in spelled]
         if spec.limit:
             records = records[:spec.limit]
         self.n_records = len(records)
         self.details: dict[int, dict] = {}
+        self.images = {r["_line"]: r.pop("_images") for r in records if "_images" in r}
         # Arrow needs one schema: nested fields travel as JSON strings and are decoded per document.
         rows = [{"_line": r["_line"], "_json": json.dumps(r)} for r in records]
         dataset = DatasetDict({"test": Dataset.from_list(rows)})
@@ -322,9 +380,11 @@ class BuiltTask:
             "num_fewshot": 0,
             "metadata": {"version": 1},
         }
+        if any(self.images.values()):  # lm-eval's multimodal requests: each document's images ride along
+            config["doc_to_image"] = lambda d: self.images.get(d["_line"], [])
         if self.kind.prompt is None:
             config.update(output_type="multiple_choice",
-                          doc_to_text=lambda d: choice_prompt(_rec(d)) + "\nAnswer:",
+                          doc_to_text=lambda d: user_text(_rec(d), spec.kind),
                           doc_to_choice=lambda d: _rec(d)["choices"],
                           doc_to_target=lambda d: answer_index(_rec(d)),
                           metric_list=[{"metric": m, "aggregation": "mean", "higher_is_better": True}
@@ -332,7 +392,7 @@ class BuiltTask:
         else:
             n = spec.samples
             metrics = ["pass@1", f"maj@{n}", "format"] if spec.kind == "math" else ["pass@1", "score", "format"]
-            config.update(output_type="generate_until", doc_to_text=lambda d: self.kind.prompt(_rec(d)),
+            config.update(output_type="generate_until", doc_to_text=lambda d: user_text(_rec(d), spec.kind),
                           doc_to_target=lambda d: "", repeats=n, generation_kwargs=dict(gen_kwargs),
                           filter_list=[{"name": "all", "filter": [{"function": "take_first_k", "k": n}]}],
                           process_results=self.process_results,
@@ -393,6 +453,13 @@ def _jsonable(x):
         return x
     except TypeError:
         return str(x)
+
+
+def skip_counts(skipped: list[dict]) -> dict[str, int]:
+    """Skipped records per reason: the counter a reason starts with (``image_missing: ...``), else
+    ``invalid_record``."""
+    return dict(collections.Counter(m.group(1) if (m := re.match(r"([a-z_]+):", s["reason"])) else "invalid_record"
+                                    for s in skipped))
 
 
 def outcome_counts(details: dict[int, dict]) -> dict[str, int]:

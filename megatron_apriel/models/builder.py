@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
-import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import (
@@ -19,7 +18,9 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_apriel.models import float8, float8_linear
 from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
 from megatron_apriel.models.sdpa_attention import SDPAttention
 
@@ -33,23 +34,18 @@ def te_available() -> bool:
     return True
 
 
-def check_fp8(fp8: Optional[str], device: str) -> None:
-    """Fail at start, with the reason, when FP8 is asked for but cannot run."""
-    if not fp8:
-        return
-    if fp8 not in ("hybrid", "e4m3"):
-        raise ValueError(f"fp8 must be 'hybrid' or 'e4m3', got {fp8!r}")
-    if device != "cuda":
-        raise RuntimeError("FP8 training needs a CUDA GPU; this run is on the CPU")
-    if not te_available():
-        raise RuntimeError(
-            "FP8 training needs Transformer Engine: pip install -e '.[gpu]' (transformer-engine[pytorch])"
-        )
-    major, minor = torch.cuda.get_device_capability()
-    if (major, minor) < (8, 9):
-        raise RuntimeError(
-            f"FP8 needs compute capability >= 8.9 (Ada/Hopper or newer); this GPU is {major}.{minor}"
-        )
+def check_fp8(fp8, device: str) -> str:
+    """Fail at start, with the reason, when FP8 is asked for but cannot run (``models.float8.check``);
+    returns the value as one of ``float8.CHOICES`` (ValueError names the reason, the caller the key)."""
+    return float8.check(fp8, device, te_available() if device == "cuda" else False)
+
+
+def float8_layers(config, fp8: str, bf16_first: int = 0, bf16_last: int = 0) -> tuple[int, ...]:
+    """The global layer numbers (0-based) whose linears run in float8: all but the first
+    ``bf16_first`` and the last ``bf16_last`` (Megatron-LM's ``--first-last-layers-bf16``)."""
+    if float8.torchao_recipe(fp8) is None:
+        return ()
+    return tuple(range(bf16_first, config.num_layers - bf16_last))
 
 
 class SequenceParallelTorchNorm:
@@ -74,25 +70,35 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def layer_spec(use_te: bool):
-    """The transformer layer ModuleSpec: TE's, or local with SDPA core attention (and SP-capable norms)."""
+def layer_spec(use_te: bool, float8_recipe: Optional[str] = None, float8_emulate: bool = False):
+    """The transformer layer ModuleSpec: TE's, or local with SDPA core attention (and SP-capable norms),
+    its linears in float8 through torchao when ``float8_recipe`` (``tensorwise`` / ``rowwise``) is set."""
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec()
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     spec.submodules.input_layernorm = SequenceParallelTorchNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if float8_recipe:
+        float8_linear.apply_to_layer_spec(spec, float8_recipe, float8_emulate)
     return spec
 
 
-def decoder_spec(config, use_te: bool, vp_stage: Optional[int] = None):
+def decoder_spec(config, use_te: bool, vp_stage: Optional[int] = None, fp8=None, fp8_layers: tuple[int, ...] = ()):
     """The decoder block of this rank: the layer spec per layer, and for the local spec the final
-    norm as :class:`SequenceParallelTorchNorm` (megatron-core would pick ``WrappedTorchNorm``)."""
+    norm as :class:`SequenceParallelTorchNorm` (megatron-core would pick ``WrappedTorchNorm``).
+
+    ``fp8`` (a torchao ``model.fp8`` value) puts the linears of the global layers ``fp8_layers`` in
+    float8, emulated off CUDA."""
     if use_te:
         return layer_spec(True)
-
-    return TransformerBlockSubmodules(layer_specs=[layer_spec(False)] * get_num_layers_to_build(config, vp_stage),
-                                      layer_norm=SequenceParallelTorchNorm)
+    recipe = float8.torchao_recipe(fp8)
+    offset = get_transformer_layer_offset(config, vp_stage)
+    emulate = config.use_cpu_initialization  # the CPU backend: no float8 GEMM unit
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec(False, recipe if offset + i in fp8_layers else None, emulate)
+                     for i in range(get_num_layers_to_build(config, vp_stage))],
+        layer_norm=SequenceParallelTorchNorm)
 
 
 def should_use_te(device: str, requested: Optional[bool] = None) -> bool:
@@ -113,8 +119,11 @@ def build_gpt_model(
     post_process: Optional[bool] = None,
     vp_stage: Optional[int] = None,
     max_sequence_length: int = 4096,
+    fp8=None,
+    fp8_layers: tuple[int, ...] = (),
 ):
-    """One GPTModel chunk for this rank's pipeline stage (and virtual stage ``vp_stage``)."""
+    """One GPTModel chunk for this rank's pipeline stage (and virtual stage ``vp_stage``); ``fp8`` /
+    ``fp8_layers`` as :func:`decoder_spec`."""
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
@@ -122,7 +131,7 @@ def build_gpt_model(
     scaling = preset.rope_scaling or {}
     model = GPTModel(
         config=config,
-        transformer_layer_spec=decoder_spec(config, use_te, vp_stage),
+        transformer_layer_spec=decoder_spec(config, use_te, vp_stage, fp8, fp8_layers),
         vocab_size=padded_vocab_size(preset.vocab_size, config.tensor_model_parallel_size),
         max_sequence_length=max_sequence_length,
         pre_process=pre_process,
@@ -154,12 +163,13 @@ def apply_llama3_rope_scaling(rotary, scaling: dict) -> None:
         original_max_position_embeddings=scaling["original_max_position_embeddings"])
 
 
-def build_model_chunks(preset: ModelPreset, config, use_te: bool = False, max_sequence_length: int = 4096):
-    """All model chunks of this rank: one, or one per virtual pipeline stage."""
+def build_model_chunks(preset: ModelPreset, config, use_te: bool = False, max_sequence_length: int = 4096,
+                       fp8=None, fp8_layers: Optional[tuple[int, ...]] = None):
+    """All model chunks of this rank: one, or one per virtual pipeline stage. ``fp8``: a torchao
+    ``model.fp8`` recipe for the linears of ``fp8_layers`` (default: every layer)."""
+    if fp8_layers is None:
+        fp8_layers = float8_layers(config, fp8)
     vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    if vpp is None or vpp == 1:
-        return [build_gpt_model(preset, config, use_te, max_sequence_length=max_sequence_length)]
-    return [
-        build_gpt_model(preset, config, use_te, vp_stage=i, max_sequence_length=max_sequence_length)
-        for i in range(vpp)
-    ]
+    stages = [None] if vpp is None or vpp == 1 else range(vpp)
+    return [build_gpt_model(preset, config, use_te, vp_stage=i, max_sequence_length=max_sequence_length, fp8=fp8,
+                            fp8_layers=fp8_layers) for i in stages]

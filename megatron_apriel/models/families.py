@@ -53,10 +53,10 @@ def _llava_tp(preset: ModelPreset) -> list[tuple[str, int]]:
                                ("the hidden size (projector)", preset.hidden_size)]
 
 
-def _build_text(preset, config, use_te: bool = False, max_sequence_length: int = 4096):
+def _build_text(preset, config, use_te: bool = False, max_sequence_length: int = 4096, **fp8):
     from megatron_apriel.models.builder import build_model_chunks  # megatron-core: only when building
 
-    return build_model_chunks(preset, config, use_te, max_sequence_length=max_sequence_length)
+    return build_model_chunks(preset, config, use_te, max_sequence_length=max_sequence_length, **fp8)
 
 
 def _build_llava(preset, config, use_te: bool = False, max_sequence_length: int = 4096):

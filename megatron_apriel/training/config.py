@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 from megatron_apriel.config import ConfigError
 from megatron_apriel.data.blends import BlendSpec, blend_spec, stage_checkpoint
 from megatron_apriel.data.registry import check_dataset_name
-from megatron_apriel.models import torch_fusions
+from megatron_apriel.models import float8, torch_fusions
 from megatron_apriel.training.fault import FaultConfig, check_nan_policy
 from megatron_apriel.training.optimizer import OptimConfig
 
@@ -29,8 +29,15 @@ class ModelConfig:
     cp: int = 1
     sequence_parallel: bool = False
     bf16: bool = False
-    fp8: Optional[str] = None  # hybrid | e4m3 (needs TE and a GPU)
-    fp8_recipe: str = "delayed"
+    # none | torchao-tensorwise | torchao-rowwise (the local spec's linears in float8 through torchao,
+    # models/float8.py; CUDA capability >= 8.9, emulated on the CPU backend) | te-hybrid | te-e4m3
+    # (Transformer Engine on a GPU; earlier configs' hybrid / e4m3 mean these)
+    fp8: Any = None
+    fp8_recipe: str = "delayed"  # TE only: delayed | tensorwise | mxfp8 | blockwise
+    # torchao recipes: keep the linears of the first / last N decoder layers in bf16 (as Megatron-LM's
+    # --first-last-layers-bf16); their outputs feed the embedding and the output layer
+    fp8_bf16_first_layers: int = 0
+    fp8_bf16_last_layers: int = 0
     recompute: Literal["none", "selective", "full"] = "none"
     recompute_num_layers: int = 1
     use_te: Optional[bool] = None  # None: TE when on CUDA and importable
@@ -41,7 +48,8 @@ class ModelConfig:
     deterministic: bool = False
     # torch-native stand-ins, on CUDA without apex/TE, for the fused kernels megatron-core would take
     # from them (models/torch_fusions.py): "default" (wgrad,adam,gradnorm), "none", or a list of
-    # wgrad, adam, gradnorm, rope. Same math; measured by benchmarks/train_throughput.py --fusions.
+    # wgrad, adam, gradnorm, rope, layer (each decoder layer under torch.compile). Same math; measured
+    # by benchmarks/train_throughput.py --fusions.
     torch_fusions: Any = "default"
 
     def validate(self):
@@ -49,6 +57,13 @@ class ModelConfig:
             torch_fusions.parse(self.torch_fusions)
         except ValueError as e:
             raise ConfigError(f"model.torch_fusions: {e}") from None
+        try:
+            float8.normalize(self.fp8)
+        except ValueError as e:
+            raise ConfigError(f"model.fp8: {e}") from None
+        for key in ("fp8_bf16_first_layers", "fp8_bf16_last_layers"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ConfigError(f"model.{key}: must be a whole number >= 0, got {getattr(self, key)!r}")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from megatron.core import parallel_state as ps
 # torch keeps it under testing/_internal and uses it to run distributed code at any world size
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
+from megatron_apriel.models import float8
 from megatron_apriel.models.flops import PEAK_BF16_FLOPS, flops_per_token
 from megatron_apriel.models.info import GiB, activation_bytes, human_count
 from megatron_apriel.models.presets import ModelPreset, padded_vocab_size
@@ -64,18 +65,21 @@ def build_rank(plan: RunPlan, rank: int) -> dict:
         ps.initialize_model_parallel(m.tp, m.pp, virtual_pipeline_model_parallel_size=m.vpp if layout.vpp > 1 else None,
                                      context_parallel_size=m.cp, create_gloo_process_groups=False)
         # the plan's config on the local spec: cp=1 (its attention has no CP, and CP changes no
-        # shape), no FP8 and no fusions (both GPU-only, neither changes a shape), no initialisation
+        # shape), no TE FP8 and no fusions (both GPU-only, neither changes a shape), no initialisation;
+        # the float8 linears of a torchao recipe are built (model.fp8_bf16_* decide which layers)
         tcfg = plan.transformer_config(cp=1, device="cpu", use_te=False, fp8=None, torch_fusions=(),
                                        perform_initialization=False)
         with torch.device("meta"):
-            chunks = plan.family.build_chunks(plan.preset, tcfg, False, max_sequence_length=max(t.seq_length, 4096))
+            chunks = plan.family.build_chunks(plan.preset, tcfg, False, max_sequence_length=max(t.seq_length, 4096),
+                                              **plan.fp8_build_args(tcfg))
         freeze_groups(chunks, t.freeze)  # the plan checked the groups against the family
         chunk_rows = []
         for chunk in chunks:
             decoder = getattr(chunk, "language_model", chunk).decoder
             chunk_rows.append(dict(layers=len(decoder.layers),
                                    params=sum(p.numel() for p in chunk.parameters()),
-                                   trainable=sum(p.numel() for p in chunk.parameters() if p.requires_grad)))
+                                   trainable=sum(p.numel() for p in chunk.parameters() if p.requires_grad),
+                                   float8_linears=sum(hasattr(mod, "float8_recipe") for mod in chunk.modules())))
         return dict(rank=rank, pp_rank=ps.get_pipeline_model_parallel_rank(),
                     tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
                     chunks=chunk_rows, first=ps.is_pipeline_first_stage(ignore_virtual=True),
@@ -134,6 +138,12 @@ def dry_run(cfg: TrainConfig, nodes: int | None = None, gpus_per_node: int | Non
         rows.append(dict(position=position, rank=rank, chunks=built["chunks"],
                          **rank_memory(cfg, preset, layout, built, n_mb)))
     total = preset.param_counts()["total"]
+    if float8.torchao_recipe(plan.fp8):
+        # torchao's recipes save the bf16 input and weight for the backward pass and cast them again
+        # there, so the float8 copies live only through one GEMM: the estimate is the bf16 one
+        n = sum(c["float8_linears"] for r in rows for c in r["chunks"])
+        out(f"float8 ({plan.fp8}): {n} linears in float8 in the rank positions below; memory as bf16 (the float8 "
+            f"copies of a linear's operands are transient)")
     out("| rank | position | layers | parameters | trainable | weights | grads | optimizer | activations | total |")
     out("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:

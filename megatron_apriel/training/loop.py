@@ -177,7 +177,13 @@ def build(plan: RunPlan | TrainConfig) -> TrainState:
     tcfg = plan.transformer_config(torch_fusions=fusions)
     if fusions:
         log0(f"torch fusions (no TE/apex): {', '.join(fusions)}")
-    chunks = plan.family.build_chunks(preset, tcfg, plan.use_te, max_sequence_length=max(t.seq_length, 4096))
+    fp8 = plan.fp8_build_args(tcfg)
+    if fp8:
+        log0(f"float8 ({plan.fp8}{', emulated' if env.device != 'cuda' else ''}): the linears of "
+             f"{len(fp8['fp8_layers'])} of {tcfg.num_layers} layers")
+    chunks = plan.family.build_chunks(preset, tcfg, plan.use_te, max_sequence_length=max(t.seq_length, 4096), **fp8)
+    if "layer" in fusions:
+        torch_fusions.compile_layers(chunks)
     frozen = freeze_groups(chunks, t.freeze)
     if frozen:
         log0(f"frozen {t.freeze}: {frozen} parameters on this rank")

@@ -31,7 +31,7 @@ import torch
 from megatron_apriel.checkpoint.dcp_io import MODEL_META, ConversionError, read_model_meta
 from megatron_apriel.config import ConfigError
 from megatron_apriel.data.blends import BlendSpec, blend_weights, resolve_stage, stage_checkpoint, train_samples_for
-from megatron_apriel.models import torch_fusions
+from megatron_apriel.models import float8, torch_fusions
 from megatron_apriel.models.builder import check_fp8, should_use_te
 from megatron_apriel.models.families import ModelFamily, family_of
 from megatron_apriel.models.presets import PRESETS, ModelPreset, get_preset
@@ -76,6 +76,18 @@ class RunPlan:
     transformer_args: dict
     notes: list[str] = field(default_factory=list)
     data_lines: list[str] = field(default_factory=list)  # what the data and checkpoint checks found
+    fp8: str = "none"  # model.fp8, normalized (models/float8.py)
+
+    def fp8_build_args(self, tcfg) -> dict:
+        """The chunk builder's float8 arguments: for a torchao recipe, the recipe and the global
+        layers it applies to (all but model.fp8_bf16_first/last_layers); else none."""
+        from megatron_apriel.models.builder import float8_layers  # megatron-core: only when building
+
+        if not float8.torchao_recipe(self.fp8):
+            return {}
+        m = self.cfg.model
+        return dict(fp8=self.fp8, fp8_layers=float8_layers(tcfg, self.fp8, m.fp8_bf16_first_layers,
+                                                           m.fp8_bf16_last_layers))
 
     def transformer_config(self, **overrides):
         """megatron-core's ``TransformerConfig`` of the run (``overrides`` replace plan arguments)."""
@@ -246,11 +258,15 @@ def make_plan(cfg: TrainConfig, world: int | None = None, nodes: int | None = No
         use_te = should_use_te(device, m.use_te) if not planning else bool(m.use_te)
     except RuntimeError as e:
         raise ConfigError(f"model.use_te: {e}") from None
+    fp8 = float8.normalize(m.fp8)  # checked at load: a known value
     if not planning:
         try:
-            check_fp8(m.fp8, device)
+            fp8 = check_fp8(m.fp8, device)
         except (ValueError, RuntimeError) as e:
             raise ConfigError(f"model.fp8: {e}") from None
+    if float8.torchao_recipe(fp8) and family.has_images:
+        raise ConfigError(f"model.fp8: {fp8} is not available for the multimodal model yet (use te-hybrid or none)")
+    if not planning:
         if m.cp > 1 and not use_te:
             raise ConfigError("model.cp: > 1 needs Transformer Engine's attention on a GPU "
                               "(the local SDPA spec has no CP)")
@@ -259,7 +275,7 @@ def make_plan(cfg: TrainConfig, world: int | None = None, nodes: int | None = No
     fusions = torch_fusions.parse(m.torch_fusions) if not use_te else ()
     transformer_args = dict(
         tp=m.tp, pp=m.pp, vpp=m.vpp, cp=m.cp, sequence_parallel=m.sequence_parallel,
-        params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=m.fp8,
+        params_dtype=torch.bfloat16 if m.bf16 else torch.float32, bf16=m.bf16, fp8=float8.te_format(fp8),
         fp8_recipe=m.fp8_recipe, recompute=m.recompute, recompute_num_layers=m.recompute_num_layers,
         device=device, use_te=use_te, deterministic_mode=m.deterministic, torch_fusions=fusions)
 
@@ -267,4 +283,4 @@ def make_plan(cfg: TrainConfig, world: int | None = None, nodes: int | None = No
     load = ck.load or (stage_checkpoint(blend) if blend is not None else None)
     lines = check_files(cfg, blend, load, preset, resumes) if files else []
     return RunPlan(cfg, preset, family, blend, load, resumes, layout, n_mb, device, use_te, fusions,
-                   transformer_args, notes, lines)
+                   transformer_args, notes, lines, fp8=fp8)
