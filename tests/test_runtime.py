@@ -1,7 +1,11 @@
+import os
+import signal
+
 import pytest
 
 from megatron_apriel.config import ConfigError, apply_overrides, from_dict, load_config
 from megatron_apriel.runtime import detect_launcher, expand_slurm_nodelist
+from megatron_apriel.runtime.stop import StopRequest
 from megatron_apriel.training.optimizer import OptimConfig
 
 
@@ -54,3 +58,23 @@ def test_config_unknown_key_names_the_key(tmp_path):
         from_dict(OptimConfig, {"lr": "fast"})
     with pytest.raises(ConfigError, match="not of the form"):
         apply_overrides({}, ["lr"])
+
+
+def test_stop_request_by_signal_or_stop_file(tmp_path, monkeypatch):
+    """Training and GRPO take a stop the same way: a signal to the process, or the stop file."""
+    stop_file = tmp_path / "stop"
+    monkeypatch.setenv("APRIEL_STOP_FILE", str(stop_file))
+    previous = signal.getsignal(signal.SIGUSR1)
+    try:
+        request = StopRequest((signal.SIGUSR1,))
+        assert not request.asked_here()
+        stop_file.touch()
+        assert request.asked_here() and request.reason() == "stop file"
+        stop_file.unlink()
+        os.kill(os.getpid(), signal.SIGUSR1)  # the real signal, handled by the request
+        assert request.asked_here() and request.reason() == "signal"
+        # the world's answer is the reduction's: a rank not asked itself stops when another was
+        assert StopRequest(()).any_rank(lambda mine: mine or True) is True
+        assert StopRequest(()).any_rank(lambda mine: mine) is False
+    finally:
+        signal.signal(signal.SIGUSR1, previous)

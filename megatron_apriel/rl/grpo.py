@@ -32,7 +32,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 
 import torch
@@ -47,6 +46,7 @@ from megatron_apriel.jsonl import iter_jsonl
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
 from megatron_apriel.runtime import guardian
+from megatron_apriel.runtime.stop import StopRequest
 
 
 @dataclasses.dataclass
@@ -345,37 +345,31 @@ def load_model_and_tokenizer(cfg: GRPORunConfig):
 def stop_callback(accelerator):
     """A TrainerCallback that checkpoints and stops at the end of the step in which a stop was asked.
 
-    A stop is SIGUSR1 to this process (a direct run, or slurm/common.sh's task wrapper) or the file
-    named by ``APRIEL_STOP_FILE`` appearing (slurm/grpo.sh creates it on SLURM's time-limit signal:
-    under ``accelerate launch`` the trainers are grandchildren of the task, out of reach of a signal
-    to it). Ranks may see the request at different steps, so it is summed over ranks every step
-    and all stop at the same one.
+    The request is :class:`megatron_apriel.runtime.stop.StopRequest`, as in training: SIGUSR1 to this
+    process (a direct run, or slurm/common.sh's task wrapper) or ``APRIEL_STOP_FILE`` appearing
+    (slurm/grpo.sh), summed over the accelerator's ranks at every step so all stop at the same one.
     """
     from transformers import TrainerCallback  # deferred (see check_prompt_rendering); the class is made here
 
+    request = StopRequest((signal.SIGUSR1,))
+
+    def reduce_max(flag: bool) -> bool:
+        if accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=accelerator.device)
+        return bool(accelerator.reduce(t, reduction="sum").item())
+
     class StopOnRequest(TrainerCallback):
-        requested = stopped = False
+        stopped = False
 
         def on_step_end(self, args, state, control, **kwargs):
-            stop_file = os.environ.get("APRIEL_STOP_FILE", "")
-            asked = self.requested or bool(stop_file and os.path.exists(stop_file))
-            if accelerator.num_processes > 1:
-                flag = torch.tensor([float(asked)], device=accelerator.device)
-                asked = bool(accelerator.reduce(flag, reduction="sum").item())
-            if asked and state.global_step < state.max_steps:
+            if request.any_rank(reduce_max) and state.global_step < state.max_steps:
                 print(f"grpo: stop requested: checkpointing step {state.global_step} and exiting "
                       f"{EXIT_REQUEUE} (run again to resume)", flush=True)
                 control.should_save = control.should_training_stop = self.stopped = True
             return control
 
-    callback = StopOnRequest()
-
-    def on_usr1(*_):
-        callback.requested = True
-
-    if threading.current_thread() is threading.main_thread():  # only there can a handler be set
-        signal.signal(signal.SIGUSR1, on_usr1)
-    return callback
+    return StopOnRequest()
 
 
 def keep_tokenizer_files(model_path: str):

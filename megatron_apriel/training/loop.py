@@ -37,6 +37,7 @@ from megatron_apriel.models import torch_fusions
 from megatron_apriel.models.flops import flops_per_token, peak_flops
 from megatron_apriel.runtime import destroy_distributed, init_distributed
 from megatron_apriel.runtime.log import is_rank0, log0
+from megatron_apriel.runtime.stop import StopRequest
 from megatron_apriel.training.checkpointing import Checkpointer
 from megatron_apriel.training.config import TrainConfig, blend_spec_of
 from megatron_apriel.training.data_loader import Batches, batches
@@ -99,22 +100,14 @@ def build_scheduler(optimizer, cfg: TrainConfig):
     )
 
 
-class StopFlag:
-    """SIGTERM/SIGUSR1 set a flag; the loop acts on it at the next step boundary on every rank."""
-
-    def __init__(self):
-        self.signalled = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.signalled = signum
-
-    def any_rank(self, device: str) -> bool:
-        flag = torch.tensor([1 if self.signalled else 0], dtype=torch.int32, device=device)
+def _max_over_ranks(device: str):
+    """The reduction a :class:`StopRequest` needs here: any rank's yes is every rank's."""
+    def reduce_max(flag: bool) -> bool:
+        t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
         if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+    return reduce_max
 
 
 @dataclass
@@ -122,7 +115,7 @@ class TrainState:
     """Everything :func:`build` makes and :func:`run` steps: the model, its optimizer and data."""
 
     cfg: TrainConfig
-    stop: StopFlag
+    stop: StopRequest
     device: str
     world_size: int
     dp: int
@@ -152,7 +145,7 @@ def build(plan: RunPlan | TrainConfig) -> TrainState:
     m, t, ck, lg = cfg.model, cfg.train, cfg.checkpoint, cfg.logging
     # Before anything slow: a SLURM time-limit signal arriving during start-up (rendezvous, model
     # build, checkpoint load) must not kill the job; it is acted on at the first step boundary.
-    stop = StopFlag()
+    stop = StopRequest((signal.SIGTERM, signal.SIGUSR1))
     # the watchdog's start-up budget starts now; heartbeats once the process group is up
     faults = Faults(cfg.fault, ck.save, t.nan_policy, t.nan_skip_limit)
     if m.deterministic:
@@ -317,13 +310,14 @@ def run(st: TrainState) -> int:
             faults.phase("eval")
             _run_eval(st, iteration)
         checkpointer.finalize(blocking=False)
-        stopping = st.stop.any_rank(st.device) or (t.exit_interval is not None and iteration % t.exit_interval == 0
-                                                   and iteration < t.train_iters)
+        asked = st.stop.any_rank(_max_over_ranks(st.device))
+        stopping = asked or (t.exit_interval is not None and iteration % t.exit_interval == 0
+                             and iteration < t.train_iters)
         if stopping or (ck.save_interval and iteration % ck.save_interval == 0):
             faults.save(checkpointer, iteration, ddp, optimizer, scheduler, consumed)
             last_saved = iteration
         if stopping:
-            log0(f"stopping at iteration {iteration} ({'signal' if st.stop.signalled else 'exit_interval'}): "
+            log0(f"stopping at iteration {iteration} ({st.stop.reason() if asked else 'exit_interval'}): "
                  f"checkpointed, exit code {EXIT_REQUEUE}")
             exit_code = EXIT_REQUEUE
             break
