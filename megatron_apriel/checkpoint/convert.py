@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Optional
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from transformers import GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
 from megatron_apriel.checkpoint import mistral
 from megatron_apriel.checkpoint import table as tbl
@@ -301,8 +301,16 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
             raise
         writer.close()
         bar.close()
-        family.export_config(preset, side, dtype).save_pretrained(tmp)
+        config = family.export_config(preset, side, dtype)
         copied = write_hf_side_files(tmp, out_dir, preset, side, tokenizer, template)
+        pad = _tokenizer_pad_id(tmp) if copied else None
+        if pad is not None and getattr(config, "pad_token_id", None) is None:
+            # HF trainers (TRL's GRPO among them) write the tokenizer's pad id into config.json when
+            # they save, and vLLM and transformers' generate read it from there: the export carries it
+            # too, so a folder trained from it keeps the same config (merges compare configs) and
+            # serving needs no pad id passed by hand.
+            config.pad_token_id = pad
+        config.save_pretrained(tmp)
         export_card(tmp, reader.path, preset.name, dtype_name(dtype), **(card or {}))
     summary = {"tensors": writer.num_tensors, "bytes": writer.total_bytes, "dtype": dtype_name(dtype),
                "seconds": round(time.time() - start, 2), "tokenizer_files": copied}
@@ -351,6 +359,11 @@ def write_hf_side_files(tmp: Path, out_dir, preset: ModelPreset, side: Optional[
             if tok_cfg.pop("chat_template", None) is not None:
                 cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     return copied
+
+
+def _tokenizer_pad_id(folder: Path) -> Optional[int]:
+    """The pad token id of the tokenizer written to ``folder``, None when it defines none."""
+    return AutoTokenizer.from_pretrained(folder).pad_token_id
 
 
 def _role_tokens_for(tok_dir: Path, template: str) -> None:

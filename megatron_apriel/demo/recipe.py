@@ -228,12 +228,6 @@ class Demo:
     def to_hf(self, stage: str, ckpt: Path, out: Path) -> None:
         self.call(stage, "convert", ["mcore-to-hf", "--ckpt", ckpt, "--out", out, "--tokenizer",
                                      self.d("data") / "tokenizer", "--chat-template", "apriel"])
-        # TRL writes the tokenizer's pad id into the config of the GRPO checkpoints; the same field
-        # here keeps every HF folder of the run on one config, as the merges require.
-        cfg_path = out / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["pad_token_id"] = self.figures["data"]["tokenizer"]["pad_token_id"]
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def evaluate(self, hf: Path, sampled: bool = False) -> dict:
         """Greedy held-out figures; with ``sampled`` also the accuracy of ``SAMPLED_ANSWERS`` answers
