@@ -33,12 +33,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_apriel.checkpoint import average, convert, upscale
 from megatron_apriel.config import load_config
-from megatron_apriel.data import mix_report, preprocess, preprocess_sft
+from megatron_apriel.data import preprocess, preprocess_sft
 from megatron_apriel.demo.card import write_demo_card
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
 from megatron_apriel.errors import RunError
+from megatron_apriel.training import mix_report
 from megatron_apriel.training.config import TrainConfig
 from megatron_apriel.training.plan import make_plan
 
