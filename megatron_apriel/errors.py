@@ -2,7 +2,9 @@
 
 Exit codes of every ``apriel`` verb, ``python -m megatron_apriel.<module>`` and ``tools/*.py``:
 0 done, 1 error (a full or read-only disk included), 2 bad config or input, 3 checkpointed on a stop
-request (SLURM requeues the job), 130 interrupted by SIGINT (Ctrl-C), 143 stopped by SIGTERM.
+request (SLURM requeues the job), 4 a training phase overran its ``fault.*_timeout`` (a hang: the
+stacks and the ranks behind are in the log; SLURM requeues the job like a stop), 130 interrupted by
+SIGINT (Ctrl-C), 143 stopped by SIGTERM.
 
 Library code raises a subclass of :class:`AprielError` whose message names the file, line or key
 at fault; it never exits the process. A verb's ``main(argv)`` is wrapped by :func:`cli_main`,
@@ -23,6 +25,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_REQUEUE = 3  # training and GRPO checkpointed on SIGTERM/SIGUSR1; slurm/*.sh requeue the job
+EXIT_HANG = 4  # the progress watchdog found a phase over its budget (training/fault.py); requeued too
 EXIT_SIGINT = 130  # the shell's 128 + signal number
 EXIT_SIGTERM = 143
 

@@ -15,7 +15,10 @@
 #   CONTAINER_IMAGE  run the tasks in this pyxis/enroot image (srun --container-image)
 #   CONTAINER_MOUNTS pyxis mounts (default: APRIEL_HOME and the submit folder at the same paths)
 #   SRUN_ARGS        extra srun flags
-#   MAX_REQUEUES     give up requeueing after this many restarts (default 50)
+#   MAX_REQUEUES     give up requeueing after this many restarts (default 50), stops and faults alike
+#   EXCLUDE_BAD_NODES=1  on a hang or crash, requeue without the node(s) named as the culprit
+#   APRIEL_FAULT_REPORT  where the tasks describe a fault for the account below (default
+#                    ./.apriel-fault-<job id>.json in the submit folder)
 #   TASK_EXIT_WAIT   seconds srun lets the other tasks run on after the first one exits (default 600)
 #
 # Signals: the scripts ask for `--signal=B:USR1@N`: SLURM signals this batch shell N seconds
@@ -23,10 +26,17 @@
 # every task to stop (see apriel_stop_tasks), the training loop checkpoints at the next step and
 # exits with code 3, and the shell requeues the job (`scontrol requeue`); the next run resumes from
 # checkpoint.save. Keep the B: (without it SLURM sends USR1 to every process of the tasks).
+#
+# Faults: a hang (exit 4: a rank's watchdog found a phase over its fault.*_timeout and named the
+# ranks and nodes behind) or a crash (a task killed by a signal) is requeued like a stop, up to
+# MAX_REQUEUES; any other failure (exit 1: NaN, disk full, a bug; 2: bad config) fails the job, as
+# a rerun would fail the same way. Each fault gets one line: what, where, at which step, detected
+# after how long; the requeued run logs how long the restart took and how many steps it recomputes.
 
 set -euo pipefail
 
 EXIT_REQUEUE=3
+EXIT_HANG=4
 
 apriel_log() { echo "[apriel $(date '+%F %T')] $*"; }
 
@@ -52,6 +62,20 @@ apriel_setup() {
   apriel_log "job ${SLURM_JOB_ID:-none} (${SLURM_JOB_NAME:-}) restart ${SLURM_RESTART_COUNT:-0}:" \
     "${SLURM_JOB_NUM_NODES:-1} node(s) ${SLURM_JOB_NODELIST:-localhost}, ${SLURM_NTASKS:-1} task(s)," \
     "master ${MASTER_ADDR}:${MASTER_PORT}, checkout ${APRIEL_HOME}"
+  export APRIEL_FAULT_REPORT=${APRIEL_FAULT_REPORT:-$PWD/.apriel-fault-${SLURM_JOB_ID:-local}.json}
+  if [ -f "$APRIEL_FAULT_REPORT" ]; then
+    # the previous run ended on a fault: the training process reads it back to count recomputed steps
+    mv -f "$APRIEL_FAULT_REPORT" "$APRIEL_FAULT_REPORT.prev"
+    export APRIEL_FAULT_PREV="$APRIEL_FAULT_REPORT.prev"
+    local t; t=$(apriel_report_field time "$APRIEL_FAULT_PREV")
+    apriel_log "restart ${SLURM_RESTART_COUNT:-0} after $(apriel_report_field kind "$APRIEL_FAULT_PREV"):" \
+      "starting $(( $(date +%s) - ${t%.*} )) s after the fault was detected"
+  fi
+}
+
+# One field of the fault report (flat JSON written by training/fault.py or the task wrapper).
+apriel_report_field() {
+  sed -n "s/.*\"$1\": *\[\{0,1\}\"\{0,1\}\([^\",]*\).*/\1/p" "$2" 2>/dev/null | head -n1
 }
 
 # A path as given if it exists from the submit folder, else relative to the checkout, so that
@@ -101,6 +125,9 @@ rc=0; wait "$pid" || rc=$?
 [ -z "$notifier" ] || kill "$notifier" 2>/dev/null
 if [ "$rc" != 0 ] && [ "$rc" != 3 ]; then  # 3: EXIT_REQUEUE
   how="exited with code $rc"; [ "$rc" -le 128 ] || how="was killed by SIG$(kill -l $((rc - 128)))"
+  # the first task to fail describes the fault, unless the training process did (a hang: exit 4)
+  kind=error; [ "$rc" != 4 ] || kind=hang; [ "$rc" -le 128 ] || kind=crash
+  [ -z "${APRIEL_FAULT_REPORT:-}" ] || (set -C; echo "{\"kind\": \"$kind\", \"rc\": $rc, \"time\": $(date +%s), \"culprit_hosts\": [\"${SLURMD_NODENAME:-$HOSTNAME}\"]}" > "$APRIEL_FAULT_REPORT") 2>/dev/null || true
   echo "[apriel $(date "+%F %T")] ${SLURMD_NODENAME:-$HOSTNAME} task ${SLURM_PROCID:-0}: ${1##*/} (pid $pid) $how:" \
     "ending step ${SLURM_JOB_ID:-}.${SLURM_STEP_ID:-}" >&2
   [ -z "${SLURM_STEP_ID:-}" ] || scancel --signal=KILL "$SLURM_JOB_ID.$SLURM_STEP_ID" 2>/dev/null || true
@@ -186,7 +213,48 @@ apriel_requeue_on_exit() {
         apriel_log "checkpointed (exit 3): requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
         if scontrol requeue "$SLURM_JOB_ID"; then rc=0; else apriel_log "scontrol requeue failed"; fi
       fi ;;
-    *) apriel_log "$what failed (exit $rc)" ;;
+    *)
+      local kind="" report=${APRIEL_FAULT_REPORT:-}
+      [ -z "$report" ] || kind=$(apriel_report_field kind "$report")
+      if [ -z "$kind" ] && [ "$rc" -gt 128 ]; then kind=crash; fi
+      if [ "$kind" = hang ] || [ "$kind" = crash ]; then
+        apriel_requeue_fault "$rc" "$kind" "$report"
+        rc=$?
+      else
+        # the failing task's own code (srun reports the highest, often a peer ended by the wrapper)
+        local first_rc=""
+        [ -z "$report" ] || first_rc=$(apriel_report_field rc "$report")
+        rc=${first_rc:-$rc}
+        apriel_log "$what failed (exit $rc)"
+      fi ;;
   esac
   return "$rc"
+}
+
+# A hang or a crash: one line of account, then requeue (up to MAX_REQUEUES), optionally without the
+# culprit node(s) (EXCLUDE_BAD_NODES=1). Returns 0 when requeued, else the exit code.
+apriel_requeue_fault() {
+  local rc=$1 kind=$2 report=$3 restarts=${SLURM_RESTART_COUNT:-0}
+  local hosts step detected
+  hosts=$(sed -n 's/.*"culprit_hosts": *\[\([^]]*\)\].*/\1/p' "$report" 2>/dev/null | tr -d '" ')
+  step=$(apriel_report_field step "$report")
+  detected=$(apriel_report_field detected_after_s "$report")
+  apriel_log "fault: $kind (exit $rc) on ${hosts:-an unknown node}${step:+ at step $step}${detected:+, detected after $detected s}"
+  if [ -z "${SLURM_JOB_ID:-}" ]; then
+    apriel_log "not under SLURM: run again to resume from the last checkpoint"; return "$rc"
+  fi
+  if [ "$restarts" -ge "${MAX_REQUEUES:-50}" ]; then
+    apriel_log "restart $restarts >= MAX_REQUEUES=${MAX_REQUEUES:-50}: not requeueing"; return "$rc"
+  fi
+  if [ "${EXCLUDE_BAD_NODES:-0}" = 1 ] && [ -n "$hosts" ]; then
+    local excluded
+    excluded=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/.*ExcNodeList=\([^ ]*\).*/\1/p')
+    [ "$excluded" = "(null)" ] && excluded=""
+    if scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="${excluded:+$excluded,}$hosts"; then
+      apriel_log "excluding node(s) $hosts from the requeued job"
+    fi
+  fi
+  apriel_log "requeueing job $SLURM_JOB_ID after the $kind (restart $((restarts + 1)))"
+  if scontrol requeue "$SLURM_JOB_ID"; then return 0; fi
+  apriel_log "scontrol requeue failed"; return "$rc"
 }

@@ -5,6 +5,7 @@
   completes, and its per-step losses equal the uninterrupted job's bit for bit;
 - two srun tasks form a TP=2 group and train the same model (same losses as TP=1 up to reduction
   order);
+- a hung rank is found by the watchdog and named, the job requeued, and it ends with the same losses;
 - ordinary users: one trains, a teammate converts the checkpoint; each job runs as its user and
   writes files owned by that user with the modes its umask asks for.
 
@@ -148,13 +149,20 @@ def test_time_limit_signal_requeue_resume_equals_uninterrupted(cluster, cpt_run,
     assert losses == ref  # exact: the resumed run continues bit-identically
 
 
-def test_two_srun_tasks_form_tp2_group(cluster, cpt_run, tmp_path):
-    ref = _losses(cpt_run[0] / "ckpt")
-    save = tmp_path / "ckpt"
-    job, log = _submit(cluster, tmp_path, [*CPU_ALLOC, "--ntasks-per-node=2", "--time=30"],
-                       [f"checkpoint.save={save}", "model.tp=2"])
+@pytest.fixture(scope="module")
+def tp2_run(cluster, tmp_path_factory):
+    """The tiny CPT job on two srun tasks at TP=2, uninterrupted."""
+    work = tmp_path_factory.mktemp("tp2")
+    job, log = _submit(cluster, work, [*CPU_ALLOC, "--ntasks-per-node=2", "--time=30"],
+                       [f"checkpoint.save={work / 'ckpt'}", "model.tp=2"])
     _finished(cluster, job, log)
-    text = log.read_text()
+    return work, log
+
+
+def test_two_srun_tasks_form_tp2_group(cpt_run, tp2_run):
+    ref = _losses(cpt_run[0] / "ckpt")
+    save = tp2_run[0] / "ckpt"
+    text = tp2_run[1].read_text()
     assert "2 task(s)" in text
     assert "DP=1 TP=2 PP=1" in text, text[-4000:]
     losses = _losses(save)
@@ -207,6 +215,33 @@ def test_ordinary_users_train_and_convert_for_their_team(cluster):
                 assert written[path] == (want, user.pw_name, group), (path, oct(written[path][0]))
     finally:
         shutil.rmtree(base)
+
+
+def test_hung_rank_is_named_requeued_and_resumes_bit_identically(cluster, tp2_run, tmp_path):
+    """A rank that stops making progress (the ``hang`` drill: rank 1 stops at step 25) is found by
+    the watchdog after ``fault.step_timeout``, the launcher logs the fault and requeues the job, and
+    the requeued run resumes from the step-20 checkpoint and ends with the uninterrupted job's losses."""
+    save = tmp_path / "ckpt"
+    job, log = _submit(cluster, tmp_path, [*CPU_ALLOC, "--ntasks-per-node=2", "--time=30"],
+                       [f"checkpoint.save={save}", "model.tp=2", "fault.step_timeout=10",
+                        'fault.inject=[{"rank":1,"step":25,"kind":"hang"}]'], MAX_REQUEUES="2")
+    info = _finished(cluster, job, log, timeout=600)
+    text = log.read_text()
+    assert info["Restarts"] == "1", text[-4000:]
+    assert "fault drill: rank 1 hangs at step 25" in text
+    assert "Current thread" in text or "Thread 0x" in text  # the stacks of the rank that fired
+    report = re.search(r"^fault: hang detected: (.*)$", text, flags=re.M).group(1)
+    assert re.search(r"rank 1 on \S+: behind, in data of step 25", report), report
+    account = re.search(r"fault: hang \(exit \d+\) on (\S+) at step 25, detected after ([0-9.]+) s", text)
+    assert account and 10 <= float(account.group(2)) < 15, text[-4000:]
+    assert "requeueing job" in text and "restart 1 after hang" in text
+    assert "resumed at iteration 20, 5 steps recomputed (the fault was at step 25)" in text
+    last = {}  # the last loss logged per step (the requeued run logs steps 21-25 again)
+    for line in (save / "logs" / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            last[rec["iteration"]] = rec["loss"]
+    assert last == _losses(tp2_run[0] / "ckpt")  # exact
 
 
 def test_sbatch_convert_two_tasks_tp2(cluster, tmp_path):

@@ -46,6 +46,7 @@ from megatron_apriel.hub import resolve_model
 from megatron_apriel.jsonl import iter_jsonl
 from megatron_apriel.rl.rewards import RewardsConfig, TRLReward, combined_reward
 from megatron_apriel.rl.rewards.combine import JSON_FIELDS
+from megatron_apriel.runtime import guardian
 
 
 @dataclasses.dataclass
@@ -477,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(GRPORunConfig, args.config, args.overrides)
     print(json.dumps(dataclasses.asdict(cfg), indent=1), flush=True)
+    guardian.start()  # the math reward's worker, the graders' sandboxes end with this process, even on SIGKILL
     summary = train(cfg)
     # checkpointed on a stop request: slurm/grpo.sh requeues the job, which resumes
     return EXIT_REQUEUE if summary.get("stopped") else EXIT_OK

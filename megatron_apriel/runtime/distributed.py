@@ -9,6 +9,7 @@ talks to megatron-core's ``parallel_state``.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import random
 import re
@@ -136,9 +137,12 @@ def init_distributed(
     vpp: int | None = None,
     device: str = "auto",
     seed: int | None = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30,
 ) -> DistEnv:
-    """Start torch.distributed and megatron-core's parallel groups (idempotent per process)."""
+    """Start torch.distributed and megatron-core's parallel groups (idempotent per process).
+
+    ``timeout_minutes``: how long a collective may wait before torch gives up (training derives it
+    from the ``fault.*_timeout`` budgets, so its own watchdog, which names the culprit, fires first)."""
     from megatron.core import parallel_state
 
     device = resolve_device(device)
@@ -180,7 +184,7 @@ def init_distributed(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if (vpp or 1) > 1 else None,
         context_parallel_size=cp,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_minutes)),
     )
     if seed is not None:
         set_seed(seed)

@@ -3,7 +3,10 @@
 ``<save>/iter_0000100/`` holds one distributed checkpoint (model, optimizer, scheduler, RNG,
 iteration, consumed samples) plus ``run_config.yaml``; ``<save>/latest_checkpointed_iteration.txt``
 names the newest *complete* one. The marker is written (atomically) only after every rank has
-finished writing, so a save interrupted by a crash or a kill is never picked up by a resume.
+finished writing and the folder's manifest (:mod:`megatron_apriel.checkpoint.manifest`: every
+file's size, CRC32 of the small ones) was written and verified, so a save interrupted by a crash or
+a kill is never picked up by a resume, and retention never removes the last verified checkpoint
+before the new one verifies.
 Retention keeps the last K checkpoints plus every M-th, so equispaced ones survive for averaging.
 
 What is hand-written here is only the bookkeeping around megatron-core's save/load: the marker,
@@ -34,6 +37,7 @@ from megatron_apriel.checkpoint.dcp_io import (  # noqa: F401  (the folder helpe
     read_latest,
     resolve_load_dir,
 )
+from megatron_apriel.checkpoint.manifest import write_manifest
 from megatron_apriel.config import ConfigError, atomic_write_text
 from megatron_apriel.runtime.log import is_rank0 as _is_rank0
 
@@ -190,7 +194,7 @@ class Checkpointer:
     def __init__(self, save: Optional[str], keep_last: Optional[int] = None, keep_every: Optional[int] = None,
                  async_save: bool = False, distributed_optimizer: bool = False,
                  optimizer_format: str = "dp_reshardable",
-                 write_config: Optional[Callable[[str], None]] = None, log=print):
+                 write_config: Optional[Callable[[str], None]] = None, log=print, checksum_all: bool = False):
         self.save_root = save
         self.keep_last = keep_last
         self.keep_every = keep_every
@@ -202,6 +206,8 @@ class Checkpointer:
         self.optimizer_format = optimizer_format
         self.write_config = write_config
         self.log = log
+        self.checksum_all = checksum_all
+        self.last_bytes: Optional[int] = None  # size of the newest checkpoint saved (rank 0)
         self._queue = None
         if async_save:
             self._queue = AsyncCallsQueue(persistent=False)
@@ -230,6 +236,7 @@ class Checkpointer:
             if _is_rank0():
                 if self.write_config is not None:
                     self.write_config(os.path.join(path, CONFIG_NAME))
+                self.last_bytes = write_manifest(path, self.checksum_all)
                 atomic_write_text(os.path.join(self.save_root, TRACKER), f"{iteration}\n")
                 self._prune(iteration)
             _barrier()

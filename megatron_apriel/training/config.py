@@ -13,6 +13,7 @@ from megatron_apriel.config import ConfigError
 from megatron_apriel.data.blends import BlendSpec, blend_spec, stage_checkpoint
 from megatron_apriel.data.registry import check_dataset_name
 from megatron_apriel.models import float8, torch_fusions
+from megatron_apriel.training.fault import FaultConfig, check_nan_policy
 from megatron_apriel.training.optimizer import OptimConfig
 
 FREEZE_GROUPS = ("embeddings", "decoder", "output_layer", "vision_encoder", "projector")
@@ -128,8 +129,13 @@ class TrainSection:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     exit_interval: Optional[int] = None  # checkpoint and exit (code 3) after this many iterations
+    # NaN/Inf in the loss or gradients: stop (exit 1, nothing saved, the step named) or skip the
+    # update (logged), at most nan_skip_limit times in a run, then stop
+    nan_policy: str = "stop"
+    nan_skip_limit: int = 10
 
     def validate(self):
+        check_nan_policy(self.nan_policy, self.nan_skip_limit)
         bad = [g for g in self.freeze if g not in FREEZE_GROUPS]
         if bad:
             raise ConfigError(f"train.freeze: unknown group {bad[0]!r} (known: {', '.join(FREEZE_GROUPS)})")
@@ -177,6 +183,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 def blend_spec_of(cfg: TrainConfig) -> BlendSpec:

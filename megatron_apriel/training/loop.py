@@ -8,7 +8,8 @@ dist_checkpointing. This module wires them together and adds what Megatron-LM's 
 adds: the data sampler, resume, signals, retention and logging.
 
 Exit codes: 0 = finished; 3 = checkpointed after SIGTERM/SIGUSR1 or ``train.exit_interval``
-(requeue the job, it resumes from the checkpoint); 2 = bad config; 1 = error.
+(requeue the job, it resumes from the checkpoint); 4 = a phase overran its ``fault.*_timeout``
+(training/fault.py: stacks and culprit ranks in the log; requeue); 2 = bad config; 1 = error.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from megatron_apriel.training.checkpointing import Checkpointer
 from megatron_apriel.training.config import TrainConfig, blend_spec_of
 from megatron_apriel.training.data_loader import Batches, batches
 from megatron_apriel.training.dry_run import dry_run
+from megatron_apriel.training.fault import Faults, close_all, process_group_timeout_minutes
 from megatron_apriel.training.freeze import freeze_groups
 from megatron_apriel.training.metrics import MetricsWriter, Throughput, format_duration
 from megatron_apriel.training.optimizer import build_optimizer, wrap_ddp
@@ -131,6 +133,7 @@ class TrainState:
     checkpointer: Checkpointer
     writer: MetricsWriter
     meter: Throughput
+    faults: Optional[Faults] = None
     iteration: int = 0
     consumed: int = 0
     train_ds: object = None
@@ -150,11 +153,15 @@ def build(plan: RunPlan | TrainConfig) -> TrainState:
     # Before anything slow: a SLURM time-limit signal arriving during start-up (rendezvous, model
     # build, checkpoint load) must not kill the job; it is acted on at the first step boundary.
     stop = StopFlag()
+    # the watchdog's start-up budget starts now; heartbeats once the process group is up
+    faults = Faults(cfg.fault, ck.save, t.nan_policy, t.nan_skip_limit)
     if m.deterministic:
         # cuBLAS reads this when its first handle is made, i.e. before the first matmul
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=plan.device, seed=t.seed)
+    env = init_distributed(tp=m.tp, pp=m.pp, cp=m.cp, vpp=m.vpp, device=plan.device, seed=t.seed,
+                           timeout_minutes=process_group_timeout_minutes(cfg.fault))
+    faults.distributed_ready()
     device = _device_of(env)
     log0(f"distributed: backend {torch.distributed.get_backend()}, world {env.world_size}, device {env.device}")
     dp = ps.get_data_parallel_world_size()
@@ -187,17 +194,22 @@ def build(plan: RunPlan | TrainConfig) -> TrainState:
     checkpointer = Checkpointer(ck.save, ck.keep_last, ck.keep_every, ck.async_save,
                                 distributed_optimizer=t.optim.use_distributed_optimizer,
                                 optimizer_format=ck.optimizer_format,
-                                write_config=lambda p: dump_config(cfg, p), log=log0)
+                                write_config=lambda p: dump_config(cfg, p), log=log0,
+                                checksum_all=cfg.fault.checksum_all)
     if ck.save and is_rank0():
         # the model description beside the iter_* folders: `apriel convert mcore-to-hf --ckpt <save>`
         # and the averaging tool then need no --preset
         os.makedirs(ck.save, exist_ok=True)
         write_model_meta(ck.save, preset, torch.bfloat16 if m.bf16 else torch.float32)
     iteration, consumed = 0, 0
-    if plan.resumes:
+    resume = faults.resume_folder() if plan.resumes else None  # the newest checkpoint that verifies
+    if resume:
         # A complete checkpoint of this run (requeue, crash): always a full resume.
-        iteration, consumed = checkpointer.load(ck.save, ddp, optimizer, scheduler, mode="full")
+        faults.phase("load")
+        iteration, consumed = checkpointer.load(resume, ddp, optimizer, scheduler, mode="full")
+        faults.resumed(iteration)
     elif load:
+        faults.phase("load")
         mode = "full" if ck.load_mode == "full" else "weights"
         iteration, consumed = checkpointer.load(load, ddp, optimizer, scheduler, mode=mode)
         if mode == "weights":
@@ -224,11 +236,12 @@ def build(plan: RunPlan | TrainConfig) -> TrainState:
     peak = lg.peak_tflops * 1e12 if lg.peak_tflops is not None else (peak_flops() if env.device == "cuda" else None)
     tokens_per_step = t.global_batch_size * t.seq_length
     meter = Throughput(flops_per_token(preset, t.seq_length), tokens_per_step, env.world_size, peak)
+    faults.install_compute_timer(ddp)
 
     packed = train_ds is not None and "cu_seqlens" in train_ds[0]
     seq, mbs = (t.seq_length * t.micro_batch_size, 1) if packed else (t.seq_length, t.micro_batch_size)
     return TrainState(cfg, stop, device, env.world_size, dp, n_mb, ddp, optimizer, scheduler, checkpointer, writer,
-                      meter, iteration, consumed, train_ds, valid_ds, named_valid, train_batches, seq, mbs)
+                      meter, faults, iteration, consumed, train_ds, valid_ds, named_valid, train_batches, seq, mbs)
 
 
 def _valid_loss(st: TrainState, ds) -> float:
@@ -262,14 +275,19 @@ def run(st: TrainState) -> int:
     cfg = st.cfg
     m, t, ck, lg = cfg.model, cfg.train, cfg.checkpoint, cfg.logging
     ddp, optimizer, scheduler, checkpointer, writer = st.ddp, st.optimizer, st.scheduler, st.checkpointer, st.writer
+    faults = st.faults
     n_mb = st.n_mb
     exit_code = 0
     last_saved = None
     log0(f"training from iteration {st.iteration} to {t.train_iters}: {n_mb} micro-batches x {t.micro_batch_size} "
          f"per DP rank, DP={st.dp} TP={m.tp} PP={m.pp} CP={m.cp}")
     while st.iteration < t.train_iters:
+        faults.start_step(st.iteration + 1)  # watchdog budget, drills, compute timer
         mb = st.batches.take(n_mb)
-        result = train_step(ddp, optimizer, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, st.seq, st.mbs)
+        faults.computing(st.iteration + 1)
+        result = train_step(ddp, optimizer, [iter(mb) for _ in ddp] if len(ddp) > 1 else iter(mb), n_mb, st.seq, st.mbs,
+                            after_backward=faults.after_backward(st.iteration + 1))
+        skipped = faults.end_step(st.iteration + 1, result)  # non-finite: raises (stop) or True (skip)
         scheduler.step(increment=1)
         st.iteration += 1
         st.consumed += t.global_batch_size
@@ -277,7 +295,8 @@ def run(st: TrainState) -> int:
         st.meter.tick()
         lr = optimizer.param_groups[0]["lr"]
         writer.record({"iteration": iteration, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                       "tokens": result.num_tokens, "consumed_samples": consumed})
+                       "tokens": result.num_tokens, "consumed_samples": consumed,
+                       **({"skipped": True} if skipped else {})})
         if iteration % lg.log_interval == 0 or iteration == t.train_iters:
             r = st.meter.read(t.train_iters - iteration)
             gn = f"{result.grad_norm:.4f}" if result.grad_norm is not None else "n/a"
@@ -288,13 +307,20 @@ def run(st: TrainState) -> int:
             writer.scalars(iteration, {"train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                                        "perf/tokens_per_s_per_gpu": r["tokens_per_s_per_gpu"], "perf/mfu": r["mfu"],
                                        "train/consumed_tokens": consumed * t.seq_length})
+            stragglers = faults.straggler_report(iteration)  # a collective: every rank, same steps
+            if stragglers:
+                named = stragglers.pop("stragglers")
+                writer.scalars(iteration, stragglers)
+                if named:
+                    writer.record({"iteration": iteration, "stragglers": named})
         if lg.eval_interval and iteration % lg.eval_interval == 0:
+            faults.phase("eval")
             _run_eval(st, iteration)
         checkpointer.finalize(blocking=False)
         stopping = st.stop.any_rank(st.device) or (t.exit_interval is not None and iteration % t.exit_interval == 0
                                                    and iteration < t.train_iters)
         if stopping or (ck.save_interval and iteration % ck.save_interval == 0):
-            checkpointer.save(iteration, ddp, optimizer, scheduler, consumed)
+            faults.save(checkpointer, iteration, ddp, optimizer, scheduler, consumed)
             last_saved = iteration
         if stopping:
             log0(f"stopping at iteration {iteration} ({'signal' if st.stop.signalled else 'exit_interval'}): "
@@ -302,8 +328,10 @@ def run(st: TrainState) -> int:
             exit_code = EXIT_REQUEUE
             break
     if exit_code == 0 and ck.save and last_saved != st.iteration:
-        checkpointer.save(st.iteration, ddp, optimizer, scheduler, st.consumed)
+        faults.save(checkpointer, st.iteration, ddp, optimizer, scheduler, st.consumed)
+    faults.phase("save")
     checkpointer.close()
+    faults.close()
     writer.close()
     log0(f"done: iteration {st.iteration}, consumed samples {st.consumed}, exit code {exit_code}")
     return exit_code
@@ -311,7 +339,10 @@ def run(st: TrainState) -> int:
 
 def train(plan: RunPlan | TrainConfig) -> int:
     """:func:`build` then :func:`run`: the whole training of a plan (or a config); returns the exit code."""
-    return run(build(plan))
+    try:
+        return run(build(plan))
+    finally:
+        close_all()  # the watchdog of a build or run that raised
 
 
 @cli_main()

@@ -53,7 +53,7 @@ def wrap_ddp(chunks, transformer_config, optim: OptimConfig):
         overlap_grad_reduce=optim.overlap_grad_reduce,
         overlap_param_gather=optim.overlap_param_gather,
         use_distributed_optimizer=optim.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        check_for_nan_in_grad=False,  # training/step.py checks loss and gradients, names the step
         bucket_size=None,
     )
     return [

@@ -11,6 +11,7 @@ layout and micro-batch split.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -27,6 +28,7 @@ class StepResult:
     grad_norm: Optional[float] = None
     update_successful: bool = True
     skipped_iter: bool = False
+    nonfinite: Optional[str] = None  # "loss", "gradients" or both: the update was not applied
 
 
 def gpt_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
@@ -73,6 +75,22 @@ def _reduce_losses(losses: list[dict]) -> tuple[float, int]:
     return (loss_sum / max(n, 1)), n
 
 
+def _nonfinite(loss: float, chunks) -> Optional[str]:
+    """What was NaN/Inf on any rank: the reduced loss, this rank's gradient buffers (one flag
+    all-reduced over the world, so every rank skips or stops together). Replaces megatron-core's
+    ``check_for_nan_in_grad``, which raises from inside the gradient reduction with no step number
+    and no way to skip the update."""
+    buffers = [b for c in chunks for b in getattr(c, "buffers", []) + getattr(c, "expert_parallel_buffers", [])]
+    grads = any(not bool(torch.isfinite(buf.grad_data).all()) for buf in buffers)
+    flags = torch.tensor([not math.isfinite(loss), grads], dtype=torch.int32)
+    if torch.distributed.is_initialized():
+        device = "cuda" if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl" else "cpu"
+        flags = flags.to(device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    bad = [name for name, f in zip(("loss", "gradients"), flags.tolist()) if f]
+    return " and ".join(bad) or None
+
+
 def _iterators(data_iterator, n_chunks):
     if n_chunks == 1:
         return data_iterator
@@ -106,15 +124,24 @@ def train_step(
     seq_length: int,
     micro_batch_size: int,
     forward_step: Callable = gpt_forward_step,
+    after_backward: Optional[Callable] = None,
 ) -> StepResult:
-    """Forward, backward and optimizer step over ``num_microbatches`` micro-batches."""
+    """Forward, backward and optimizer step over ``num_microbatches`` micro-batches.
+
+    A non-finite loss or gradient on any rank skips the optimizer step (``nonfinite`` says what);
+    the caller decides whether to stop. ``after_backward(chunks)`` runs before that check (drills)."""
     for chunk in chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = _schedule(chunks, forward_step, _iterators(data_iterator, len(chunks)), num_microbatches, seq_length,
                        micro_batch_size, forward_only=False)
-    update_successful, grad_norm, _ = optimizer.step()
+    if after_backward is not None:
+        after_backward(chunks)
     loss, n = _reduce_losses(losses)
+    bad = _nonfinite(loss, chunks)
+    if bad:
+        return StepResult(loss=loss, num_tokens=n, update_successful=False, skipped_iter=True, nonfinite=bad)
+    update_successful, grad_norm, _ = optimizer.step()
     return StepResult(
         loss=loss,
         num_tokens=n,
