@@ -20,7 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "chat-tokenizer": ("megatron_apriel.data.chat_tokenizer", "an HF tokenizer with a chat format's role tokens"),
     "preprocess-multimodal": ("megatron_apriel.data.preprocess_multimodal",
                               "image-text JSONL + images -> indexed datasets"),
-    "mix-report": ("megatron_apriel.data.mix_report", "what a blend spec will draw from each source"),
+    "mix-report": ("megatron_apriel.training.mix_report", "what a blend spec will draw from each source"),
     "train": ("megatron_apriel.training.loop", "upscale-training, CPT and SFT on megatron-core"),
     "convert": ("megatron_apriel.checkpoint.convert", "HF <-> megatron-core distributed checkpoints"),
     "upscale": ("megatron_apriel.checkpoint.upscale", "depth upscaling of an HF checkpoint"),

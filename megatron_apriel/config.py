@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import os
 import tempfile
 import types
@@ -142,7 +143,12 @@ def from_dict(cls, data: dict, where: str = ""):
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        # A validate() that takes ``where`` names its keys under it, so a section read on its own
+        # (a blend file) names them from its top level and one inside a config with its full path.
+        if "where" in inspect.signature(validate).parameters:
+            validate(where=where)
+        else:
+            validate()
     return obj
 
 

@@ -15,7 +15,6 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from megatron_apriel.config import ConfigError, from_dict
-from megatron_apriel.data import mix_report
 from megatron_apriel.data.blends import (
     BlendSpec,
     blend_weights,
@@ -24,6 +23,7 @@ from megatron_apriel.data.blends import (
     stage_checkpoint,
     train_samples_for,
 )
+from megatron_apriel.training import mix_report
 
 SEQ = 32
 
@@ -210,8 +210,11 @@ def test_invalid_spec_names_the_key(corpus, change, key):
     d = spec_dict(root)
     change(d)
     with pytest.raises(ConfigError) as e:
-        from_dict(BlendSpec, d)
+        from_dict(BlendSpec, d, "data.blend")
     assert key in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a blend file of its own: keys from its top level
+        from_dict(BlendSpec, d)
+    assert key.replace("data.blend.", "") in str(e.value) and "data.blend" not in str(e.value)
 
 
 def test_bad_data_names_the_key(corpus, tmp_path):
@@ -236,7 +239,8 @@ def test_mix_report_cli(corpus, tmp_path, capsys):
     root, sizes = corpus
     d = spec_dict(root, cache_dir=str(tmp_path / "cache"), repeat_warning=3.0)
     d.pop("seq_length")  # filled from train.seq_length, as the training loop does
-    config = {"data": {"kind": "blend", "blend": d}, "train": {"seq_length": SEQ, "global_batch_size": 16}}
+    config = {"model": {"preset": "tiny"}, "data": {"kind": "blend", "blend": d},
+              "train": {"seq_length": SEQ, "global_batch_size": 16}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(config))
     png, js = tmp_path / "mix.png", tmp_path / "mix.json"
     rc = mix_report.main([str(tmp_path / "spec.yaml"), "--png", str(png), "--json", str(js)])

@@ -175,6 +175,23 @@ def test_bf16_import_export(hf_dir, tmp_path, dist_world_of_one):
     assert json.loads((tmp_path / "h" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_export_writes_the_tokenizers_pad_id_into_the_config(hf_dir, tp1, tmp_path):
+    """A tokenizer with a pad token gives config.json its id (what TRL writes when it saves, what
+    vLLM and generate read); one without leaves the field as the source config had it."""
+    from transformers import AutoTokenizer
+
+    tok = make_tokenizer(tmp_path / "tok")
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(tmp_path / "tok")
+    assert tok.pad_token_id == 500
+    mcore_to_hf_checkpoint(tp1 / "mcore", tmp_path / "h", tokenizer=str(tmp_path / "tok"), chat_template="apriel")
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["pad_token_id"] == AutoTokenizer.from_pretrained(tmp_path / "h").pad_token_id == 500
+    assert json.loads((tp1 / "hf" / "config.json").read_text()).get("pad_token_id") == \
+        json.loads((hf_dir / "config.json").read_text()).get("pad_token_id")
+    assert_same_tensors(tp1 / "hf", tmp_path / "h")
+
+
 def test_bad_inputs_are_refused_and_nothing_is_written(hf_dir, tmp_path, dist_world_of_one, capsys):
     from safetensors.torch import save_file
 

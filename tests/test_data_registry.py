@@ -13,13 +13,13 @@ import yaml
 from test_multimodal_data import write_text_prefix
 
 from megatron_apriel.config import ConfigError, load_config
-from megatron_apriel.data import mix_report
 from megatron_apriel.data.blends import resolve_stage
 from megatron_apriel.data.image_text_blend import ImageTextBlend
 from megatron_apriel.data.multimodal import MultimodalDataset
 from megatron_apriel.data.registry import DATASETS, resolve_dataset
 from megatron_apriel.data.sft import SFTDataset
 from megatron_apriel.data.synthetic import SyntheticDataset, SyntheticImageTextDataset
+from megatron_apriel.training import mix_report
 from megatron_apriel.training.config import TrainConfig, blend_spec_of
 from megatron_apriel.training.loop import build_datasets_from_config, main
 
@@ -92,12 +92,12 @@ def test_one_blend_resolver(tmp_path):
         (tmp_path / f"cfg_{name}.yaml").write_text(yaml.safe_dump(cfg))
 
     training = blend_spec_of(load_config(TrainConfig, tmp_path / "cfg_blend.yaml"))
-    report, gbs = mix_report.load_spec(str(tmp_path / "cfg_blend.yaml"))
-    assert training == report and gbs == 4
+    report, gbs, key = mix_report.load_spec(str(tmp_path / "cfg_blend.yaml"))
+    assert training == report and gbs == 4 and key == "data.blend"
     assert training.seq_length == 32 and training.steps == 5  # seq_length from the train section
     assert training.sources[0].prefixes == [a] and training.stage == "two"
 
-    report_it, gbs_it = mix_report.load_spec(str(tmp_path / "cfg_image_text.yaml"))
+    report_it, gbs_it, _ = mix_report.load_spec(str(tmp_path / "cfg_image_text.yaml"))
     itb = ImageTextBlend(str(tmp_path / "blend.yaml"), seq_length=32, global_batch_size=4)
     assert gbs_it == 4 and report_it == training
     assert itb.spec == resolve_stage(report_it)

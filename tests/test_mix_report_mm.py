@@ -11,10 +11,10 @@ import yaml
 from PIL import Image
 from test_multimodal_data import corpus, run_preprocess, write_text_prefix  # noqa: F401  (corpus: fixture)
 
-from megatron_apriel.data import mix_report
 from megatron_apriel.data import multimodal as mm
 from megatron_apriel.data import multimodal_format as fmt
 from megatron_apriel.data.image_text_blend import ImageTextBlend
+from megatron_apriel.training import mix_report
 
 SEQ, GBS, STEPS, FIRST = 128, 8, 250, 300
 
@@ -149,7 +149,7 @@ def test_missing_image_text_prefix_is_named(data, corpus, tmp_path, capsys):  # 
     ], tmp_path / "cache")
     assert mix_report.main([spec, "--json", str(js), "--png", str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress line
-    assert err.startswith("error: data.blend.sources[1].prefixes[1]: ") and "nope_multimodal.json" in err
+    assert err.startswith(f"error: {spec}: sources[1].prefixes[1]: ") and "nope_multimodal.json" in err
 
     # the settings file is there, its tokens dataset is not
     assert run_preprocess(root, tok, [good], tmp_path / "broken") == 0
@@ -160,6 +160,6 @@ def test_missing_image_text_prefix_is_named(data, corpus, tmp_path, capsys):  # 
     ], tmp_path / "cache")
     assert mix_report.main([spec, "--json", str(js), "--png", str(png)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("error: data.blend.sources[1].prefixes[1]: ")
+    assert err.startswith(f"error: {spec}: sources[1].prefixes[1]: ")
     assert "broken_tokens_document.bin/.idx: missing" in err
     assert not png.exists() and not js.exists()

@@ -41,9 +41,8 @@ from typing import Iterable, Iterator, Optional
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-from transformers import GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
-from megatron_apriel.checkpoint import mistral
 from megatron_apriel.checkpoint import table as tbl
 from megatron_apriel.checkpoint.dcp_io import (  # noqa: F401  (MODEL_META ... read_model_meta: this module's API too)
     DTYPES,
@@ -128,7 +127,7 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
     canonical = family.hf_canonical(reader, preset)
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    dtype = dtype or _safetensors_dtype(reader, canonical.entries[mistral.EMBEDDING].hf[0])
+    dtype = dtype or _safetensors_dtype(reader, canonical.entries[tbl.EMBEDDING].hf[0])
     for what, n in family_of(preset).tp_divides(preset):
         if n % tp:
             raise ConversionError(f"tp={tp} does not divide {what} ({n}) of {hf_dir}")
@@ -136,7 +135,7 @@ def hf_to_mcore_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike
         raise ConversionError(f"pp={pp} does not divide num_layers={preset.num_layers}")
     out = Path(out_dir)
     n_out = canonical.hf_bytes * dtype.itemsize // max(_safetensors_dtype(
-        reader, canonical.entries[mistral.EMBEDDING].hf[0]).itemsize, 1)
+        reader, canonical.entries[tbl.EMBEDDING].hf[0]).itemsize, 1)
     if is_rank0():  # before the model is built: the folder, its free space for the tensors
         check_output_folder(out, force, n_out)
 
@@ -210,18 +209,18 @@ class McoreCheckpointReader(DistCheckpointReader):
     def __init__(self, ckpt_dir: str | os.PathLike):
         super().__init__(ckpt_dir)
         layer_keys = [k for k in self.meta if k.startswith("decoder.layers.")]
-        if mistral.EMBEDDING not in self.meta or not layer_keys:
+        if tbl.EMBEDDING not in self.meta or not layer_keys:
             raise ConversionError(f"{self.path}: no GPT model tensors (found {limited(self.meta, 8)})")
         self.num_layers: int = self.meta[layer_keys[0]].global_shape[0]
 
     def keys(self) -> list[str]:
-        names = [mistral.EMBEDDING]
+        names = [tbl.EMBEDDING]
         for i in range(self.num_layers):
-            names += [n for s in mistral.LAYER_SUFFIXES for n in [f"decoder.layers.{i}.{s}"]
+            names += [n for s in tbl.LAYER_SUFFIXES for n in [f"decoder.layers.{i}.{s}"]
                       if self.stored_key(n)[0] in self.meta]
-        names.append(mistral.FINAL_NORM)
-        if mistral.OUTPUT in self.meta:
-            names.append(mistral.OUTPUT)
+        names.append(tbl.FINAL_NORM)
+        if tbl.OUTPUT in self.meta:
+            names.append(tbl.OUTPUT)
         return names
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -277,7 +276,7 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     family = driver_of(family_of(preset))
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    dtype = dtype or reader.meta[mistral.EMBEDDING].dtype
+    dtype = dtype or reader.meta[tbl.EMBEDDING].dtype
     side = Path(reader.path) / HF_SIDE
     side = side if side.is_dir() else None
     template = read_chat_template(chat_template)
@@ -301,8 +300,16 @@ def mcore_to_hf_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
             raise
         writer.close()
         bar.close()
-        family.export_config(preset, side, dtype).save_pretrained(tmp)
+        config = family.export_config(preset, side, dtype)
         copied = write_hf_side_files(tmp, out_dir, preset, side, tokenizer, template)
+        pad = _tokenizer_pad_id(tmp) if copied else None
+        if pad is not None and getattr(config, "pad_token_id", None) is None:
+            # HF trainers (TRL's GRPO among them) write the tokenizer's pad id into config.json when
+            # they save, and vLLM and transformers' generate read it from there: the export carries it
+            # too, so a folder trained from it keeps the same config (merges compare configs) and
+            # serving needs no pad id passed by hand.
+            config.pad_token_id = pad
+        config.save_pretrained(tmp)
         export_card(tmp, reader.path, preset.name, dtype_name(dtype), **(card or {}))
     summary = {"tensors": writer.num_tensors, "bytes": writer.total_bytes, "dtype": dtype_name(dtype),
                "seconds": round(time.time() - start, 2), "tokenizer_files": copied}
@@ -351,6 +358,11 @@ def write_hf_side_files(tmp: Path, out_dir, preset: ModelPreset, side: Optional[
             if tok_cfg.pop("chat_template", None) is not None:
                 cfg_path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False))
     return copied
+
+
+def _tokenizer_pad_id(folder: Path) -> Optional[int]:
+    """The pad token id of the tokenizer written to ``folder``, None when it defines none."""
+    return AutoTokenizer.from_pretrained(folder).pad_token_id
 
 
 def _role_tokens_for(tok_dir: Path, template: str) -> None:

@@ -53,15 +53,11 @@ LAYER_FUSED = {
     ),
     "mlp.linear_fc1.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
-LAYER_SUFFIXES = tuple(LAYER_COPY) + tuple(LAYER_FUSED)
+assert tuple(LAYER_COPY) + tuple(LAYER_FUSED) == tbl.LAYER_SUFFIXES  # every GPT layer tensor, in stream order
 # Tensors outside the layers: canonical name -> HF name under the decoder prefix (``model`` in a
 # MistralForCausalLM); None: the layout's lm_head, which sits beside the decoder, not under it.
-GLOBAL_COPY = {
-    "embedding.word_embeddings.weight": "embed_tokens.weight",
-    "decoder.final_layernorm.weight": "norm.weight",
-    "output_layer.weight": None,
-}
-EMBEDDING, FINAL_NORM, OUTPUT = GLOBAL_COPY
+EMBEDDING, FINAL_NORM, OUTPUT = tbl.EMBEDDING, tbl.FINAL_NORM, tbl.OUTPUT
+GLOBAL_COPY = {EMBEDDING: "embed_tokens.weight", FINAL_NORM: "norm.weight", OUTPUT: None}
 VOCAB_TENSORS = (EMBEDDING, OUTPUT)
 
 # TP layout of each canonical tensor: dim split across ranks, or None when replicated.

@@ -24,6 +24,22 @@ from megatron_apriel.models.presets import ModelPreset
 
 COPY, QKV, GATED = "copy", "qkv", "gated"
 
+# Canonical names of megatron-core's GPT decoder (local spec), which every family's language model is:
+# the tensors outside the layers, and each layer's suffixes under ``decoder.layers.<i>.``. Their order
+# is the order a checkpoint streams in (McoreCheckpointReader.keys), which averaging follows, so the
+# bytes an average writes depend on it: change it only with that in mind.
+EMBEDDING = "embedding.word_embeddings.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
+OUTPUT = "output_layer.weight"
+LAYER_SUFFIXES = (
+    "input_layernorm.weight",
+    "self_attention.linear_proj.weight",
+    "pre_mlp_layernorm.weight",
+    "mlp.linear_fc2.weight",
+    "self_attention.linear_qkv.weight",
+    "mlp.linear_fc1.weight",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Entry:

@@ -70,8 +70,8 @@ class StageSpec:
 class BlendSpec:
     """The ``data.blend`` section of a training YAML (or a blend file of its own).
 
-    Errors name keys as ``data.blend.<key>``; ``mix_report.load_spec`` strips that prefix for a
-    bare blend file.
+    Errors name keys under where the spec was read (``from_dict``'s ``where``): ``data.blend.<key>``
+    in a training config, ``<key>`` in a blend file of its own.
     """
 
     sources: list[SourceSpec]
@@ -90,14 +90,15 @@ class BlendSpec:
     mid_level_dataset_surplus: float = 0.005
     num_dataset_builder_threads: int = 1
 
-    def validate(self) -> None:
+    def validate(self, where: str = "data.blend") -> None:
+        at = f"{where}." if where else ""
         if not self.sources:
-            raise ConfigError("data.blend.sources: give at least one source")
+            raise ConfigError(f"{at}sources: give at least one source")
         names: set[str] = set()
         seen_prefixes: dict[str, str] = {}
         given = [s.weight is not None for s in self.sources]
         for i, s in enumerate(self.sources):
-            key = f"data.blend.sources[{i}]"
+            key = f"{at}sources[{i}]"
             if not s.name:
                 raise ConfigError(f"{key}.name: empty source name")
             if s.name in names:
@@ -126,14 +127,14 @@ class BlendSpec:
                 for j, w in enumerate(s.prefix_weights):
                     _check_positive(w, f"{key}.prefix_weights[{j}]")
         if self.seq_length <= 0:
-            raise ConfigError(f"data.blend.seq_length: must be positive, got {self.seq_length}")
-        parse_split(self.split)
-        _check_budget(self.tokens, self.steps, "data.blend")
+            raise ConfigError(f"{at}seq_length: must be positive, got {self.seq_length}")
+        parse_split(self.split, f"{at}split")
+        _check_budget(self.tokens, self.steps, at)
         if self.repeat_warning <= 0:
-            raise ConfigError(f"data.blend.repeat_warning: must be positive, got {self.repeat_warning}")
+            raise ConfigError(f"{at}repeat_warning: must be positive, got {self.repeat_warning}")
         stage_names: set[str] = set()
         for i, st in enumerate(self.stages):
-            key = f"data.blend.stages[{i}]"
+            key = f"{at}stages[{i}]"
             if not st.name or st.name in stage_names:
                 raise ConfigError(f"{key}.name: missing or duplicate stage name {st.name!r}")
             stage_names.add(st.name)
@@ -143,9 +144,9 @@ class BlendSpec:
                 _check_positive(w, f"{key}.weights.{src}")
             if st.weights and not all(given) and set(st.weights) != names:
                 raise ConfigError(f"{key}.weights: sources have no weights, so give all of them here")
-            _check_budget(st.tokens, st.steps, key)
+            _check_budget(st.tokens, st.steps, f"{key}.")
         if self.stage is not None and self.stage not in stage_names:
-            raise ConfigError(f"data.blend.stage: no stage named {self.stage!r} (stages: {sorted(stage_names)})")
+            raise ConfigError(f"{at}stage: no stage named {self.stage!r} (stages: {sorted(stage_names)})")
 
 
 def _check_positive(value: float, key: str) -> None:
@@ -153,24 +154,25 @@ def _check_positive(value: float, key: str) -> None:
         raise ConfigError(f"{key}: a weight must be a positive number, got {value!r}")
 
 
-def _check_budget(tokens, steps, key: str) -> None:
+def _check_budget(tokens, steps, at: str) -> None:
+    """``at``: the section's key prefix (``data.blend.``, ``data.blend.stages[0].``, or empty)."""
     if tokens is not None and steps is not None:
-        raise ConfigError(f"{key}.tokens / {key}.steps: give the budget as tokens or steps, not both")
+        raise ConfigError(f"{at}tokens / {at}steps: give the budget as tokens or steps, not both")
     if tokens is not None and not tokens > 0:
-        raise ConfigError(f"{key}.tokens: must be positive, got {tokens}")
+        raise ConfigError(f"{at}tokens: must be positive, got {tokens}")
     if steps is not None and not steps > 0:
-        raise ConfigError(f"{key}.steps: must be positive, got {steps}")
+        raise ConfigError(f"{at}steps: must be positive, got {steps}")
 
 
-def parse_split(split: str) -> list[float]:
+def parse_split(split: str, key: str = "data.blend.split") -> list[float]:
     """``"99,1,0"`` -> normalised [train, valid, test] (megatron-core's own parser, checked first)."""
     parts = [p.strip() for p in str(split).replace("/", ",").split(",")]
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"data.blend.split: expected numbers like '99,1,0', got {split!r}") from None
+        raise ConfigError(f"{key}: expected numbers like '99,1,0', got {split!r}") from None
     if len(values) > 3 or any(v < 0 for v in values) or not values or values[0] <= 0:
-        raise ConfigError(f"data.blend.split: expected up to 3 non-negative numbers with train > 0, got {split!r}")
+        raise ConfigError(f"{key}: expected up to 3 non-negative numbers with train > 0, got {split!r}")
     values += [0.0] * (3 - len(values))
     total = sum(values)
     return [v / total for v in values]
@@ -295,14 +297,15 @@ def blend_weights(spec: BlendSpec, stats=prefix_stats, key: str = "data.blend") 
     -> (tokens, documents), which also reads image-text prefixes, and its ``key``.
     """
     spec = resolve_stage(spec)
+    at = f"{key}." if key else ""  # a blend file of its own: keys from its top level
     per_source = []
     for i, s in enumerate(spec.sources):
-        per = [stats(p, f"{key}.sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
+        per = [stats(p, f"{at}sources[{i}].prefixes[{j}]") for j, p in enumerate(s.prefixes)]
         if sum(t for t, _ in per) == 0:
-            raise ConfigError(f"{key}.sources[{i}]: source {s.name!r} has no tokens in {s.prefixes}")
+            raise ConfigError(f"{at}sources[{i}]: source {s.name!r} has no tokens in {s.prefixes}")
         for j, (t, _) in enumerate(per):
             if t == 0 and (s.prefix_weights is not None):
-                raise ConfigError(f"{key}.sources[{i}].prefixes[{j}]: {s.prefixes[j]} has no tokens")
+                raise ConfigError(f"{at}sources[{i}].prefixes[{j}]: {s.prefixes[j]} has no tokens")
         per_source.append(per)
     source_w = [s.weight if s.weight is not None else sum(t for t, _ in per)
                 for s, per in zip(spec.sources, per_source)]

@@ -72,15 +72,17 @@ class ImageTextBlend(torch.utils.data.Dataset):
     """
 
     def __init__(self, blend, seq_length: int, global_batch_size: Optional[int] = None,
-                 num_samples: Optional[int] = None, eod_token: int = 2, pack: bool = True, pad_token_id: int = 0):
-        spec = resolve_stage(blend_spec(blend, seq_length, key=KEY))
+                 num_samples: Optional[int] = None, eod_token: int = 2, pack: bool = True, pad_token_id: int = 0,
+                 key: str = KEY):
+        # ``key``: how errors name the spec (the mix report of a blend file names keys from its top level)
+        spec = resolve_stage(blend_spec(blend, seq_length, key=key))
         if num_samples is None:
             if global_batch_size is None:
                 raise ConfigError("data.factory_args: give global_batch_size (or num_samples) to size the blend")
             num_samples = train_samples_for(spec, global_batch_size)
         # the blend's one flattening of the two-level weights; which prefixes are multimodal
         flat = [(i.source, i.prefix, is_multimodal(i.prefix), i.weight)
-                for i in blend_weights(spec, stats=_prefix_stats, key=KEY)]
+                for i in blend_weights(spec, stats=_prefix_stats, key=key)]
         self.prefixes = [(f[0], f[1]) for f in flat]  # (source, prefix) in spec order, drawn ones only
         self.prefix_weights = [f[3] for f in flat]  # share of the whole blend
         text = [f for f in flat if not f[2]]

@@ -1,4 +1,5 @@
-"""``apriel mix-report SPEC``: what a blend will draw from each source before a run spends GPUs on it.
+"""The mix report of a blend: what it will draw from each source before a run spends GPUs on it
+(the ``apriel mix-report`` verb, :mod:`megatron_apriel.training.mix_report`, reads the spec).
 
 It builds the stage's indices exactly as training does (``blends.build_datasets``, so the cache is
 shared with the run) and reads the realised mix from megatron-core's blending index
@@ -14,14 +15,11 @@ from ``ImageTextBlend.prefix_counts``. For such a prefix, "tokens available" are
 samples of its ``_tokens_document`` dataset that fit in ``seq_length + 1`` (the ones the blend can
 draw; images included as their placeholder tokens, the whole dataset since the split applies to
 text prefixes only), and "tokens drawn" is samples x seq_length as for text (a packed row is one
-sample). Text prefixes of such a blend report their train split as in a text blend. A training config
-whose data is the registered ``image-text-blend`` (however the config names it) is read through its
-``factory_args`` as training reads it.
+sample). Text prefixes of such a blend report their train split as in a text blend.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -29,10 +27,9 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from megatron_apriel.config import ConfigError, apply_overrides, atomic_path, atomic_write_text, from_dict, load_yaml
+from megatron_apriel.config import atomic_path
 from megatron_apriel.data.blends import (
     BlendSpec,
-    blend_spec,
     blend_weights,
     build_datasets,
     resolve_stage,
@@ -40,9 +37,6 @@ from megatron_apriel.data.blends import (
 )
 from megatron_apriel.data.image_text_blend import ImageTextBlend, is_multimodal
 from megatron_apriel.data.multimodal import MultimodalDataset
-from megatron_apriel.data.registry import resolve_dataset
-from megatron_apriel.errors import cli_main
-from megatron_apriel.outputs import ArgumentParser, check_output_file, positive_int
 
 
 @dataclass
@@ -68,64 +62,15 @@ class Report:
     warnings: list[str]
 
 
-def load_spec(path: str, overrides=()) -> tuple[BlendSpec, int | None]:
-    """A bare blend spec, or a training config with a ``data.blend`` (or ``data``) section.
-
-    Returns the spec and the training config's global batch size (None for a bare spec). A
-    training config's blend is read by :func:`blends.blend_spec`, as the training loop and the
-    image-text blend read it (``train.seq_length`` / ``train.train_iters`` fill a blend that gives
-    no sequence length / budget of its own).
-    """
-    raw = apply_overrides(load_yaml(path), overrides)
-    if "sources" in raw or not isinstance(raw.get("data"), dict):
-        try:
-            return from_dict(BlendSpec, raw, "data.blend"), None
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {str(e).replace('data.blend.', '')}") from None
-    data, train = raw["data"], raw.get("train") or {}
-    if data.get("kind") == "dataset" and resolve_dataset(str(data.get("factory"))) is ImageTextBlend:
-        return _image_text_spec(path, data, train)
-    if "blend" in data:
-        section, where = data["blend"], "data.blend"
-    else:
-        section = {k: v for k, v in data.items() if k not in ("kind", "eod_token")}
-        where = "data"
-    try:
-        spec = blend_spec(section, train.get("seq_length"), train.get("train_iters"))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {str(e).replace('data.blend.', f'{where}.')}") from None
-    return spec, train.get("global_batch_size")
-
-
-def _image_text_spec(path: str, data: dict, train: dict) -> tuple[BlendSpec, int | None]:
-    """The spec of a training config whose data is the image-text blend: its ``factory_args``, as
-    training passes them (``blend`` a mapping or a YAML path, ``seq_length`` = train.seq_length)."""
-    args = data.get("factory_args") or {}
-    blend = args.get("blend")
-    if isinstance(blend, str):  # keys are then named from the blend file's top level
-        if not os.path.isfile(blend):
-            raise ConfigError(f"{path}: data.factory_args.blend: {blend}: no such file")
-        section, where = load_yaml(blend), f"{blend}: "
-    elif isinstance(blend, dict):
-        section, where = dict(blend), f"{path}: data.factory_args.blend."
-    else:
-        raise ConfigError(f"{path}: data.factory_args.blend: give the blend spec (a mapping or a YAML path)")
-    seq = train.get("seq_length")
-    if seq is not None and section.get("seq_length", seq) != seq:
-        raise ConfigError(f"{where}seq_length: {section['seq_length']} != train.seq_length {seq} of {path}")
-    try:
-        spec = blend_spec(section, seq)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("data.blend.", where)) from None
-    return spec, args.get("global_batch_size") or train.get("global_batch_size")
-
-
-def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, stage: str | None = None) -> Report:
+def mix_report(spec: BlendSpec, global_batch_size: int = 1, first: int = 1000, stage: str | None = None,
+               key: str = "data.blend") -> Report:
+    """The report of ``spec``; ``key`` names the spec in errors (``data.blend`` in a training config,
+    empty for a blend file of its own)."""
     spec = resolve_stage(spec, stage)
     n_stage = train_samples_for(spec, global_batch_size)
     if any(is_multimodal(p) for s in spec.sources for p in s.prefixes):
-        return _image_text_report(spec, global_batch_size, first, n_stage)
-    infos = blend_weights(spec)
+        return _image_text_report(spec, global_batch_size, first, n_stage, key)
+    infos = blend_weights(spec, key=key)
     print(f"building the indices of {len(infos)} prefixes for {n_stage:,} samples "
           f"(cache: {spec.cache_dir or 'beside the data'}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -167,16 +112,13 @@ def _report(spec: BlendSpec, n_stage: int, first: int, prefixes: list[Row]) -> R
     return Report(spec.stage, spec.seq_length, n_stage, first, sources, prefixes, warnings)
 
 
-def _image_text_report(spec: BlendSpec, global_batch_size: int, first: int, n_stage: int) -> Report:
+def _image_text_report(spec: BlendSpec, global_batch_size: int, first: int, n_stage: int, key: str) -> Report:
     raw = dict(asdict(spec), stages=[], stage=None)  # already resolved: its weights, budget and seed
     print(f"building the image-text blend of {sum(len(s.prefixes) for s in spec.sources)} prefixes for "
           f"{n_stage:,} samples (text indices cache: {spec.cache_dir or 'beside the data'}) ...",
           file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    try:
-        blend = ImageTextBlend(raw, spec.seq_length, global_batch_size=global_batch_size, num_samples=n_stage)
-    except ConfigError as e:  # keys as a text blend names them
-        raise ConfigError(str(e).replace("data.factory_args.blend.", "data.blend.")) from None
+    blend = ImageTextBlend(raw, spec.seq_length, global_batch_size=global_batch_size, num_samples=n_stage, key=key)
     print(f"blend ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     first = min(first, n_stage)
     count_first, count_stage = blend.prefix_counts(first), blend.prefix_counts(n_stage)
@@ -248,34 +190,3 @@ def write_png(r: Report, path: str) -> None:
     finally:
         plt.close(fig)
 
-
-@cli_main()
-def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog="apriel mix-report", description=__doc__.splitlines()[0])
-    ap.add_argument("spec", help="blend spec YAML, or a training config with a data: section")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seed=7 (data.seed=7 for a training config)")
-    ap.add_argument("--stage", default=None, help="stage of a staged curriculum (default: the spec's)")
-    ap.add_argument("--global-batch-size", type=positive_int, default=None,
-                    help="rounds a token budget up to whole steps (default: the training config's, or 1)")
-    ap.add_argument("--first", type=positive_int, default=1000, help="samples of the early-share column")
-    ap.add_argument("--png", default=None, help="bar chart path (default: SPEC with .mix.png)")
-    ap.add_argument("--json", default=None, help="also write the numbers as JSON")
-    args = ap.parse_args(argv)
-    png = args.png or os.path.splitext(args.spec)[0] + ".mix.png"
-    check_output_file(png, "--png" if args.png else "--png (default: beside the spec)")
-    if args.json:
-        check_output_file(args.json, "--json")
-    spec, config_gbs = load_spec(args.spec, args.overrides)
-    gbs = args.global_batch_size or config_gbs or 1
-    report = mix_report(spec, gbs, args.first, args.stage)
-    print(format_report(report))
-    write_png(report, png)
-    print(f"wrote {png}")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(asdict(report), indent=2))
-        print(f"wrote {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

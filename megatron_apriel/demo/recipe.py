@@ -33,12 +33,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from megatron_apriel.checkpoint import average, convert, upscale
 from megatron_apriel.config import load_config
-from megatron_apriel.data import mix_report, preprocess, preprocess_sft
+from megatron_apriel.data import preprocess, preprocess_sft
 from megatron_apriel.demo.card import write_demo_card
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
 from megatron_apriel.errors import RunError
+from megatron_apriel.training import mix_report
 from megatron_apriel.training.config import TrainConfig
 from megatron_apriel.training.plan import make_plan
 
@@ -228,12 +229,6 @@ class Demo:
     def to_hf(self, stage: str, ckpt: Path, out: Path) -> None:
         self.call(stage, "convert", ["mcore-to-hf", "--ckpt", ckpt, "--out", out, "--tokenizer",
                                      self.d("data") / "tokenizer", "--chat-template", "apriel"])
-        # TRL writes the tokenizer's pad id into the config of the GRPO checkpoints; the same field
-        # here keeps every HF folder of the run on one config, as the merges require.
-        cfg_path = out / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["pad_token_id"] = self.figures["data"]["tokenizer"]["pad_token_id"]
-        cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
 
     def evaluate(self, hf: Path, sampled: bool = False) -> dict:
         """Greedy held-out figures; with ``sampled`` also the accuracy of ``SAMPLED_ANSWERS`` answers
