@@ -191,17 +191,12 @@ def check_files(cfg: TrainConfig, blend: Optional[BlendSpec], load: Optional[str
                 resumes: bool) -> list[str]:
     """Data and checkpoint paths as training reads them; lines describing the data.
 
-    The starting checkpoint is checked first: a checkpoint of another model is the more basic mistake,
-    and its message names every differing field, which a missing data file would hide."""
+    A starting checkpoint that exists is compared with the config first: a checkpoint of another model
+    is the more basic mistake, and its message names every differing field, which a missing data file
+    would hide. Missing paths are named in the order data, then checkpoint."""
     lines = []
-    if resumes:
-        ckpt_line = f"checkpoint.save: {cfg.checkpoint.save} holds a checkpoint: the run resumes it"
-    else:
-        ckpt_line = None
-        if load:
-            if not os.path.exists(load):
-                raise ConfigError(f"checkpoint.load: {load} does not exist")
-            check_loaded_model(load, preset, cfg.model.preset)
+    if load and not resumes and os.path.exists(load):
+        check_loaded_model(load, preset, cfg.model.preset)
     if blend is not None:
         infos = blend_weights(blend)  # every prefix's .bin/.idx read, a ConfigError naming it otherwise
         need = train_samples_for(blend, cfg.train.global_batch_size) * resolve_stage(blend).seq_length
@@ -219,8 +214,10 @@ def check_files(cfg: TrainConfig, blend: Optional[BlendSpec], load: Optional[str
             if isinstance(value, str) and not (os.path.exists(value) or glob.glob(glob.escape(value) + "*")):
                 raise ConfigError(f"data.factory_args.{key}: nothing at {value!r}")
         lines.append(f"data: {cfg.data.factory} with {cfg.data.factory_args}")
-    if ckpt_line:
-        lines.append(ckpt_line)
+    if resumes:
+        lines.append(f"checkpoint.save: {cfg.checkpoint.save} holds a checkpoint: the run resumes it")
+    elif load and not os.path.exists(load):
+        raise ConfigError(f"checkpoint.load: {load} does not exist")
     return lines
 
 
