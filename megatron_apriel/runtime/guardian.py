@@ -26,12 +26,22 @@ POLL_S = 0.25
 GRACE_S = 1.0
 
 
+_WATCHERS: dict[int, subprocess.Popen] = {}
+
+
 def start(pid: int | None = None) -> subprocess.Popen:
-    """Start the watcher of ``pid`` (default: this process); returns its Popen."""
+    """Start the watcher of ``pid`` (default: this process); returns its Popen.
+
+    One watcher per watched process: a process that trains several times (the demo's stages, a
+    notebook, a test session) keeps the one it started first, instead of gathering a watcher per run."""
     pid = os.getpid() if pid is None else pid
-    return subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), str(pid)],
-                            stdin=subprocess.DEVNULL, close_fds=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    running = _WATCHERS.get(pid)
+    if running is not None and running.poll() is None:
+        return running
+    _WATCHERS[pid] = subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), str(pid)],
+                                      stdin=subprocess.DEVNULL, close_fds=True,
+                                      env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
+    return _WATCHERS[pid]
 
 
 def _watch(pid: int) -> None:
