@@ -81,11 +81,15 @@ def _nonfinite(loss: float, chunks) -> Optional[str]:
     ``check_for_nan_in_grad``, which raises from inside the gradient reduction with no step number
     and no way to skip the update."""
     buffers = [b for c in chunks for b in getattr(c, "buffers", []) + getattr(c, "expert_parallel_buffers", [])]
-    grads = any(not bool(torch.isfinite(buf.grad_data).all()) for buf in buffers)
-    flags = torch.tensor([not math.isfinite(loss), grads], dtype=torch.int32)
+    device = buffers[0].grad_data.device if buffers else torch.device("cpu")
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() != "nccl":
+        device = torch.device("cpu")  # gloo reduces host tensors
+    # one flag tensor built on the buffers' device: no host sync per buffer on the hot path, one for all
+    grads = torch.zeros((), dtype=torch.int32, device=device)
+    for buf in buffers:
+        grads = torch.maximum(grads, (~torch.isfinite(buf.grad_data).all()).to(device, torch.int32))
+    flags = torch.stack([torch.tensor(int(not math.isfinite(loss)), dtype=torch.int32, device=device), grads])
     if torch.distributed.is_initialized():
-        device = "cuda" if torch.cuda.is_available() and torch.distributed.get_backend() == "nccl" else "cpu"
-        flags = flags.to(device)
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     bad = [name for name, f in zip(("loss", "gradients"), flags.tolist()) if f]
     return " and ".join(bad) or None
