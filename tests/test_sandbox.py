@@ -117,6 +117,9 @@ def test_slow_honest_solution_gets_its_timeout():
     assert r.score == 0.0 and f"timed out after {QUICK.wall_seconds:g}s" in r.reason
     res = run_python("while True:\n    pass", limits=QUICK)  # stopped by the CPU limit or the clock
     assert not res.ok and res.wall_seconds < QUICK.wall_seconds + 2
+    assert res.timed_out or res.cpu_limited, res
+    spin = grade("while True:\n    pass", ADD_TESTS[:1], QUICK).reason
+    assert "exceeded the CPU limit of 1s" in spin or "timed out after 2s" in spin, spin
     assert_nothing_left()
 
 
@@ -434,6 +437,8 @@ def test_hostile_programs_as_an_ordinary_user():
 SQUARE_TESTS = [{"assert": "assert f(2) == 4"}, {"assert": "assert not (f(3) != 9)"}, {"assert": "assert f(2)"}]
 # A program's own "harness" import reaches the harness module of its process (sys.path has /sandbox).
 FORGE = "import harness as h\n"
+# A spin is stopped by its CPU second or by the 2 s clock, whichever comes first on a busy machine.
+SPIN_STOPPED = ("timed out after 2s", "exceeded the CPU limit of 1s")
 CHEATS = {
     # value: (program, expected reason fragment); every one is graded against SQUARE_TESTS
     "always equal": ("class AE:\n    def __eq__(self, other):\n        return True\n    def __ne__(self, other):\n"
@@ -481,7 +486,9 @@ CHEATS = {
     "patched stand-ins": (FORGE + "h._stand_ins = lambda *a: {'f': lambda x: x * x}\nh.ProgramObject.__eq__ = "
                           "lambda *a: True\nh._Connection.call = lambda *a, **k: 4\ndef f(x):\n    return 0", ""),
     "never answers": ("import time\ndef f(x):\n    time.sleep(100)", "timed out after 2s"),
-    "spins": ("def f(x):\n    while True:\n        pass", "timed out after 2s"),
+    "spins": ("def f(x):\n    while True:\n        pass", SPIN_STOPPED),
+    "spins, ignoring SIGXCPU": ("import signal\ndef f(x):\n    signal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+                                "    while True:\n        pass", SPIN_STOPPED),
     "exits in the call": ("import os\ndef f(x):\n    os._exit(0)", "exited"),
     "exception to the test": ("def f(x):\n    raise SystemExit(0)", "ProgramError"),
 }
@@ -505,7 +512,8 @@ def test_cheating_values_and_forged_answers_score_zero_with_a_reason():
     results = grade_all(cases)
     for name, r in results.items():
         assert r.score == 0.0, (name, r.reason)
-        assert CHEATS[name][1] in r.reason and "test 0 " in r.reason, (name, r.reason)
+        expected = CHEATS[name][1] if isinstance(CHEATS[name][1], tuple) else (CHEATS[name][1],)
+        assert any(e in r.reason for e in expected) and "test 0 " in r.reason, (name, r.reason)
     # The same grader still passes the honest square, next to them.
     assert grade("def f(x):\n    return x * x", SQUARE_TESTS, QUICK).score == 1.0
     assert_nothing_left()

@@ -51,6 +51,10 @@ def code_reward(completion, tests=None, limits: SandboxLimits | None = None, **_
         err = result.stderr.strip().splitlines()
         if result.timed_out:
             why = f"timed out after {(limits or SandboxLimits()).wall_seconds:g}s"
+        elif result.cpu_limited:
+            why = f"exceeded the CPU limit of {(limits or SandboxLimits()).cpu_seconds}s"
+        elif result.signal:
+            why = f"killed by signal {result.signal}"
         elif result.returncode and err:
             why = f"exit {result.returncode}: {err[-1][:80]}"
         else:

@@ -137,6 +137,22 @@ class SandboxResult:
     def ok(self) -> bool:
         return self.returncode == 0 and not self.timed_out
 
+    @property
+    def signal(self) -> int | None:
+        """The signal that ended the program, if one did. bwrap reports its child's death by signal
+        N as exit status 128 + N, as a shell does; without it the status is -N."""
+        rc = self.returncode
+        if rc is not None and rc < 0:
+            return -rc
+        if rc is not None and self.isolated and 128 < rc < 128 + 65:
+            return rc - 128
+        return None
+
+    @property
+    def cpu_limited(self) -> bool:
+        """Ended by RLIMIT_CPU: SIGXCPU at the soft limit the harness sets one second below the hard one."""
+        return self.signal == 24
+
 
 def _world_executable(path: str) -> bool:
     """True when any user can reach and run ``path`` (every parent dir o+x, the file o+x)."""

@@ -37,6 +37,7 @@ MAX_DEPTH = 100
 MAX_ITEMS = 250_000  # pure-Python encoding: about a second at the limit on a busy core
 MAX_FRAME = 16 << 20
 MAX_NAMES = 8  # class names carried by an object handle (its program-defined MRO)
+_CPU_LIMIT = -1  # RLIMIT_CPU of this sandbox, in seconds (-1: none); set by main()
 _HEAP = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class written in Python (by the program)
 _VALUE_TYPES = (int, float, str, bytes, list, tuple, dict, set, frozenset, bool, complex, bytearray)
 _CONTAINERS = {list: b"l", tuple: b"t", set: b"S", frozenset: b"z", dict: b"d"}
@@ -304,13 +305,17 @@ def _serve_program(source, call_r, answer_w, wall):
         timed_out = not poller.poll(wall * 1000)
         if timed_out:
             os.kill(pid, 9)
-        status = os.waitpid(pid, 0)[1]
+        status, usage = os.wait4(pid, 0)[1:]
         os.close(pidfd)
         if timed_out:
             why = f"timed out after {wall:g}s"
         elif os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
-            why = f"the program's process was killed by signal {sig}" + (" (CPU limit)" if sig == 24 else "")
+            # SIGXCPU at the soft limit, SIGKILL at the hard one a second later if the program
+            # ignored it: either way the reason is the CPU limit, which the CPU time shows.
+            cpu_out = sig == 24 or (sig == 9 and _CPU_LIMIT > 0 and usage.ru_utime + usage.ru_stime >= _CPU_LIMIT)
+            why = (f"exceeded the CPU limit of {_CPU_LIMIT}s (killed by signal {sig})" if cpu_out else
+                   f"the program's process was killed by signal {sig}")
         else:
             why = f"the program's process exited (status {os.WEXITSTATUS(status)}) during the test"
         try:
@@ -777,10 +782,17 @@ def _run_alone(code, tok, out):
 def main(argv):
     mode, cpu, mem, nproc, fsize, weak, src = argv[1], *map(int, argv[2:8])
     rest = [float(a) if "." in a else int(a) for a in argv[8:]]
-    for lim, v in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
+    global _CPU_LIMIT
+    _CPU_LIMIT = cpu
+    for lim, v in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
                    (resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, nproc)):
         if v >= 0:
             resource.setrlimit(lim, (v, v))
+    if cpu >= 0:
+        # With soft == hard the kernel sends SIGKILL at the limit, which reads like any other
+        # kill; SIGXCPU at the soft limit names the cause, and the hard limit a second later
+        # stops a program that catches it.
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     # The code comes through an unlinked file, closed before anything runs: nothing of it has a
     # name that could be opened.
     with os.fdopen(src, "rb") as f:
