@@ -40,6 +40,13 @@ EXIT_HANG=4
 
 apriel_log() { echo "[apriel $(date '+%F %T')] $*"; }
 
+# A stop request that lands before the tasks run (during the set-up and the pre-flight, which imports
+# the training stack: seconds; or at once, when --signal=B:USR1@N asks for more than the time limit)
+# would kill this shell, USR1's default action, and the job with it. It is kept instead, and the
+# tasks are asked to stop as soon as they run (APRIEL_STOP_AT_START, see apriel_srun).
+APRIEL_STOP_PENDING=""
+trap 'APRIEL_STOP_PENDING=1; apriel_log "received USR1 before the tasks started: they will be asked to stop once they run"' USR1
+
 # MASTER_ADDR / MASTER_PORT from the allocation: the first node, and a port derived from the job id
 # so that every task agrees without talking and a requeued job keeps its address.
 apriel_rendezvous() {
@@ -120,6 +127,7 @@ on_urg() {
   notifier=$!
 }
 trap on_urg URG
+[ -z "${APRIEL_STOP_AT_START:-}" ] || on_urg  # the batch shell had a stop request before this step
 while kill -0 "$pid" 2>/dev/null; do wait "$pid"; done
 rc=0; wait "$pid" || rc=$?
 [ -z "$notifier" ] || kill "$notifier" 2>/dev/null
@@ -150,10 +158,18 @@ apriel_srun() {
   fi
   # shellcheck disable=SC2206  # SRUN_ARGS is a list of flags on purpose
   if [ -n "${SRUN_ARGS:-}" ]; then args+=(${SRUN_ARGS}); fi
+  local pending=$APRIEL_STOP_PENDING
+  APRIEL_STOP_PENDING=""
+  if [ -n "$pending" ]; then
+    export APRIEL_STOP_AT_START=1  # each task's wrapper passes it on once its Python process can take it
+    apriel_log "passing the stop request received before the start to the tasks"
+  fi
   apriel_log "srun ${args[*]} $*"
   srun "${args[@]}" bash -c "$APRIEL_TASK_WRAPPER" apriel-task "$@" &
   APRIEL_SRUN_PID=$!
   trap apriel_stop_tasks USR1
+  # a script's own apriel_stop_tasks (grpo.sh: a stop file) acts too; the wrappers take one request
+  if [ -n "$pending" ]; then apriel_stop_tasks; fi
   # TERM (scancel, the time limit itself) reaches every task from SLURM: just keep waiting.
   trap 'apriel_log "received TERM: waiting for the tasks to exit"' TERM
   # A trapped signal interrupts `wait` (status > 128) while srun runs on: wait again until it ends;
@@ -161,7 +177,10 @@ apriel_srun() {
   while kill -0 "$APRIEL_SRUN_PID" 2>/dev/null; do wait "$APRIEL_SRUN_PID" || true; done
   local rc=0
   wait "$APRIEL_SRUN_PID" || rc=$?
-  trap - USR1 TERM
+  unset APRIEL_STOP_AT_START
+  # back to keeping a request for the next step (a script may run several)
+  trap 'APRIEL_STOP_PENDING=1; apriel_log "received USR1 between steps: the next one will be asked to stop"' USR1
+  trap - TERM
   return "$rc"
 }
 

@@ -18,8 +18,10 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,34 @@ def test_a_bad_config_fails_at_the_preflight_before_srun(cluster, tmp_path):
     assert text.count("error: model.tp: 3 does not divide the attention heads of tiny (4)") == 1, text[-3000:]
     assert "pre-flight: the run plan refused the config (exit 2)" in text
     assert "] srun " not in text and "distributed:" not in text
+
+
+def test_stop_request_before_the_tasks_start_is_kept_and_passed_on(cluster, tmp_path):
+    """A USR1 to the batch shell while it sets up or runs the pre-flight (seconds of imports; or at
+    once when --signal=B:USR1@N asks for more than --time) used to kill the shell, USR1's default
+    action, and fail the job. It is kept and passed to the tasks when they start: they checkpoint at
+    the first step and exit 3. Python here sleeps 6 s before it starts, so the request lands in
+    the pre-flight every time; MAX_REQUEUES=0 ends the job there instead of requeueing it."""
+    slow = tmp_path / "slow-python"
+    slow.write_text(f"#!/bin/sh\nsleep 6\nexec {sys.executable} \"$@\"\n")
+    slow.chmod(0o755)
+    save = tmp_path / "ckpt"
+    job, log = _submit(cluster, tmp_path, [*CPU_ALLOC, "--ntasks-per-node=1", "--time=30"],
+                       [f"checkpoint.save={save}"], PYTHON=str(slow), MAX_REQUEUES="0")
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "restart 0:" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "restart 0:" in log.read_text(), cluster.log_tail()
+    subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], env=cluster.env(), check=True, timeout=30)
+    info = cluster.wait(job, timeout=240)
+    text = log.read_text()
+    assert not info["ExitCode"].endswith(":10"), f"the batch shell died of USR1: {info}\n{text[-3000:]}"
+    assert "received USR1 before the tasks started" in text, text[-3000:]
+    assert "passing the stop request received before the start to the tasks" in text
+    assert "stop request passed to the training process" in text
+    assert "checkpointed (exit 3) but restart 0 >= MAX_REQUEUES=0: not requeueing" in text, text[-3000:]
+    stopped_at = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert 0 < stopped_at < 40, stopped_at  # stopped early, at a step boundary, with a checkpoint
 
 
 def test_time_limit_signal_requeue_resume_equals_uninterrupted(cluster, cpt_run, tmp_path):
