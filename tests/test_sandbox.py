@@ -509,7 +509,13 @@ def grade_all(cases: dict, limits=QUICK) -> dict:
 
 def test_cheating_values_and_forged_answers_score_zero_with_a_reason():
     cases = {name: (prog, OTHER_TESTS.get(name, SQUARE_TESTS)) for name, (prog, _) in CHEATS.items()}
-    results = grade_all(cases)
+    # The cheats refused for what they return get 10 s, not 2: on a loaded machine (two test workers
+    # and a SLURM job on two cores) a 2 s clock can run out before the refusal, and the reason asserted
+    # is the refusal. The cheats that never answer keep the 2 s clock they are meant to hit.
+    clocked = {name for name, (_, why) in CHEATS.items() if "timed out" in str(why)}
+    results = grade_all({n: c for n, c in cases.items() if n in clocked})
+    results |= grade_all({n: c for n, c in cases.items() if n not in clocked},
+                         dataclasses.replace(QUICK, wall_seconds=10))
     for name, r in results.items():
         assert r.score == 0.0, (name, r.reason)
         expected = CHEATS[name][1] if isinstance(CHEATS[name][1], tuple) else (CHEATS[name][1],)
