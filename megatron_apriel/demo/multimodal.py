@@ -94,12 +94,14 @@ class MMDemo(Demo):
 
     def call(self, stage: str, verb: str, args: list) -> None:
         args = [str(a) for a in args]
-        print(f"  $ apriel {verb} {' '.join(args)}", flush=True)
+        shown = f"python {SYNTHETIC_VISUAL.relative_to(SYNTHETIC_VISUAL.parents[1])}" if verb == "synthetic-visual" \
+            else f"apriel {verb}"
+        print(f"  $ {shown} {' '.join(args)}", flush=True)
         with open(self.d(stage) / "log.txt", "a", encoding="utf-8") as f:
-            f.write(f"$ apriel {verb} {' '.join(args)}\n")
+            f.write(f"$ {shown} {' '.join(args)}\n")
         code = MM_IN_PROCESS[verb](args)
         if code != 0:
-            raise DemoError(f"stage {stage}: apriel {verb} exited with {code} (see the lines above)")
+            raise DemoError(f"stage {stage}: {shown} exited with {code} (see the lines above)")
 
     def changes(self, layers: Optional[int] = None) -> dict:
         tok, p = self.figures["data"]["tokenizer"], self.plan
@@ -369,6 +371,8 @@ def write_report(out: Path, plan: dict, figures: dict, wall: float) -> str:
 def run_demo(out: Path, minutes: float, force: bool) -> int:
     if minutes <= 0:
         raise InputError(f"--minutes must be positive, got {minutes}")
+    if not SYNTHETIC_VISUAL.is_file():  # CPT stage 2's generator is a script of the source tree
+        raise InputError(f"{SYNTHETIC_VISUAL}: missing; the multimodal demo runs from a source checkout")
     out.mkdir(parents=True, exist_ok=True)
     plan = MMPlan.for_minutes(minutes)
     prev = out / "plan.json"
