@@ -41,7 +41,6 @@ from megatron_apriel.eval.run import Settings, run
 
 SYNTHETIC_VISUAL = Path(__file__).resolve().parents[2] / "data_prep" / "synthetic_visual.py"
 TEXT_SOURCES = ("text", "words")  # indexed text datasets (apriel preprocess)
-IMAGE_SOURCES = ("captions", "synthetic", "stage2_questions")  # apriel preprocess-multimodal
 TASKS = (*VISUAL_KINDS, "text")
 CHANCE = 0.25  # every question has four choices
 DEFAULT_MINUTES = 15.0
@@ -154,9 +153,10 @@ class MMDemo(Demo):
         scores = r["results"][str(hf)]
         fam = {k: scores[f"test_{k}"]["acc"] for k in TASKS}
         se = {k: scores[f"test_{k}"]["acc_stderr"] for k in TASKS}
-        vis = [k for k in VISUAL_KINDS]
+        vis = VISUAL_KINDS
         acc = sum(fam[k] for k in vis) / len(vis)
-        # the kinds' sets are independent and equal in size: the mean's error is the root mean square / sqrt(4)
+        # the kinds' question sets are independent and equal in size: the mean's standard error is
+        # the root of the summed squared errors over the number of kinds
         acc_se = math.sqrt(sum(se[k] ** 2 for k in vis)) / len(vis)
         print(f"  held-out: visual {acc:.3f} (" + ", ".join(f"{k} {fam[k]:.2f}" for k in vis)
               + f"), text {fam['text']:.3f}; {scores['test_text']['records']} questions per kind", flush=True)
