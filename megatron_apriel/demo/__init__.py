@@ -30,20 +30,30 @@ DEFAULT_MINUTES = 12.0
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apriel demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/demo", help="output folder, one subfolder per stage")
-    ap.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
+    ap.add_argument("--out", default=None,
+                    help="output folder, one subfolder per stage (default runs/demo, runs/demo-multimodal)")
+    ap.add_argument("--minutes", type=float, default=None,
                     help=f"scales steps and data (default {DEFAULT_MINUTES:g}: about 11 minutes of CPU time, 1.2 GB, "
                          "held-out accuracy about 0.87; 2 for a quick look: the answer format and about 0.15)")
     ap.add_argument("--force", action="store_true", help="redo every stage, even those already done")
+    ap.add_argument("--multimodal", action="store_true",
+                    help="the Apriel-1.5 chain on a tiny Llava instead (demo/multimodal.py; default --minutes 15)")
     return ap
 
 
 @cli_main()
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.multimodal:
+        from megatron_apriel.demo import multimodal  # deferred: the text demo does not need it
+
+        minutes = multimodal.DEFAULT_MINUTES if args.minutes is None else args.minutes
+        return multimodal.run_demo(Path(args.out or "runs/demo-multimodal").resolve(), minutes, args.force)
+    if args.minutes is None:
+        args.minutes = DEFAULT_MINUTES
     if args.minutes <= 0:
         raise InputError(f"--minutes must be positive, got {args.minutes}")
-    out = Path(args.out).resolve()
+    out = Path(args.out or "runs/demo").resolve()
     out.mkdir(parents=True, exist_ok=True)
     plan = Plan.for_minutes(args.minutes)
     prev = out / "plan.json"

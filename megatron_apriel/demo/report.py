@@ -31,7 +31,8 @@ def brief(f: dict) -> str:
         parts.append(f"loss {f['loss']:.3f}")
     if "accuracy" in f:
         fam = ", ".join(f"{k} {v:.2f}" for k, v in f.get("families", {}).items())
-        parts.append(f"held-out accuracy {f['accuracy']:.3f} ({fam}), format {f['format_rate']:.3f}")
+        parts.append(f"held-out accuracy {f['accuracy']:.3f} ({fam})"
+                     + (f", format {f['format_rate']:.3f}" if "format_rate" in f else ""))
     return ", ".join(parts)
 
 
