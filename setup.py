@@ -48,7 +48,8 @@ setup(
         # apriel eval / merge-search: lm-evaluation-harness is the engine (tested on 0.4.13)
         "eval": ["lm-eval>=0.4.13,<0.5", "datasets"],
         # ruff and import-linter: .ci/run checks the code style and the layering before the tests
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist>=3.8,<4", "trl>=0.20", "accelerate", "datasets", "wandb", "lm-eval>=0.4.13,<0.5",
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist>=3.8,<4",
+                "trl>=0.20", "accelerate", "datasets", "wandb", "lm-eval>=0.4.13,<0.5",
                 "ruff>=0.17,<0.18", "import-linter>=2.16,<3"],
     },
     entry_points={"console_scripts": ["apriel=megatron_apriel.cli:main"]},

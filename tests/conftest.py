@@ -140,6 +140,6 @@ def pytest_collection_modifyitems(config, items):
 # so that the two workers end together rather than one of them starting the slowest module last.
 # Longest first as measured by ``--durations`` on two cores.
 FIRST = ("test_sandbox.py", "test_rewards.py")
-LONGEST = ("test_slurm.py", "test_grpo_scale.py", "test_training.py", "test_slurm_multinode.py", "test_demo.py",
-           "test_grpo_vllm.py", "test_vllm_serve.py", "test_parallel.py", "test_faults.py", "test_llava.py",
-           "test_multimodal_data.py", "test_float8.py", "test_convert.py")
+LONGEST = ("test_slurm.py", "test_grpo_scale.py", "test_training.py", "test_slurm_multinode.py",
+           "test_demo_multimodal.py", "test_demo.py", "test_grpo_vllm.py", "test_vllm_serve.py", "test_parallel.py",
+           "test_faults.py", "test_llava.py", "test_multimodal_data.py", "test_float8.py", "test_convert.py")
