@@ -42,6 +42,7 @@ def test_accelerate_fsdp_config_is_what_accelerate_reads():
     assert c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
+@pytest.mark.bwrap
 def test_memory_estimate_sharding_and_recipe_fit():
     P = PRESET.param_counts()["total"]
     g = recipe()
@@ -62,6 +63,7 @@ def test_memory_estimate_sharding_and_recipe_fit():
     assert not old["fits"] and old["kv_cache_tokens"] == 0
 
 
+@pytest.mark.bwrap
 def test_grpo_info_prints_the_table(capsys):
     assert grpo_info(["--config", str(RECIPE)]) == 0
     out = capsys.readouterr().out
@@ -85,6 +87,7 @@ def kl_dynamic_run(tmp_path_factory):
     return train(cfg)
 
 
+@pytest.mark.bwrap
 def test_kl_with_reference_model(kl_dynamic_run):
     s = kl_dynamic_run
     assert s["reference_model"] and len(s["kl"]) == 3
@@ -93,6 +96,7 @@ def test_kl_with_reference_model(kl_dynamic_run):
     assert s["kl"][1] > 1e-4 and s["kl"][2] > 1e-4, s["kl"]
 
 
+@pytest.mark.bwrap
 def test_dynamic_sampling_drops_and_refills(kl_dynamic_run):
     t = kl_dynamic_run["dynamic_sampling"]
     # Groups of the always-solved prompt all get reward 1: they are dropped and refilled.
@@ -102,6 +106,7 @@ def test_dynamic_sampling_drops_and_refills(kl_dynamic_run):
     assert t["trained_zero_advantage"] == t["filled_with_dropped"], t
 
 
+@pytest.mark.bwrap
 def test_dynamic_sampling_needs_whole_groups_per_rank():
     from megatron_apriel.config import ConfigError
 

@@ -119,6 +119,7 @@ def test_vllm_server_mode_needs_cuda():
         check_vllm_environment("server")
 
 
+@pytest.mark.bwrap
 def test_use_vllm_true_without_vllm_installed():
     import importlib.util
 
