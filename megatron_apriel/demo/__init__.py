@@ -55,8 +55,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"SFT {plan.sft_iters} + {plan.spec_iters} x 2, "
           f"GRPO {plan.grpo_steps}; {plan.n_test} held-out problems", flush=True)
     demo = Demo(out, plan, args.force)
-    for i, (name, what, method) in enumerate(STAGES, 1):  # a DemoError stops it: exit 1
-        demo.stage(i, len(STAGES), name, what, demo.stage_fn(name, method))
+    print(f"{demo.cores} core(s): training data-parallel over them, independent work side by side", flush=True)
+    demo.run_stages(STAGES)  # a DemoError stops it: exit 1
     text = report.write(out, asdict(plan), demo.figures, [s[0] for s in STAGES], time.time() - demo.t0)
     print("\n" + text)
     return 0

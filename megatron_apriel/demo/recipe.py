@@ -12,6 +12,10 @@ Each stage is the project's own tool, run as ``python -m megatron_apriel.<module
 process (megatron-core keeps global state per process), with its output streamed. Each stage
 writes into ``<out>/<stage>/`` and finishes by writing ``done.json`` (its figures); a rerun skips
 stages that have it unless ``--force``. What the figures show is ``report.py``'s business.
+
+The demo uses every core it is given (``cores.py``): megatron-core training runs data-parallel
+over them, the two specialists train side by side, and the evaluations of the merge and of GRPO
+run beside the next stage. On one core everything runs in turn, as the same recipe.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,7 @@ from megatron_apriel.checkpoint import average, convert, upscale
 from megatron_apriel.config import load_config
 from megatron_apriel.data import preprocess, preprocess_sft
 from megatron_apriel.demo.card import write_demo_card
+from megatron_apriel.demo.cores import Forked, can_fork, data_parallel, given_cores, launcher
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
@@ -68,12 +73,19 @@ IN_PROCESS = {"preprocess": preprocess.main, "preprocess-sft": preprocess_sft.ma
               "upscale": upscale.main, "convert": convert.main, "average": average.main}
 
 # One thread per process unless OMP_NUM_THREADS says otherwise: the demo's model is too small for
-# a second thread to pay. Measured: GRPO's generation-bound steps (20 of 4 prompts x 8 completions)
-# 88 s with two threads on a loaded machine, 18 s with one; SFT steps 205 ms with two, 191 ms
-# with one; pretraining steps 106-116 ms with two, 134 ms with one. One thread also leaves the
-# second core to whatever else runs: two threads fighting other jobs for two cores made one
-# 510-problem evaluation take 352 s instead of 5-30 s.
+# a second thread to pay, so further cores go to further processes (data-parallel training, work
+# side by side: ``cores.py``). Measured: GRPO's generation-bound steps (20 of 4 prompts x 8
+# completions) 88 s with two threads on a loaded machine, 18 s with one; SFT steps 205 ms with
+# two, 191 ms with one, 133 ms as two data-parallel processes of one thread (same losses);
+# pretraining steps 106-116 ms with two threads, 134 ms with one.
 THREADS = "1"
+# Problems per generate() call of an evaluation: a tiny model's decoding step costs about the same
+# at 64 or 256 sequences. Measured on 510 problems, CPU seconds: greedy 6.4 at 64, 4.6 at 256;
+# four sampled answers each 24.7 at 64, 19.8 at 256.
+EVAL_BATCH = 256
+# Stages that need only what came before them and not each other: run side by side, on a share of
+# the cores each, where there are two or more.
+SIDE_BY_SIDE = (("sft_a", "sft_b"),)
 
 GRPO_PROMPTS_PER_STEP, GRPO_GENERATIONS, GRPO_TEMPERATURE = 8, 8, 0.7
 # Sampled answers per held-out problem around GRPO: the paired difference over problems of one
@@ -144,21 +156,30 @@ class Plan:
 
 
 class Demo:
-    def __init__(self, out: Path, plan: Plan, force: bool):
+    def __init__(self, out: Path, plan: Plan, force: bool, cores: Optional[int] = None):
         self.out, self.plan, self.force = out, plan, force
         # the evaluations and conversions that run in this process: the same one thread
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or THREADS))
+        # a forked child must not inherit a running Rust thread pool (cores.py)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # the cores the current stage may use: all of them, or a share in a side-by-side child
+        self.cores = cores or given_cores()
         self.figures: dict[str, dict] = {}
+        # stages whose model is made and whose evaluation still runs in a child: name -> (figures,
+        # the child, the stage's seconds so far, its number)
+        self.pending: dict[str, tuple[dict, Forked, float, int]] = {}
         self.t0 = time.time()
 
     # ------------------------------------------------------------------ plumbing
     def d(self, stage: str) -> Path:
         return self.out / stage
 
-    def run(self, stage: str, module: str, args: list[str]) -> None:
-        """``python -m module args`` with its output streamed (indented) and kept in <stage>/log.txt."""
-        cmd = [sys.executable, "-m", module, *map(str, args)]
-        print(f"  $ apriel-demo: python -m {module} {' '.join(map(str, args))}", flush=True)
+    def run(self, stage: str, module: str, args: list[str], processes: int = 1) -> None:
+        """``python -m module args`` with its output streamed (indented) and kept in <stage>/log.txt;
+        with ``processes`` > 1, that many processes under ``torch.distributed.run``."""
+        cmd = [*launcher(processes), "-m", module, *map(str, args)]
+        shown = "python" if processes == 1 else f"torchrun --nproc-per-node={processes}"
+        print(f"  $ apriel-demo: {shown} -m {module} {' '.join(map(str, args))}", flush=True)
         log = self.d(stage) / "log.txt"
         with open(log, "a", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n")
@@ -186,25 +207,87 @@ class Demo:
         if code != 0:
             raise DemoError(f"stage {stage}: apriel {verb} exited with {code} (see the lines above)")
 
+    def done_before(self, i: int, n: int, name: str) -> bool:
+        done = self.d(name) / DONE
+        if not done.is_file() or self.force:
+            return False
+        self.figures[name] = json.loads(done.read_text())
+        print(f"[{i}/{n}] {name}: done before, skipped ({brief(self.figures[name])}; --force to redo)", flush=True)
+        return True
+
     def stage(self, i: int, n: int, name: str, what: str, fn: Callable[[], dict]) -> None:
-        folder = self.d(name)
-        done = folder / DONE
-        if done.is_file() and not self.force:
-            self.figures[name] = json.loads(done.read_text())
-            print(f"[{i}/{n}] {name}: done before, skipped ({brief(self.figures[name])}; --force to redo)", flush=True)
+        """Run one stage unless it is done. ``fn`` may hand its evaluation to a child (``later``):
+        the stage is then finished by ``settle`` once the child is done."""
+        if self.done_before(i, n, name):
             return
+        folder = self.d(name)
         if folder.exists():  # an unfinished or forced stage starts clean
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         print(f"\n[{i}/{n}] {name}: {what}  (demo time {time.time() - self.t0:.0f} s)", flush=True)
         start = time.time()
         figures = fn()
-        figures["seconds"] = round(time.time() - start, 1)
-        tmp = folder / (DONE + ".tmp")
+        later = figures.pop("later", None)
+        if later is None:
+            self.finish(i, n, name, figures, time.time() - start)
+        else:
+            print(f"[{i}/{n}] {name}: model made; its evaluation runs beside the next stage", flush=True)
+            self.pending[name] = (figures, later, time.time() - start, i)
+
+    def settle(self, *names: str) -> None:
+        """Wait for the evaluations of ``names`` (every pending stage if none) and finish them."""
+        for name in [k for k in self.pending if not names or k in names]:
+            if name not in self.pending:  # finished meanwhile, by the finish of another
+                continue
+            figures, later, seconds, i = self.pending.pop(name)
+            extra = later.result()
+            self.finish(i, len(STAGES), name, {**figures, **extra}, seconds + extra.pop("seconds"))
+
+    def finish(self, i: int, n: int, name: str, figures: dict, seconds: float) -> None:
+        # a stage is done only after the stages before it: a rerun never keeps a later stage
+        # built on an earlier one that it redoes
+        self.settle(*[k for k in self.pending if k != name])
+        figures["seconds"] = round(seconds, 1)
+        done = self.d(name) / DONE
+        tmp = done.with_name(DONE + ".tmp")
         tmp.write_text(json.dumps(figures, indent=2) + "\n")
         tmp.replace(done)
         self.figures[name] = figures
         print(f"[{i}/{n}] {name}: {brief(figures)}", flush=True)
+
+    def run_stages(self, stages: list[tuple[str, str, Optional[str]]]) -> None:
+        """Every stage in order; a group of ``SIDE_BY_SIDE`` runs at once, a forked child per
+        stage on an equal share of the cores, where there are cores to share."""
+        n, order = len(stages), {s[0]: i for i, s in enumerate(stages, 1)}
+        groups = {g[0]: g for g in SIDE_BY_SIDE}
+        skip: set[str] = set()
+        for i, (name, what, method) in enumerate(stages, 1):
+            if name in skip:
+                continue
+            group = groups.get(name, (name,))
+            skip.update(group)
+            todo = [g for g in group if not self.done_before(order[g], n, g)]
+            if len(todo) < 2 or self.cores < 2 or not can_fork():
+                for g in todo:
+                    self.stage(order[g], n, g, stages[order[g] - 1][1], self.stage_fn(g, stages[order[g] - 1][2]))
+                continue
+            self.settle()
+            share = max(1, self.cores // len(todo))
+            print(f"\n{' and '.join(todo)} side by side, {share} core(s) each", flush=True)
+            children = [Forked(self._side(order[g], n, g, stages[order[g] - 1][1], stages[order[g] - 1][2], share),
+                               g, _failed) for g in todo]
+            for child in children:
+                child.result()
+            for g in todo:
+                self.figures[g] = json.loads((self.d(g) / DONE).read_text())
+        self.settle()
+
+    def _side(self, i: int, n: int, name: str, what: str, method: Optional[str], cores: int) -> Callable[[], None]:
+        def go() -> None:
+            self.cores = cores
+            self.stage(i, n, name, what, self.stage_fn(name, method))
+            self.settle()
+        return go
 
     def meta(self, key: str):
         return self.figures[key]
@@ -217,10 +300,12 @@ class Demo:
         """One training run of the stage. Its run plan is made here first, as ``apriel train`` makes
         it (a config the run would refuse stops the demo before it starts a process); the run writes
         ``apriel_model.yaml`` beside its checkpoints, which ``convert mcore-to-hf`` reads."""
+        # data-parallel over the cores: each process takes its slice of the same global batch
+        processes, cfg["train"]["micro_batch_size"] = data_parallel(self.cores, cfg["train"]["micro_batch_size"])
         path = self.d(stage) / "train.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        plan = make_plan(load_config(TrainConfig, path), world=1)
-        self.run(stage, "megatron_apriel.train", ["--config", path])
+        plan = make_plan(load_config(TrainConfig, path), world=processes)
+        self.run(stage, "megatron_apriel.train", ["--config", path], processes=processes)
         losses = _losses(Path(plan.cfg.checkpoint.save) / "logs" / "metrics.jsonl")
         k = max(1, len(losses) // 10)
         return {"loss": sum(loss for _, loss in losses[-k:]) / k, "first_loss": losses[0][1] if losses else None,
@@ -230,6 +315,20 @@ class Demo:
         self.call(stage, "convert", ["mcore-to-hf", "--ckpt", ckpt, "--out", out, "--tokenizer",
                                      self.d("data") / "tokenizer", "--chat-template", "apriel"])
 
+    def evaluate_later(self, stage: str, hf: Path, sampled: bool = False,
+                       then: Optional[Callable[[], dict]] = None) -> dict:
+        """``evaluate`` in a child beside the next stage where there is a core for it (the figures
+        then hold ``later``, see ``stage``), else at once; ``then()``'s figures are added after it."""
+        def go() -> dict:
+            start = time.time()
+            figures = self.evaluate(hf, sampled)
+            return {**figures, **(then() if then else {}), "seconds": time.time() - start}
+        if self.cores < 2 or not can_fork():
+            figures = go()
+            figures.pop("seconds")
+            return figures
+        return {"later": Forked(go, f"{stage} evaluation", _failed)}
+
     def evaluate(self, hf: Path, sampled: bool = False) -> dict:
         """Greedy held-out figures; with ``sampled`` also the accuracy of ``SAMPLED_ANSWERS`` answers
         per problem sampled at GRPO's temperature, the held-out counterpart of the reward GRPO raises."""
@@ -237,10 +336,10 @@ class Demo:
         extra = {}
         if sampled:
             t = evaluate(hf, tests, results=hf.parent / "eval_sampled.json", temperature=GRPO_TEMPERATURE,
-                         samples=SAMPLED_ANSWERS)
+                         samples=SAMPLED_ANSWERS, batch_size=EVAL_BATCH)
             extra = {"sampled_accuracy": t["accuracy"], "sampled_accuracy_stderr": t["accuracy_stderr"]}
             print(f"  held-out, sampled at temperature {GRPO_TEMPERATURE:g}: accuracy {t['accuracy']:.3f}", flush=True)
-        r = evaluate(hf, tests, results=hf.parent / "eval.json")
+        r = evaluate(hf, tests, results=hf.parent / "eval.json", batch_size=EVAL_BATCH)
         s = r["samples"][0]
         print(f"  held-out: accuracy {r['accuracy']:.3f} ("
               + ", ".join(f"{k} {v:.3f}" for k, v in r["families"].items())
@@ -382,7 +481,7 @@ class Demo:
         d = self.d("merge")
         self.call("merge", "average", [
             self.d("sft_a") / "hf", self.d("sft_b") / "hf", "--weights", 0.5, 0.5, "--out", d / "hf"])
-        return self.evaluate(d / "hf", sampled=True)
+        return self.evaluate_later("merge", d / "hf", sampled=True)  # beside GRPO, which starts from this model
 
     def s_grpo(self) -> dict:
         p, d = self.plan, self.d("grpo")
@@ -406,10 +505,15 @@ class Demo:
         curve = [(h["step"], h.get("loss", 0.0)) for h in hist]
         rewards = [(h["step"], h["reward"]) for h in hist]
         q = max(1, len(rewards) // 4)  # one step's reward is a few prompts: compare quarters of the run
-        held_out = self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True)
-        paired = paired_difference(self.d("merge") / "eval_sampled.json", d / "run" / "eval_sampled.json")
-        return {"sampled_paired_difference": paired, "loss": curve[-1][1] if curve else None, "loss_curve": curve,
-                "reward_curve": rewards,
+        self.settle("merge")  # the paired difference below needs the merge's answers
+
+        def paired() -> dict:
+            return {"sampled_paired_difference": paired_difference(self.d("merge") / "eval_sampled.json",
+                                                                   d / "run" / "eval_sampled.json")}
+        # beside the final merge, which needs only the checkpoints
+        held_out = self.evaluate_later("grpo", d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True,
+                                       then=paired)
+        return {"loss": curve[-1][1] if curve else None, "loss_curve": curve, "reward_curve": rewards,
                 "first_reward": sum(r for _, r in rewards[:q]) / q if rewards else None,
                 "last_reward": sum(r for _, r in rewards[-q:]) / q if rewards else None,
                 **held_out}
@@ -455,12 +559,18 @@ STAGES = [
 ]
 
 
+def _failed(label: str, message: str) -> DemoError:
+    return DemoError(f"{label} failed: {message}")
+
+
 def _worth_showing(line: str) -> bool:
     """Stage output kept on screen: log lines and summaries, not the full config dumps."""
     s = line.strip()
     if not s or s.startswith(("{", "}", "\"", "[", "]")) or s.endswith((",", "{", "[")):
         return False
     if "Warning" in s or "warnings.warn" in s or "\r" in line or "%|" in s:
+        return False
+    if re.match(r"(\[rank\d+\]:)?[WI]\d{4} ", s):  # torch's own log lines (glog style), from any rank
         return False
     if line.startswith((" ", "\t")) and not s.startswith("###"):
         return False
