@@ -8,19 +8,27 @@ Two ways, chosen per stage by measurement on 2 cores (see ``recipe.py``'s ``Demo
 * independent work runs side by side in forked children, one core each: the two specialist
   fine-tunes, and an evaluation beside the next single-process stage (GRPO, the final merge).
 
-A fork, not a new interpreter: the child inherits the imported torch, transformers and
-lm-evaluation-harness (a fresh ``python`` spends about 5 s of CPU importing them). The parent
+A fork, not a new interpreter: the child inherits the imported torch, megatron-core,
+transformers and lm-evaluation-harness (a fresh ``python`` spends about 5 s of CPU importing
+megatron-core alone, each rank of each training run). The training ranks are forked too (``Ranks``,
+the world ``torchrun`` would make), which needs a parent that never joined a torch.distributed
+world: the demo runs its in-process tools (conversion, averaging) in forked children as well. The parent
 holds no thread pool that a fork could leave locked: every process of the demo runs one thread
-(``recipe.THREADS``), and the tokenizers' Rust pool is off (``TOKENIZERS_PARALLELISM``).
+(``recipe.THREADS``), and a child does not use the tokenizers' Rust pool (``TOKENIZERS_PARALLELISM``).
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
+import signal
+import socket
 import sys
+import threading
+import time
 import traceback
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from megatron_apriel.errors import AprielError
 
@@ -71,12 +79,98 @@ class _Prefixed:
         self.stream.flush()
 
 
+class Ranks:
+    """``main(argv)`` of a training tool on ``processes`` forked processes that form one
+    torch.distributed world, as ``torchrun --standalone --nproc-per-node=processes`` would start
+    them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). ``lines()`` yields their merged output,
+    ``wait()`` their exit status: the first non-zero one. When a rank fails, the others are
+    stopped (SIGTERM, then SIGKILL) instead of waiting in a collective for it forever."""
+
+    GRACE_S = 30.0
+
+    def __init__(self, main: Callable[[list[str]], int], argv: list[str], processes: int, env: dict[str, str]):
+        with socket.socket() as sock:  # a free local port for the rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        read, write = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pids: list[int] = []
+        for rank in range(processes):
+            world = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
+                     "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            pid = os.fork()
+            if pid == 0:
+                os.close(read)
+                _rank(main, argv, {**env, **world}, write)
+            self.pids.append(pid)
+        os.close(write)  # the ranks hold the pipe open; it ends when the last of them does
+        self.out = os.fdopen(read, encoding="utf-8", errors="replace")
+        self.codes: dict[int, int] = {}
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def lines(self) -> Iterator[str]:
+        yield from self.out
+
+    def wait(self) -> int:
+        self.watcher.join()
+        self.out.close()
+        return next((c for c in (self.codes[p] for p in self.pids) if c != 0), 0)
+
+    def _watch(self) -> None:
+        failed_at: Optional[float] = None
+        while len(self.codes) < len(self.pids):
+            for pid in self.pids:
+                if pid in self.codes:
+                    continue
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    self.codes[pid] = os.waitstatus_to_exitcode(status)
+                    if self.codes[pid] != 0 and failed_at is None:
+                        failed_at = time.time()
+            if failed_at is not None:  # a rank failed: the rest cannot finish a step without it
+                late = time.time() - failed_at
+                for pid in self.pids:
+                    if pid not in self.codes and late > self.GRACE_S:
+                        os.kill(pid, signal.SIGKILL if late > 2 * self.GRACE_S else signal.SIGTERM)
+            time.sleep(0.2)
+
+
+def _rank(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str], out_fd: int) -> None:
+    """A forked rank: a process of its own as far as the tool can tell, then gone (``os._exit``:
+    nothing of the parent's, its atexit handlers or its stack, runs on in the child)."""
+    code = 1
+    try:
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        os.close(out_fd)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        os.environ.update(env)
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        atexit._clear()  # the parent's exit handlers are not this process's
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001  (a rank's traceback is its last word)
+        traceback.print_exc()
+    finally:
+        try:
+            threading._shutdown()  # join the tool's own threads, as an interpreter's exit does
+            atexit._run_exitfuncs()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 class Forked:
     """``fn()`` in a forked child while the caller goes on; ``result()`` waits and returns what
     ``fn`` returned (a picklable value) or raises ``error(label, message)``. Where fork is not
     available, ``fn`` runs at once, in this process."""
 
-    def __init__(self, fn: Callable[[], object], label: str, error: Callable[[str, str], Exception]):
+    def __init__(self, fn: Callable[[], object], label: Optional[str], error: Callable[[str, str], Exception]):
         self.label, self.error = label, error
         self.proc: Optional[multiprocessing.Process] = None
         if not can_fork():
@@ -106,8 +200,12 @@ class Forked:
         return value
 
 
-def _child(fn: Callable[[], object], conn, label: str) -> None:
-    sys.stdout = _Prefixed(sys.stdout, label)
+def _child(fn: Callable[[], object], conn, label: Optional[str]) -> None:
+    # the parent's Rust thread pool (tokenizer training) is not in the child: tokenizers must not
+    # wait for it (they would only warn and go serial, as this says without the warning)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if label:
+        sys.stdout = _Prefixed(sys.stdout, label)
     try:
         value = fn()
         status = "ok"

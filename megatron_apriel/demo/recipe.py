@@ -39,12 +39,12 @@ from megatron_apriel.checkpoint import average, convert, upscale
 from megatron_apriel.config import load_config
 from megatron_apriel.data import preprocess, preprocess_sft
 from megatron_apriel.demo.card import write_demo_card
-from megatron_apriel.demo.cores import Forked, can_fork, data_parallel, given_cores, launcher
+from megatron_apriel.demo.cores import Forked, Ranks, can_fork, data_parallel, given_cores, launcher
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
 from megatron_apriel.errors import RunError
-from megatron_apriel.training import mix_report
+from megatron_apriel.training import loop, mix_report
 from megatron_apriel.training.config import TrainConfig
 from megatron_apriel.training.plan import make_plan
 
@@ -71,6 +71,9 @@ CONVERSATIONS_PER_ROW = 4.5  # a 256-token packed row holds 4-5 of the demo's co
 # The verbs the demo runs in this process, by their main (the apriel dispatcher lies above the demo)
 IN_PROCESS = {"preprocess": preprocess.main, "preprocess-sft": preprocess_sft.main, "mix-report": mix_report.main,
               "upscale": upscale.main, "convert": convert.main, "average": average.main}
+
+# The tools the demo forks from this process as training ranks, by module (``Demo.run``)
+FORKED_MAINS = {"megatron_apriel.train": loop.main}
 
 # One thread per process unless OMP_NUM_THREADS says otherwise: the demo's model is too small for
 # a second thread to pay, so further cores go to further processes (data-parallel training, work
@@ -160,8 +163,6 @@ class Demo:
         self.out, self.plan, self.force = out, plan, force
         # the evaluations and conversions that run in this process: the same one thread
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or THREADS))
-        # a forked child must not inherit a running Rust thread pool (cores.py)
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         # the cores the current stage may use: all of them, or a share in a side-by-side child
         self.cores = cores or given_cores()
         self.figures: dict[str, dict] = {}
@@ -176,34 +177,43 @@ class Demo:
 
     def run(self, stage: str, module: str, args: list[str], processes: int = 1) -> None:
         """``python -m module args`` with its output streamed (indented) and kept in <stage>/log.txt;
-        with ``processes`` > 1, that many processes under ``torch.distributed.run``."""
-        cmd = [*launcher(processes), "-m", module, *map(str, args)]
+        with ``processes`` > 1, the world ``torchrun --nproc-per-node=processes`` would start. The
+        training tool's ranks are forked from this process (``cores.Ranks``: its imports are done)."""
+        args = [str(a) for a in args]
+        cmd = [*launcher(processes), "-m", module, *args]
         shown = "python" if processes == 1 else f"torchrun --nproc-per-node={processes}"
-        print(f"  $ apriel-demo: {shown} -m {module} {' '.join(map(str, args))}", flush=True)
+        print(f"  $ apriel-demo: {shown} -m {module} {' '.join(args)}", flush=True)
+        env = {"OMP_NUM_THREADS": THREADS, **os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.d(stage) / "log.txt"
         with open(log, "a", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={"OMP_NUM_THREADS": THREADS, **os.environ, "PYTHONUNBUFFERED": "1"})
+            if module in FORKED_MAINS and can_fork() and not torch.distributed.is_initialized():
+                ranks = Ranks(FORKED_MAINS[module], args, processes, env)
+                lines, finish = ranks.lines(), ranks.wait
+            else:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                lines, finish = proc.stdout, proc.wait
             tail: list[str] = []
-            for line in proc.stdout:
+            for line in lines:
                 f.write(line)
                 tail = (tail + [line.rstrip()])[-30:]
                 if _worth_showing(line):
                     print("    " + line.rstrip()[:160], flush=True)
-            code = proc.wait()
+            code = finish()
         if code != 0:
             raise DemoError(f"stage {stage}: python -m {module} exited with {code}; last lines:\n"
                             + "\n".join(tail) + f"\n(full log: {log})")
 
     def call(self, stage: str, verb: str, args: list) -> None:
-        """An ``apriel VERB`` in this process: for the tools that keep no global state (data tools,
-        conversion, upscaling, averaging), which saves a Python start-up and imports per call."""
+        """An ``apriel VERB`` in a fork of this process: for the tools that keep no global state
+        (data tools, conversion, upscaling, averaging), which saves a Python start-up and imports
+        per call. Forked, so that this process never joins the torch.distributed world of one that
+        conversion makes, and can still fork training ranks (``run``)."""
         args = [str(a) for a in args]
         print(f"  $ apriel {verb} {' '.join(args)}", flush=True)
         with open(self.d(stage) / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"$ apriel {verb} {' '.join(args)}\n")
-        code = IN_PROCESS[verb](args)
+        code = Forked(lambda: IN_PROCESS[verb](args), None, _failed).result()
         if code != 0:
             raise DemoError(f"stage {stage}: apriel {verb} exited with {code} (see the lines above)")
 
