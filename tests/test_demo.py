@@ -92,6 +92,39 @@ def test_given_cores_follows_affinity():
     assert given_cores() == len(before)
 
 
+def _all_reduce(argv):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://")
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    print(f"rank {dist.get_rank()} of {dist.get_world_size()} {argv[0]}: {t.item():g}")
+    dist.destroy_process_group()
+    return 0
+
+
+def _one_rank_fails(argv):
+    import time
+
+    if os.environ["RANK"] == "1":
+        print("rank 1: error: bad input")
+        return 2
+    time.sleep(600)  # as a rank waiting in a collective for the one that failed
+    return 0
+
+
+def test_forked_ranks_form_one_world_and_a_failure_stops_them(monkeypatch):
+    from megatron_apriel.demo.cores import Ranks
+
+    ranks = Ranks(_all_reduce, ["sum"], 2, dict(os.environ))
+    assert sorted(ranks.lines()) == ["rank 0 of 2 sum: 3\n", "rank 1 of 2 sum: 3\n"] and ranks.wait() == 0
+    monkeypatch.setattr(Ranks, "GRACE_S", 0.5)
+    ranks = Ranks(_one_rank_fails, [], 2, dict(os.environ))
+    assert list(ranks.lines()) == ["rank 1: error: bad input\n"]
+    assert ranks.wait() == 2 and sorted(ranks.codes.values()) == [-15, 2]  # rank 0 stopped by SIGTERM
+
+
 def _fails():
     raise InputError("no such file: x.jsonl")
 

@@ -83,7 +83,7 @@ class Ranks:
     """``main(argv)`` of a training tool on ``processes`` forked processes that form one
     torch.distributed world, as ``torchrun --standalone --nproc-per-node=processes`` would start
     them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT). ``lines()`` yields their merged output,
-    ``wait()`` their exit status: the first non-zero one. When a rank fails, the others are
+    ``wait()`` their exit status: the first failure's. When a rank fails, the others are
     stopped (SIGTERM, then SIGKILL) instead of waiting in a collective for it forever."""
 
     GRACE_S = 30.0
@@ -107,6 +107,7 @@ class Ranks:
         os.close(write)  # the ranks hold the pipe open; it ends when the last of them does
         self.out = os.fdopen(read, encoding="utf-8", errors="replace")
         self.codes: dict[int, int] = {}
+        self.failures: list[int] = []  # non-zero exit statuses in the order they came: the cause first
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
 
@@ -116,7 +117,7 @@ class Ranks:
     def wait(self) -> int:
         self.watcher.join()
         self.out.close()
-        return next((c for c in (self.codes[p] for p in self.pids) if c != 0), 0)
+        return self.failures[0] if self.failures else 0
 
     def _watch(self) -> None:
         failed_at: Optional[float] = None
@@ -127,8 +128,9 @@ class Ranks:
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
                     self.codes[pid] = os.waitstatus_to_exitcode(status)
-                    if self.codes[pid] != 0 and failed_at is None:
-                        failed_at = time.time()
+                    if self.codes[pid] != 0:
+                        self.failures.append(self.codes[pid])
+                        failed_at = failed_at or time.time()
             if failed_at is not None:  # a rank failed: the rest cannot finish a step without it
                 late = time.time() - failed_at
                 for pid in self.pids:

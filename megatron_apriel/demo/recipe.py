@@ -148,7 +148,8 @@ class Plan:
         r = math.sqrt(s)
         return cls(minutes=minutes, pretrain_iters=max(12, round(450 * s)), cpt_iters=max(12, round(150 * s)),
                    sft_iters=max(6, round(1400 * r)), spec_iters=max(4, round(100 * r)),
-                   grpo_steps=max(2, 2 * round(15 * s)), grpo_prompts=max(4, round(GRPO_PROMPTS_PER_STEP * 30 * s)),
+                   grpo_steps=max(2, 2 * round(15 * s)),
+                   grpo_prompts=max(GRPO_PROMPTS_PER_STEP, round(GRPO_PROMPTS_PER_STEP * 30 * s)),
                    n_test=max(48, min(510, 3 * round(170 * s))))
 
     def model_changes(self, vocab_size: int, eos_token_id: int, num_layers: Optional[int] = None) -> dict:
@@ -404,17 +405,24 @@ class Demo:
 
     def s_preprocess(self) -> dict:
         d, out, tok = self.d("data"), self.d("preprocess"), self.d("data") / "tokenizer"
-        tokens = {}
-        for s in SOURCES:
-            self.call("preprocess", "preprocess", [
-                "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-type", "HuggingFaceTokenizer",
-                "--tokenizer-model", tok, "--append-eod", "--workers", "0", "--strict"])
-            tokens[s] = json.loads((out / f"{s}.stats.json").read_text()).get("tokens")
+
+        def text() -> None:
+            for s in SOURCES:
+                self.call("preprocess", "preprocess", [
+                    "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-type",
+                    "HuggingFaceTokenizer", "--tokenizer-model", tok, "--append-eod", "--workers", "0", "--strict"])
+        # the pretraining text beside the SFT sets where there is a second core
+        beside = Forked(text, None, _failed) if self.cores >= 2 and can_fork() else None
         for s in SFT_SETS:
             self.call("preprocess", "preprocess-sft", [
                 "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-model", tok,
                 "--seq-length", self.plan.sft_seq_length, "--log-interval", 100000])
-            tokens[s] = json.loads((out / f"{s}_report.json").read_text())["tokens"]
+        if beside:
+            beside.result()
+        else:
+            text()
+        tokens = {**{s: json.loads((out / f"{s}.stats.json").read_text()).get("tokens") for s in SOURCES},
+                  **{s: json.loads((out / f"{s}_report.json").read_text())["tokens"] for s in SFT_SETS}}
         print("  tokens: " + ", ".join(f"{k} {v}" for k, v in tokens.items()), flush=True)
         return {"tokens": tokens}
 
