@@ -63,7 +63,7 @@ def test_stages_show_their_effect(demo):
 
 def test_uses_the_cores_it_is_given(demo):
     """Training data-parallel over the cores (the same global batch: SFT's 4 rows as 2 x 2), the
-    specialists side by side, the merge's evaluation beside GRPO; one core: one process."""
+    specialists side by side, the evaluations beside GRPO; one core: one process at a time."""
     out, stdout = demo
     sft_log = (out / "sft" / "log.txt").read_text()
     spec_log = (out / "sft_a" / "log.txt").read_text()
@@ -73,6 +73,8 @@ def test_uses_the_cores_it_is_given(demo):
     assert "1 micro-batches x 2 per DP rank, DP=2" in sft_log and "torch.distributed.run" in sft_log
     assert "x 4 per DP rank, DP=1" in spec_log  # one core each: the whole batch in one process
     assert "sft_a and sft_b side by side" in stdout and "[sft_b] " in stdout
+    # the evaluations wait for a free core: beside GRPO (one process), then finish their stages
+    assert "evaluations of pretrain, average, sft, merge run beside grpo" in stdout
     assert "[merge evaluation]   held-out" in stdout
     assert stdout.index("merge: model made") < stdout.index("grpo: GRPO on C") < stdout.index("[10/13] merge: ")
 

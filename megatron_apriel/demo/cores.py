@@ -186,6 +186,19 @@ class Forked:
         self.proc.start()
         child_conn.close()
 
+    @classmethod
+    def each(cls, jobs: list[tuple[str, Callable[[], object]]], error: Callable[[str, str], Exception]) -> "Forked":
+        """One child that runs ``jobs`` (label, fn) one after another, each line of its output
+        under its own label; ``result()`` is the list of their results."""
+        def run_all() -> list:
+            results = []
+            for label, fn in jobs:
+                if isinstance(sys.stdout, _Prefixed):
+                    sys.stdout.label = label
+                results.append(fn())
+            return results
+        return cls(run_all, jobs[0][0], error)
+
     def result(self):
         if self.proc is None:
             return self.value
@@ -215,6 +228,7 @@ def _child(fn: Callable[[], object], conn, label: Optional[str]) -> None:
         # the project's errors say what went wrong in their message; anything else needs its traceback
         status, value = "error", str(e) if isinstance(e, AprielError) else traceback.format_exc()
     sys.stdout.flush()
+    sys.stderr.flush()
     conn.send((status, value))
     conn.close()
     os._exit(0)  # no atexit handlers or finalizers of the parent's objects in the child

@@ -89,6 +89,8 @@ EVAL_BATCH = 256
 # Stages that need only what came before them and not each other: run side by side, on a share of
 # the cores each, where there are two or more.
 SIDE_BY_SIDE = (("sft_a", "sft_b"),)
+# Stages of one process: the evaluations left for later run beside them, on the other core
+ONE_PROCESS = ("grpo", "final", "generate")
 
 GRPO_PROMPTS_PER_STEP, GRPO_GENERATIONS, GRPO_TEMPERATURE = 8, 8, 0.7
 # Sampled answers per held-out problem around GRPO: the paired difference over problems of one
@@ -98,6 +100,15 @@ SAMPLED_ANSWERS = 4
 
 class DemoError(RunError):
     """A stage failed: its command, exit status and the last lines of its log."""
+
+
+@dataclass
+class Later:
+    """An evaluation left for later: ``fn`` runs as item ``index`` of the forked ``batch``."""
+
+    fn: Callable[[], dict]
+    batch: Optional[Forked] = None
+    index: int = 0
 
 
 @dataclass
@@ -167,9 +178,12 @@ class Demo:
         # the cores the current stage may use: all of them, or a share in a side-by-side child
         self.cores = cores or given_cores()
         self.figures: dict[str, dict] = {}
-        # stages whose model is made and whose evaluation still runs in a child: name -> (figures,
-        # the child, the stage's seconds so far, its number)
-        self.pending: dict[str, tuple[dict, Forked, float, int]] = {}
+        # evaluations are left for later (a free core) where cores can be shared
+        self.later = self.cores >= 2 and can_fork()
+        self.redoing = False  # a stage was redone: every later one is redone too
+        # stages whose model is made and whose evaluation is left for later: name -> (figures,
+        # the evaluation, the stage's seconds so far, its number)
+        self.pending: dict[str, tuple[dict, Later, float, int]] = {}
         self.t0 = time.time()
 
     # ------------------------------------------------------------------ plumbing
@@ -219,16 +233,20 @@ class Demo:
             raise DemoError(f"stage {stage}: apriel {verb} exited with {code} (see the lines above)")
 
     def done_before(self, i: int, n: int, name: str) -> bool:
+        """Whether a rerun skips the stage: it has its figures, and so has every stage before it (a
+        stage redone means every later one is redone: an evaluation that runs beside later stages
+        can fail after they are done)."""
         done = self.d(name) / DONE
-        if not done.is_file() or self.force:
+        if self.redoing or not done.is_file() or self.force:
+            self.redoing = True
             return False
         self.figures[name] = json.loads(done.read_text())
         print(f"[{i}/{n}] {name}: done before, skipped ({brief(self.figures[name])}; --force to redo)", flush=True)
         return True
 
     def stage(self, i: int, n: int, name: str, what: str, fn: Callable[[], dict]) -> None:
-        """Run one stage unless it is done. ``fn`` may hand its evaluation to a child (``later``):
-        the stage is then finished by ``settle`` once the child is done."""
+        """Run one stage unless it is done. ``fn`` may leave its evaluation for later (``later``,
+        see ``evaluate_later``): the stage is then finished by ``settle``."""
         if self.done_before(i, n, name):
             return
         folder = self.d(name)
@@ -242,22 +260,32 @@ class Demo:
         if later is None:
             self.finish(i, n, name, figures, time.time() - start)
         else:
-            print(f"[{i}/{n}] {name}: model made; its evaluation runs beside the next stage", flush=True)
+            print(f"[{i}/{n}] {name}: model made; it is evaluated beside a stage that leaves a core free",
+                  flush=True)
             self.pending[name] = (figures, later, time.time() - start, i)
 
+    def evaluate_queued(self, beside: Optional[str] = None) -> None:
+        """Start the evaluations left for later, one after another in one forked child, beside
+        ``beside`` (a stage of one process: the child has the other core)."""
+        queued = {name: p[1] for name, p in self.pending.items() if p[1].batch is None}
+        if not queued:
+            return
+        where = f"run beside {beside}" if beside else "run now"
+        print(f"\n  evaluations of {', '.join(queued)} {where}", flush=True)
+        batch = Forked.each([(f"{name} evaluation", job.fn) for name, job in queued.items()], _failed)
+        for k, job in enumerate(queued.values()):
+            job.batch, job.index = batch, k
+
     def settle(self, *names: str) -> None:
-        """Wait for the evaluations of ``names`` (every pending stage if none) and finish them."""
+        """Wait for the evaluations of ``names`` (every pending stage if none) and finish those stages."""
         for name in [k for k in self.pending if not names or k in names]:
-            if name not in self.pending:  # finished meanwhile, by the finish of another
-                continue
+            if self.pending[name][1].batch is None:
+                self.evaluate_queued()
             figures, later, seconds, i = self.pending.pop(name)
-            extra = later.result()
+            extra = later.batch.result()[later.index]
             self.finish(i, len(STAGES), name, {**figures, **extra}, seconds + extra.pop("seconds"))
 
     def finish(self, i: int, n: int, name: str, figures: dict, seconds: float) -> None:
-        # a stage is done only after the stages before it: a rerun never keeps a later stage
-        # built on an earlier one that it redoes
-        self.settle(*[k for k in self.pending if k != name])
         figures["seconds"] = round(seconds, 1)
         done = self.d(name) / DONE
         tmp = done.with_name(DONE + ".tmp")
@@ -268,7 +296,8 @@ class Demo:
 
     def run_stages(self, stages: list[tuple[str, str, Optional[str]]]) -> None:
         """Every stage in order; a group of ``SIDE_BY_SIDE`` runs at once, a forked child per
-        stage on an equal share of the cores, where there are cores to share."""
+        stage on an equal share of the cores, where there are cores to share; the evaluations left
+        for later run beside the first stage of ``ONE_PROCESS`` that comes."""
         n, order = len(stages), {s[0]: i for i, s in enumerate(stages, 1)}
         groups = {g[0]: g for g in SIDE_BY_SIDE}
         skip: set[str] = set()
@@ -278,11 +307,12 @@ class Demo:
             group = groups.get(name, (name,))
             skip.update(group)
             todo = [g for g in group if not self.done_before(order[g], n, g)]
+            if name in ONE_PROCESS and todo:
+                self.evaluate_queued(name)
             if len(todo) < 2 or self.cores < 2 or not can_fork():
                 for g in todo:
                     self.stage(order[g], n, g, stages[order[g] - 1][1], self.stage_fn(g, stages[order[g] - 1][2]))
                 continue
-            self.settle()
             share = max(1, self.cores // len(todo))
             print(f"\n{' and '.join(todo)} side by side, {share} core(s) each", flush=True)
             children = [Forked(self._side(order[g], n, g, stages[order[g] - 1][1], stages[order[g] - 1][2], share),
@@ -295,9 +325,8 @@ class Demo:
 
     def _side(self, i: int, n: int, name: str, what: str, method: Optional[str], cores: int) -> Callable[[], None]:
         def go() -> None:
-            self.cores = cores
+            self.cores, self.later = cores, False  # its cores are busy: it evaluates at once
             self.stage(i, n, name, what, self.stage_fn(name, method))
-            self.settle()
         return go
 
     def meta(self, key: str):
@@ -326,19 +355,20 @@ class Demo:
         self.call(stage, "convert", ["mcore-to-hf", "--ckpt", ckpt, "--out", out, "--tokenizer",
                                      self.d("data") / "tokenizer", "--chat-template", "apriel"])
 
-    def evaluate_later(self, stage: str, hf: Path, sampled: bool = False,
-                       then: Optional[Callable[[], dict]] = None) -> dict:
-        """``evaluate`` in a child beside the next stage where there is a core for it (the figures
-        then hold ``later``, see ``stage``), else at once; ``then()``'s figures are added after it."""
+    def evaluate_later(self, hf: Path, sampled: bool = False, then: Optional[Callable[[], dict]] = None) -> dict:
+        """``evaluate`` (and ``then()``'s figures), left for later where there are cores to share
+        (``run_stages`` starts it beside a stage of one process; the figures hold ``later``), else
+        at once. The training stages leave both cores to their ranks; GRPO and the final merge
+        each leave one free, long enough for every evaluation before them."""
         def go() -> dict:
             start = time.time()
             figures = self.evaluate(hf, sampled)
             return {**figures, **(then() if then else {}), "seconds": time.time() - start}
-        if self.cores < 2 or not can_fork():
+        if not self.later:
             figures = go()
             figures.pop("seconds")
             return figures
-        return {"later": Forked(go, f"{stage} evaluation", _failed)}
+        return {"later": Later(go)}
 
     def evaluate(self, hf: Path, sampled: bool = False) -> dict:
         """Greedy held-out figures; with ``sampled`` also the accuracy of ``SAMPLED_ANSWERS`` answers
@@ -431,7 +461,7 @@ class Demo:
         fig = self.train("pretrain", self.train_cfg(d / "ckpt", self.blend("pretrain", BASE_WEIGHTS, p.pretrain_iters),
                                                    p.pretrain_iters, lr=p.pretrain_lr))
         self.to_hf("pretrain", d / "ckpt", d / "hf")
-        return {**fig, **self.evaluate(d / "hf")}
+        return {**fig, **self.evaluate_later(d / "hf")}
 
     def s_upscale(self) -> dict:
         d = self.d("upscale")
@@ -475,7 +505,7 @@ class Demo:
         self.call("average", "average", [
             "--equispaced", 3, "--run-dir", self.d("cpt") / "ckpt", "--out", d / "mcore"])
         self.to_hf("average", d / "mcore", d / "hf")
-        return self.evaluate(d / "hf")
+        return self.evaluate_later(d / "hf")
 
     def sft_iters(self, name: str) -> int:
         return self.plan.sft_iters if name == "sft" else self.plan.spec_iters
@@ -492,14 +522,14 @@ class Demo:
                 layers=p.num_layers + 1, load=self.d(start) / ("mcore" if start == "average" else "ckpt"),
                 mbs=p.sft_batch, gbs=p.sft_batch, seq=p.sft_seq_length))
             self.to_hf(name, d / "ckpt", d / "hf")
-            return {**fig, **self.evaluate(d / "hf")}
+            return {**fig, **self.evaluate_later(d / "hf")}
         return go
 
     def s_merge(self) -> dict:
         d = self.d("merge")
         self.call("merge", "average", [
             self.d("sft_a") / "hf", self.d("sft_b") / "hf", "--weights", 0.5, 0.5, "--out", d / "hf"])
-        return self.evaluate_later("merge", d / "hf", sampled=True)  # beside GRPO, which starts from this model
+        return self.evaluate_later(d / "hf", sampled=True)
 
     def s_grpo(self) -> dict:
         p, d = self.plan, self.d("grpo")
@@ -523,14 +553,13 @@ class Demo:
         curve = [(h["step"], h.get("loss", 0.0)) for h in hist]
         rewards = [(h["step"], h["reward"]) for h in hist]
         q = max(1, len(rewards) // 4)  # one step's reward is a few prompts: compare quarters of the run
-        self.settle("merge")  # the paired difference below needs the merge's answers
+        self.settle()  # the paired difference below needs the merge's answers (evaluated beside GRPO)
 
         def paired() -> dict:
             return {"sampled_paired_difference": paired_difference(self.d("merge") / "eval_sampled.json",
                                                                    d / "run" / "eval_sampled.json")}
         # beside the final merge, which needs only the checkpoints
-        held_out = self.evaluate_later("grpo", d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True,
-                                       then=paired)
+        held_out = self.evaluate_later(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True, then=paired)
         return {"loss": curve[-1][1] if curve else None, "loss_curve": curve, "reward_curve": rewards,
                 "first_reward": sum(r for _, r in rewards[:q]) / q if rewards else None,
                 "last_reward": sum(r for _, r in rewards[-q:]) / q if rewards else None,
