@@ -74,7 +74,7 @@ def test_uses_the_cores_it_is_given(demo):
     assert "x 4 per DP rank, DP=1" in spec_log  # one core each: the whole batch in one process
     assert "sft_a and sft_b side by side" in stdout and "[sft_b] " in stdout
     # the evaluations wait for a free core: beside GRPO (one process), then finish their stages
-    assert "evaluations of pretrain, average, sft, merge run beside grpo" in stdout
+    assert "evaluations of pretrain, average, sft, sft_a, sft_b, merge run beside grpo" in stdout
     assert "[merge evaluation]   held-out" in stdout
     assert stdout.index("merge: model made") < stdout.index("grpo: GRPO on C") < stdout.index("[10/13] merge: ")
 

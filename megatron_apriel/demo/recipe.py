@@ -104,9 +104,12 @@ class DemoError(RunError):
 
 @dataclass
 class Later:
-    """An evaluation left for later: ``fn`` runs as item ``index`` of the forked ``batch``."""
+    """An evaluation of ``hf`` left for later (``Demo.evaluate_later``): it runs as item ``index``
+    of the forked ``batch``."""
 
-    fn: Callable[[], dict]
+    hf: Path
+    sampled: bool = False
+    then: Optional[Callable[[], dict]] = None
     batch: Optional[Forked] = None
     index: int = 0
 
@@ -272,7 +275,7 @@ class Demo:
             return
         where = f"run beside {beside}" if beside else "run now"
         print(f"\n  evaluations of {', '.join(queued)} {where}", flush=True)
-        batch = Forked.each([(f"{name} evaluation", job.fn) for name, job in queued.items()], _failed)
+        batch = Forked.each([(f"{name} evaluation", self.evaluation(job)) for name, job in queued.items()], _failed)
         for k, job in enumerate(queued.values()):
             job.batch, job.index = batch, k
 
@@ -317,16 +320,23 @@ class Demo:
             print(f"\n{' and '.join(todo)} side by side, {share} core(s) each", flush=True)
             children = [Forked(self._side(order[g], n, g, stages[order[g] - 1][1], stages[order[g] - 1][2], share),
                                g, _failed) for g in todo]
-            for child in children:
-                child.result()
-            for g in todo:
-                self.figures[g] = json.loads((self.d(g) / DONE).read_text())
+            for g, child in zip(todo, children):
+                left = child.result()  # an evaluation the child left for later is this process's to run
+                if left is None:
+                    self.figures[g] = json.loads((self.d(g) / DONE).read_text())
+                else:
+                    figures, hf, sampled, seconds, k = left
+                    self.pending[g] = (figures, Later(Path(hf), sampled), seconds, k)
         self.settle()
 
-    def _side(self, i: int, n: int, name: str, what: str, method: Optional[str], cores: int) -> Callable[[], None]:
-        def go() -> None:
-            self.cores, self.later = cores, False  # its cores are busy: it evaluates at once
+    def _side(self, i: int, n: int, name: str, what: str, method: Optional[str], cores: int) -> Callable[[], tuple]:
+        def go() -> Optional[tuple]:
+            self.cores = cores
             self.stage(i, n, name, what, self.stage_fn(name, method))
+            if name not in self.pending:
+                return None
+            figures, job, seconds, k = self.pending[name]
+            return figures, str(job.hf), job.sampled, seconds, k
         return go
 
     def meta(self, key: str):
@@ -360,15 +370,19 @@ class Demo:
         (``run_stages`` starts it beside a stage of one process; the figures hold ``later``), else
         at once. The training stages leave both cores to their ranks; GRPO and the final merge
         each leave one free, long enough for every evaluation before them."""
-        def go() -> dict:
-            start = time.time()
-            figures = self.evaluate(hf, sampled)
-            return {**figures, **(then() if then else {}), "seconds": time.time() - start}
+        job = Later(hf, sampled, then)
         if not self.later:
-            figures = go()
+            figures = self.evaluation(job)()
             figures.pop("seconds")
             return figures
-        return {"later": Later(go)}
+        return {"later": job}
+
+    def evaluation(self, job: Later) -> Callable[[], dict]:
+        def go() -> dict:
+            start = time.time()
+            figures = self.evaluate(job.hf, job.sampled)
+            return {**figures, **(job.then() if job.then else {}), "seconds": time.time() - start}
+        return go
 
     def evaluate(self, hf: Path, sampled: bool = False) -> dict:
         """Greedy held-out figures; with ``sampled`` also the accuracy of ``SAMPLED_ANSWERS`` answers
