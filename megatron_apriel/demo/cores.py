@@ -114,6 +114,15 @@ class Ranks:
     def lines(self) -> Iterator[str]:
         yield from self.out
 
+    def stop(self) -> None:
+        """SIGTERM every rank still running (the caller was stopped: the ranks are its to end)."""
+        for pid in self.pids:
+            if pid not in self.codes:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
     def wait(self) -> int:
         self.watcher.join()
         self.out.close()

@@ -205,6 +205,7 @@ class Demo:
         log = self.d(stage) / "log.txt"
         with open(log, "a", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n")
+            ranks = None
             if module in FORKED_MAINS and can_fork() and not torch.distributed.is_initialized():
                 ranks = Ranks(FORKED_MAINS[module], args, processes, env)
                 lines, finish = ranks.lines(), ranks.wait
@@ -212,11 +213,16 @@ class Demo:
                 proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                 lines, finish = proc.stdout, proc.wait
             tail: list[str] = []
-            for line in lines:
-                f.write(line)
-                tail = (tail + [line.rstrip()])[-30:]
-                if _worth_showing(line):
-                    print("    " + line.rstrip()[:160], flush=True)
+            try:
+                for line in lines:
+                    f.write(line)
+                    tail = (tail + [line.rstrip()])[-30:]
+                    if _worth_showing(line):
+                        print("    " + line.rstrip()[:160], flush=True)
+            except BaseException:  # stopped (SIGTERM, Ctrl-C): forked ranks stop with it
+                if ranks is not None:
+                    ranks.stop()
+                raise
             code = finish()
         if code != 0:
             raise DemoError(f"stage {stage}: python -m {module} exited with {code}; last lines:\n"
