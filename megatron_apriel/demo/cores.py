@@ -95,15 +95,17 @@ class Ranks:
         read, write = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
-        self.pids: list[int] = []
+        # multiprocessing's fork, not a bare os.fork: its child runs multiprocessing's own exit
+        # (finalizers: a Manager or worker the tool starts is shut down, not left holding the pipe)
+        ctx = multiprocessing.get_context("fork")
+        self.procs = []
         for rank in range(processes):
             world = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
                      "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            pid = os.fork()
-            if pid == 0:
-                os.close(read)
-                _rank(main, argv, {**env, **world}, write)
-            self.pids.append(pid)
+            proc = ctx.Process(target=_rank, args=(main, argv, {**env, **world}, read, write), name=f"rank {rank}")
+            proc.start()
+            self.procs.append(proc)
+        self.pids = [p.pid for p in self.procs]
         os.close(write)  # the ranks hold the pipe open; it ends when the last of them does
         self.out = os.fdopen(read, encoding="utf-8", errors="replace")
         self.codes: dict[int, int] = {}
@@ -131,12 +133,12 @@ class Ranks:
     def _watch(self) -> None:
         failed_at: Optional[float] = None
         while len(self.codes) < len(self.pids):
-            for pid in self.pids:
+            for proc in self.procs:
+                pid = proc.pid
                 if pid in self.codes:
                     continue
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    self.codes[pid] = os.waitstatus_to_exitcode(status)
+                if proc.exitcode is not None:
+                    self.codes[pid] = proc.exitcode
                     if self.codes[pid] != 0:
                         self.failures.append(self.codes[pid])
                         failed_at = failed_at or time.time()
@@ -148,11 +150,12 @@ class Ranks:
             time.sleep(0.2)
 
 
-def _rank(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str], out_fd: int) -> None:
-    """A forked rank: a process of its own as far as the tool can tell, then gone (``os._exit``:
-    nothing of the parent's, its atexit handlers or its stack, runs on in the child)."""
+def _rank(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str], in_fd: int, out_fd: int) -> None:
+    """A forked rank: a process of its own as far as the tool can tell (the parent's atexit
+    handlers are not its own; multiprocessing ends it with its exit status)."""
     code = 1
     try:
+        os.close(in_fd)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         os.close(out_fd)
@@ -166,14 +169,12 @@ def _rank(main: Callable[[list[str]], int], argv: list[str], env: dict[str, str]
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001  (a rank's traceback is its last word)
         traceback.print_exc()
+    try:
+        atexit._run_exitfuncs()  # the tool's own; multiprocessing then joins its threads and exits
     finally:
-        try:
-            threading._shutdown()  # join the tool's own threads, as an interpreter's exit does
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
 
 
 class Forked:
@@ -239,5 +240,4 @@ def _child(fn: Callable[[], object], conn, label: Optional[str]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     conn.send((status, value))
-    conn.close()
-    os._exit(0)  # no atexit handlers or finalizers of the parent's objects in the child
+    conn.close()  # multiprocessing ends the child: its finalizers, not the parent's atexit handlers
