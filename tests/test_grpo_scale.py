@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO_PYTHONPATH
 from test_grpo import toy_config
 
 from megatron_apriel.config import load_config
@@ -279,6 +280,7 @@ def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):
     of a fixed batch per rank, against one process on the whole batch: parameters equal within 5e-5
     (measured 8.5e-6; Adam's normalisation amplifies reduction-order differences of tiny gradients).
     ~30 s (two interpreters starting)."""
+    import os
     import socket
     import subprocess
     import sys
@@ -292,7 +294,8 @@ def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):
     out = tmp_path / "fsdp.pt"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(port), str(REPO / "tests" / "fsdp_grpo_check.py"), str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH})  # this checkout, installed or not
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "rank 0: DTensor shard torch.Size([8, 64]) of torch.Size([16, 64])" in proc.stdout, proc.stdout
     sharded, single, start = torch.load(out), train_steps(None), train_steps(None, steps=0)

@@ -349,7 +349,9 @@ def test_interrupted_runs_leave_no_temporary_files(tmp_path, sig):
 
     line = json.dumps({"text": "A line of ordinary prose to tokenize, again and again. " * 18}) + "\n"
     src = tmp_path / "big.jsonl"
-    src.write_text(line * 60_000, encoding="utf-8")  # 60 MB: seconds of work, so the signal lands mid-run
+    # 180 MB: about 3 s of work on two quiet cores (the compiled Tekken path does 60 MB a second), so
+    # the signal lands mid-run even when the test's polling is slowed by a loaded machine
+    src.write_text(line * 180_000, encoding="utf-8")
     prefix = tmp_path / "o"
     tmp_bin = Path(f"{prefix}_text_document.bin.tmp")
     proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
