@@ -1,5 +1,6 @@
 """``apriel demo`` end to end at a short setting: every stage's output exists and loads, and SFT
-has taught the model some of the arithmetic.
+has taught the model some of the arithmetic; on two or more cores its training is data-parallel and
+the specialists train side by side.
 
 One run (module fixture, ``--minutes 2``) serves every assertion; it takes about four and a half
 minutes on 2 CPU cores (measured 262 s wall, 247 s CPU, while a default demo run shared the cores).
@@ -8,10 +9,16 @@ minutes on 2 CPU cores (measured 262 s wall, 247 s CPU, while a default demo run
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
 from conftest import run_python
+
+from megatron_apriel.demo.cores import Forked, data_parallel, given_cores
+from megatron_apriel.demo.recipe import DemoError
+from megatron_apriel.errors import InputError
 
 MINUTES = "2"
 N_TEST = 84  # --minutes 2: 28 held-out problems per family
@@ -53,6 +60,86 @@ def test_stages_show_their_effect(demo):
     assert pd["mean"] == pytest.approx(st["grpo"]["sampled_accuracy"] - st["merge"]["sampled_accuracy"], abs=1e-9)
     # the specialists start from the generalist: from its loss, not from the CPT model's
     assert max(st["sft_a"]["first_loss"], st["sft_b"]["first_loss"]) < 0.3
+
+
+def test_uses_the_cores_it_is_given(demo):
+    """Training data-parallel over the cores (the same global batch: SFT's 4 rows as 2 x 2), the
+    specialists side by side, the evaluations beside GRPO; one core: one process at a time."""
+    out, stdout = demo
+    sft_log = (out / "sft" / "log.txt").read_text()
+    spec_log = (out / "sft_a" / "log.txt").read_text()
+    if given_cores() < 2:
+        assert "DP=1" in sft_log and "side by side" not in stdout
+        return
+    assert "1 micro-batches x 2 per DP rank, DP=2" in sft_log and "torch.distributed.run" in sft_log
+    assert "x 4 per DP rank, DP=1" in spec_log  # one core each: the whole batch in one process
+    assert "sft_a and sft_b side by side" in stdout and "[sft_b] " in stdout
+    # the evaluations wait for a free core: beside GRPO (one process), then finish their stages
+    assert "evaluations of pretrain, average, sft, sft_a, sft_b, merge run beside grpo" in stdout
+    assert "[merge evaluation]   held-out" in stdout
+    merge_done = re.search(r"^\[10/13\] merge: \d+ s, ", stdout, re.M).start()  # its figures, after GRPO ran
+    assert stdout.index("merge: model made") < stdout.index("grpo: GRPO on C") < merge_done
+
+
+def test_data_parallel_keeps_the_global_batch():
+    assert data_parallel(2, 8) == (2, 4) and data_parallel(2, 4) == (2, 2)
+    assert data_parallel(1, 8) == (1, 8) and data_parallel(3, 8) == (2, 4) and data_parallel(16, 4) == (4, 1)
+
+
+def test_given_cores_follows_affinity():
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        assert given_cores() == 1
+    finally:
+        os.sched_setaffinity(0, before)
+    assert given_cores() == len(before)
+
+
+def _all_reduce(argv):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://")
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    print(f"rank {dist.get_rank()} of {dist.get_world_size()} {argv[0]}: {t.item():g}")
+    dist.destroy_process_group()
+    return 0
+
+
+def _one_rank_fails(argv):
+    import time
+
+    if os.environ["RANK"] == "1":
+        print("rank 1: error: bad input")
+        return 2
+    time.sleep(600)  # as a rank waiting in a collective for the one that failed
+    return 0
+
+
+def test_forked_ranks_form_one_world_and_a_failure_stops_them(monkeypatch):
+    from megatron_apriel.demo.cores import Ranks
+
+    ranks = Ranks(_all_reduce, ["sum"], 2, dict(os.environ))
+    assert sorted(ranks.lines()) == ["rank 0 of 2 sum: 3\n", "rank 1 of 2 sum: 3\n"] and ranks.wait() == 0
+    monkeypatch.setattr(Ranks, "GRACE_S", 0.5)
+    ranks = Ranks(_one_rank_fails, [], 2, dict(os.environ))
+    assert list(ranks.lines()) == ["rank 1: error: bad input\n"]
+    assert ranks.wait() == 2 and sorted(ranks.codes.values()) == [-15, 2]  # rank 0 stopped by SIGTERM
+
+
+def _fails():
+    raise InputError("no such file: x.jsonl")
+
+
+def test_forked_work_returns_its_result_or_its_error(capfd):
+    assert Forked(lambda: print("hello") or {"pid": os.getpid()}, "side", DemoError).result()["pid"] != os.getpid()
+    assert "[side] hello\n" in capfd.readouterr().out
+    with pytest.raises(DemoError, match="^work: no such file: x.jsonl$"):
+        Forked(_fails, "work", lambda label, message: DemoError(f"{label}: {message}")).result()
+    with pytest.raises(DemoError, match="(?s)1 / 0.*ZeroDivisionError: division by zero"):
+        Forked(lambda: 1 / 0, "work", lambda label, message: DemoError(message)).result()
 
 
 def _indexed(prefix: Path):

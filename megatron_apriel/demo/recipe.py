@@ -12,6 +12,10 @@ Each stage is the project's own tool, run as ``python -m megatron_apriel.<module
 process (megatron-core keeps global state per process), with its output streamed. Each stage
 writes into ``<out>/<stage>/`` and finishes by writing ``done.json`` (its figures); a rerun skips
 stages that have it unless ``--force``. What the figures show is ``report.py``'s business.
+
+The demo uses every core it is given (``cores.py``): megatron-core training runs data-parallel
+over them, the two specialists train side by side, and the evaluations of the merge and of GRPO
+run beside the next stage. On one core everything runs in turn, as the same recipe.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +39,12 @@ from megatron_apriel.checkpoint import average, convert, upscale
 from megatron_apriel.config import load_config
 from megatron_apriel.data import preprocess, preprocess_sft
 from megatron_apriel.demo.card import write_demo_card
+from megatron_apriel.demo.cores import Forked, Ranks, can_fork, data_parallel, given_cores, launcher
 from megatron_apriel.demo.data import KINDS, make_sources, train_tokenizer
 from megatron_apriel.demo.evaluate import evaluate, load_test, paired_difference
 from megatron_apriel.demo.report import brief
 from megatron_apriel.errors import RunError
-from megatron_apriel.training import mix_report
+from megatron_apriel.training import loop, mix_report
 from megatron_apriel.training.config import TrainConfig
 from megatron_apriel.training.plan import make_plan
 
@@ -67,13 +72,25 @@ CONVERSATIONS_PER_ROW = 4.5  # a 256-token packed row holds 4-5 of the demo's co
 IN_PROCESS = {"preprocess": preprocess.main, "preprocess-sft": preprocess_sft.main, "mix-report": mix_report.main,
               "upscale": upscale.main, "convert": convert.main, "average": average.main}
 
+# The tools the demo forks from this process as training ranks, by module (``Demo.run``)
+FORKED_MAINS = {"megatron_apriel.train": loop.main}
+
 # One thread per process unless OMP_NUM_THREADS says otherwise: the demo's model is too small for
-# a second thread to pay. Measured: GRPO's generation-bound steps (20 of 4 prompts x 8 completions)
-# 88 s with two threads on a loaded machine, 18 s with one; SFT steps 205 ms with two, 191 ms
-# with one; pretraining steps 106-116 ms with two, 134 ms with one. One thread also leaves the
-# second core to whatever else runs: two threads fighting other jobs for two cores made one
-# 510-problem evaluation take 352 s instead of 5-30 s.
+# a second thread to pay, so further cores go to further processes (data-parallel training, work
+# side by side: ``cores.py``). Measured: GRPO's generation-bound steps (20 of 4 prompts x 8
+# completions) 88 s with two threads on a loaded machine, 18 s with one; SFT steps 205 ms with
+# two, 191 ms with one, 133 ms as two data-parallel processes of one thread (same losses);
+# pretraining steps 106-116 ms with two threads, 134 ms with one.
 THREADS = "1"
+# Problems per generate() call of an evaluation: a tiny model's decoding step costs about the same
+# at 64 or 256 sequences. Measured on 510 problems, CPU seconds: greedy 6.4 at 64, 4.6 at 256;
+# four sampled answers each 24.7 at 64, 19.8 at 256.
+EVAL_BATCH = 256
+# Stages that need only what came before them and not each other: run side by side, on a share of
+# the cores each, where there are two or more.
+SIDE_BY_SIDE = (("sft_a", "sft_b"),)
+# Stages of one process: the evaluations left for later run beside them, on the other core
+ONE_PROCESS = ("grpo", "final", "generate")
 
 GRPO_PROMPTS_PER_STEP, GRPO_GENERATIONS, GRPO_TEMPERATURE = 8, 8, 0.7
 # Sampled answers per held-out problem around GRPO: the paired difference over problems of one
@@ -83,6 +100,18 @@ SAMPLED_ANSWERS = 4
 
 class DemoError(RunError):
     """A stage failed: its command, exit status and the last lines of its log."""
+
+
+@dataclass
+class Later:
+    """An evaluation of ``hf`` left for later (``Demo.evaluate_later``): it runs as item ``index``
+    of the forked ``batch``."""
+
+    hf: Path
+    sampled: bool = False
+    then: Optional[Callable[[], dict]] = None
+    batch: Optional[Forked] = None
+    index: int = 0
 
 
 @dataclass
@@ -133,7 +162,8 @@ class Plan:
         r = math.sqrt(s)
         return cls(minutes=minutes, pretrain_iters=max(12, round(450 * s)), cpt_iters=max(12, round(150 * s)),
                    sft_iters=max(6, round(1400 * r)), spec_iters=max(4, round(100 * r)),
-                   grpo_steps=max(2, 2 * round(15 * s)), grpo_prompts=max(4, round(GRPO_PROMPTS_PER_STEP * 30 * s)),
+                   grpo_steps=max(2, 2 * round(15 * s)),
+                   grpo_prompts=max(GRPO_PROMPTS_PER_STEP, round(GRPO_PROMPTS_PER_STEP * 30 * s)),
                    n_test=max(48, min(510, 3 * round(170 * s))))
 
     def model_changes(self, vocab_size: int, eos_token_id: int, num_layers: Optional[int] = None) -> dict:
@@ -144,67 +174,176 @@ class Plan:
 
 
 class Demo:
-    def __init__(self, out: Path, plan: Plan, force: bool):
+    def __init__(self, out: Path, plan: Plan, force: bool, cores: Optional[int] = None):
         self.out, self.plan, self.force = out, plan, force
         # the evaluations and conversions that run in this process: the same one thread
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or THREADS))
+        # the cores the current stage may use: all of them, or a share in a side-by-side child
+        self.cores = cores or given_cores()
         self.figures: dict[str, dict] = {}
+        # evaluations are left for later (a free core) where cores can be shared
+        self.later = self.cores >= 2 and can_fork()
+        self.redoing = False  # a stage was redone: every later one is redone too
+        # stages whose model is made and whose evaluation is left for later: name -> (figures,
+        # the evaluation, the stage's seconds so far, its number)
+        self.pending: dict[str, tuple[dict, Later, float, int]] = {}
         self.t0 = time.time()
 
     # ------------------------------------------------------------------ plumbing
     def d(self, stage: str) -> Path:
         return self.out / stage
 
-    def run(self, stage: str, module: str, args: list[str]) -> None:
-        """``python -m module args`` with its output streamed (indented) and kept in <stage>/log.txt."""
-        cmd = [sys.executable, "-m", module, *map(str, args)]
-        print(f"  $ apriel-demo: python -m {module} {' '.join(map(str, args))}", flush=True)
+    def run(self, stage: str, module: str, args: list[str], processes: int = 1) -> None:
+        """``python -m module args`` with its output streamed (indented) and kept in <stage>/log.txt;
+        with ``processes`` > 1, the world ``torchrun --nproc-per-node=processes`` would start. The
+        training tool's ranks are forked from this process (``cores.Ranks``: its imports are done)."""
+        args = [str(a) for a in args]
+        cmd = [*launcher(processes), "-m", module, *args]
+        shown = "python" if processes == 1 else f"torchrun --nproc-per-node={processes}"
+        print(f"  $ apriel-demo: {shown} -m {module} {' '.join(args)}", flush=True)
+        env = {"OMP_NUM_THREADS": THREADS, **os.environ, "PYTHONUNBUFFERED": "1"}
         log = self.d(stage) / "log.txt"
         with open(log, "a", encoding="utf-8") as f:
             f.write("$ " + " ".join(cmd) + "\n")
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={"OMP_NUM_THREADS": THREADS, **os.environ, "PYTHONUNBUFFERED": "1"})
+            ranks = None
+            if module in FORKED_MAINS and can_fork() and not torch.distributed.is_initialized():
+                ranks = Ranks(FORKED_MAINS[module], args, processes, env)
+                lines, finish = ranks.lines(), ranks.wait
+            else:
+                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                lines, finish = proc.stdout, proc.wait
             tail: list[str] = []
-            for line in proc.stdout:
-                f.write(line)
-                tail = (tail + [line.rstrip()])[-30:]
-                if _worth_showing(line):
-                    print("    " + line.rstrip()[:160], flush=True)
-            code = proc.wait()
+            try:
+                for line in lines:
+                    f.write(line)
+                    tail = (tail + [line.rstrip()])[-30:]
+                    if _worth_showing(line):
+                        print("    " + line.rstrip()[:160], flush=True)
+            except BaseException:  # stopped (SIGTERM, Ctrl-C): forked ranks stop with it
+                if ranks is not None:
+                    ranks.stop()
+                raise
+            code = finish()
         if code != 0:
             raise DemoError(f"stage {stage}: python -m {module} exited with {code}; last lines:\n"
                             + "\n".join(tail) + f"\n(full log: {log})")
 
     def call(self, stage: str, verb: str, args: list) -> None:
-        """An ``apriel VERB`` in this process: for the tools that keep no global state (data tools,
-        conversion, upscaling, averaging), which saves a Python start-up and imports per call."""
+        """An ``apriel VERB`` in a fork of this process: for the tools that keep no global state
+        (data tools, conversion, upscaling, averaging), which saves a Python start-up and imports
+        per call. Forked, so that this process never joins the torch.distributed world of one that
+        conversion makes, and can still fork training ranks (``run``)."""
         args = [str(a) for a in args]
         print(f"  $ apriel {verb} {' '.join(args)}", flush=True)
         with open(self.d(stage) / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"$ apriel {verb} {' '.join(args)}\n")
-        code = IN_PROCESS[verb](args)
+        code = Forked(lambda: IN_PROCESS[verb](args), None, _failed).result()
         if code != 0:
             raise DemoError(f"stage {stage}: apriel {verb} exited with {code} (see the lines above)")
 
+    def done_before(self, i: int, n: int, name: str) -> bool:
+        """Whether a rerun skips the stage: it has its figures, and so has every stage before it (a
+        stage redone means every later one is redone: an evaluation that runs beside later stages
+        can fail after they are done)."""
+        done = self.d(name) / DONE
+        if self.redoing or not done.is_file() or self.force:
+            self.redoing = True
+            return False
+        self.figures[name] = json.loads(done.read_text())
+        print(f"[{i}/{n}] {name}: done before, skipped ({brief(self.figures[name])}; --force to redo)", flush=True)
+        return True
+
     def stage(self, i: int, n: int, name: str, what: str, fn: Callable[[], dict]) -> None:
-        folder = self.d(name)
-        done = folder / DONE
-        if done.is_file() and not self.force:
-            self.figures[name] = json.loads(done.read_text())
-            print(f"[{i}/{n}] {name}: done before, skipped ({brief(self.figures[name])}; --force to redo)", flush=True)
+        """Run one stage unless it is done. ``fn`` may leave its evaluation for later (``later``,
+        see ``evaluate_later``): the stage is then finished by ``settle``."""
+        if self.done_before(i, n, name):
             return
+        folder = self.d(name)
         if folder.exists():  # an unfinished or forced stage starts clean
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         print(f"\n[{i}/{n}] {name}: {what}  (demo time {time.time() - self.t0:.0f} s)", flush=True)
         start = time.time()
         figures = fn()
-        figures["seconds"] = round(time.time() - start, 1)
-        tmp = folder / (DONE + ".tmp")
+        later = figures.pop("later", None)
+        if later is None:
+            self.finish(i, n, name, figures, time.time() - start)
+        else:
+            print(f"[{i}/{n}] {name}: model made; it is evaluated beside a stage that leaves a core free",
+                  flush=True)
+            self.pending[name] = (figures, later, time.time() - start, i)
+
+    def evaluate_queued(self, beside: Optional[str] = None) -> None:
+        """Start the evaluations left for later, one after another in one forked child, beside
+        ``beside`` (a stage of one process: the child has the other core)."""
+        queued = {name: p[1] for name, p in self.pending.items() if p[1].batch is None}
+        if not queued:
+            return
+        where = f"run beside {beside}" if beside else "run now"
+        print(f"\n  evaluations of {', '.join(queued)} {where}", flush=True)
+        batch = Forked.each([(f"{name} evaluation", self.evaluation(job)) for name, job in queued.items()], _failed)
+        for k, job in enumerate(queued.values()):
+            job.batch, job.index = batch, k
+
+    def settle(self, *names: str) -> None:
+        """Wait for the evaluations of ``names`` (every pending stage if none) and finish those stages."""
+        for name in [k for k in self.pending if not names or k in names]:
+            if self.pending[name][1].batch is None:
+                self.evaluate_queued()
+            figures, later, seconds, i = self.pending.pop(name)
+            extra = later.batch.result()[later.index]
+            self.finish(i, len(STAGES), name, {**figures, **extra}, seconds + extra.pop("seconds"))
+
+    def finish(self, i: int, n: int, name: str, figures: dict, seconds: float) -> None:
+        figures["seconds"] = round(seconds, 1)
+        done = self.d(name) / DONE
+        tmp = done.with_name(DONE + ".tmp")
         tmp.write_text(json.dumps(figures, indent=2) + "\n")
         tmp.replace(done)
         self.figures[name] = figures
         print(f"[{i}/{n}] {name}: {brief(figures)}", flush=True)
+
+    def run_stages(self, stages: list[tuple[str, str, Optional[str]]]) -> None:
+        """Every stage in order; a group of ``SIDE_BY_SIDE`` runs at once, a forked child per
+        stage on an equal share of the cores, where there are cores to share; the evaluations left
+        for later run beside the first stage of ``ONE_PROCESS`` that comes."""
+        n, order = len(stages), {s[0]: i for i, s in enumerate(stages, 1)}
+        groups = {g[0]: g for g in SIDE_BY_SIDE}
+        skip: set[str] = set()
+        for i, (name, what, method) in enumerate(stages, 1):
+            if name in skip:
+                continue
+            group = groups.get(name, (name,))
+            skip.update(group)
+            todo = [g for g in group if not self.done_before(order[g], n, g)]
+            if name in ONE_PROCESS and todo:
+                self.evaluate_queued(name)
+            if len(todo) < 2 or self.cores < 2 or not can_fork():
+                for g in todo:
+                    self.stage(order[g], n, g, stages[order[g] - 1][1], self.stage_fn(g, stages[order[g] - 1][2]))
+                continue
+            share = max(1, self.cores // len(todo))
+            print(f"\n{' and '.join(todo)} side by side, {share} core(s) each", flush=True)
+            children = [Forked(self._side(order[g], n, g, stages[order[g] - 1][1], stages[order[g] - 1][2], share),
+                               g, _failed) for g in todo]
+            for g, child in zip(todo, children):
+                left = child.result()  # an evaluation the child left for later is this process's to run
+                if left is None:
+                    self.figures[g] = json.loads((self.d(g) / DONE).read_text())
+                else:
+                    figures, hf, sampled, seconds, k = left
+                    self.pending[g] = (figures, Later(Path(hf), sampled), seconds, k)
+        self.settle()
+
+    def _side(self, i: int, n: int, name: str, what: str, method: Optional[str], cores: int) -> Callable[[], tuple]:
+        def go() -> Optional[tuple]:
+            self.cores = cores
+            self.stage(i, n, name, what, self.stage_fn(name, method))
+            if name not in self.pending:
+                return None
+            figures, job, seconds, k = self.pending[name]
+            return figures, str(job.hf), job.sampled, seconds, k
+        return go
 
     def meta(self, key: str):
         return self.figures[key]
@@ -217,10 +356,12 @@ class Demo:
         """One training run of the stage. Its run plan is made here first, as ``apriel train`` makes
         it (a config the run would refuse stops the demo before it starts a process); the run writes
         ``apriel_model.yaml`` beside its checkpoints, which ``convert mcore-to-hf`` reads."""
+        # data-parallel over the cores: each process takes its slice of the same global batch
+        processes, cfg["train"]["micro_batch_size"] = data_parallel(self.cores, cfg["train"]["micro_batch_size"])
         path = self.d(stage) / "train.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        plan = make_plan(load_config(TrainConfig, path), world=1)
-        self.run(stage, "megatron_apriel.train", ["--config", path])
+        plan = make_plan(load_config(TrainConfig, path), world=processes)
+        self.run(stage, "megatron_apriel.train", ["--config", path], processes=processes)
         losses = _losses(Path(plan.cfg.checkpoint.save) / "logs" / "metrics.jsonl")
         k = max(1, len(losses) // 10)
         return {"loss": sum(loss for _, loss in losses[-k:]) / k, "first_loss": losses[0][1] if losses else None,
@@ -230,6 +371,25 @@ class Demo:
         self.call(stage, "convert", ["mcore-to-hf", "--ckpt", ckpt, "--out", out, "--tokenizer",
                                      self.d("data") / "tokenizer", "--chat-template", "apriel"])
 
+    def evaluate_later(self, hf: Path, sampled: bool = False, then: Optional[Callable[[], dict]] = None) -> dict:
+        """``evaluate`` (and ``then()``'s figures), left for later where there are cores to share
+        (``run_stages`` starts it beside a stage of one process; the figures hold ``later``), else
+        at once. The training stages leave both cores to their ranks; GRPO and the final merge
+        each leave one free, long enough for every evaluation before them."""
+        job = Later(hf, sampled, then)
+        if not self.later:
+            figures = self.evaluation(job)()
+            figures.pop("seconds")
+            return figures
+        return {"later": job}
+
+    def evaluation(self, job: Later) -> Callable[[], dict]:
+        def go() -> dict:
+            start = time.time()
+            figures = self.evaluate(job.hf, job.sampled)
+            return {**figures, **(job.then() if job.then else {}), "seconds": time.time() - start}
+        return go
+
     def evaluate(self, hf: Path, sampled: bool = False) -> dict:
         """Greedy held-out figures; with ``sampled`` also the accuracy of ``SAMPLED_ANSWERS`` answers
         per problem sampled at GRPO's temperature, the held-out counterpart of the reward GRPO raises."""
@@ -237,10 +397,10 @@ class Demo:
         extra = {}
         if sampled:
             t = evaluate(hf, tests, results=hf.parent / "eval_sampled.json", temperature=GRPO_TEMPERATURE,
-                         samples=SAMPLED_ANSWERS)
+                         samples=SAMPLED_ANSWERS, batch_size=EVAL_BATCH)
             extra = {"sampled_accuracy": t["accuracy"], "sampled_accuracy_stderr": t["accuracy_stderr"]}
             print(f"  held-out, sampled at temperature {GRPO_TEMPERATURE:g}: accuracy {t['accuracy']:.3f}", flush=True)
-        r = evaluate(hf, tests, results=hf.parent / "eval.json")
+        r = evaluate(hf, tests, results=hf.parent / "eval.json", batch_size=EVAL_BATCH)
         s = r["samples"][0]
         print(f"  held-out: accuracy {r['accuracy']:.3f} ("
               + ", ".join(f"{k} {v:.3f}" for k, v in r["families"].items())
@@ -295,17 +455,24 @@ class Demo:
 
     def s_preprocess(self) -> dict:
         d, out, tok = self.d("data"), self.d("preprocess"), self.d("data") / "tokenizer"
-        tokens = {}
-        for s in SOURCES:
-            self.call("preprocess", "preprocess", [
-                "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-type", "HuggingFaceTokenizer",
-                "--tokenizer-model", tok, "--append-eod", "--workers", "0", "--strict"])
-            tokens[s] = json.loads((out / f"{s}.stats.json").read_text()).get("tokens")
+
+        def text() -> None:
+            for s in SOURCES:
+                self.call("preprocess", "preprocess", [
+                    "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-type",
+                    "HuggingFaceTokenizer", "--tokenizer-model", tok, "--append-eod", "--workers", "0", "--strict"])
+        # the pretraining text beside the SFT sets where there is a second core
+        beside = Forked(text, None, _failed) if self.cores >= 2 and can_fork() else None
         for s in SFT_SETS:
             self.call("preprocess", "preprocess-sft", [
                 "--input", d / f"{s}.jsonl", "--output-prefix", out / s, "--tokenizer-model", tok,
                 "--seq-length", self.plan.sft_seq_length, "--log-interval", 100000])
-            tokens[s] = json.loads((out / f"{s}_report.json").read_text())["tokens"]
+        if beside:
+            beside.result()
+        else:
+            text()
+        tokens = {**{s: json.loads((out / f"{s}.stats.json").read_text()).get("tokens") for s in SOURCES},
+                  **{s: json.loads((out / f"{s}_report.json").read_text())["tokens"] for s in SFT_SETS}}
         print("  tokens: " + ", ".join(f"{k} {v}" for k, v in tokens.items()), flush=True)
         return {"tokens": tokens}
 
@@ -314,7 +481,7 @@ class Demo:
         fig = self.train("pretrain", self.train_cfg(d / "ckpt", self.blend("pretrain", BASE_WEIGHTS, p.pretrain_iters),
                                                    p.pretrain_iters, lr=p.pretrain_lr))
         self.to_hf("pretrain", d / "ckpt", d / "hf")
-        return {**fig, **self.evaluate(d / "hf")}
+        return {**fig, **self.evaluate_later(d / "hf")}
 
     def s_upscale(self) -> dict:
         d = self.d("upscale")
@@ -358,7 +525,7 @@ class Demo:
         self.call("average", "average", [
             "--equispaced", 3, "--run-dir", self.d("cpt") / "ckpt", "--out", d / "mcore"])
         self.to_hf("average", d / "mcore", d / "hf")
-        return self.evaluate(d / "hf")
+        return self.evaluate_later(d / "hf")
 
     def sft_iters(self, name: str) -> int:
         return self.plan.sft_iters if name == "sft" else self.plan.spec_iters
@@ -375,14 +542,14 @@ class Demo:
                 layers=p.num_layers + 1, load=self.d(start) / ("mcore" if start == "average" else "ckpt"),
                 mbs=p.sft_batch, gbs=p.sft_batch, seq=p.sft_seq_length))
             self.to_hf(name, d / "ckpt", d / "hf")
-            return {**fig, **self.evaluate(d / "hf")}
+            return {**fig, **self.evaluate_later(d / "hf")}
         return go
 
     def s_merge(self) -> dict:
         d = self.d("merge")
         self.call("merge", "average", [
             self.d("sft_a") / "hf", self.d("sft_b") / "hf", "--weights", 0.5, 0.5, "--out", d / "hf"])
-        return self.evaluate(d / "hf", sampled=True)
+        return self.evaluate_later(d / "hf", sampled=True)
 
     def s_grpo(self) -> dict:
         p, d = self.plan, self.d("grpo")
@@ -406,10 +573,14 @@ class Demo:
         curve = [(h["step"], h.get("loss", 0.0)) for h in hist]
         rewards = [(h["step"], h["reward"]) for h in hist]
         q = max(1, len(rewards) // 4)  # one step's reward is a few prompts: compare quarters of the run
-        held_out = self.evaluate(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True)
-        paired = paired_difference(self.d("merge") / "eval_sampled.json", d / "run" / "eval_sampled.json")
-        return {"sampled_paired_difference": paired, "loss": curve[-1][1] if curve else None, "loss_curve": curve,
-                "reward_curve": rewards,
+        self.settle()  # the paired difference below needs the merge's answers (evaluated beside GRPO)
+
+        def paired() -> dict:
+            return {"sampled_paired_difference": paired_difference(self.d("merge") / "eval_sampled.json",
+                                                                   d / "run" / "eval_sampled.json")}
+        # beside the final merge, which needs only the checkpoints
+        held_out = self.evaluate_later(d / "run" / f"checkpoint-{p.grpo_steps}", sampled=True, then=paired)
+        return {"loss": curve[-1][1] if curve else None, "loss_curve": curve, "reward_curve": rewards,
                 "first_reward": sum(r for _, r in rewards[:q]) / q if rewards else None,
                 "last_reward": sum(r for _, r in rewards[-q:]) / q if rewards else None,
                 **held_out}
@@ -455,12 +626,18 @@ STAGES = [
 ]
 
 
+def _failed(label: str, message: str) -> DemoError:
+    return DemoError(f"{label} failed: {message}")
+
+
 def _worth_showing(line: str) -> bool:
     """Stage output kept on screen: log lines and summaries, not the full config dumps."""
     s = line.strip()
     if not s or s.startswith(("{", "}", "\"", "[", "]")) or s.endswith((",", "{", "[")):
         return False
     if "Warning" in s or "warnings.warn" in s or "\r" in line or "%|" in s:
+        return False
+    if re.match(r"(\[rank\d+\]:)?[WI]\d{4} ", s):  # torch's own log lines (glog style), from any rank
         return False
     if line.startswith((" ", "\t")) and not s.startswith("###"):
         return False
