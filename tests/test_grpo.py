@@ -55,6 +55,7 @@ def toy_config(tmp_path: Path, extra=()) -> GRPORunConfig:
                        [f"out_dir={tmp_path / 'run'}", f"model.path={model}", f"data.train_file={prompts}", *extra])
 
 
+@pytest.mark.bwrap
 def test_grpo_raises_mean_reward(tmp_path):
     cfg = toy_config(tmp_path)
     summary = train(cfg)
@@ -78,6 +79,7 @@ def test_keep_by_pass_rate_rule():
     assert keep_by_pass_rate([0, 1, 5, 6, 8], 8, 1, 3) == [False, True, True, False, False]
 
 
+@pytest.mark.bwrap
 def test_pass_rate_filter_drops_always_and_never_solved(tmp_path):
     # Prompts whose check always holds (too easy) or never holds (too hard) are dropped.
     cfg = toy_config(tmp_path, ["filter.enabled=true", "filter.num_rollouts=8", "filter.only=true"])
@@ -115,6 +117,7 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
     assert "rewards.domains.math.maths" in capsys.readouterr().err
 
 
+@pytest.mark.bwrap
 @pytest.mark.parametrize("name", ["tiny", "apriel_nemotron_15b"])
 def test_example_configs_load(name):
     cfg = load_config(GRPORunConfig, REPO / f"examples/{name}/grpo.yaml",
@@ -124,6 +127,7 @@ def test_example_configs_load(name):
         assert (cfg.filter.num_rollouts, cfg.filter.min_correct, cfg.filter.min_incorrect) == (8, 1, 3)
 
 
+@pytest.mark.bwrap
 def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
     prompts = write_toy_prompts(tmp_path / "p.jsonl")
     out = tmp_path / "run"
@@ -135,6 +139,7 @@ def test_cli_bad_inputs_write_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.bwrap
 def test_prompts_keep_control_token_text(tmp_path):
     """A prompt whose messages spell the template's control tokens: TRL's GRPOTrainer (configured by
     build_grpo_config) and encode_prompts (the pass-rate filter, `apriel generate`, evaluation) encode

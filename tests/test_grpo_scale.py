@@ -179,6 +179,7 @@ def sampled_reward(model_dir, records: list[dict], cfg: GRPORunConfig, k: int = 
     return sum(combined_reward(t, records[i // k], cfg.rewards)[0].score for i, t in enumerate(texts)) / len(texts)
 
 
+@pytest.mark.bwrap
 def test_grpo_on_math_reward_raises_heldout_reward(tmp_path):
     """GRPO with the math reward alone (answer extraction + exact comparison) on a random tiny model:
     the mean reward on 64 held-out prompts rises. 15 steps of 8 prompts x 8 rollouts: 11 s
