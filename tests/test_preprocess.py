@@ -357,7 +357,10 @@ def test_interrupted_runs_leave_no_temporary_files(tmp_path, sig):
     proc = subprocess.Popen([sys.executable, "tools/preprocess_data.py", "--input", str(src), "--output-prefix",
                              str(prefix), "--tokenizer-type", "TikTokenizer", "--tokenizer-model", "mistral-nemo",
                              "--workers", "2", "--block-bytes", "65536"], cwd=REPO, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            # SIGINT back at its default: a process started with it ignored (pytest-xdist's
+                            # workers, a shell's background job) keeps ignoring it, as Python does
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_bin.exists() and tmp_bin.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
