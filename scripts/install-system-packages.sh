@@ -8,6 +8,7 @@
 #   iproute2                             the two-node SLURM test (each slurmd in its own network namespace)
 #   bubblewrap                           the code reward's sandbox (the namespaces Flatpak uses, no root)
 #   gcc                                  the compiled Tekken path (setup.py's optional extension)
+#   g++                                  torch.compile on the CPU (the rope fusion; inductor builds C++)
 #   apriel-ci (a user)                   tests/test_sandbox.py reruns the hostile programs as an ordinary user
 #   apriel-ci2 (in apriel-ci's group)    its teammate: runs shared between users (test_shared_clusters.py, SLURM)
 set -euo pipefail
@@ -19,14 +20,14 @@ if [ "$(id -u)" != 0 ]; then
 fi
 if ! command -v apt-get >/dev/null 2>&1; then
   echo "error: $0 needs apt-get (Debian/Ubuntu); elsewhere install the equivalents of:" \
-       "slurmctld slurmd slurm-client munge iproute2 bubblewrap gcc, and add a user apriel-ci" >&2
+       "slurmctld slurmd slurm-client munge iproute2 bubblewrap gcc g++, and add a user apriel-ci" >&2
   exit 2
 fi
 
 # package -> a file it installs, so a rerun does nothing when all are present
 declare -A PROVIDES=(
   [slurmctld]=slurmctld [slurmd]=slurmd [slurm-client]=sbatch [munge]=munged
-  [iproute2]=ip [bubblewrap]=bwrap [gcc]=gcc
+  [iproute2]=ip [bubblewrap]=bwrap [gcc]=gcc [g++]=g++
 )
 missing=()
 for pkg in "${!PROVIDES[@]}"; do

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import skip_unless_system
 from megatron.core.utils import local_multi_tensor_l2_norm, local_multi_tensor_scale
 from test_training import make_config, train, write_corpus
 
@@ -101,6 +102,7 @@ def test_compiled_rope_equals_megatron_rope_on_batches_and_packed_sequences(monk
     reach it with a new shape per batch). Compiled here on the CPU; on CUDA it is the same graph."""
     from megatron.core.models.common.embeddings import rope_utils
 
+    skip_unless_system(("g++",), packages="g++")  # torch.compile's CPU code is C++ built by g++
     original = rope_utils._apply_rotary_pos_emb_bshd
     monkeypatch.setattr(rope_utils, "_apply_rotary_pos_emb_bshd", original)  # restored after the test
     assert torch_fusions._install_rope()
