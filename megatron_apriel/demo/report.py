@@ -173,6 +173,8 @@ def plot_accuracy(figures: dict, path: Path) -> None:
 
 def write(out: Path, plan: dict, figures: dict, stages: list[str], wall: float) -> str:
     """``demo_summary.json`` (atomically) and both plots; returns the text to print."""
+    # in the recipe's order: evaluations that run beside later stages finish out of it
+    figures = {**{s: figures[s] for s in stages if s in figures}, **figures}
     summary = {"plan": plan, "stages": figures, "wall_seconds": round(wall, 1), "effects": effects(figures)}
     tmp = out / "demo_summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
