@@ -24,6 +24,7 @@ import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -208,25 +209,33 @@ def train_tokenizer(files: list[Path], out_dir: Path, vocab_size: int = 1024) ->
     The Tekken vocabulary (131k) would make the tiny model's output layer most of its compute on a
     CPU; a 1k vocabulary trained on the demo corpus keeps the model small and its text short.
     """
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(MARKERS), special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-
     def lines():
         for f in files:
             with open(f, encoding="utf-8") as fh:
                 for line in fh:
                     yield json.loads(line)["text"]
 
-    tok.train_from_iterator(lines(), trainer)
-    tok.add_tokens(MARKERS)
+    return save_bpe(lines(), out_dir, vocab_size, SPECIAL_TOKENS, MARKERS, APRIEL_CHAT_TEMPLATE)
+
+
+def save_bpe(texts, out_dir: Path, vocab_size: int, special_tokens: list[str], markers: list[str],
+             chat_template: str, check: Optional[Callable[[PreTrainedTokenizerFast], None]] = None) -> dict:
+    """Train a byte-level BPE with digits split on ``texts`` (``special_tokens`` first, at their
+    ids; ``markers`` added after, as plain tokens) and save it with ``chat_template`` as an HF
+    fast-tokenizer folder, replaced whole. The text and multimodal demos' tokenizers."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(markers), special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.add_tokens(markers)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>",
                                    unk_token="<unk>", pad_token="<pad>")
-
-    fast.chat_template = APRIEL_CHAT_TEMPLATE
+    if check is not None:
+        check(fast)
+    fast.chat_template = chat_template
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     fast.save_pretrained(tmp)
     if out_dir.exists():

@@ -27,16 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from megatron_apriel.data.chat_template import APRIEL_15_CHAT_TEMPLATE, FORMAT_TOKENS
-from megatron_apriel.demo.data import write_jsonl
+from megatron_apriel.demo.data import save_bpe, write_jsonl
 from megatron_apriel.eval.tasks import LETTERS
 
 SIZE, CELL = 16, 4  # pixels; CELL is the vision encoder's patch
@@ -247,13 +244,6 @@ def train_tokenizer(files: list[Path], out_dir: Path, vocab_size: int = 768) -> 
     """A byte-level BPE on the demo's text with the image and role tokens at fixed ids, digits split,
     and the Apriel-1.5 chat template: its system prompt and markers become merges, so a conversation
     costs tens of tokens, not hundreds."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(MARKERS), special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-
     def lines():
         for f in files:
             with open(f, encoding="utf-8") as fh:
@@ -263,16 +253,7 @@ def train_tokenizer(files: list[Path], out_dir: Path, vocab_size: int = 768) -> 
         for _ in range(2000):  # as often as the conversations that use it
             yield APRIEL_15_CHAT_TEMPLATE
 
-    tok.train_from_iterator(lines(), trainer)
-    tok.add_tokens(MARKERS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|end|>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    assert fast.convert_tokens_to_ids(["[IMG]", "[IMG_BREAK]", "[IMG_END]"]) == [10, 12, 13]
-    fast.chat_template = APRIEL_15_CHAT_TEMPLATE
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    fast.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
-    return {"vocab_size": len(fast), "eos_token_id": fast.eos_token_id, "bos_token_id": fast.bos_token_id,
-            "pad_token_id": fast.pad_token_id}
+    def image_ids_fixed(fast):
+        assert fast.convert_tokens_to_ids(["[IMG]", "[IMG_BREAK]", "[IMG_END]"]) == [10, 12, 13]
+
+    return save_bpe(lines(), out_dir, vocab_size, SPECIAL_TOKENS, MARKERS, APRIEL_15_CHAT_TEMPLATE, image_ids_fixed)
