@@ -117,7 +117,6 @@ def test_cli_rejects_bad_config(tmp_path, capsys):
     assert "rewards.domains.math.maths" in capsys.readouterr().err
 
 
-@pytest.mark.bwrap
 @pytest.mark.parametrize("name", ["tiny", "apriel_nemotron_15b"])
 def test_example_configs_load(name):
     cfg = load_config(GRPORunConfig, REPO / f"examples/{name}/grpo.yaml",

@@ -10,8 +10,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from megatron_apriel.config import load_config
 from megatron_apriel.rl.grpo import GRPORunConfig
 
@@ -91,7 +89,6 @@ def test_two_nodes_colocated_vllm(tmp_path):
     assert len(launches) == 2 and not any("vllm_serve" in x for x in lines), lines
 
 
-@pytest.mark.bwrap
 def test_two_nodes_with_a_vllm_server_node(tmp_path):
     lines = launched(tmp_path, VLLM_SERVER="1")
     # The last node serves (all its GPUs as one tensor-parallel vLLM), the first one trains alone.

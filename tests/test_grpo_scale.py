@@ -42,7 +42,6 @@ def test_accelerate_fsdp_config_is_what_accelerate_reads():
     assert c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
-@pytest.mark.bwrap
 def test_memory_estimate_sharding_and_recipe_fit():
     P = PRESET.param_counts()["total"]
     g = recipe()
@@ -63,7 +62,6 @@ def test_memory_estimate_sharding_and_recipe_fit():
     assert not old["fits"] and old["kv_cache_tokens"] == 0
 
 
-@pytest.mark.bwrap
 def test_grpo_info_prints_the_table(capsys):
     assert grpo_info(["--config", str(RECIPE)]) == 0
     out = capsys.readouterr().out
@@ -106,7 +104,6 @@ def test_dynamic_sampling_drops_and_refills(kl_dynamic_run):
     assert t["trained_zero_advantage"] == t["filled_with_dropped"], t
 
 
-@pytest.mark.bwrap
 def test_dynamic_sampling_needs_whole_groups_per_rank():
     from megatron_apriel.config import ConfigError
 
@@ -310,3 +307,25 @@ def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):
     for k in single:
         torch.testing.assert_close(sharded[k], single[k], rtol=0, atol=5e-5, msg=k)
     print("max |FSDP - single|:", max((sharded[k] - single[k]).abs().max().item() for k in single))
+
+
+@pytest.mark.bwrap(False)
+def test_without_a_sandbox_grpo_info_works_and_grpo_stops_first(monkeypatch, tmp_path, capsys):
+    """On a machine where bwrap cannot run (a login node; here: PATH without it), the memory estimate
+    of a config with a code reward still prints, and the run stops before it reads anything, naming
+    the sandbox and the weaker mode's key."""
+    from megatron_apriel.rl.grpo import main as grpo_main
+    from megatron_apriel.rl.rewards import sandbox
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setattr(sandbox, "_CHECKED", {})
+    assert grpo_info(["--config", str(RECIPE)]) == 0
+    assert "FSDP over 16 GPUs" in capsys.readouterr().out
+    out = tmp_path / "run"
+    tiny = REPO / "examples/tiny/grpo.yaml"
+    assert grpo_main(["--config", str(tiny), f"out_dir={out}", "model.path=/nonexistent",
+                      "data.train_file=/nonexistent.jsonl"]) == 2
+    err = capsys.readouterr().err
+    # the sandbox is named, not the prompt file or the model: nothing was read before the check
+    assert "rewards.sandbox.isolation" in err and "bubblewrap" in err and "rlimits-only" in err, err
+    assert "prompt file" not in err and not out.exists()

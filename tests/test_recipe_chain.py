@@ -23,8 +23,6 @@ from megatron_apriel.training.checkpointing import retained
 from megatron_apriel.training.config import TrainConfig, stage_load
 
 MODELS = ("apriel_nemotron_15b", "apriel_1p5_15b")
-# Apriel-Nemotron's chain ends in GRPO with a code reward, whose sandbox its config checks at load
-CHAINS = [pytest.param(m, marks=pytest.mark.bwrap) if m == "apriel_nemotron_15b" else m for m in MODELS]
 
 
 def documented_commands(path: Path) -> list[list[str]]:
@@ -95,7 +93,7 @@ def _under(path: str, roots: set[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
-@pytest.mark.parametrize("model", CHAINS)
+@pytest.mark.parametrize("model", MODELS)
 def test_every_load_is_produced_by_an_earlier_stage(model, monkeypatch):
     monkeypatch.chdir(REPO)
     steps = steps_of(REPO / "examples" / model)
@@ -130,7 +128,7 @@ def saved_iterations(cfg: TrainConfig) -> list[int]:
     return on_disk
 
 
-@pytest.mark.parametrize("model", CHAINS)
+@pytest.mark.parametrize("model", MODELS)
 def test_retention_keeps_what_the_average_picks(model, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(REPO)
     steps = steps_of(REPO / "examples" / model)

@@ -356,8 +356,10 @@ def test_without_bwrap_the_code_reward_refuses_unless_told(monkeypatch, tmp_path
     monkeypatch.setattr(sandbox, "_CHECKED", {})
     with pytest.raises(SandboxUnavailable, match="isolation=rlimits-only"):
         grade(HONEST)
+    cfg = RewardsConfig(sandbox=LIMITS)
+    cfg.validate()  # reading the config needs no sandbox (apriel grpo-info); the run checks it first
     with pytest.raises(ConfigError, match="rewards.sandbox.isolation"):
-        RewardsConfig(sandbox=LIMITS).validate()
+        cfg.check_sandbox()
     with pytest.raises(ConfigError, match="unknown mode"):
         SandboxLimits(isolation="none").validate()
 

@@ -400,6 +400,7 @@ def train(cfg: GRPORunConfig) -> dict:
     from datasets import Dataset
     from trl import GRPOTrainer
 
+    cfg.rewards.check_sandbox()  # before anything is loaded: a run that cannot grade code stops here
     cfg.model.path = resolve_model(cfg.model.path, "model.path")
     records = load_prompts(cfg.data.train_file, cfg.rewards, cfg.data.system_prompt)
     print(f"grpo: {len(records)} prompts from {cfg.data.train_file}", flush=True)

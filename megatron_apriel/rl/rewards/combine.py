@@ -58,8 +58,15 @@ class RewardsConfig:
                     raise ConfigError(f"rewards.domains.{domain}.{name}: weight must be >= 0, got {w}")
             if sum(weights.values()) <= 0:
                 raise ConfigError(f"rewards.domains.{domain}: weights sum to zero")
+        self.sandbox.validate()
+
+    def check_sandbox(self):
+        """Refuse a run whose code reward cannot start its isolation (or the weaker mode by name).
+
+        Not part of ``validate``: a config is also read where nothing is graded (``apriel
+        grpo-info`` on a login node without bwrap), and the check starts a sandbox. The run calls
+        this first, before prompts or the model are loaded."""
         if any(weights.get("code", 0) > 0 for weights in self.domains.values()):
-            # The code reward refuses to start without its isolation (or the weaker mode by name).
             try:
                 isolation_mode(self.sandbox)
             except SandboxUnavailable as e:
