@@ -72,8 +72,10 @@ def free_port() -> int:
 def run_torchrun(script: str | os.PathLike, args: list[str], nproc: int = 2, timeout: int = 600,
                  env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``script`` under torchrun with ``nproc`` processes on this machine (gloo, CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", str(script), *map(str, args)]
+    # --standalone: torchrun's agent binds a free port itself (a port found free here could be
+    # taken before the agent binds it, by another test's gloo connections)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(script), *map(str, args)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_PYTHONPATH, **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if check and proc.returncode != 0:

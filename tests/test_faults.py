@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, REPO_PYTHONPATH, free_port
+from conftest import REPO, REPO_PYTHONPATH
 from test_training import make_config, metrics, train, write_corpus
 
 from megatron_apriel.checkpoint.manifest import build_manifest, verify
@@ -228,7 +228,7 @@ def test_frozen_rank_is_named_with_stacks_and_slow_rank_is_a_straggler(corpus, t
     step_timeout = 10
     cfg = make_config(tmp_path / "c.yaml", corpus, train={"train_iters": 50, "micro_batch_size": 1},
                       logging={"log_interval": 2, "log_dir": str(tmp_path / "logs")})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
            "-m", "megatron_apriel.train", "--config", str(cfg), f"fault.step_timeout={step_timeout}",
            "fault.straggler_factor=1.5", _inject((1, 1, "slow", {"seconds": 0.5}))]
     env = {**os.environ, "PYTHONPATH": REPO_PYTHONPATH, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

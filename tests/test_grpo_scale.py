@@ -284,19 +284,15 @@ def test_fsdp2_two_gloo_processes_match_one_process(tmp_path):
     (measured 8.5e-6; Adam's normalisation amplifies reduction-order differences of tiny gradients).
     ~30 s (two interpreters starting)."""
     import os
-    import socket
     import subprocess
     import sys
 
     import torch
     from fsdp_grpo_check import train_steps
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "fsdp.pt"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", str(port), str(REPO / "tests" / "fsdp_grpo_check.py"), str(out)],
+                           "--standalone", str(REPO / "tests" / "fsdp_grpo_check.py"), str(out)],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": REPO_PYTHONPATH})  # this checkout, installed or not
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

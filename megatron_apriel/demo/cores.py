@@ -23,7 +23,6 @@ import atexit
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -89,9 +88,14 @@ class Ranks:
     GRACE_S = 30.0
 
     def __init__(self, main: Callable[[list[str]], int], argv: list[str], processes: int, env: dict[str, str]):
-        with socket.socket() as sock:  # a free local port for the rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        import torch.distributed  # deferred: the demo has imported it already; this module's other users need not
+
+        # The rendezvous store is hosted here, as torchrun's agent hosts it, and binds port 0 itself:
+        # a port found free and bound later by rank 0 can be taken in between (gloo's connections of
+        # another run on the machine take ephemeral ports). TORCHELASTIC_USE_AGENT_STORE makes every
+        # rank a client of it.
+        self.store = torch.distributed.TCPStore("127.0.0.1", 0, processes, is_master=True, wait_for_workers=False)
+        port = self.store.port
         read, write = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -101,7 +105,8 @@ class Ranks:
         self.procs = []
         for rank in range(processes):
             world = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(processes),
-                     "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+                     "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                     "TORCHELASTIC_USE_AGENT_STORE": "True"}
             proc = ctx.Process(target=_rank, args=(main, argv, {**env, **world}, read, write), name=f"rank {rank}")
             proc.start()
             self.procs.append(proc)
@@ -128,6 +133,7 @@ class Ranks:
     def wait(self) -> int:
         self.watcher.join()
         self.out.close()
+        self.store = None  # the ranks are gone: the rendezvous port is given back
         return self.failures[0] if self.failures else 0
 
     def _watch(self) -> None:

@@ -13,7 +13,6 @@ import math
 import os
 import random
 import re
-import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,12 +66,6 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
             else:
                 hosts.append(f"{prefix}{r}{suffix}")
     return hosts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def detect_launcher(environ=None) -> tuple[str, int, int, int]:
@@ -162,20 +155,23 @@ def init_distributed(
 
     if not torch.distributed.is_initialized():
         _setup_rendezvous(launcher)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if launcher == "single":
-            # A private TCP rendezvous, not MASTER_ADDR/PORT in os.environ: exported variables would
-            # leak into child processes (benchmarks, torchrun launched from here) and collide.
-            init_method = f"tcp://127.0.0.1:{_free_port()}"
+            # A private rendezvous store, not MASTER_ADDR/PORT in os.environ: exported variables would
+            # leak into child processes (benchmarks, torchrun launched from here) and collide. The
+            # store binds port 0 itself: a port found free and bound later can be taken in between
+            # (gloo's connections of another run on the machine take ephemeral ports).
+            rendezvous = {"store": torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)}
         else:
-            init_method = "env://"
+            rendezvous = {"init_method": "env://"}
         if device == "cuda":
             torch.cuda.set_device(local_rank)
         torch.distributed.init_process_group(
             backend="nccl" if device == "cuda" else "gloo",
-            init_method=init_method,
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
+            **rendezvous,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
