@@ -1,18 +1,23 @@
 """The multimodal demo's pictures, questions and text, drawn on the spot so nothing is downloaded.
 
-Pictures: 16 x 16 pixels, white, holding one to four 3 x 3 squares in red, green, blue or yellow,
-each inside its own 4 x 4 cell of the image's 4 x 4 grid. The cells are the tiny vision encoder's
-patches (patch 4), so one patch sees at most one square; a picture is 16 image tokens and 4 row
-breaks. Every picture comes with its objects (colour, cell, box), from which are made:
+Pictures: 16 x 16 pixels, white, holding one to four squares (2 x 2 or 3 x 3 pixels, at any offset
+that keeps them inside their cell) in red, green, blue or yellow, each inside its own 4 x 4 cell of
+the image's 4 x 4 grid. The cells are the tiny vision encoder's patches (patch 4), so one patch sees
+at most one square; a picture is 16 image tokens and 4 row breaks. Every picture comes with its
+objects (colour, cell, box), from which are made:
 
 * captions (projector realignment and CPT stage 1): "two squares: a red one at the top left, ...";
 * COCO instances JSON, so ``data_prep/synthetic_visual.py`` (CPT stage 2) can make its counting and
   presence tasks on these pictures as it does on COCO (category = "<colour> square");
 * four-choice questions of four kinds: ``colour`` (of the one square), ``count`` (squares, 1-4),
   ``position`` (quadrant of the one square) and ``matching`` (which of four colour lists matches the
-  picture's squares, in reading order). The held-out ones are drawn from their own seed, and a
-  picture whose layout (cells and colours) occurs in any training set is redrawn, so the test
-  pictures are pictures the training never saw.
+  picture's squares, in reading order).
+
+Held-out pictures: a fixed hash of a picture's layout (every square's colour, cell, size and offset)
+sends a fifth of all layouts to the held-out split, and pictures are drawn only from their own
+split, so a test picture is one the training never saw. (Held-out layouts drawn first and kept out of
+training would not do: a picture of one square has only 832 layouts, and the test's draws would
+take most of the ones a question kind can train on.)
 
 Text problems: "Which number is the largest: 3, 8, 1 or 5?" over four different digits. A fixed hash
 of the digits' order sends a fifth of the orders to the held-out split.
@@ -50,16 +55,23 @@ SPECIAL_TOKENS = (["<unk>", "<s>", "</s>"] + [f"<sp{i}>" for i in range(3, 10)]
 MARKERS = ["[BEGIN FINAL RESPONSE]", "[END FINAL RESPONSE]", "Here are my reasoning steps:"]
 
 
+SIDES = (2, 3)  # pixels: a square's side; it sits anywhere in its cell
+
+
 @dataclass(frozen=True)
 class Square:
     colour: str
     cell: int  # 0..15, row-major
+    side: int = 3
+    dx: int = 0  # offset in its cell, 0..CELL - side
+    dy: int = 0
 
     @property
     def box(self) -> tuple[int, int, int, int]:
-        """x0, y0, x1, y1 (inclusive) of the 3 x 3 square in its cell's top-left corner + 0..1."""
+        """x0, y0, x1, y1 (inclusive) of the square."""
         r, c = divmod(self.cell, GRID)
-        return c * CELL, r * CELL, c * CELL + 2, r * CELL + 2
+        x0, y0 = c * CELL + self.dx, r * CELL + self.dy
+        return x0, y0, x0 + self.side - 1, y0 + self.side - 1
 
     @property
     def quadrant(self) -> str:
@@ -68,20 +80,37 @@ class Square:
 
 
 def layout_key(squares: tuple[Square, ...]) -> str:
-    return ",".join(f"{s.colour}@{s.cell}" for s in sorted(squares, key=lambda s: s.cell))
+    return ",".join(f"{s.colour}@{s.cell}:{s.side}+{s.dx}+{s.dy}" for s in sorted(squares, key=lambda s: s.cell))
 
 
-def draw_squares(rng: random.Random, n: int) -> tuple[Square, ...]:
-    cells = rng.sample(range(GRID * GRID), n)
-    return tuple(sorted((Square(rng.choice(list(COLOURS)), c) for c in cells), key=lambda s: s.cell))
+def held_out_layout(squares: tuple[Square, ...]) -> bool:
+    """Whether a picture belongs to the held-out split (a fifth of all layouts, by a fixed hash)."""
+    return hashlib.sha256(layout_key(squares).encode()).digest()[0] % 5 == 0
 
 
-def render(squares: tuple[Square, ...], path: Path) -> None:
+def _square(rng: random.Random, cell: int) -> Square:
+    side = rng.choice(SIDES)
+    return Square(rng.choice(list(COLOURS)), cell, side, rng.randint(0, CELL - side), rng.randint(0, CELL - side))
+
+
+def draw_squares(rng: random.Random, n: int, held_out: bool = False) -> tuple[Square, ...]:
+    """``n`` squares in distinct cells, in reading order, from the held-out split or the training one."""
+    while True:
+        squares = tuple(sorted((_square(rng, c) for c in rng.sample(range(GRID * GRID), n)), key=lambda s: s.cell))
+        if held_out_layout(squares) == held_out:
+            return squares
+
+
+def render_image(squares: tuple[Square, ...]) -> Image.Image:
     im = Image.new("RGB", (SIZE, SIZE), "white")
     d = ImageDraw.Draw(im)
     for s in squares:
         d.rectangle(s.box, fill=COLOURS[s.colour])
-    im.save(path)
+    return im
+
+
+def render(squares: tuple[Square, ...], path: Path) -> None:
+    render_image(squares).save(path)
 
 
 def caption(squares: tuple[Square, ...]) -> str:
@@ -107,13 +136,10 @@ def _options(rng: random.Random, right: str, pool: list[str]) -> tuple[list[str]
     return others[:at] + [right] + others[at:], at
 
 
-def visual_question(kind: str, rng: random.Random, avoid: set[str]) -> tuple[tuple[Square, ...], dict]:
-    """A picture for a question of ``kind`` (one whose layout is not in ``avoid``) and the question."""
-    while True:
-        n = rng.randint(1, 4) if kind == "count" else 2 if kind == "matching" else 1
-        squares = draw_squares(rng, n)
-        if layout_key(squares) not in avoid:
-            break
+def visual_question(kind: str, rng: random.Random, held_out: bool) -> tuple[tuple[Square, ...], dict]:
+    """A picture for a question of ``kind`` from the held-out or the training split, and the question."""
+    n = rng.randint(1, 4) if kind == "count" else 2 if kind == "matching" else 1
+    squares = draw_squares(rng, n, held_out)
     if kind == "colour":
         q, (choices, at) = "What colour is the square?", _options(rng, squares[0].colour, list(COLOURS))
     elif kind == "count":
@@ -166,33 +192,26 @@ def make_all(out: Path, sizes: Sizes, seed: int = 0) -> dict:
     rng = random.Random(seed)
     counts: dict[str, int] = {}
 
-    # held-out questions first: their layouts are then kept out of every training set
-    held, test_layouts = {}, set()
+    # held-out questions: pictures of the held-out split only (held_out_layout)
+    held = {}
     trng = random.Random(seed + 1)
     for kind in VISUAL_KINDS:
         rows = []
         for i in range(sizes.n_test):
-            squares, rec = visual_question(kind, trng, set())
+            squares, rec = visual_question(kind, trng, held_out=True)
             name = f"test_{kind}_{i:04d}.png"
             render(squares, img / name)
             rows.append({**rec, "images": [f"images/{name}"]})
-            test_layouts.add(layout_key(squares))
         held[kind] = rows
     for kind, rows in held.items():
         counts[f"test_{kind}"] = write_jsonl(out / f"test_{kind}.jsonl", rows)
     counts["test_text"] = write_jsonl(out / "test_text.jsonl",
                                       (text_problem(trng, held_out=True) for _ in range(sizes.n_test)))
 
-    def fresh(n: int) -> tuple[Square, ...]:
-        while True:
-            s = draw_squares(rng, n)
-            if layout_key(s) not in test_layouts:
-                return s
-
     # captions: realignment and CPT stage 1 (full-text loss, the caption follows the picture)
     caps = []
     for i in range(sizes.train_pictures):
-        squares = fresh(rng.randint(1, 4))
+        squares = draw_squares(rng, rng.randint(1, 4))
         name = f"cap_{i:05d}.png"
         render(squares, img / name)
         caps.append({"images": [f"images/{name}"], "text": "<image>" + caption(squares)})
@@ -208,7 +227,7 @@ def make_all(out: Path, sizes: Sizes, seed: int = 0) -> dict:
     questions = []
     for i in range(sizes.stage2_pictures):
         kind = VISUAL_KINDS[i % len(VISUAL_KINDS)]
-        squares, rec = visual_question(kind, rng, test_layouts)
+        squares, rec = visual_question(kind, rng, held_out=False)
         name = f"s2_{i:05d}.png"
         render(squares, raw / name)
         coco["images"].append({"id": i + 1, "file_name": name, "width": SIZE, "height": SIZE})
@@ -216,7 +235,7 @@ def make_all(out: Path, sizes: Sizes, seed: int = 0) -> dict:
             x0, y0, x1, y1 = s.box
             coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1,
                                         "category_id": cat_id[s.colour], "bbox": [x0, y0, x1 - x0 + 1, y1 - y0 + 1],
-                                        "area": 9, "iscrowd": 0})
+                                        "area": s.side * s.side, "iscrowd": 0})
         prompt, response = answered(rec)
         questions.append({"images": [f"stage2_raw/{name}"], "prompt": "<image>" + prompt, "response": response,
                           "kind": kind})
