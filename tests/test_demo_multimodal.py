@@ -2,8 +2,8 @@
 the tiny Llava learns to answer about pictures in CPT stage 2, and the chain without stage 2
 learns less.
 
-One run (module fixture, ``--minutes MINUTES``) serves every assertion; on 2 nearly quiet
-cores it took 4.5 minutes wall, 265 s of CPU (247 user + 17 sys).
+One run (module fixture, ``--minutes MINUTES``) serves every assertion; on 2 quiet cores it took
+5.1 minutes wall, 496 s of CPU (452 user + 44 sys), its training data-parallel over both cores.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from conftest import run_python
 
 MINUTES = "5"
-STAGES = ["data", "preprocess", "base", "upscale", "realign", "cpt1", "cpt2", "sft", "sft_no_stage2",
+STAGES = ["data", "preprocess", "base", "vision", "upscale", "realign", "cpt1", "cpt2", "sft", "sft_no_stage2",
           "sft_text_only"]
 KINDS = ("colour", "count", "position", "matching")
 
@@ -35,16 +35,18 @@ def test_stage2_teaches_the_model_to_see(demo):
     n = st["sft"]["eval_n"] * len(KINDS)
     # before any image stage the model cannot see: chance, within sampling error
     assert abs(st["base"]["accuracy"] - 0.25) < 0.1, st["base"]["accuracy"]
-    # after stage 2, and after the text-only SFT that follows it: above chance by a margin (400
-    # questions: chance gives 0.25 +- 0.022). Measured at --minutes 5 (2 cores): 0.338 and 0.345;
-    # without stage 2, 0.275; the text-only chain, 0.268. (The default run: README, "The multimodal demo".)
-    for name in ("cpt2", "sft"):
-        assert st[name]["accuracy"] >= 0.31, (name, st[name]["accuracy"], n)
-    # the same chain without stage 2 stays below the chain with it
-    assert st["sft"]["accuracy"] >= st["sft_no_stage2"]["accuracy"] + 0.04, (st["sft"], st["sft_no_stage2"])
-    # the text problems: the base learns them (measured 0.58, chance 0.25), and the multimodal chain
-    # keeps them at least as well as the text-only chain, within 0.05 (measured 1.00 and 0.75)
-    assert st["base"]["text_accuracy"] >= 0.45
+    # after stage 2, and after the text-only SFT that follows it: far above chance (400 questions:
+    # chance gives 0.25 +- 0.022). Measured at --minutes 5 (2 cores): 0.615 after stage 2 (count and
+    # position 1.00, colour and matching at chance at this length) and 0.453 after SFT; without stage
+    # 2, 0.210; the text-only chain, 0.253. (The default run reaches 0.948: README, "The multimodal demo".)
+    assert st["cpt2"]["accuracy"] >= 0.5, (st["cpt2"]["accuracy"], n)
+    assert st["sft"]["accuracy"] >= 0.38, (st["sft"]["accuracy"], n)
+    # the same chain without stage 2 stays at chance, far below the chain with it
+    assert st["sft"]["accuracy"] >= st["sft_no_stage2"]["accuracy"] + 0.15, (st["sft"], st["sft_no_stage2"])
+    # the text problems: the base learns them above chance (measured 0.40; 100 problems, chance 0.25),
+    # and the multimodal chain keeps them at least as well as the text-only chain, within 0.05
+    # (measured 0.94 and 0.67)
+    assert st["base"]["text_accuracy"] >= 0.35
     assert st["sft"]["text_accuracy"] >= st["sft_text_only"]["text_accuracy"] - 0.05
     assert "stage 2 effect on held-out visual accuracy" in stdout and "text kept" in stdout
 
@@ -72,10 +74,9 @@ def test_every_stage_done_and_models_load(demo):
     assert layers["base"] == 4 and all(v == 5 for k, v in layers.items() if k != "base")
     # the final model carries the Apriel-1.5 chat template
     assert "[BEGIN FINAL RESPONSE]" in (out / "sft" / "hf" / "chat_template.jinja").read_text()
-    # the two averaged stages averaged three equispaced checkpoints each
-    for name in ("cpt1", "cpt2"):
-        assert len(list((out / name / "ckpt").glob("iter_*"))) >= 3, name
-        assert (out / name / "avg").is_dir()
+    # as in the recipe, CPT stage 1 is an average of three equispaced checkpoints, stage 2 is not
+    assert len(list((out / "cpt1" / "ckpt").glob("iter_*"))) >= 3 and (out / "cpt1" / "avg").is_dir()
+    assert not (out / "cpt2" / "avg").exists()
 
 
 def test_realignment_moved_only_the_projector(demo):
@@ -87,6 +88,23 @@ def test_realignment_moved_only_the_projector(demo):
     assert before.keys() == after.keys()
     changed = {k for k in before if not (before[k] == after[k]).all()}
     assert changed and all("projector" in k for k in changed), sorted(changed)[:5]
+
+
+def test_the_chain_starts_from_the_pretrained_encoder(demo):
+    """The vision stage changed only the base's vision tower; it names held-out patches' colours;
+    the upscaled model carries that tower."""
+    from safetensors.torch import load_file
+
+    out, _ = demo
+    base = load_file(out / "base" / "hf" / "model.safetensors")
+    vision = load_file(out / "vision" / "hf" / "model.safetensors")
+    upscaled = load_file(out / "upscale" / "upscaled_hf" / "model.safetensors")
+    changed = {k for k in base if not (base[k] == vision[k]).all()}
+    assert changed and all(k.startswith("vision_tower.") for k in changed), sorted(changed)[:5]
+    tower = [k for k in vision if k.startswith("vision_tower.")]
+    assert all((vision[k] == upscaled[k]).all() for k in tower)
+    f = json.loads((out / "vision" / "done.json").read_text())
+    assert f["patch_accuracy"] >= 0.95 and f["square_patch_accuracy"] >= 0.9, f["patch_accuracy"]
 
 
 def test_held_out_pictures_are_not_trained_on(demo):
