@@ -2,7 +2,7 @@
 the tiny Llava learns to answer about pictures in CPT stage 2, and the chain without stage 2
 learns less.
 
-One run (module fixture, ``--minutes MINUTES``) serves every assertion; on 2 quiet cores it took
+One run (module fixture, ``--minutes MINUTES``) serves every assertion; on 2 quiet cores it took about
 5.1 minutes wall, 496 s of CPU (452 user + 44 sys), its training data-parallel over both cores.
 """
 
@@ -36,16 +36,16 @@ def test_stage2_teaches_the_model_to_see(demo):
     # before any image stage the model cannot see: chance, within sampling error
     assert abs(st["base"]["accuracy"] - 0.25) < 0.1, st["base"]["accuracy"]
     # after stage 2, and after the text-only SFT that follows it: far above chance (400 questions:
-    # chance gives 0.25 +- 0.022). Measured at --minutes 5 (2 cores): 0.615 after stage 2 (count and
-    # position 1.00, colour and matching at chance at this length) and 0.453 after SFT; without stage
-    # 2, 0.210; the text-only chain, 0.253. (The default run reaches 0.948: README, "The multimodal demo".)
+    # chance gives 0.25 +- 0.022). Measured at --minutes 5 (2 cores): 0.692 after stage 2 and 0.650
+    # after SFT (each kind 0.60-0.74); without stage 2, 0.290; the text-only chain, 0.247. (The
+    # default run reaches 0.948: README, "The multimodal demo".)
     assert st["cpt2"]["accuracy"] >= 0.5, (st["cpt2"]["accuracy"], n)
-    assert st["sft"]["accuracy"] >= 0.38, (st["sft"]["accuracy"], n)
-    # the same chain without stage 2 stays at chance, far below the chain with it
-    assert st["sft"]["accuracy"] >= st["sft_no_stage2"]["accuracy"] + 0.15, (st["sft"], st["sft_no_stage2"])
+    assert st["sft"]["accuracy"] >= 0.5, (st["sft"]["accuracy"], n)
+    # the same chain without stage 2 stays near chance, far below the chain with it
+    assert st["sft"]["accuracy"] >= st["sft_no_stage2"]["accuracy"] + 0.25, (st["sft"], st["sft_no_stage2"])
     # the text problems: the base learns them above chance (measured 0.40; 100 problems, chance 0.25),
     # and the multimodal chain keeps them at least as well as the text-only chain, within 0.05
-    # (measured 0.94 and 0.67)
+    # (measured 0.98 and 0.67)
     assert st["base"]["text_accuracy"] >= 0.35
     assert st["sft"]["text_accuracy"] >= st["sft_text_only"]["text_accuracy"] - 0.05
     assert "stage 2 effect on held-out visual accuracy" in stdout and "text kept" in stdout
@@ -71,7 +71,9 @@ def test_every_stage_done_and_models_load(demo):
         layers[name] = model.config.text_config.num_hidden_layers
         logits = model(input_ids=torch.tensor([[1, 40, 41]])).logits
         assert torch.isfinite(logits).all(), name
-    assert layers["base"] == 4 and all(v == 5 for k, v in layers.items() if k != "base")
+    # the base and its copy with the pretrained encoder have 4 layers; upscaling makes 5
+    assert layers["base"] == layers["vision"] == 4
+    assert all(v == 5 for k, v in layers.items() if k not in ("base", "vision")), layers
     # the final model carries the Apriel-1.5 chat template
     assert "[BEGIN FINAL RESPONSE]" in (out / "sft" / "hf" / "chat_template.jinja").read_text()
     # as in the recipe, CPT stage 1 is an average of three equispaced checkpoints, stage 2 is not
