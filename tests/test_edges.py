@@ -411,7 +411,8 @@ def _bwrap_works() -> bool:
     return probe.returncode == 0
 
 
-@pytest.mark.skipif(not _bwrap_works(), reason="bubblewrap cannot mount here")
+@pytest.mark.skipif(not _bwrap_works(), reason="bubblewrap missing or unable to mount here: "
+                    "sudo scripts/install-system-packages.sh (apt-get install bubblewrap)")
 def test_full_and_read_only_disks_give_one_line_and_exit_1(world, tmp_path):
     """Under bubblewrap: a read-only bind mount, a tmpfs filled to the last byte (every writer stops
     up front) and a 256 KiB tmpfs (full part way through writing a model or a large dataset)."""

