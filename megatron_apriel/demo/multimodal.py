@@ -37,7 +37,7 @@ from transformers.utils import logging as hf_logging
 
 from megatron_apriel.demo.multimodal_data import VISUAL_KINDS, Sizes, make_all, train_tokenizer
 from megatron_apriel.demo.multimodal_vision import pretrain_encoder
-from megatron_apriel.demo.recipe import IN_PROCESS, Demo, DemoError
+from megatron_apriel.demo.recipe import IN_PROCESS, Demo
 from megatron_apriel.demo.report import interval
 from megatron_apriel.errors import InputError
 from megatron_apriel.eval.run import Settings, run
@@ -98,16 +98,13 @@ class MMPlan:
 class MMDemo(Demo):
     """The text demo's plumbing (stages in fresh processes, done.json, logs) with this chain's stages."""
 
-    def call(self, stage: str, verb: str, args: list) -> None:
-        args = [str(a) for a in args]
-        shown = f"python {SYNTHETIC_VISUAL.relative_to(SYNTHETIC_VISUAL.parents[1])}" if verb == "synthetic-visual" \
-            else f"apriel {verb}"
-        print(f"  $ {shown} {' '.join(args)}", flush=True)
-        with open(self.d(stage) / "log.txt", "a", encoding="utf-8") as f:
-            f.write(f"$ {shown} {' '.join(args)}\n")
-        code = MM_IN_PROCESS[verb](args)
-        if code != 0:
-            raise DemoError(f"stage {stage}: {shown} exited with {code} (see the lines above)")
+    # The verbs run in forked children, as the text demo's do: this process never joins the
+    # torch.distributed world a conversion makes, so every training stage's ranks are forked from it
+    # (a fresh torchrun process instead costs each stage its imports).
+    def shown(self, verb: str) -> str:
+        if verb == "synthetic-visual":
+            return f"python {SYNTHETIC_VISUAL.relative_to(SYNTHETIC_VISUAL.parents[1])}"
+        return super().shown(verb)
 
     def changes(self, layers: Optional[int] = None) -> dict:
         tok, p = self.figures["data"]["tokenizer"], self.plan
@@ -423,3 +420,4 @@ def _preprocess_multimodal(argv: list[str]) -> int:
 
 # the verbs this chain adds to those the text demo runs in its own process
 MM_IN_PROCESS = {**IN_PROCESS, "preprocess-multimodal": _preprocess_multimodal, "synthetic-visual": _synthetic_visual}
+MMDemo.verbs = MM_IN_PROCESS

@@ -234,12 +234,19 @@ class Demo:
         per call. Forked, so that this process never joins the torch.distributed world of one that
         conversion makes, and can still fork training ranks (``run``)."""
         args = [str(a) for a in args]
-        print(f"  $ apriel {verb} {' '.join(args)}", flush=True)
+        shown = self.shown(verb)
+        print(f"  $ {shown} {' '.join(args)}", flush=True)
         with open(self.d(stage) / "log.txt", "a", encoding="utf-8") as f:
-            f.write(f"$ apriel {verb} {' '.join(args)}\n")
-        code = Forked(lambda: IN_PROCESS[verb](args), None, _failed).result()
+            f.write(f"$ {shown} {' '.join(args)}\n")
+        code = Forked(lambda: self.verbs[verb](args), None, _failed).result()
         if code != 0:
-            raise DemoError(f"stage {stage}: apriel {verb} exited with {code} (see the lines above)")
+            raise DemoError(f"stage {stage}: {shown} exited with {code} (see the lines above)")
+
+    verbs = IN_PROCESS  # what ``call`` runs, by verb
+
+    def shown(self, verb: str) -> str:
+        """How the log shows a verb's command."""
+        return f"apriel {verb}"
 
     def done_before(self, i: int, n: int, name: str) -> bool:
         """Whether a rerun skips the stage: it has its figures, and so has every stage before it (a
