@@ -16,8 +16,8 @@ objects (colour, cell, box), from which are made:
 Held-out pictures: a fixed hash of a picture's layout (every square's colour, cell, size and offset)
 sends a fifth of all layouts to the held-out split, and pictures are drawn only from their own
 split, so a test picture is one the training never saw. (Held-out layouts drawn first and kept out of
-training would not do: a picture of one square has only 832 layouts, and the test's draws would
-take most of the ones a question kind can train on.)
+training did not do: a picture of one 3 x 3 square at a fixed place had 64 layouts, the test's draws
+took nearly all of them, and the questions about one square trained on the two that were left.)
 
 Text problems: "Which number is the largest: 3, 8, 1 or 5?" over four different digits. A fixed hash
 of the digits' order sends a fifth of the orders to the held-out split.
